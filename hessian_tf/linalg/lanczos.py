@@ -1,0 +1,193 @@
+"""Lanczos tridiagonalisation with full reorthogonalisation, in float64.
+
+The algorithm sees the operator only through its products: the caller computes
+`matvec(q)` for the current Lanczos vector `q` and hands the result to
+`lanczos_step`. Keeping the product outside the step lets a driver checkpoint,
+log or reduce across workers between steps, and keeps this module free of
+models, data and strategies.
+
+The recurrence and the basis live on the host in float64 numpy arrays. The basis
+costs `lanczos_steps * dim * 8` bytes; `basis_dtype=np.float32` halves it (the
+recurrence itself stays in float64).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+
+# A residual norm below this fraction of the scale of T (the largest |alpha| or
+# beta seen) means the Krylov space is exhausted: T's eigenvalues are then exact
+# eigenvalues of the operator restricted to the Krylov space.
+DEFAULT_BREAKDOWN_TOLERANCE = 1e-10
+
+
+class LanczosState(NamedTuple):
+    """State between Lanczos steps. The arrays are buffers updated in place.
+
+    Attributes:
+      basis: [lanczos_steps, dim] orthonormal Lanczos vectors; rows at and past
+        `num_steps + 1` are zero (row `num_steps` is the next vector to multiply).
+      alphas: [lanczos_steps] diagonal of T; entries past `num_steps` are zero.
+      betas: [lanczos_steps] `betas[k]` is the norm of the residual after step k,
+        i.e. the coupling between vectors k and k+1; `betas[num_steps - 1]` is the
+        residual norm of the whole factorisation.
+      num_steps: number of completed steps.
+      exhausted: True when the Krylov space was exhausted (breakdown): no more
+        steps are possible and T holds exact eigenvalues.
+    """
+
+    basis: np.ndarray
+    alphas: np.ndarray
+    betas: np.ndarray
+    num_steps: int
+    exhausted: bool
+
+
+class LanczosResult(NamedTuple):
+    """A finished tridiagonalisation A Qᵀ = Qᵀ T + β e_mᵀ ⊗ r.
+
+    Attributes:
+      alphas: [num_steps] diagonal of T.
+      betas: [num_steps - 1] off-diagonal of T.
+      residual_norm: norm of the residual after the last step (β_m).
+      basis: [num_steps, dim] Lanczos vectors (rows), or None if not kept.
+      exhausted: True when Lanczos stopped early on an exhausted Krylov space.
+    """
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    residual_norm: float
+    basis: Optional[np.ndarray]
+    exhausted: bool
+
+
+def lanczos_init(
+    start_vector: np.ndarray,
+    lanczos_steps: int,
+    *,
+    basis_dtype=np.float64,
+) -> LanczosState:
+    """Returns the state before the first step, from any non-zero start vector."""
+    if lanczos_steps < 1:
+        raise ValueError(
+            f"lanczos_steps={lanczos_steps}: Lanczos needs at least one step; "
+            "pass lanczos_steps >= 1."
+        )
+    start_vector = np.asarray(start_vector, dtype=np.float64).reshape(-1)
+    norm = np.linalg.norm(start_vector)
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError(
+            f"start_vector has norm {norm}: Lanczos needs a finite, non-zero start "
+            "vector."
+        )
+    basis = np.zeros((lanczos_steps, start_vector.size), dtype=basis_dtype)
+    basis[0] = start_vector / norm
+    return LanczosState(
+        basis=basis,
+        alphas=np.zeros(lanczos_steps),
+        betas=np.zeros(lanczos_steps),
+        num_steps=0,
+        exhausted=False,
+    )
+
+
+def current_vector(state: LanczosState) -> np.ndarray:
+    """The float64 vector whose product `lanczos_step` expects next. [dim]"""
+    return state.basis[state.num_steps].astype(np.float64)
+
+
+def is_finished(state: LanczosState) -> bool:
+    return state.exhausted or state.num_steps >= state.alphas.size
+
+
+def lanczos_step(
+    state: LanczosState,
+    product: np.ndarray,
+    *,
+    breakdown_tolerance: float = DEFAULT_BREAKDOWN_TOLERANCE,
+) -> LanczosState:
+    """Advances Lanczos by one step, given `product = A @ current_vector(state)`.
+
+    Full reorthogonalisation ("twice is enough": two classical Gram-Schmidt passes
+    against the whole basis) keeps the basis orthogonal to machine precision, so
+    no spurious copies of converged Ritz values appear.
+    """
+    if is_finished(state):
+        raise ValueError(
+            f"Lanczos is finished after {state.num_steps} steps; no further step is "
+            "possible."
+        )
+    k = state.num_steps
+    basis, alphas, betas = state.basis, state.alphas, state.betas
+    q = basis[k].astype(np.float64)
+    w = np.asarray(product, dtype=np.float64).reshape(-1)
+    if w.shape != q.shape:
+        raise ValueError(
+            f"product has shape {w.shape}, but the Lanczos vectors have shape "
+            f"{q.shape}: matvec must return a vector of the operator's dimension."
+        )
+    alpha = float(q @ w)
+    w = w - alpha * q
+    if k > 0:
+        w -= betas[k - 1] * basis[k - 1]
+    active = basis[: k + 1]
+    for _ in range(2):
+        w -= active.T @ (active @ w)
+    beta = float(np.linalg.norm(w))
+    alphas[k] = alpha
+    betas[k] = beta
+    scale = max(np.max(np.abs(alphas[: k + 1])), np.max(betas[: k + 1]))
+    exhausted = beta <= breakdown_tolerance * scale
+    if not exhausted and k + 1 < alphas.size:
+        basis[k + 1] = w / beta
+    return state._replace(num_steps=k + 1, exhausted=bool(exhausted))
+
+
+def lanczos_result(state: LanczosState, *, keep_basis: bool = False) -> LanczosResult:
+    """Packs the completed steps of `state` into a LanczosResult."""
+    m = state.num_steps
+    if m == 0:
+        raise ValueError("Lanczos has completed no step yet; there is no result.")
+    return LanczosResult(
+        alphas=state.alphas[:m].copy(),
+        betas=state.betas[: m - 1].copy(),
+        residual_norm=float(state.betas[m - 1]),
+        basis=state.basis[:m].copy() if keep_basis else None,
+        exhausted=state.exhausted,
+    )
+
+
+def lanczos(
+    matvec: Callable[[np.ndarray], np.ndarray],
+    start_vector: np.ndarray,
+    lanczos_steps: int,
+    *,
+    keep_basis: bool = False,
+    basis_dtype=np.float64,
+    breakdown_tolerance: float = DEFAULT_BREAKDOWN_TOLERANCE,
+    callback: Optional[Callable[[LanczosState], None]] = None,
+) -> LanczosResult:
+    """Runs up to `lanczos_steps` steps of Lanczos on a symmetric operator.
+
+    Args:
+      matvec: maps a float64 vector [dim] to the operator's product [dim].
+      start_vector: [dim] any non-zero vector; it is normalised.
+      lanczos_steps: the Lanczos order m; fewer steps run if the Krylov space is
+        exhausted first (then T's eigenvalues are exact).
+      keep_basis: return the Lanczos vectors (needed for Ritz vectors).
+      basis_dtype: storage type of the basis (float64, or float32 to halve it).
+      breakdown_tolerance: relative size of β that counts as breakdown.
+      callback: called with the state after every step (progress, checkpoints).
+
+    Returns:
+      A LanczosResult with at most `lanczos_steps` steps.
+    """
+    state = lanczos_init(start_vector, lanczos_steps, basis_dtype=basis_dtype)
+    while not is_finished(state):
+        product = matvec(current_vector(state))
+        state = lanczos_step(state, product, breakdown_tolerance=breakdown_tolerance)
+        if callback is not None:
+            callback(state)
+    return lanczos_result(state, keep_basis=keep_basis)

@@ -1,0 +1,355 @@
+"""The Hessian of the mean training loss over a whole dataset, as a matvec.
+
+H is the Hessian of L(θ) = (1/N) Σᵢ ℓ(f(xᵢ; θ), yᵢ) [+ R(θ) when asked] over exactly
+the N examples given: every example once, the last uneven batch weighted exactly.
+With bn_mode='train', BN uses the statistics of each batch, so H is the
+batch-size-weighted mean of the per-batch Hessians: the batches (contiguous runs of
+`batch_size` examples in dataset order) are part of the definition, and they are the
+same whatever the number of replicas.
+
+Distribution: whole batches are dealt to replicas round-robin; each replica sums its
+batches' products in float64, and ONE cross-replica sum per product combines them.
+The data live on the replicas' devices as tensors, so no input pipeline runs on the
+products' critical path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from hessian_tf.operators import flat_parameters as flatten_lib
+from hessian_tf.operators import losses as losses_lib
+from hessian_tf.operators.model_function import check_bn_mode
+
+METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
+
+
+class NonFiniteError(ValueError):
+    """A loss, gradient or product is NaN or infinite."""
+
+
+class NonDeterministicError(ValueError):
+    """Two products of the same vector differ."""
+
+
+class _ReplicaData(NamedTuple):
+    x: tf.Tensor  # [batches_per_replica, batch_size, ...] padded
+    y: tf.Tensor  # [batches_per_replica, batch_size, ...] padded
+    sizes: tf.Tensor  # [batches_per_replica] examples in each batch (0 = padding)
+
+
+def deal_batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_replicas: int):
+    """Splits (x, y) into contiguous batches and deals them to replicas round-robin.
+
+    Returns one _ReplicaData of numpy arrays per replica; every replica gets the
+    same number of batch slots, padded with empty batches (size 0).
+    """
+    num_examples = x.shape[0]
+    starts = list(range(0, num_examples, batch_size))
+    slots = -(-len(starts) // num_replicas)
+    shards = []
+    for replica in range(num_replicas):
+        xs = np.zeros((slots, batch_size) + x.shape[1:], dtype=x.dtype)
+        ys = np.zeros((slots, batch_size) + y.shape[1:], dtype=y.dtype)
+        sizes = np.zeros((slots,), dtype=np.int32)
+        for slot, start in enumerate(starts[replica::num_replicas]):
+            stop = min(start + batch_size, num_examples)
+            xs[slot, : stop - start] = x[start:stop]
+            ys[slot, : stop - start] = y[start:stop]
+            sizes[slot] = stop - start
+        shards.append(_ReplicaData(xs, ys, sizes))
+    return shards
+
+
+class HessianOperator:
+    """v ↦ H v for the Hessian of the mean loss of `model_function` over (x, y).
+
+    Args:
+      model_function: a KerasModelFunction or SavedModelFunction.
+      x: [N, ...] inputs; y: [N, ...] targets (integer labels for sparse CE).
+      batch_size: examples per product batch (per replica).
+      loss: a name in `hessian_tf.operators.losses.LOSSES`.
+      bn_mode: 'inference' (moving statistics) or 'train' (batch statistics).
+      strategy: the tf.distribute strategy; default: the current one.
+      regularization: add the model's own losses (weight regularizers) to L.
+      method: 'forward_over_backward', 'reverse_over_reverse', or 'auto' (forward
+        over backward where the model supports it).
+    """
+
+    def __init__(
+        self,
+        model_function,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        batch_size: int = 128,
+        loss: str = "sparse_categorical_crossentropy",
+        bn_mode: str = "inference",
+        strategy: Optional[tf.distribute.Strategy] = None,
+        regularization: bool = False,
+        method: str = "auto",
+    ):
+        check_bn_mode(bn_mode)
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not a product method; use one of {METHODS}.")
+        if method == "auto":
+            method = (
+                "forward_over_backward"
+                if model_function.supports_forward_mode
+                else "reverse_over_reverse"
+            )
+        if batch_size < 1:
+            raise ValueError(f"--batch_size={batch_size}: pass a batch size >= 1.")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"--dataset: x has {x.shape[0]} examples but y has {y.shape[0]}; "
+                "they must match."
+            )
+        if x.shape[0] == 0:
+            raise ValueError("--dataset: the dataset has no examples.")
+        if not model_function.variables:
+            raise ValueError(
+                "--model: the model has no trainable variables, so its Hessian is "
+                "empty; unfreeze the layers whose curvature you want."
+            )
+        if not model_function.has_bn_mode(bn_mode):
+            raise ValueError(
+                f"--bn_mode={bn_mode}: this SavedModel has no function for BN "
+                "train mode; export it with hessian_tf.io.export_for_spectrum, or use "
+                "--bn_mode=inference."
+            )
+        if regularization and not model_function.has_regularization:
+            raise ValueError(
+                "--regularization: a SavedModel does not carry its regularization "
+                "losses; use the .keras file, or turn regularization off."
+            )
+        self.model_function = model_function
+        self.loss_name = loss
+        self._loss = losses_lib.get_loss(loss)
+        self.bn_mode = bn_mode
+        self.method = method
+        self.regularization = regularization
+        self.batch_size = int(batch_size)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.num_examples = int(x.shape[0])
+        self.dim = flatten_lib.num_parameters(model_function.variables)
+        self.num_products = 0
+        self.product_seconds = 0.0
+        self._check_fit(x, y)
+        num_replicas = self.strategy.num_replicas_in_sync
+        shards = deal_batches(x, y, self.batch_size, num_replicas)
+        self.batches_per_replica = int(shards[0].sizes.size)
+        self._data = self.strategy.experimental_distribute_values_from_function(
+            lambda context: _ReplicaData(
+                *(tf.constant(a) for a in shards[context.replica_id_in_sync_group])
+            )
+        )
+        self._product_function = tf.function(
+            self._product_graph,
+            input_signature=[tf.TensorSpec([self.dim], tf.float64)],
+            reduce_retracing=True,
+        )
+        self._loss_gradient_function = tf.function(self._loss_gradient_graph)
+
+    # ----------------------------------------------------------------- checks
+
+    def _check_fit(self, x: np.ndarray, y: np.ndarray) -> None:
+        """One forward pass on two examples: shapes and label ranges fit the model."""
+        sample = x[: min(2, x.shape[0])]
+        try:
+            with self.model_function.mode_context("inference"):
+                outputs, _ = self.model_function(
+                    self.model_function.primals(), tf.constant(sample), bn_mode="inference"
+                )
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"--dataset: inputs of shape {x.shape[1:]} (dtype {x.dtype}) do not fit "
+                f"the model ({first}); pass data shaped as the model's input."
+            ) from error
+        outputs_shape = tuple(outputs.shape[1:])
+        if self.loss_name == "sparse_categorical_crossentropy":
+            num_classes = outputs_shape[-1] if outputs_shape else 1
+            if not np.issubdtype(y.dtype, np.integer):
+                if not np.all(np.equal(np.mod(y, 1), 0)):
+                    raise ValueError(
+                        f"--dataset: labels of dtype {y.dtype} are not integers; "
+                        "sparse_categorical_crossentropy needs class indices."
+                    )
+            low, high = int(np.min(y)), int(np.max(y))
+            if low < 0 or high >= num_classes:
+                raise ValueError(
+                    f"--dataset: labels range over [{low}, {high}] but the model has "
+                    f"{num_classes} outputs; labels must lie in [0, {num_classes - 1}]."
+                )
+        elif tuple(y.shape[1:]) != outputs_shape and int(np.prod(y.shape[1:])) != int(
+            np.prod(outputs_shape)
+        ):
+            raise ValueError(
+                f"--loss={self.loss_name}: targets of shape {y.shape[1:]} do not match "
+                f"the model's outputs {outputs_shape}."
+            )
+
+    # ----------------------------------------------------------------- graphs
+
+    def _batch_objective(self, primals, x, y):
+        """Σ over the batch of per-example losses [+ n_b · R(θ)]."""
+        outputs, regularization = self.model_function(primals, x, bn_mode=self.bn_mode)
+        objective = tf.reduce_sum(self._loss(y, outputs))
+        if self.regularization:
+            count = tf.cast(tf.shape(x)[0], objective.dtype)
+            objective += count * tf.cast(regularization, objective.dtype)
+        return objective
+
+    def _batch_product(self, primals, tangents, x, y):
+        """H_b v for one batch's summed objective, as a list like `primals`."""
+        zero = tf.UnconnectedGradients.ZERO
+        if self.method == "forward_over_backward":
+            with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+                with tf.GradientTape() as tape:
+                    tape.watch(primals)
+                    objective = self._batch_objective(primals, x, y)
+                gradients = tape.gradient(objective, primals, unconnected_gradients=zero)
+            products = accumulator.jvp(gradients)
+        else:
+            with tf.GradientTape() as outer:
+                outer.watch(primals)
+                with tf.GradientTape() as inner:
+                    inner.watch(primals)
+                    objective = self._batch_objective(primals, x, y)
+                gradients = inner.gradient(objective, primals, unconnected_gradients=zero)
+                inner_product = tf.add_n(
+                    [tf.reduce_sum(g * tf.cast(t, g.dtype)) for g, t in zip(gradients, tangents)]
+                )
+            products = outer.gradient(inner_product, primals)
+        if all(p is None for p in products):
+            # A silent None is how forward mode fails through loaded functions.
+            raise ValueError(
+                f"method={self.method}: every Hessian-vector product came back None "
+                "(no path from the parameters to the gradient); use "
+                "method='reverse_over_reverse'."
+            )
+        return [
+            tf.zeros_like(p) if hv is None else hv
+            for p, hv in zip(primals, products)
+        ]
+
+    def _accumulate(self, data: _ReplicaData, batch_fn, initial):
+        """Σ over this replica's batches of batch_fn(x, y) (a tuple of tensors)."""
+
+        def body(slot, totals):
+            size = data.sizes[slot]
+            x = data.x[slot][:size]
+            y = data.y[slot][:size]
+            # Empty padding batches are skipped: BN statistics of no example are NaN.
+            values = tf.cond(
+                size > 0,
+                lambda: batch_fn(x, y),
+                lambda: tuple(tf.zeros_like(t) for t in totals),
+            )
+            return slot + 1, tuple(t + v for t, v in zip(totals, values))
+
+        _, totals = tf.while_loop(
+            lambda slot, _: slot < tf.shape(data.sizes)[0],
+            body,
+            (tf.constant(0), initial),
+        )
+        return totals
+
+    def _product_graph(self, vector):
+        primals = self.model_function.primals()
+        tangents = flatten_lib.unflatten(vector, primals)
+
+        def replica_fn(data, primals, tangents):
+            def batch_fn(x, y):
+                return (flatten_lib.flatten(self._batch_product(primals, tangents, x, y)),)
+
+            return self._accumulate(data, batch_fn, (tf.zeros([self.dim], tf.float64),))[0]
+
+        with self.model_function.mode_context(self.bn_mode):
+            per_replica = self.strategy.run(replica_fn, args=(self._data, primals, tangents))
+        total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return total / tf.constant(self.num_examples, tf.float64)
+
+    def _loss_gradient_graph(self):
+        primals = self.model_function.primals()
+
+        def replica_fn(data, primals):
+            def batch_fn(x, y):
+                with tf.GradientTape() as tape:
+                    tape.watch(primals)
+                    objective = self._batch_objective(primals, x, y)
+                gradients = tape.gradient(
+                    objective, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO
+                )
+                return tf.cast(objective, tf.float64), flatten_lib.flatten(gradients)
+
+            initial = (tf.zeros([], tf.float64), tf.zeros([self.dim], tf.float64))
+            return self._accumulate(data, batch_fn, initial)
+
+        with self.model_function.mode_context(self.bn_mode):
+            per_replica = self.strategy.run(replica_fn, args=(self._data, primals))
+        loss, gradient = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        scale = tf.constant(self.num_examples, tf.float64)
+        return loss / scale, gradient / scale
+
+    # ----------------------------------------------------------------- public
+
+    def matvec(self, vector: np.ndarray) -> np.ndarray:
+        """H v. vector [dim] float64 → [dim] float64."""
+        vector = np.asarray(vector, dtype=np.float64)
+        if vector.shape != (self.dim,):
+            raise ValueError(
+                f"vector has shape {vector.shape}; the operator has dimension {self.dim}."
+            )
+        start = time.perf_counter()
+        product = self._product_function(tf.constant(vector)).numpy()
+        self.product_seconds += time.perf_counter() - start
+        self.num_products += 1
+        if not np.all(np.isfinite(product)):
+            raise NonFiniteError(
+                f"the Hessian-vector product has {int(np.sum(~np.isfinite(product)))} "
+                "non-finite entries; check the model's weights and the data for NaN or "
+                "overflow (try a smaller learning rate or float64)."
+            )
+        return product
+
+    __call__ = matvec
+
+    def loss_and_gradient(self) -> tuple[float, np.ndarray]:
+        """(L(θ), ∇L(θ)) over the whole dataset; the gradient is [dim] float64."""
+        loss, gradient = self._loss_gradient_function()
+        loss = float(loss.numpy())
+        if not np.isfinite(loss):
+            raise NonFiniteError(
+                f"the mean loss over the dataset is {loss}; check the model's weights "
+                "and the data for NaN or overflow."
+            )
+        return loss, gradient.numpy()
+
+    def check_determinism(self, vector: np.ndarray, *, relative_tolerance: float = 1e-6):
+        """Computes H v twice and raises NonDeterministicError if they differ.
+
+        Returns the first product, so the check costs one extra product.
+        """
+        first = self.matvec(vector)
+        second = self.matvec(vector)
+        difference = float(np.max(np.abs(first - second)))
+        scale = float(np.max(np.abs(first)))
+        if difference > relative_tolerance * max(scale, np.finfo(np.float64).tiny):
+            raise NonDeterministicError(
+                f"two products of the same vector differ by {difference:.3g} (scale "
+                f"{scale:.3g}): the operator is not a fixed matrix. Turn off shuffling, "
+                "dropout and data augmentation in the model and the dataset."
+            )
+        return first
+
+
+def dense_matrix(matvec: Callable[[np.ndarray], np.ndarray], dim: int) -> np.ndarray:
+    """The dense matrix of a matvec, column by column (for tests and tiny models)."""
+    columns = [matvec(np.eye(1, dim, i, dtype=np.float64).ravel()) for i in range(dim)]
+    return np.stack(columns, axis=1)

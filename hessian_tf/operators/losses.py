@@ -1,0 +1,47 @@
+"""Per-example losses, written with twice-differentiable ops.
+
+TensorFlow's fused `sparse_softmax_cross_entropy_with_logits` refuses second
+derivatives, so cross-entropy is spelled out with `log_softmax`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import tensorflow as tf
+
+PerExampleLoss = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+def sparse_categorical_crossentropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """−log softmax(logits)[label]. labels [batch] integers, logits [batch, classes]."""
+    log_probabilities = tf.nn.log_softmax(logits, axis=-1)
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    return -tf.gather(log_probabilities, labels, axis=1, batch_dims=1)
+
+
+def categorical_crossentropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """−Σ_c targets_c log softmax(logits)_c. targets [batch, classes] (one-hot or soft)."""
+    log_probabilities = tf.nn.log_softmax(logits, axis=-1)
+    return -tf.reduce_sum(tf.cast(targets, logits.dtype) * log_probabilities, axis=-1)
+
+
+def mean_squared_error(targets: tf.Tensor, predictions: tf.Tensor) -> tf.Tensor:
+    """Mean over output dimensions of (prediction − target)², as Keras defines it."""
+    difference = predictions - tf.cast(tf.reshape(targets, tf.shape(predictions)), predictions.dtype)
+    return tf.reduce_mean(tf.reshape(tf.square(difference), [tf.shape(difference)[0], -1]), axis=-1)
+
+
+LOSSES: dict[str, PerExampleLoss] = {
+    "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
+    "categorical_crossentropy": categorical_crossentropy,
+    "mean_squared_error": mean_squared_error,
+}
+
+
+def get_loss(name: str) -> PerExampleLoss:
+    if name not in LOSSES:
+        raise ValueError(
+            f"--loss={name!r} is not a known loss; use one of {sorted(LOSSES)}."
+        )
+    return LOSSES[name]

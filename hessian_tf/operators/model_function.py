@@ -1,0 +1,167 @@
+"""A model as a twice-differentiable function of its parameters.
+
+Two kinds of model are supported:
+- Keras 3 models: `stateless_call` makes the outputs a pure function of parameter
+  tensors, so nothing (BN moving statistics, RNG state) is ever assigned.
+- SavedModels written by Keras `model.export()` (inference function `serve`) or
+  by `hessian_tf.io.export` (one function per BN mode). Their functions read the
+  variables they captured, so products differentiate the variables themselves;
+  in inference mode nothing is assigned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+BN_MODES = ("inference", "train")
+
+# Names of the functions a SavedModel exported by hessian_tf carries per BN mode.
+SAVED_FUNCTION_NAMES = {"inference": "serve", "train": "serve_bn_train"}
+
+
+def check_bn_mode(bn_mode: str) -> None:
+    if bn_mode not in BN_MODES:
+        raise ValueError(
+            f"--bn_mode={bn_mode!r} is not a BN mode; use 'inference' (moving "
+            "statistics) or 'train' (statistics of each batch)."
+        )
+
+
+@contextlib.contextmanager
+def batch_norm_in_train_mode(model: keras.Model):
+    """Makes every BatchNormalization layer of `model` use batch statistics, while
+    the model itself is called with training=False (so dropout stays off).
+
+    Used while the product's graph is traced; the override is removed on exit.
+    """
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    for layer in layers:
+        original = layer.call
+
+        def call(*args, _original=original, training=None, **kwargs):
+            del training
+            return _original(*args, training=True, **kwargs)
+
+        layer.call = call
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.call
+
+
+class KerasModelFunction:
+    """outputs = f(θ, x) for a Keras 3 model, pure in θ."""
+
+    supports_forward_mode = True
+
+    def __init__(self, model: keras.Model):
+        if not model.built:
+            raise ValueError(
+                "--model: the Keras model is not built; call it on a batch (or build "
+                "it with an input shape) before computing its spectrum."
+            )
+        self.model = model
+        # The tf.Variables behind Keras variables: ForwardAccumulator and tapes
+        # reject Keras 3 variables themselves.
+        self.variables = [v.value for v in model.trainable_variables]
+        self._non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @property
+    def has_regularization(self) -> bool:
+        return True
+
+    def has_bn_mode(self, bn_mode: str) -> bool:
+        return True
+
+    def primals(self) -> list[tf.Tensor]:
+        """The parameters as tensors read now (inside a tf.function: at each call)."""
+        return [tf.convert_to_tensor(v) for v in self.variables]
+
+    def mode_context(self, bn_mode: str):
+        """Enter around the whole trace of a product, in the cross-replica context:
+        MirroredStrategy traces replicas in threads, so a per-replica override
+        would race with its own removal."""
+        if bn_mode == "train":
+            return batch_norm_in_train_mode(self.model)
+        return contextlib.nullcontext()
+
+    def __call__(self, primals: Sequence[tf.Tensor], x: tf.Tensor, *, bn_mode: str):
+        """Returns (outputs, sum of the model's own losses). For bn_mode='train' the
+        caller must be inside `mode_context('train')`."""
+        del bn_mode  # applied by mode_context
+        non_trainable = [tf.convert_to_tensor(v) for v in self._non_trainable]
+        outputs, _, losses = self.model.stateless_call(
+            list(primals), non_trainable, x, training=False, return_losses=True
+        )
+        if isinstance(outputs, (list, tuple, dict)):
+            raise ValueError(
+                "--model: the model has several outputs; hessian_tf needs a model "
+                "with one output tensor."
+            )
+        regularization = tf.add_n(losses) if losses else tf.zeros([], outputs.dtype)
+        return outputs, tf.cast(regularization, outputs.dtype)
+
+
+class SavedModelFunction:
+    """outputs = f(x) for a loaded SavedModel; differentiated w.r.t. its variables."""
+
+    # Forward-over-backward through a loaded function inside tf.function returns
+    # None tangents (measured, TF 2.21): only reverse-over-reverse is used.
+    supports_forward_mode = False
+
+    def __init__(self, loaded, path: str = ""):
+        self.loaded = loaded
+        self.path = path
+        if not hasattr(loaded, "serve"):
+            raise ValueError(
+                f"--model={path}: the SavedModel has no 'serve' function; export it "
+                "with Keras `model.export()` or hessian_tf.io.export_for_spectrum."
+            )
+        self.variables = list(getattr(loaded, "trainable_variables", []))
+        self._input_dtype = _first_input_dtype(loaded.serve)
+
+    @property
+    def has_regularization(self) -> bool:
+        return False
+
+    def has_bn_mode(self, bn_mode: str) -> bool:
+        return hasattr(self.loaded, SAVED_FUNCTION_NAMES[bn_mode])
+
+    def primals(self) -> list[tf.Variable]:
+        return self.variables
+
+    def mode_context(self, bn_mode: str):
+        del bn_mode  # each mode has its own saved function
+        return contextlib.nullcontext()
+
+    def __call__(self, primals, x: tf.Tensor, *, bn_mode: str):
+        del primals  # the functions read the captured variables themselves
+        function = getattr(self.loaded, SAVED_FUNCTION_NAMES[bn_mode])
+        if self._input_dtype is not None:
+            x = tf.cast(x, self._input_dtype)
+        outputs = function(x)
+        if isinstance(outputs, dict):
+            if len(outputs) != 1:
+                raise ValueError(
+                    f"--model={self.path}: the SavedModel returns {sorted(outputs)}; "
+                    "hessian_tf needs a single output."
+                )
+            outputs = next(iter(outputs.values()))
+        return outputs, tf.zeros([], outputs.dtype)
+
+
+def _first_input_dtype(function):
+    try:
+        specs = tf.nest.flatten(function.input_signature)
+    except (AttributeError, TypeError):
+        return None
+    return specs[0].dtype if specs else None

@@ -1,0 +1,175 @@
+"""Lanczos, quadrature, density and statistics on matrices with chosen eigenvalues."""
+
+import numpy as np
+import pytest
+
+from hessian_tf import linalg
+
+
+def matrix_with_eigenvalues(eigenvalues, seed=0):
+    """A dense symmetric matrix Q diag(eigenvalues) Qᵀ with a random orthogonal Q."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((len(eigenvalues), len(eigenvalues))))
+    return (q * np.asarray(eigenvalues)) @ q.T, q
+
+
+def run(matrix, steps, seed=1, **kwargs):
+    start = np.random.default_rng(seed).standard_normal(matrix.shape[0])
+    return linalg.lanczos(lambda v: matrix @ v, start, steps, **kwargs), start
+
+
+def test_full_order_recovers_every_eigenvalue():
+    eigenvalues = np.linspace(-3.0, 10.0, 40)
+    matrix, _ = matrix_with_eigenvalues(eigenvalues)
+    result, _ = run(matrix, 40)
+    quadrature = linalg.tridiagonal_quadrature(result.alphas, result.betas)
+    np.testing.assert_allclose(quadrature.nodes, eigenvalues, atol=1e-10)
+
+
+def test_full_order_weights_are_squared_projections_of_the_start_vector():
+    eigenvalues = np.arange(1.0, 21.0)
+    matrix, eigenvectors = matrix_with_eigenvalues(eigenvalues, seed=3)
+    result, start = run(matrix, 20, seed=4)
+    quadrature = linalg.tridiagonal_quadrature(result.alphas, result.betas)
+    unit = start / np.linalg.norm(start)
+    expected = (eigenvectors.T @ unit) ** 2
+    np.testing.assert_allclose(quadrature.weights, expected, atol=1e-10)
+    assert quadrature.weights.sum() == pytest.approx(1.0, abs=1e-14)
+
+
+def test_weights_use_first_not_last_components():
+    # A start vector concentrated on the smallest eigenvector: the weight of the
+    # smallest node must be large. The last components would say otherwise.
+    eigenvalues = np.arange(1.0, 11.0)
+    matrix, eigenvectors = matrix_with_eigenvalues(eigenvalues, seed=5)
+    start = 10.0 * eigenvectors[:, 0] + 0.1 * eigenvectors[:, 9] + 0.1 * eigenvectors[:, 4]
+    result = linalg.lanczos(lambda v: matrix @ v, start, 10)
+    quadrature = linalg.tridiagonal_quadrature(result.alphas, result.betas)
+    assert quadrature.nodes.size == 3  # exhausted after 3 distinct components
+    assert quadrature.weights[0] > 0.99
+
+
+def test_extreme_ritz_values_converge_first():
+    rng = np.random.default_rng(7)
+    eigenvalues = np.concatenate([rng.normal(0.0, 0.1, 496), [-2.0, 5.0, 20.0, 50.0]])
+    matrix, _ = matrix_with_eigenvalues(eigenvalues, seed=8)
+    result, _ = run(matrix, 40)
+    quadrature = linalg.tridiagonal_quadrature(
+        result.alphas, result.betas, result.residual_norm
+    )
+    assert quadrature.nodes[-1] == pytest.approx(50.0, rel=1e-10)
+    assert quadrature.nodes[-2] == pytest.approx(20.0, rel=1e-10)
+    assert quadrature.nodes[0] == pytest.approx(-2.0, rel=1e-8)
+    # The Ritz residual bounds the distance to the nearest eigenvalue.
+    for node, residual in zip(quadrature.nodes, quadrature.ritz_residuals):
+        assert np.min(np.abs(eigenvalues - node)) <= residual + 1e-10
+
+
+def test_residual_identity_and_orthogonality():
+    eigenvalues = np.linspace(-1.0, 4.0, 200)
+    matrix, _ = matrix_with_eigenvalues(eigenvalues, seed=11)
+    result, _ = run(matrix, 30, keep_basis=True)
+    q = result.basis  # [m, n], rows are Lanczos vectors
+    t = linalg.tridiagonal(result.alphas, result.betas)
+    residual = matrix @ q.T - q.T @ t  # only the last column may be non-zero
+    np.testing.assert_allclose(residual[:, :-1], 0.0, atol=1e-12)
+    assert np.linalg.norm(residual[:, -1]) == pytest.approx(result.residual_norm, rel=1e-10)
+    np.testing.assert_allclose(q @ q.T, np.eye(30), atol=1e-13)
+
+
+def test_breakdown_stops_at_the_exact_spectrum():
+    eigenvalues = [1.0, 2.0, 2.0, 2.0, 7.0, 7.0]  # three distinct values
+    matrix, _ = matrix_with_eigenvalues(eigenvalues, seed=2)
+    result, _ = run(matrix, 90)
+    assert result.exhausted
+    assert result.alphas.size == 3
+    quadrature = linalg.tridiagonal_quadrature(result.alphas, result.betas)
+    np.testing.assert_allclose(quadrature.nodes, [1.0, 2.0, 7.0], atol=1e-12)
+
+
+def test_fewer_dimensions_than_steps_stops_at_dimension():
+    matrix, _ = matrix_with_eigenvalues(np.linspace(0.5, 3.0, 7), seed=9)
+    result, _ = run(matrix, 90)
+    assert result.exhausted and result.alphas.size == 7
+
+
+def test_zero_operator_breaks_down_at_once():
+    result = linalg.lanczos(lambda v: 0.0 * v, np.ones(5), 10)
+    assert result.exhausted and result.alphas.size == 1 and result.alphas[0] == 0.0
+
+
+def test_step_function_resumes_identically():
+    matrix, _ = matrix_with_eigenvalues(np.linspace(-1, 1, 50), seed=12)
+    start = np.random.default_rng(0).standard_normal(50)
+    whole = linalg.lanczos(lambda v: matrix @ v, start, 20)
+    state = linalg.lanczos_init(start, 20)
+    while not linalg.is_finished(state):
+        # Copy the state between steps, as a checkpoint round trip would.
+        state = linalg.LanczosState(
+            state.basis.copy(), state.alphas.copy(), state.betas.copy(),
+            state.num_steps, state.exhausted)
+        state = linalg.lanczos_step(state, matrix @ linalg.current_vector(state))
+    stepped = linalg.lanczos_result(state)
+    np.testing.assert_array_equal(stepped.alphas, whole.alphas)
+    np.testing.assert_array_equal(stepped.betas, whole.betas)
+
+
+def test_float32_basis_keeps_extreme_eigenvalues():
+    eigenvalues = np.concatenate([np.linspace(0, 1, 300), [10.0]])
+    matrix, _ = matrix_with_eigenvalues(eigenvalues, seed=13)
+    result, _ = run(matrix, 30, basis_dtype=np.float32)
+    nodes = linalg.tridiagonal_quadrature(result.alphas, result.betas).nodes
+    assert nodes[-1] == pytest.approx(10.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_bad_step_count(steps):
+    with pytest.raises(ValueError, match="lanczos_steps"):
+        linalg.lanczos(lambda v: v, np.ones(3), steps)
+
+
+def test_zero_start_vector():
+    with pytest.raises(ValueError, match="start vector"):
+        linalg.lanczos(lambda v: v, np.zeros(3), 2)
+
+
+def test_density_integrates_to_one_and_averages_draws():
+    nodes = [np.array([-1.0, 0.0, 3.0]), np.array([0.5, 2.0])]
+    weights = [np.array([0.2, 0.5, 0.3]), np.array([0.6, 0.4])]
+    density = linalg.gaussian_density(nodes, weights, kernel_width=0.05)
+    assert np.trapezoid(density.density, density.grid) == pytest.approx(1.0, abs=1e-12)
+    assert density.grid[0] < -1.0 and density.grid[-1] > 3.0
+    # Mass near 3.0 is 0.3 / 2 draws.
+    near = np.abs(density.grid - 3.0) < 0.4
+    assert np.trapezoid(density.density[near], density.grid[near]) == pytest.approx(
+        0.15, abs=1e-3
+    )
+
+
+def test_density_default_width_is_relative_to_the_spectrum():
+    density = linalg.gaussian_density([np.array([0.0, 100.0])], [np.array([0.5, 0.5])])
+    assert density.kernel_width == pytest.approx(0.2)
+
+
+def test_statistics():
+    q1 = linalg.Quadrature(np.array([-2.0, -1e-6, 4.0]), np.array([0.1, 0.6, 0.3]), np.zeros(3))
+    q2 = linalg.Quadrature(np.array([-1.0, 1.0, 6.0]), np.array([0.2, 0.5, 0.3]), np.zeros(3))
+    stats = linalg.spectrum_statistics([q1, q2], dim=100)
+    assert stats.lambda_max == 6.0 and stats.lambda_min == -2.0
+    assert stats.negative_mass == pytest.approx((0.7 + 0.2) / 2)
+    assert stats.negative_mass_tolerance == pytest.approx((0.1 + 0.2) / 2)
+    t1 = 100 * (-0.2 - 0.6e-6 + 1.2)
+    t2 = 100 * (-0.2 + 0.5 + 1.8)
+    assert stats.trace == pytest.approx((t1 + t2) / 2)
+    assert stats.trace_stderr == pytest.approx(abs(t1 - t2) / 2)
+
+
+def test_trace_estimate_is_unbiased_over_draws():
+    eigenvalues = np.linspace(-1.0, 3.0, 60)
+    matrix, _ = matrix_with_eigenvalues(eigenvalues, seed=21)
+    quadratures = []
+    for seed in range(200):
+        result, _ = run(matrix, 8, seed=100 + seed)
+        quadratures.append(linalg.tridiagonal_quadrature(result.alphas, result.betas))
+    stats = linalg.spectrum_statistics(quadratures, dim=60)
+    assert abs(stats.trace - eigenvalues.sum()) < 4 * stats.trace_stderr

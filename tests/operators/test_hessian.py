@@ -1,0 +1,227 @@
+"""The Hessian operator against dense float64 Hessians of tiny Keras models."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+from hessian_tf import operators
+
+NUM_EXAMPLES = 11
+BATCH_SIZE = 4  # batches of 4, 4 and an uneven 3
+
+
+def tiny_model(*, batch_norm=True, regularizer=None, seed=0, dtype="float64"):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((5,), dtype=dtype),
+              keras.layers.Dense(4, activation="tanh", kernel_regularizer=regularizer, dtype=dtype)]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization(dtype=dtype))
+    layers.append(keras.layers.Dense(3, dtype=dtype))
+    model = keras.Sequential(layers)
+    if batch_norm:
+        # Moving statistics away from (0, 1), so inference and train modes differ.
+        bn = model.layers[1]
+        bn.moving_mean.assign(np.full(4, 0.3))
+        bn.moving_variance.assign(np.full(4, 2.0))
+    return model
+
+
+def tiny_data(dtype=np.float64):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((NUM_EXAMPLES, 5)).astype(dtype)
+    y = rng.integers(0, 3, NUM_EXAMPLES).astype(np.int32)
+    return x, y
+
+
+def reference_hessian(model, x, y, *, bn_mode, regularization):
+    """Dense Hessian by reverse-over-reverse jacobian on the variables themselves,
+    batch by batch, with Keras' own training flag. Restores the variables after."""
+    saved = [v.numpy() for v in model.variables]
+    variables = [v.value for v in model.trainable_variables]
+    total = 0.0
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            for start in range(0, len(x), BATCH_SIZE):
+                xb, yb = x[start:start + BATCH_SIZE], y[start:start + BATCH_SIZE]
+                logits = model(xb, training=(bn_mode == "train"))
+                one_hot = tf.one_hot(yb, 3, dtype=logits.dtype)
+                total += -tf.reduce_sum(one_hot * tf.nn.log_softmax(logits)) / len(x)
+            if regularization:
+                total += tf.add_n(model.losses)
+        gradient = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(total, variables)], 0)
+    jacobians = outer.jacobian(gradient, variables)
+    hessian = tf.concat([tf.reshape(j, [gradient.shape[0], -1]) for j in jacobians], 1).numpy()
+    for variable, value in zip(model.variables, saved):
+        variable.assign(value)
+    return hessian
+
+
+def operator_matrix(model, x, y, **kwargs):
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE, **kwargs)
+    return operators.dense_matrix(operator.matvec, operator.dim), operator
+
+
+@pytest.mark.parametrize("bn_mode", ["inference", "train"])
+@pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
+def test_matches_dense_hessian(bn_mode, method):
+    model = tiny_model()
+    x, y = tiny_data()
+    matrix, operator = operator_matrix(model, x, y, bn_mode=bn_mode, method=method)
+    expected = reference_hessian(model, x, y, bn_mode=bn_mode, regularization=False)
+    assert operator.dim == 5 * 4 + 4 + 4 + 4 + 4 * 3 + 3
+    np.testing.assert_allclose(matrix, expected, atol=1e-11, rtol=1e-9)
+    np.testing.assert_allclose(matrix, matrix.T, atol=1e-11)
+
+
+def test_bn_modes_give_different_hessians():
+    model = tiny_model()
+    x, y = tiny_data()
+    inference, _ = operator_matrix(model, x, y, bn_mode="inference")
+    train, _ = operator_matrix(model, x, y, bn_mode="train")
+    assert np.max(np.abs(inference - train)) > 1e-3
+
+
+def test_uneven_last_batch_is_weighted_exactly():
+    # Without BN the Hessian does not depend on the batching at all.
+    model = tiny_model(batch_norm=False)
+    x, y = tiny_data()
+    batched, _ = operator_matrix(model, x, y)
+    whole = operators.dense_matrix(
+        operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                  batch_size=NUM_EXAMPLES).matvec, batched.shape[0])
+    np.testing.assert_allclose(batched, whole, atol=1e-12)
+
+
+@pytest.mark.parametrize("regularization", [False, True])
+def test_regularization_only_when_asked(regularization):
+    model = tiny_model(regularizer=keras.regularizers.L2(0.05))
+    x, y = tiny_data()
+    matrix, _ = operator_matrix(model, x, y, regularization=regularization)
+    expected = reference_hessian(model, x, y, bn_mode="inference", regularization=regularization)
+    np.testing.assert_allclose(matrix, expected, atol=1e-11, rtol=1e-9)
+    without = reference_hessian(model, x, y, bn_mode="inference", regularization=False)
+    # L2(0.05) adds 2 * 0.05 on the diagonal of the first kernel's block.
+    difference = np.diag(matrix - without)[:20]
+    np.testing.assert_allclose(difference, 0.1 if regularization else 0.0, atol=1e-11)
+
+
+@pytest.mark.parametrize("bn_mode", ["inference", "train"])
+def test_products_leave_the_model_bit_identical(bn_mode):
+    model = tiny_model(dtype="float32")
+    x, y = tiny_data(np.float32)
+    before = [v.numpy().copy() for v in model.variables]
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE, bn_mode=bn_mode)
+    operator.matvec(np.ones(operator.dim))
+    operator.loss_and_gradient()
+    for variable, value in zip(model.variables, before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+
+
+@pytest.mark.parametrize("bn_mode", ["inference", "train"])
+@pytest.mark.parametrize("num_devices", [2, 4])
+def test_mirrored_equals_one_device(bn_mode, num_devices):
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:num_devices]
+    assert len(devices) == num_devices
+    model = tiny_model()
+    x, y = tiny_data()
+    single, _ = operator_matrix(model, x, y, bn_mode=bn_mode)
+    mirrored, operator = operator_matrix(
+        model, x, y, bn_mode=bn_mode, strategy=tf.distribute.MirroredStrategy(devices))
+    assert operator.strategy.num_replicas_in_sync == num_devices
+    np.testing.assert_allclose(mirrored, single, atol=1e-12)
+
+
+def test_loss_and_gradient_match_keras():
+    model = tiny_model()
+    x, y = tiny_data()
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE)
+    loss, gradient = operator.loss_and_gradient()
+    variables = [v.value for v in model.trainable_variables]
+    with tf.GradientTape() as tape:
+        logits = model(x, training=False)
+        expected = -tf.reduce_mean(
+            tf.reduce_sum(tf.one_hot(y, 3, dtype=logits.dtype) * tf.nn.log_softmax(logits), -1))
+    expected_gradient = np.concatenate(
+        [g.numpy().ravel() for g in tape.gradient(expected, variables)])
+    assert loss == pytest.approx(float(expected), rel=1e-12)
+    np.testing.assert_allclose(gradient, expected_gradient, atol=1e-13)
+
+
+def test_saved_model_export_matches_keras(tmp_path):
+    model = tiny_model()
+    x, y = tiny_data()
+    keras_matrix, _ = operator_matrix(model, x, y)
+    model.export(str(tmp_path / "exported"), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "exported"))
+    saved = operators.HessianOperator(
+        operators.SavedModelFunction(loaded), x, y, batch_size=BATCH_SIZE)
+    assert saved.method == "reverse_over_reverse"
+    saved_matrix = operators.dense_matrix(saved.matvec, saved.dim)
+    np.testing.assert_allclose(saved_matrix, keras_matrix, atol=1e-10)
+
+
+def test_saved_model_without_train_function_refuses_train_mode(tmp_path):
+    model = tiny_model()
+    model.export(str(tmp_path / "exported"), verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "exported"))
+    x, y = tiny_data()
+    with pytest.raises(ValueError, match="--bn_mode=train"):
+        operators.HessianOperator(operators.SavedModelFunction(loaded), x, y, bn_mode="train")
+
+
+class NoisyLayer(keras.layers.Layer):
+    def call(self, inputs):
+        return inputs + tf.random.normal(tf.shape(inputs), dtype=inputs.dtype)
+
+
+def test_determinism_check_names_the_cause():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                              NoisyLayer(), keras.layers.Dense(3)])
+    x, y = tiny_data(np.float32)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y)
+    with pytest.raises(operators.NonDeterministicError, match="dropout"):
+        operator.check_determinism(np.ones(operator.dim))
+
+
+def test_deterministic_operator_passes_the_check():
+    model = tiny_model(dtype="float32")
+    x, y = tiny_data(np.float32)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y)
+    product = operator.check_determinism(np.ones(operator.dim))
+    assert product.shape == (operator.dim,) and operator.num_products == 2
+
+
+def test_labels_out_of_range():
+    model = tiny_model()
+    x, y = tiny_data()
+    with pytest.raises(ValueError, match=r"labels range over \[0, 7\]"):
+        operators.HessianOperator(operators.KerasModelFunction(model), x, np.where(y == 2, 7, y))
+
+
+def test_inputs_that_do_not_fit():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="do not fit"):
+        operators.HessianOperator(
+            operators.KerasModelFunction(model), np.zeros((4, 6)), np.zeros(4, np.int32))
+
+
+def test_no_trainable_variables():
+    model = tiny_model()
+    model.trainable = False
+    x, y = tiny_data()
+    with pytest.raises(ValueError, match="no trainable variables"):
+        operators.HessianOperator(operators.KerasModelFunction(model), x, y)
+
+
+def test_deal_batches_covers_every_example_once():
+    x = np.arange(23)[:, None]
+    shards = operators.deal_batches(x, x[:, 0], batch_size=5, num_replicas=3)
+    seen = np.concatenate(
+        [s.x[k, : s.sizes[k], 0] for s in shards for k in range(s.sizes.size)])
+    assert sorted(seen.tolist()) == list(range(23))
+    assert [s.sizes.tolist() for s in shards] == [[5, 5], [5, 3], [5, 0]]
