@@ -326,7 +326,7 @@ class HessianOperator:
         loss = float(loss.numpy())
         if not np.isfinite(loss):
             raise NonFiniteError(
-                f"the mean loss over the dataset is {loss}; check the model's weights "
+                f"the mean loss over the dataset is non-finite ({loss}); check the model's weights "
                 "and the data for NaN or overflow."
             )
         return loss, gradient.numpy()

@@ -1,0 +1,120 @@
+r"""Hessian eigenvalue density of a model's training loss.
+
+  hessian-spectrum --model=model.keras --dataset=npz:data.npz --output_dir=out
+  hessian-spectrum --config=configs/mlp_digits.py --lanczos_steps=30
+
+Writes OUTPUT_DIR/spectrum.npz, summary.json and density.png; exits 0 only when
+all three were written whole. Bad input: one line on stderr, exit status 2.
+"""
+
+import contextlib
+import os
+import sys
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """TensorFlow's C++ start-up chatter (oneDNN, CUDA stubs) is written to file
+    descriptor 2 before any log level applies; hide it while TF is imported, so a
+    bad input gets one line. `--verbose` keeps it."""
+    if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+with _quiet_native_stderr():
+    import keras  # noqa: F401
+    import tensorflow as tf
+
+    tf.config.list_physical_devices()
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from hessian_tf import config as config_lib
+
+_DEFAULTS = config_lib.default_config()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "An ml_collections config file (flags given explicitly override it)."
+)
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
+
+_HELP = {
+    "model": "A .keras file or a SavedModel directory; empty: train the default MLP.",
+    "default_model_epochs": "Epochs of training for the embedded default MLP.",
+    "dataset": "'digits', 'npz:PATH' (arrays x, y) or 'tfds:NAME[/CONFIG]'.",
+    "split": "The tfds split, e.g. 'train' or 'train[:10%]'.",
+    "data_dir": "The tfds data directory (a local path or a bucket).",
+    "batch_size": "Examples per batch (per replica); defines BN statistics in train mode.",
+    "loss": "sparse_categorical_crossentropy (logits), categorical_crossentropy, mean_squared_error.",
+    "regularization": "Add the model's own losses (weight regularizers) to the loss.",
+    "bn_mode": "inference: BN uses moving statistics; train: statistics of each batch.",
+    "method": "auto, forward_over_backward or reverse_over_reverse.",
+    "precision": "model: products in the model's dtype; float64: in a float64 copy of the model.",
+    "check_determinism": "Compute the first product twice and fail if they differ.",
+    "lanczos_steps": "Lanczos order m.",
+    "num_draws": "Independent Gaussian start vectors, averaged.",
+    "seed": "Seed of the start vectors (and of the default model's training).",
+    "basis_dtype": "Storage of the Lanczos basis: float64 or float32 (half the memory).",
+    "kernel_width": "Gaussian kernel width sigma; 0: 0.002 x (lambda_max - lambda_min).",
+    "num_grid_points": "Points of the density grid.",
+    "strategy": "default, one_device, mirrored, multi_worker or tpu.",
+    "num_cpu_devices": "Split the CPU into N logical devices (0: leave it).",
+    "tpu": "TPU name or address, with --strategy=tpu.",
+    "output_dir": "Where spectrum.npz, summary.json and density.png are written.",
+}
+
+for _name, _default in _DEFAULTS.items():
+    _define = {
+        bool: flags.DEFINE_bool,
+        int: flags.DEFINE_integer,
+        float: flags.DEFINE_float,
+        str: flags.DEFINE_string,
+    }[type(_default)]
+    _define(_name, _default, _HELP[_name])
+
+
+def resolve_config(flag_values=flags.FLAGS):
+    """The config file (or the default), then every flag given explicitly."""
+    config = _CONFIG.value if _CONFIG.value is not None else config_lib.default_config()
+    config = config.copy_and_resolve_references()
+    for name in _DEFAULTS.keys():
+        if flag_values[name].present:
+            config[name] = flag_values[name].value
+    return config
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        from hessian_tf import job
+
+        job.run(resolve_config())
+    except (ValueError, OSError, KeyError) as error:
+        if _VERBOSE.value:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"hessian-spectrum: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run():
+    """Console-script entry point."""
+    logging.set_verbosity(logging.INFO)
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

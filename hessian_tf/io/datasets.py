@@ -1,0 +1,102 @@
+"""Datasets as in-memory arrays (x [N, ...], y [N, ...]).
+
+Specs:
+- `digits`: scikit-learn's 1797 8×8 digit images, flattened to 64 features in
+  [0, 1], labels 0-9. Ships with scikit-learn: no network needed.
+- `npz:PATH`: a NumPy .npz file with arrays `x` and `y` (no pickled objects).
+- `tfds:NAME[/CONFIG]`: a TensorFlow Datasets split (`split`, `data_dir`); integer
+  images are scaled to [0, 1]. The whole split is read into memory.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+
+DATASET_FORMS = "'digits', 'npz:PATH' or 'tfds:NAME[/CONFIG]'"
+
+
+def load_dataset(spec: str, *, split: str = "train", data_dir: str | None = None):
+    """Returns (x, y) numpy arrays for a dataset spec."""
+    if spec == "digits":
+        return load_digits()
+    if spec.startswith("npz:"):
+        return load_npz(spec[len("npz:") :])
+    if spec.startswith("tfds:"):
+        return load_tfds(spec[len("tfds:") :], split=split, data_dir=data_dir)
+    raise ValueError(f"--dataset={spec!r} is not a known dataset; use {DATASET_FORMS}.")
+
+
+def load_digits():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int32)
+    return x, y
+
+
+def load_npz(path: str):
+    if not os.path.isfile(path):
+        raise ValueError(f"--dataset=npz:{path}: no such file; pass an existing .npz file.")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"x", "y"} - set(archive.files)
+            if missing:
+                raise ValueError(
+                    f"--dataset=npz:{path}: the file lacks arrays {sorted(missing)} "
+                    f"(it has {sorted(archive.files)}); save it with np.savez(path, x=..., y=...)."
+                )
+            x, y = archive["x"], archive["y"]
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(
+            f"--dataset=npz:{path}: not a readable .npz file ({error}); write it with np.savez."
+        ) from error
+    except ValueError as error:
+        if "--dataset" in str(error):
+            raise
+        raise ValueError(
+            f"--dataset=npz:{path}: cannot read the arrays without pickle ({error}); "
+            "store plain numeric arrays."
+        ) from error
+    return _checked(x, y, f"npz:{path}")
+
+
+def load_tfds(name: str, *, split: str, data_dir: str | None):
+    import tensorflow_datasets as tfds
+
+    try:
+        x, y = tfds.as_numpy(
+            tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
+                      batch_size=-1, download=False)
+        )
+    except Exception as error:  # tfds raises its own types for missing data
+        raise ValueError(
+            f"--dataset=tfds:{name} --split={split} --data_dir={data_dir}: could not be "
+            f"read ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); "
+            "prepare it with `tfds build` into --data_dir."
+        ) from error
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / 255.0
+    return _checked(x, y, f"tfds:{name}")
+
+
+def _checked(x: np.ndarray, y: np.ndarray, spec: str):
+    if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"--dataset={spec}: x has shape {x.shape} and y {y.shape}; they need the "
+            "same number of examples along the first axis."
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"--dataset={spec}: the dataset has no examples.")
+    if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
+        raise ValueError(f"--dataset={spec}: x and y must be numeric arrays.")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"--dataset={spec}: x holds NaN or infinite values; clean the data.")
+    if np.issubdtype(x.dtype, np.floating) and x.dtype != np.float32 and x.dtype != np.float64:
+        x = x.astype(np.float32)
+    if np.issubdtype(y.dtype, np.integer):
+        y = y.astype(np.int32)
+    return x, y

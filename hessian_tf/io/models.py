@@ -1,0 +1,54 @@
+"""Loading models: `.keras` files (safe mode) and SavedModel directories."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+
+from hessian_tf.operators.model_function import KerasModelFunction, SavedModelFunction
+
+
+def load_model_function(path: str):
+    """Returns a KerasModelFunction or SavedModelFunction for the model at `path`."""
+    if not path:
+        raise ValueError("--model is empty: pass a .keras file or a SavedModel directory.")
+    if not os.path.exists(path):
+        raise ValueError(
+            f"--model={path}: no such file or directory; pass a .keras file or a "
+            "SavedModel directory."
+        )
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise ValueError(
+                f"--model={path}: the directory holds no saved_model.pb; pass a "
+                "SavedModel directory (e.g. from Keras model.export()) or a .keras file."
+            )
+        try:
+            loaded = tf.saved_model.load(path)
+        except Exception as error:  # TF raises many types for a broken SavedModel
+            raise ValueError(
+                f"--model={path}: the SavedModel could not be loaded "
+                f"({type(error).__name__}: {_first_line(error)}); re-export it."
+            ) from error
+        return SavedModelFunction(loaded, path)
+    if not path.endswith(".keras"):
+        raise ValueError(
+            f"--model={path}: unknown model format; pass a .keras file or a "
+            "SavedModel directory."
+        )
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # zip, JSON and deserialisation errors alike
+        raise ValueError(
+            f"--model={path}: the .keras file could not be loaded "
+            f"({type(error).__name__}: {_first_line(error)}); save it again with "
+            "model.save(), and register custom objects."
+        ) from error
+    return KerasModelFunction(model)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""

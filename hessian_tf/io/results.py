@@ -1,0 +1,84 @@
+"""Writing results whole: each file goes to a temporary name, then is renamed.
+
+A crash never leaves a file that looks complete: `spectrum.npz` is renamed into
+place last, after `density.png` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+import numpy as np
+
+SPECTRUM_FILE = "spectrum.npz"
+SUMMARY_FILE = "summary.json"
+DENSITY_FILE = "density.png"
+
+
+def check_writable(output_dir: str) -> None:
+    """Creates `output_dir` and proves a file can be written there, before any work."""
+    if not output_dir:
+        raise ValueError("--output_dir is empty; pass a directory to write results to.")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"--output_dir={output_dir}: cannot write there ({error.strerror or error}); "
+            "pass a writable directory."
+        ) from error
+
+
+def _temporary_path(output_dir: str, name: str) -> str:
+    # The suffix keeps the final extension: some writers (Keras) insist on it.
+    handle, path = tempfile.mkstemp(dir=output_dir, prefix=".tmp-", suffix=f"-{name}")
+    os.close(handle)
+    # mkstemp creates 0600; results are ordinary files, readable as the umask allows.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
+def write_files(output_dir: str, writers: dict[str, Callable[[str], None]]) -> list[str]:
+    """Writes every file with its writer to a temporary path, then renames them all
+    into place in the order given. On any failure no temporary file remains and no
+    new file is put in place."""
+    temporary = {}
+    try:
+        for name, writer in writers.items():
+            temporary[name] = _temporary_path(output_dir, name)
+            writer(temporary[name])
+            with open(temporary[name], "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        for path in temporary.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    final = []
+    for name, path in temporary.items():
+        os.replace(path, os.path.join(output_dir, name))
+        final.append(os.path.join(output_dir, name))
+    return final
+
+
+def npz_writer(arrays: dict[str, np.ndarray]) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    return write
+
+
+def json_writer(data: dict) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True, allow_nan=True)
+            handle.write("\n")
+
+    return write

@@ -1,0 +1,213 @@
+"""The standalone spectrum job: configuration in, three result files out.
+
+OUTPUT_DIR/spectrum.npz   alphas, betas, nodes, weights [num_draws, m]; grid, density [G]
+OUTPUT_DIR/summary.json   statistics, counts, timings and the resolved configuration
+OUTPUT_DIR/density.png    the density on a log scale
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+import hessian_tf
+from hessian_tf import config as config_lib
+from hessian_tf import plotting
+from hessian_tf import spectrum as spectrum_lib
+from hessian_tf.io import results
+
+
+def _format_seconds(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def log_progress(progress: spectrum_lib.Progress) -> None:
+    logging.info(
+        "draw %d/%d, Lanczos step %d/%d: alpha=%.6g beta=%.6g, %.3f s/step, %s left%s",
+        progress.draw + 1,
+        progress.num_draws,
+        progress.step,
+        progress.lanczos_steps,
+        progress.alpha,
+        progress.beta,
+        progress.seconds / max(1, progress.draw * progress.lanczos_steps + progress.step),
+        _format_seconds(progress.seconds_left),
+        " (Krylov space exhausted: exact spectrum)" if progress.exhausted else "",
+    )
+
+
+def _default_model_function(config, x, y, output_dir):
+    """Trains the embedded default MLP on (x, y) and saves it beside the results."""
+    from hessian_tf import models
+    from hessian_tf.operators import KerasModelFunction
+
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        raise ValueError(
+            f"--model is empty, so the embedded default MLP is trained, which needs integer "
+            f"class labels; --dataset={config.dataset} has labels of shape {y.shape[1:]} "
+            f"and dtype {y.dtype}. Pass --model."
+        )
+    flat = x.reshape(x.shape[0], -1)
+    model = models.mlp(flat.shape[1], num_classes=int(y.max()) + 1, seed=config.seed)
+    accuracy = models.train_briefly(
+        model, flat, y, epochs=config.default_model_epochs, seed=config.seed
+    )
+    logging.info(
+        "Trained the default MLP (%d parameters) for %d epochs: training accuracy %.4f",
+        model.count_params(), config.default_model_epochs, accuracy,
+    )
+    path = os.path.join(output_dir, "model.keras")
+    results.write_files(output_dir, {"model.keras": model.save})
+    logging.info("Saved the default model to %s", path)
+    return KerasModelFunction(model), flat, {"default_model_accuracy": accuracy, "model_file": path}
+
+
+def _in_float64(model_function, x):
+    from hessian_tf.operators import KerasModelFunction
+    from hessian_tf.operators.precision import cast_model
+
+    if not isinstance(model_function, KerasModelFunction):
+        raise ValueError(
+            "--precision=float64 needs a .keras model (a SavedModel's functions are "
+            "fixed in their dtype); use --precision=model."
+        )
+    if np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    return KerasModelFunction(cast_model(model_function.model, "float64")), x
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Runs one spectrum job; returns the summary written to summary.json."""
+    started = time.perf_counter()
+    config_lib.validate(config)
+    output_dir = config.output_dir
+    results.check_writable(output_dir)
+
+    # Imported here so that strategy creation (and logical CPU devices) come before
+    # anything else touches TensorFlow's devices.
+    from hessian_tf.distribute import make_strategy
+    from hessian_tf.io.datasets import load_dataset
+    from hessian_tf.io.models import load_model_function
+    from hessian_tf.operators import HessianOperator, NonDeterministicError, NonFiniteError
+
+    strategy = make_strategy(
+        config.strategy, num_cpu_devices=config.num_cpu_devices, tpu=config.tpu
+    )
+    x, y = load_dataset(config.dataset, split=config.split, data_dir=config.data_dir or None)
+    logging.info("Dataset %s: x %s, y %s", config.dataset, x.shape, y.shape)
+    extra = {}
+    if config.model:
+        model_function = load_model_function(config.model)
+    else:
+        model_function, x, extra = _default_model_function(config, x, y, output_dir)
+    if config.precision == "float64":
+        model_function, x = _in_float64(model_function, x)
+    operator = HessianOperator(
+        model_function,
+        x,
+        y,
+        batch_size=config.batch_size,
+        loss=config.loss,
+        bn_mode=config.bn_mode,
+        strategy=strategy,
+        regularization=config.regularization,
+        method=config.method,
+    )
+    logging.info(
+        "Hessian of the mean %s over %d examples: %d parameters, %s products, %d replicas",
+        config.loss, operator.num_examples, operator.dim, operator.method,
+        strategy.num_replicas_in_sync,
+    )
+    try:
+        loss, gradient = operator.loss_and_gradient()
+        spectrum = spectrum_lib.stochastic_lanczos_quadrature(
+            operator.matvec,
+            operator.dim,
+            lanczos_steps=config.lanczos_steps,
+            num_draws=config.num_draws,
+            seed=config.seed,
+            kernel_width=config.kernel_width or None,
+            num_grid_points=config.num_grid_points,
+            first_product=operator.check_determinism if config.check_determinism else None,
+            progress=log_progress,
+            basis_dtype=np.float32 if config.basis_dtype == "float32" else np.float64,
+        )
+    except (NonFiniteError, NonDeterministicError) as error:
+        raise type(error)(
+            f"--model={config.model or '(default MLP)'} --dataset={config.dataset}: {error}"
+        ) from error
+    stats = spectrum.statistics
+    summary = {
+        "version": hessian_tf.__version__,
+        "num_params": operator.dim,
+        "num_examples": operator.num_examples,
+        "num_replicas": strategy.num_replicas_in_sync,
+        "batch_size": operator.batch_size,
+        "bn_mode": operator.bn_mode,
+        "bn_statistics": (
+            "moving statistics" if operator.bn_mode == "inference"
+            else f"statistics of each batch of {operator.batch_size} examples (per replica)"
+        ),
+        "method": operator.method,
+        "precision": config.precision,
+        "loss": loss,
+        "gradient_norm": float(np.linalg.norm(gradient)),
+        "lambda_max": stats.lambda_max,
+        "lambda_min": stats.lambda_min,
+        "negative_mass": stats.negative_mass,
+        "negative_mass_tolerance": stats.negative_mass_tolerance,
+        "zero_tolerance": stats.zero_tolerance,
+        "trace_estimate": stats.trace,
+        "trace_stderr": stats.trace_stderr,
+        "kernel_width": spectrum.density.kernel_width,
+        "lanczos_steps_completed": spectrum.num_steps.tolist(),
+        "krylov_exhausted": spectrum.exhausted.tolist(),
+        "orthogonality_loss": spectrum.orthogonality_loss,
+        "num_hvps": operator.num_products,
+        "product_seconds": operator.product_seconds,
+        "lanczos_seconds": spectrum.seconds,
+        "seconds": None,  # filled in just before writing
+        "config": config.to_dict(),
+        **extra,
+    }
+    arrays = {
+        "alphas": spectrum.alphas,
+        "betas": spectrum.betas,
+        "nodes": spectrum.nodes,
+        "weights": spectrum.weights,
+        "ritz_residuals": spectrum.ritz_residuals,
+        "num_steps": spectrum.num_steps,
+        "grid": spectrum.density.grid,
+        "density": spectrum.density.density,
+    }
+    title = (
+        f"{os.path.basename(config.model.rstrip('/')) or 'default MLP'} on {config.dataset}: "
+        f"n={operator.dim:,}, m={config.lanczos_steps}, {config.num_draws} draw(s), "
+        f"BN {config.bn_mode}"
+    )
+    summary["seconds"] = time.perf_counter() - started
+    written = results.write_files(
+        output_dir,
+        {
+            results.DENSITY_FILE: lambda path: plotting.plot_densities(
+                [(spectrum.density.grid, spectrum.density.density, "")], path, title=title
+            ),
+            results.SUMMARY_FILE: results.json_writer(summary),
+            results.SPECTRUM_FILE: results.npz_writer(arrays),
+        },
+    )
+    logging.info(
+        "lambda_max=%.6g lambda_min=%.6g negative_mass=%.4g (%.4g beyond tolerance %.3g) "
+        "in %.1f s, %d products",
+        stats.lambda_max, stats.lambda_min, stats.negative_mass,
+        stats.negative_mass_tolerance, stats.zero_tolerance, summary["seconds"],
+        operator.num_products,
+    )
+    for path in written:
+        logging.info("Wrote %s", path)
+    return summary

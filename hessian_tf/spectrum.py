@@ -1,0 +1,187 @@
+"""Stochastic Lanczos quadrature of an operator: draws, nodes, weights, density."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+
+from hessian_tf import linalg
+from hessian_tf.operators.hessian import NonFiniteError
+
+
+class Progress(NamedTuple):
+    """What a progress callback receives after every Lanczos step."""
+
+    draw: int
+    num_draws: int
+    step: int  # completed steps in this draw
+    lanczos_steps: int
+    alpha: float
+    beta: float
+    seconds: float  # since the start of the computation
+    seconds_left: float  # estimate
+    exhausted: bool
+
+
+class Spectrum(NamedTuple):
+    """An SLQ spectrum. Rows are draws; a draw that stopped early (exhausted Krylov
+    space) is padded with zeros past `num_steps[d]` (zero weight, zero β).
+
+    Attributes:
+      alphas: [num_draws, m]; betas: [num_draws, m - 1]; nodes, weights,
+      ritz_residuals: [num_draws, m]; num_steps: [num_draws];
+      residual_norms: [num_draws] β after the last step; exhausted: [num_draws];
+      orthogonality_loss: max over draws of max |Q Qᵀ − I|;
+      density: the smoothed density; statistics: SpectrumStatistics;
+      num_products: products used (including the determinism check); seconds.
+    """
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    nodes: np.ndarray
+    weights: np.ndarray
+    ritz_residuals: np.ndarray
+    num_steps: np.ndarray
+    residual_norms: np.ndarray
+    exhausted: np.ndarray
+    orthogonality_loss: float
+    density: linalg.Density
+    statistics: linalg.SpectrumStatistics
+    num_products: int
+    seconds: float
+
+
+def start_vector(dim: int, seed: int, draw: int) -> np.ndarray:
+    """v ~ N(0, I/dim) for one draw; depends only on (seed, draw)."""
+    return np.random.default_rng([seed, draw]).standard_normal(dim) / np.sqrt(dim)
+
+
+def stochastic_lanczos_quadrature(
+    matvec: Callable[[np.ndarray], np.ndarray],
+    dim: int,
+    *,
+    lanczos_steps: int = 90,
+    num_draws: int = 1,
+    seed: int = 0,
+    kernel_width: Optional[float] = None,
+    num_grid_points: int = linalg.density.DEFAULT_NUM_GRID_POINTS,
+    first_product: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    progress: Optional[Callable[[Progress], None]] = None,
+    basis_dtype=np.float64,
+) -> Spectrum:
+    """Runs `num_draws` Lanczos draws of `lanczos_steps` steps and smooths them.
+
+    Args:
+      matvec: float64 [dim] → [dim], a symmetric operator.
+      dim: its dimension.
+      first_product: used instead of `matvec` for the very first product (e.g. a
+        determinism check that computes it twice).
+      progress: called after every step with a Progress.
+    """
+    if lanczos_steps < 1:
+        raise ValueError(f"--lanczos_steps={lanczos_steps}: pass at least 1 (the paper uses 90).")
+    if num_draws < 1:
+        raise ValueError(f"--num_draws={num_draws}: pass at least 1.")
+    started = time.perf_counter()
+    results = []
+    num_products = 0
+    for draw in range(num_draws):
+        state = linalg.lanczos_init(
+            start_vector(dim, seed, draw), lanczos_steps, basis_dtype=basis_dtype
+        )
+        while not linalg.is_finished(state):
+            vector = linalg.current_vector(state)
+            product_fn = first_product if (first_product and num_products == 0) else matvec
+            try:
+                product = product_fn(vector)
+            except NonFiniteError as error:
+                raise NonFiniteError(
+                    f"draw {draw}, Lanczos step {state.num_steps}: {error}"
+                ) from error
+            num_products += 1
+            state = linalg.lanczos_step(state, product)
+            if progress is not None:
+                elapsed = time.perf_counter() - started
+                remaining = (num_draws - draw - 1) * lanczos_steps + (
+                    0 if state.exhausted else lanczos_steps - state.num_steps
+                )
+                progress(
+                    Progress(
+                        draw=draw,
+                        num_draws=num_draws,
+                        step=state.num_steps,
+                        lanczos_steps=lanczos_steps,
+                        alpha=float(state.alphas[state.num_steps - 1]),
+                        beta=float(state.betas[state.num_steps - 1]),
+                        seconds=elapsed,
+                        seconds_left=elapsed / num_products * remaining,
+                        exhausted=state.exhausted,
+                    )
+                )
+        results.append((linalg.lanczos_result(state), _orthogonality_loss(state)))
+    return _assemble(
+        results,
+        dim=dim,
+        lanczos_steps=lanczos_steps,
+        kernel_width=kernel_width,
+        num_grid_points=num_grid_points,
+        num_products=num_products,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _orthogonality_loss(state: linalg.LanczosState) -> float:
+    """max |Q Qᵀ − I| over the completed Lanczos vectors."""
+    basis = state.basis[: state.num_steps]
+    gram = (basis @ basis.T).astype(np.float64)
+    return float(np.max(np.abs(gram - np.eye(state.num_steps))))
+
+
+def _assemble(results, *, dim, lanczos_steps, kernel_width, num_grid_points, num_products, seconds):
+    num_draws = len(results)
+    m = max(r.alphas.size for r, _ in results)
+    arrays = {name: np.zeros((num_draws, m)) for name in ("alphas", "nodes", "weights", "ritz")}
+    betas = np.zeros((num_draws, max(m - 1, 0)))
+    quadratures = []
+    for d, (result, _) in enumerate(results):
+        k = result.alphas.size
+        quadrature = linalg.tridiagonal_quadrature(result.alphas, result.betas, result.residual_norm)
+        quadratures.append(quadrature)
+        arrays["alphas"][d, :k] = result.alphas
+        betas[d, : k - 1] = result.betas
+        arrays["nodes"][d, :k] = quadrature.nodes
+        arrays["weights"][d, :k] = quadrature.weights
+        arrays["ritz"][d, :k] = quadrature.ritz_residuals
+    density = linalg.gaussian_density(
+        [q.nodes for q in quadratures],
+        [q.weights for q in quadratures],
+        kernel_width=kernel_width,
+        num_grid_points=num_grid_points,
+    )
+    return Spectrum(
+        alphas=arrays["alphas"],
+        betas=betas,
+        nodes=arrays["nodes"],
+        weights=arrays["weights"],
+        ritz_residuals=arrays["ritz"],
+        num_steps=np.array([r.alphas.size for r, _ in results]),
+        residual_norms=np.array([r.residual_norm for r, _ in results]),
+        exhausted=np.array([r.exhausted for r, _ in results]),
+        orthogonality_loss=max(o for _, o in results),
+        density=density,
+        statistics=linalg.spectrum_statistics(quadratures, dim),
+        num_products=num_products,
+        seconds=seconds,
+    )
+
+
+def quadratures_of(spectrum: Spectrum) -> list[linalg.Quadrature]:
+    """The per-draw quadratures of a Spectrum, without the padding."""
+    return [
+        linalg.Quadrature(
+            spectrum.nodes[d, :k], spectrum.weights[d, :k], spectrum.ritz_residuals[d, :k]
+        )
+        for d, k in enumerate(spectrum.num_steps)
+    ]

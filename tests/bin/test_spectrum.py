@@ -1,0 +1,169 @@
+"""The spectrum binary end to end, and every bad input: one line, non-zero exit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from hessian_tf import linalg
+
+
+def run_binary(*args, cwd=None):
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(
+        [sys.executable, "-m", "hessian_tf.bin.spectrum", *args],
+        capture_output=True, text=True, timeout=600, cwd=cwd, env=environment)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A 4-input MLP with 37 parameters (fewer than 90 Lanczos steps) and its data."""
+    directory = tmp_path_factory.mktemp("small")
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"),
+                              keras.layers.Dense(2)])
+    model.layers[0].kernel.assign(model.layers[0].kernel * 3.0)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((50, 4)).astype(np.float32)
+    y = rng.integers(0, 2, 50).astype(np.int32)
+    model.save(str(directory / "model.keras"))
+    np.savez(directory / "data.npz", x=x, y=y)
+    return directory, model, x, y
+
+
+def test_default_job_end_to_end(tmp_path):
+    result = run_binary("--lanczos_steps=12", "--num_draws=2", "--default_model_epochs=2",
+                        f"--output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("num_params", "num_examples", "lambda_max", "lambda_min", "negative_mass",
+                "num_hvps", "seconds", "config"):
+        assert key in summary
+    assert summary["num_params"] == 16510 and summary["num_examples"] == 1797
+    # 2 draws × 12 steps, plus one repeat for the determinism check.
+    assert summary["num_hvps"] == 25
+    assert summary["config"]["lanczos_steps"] == 12
+    with np.load(tmp_path / "spectrum.npz") as spectrum:
+        assert spectrum["alphas"].shape == (2, 12) and spectrum["betas"].shape == (2, 11)
+        assert spectrum["nodes"].shape == (2, 12)
+        np.testing.assert_allclose(spectrum["weights"].sum(axis=1), 1.0, atol=1e-12)
+        assert np.trapezoid(spectrum["density"], spectrum["grid"]) == pytest.approx(1.0)
+        assert spectrum["nodes"].max() == pytest.approx(summary["lambda_max"])
+    assert (tmp_path / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "model.keras").exists()
+    # One progress line per Lanczos step.
+    assert result.stderr.count("Lanczos step") == 24
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def exact_hessian(model, x, y):
+    """Dense float64 Hessian of the mean cross-entropy, on a float64 copy of the model."""
+    import tensorflow as tf
+    from hessian_tf.operators.precision import cast_model
+    model, x = cast_model(model, "float64"), x.astype(np.float64)
+    variables = [v.value for v in model.trainable_variables]
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            logits = tf.cast(model(x), tf.float64)
+            loss = -tf.reduce_mean(tf.reduce_sum(
+                tf.one_hot(y, 2, dtype=tf.float64) * tf.nn.log_softmax(logits), -1))
+        gradient = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
+    jacobians = outer.jacobian(gradient, variables)
+    return tf.concat([tf.reshape(j, [gradient.shape[0], -1]) for j in jacobians], 1).numpy()
+
+
+@pytest.mark.parametrize("precision, tolerance", [("model", 1e-5), ("float64", 1e-10)])
+def test_more_steps_than_parameters_gives_the_exact_spectrum(
+        small_model, tmp_path, precision, tolerance):
+    directory, model, x, y = small_model
+    result = run_binary(f"--model={directory / 'model.keras'}", f"--dataset=npz:{directory / 'data.npz'}",
+                        "--batch_size=16", f"--precision={precision}", f"--output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_params"] == 37 and summary["krylov_exhausted"] == [True]
+    assert summary["lanczos_steps_completed"][0] <= 37
+    eigenvalues = np.linalg.eigvalsh(exact_hessian(model, x, y))
+    scale = float(np.max(np.abs(eigenvalues)))
+    assert summary["lambda_max"] == pytest.approx(eigenvalues[-1], rel=tolerance)
+    assert summary["lambda_min"] == pytest.approx(eigenvalues[0], abs=tolerance * scale)
+    with np.load(tmp_path / "spectrum.npz") as spectrum:
+        k = summary["lanczos_steps_completed"][0]
+        nodes, weights = spectrum["nodes"][0, :k], spectrum["weights"][0, :k]
+    # Every node is an eigenvalue; every eigenvalue with weight is a node.
+    for node in nodes[weights > 1e-6]:
+        assert np.min(np.abs(eigenvalues - node)) < tolerance * scale
+
+
+def test_config_file_and_flag_override(tmp_path):
+    config = tmp_path / "small.py"
+    config.write_text(
+        "from hessian_tf.config import default_config\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        "    c.lanczos_steps = 3\n"
+        "    c.default_model_epochs = 1\n"
+        "    c.num_draws = 2\n"
+        "    return c\n")
+    out = tmp_path / "out"
+    result = run_binary(f"--config={config}", "--num_draws=1", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["lanczos_steps"] == 3  # from the file
+    assert summary["config"]["num_draws"] == 1  # the flag wins
+
+
+def bad_inputs(directory):
+    """(arguments, text the error line must contain)."""
+    model = f"--model={directory / 'model.keras'}"
+    data = f"--dataset=npz:{directory / 'data.npz'}"
+    return {
+        "missing model": ([f"--model={directory / 'absent.keras'}", data], "--model="),
+        "unreadable model": ([f"--model={directory / 'garbage.keras'}", data], "could not be loaded"),
+        "wrong input shape": ([model, f"--dataset=npz:{directory / 'wide.npz'}"], "do not fit"),
+        "labels out of range": ([model, f"--dataset=npz:{directory / 'labels.npz'}"], "labels range"),
+        "unknown dataset": ([model, "--dataset=cifar"], "--dataset='cifar'"),
+        "npz without y": ([model, f"--dataset=npz:{directory / 'noy.npz'}"], "lacks arrays ['y']"),
+        "unknown loss": ([model, data, "--loss=hinge"], "--loss='hinge'"),
+        "unknown bn_mode": ([model, data, "--bn_mode=eval"], "--bn_mode='eval'"),
+        "zero steps": ([model, data, "--lanczos_steps=0"], "--lanczos_steps=0"),
+        "zero draws": ([model, data, "--num_draws=0"], "--num_draws=0"),
+        "unwritable output": ([model, data, f"--output_dir={directory / 'data.npz' / 'out'}"], "--output_dir="),
+        "frozen model": ([f"--model={directory / 'frozen.keras'}", data], "no trainable variables"),
+        "non-finite loss": ([f"--model={directory / 'nan.keras'}", data], "non-finite"),
+        "unknown strategy": ([model, data, "--strategy=horovod"], "--strategy='horovod'"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_files(small_model):
+    directory, model, x, y = small_model
+    (directory / "garbage.keras").write_bytes(b"not a zip file")
+    np.savez(directory / "wide.npz", x=np.zeros((8, 7), np.float32), y=np.zeros(8, np.int32))
+    np.savez(directory / "labels.npz", x=x, y=np.where(y == 1, 5, y))
+    np.savez(directory / "noy.npz", x=x)
+    frozen = keras.models.clone_model(model)
+    frozen.trainable = False
+    frozen.save(str(directory / "frozen.keras"))
+    broken = keras.models.clone_model(model)
+    broken.layers[0].kernel.assign(np.full((4, 5), np.nan, np.float32))
+    broken.save(str(directory / "nan.keras"))
+    return directory
+
+
+@pytest.mark.parametrize("case", sorted(bad_inputs(__import__("pathlib").Path("."))))
+def test_bad_input_one_line_and_nothing_written(bad_files, tmp_path, case):
+    arguments, expected = bad_inputs(bad_files)[case]
+    if not any(a.startswith("--output_dir") for a in arguments):
+        arguments = arguments + [f"--output_dir={tmp_path / 'out'}"]
+    result = run_binary(*arguments)
+    assert result.returncode != 0
+    error_lines = [l for l in result.stderr.splitlines() if "error" in l.lower()]
+    assert len(error_lines) == 1, result.stderr[-3000:]
+    assert error_lines[0].startswith("hessian-spectrum: error: ")
+    assert expected in error_lines[0], error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "spectrum.npz").exists()
