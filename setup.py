@@ -21,8 +21,9 @@ setuptools.setup(
         "ml-collections",
         "matplotlib",
         "scikit-learn",  # only for the embedded digits data
+        "threadpoolctl",  # one BLAS thread for the Lanczos algebra
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pyyaml"]},
     entry_points={
         "console_scripts": [
             "hessian-spectrum=hessian_tf.bin.spectrum:run",

@@ -41,6 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.strategy = "default"
     config.num_cpu_devices = 0
     config.tpu = ""
+    # multi_worker: seconds to wait for every worker to join, and for any collective.
+    config.worker_timeout = 600.0
     config.output_dir = "results/spectrum"
     return config
 
@@ -65,6 +67,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"--num_cpu_devices={config.num_cpu_devices}: pass at least 1 (or 0 to leave "
             "the CPU as it is)."
+        )
+    if config.worker_timeout <= 0:
+        raise ValueError(
+            f"--worker_timeout={config.worker_timeout}: pass a positive number of seconds."
         )
     if config.default_model_epochs < 0:
         raise ValueError(f"--default_model_epochs={config.default_model_epochs}: pass >= 0.")

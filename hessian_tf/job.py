@@ -7,8 +7,11 @@ OUTPUT_DIR/density.png    the density on a log scale
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
+import subprocess
 import time
 
 import ml_collections
@@ -39,6 +42,38 @@ def log_progress(progress: spectrum_lib.Progress) -> None:
         _format_seconds(progress.seconds_left),
         " (Krylov space exhausted: exact spectrum)" if progress.exhausted else "",
     )
+
+
+# Sleeps, then reports and kills the job; killed itself when the block ends in time.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+sys.stderr.write("hessian-spectrum: error: " + message + "\\n")
+sys.stderr.flush()
+os.kill(parent, signal.SIGKILL)
+"""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, message: str, *, enabled: bool = True):
+    """Ends the process with `message` if the block outlasts `seconds`.
+
+    TensorFlow waits without limit for the workers of a multi-worker cluster to
+    join, inside C++ and holding the GIL, so neither a Python thread nor a signal
+    handler can interrupt it: a watchdog process does.
+    """
+    if not enabled:
+        yield
+        return
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message]
+    )
+    try:
+        yield
+    finally:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def _default_model_function(config, x, y, output_dir):
@@ -90,14 +125,29 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     # Imported here so that strategy creation (and logical CPU devices) come before
     # anything else touches TensorFlow's devices.
-    from hessian_tf.distribute import make_strategy
+    from hessian_tf.distribute import is_chief, make_strategy
     from hessian_tf.io.datasets import load_dataset
     from hessian_tf.io.models import load_model_function
     from hessian_tf.operators import HessianOperator, NonDeterministicError, NonFiniteError
 
-    strategy = make_strategy(
-        config.strategy, num_cpu_devices=config.num_cpu_devices, tpu=config.tpu
+    if config.strategy == "multi_worker" and not config.model:
+        raise ValueError(
+            "--strategy=multi_worker needs --model: every worker must load the same "
+            "model (the embedded default is trained per process)."
+        )
+    multi_worker = config.strategy == "multi_worker"
+    waiting = (
+        f"--worker_timeout={config.worker_timeout:g}: not every worker joined the cluster "
+        "in time; check that every worker runs and can reach the others (TF_CONFIG)."
     )
+    with _deadline(config.worker_timeout, waiting, enabled=multi_worker):
+        strategy = make_strategy(
+            config.strategy,
+            num_cpu_devices=config.num_cpu_devices,
+            tpu=config.tpu,
+            worker_timeout=config.worker_timeout,
+        )
+    chief = is_chief(strategy)
     x, y = load_dataset(config.dataset, split=config.split, data_dir=config.data_dir or None)
     logging.info("Dataset %s: x %s, y %s", config.dataset, x.shape, y.shape)
     extra = {}
@@ -124,7 +174,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
         strategy.num_replicas_in_sync,
     )
     try:
-        loss, gradient = operator.loss_and_gradient()
+        # The first all-reduce is where a worker that never started would hang.
+        with _deadline(config.worker_timeout, waiting, enabled=multi_worker):
+            loss, gradient = operator.loss_and_gradient()
         spectrum = spectrum_lib.stochastic_lanczos_quadrature(
             operator.matvec,
             operator.dim,
@@ -191,6 +243,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
         f"BN {config.bn_mode}"
     )
     summary["seconds"] = time.perf_counter() - started
+    if not chief:
+        logging.info("Not the chief: the chief writes the results.")
+        return summary
     written = results.write_files(
         output_dir,
         {

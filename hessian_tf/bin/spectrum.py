@@ -71,6 +71,7 @@ _HELP = {
     "strategy": "default, one_device, mirrored, multi_worker or tpu.",
     "num_cpu_devices": "Split the CPU into N logical devices (0: leave it).",
     "tpu": "TPU name or address, with --strategy=tpu.",
+    "worker_timeout": "multi_worker: seconds to wait for all workers, and for any all-reduce.",
     "output_dir": "Where spectrum.npz, summary.json and density.png are written.",
 }
 
@@ -101,10 +102,19 @@ def main(argv):
         from hessian_tf import job
 
         job.run(resolve_config())
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, RuntimeError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)) or (
+            isinstance(error, RuntimeError) and "waiting for the cluster" in message
+        ):
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            message = (
+                f"a worker did not answer or was lost ({type(error).__name__}: "
+                f"{lines[-1][:200] if lines else ''}); check that every worker runs and "
+                "reaches the others, or raise --worker_timeout."
+            )
         print(f"hessian-spectrum: error: {message}", file=sys.stderr)
         return 2
     return 0

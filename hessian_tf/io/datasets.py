@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 
 DATASET_FORMS = "'digits', 'npz:PATH' or 'tfds:NAME[/CONFIG]'"
+_TFDS_READ_BATCH = 4096  # examples per tf.data batch while reading a tfds split
 
 
 def load_dataset(spec: str, *, split: str = "train", data_dir: str | None = None):
@@ -41,6 +42,14 @@ def load_digits():
 def load_npz(path: str):
     if not os.path.isfile(path):
         raise ValueError(f"--dataset=npz:{path}: no such file; pass an existing .npz file.")
+    # An .npz is a zip archive. Without this check np.load returns a bare array for
+    # a .npy file (which has no `with`: TypeError) and reports any other non-zip
+    # file as "pickled data".
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"--dataset=npz:{path}: not an .npz file (not a zip archive); write it with "
+            "np.savez(path, x=..., y=...)."
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = {"x", "y"} - set(archive.files)
@@ -50,6 +59,12 @@ def load_npz(path: str):
                     f"(it has {sorted(archive.files)}); save it with np.savez(path, x=..., y=...)."
                 )
             x, y = archive["x"], archive["y"]
+            if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+                # np.load hands back raw bytes for zip members that are not .npy.
+                raise ValueError(
+                    f"--dataset=npz:{path}: the members 'x' and 'y' are not NumPy "
+                    "arrays; write the file with np.savez(path, x=..., y=...)."
+                )
     except (OSError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(
             f"--dataset=npz:{path}: not a readable .npz file ({error}); write it with np.savez."
@@ -67,17 +82,26 @@ def load_npz(path: str):
 def load_tfds(name: str, *, split: str, data_dir: str | None):
     import tensorflow_datasets as tfds
 
+    # Not batch_size=-1: tfds then batches by the dataset's total example count, or by
+    # sys.maxsize when that is unknown (mock_data, metadata-less builders), which
+    # aborts the whole process in padded_batch (std::length_error). Finite batches,
+    # concatenated here, read the same examples in the same order.
     try:
-        x, y = tfds.as_numpy(
-            tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
-                      batch_size=-1, download=False)
-        )
+        dataset = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True,
+                            download=False)
+        batches = list(tfds.as_numpy(dataset.batch(_TFDS_READ_BATCH)))
     except Exception as error:  # tfds raises its own types for missing data
         raise ValueError(
             f"--dataset=tfds:{name} --split={split} --data_dir={data_dir}: could not be "
-            f"read ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]}); "
+            f"read ({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}); "
             "prepare it with `tfds build` into --data_dir."
         ) from error
+    if not batches:
+        raise ValueError(
+            f"--dataset=tfds:{name} --split={split}: the split has no examples."
+        )
+    x = np.concatenate([batch[0] for batch in batches])
+    y = np.concatenate([batch[1] for batch in batches])
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / 255.0
     return _checked(x, y, f"tfds:{name}")

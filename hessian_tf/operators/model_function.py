@@ -86,6 +86,15 @@ class KerasModelFunction:
         """The parameters as tensors read now (inside a tf.function: at each call)."""
         return [tf.convert_to_tensor(v) for v in self.variables]
 
+    def state(self) -> list[tf.Tensor]:
+        """The non-trainable variables (BN moving statistics, RNG state) read now.
+
+        Read in the cross-replica context and passed to every replica: under a
+        strategy, Keras keeps a copy of these per replica, and the copies drift
+        apart in training; the first one (the one Keras saves) defines the model.
+        """
+        return [tf.convert_to_tensor(v) for v in self._non_trainable]
+
     def mode_context(self, bn_mode: str):
         """Enter around the whole trace of a product, in the cross-replica context:
         MirroredStrategy traces replicas in threads, so a per-replica override
@@ -94,13 +103,14 @@ class KerasModelFunction:
             return batch_norm_in_train_mode(self.model)
         return contextlib.nullcontext()
 
-    def __call__(self, primals: Sequence[tf.Tensor], x: tf.Tensor, *, bn_mode: str):
+    def __call__(
+        self, primals: Sequence[tf.Tensor], state: Sequence[tf.Tensor], x: tf.Tensor, *, bn_mode: str
+    ):
         """Returns (outputs, sum of the model's own losses). For bn_mode='train' the
         caller must be inside `mode_context('train')`."""
         del bn_mode  # applied by mode_context
-        non_trainable = [tf.convert_to_tensor(v) for v in self._non_trainable]
         outputs, _, losses = self.model.stateless_call(
-            list(primals), non_trainable, x, training=False, return_losses=True
+            list(primals), list(state), x, training=False, return_losses=True
         )
         if isinstance(outputs, (list, tuple, dict)):
             raise ValueError(
@@ -139,12 +149,15 @@ class SavedModelFunction:
     def primals(self) -> list[tf.Variable]:
         return self.variables
 
+    def state(self) -> list[tf.Tensor]:
+        return []  # the saved functions read their own non-trainable variables
+
     def mode_context(self, bn_mode: str):
         del bn_mode  # each mode has its own saved function
         return contextlib.nullcontext()
 
-    def __call__(self, primals, x: tf.Tensor, *, bn_mode: str):
-        del primals  # the functions read the captured variables themselves
+    def __call__(self, primals, state, x: tf.Tensor, *, bn_mode: str):
+        del primals, state  # the functions read the captured variables themselves
         function = getattr(self.loaded, SAVED_FUNCTION_NAMES[bn_mode])
         if self._input_dtype is not None:
             x = tf.cast(x, self._input_dtype)

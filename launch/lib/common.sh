@@ -1,0 +1,151 @@
+# Helpers shared by the launch scripts; sourced, never run. Written for bash 3.2
+# too (macOS), so no mapfile, no associative arrays, and empty arrays are expanded
+# as ${a[@]+"${a[@]}"} (bash < 4.4 calls "${a[@]}" of an empty array unbound).
+
+PROG=${PROG:-$(basename "$0")}
+
+# One line on stderr, exit status 2 (as hessian-spectrum does for bad input).
+die() {
+  printf '%s: error: %s\n' "$PROG" "$*" >&2
+  exit 2
+}
+
+# Prints the words as one line that a POSIX shell reads back as the same words.
+quote() {
+  local out='' word single="'\\''"
+  for word in "$@"; do
+    if [[ -n $word && $word != *[!A-Za-z0-9_@%+=:,./-]* ]]; then
+      out+=" $word"
+    else
+      out+=" '${word//\'/$single}'"
+    fi
+  done
+  printf '%s\n' "${out# }"
+}
+
+require_int() {  # NAME VALUE MINIMUM
+  [[ $2 =~ ^[0-9]+$ ]] && (($2 >= $3)) || die "$1=$2: pass an integer >= $3."
+}
+
+# Kubernetes object names (DNS-1123 labels); 52 leaves room for pod-name suffixes.
+require_k8s_name() {  # NAME VALUE
+  [[ $2 =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ && ${#2} -le 52 ]] ||
+    die "$1=$2: use at most 52 lower-case letters, digits and '-', starting and ending alphanumeric."
+}
+
+# Values pasted verbatim into YAML must not need quoting there.
+require_plain() {  # NAME VALUE
+  [[ -n $2 && $2 != *[!A-Za-z0-9._/:@+-]* ]] ||
+    die "$1='$2': use only letters, digits and . _ / : @ + -"
+}
+
+# Dies when a launcher option (given as a word or --opt=value) is among the
+# words passed through to hessian-spectrum: it would otherwise reach the binary
+# (or, for --dry-run, be ignored while the job is really submitted).
+reject_launcher_options() {  # "OPTION..." -- WORD...
+  local options=$1 word option
+  shift 2
+  for word in "$@"; do
+    for option in $options; do
+      if [[ $word == "$option" || $word == "$option="* ]]; then
+        die "$option comes after the hessian-spectrum flags; put launcher options first (see --help)."
+      fi
+    done
+  done
+}
+
+# Dies when a flag the launcher sets itself is passed through as well.
+reject_flags() {  # "FLAG..." WHY -- WORD...
+  local flags=$1 why=$2 word flag
+  shift 3
+  for word in "$@"; do
+    for flag in $flags; do
+      if [[ $word == "$flag" || $word == "$flag="* ]]; then
+        die "do not pass $flag: $why"
+      fi
+    done
+  done
+}
+
+# Prints the value of a hessian-spectrum flag given as --flag=value or --flag value.
+flag_value() {  # FLAG -- WORD...
+  local flag=$1 value=''
+  shift 2
+  while (($#)); do
+    case $1 in
+      "$flag="*) value=${1#*=} ;;
+      "$flag") (($# >= 2)) && value=$2 && shift ;;
+    esac
+    shift
+  done
+  printf '%s' "$value"
+}
+
+# Reads a checkpoint list into CHECKPOINTS: one model path per line; blank lines
+# and lines starting with '#' are skipped, surrounding blanks (and CR) trimmed;
+# launch/slurm/checkpoints.sbatch cleans its list with the same awk program.
+# Each result goes to OUTPUT_ROOT/<basename>, so basenames must be distinct.
+read_checkpoint_list() {  # FILE
+  local file=$1 line name seen=$'\n'
+  CHECKPOINTS=()
+  [[ -n $file ]] || die "--list is required: a text file with one model path per line."
+  [[ -f $file && -r $file ]] || die "--list=$file: no such readable file."
+  while IFS= read -r line; do
+    name=$(basename "$line")
+    if [[ $seen == *$'\n'"$name"$'\n'* ]]; then
+      die "--list=$file: two checkpoints share the basename '$name', so both would write OUTPUT_ROOT/$name; rename one or split the list."
+    fi
+    seen+="$name"$'\n'
+    CHECKPOINTS+=("$line")
+  done < <(awk '{ sub(/\r$/, ""); gsub(/^[ \t]+|[ \t]+$/, "") } $0 != "" && $0 !~ /^#/' "$file")
+  ((${#CHECKPOINTS[@]} >= 1)) || die "--list=$file is empty: put one model path per line."
+}
+
+# Output must outlive the pods: a bucket (scheme://...) or a path under the PVC.
+require_durable_output() {  # WHAT PATH PVC MOUNT_PATH
+  local what=$1 path=$2 pvc=$3 mount=${4%/}
+  [[ -n $path ]] || die "$what is required (a gs:// bucket path, or a path under --mount-path with --pvc)."
+  if [[ $path == *://* ]]; then
+    return 0
+  fi
+  if [[ -z $pvc ]]; then
+    die "$what=$path would vanish with the pod; use a bucket path (gs://...) or pass --pvc CLAIM and a path under --mount-path ($mount)."
+  fi
+  [[ $path == "$mount" || $path == "$mount/"* ]] ||
+    die "$what=$path is not under the PVC mount path $mount; use $mount/... or change --mount-path."
+}
+
+# --- Kubernetes manifests ---------------------------------------------------
+
+# JSON (valid YAML) for a pod's nodeSelector: GKE's GPU node label, or none.
+k8s_node_selector() {  # ACCELERATOR
+  if [[ -n $1 ]]; then
+    printf '{"cloud.google.com/gke-accelerator": "%s"}' "$1"
+  else
+    printf '{}'
+  fi
+}
+
+# Renders TEMPLATE with render.py (python3, standard library only) into MANIFEST.
+render_manifest() {  # TEMPLATE NAME=VALUE... [-- WORD...]
+  local python=${PYTHON:-python3} template=$1
+  shift
+  command -v "$python" >/dev/null 2>&1 ||
+    die "$python not found: it renders the manifest (set PYTHON to another interpreter)."
+  MANIFEST=$("$python" "$(dirname "${BASH_SOURCE[0]}")/render.py" "$template" "$@") ||
+    die "could not render $template."
+  MANIFEST+=$'\n'
+}
+
+# Prints MANIFEST under a comment naming the command (--dry-run), or pipes it to
+# that command.
+apply_manifest() {  # DRY_RUN COMMAND...
+  local dry_run=$1
+  shift
+  if ((dry_run)); then
+    printf '# dry run: this manifest would be piped to: %s\n' "$(quote "$@")"
+    printf '%s' "$MANIFEST"
+    return 0
+  fi
+  printf '%s' "$MANIFEST" | "$@"
+}

@@ -1,0 +1,208 @@
+"""Mirrored and multi-worker spectra against one device; lost and missing workers.
+
+Each job runs the real binary in fresh processes (logical CPU devices and
+TF_CONFIG must be set before TensorFlow starts).
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+LOCAL = ROOT / "launch" / "local.sh"
+STEPS = 25
+
+
+def environment():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["HESSIAN_SPECTRUM"] = f"{sys.executable} -m hessian_tf.bin.spectrum"
+    env.pop("TF_CONFIG", None)
+    return env
+
+
+def spectrum(*args, launcher=(), env=None, timeout=600):
+    command = list(launcher) or [sys.executable, "-m", "hessian_tf.bin.spectrum"]
+    return subprocess.run(command + list(args), capture_output=True, text=True,
+                          timeout=timeout, env=env or environment())
+
+
+@pytest.fixture(scope="module")
+def bn_job(tmp_path_factory):
+    """A BN model whose moving statistics differ from the batch statistics, and
+    53 examples: batches of 8 leave an uneven last batch and uneven shards."""
+    directory = tmp_path_factory.mktemp("bn_job")
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(10, activation="tanh"),
+        keras.layers.BatchNormalization(), keras.layers.Dense(4)])
+    model.layers[1].moving_mean.assign(np.full(10, 0.2, np.float32))
+    model.layers[1].moving_variance.assign(np.full(10, 1.7, np.float32))
+    model.save(str(directory / "bn.keras"))
+    rng = np.random.default_rng(3)
+    np.savez(directory / "data.npz", x=rng.standard_normal((53, 6)).astype(np.float32),
+             y=rng.integers(0, 4, 53))
+    return directory
+
+
+def job_args(directory, bn_mode, output):
+    return [f"--model={directory / 'bn.keras'}", f"--dataset=npz:{directory / 'data.npz'}",
+            "--batch_size=8", f"--lanczos_steps={STEPS}", f"--bn_mode={bn_mode}",
+            f"--output_dir={output}"]
+
+
+def assert_same_tridiagonal(reference_dir, other_dir):
+    with np.load(reference_dir / "spectrum.npz") as a, np.load(other_dir / "spectrum.npz") as b:
+        scale = np.max(np.abs(a["alphas"]))
+        assert np.max(np.abs(a["alphas"] - b["alphas"])) <= 1e-6 * scale
+        assert np.max(np.abs(a["betas"] - b["betas"])) <= 1e-6 * scale
+        for index in (0, -1):  # extreme Ritz values
+            assert b["nodes"][0, index] == pytest.approx(a["nodes"][0, index], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def single_device(bn_job):
+    outputs = {}
+    for bn_mode in ("inference", "train"):
+        output = bn_job / f"single-{bn_mode}"
+        result = spectrum(*job_args(bn_job, bn_mode, output))
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[bn_mode] = output
+    return outputs
+
+
+@pytest.mark.parametrize("bn_mode", ["inference", "train"])
+def test_mirrored_four_devices_equals_one_device(bn_job, single_device, bn_mode, tmp_path):
+    result = spectrum(*job_args(bn_job, bn_mode, tmp_path),
+                      "--strategy=mirrored", "--num_cpu_devices=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_replicas"] == 4 and summary["num_examples"] == 53
+    assert_same_tridiagonal(single_device[bn_mode], tmp_path)
+
+
+@pytest.mark.parametrize("bn_mode", ["inference", "train"])
+def test_two_workers_equal_one_device(bn_job, single_device, bn_mode, tmp_path):
+    result = spectrum(*job_args(bn_job, bn_mode, tmp_path), "--worker_timeout=120",
+                      launcher=["bash", str(LOCAL), "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_replicas"] == 2 and summary["num_examples"] == 53
+    assert_same_tridiagonal(single_device[bn_mode], tmp_path)
+    # Only the chief wrote, and it wrote once.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "density.png", "spectrum.npz", "summary.json"]
+
+
+def test_killed_worker_ends_the_job_with_a_clear_error(tmp_path):
+    """Worker 1 is killed mid-run; the chief must exit non-zero, soon, in one line."""
+    digits_model = tmp_path / "mlp.keras"
+    from hessian_tf import models
+    models.mlp().save(str(digits_model))
+    process = subprocess.Popen(
+        ["bash", str(LOCAL), "2", f"--model={digits_model}", "--dataset=digits",
+         "--batch_size=4", "--lanczos_steps=1000", "--worker_timeout=60",
+         f"--output_dir={tmp_path / 'out'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    # Wait until worker 1 is computing products, then kill it.
+    deadline = time.monotonic() + 120
+    worker = None
+    while time.monotonic() < deadline and worker is None:
+        time.sleep(1)
+        found = subprocess.run(["pgrep", "-f", f"output_dir={tmp_path / 'out'}"],
+                               capture_output=True, text=True).stdout.split()
+        for pid in found:
+            try:
+                environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if b'"index": 1' in environ and b"hessian_tf.bin.spectrum" in pathlib.Path(
+                    f"/proc/{pid}/cmdline").read_bytes():
+                worker = int(pid)
+    assert worker is not None, "worker 1 never started"
+    time.sleep(8)  # into the Lanczos loop
+    os.kill(worker, signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert time.monotonic() - killed < 90
+    errors = [l for l in stderr.splitlines() if l.startswith("hessian-spectrum: error:")]
+    assert len(errors) == 1 and "worker" in errors[0], stderr[-3000:]
+    assert not (tmp_path / "out" / "spectrum.npz").exists()
+
+
+def test_worker_that_never_starts_times_out(bn_job, tmp_path):
+    """TF_CONFIG names two workers; only worker 0 runs."""
+    import socket
+    env = environment()
+    sockets = [socket.socket() for _ in range(2)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    env["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+        "task": {"type": "worker", "index": 0}})
+    started = time.monotonic()
+    result = spectrum(*job_args(bn_job, "inference", tmp_path), "--strategy=multi_worker",
+                      "--worker_timeout=10", env=env, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    errors = [l for l in result.stderr.splitlines() if l.startswith("hessian-spectrum: error:")]
+    assert len(errors) == 1 and "--worker_timeout=10" in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "spectrum.npz").exists()
+
+
+@pytest.mark.parametrize("tf_config, expected", [
+    ("{not json", "TF_CONFIG is malformed"),
+    ('{"cluster": {"worker": ["127.0.0.1:5000"]}}', "TF_CONFIG is malformed (missing key 'task')"),
+    ('{"cluster": {"worker": ["127.0.0.1:5000"]}, "task": {"type": "worker", "index": 3}}',
+     "task index 3"),
+    ('{"cluster": {"worker": ["nohostport"]}, "task": {"type": "worker", "index": 0}}',
+     "not HOST:PORT"),
+])
+def test_malformed_tf_config(bn_job, tmp_path, tf_config, expected):
+    env = environment()
+    env["TF_CONFIG"] = tf_config
+    result = spectrum(*job_args(bn_job, "inference", tmp_path), "--strategy=multi_worker",
+                      env=env, timeout=120)
+    assert result.returncode != 0
+    errors = [l for l in result.stderr.splitlines() if l.startswith("hessian-spectrum: error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--tpu=my-tpu"], "--tpu=my-tpu needs --strategy=tpu"),
+    (["--num_cpu_devices=-1"], "--num_cpu_devices=-1"),
+    (["--worker_timeout=0"], "--worker_timeout=0"),
+    (["--strategy=multi_worker", "--model="], "--strategy=multi_worker needs --model"),
+])
+def test_bad_distribution_flags(bn_job, tmp_path, flags, expected):
+    result = spectrum(*job_args(bn_job, "inference", tmp_path), *flags, timeout=120)
+    assert result.returncode != 0
+    errors = [l for l in result.stderr.splitlines() if l.startswith("hessian-spectrum: error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+def test_more_replicas_than_examples(tmp_path, bn_job):
+    np.savez(tmp_path / "two.npz", x=np.zeros((2, 6), np.float32), y=np.zeros(2, np.int64))
+    result = spectrum(f"--model={bn_job / 'bn.keras'}", f"--dataset=npz:{tmp_path / 'two.npz'}",
+                      "--strategy=mirrored", "--num_cpu_devices=4",
+                      f"--output_dir={tmp_path / 'out'}", timeout=120)
+    assert result.returncode != 0
+    assert "2 examples for 4 replicas" in result.stderr
+
+
+def test_local_launcher_rejects_a_bad_worker_count():
+    result = subprocess.run(["bash", str(LOCAL), "zero"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "local.sh: error: N=zero: pass the number of workers, an integer >= 1."]

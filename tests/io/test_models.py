@@ -1,0 +1,158 @@
+"""load_model_function: .keras files, SavedModel directories, and every bad path."""
+
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hessian_tf.io.models import load_model_function
+from hessian_tf.operators import KerasModelFunction, SavedModelFunction
+
+
+def small_bn_model(seed=3):
+    """4 inputs → Dense(5) → BN → tanh → Dense(3): 25 + 10 + 18 = 53 trainable
+    parameters, with moving statistics far from their initial values."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(5),
+        keras.layers.BatchNormalization(),
+        keras.layers.Activation("tanh"),
+        keras.layers.Dense(3),
+    ])
+    bn = model.layers[1]
+    bn.moving_mean.assign(np.linspace(-0.5, 0.5, 5).astype(np.float32))
+    bn.moving_variance.assign(np.linspace(0.5, 2.0, 5).astype(np.float32))
+    bn.gamma.assign(np.linspace(0.8, 1.2, 5).astype(np.float32))
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("models")
+    model = small_bn_model()
+    model.save(str(directory / "model.keras"))
+    model.export(str(directory / "exported"), verbose=False)
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    return directory, model, x
+
+
+def test_keras_file_loads_with_the_same_parameters(saved):
+    directory, model, x = saved
+    function = load_model_function(str(directory / "model.keras"))
+    assert isinstance(function, KerasModelFunction)
+    assert len(function.variables) == len(model.trainable_variables) == 6
+    for loaded, original in zip(function.variables, model.trainable_variables):
+        assert isinstance(loaded, tf.Variable)
+        np.testing.assert_array_equal(loaded.numpy(), original.numpy())
+    # A fresh copy, not the same variables.
+    assert function.model is not model
+    outputs, regularization = function(function.primals(), tf.constant(x), bn_mode="inference")
+    np.testing.assert_allclose(outputs.numpy(), model(x, training=False).numpy(), rtol=1e-6)
+    assert float(regularization) == 0.0
+
+
+def test_saved_model_directory_loads(saved):
+    directory, model, x = saved
+    function = load_model_function(str(directory / "exported"))
+    assert isinstance(function, SavedModelFunction)
+    assert function.path == str(directory / "exported")
+    assert function.has_bn_mode("inference") and not function.has_bn_mode("train")
+    # The same parameter values (the SavedModel does not promise Keras's order).
+    def key(array):
+        return (array.shape, array.tobytes())
+    loaded = sorted((v.numpy() for v in function.variables), key=key)
+    original = sorted((v.numpy() for v in model.trainable_variables), key=key)
+    assert len(loaded) == len(original) == 6
+    for a, b in zip(loaded, original):
+        np.testing.assert_array_equal(a, b)
+    outputs, _ = function(function.primals(), tf.constant(x), bn_mode="inference")
+    np.testing.assert_allclose(outputs.numpy(), model(x, training=False).numpy(), rtol=1e-5)
+
+
+def test_saved_model_path_with_trailing_slash(saved):
+    directory, _, _ = saved
+    assert isinstance(load_model_function(str(directory / "exported") + "/"), SavedModelFunction)
+
+
+def _bad_model_path(directory, case):
+    """Makes the path of one bad case; returns it."""
+    if case == "missing path":
+        return directory / "absent.keras"
+    if case == "missing directory":
+        return directory / "absent" / "model"
+    if case == "directory without saved_model.pb":
+        path = directory / "empty_dir"
+        path.mkdir()
+        (path / "variables").mkdir()
+        return path
+    if case == "corrupted saved_model.pb":
+        path = directory / "broken_saved_model"
+        path.mkdir()
+        (path / "saved_model.pb").write_bytes(b"\x00garbage\xff" * 10)
+        return path
+    if case == "SavedModel without serve":
+        path = directory / "plain_module"
+        module = tf.Module()
+        module.weights = tf.Variable([1.0, 2.0])
+        tf.saved_model.save(module, str(path))
+        return path
+    if case == "wrong extension":
+        path = directory / "model.h5"
+        path.write_bytes(b"\x89HDF\r\n\x1a\n")
+        return path
+    if case == "no extension":
+        path = directory / "model"
+        path.write_text("weights")
+        return path
+    if case == "not a zip":
+        path = directory / "garbage.keras"
+        path.write_bytes(b"not a zip file")
+        return path
+    if case == "truncated .keras":
+        whole = (directory / "whole.keras")
+        small_bn_model().save(str(whole))
+        path = directory / "truncated.keras"
+        path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+        return path
+    if case == "zip without config":
+        path = directory / "empty_zip.keras"
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("metadata.json", "{}")
+        return path
+    if case == "lambda layer (unsafe)":
+        path = directory / "lambda.keras"
+        keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda t: t * 2.0),
+                          keras.layers.Dense(1)]).save(str(path))
+        return path
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing path", "no such file or directory"),
+    ("missing directory", "no such file or directory"),
+    ("directory without saved_model.pb", "no saved_model.pb"),
+    ("corrupted saved_model.pb", "SavedModel could not be loaded"),
+    ("SavedModel without serve", "no 'serve' function"),
+    ("wrong extension", "unknown model format"),
+    ("no extension", "unknown model format"),
+    ("not a zip", ".keras file could not be loaded"),
+    ("truncated .keras", ".keras file could not be loaded"),
+    ("zip without config", ".keras file could not be loaded"),
+    ("lambda layer (unsafe)", ".keras file could not be loaded"),
+])
+def test_bad_model_is_a_value_error_naming_the_flag(tmp_path, case, expected):
+    path = _bad_model_path(tmp_path, case)
+    with pytest.raises(ValueError) as raised:
+        load_model_function(str(path))
+    message = str(raised.value)
+    assert message.startswith(f"--model={path}"), message
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_empty_model_path():
+    with pytest.raises(ValueError, match="^--model is empty"):
+        load_model_function("")

@@ -1,0 +1,322 @@
+"""SpectrumCallback: schedule, summaries, files, untouched training, strategies."""
+
+import glob
+import os
+import random
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
+
+from hessian_tf import operators
+from hessian_tf import spectrum as spectrum_lib
+from hessian_tf.io.datasets import load_digits
+from hessian_tf.keras import (
+    IMAGE_TAG,
+    SCALAR_TAGS,
+    Schedule,
+    SpectrumCallback,
+    bulk_edge,
+    materialize,
+)
+
+NUM_TRAIN = 256
+TRAIN_BATCH = 32  # 8 steps per epoch
+LANCZOS_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits()
+    return x[:NUM_TRAIN], y[:NUM_TRAIN]
+
+
+@pytest.fixture
+def op_determinism():
+    was_enabled = tf_config.is_op_determinism_enabled()
+    tf.config.experimental.enable_op_determinism()
+    yield
+    if not was_enabled:
+        tf_config.disable_op_determinism()
+
+
+def bn_dropout_mlp(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((64,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.BatchNormalization(),
+        keras.layers.Dropout(0.3),
+        keras.layers.Dense(10),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def spectrum_callback(data, log_dir, **kwargs):
+    options = dict(every_n_steps=4, lanczos_steps=LANCZOS_STEPS, batch_size=64)
+    options.update(kwargs)
+    return SpectrumCallback(data, log_dir=str(log_dir), **options)
+
+
+def read_events(log_dir):
+    """{tag: {step: value}} from every event file in log_dir; images as PNG bytes."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(str(log_dir), "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                plugin = value.metadata.plugin_data.plugin_name
+                found.setdefault(value.tag, {})[event.step] = (plugin, array)
+    return found
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({}, "every_n_steps=None and every_n_epochs=None"),
+    ({"every_n_steps": 5, "every_n_epochs": 1}, "every_n_steps=5 and every_n_epochs=1"),
+    ({"every_n_steps": 0}, "every_n_steps=0"),
+    ({"every_n_epochs": -2}, "every_n_epochs=-2"),
+    ({"every_n_steps": 2.5}, "every_n_steps=2.5"),
+    ({"every_n_steps": True}, "every_n_steps=True"),
+])
+def test_schedule_needs_exactly_one_positive_period(kwargs, named, tmp_path):
+    x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)
+    with pytest.raises(ValueError) as raised:
+        SpectrumCallback((x, y), log_dir=str(tmp_path), **kwargs)
+    message = str(raised.value)
+    assert named in message and "expected" in message and "Fix:" in message
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"lanczos_steps": 0}, "lanczos_steps=0"),
+    ({"num_draws": 0}, "num_draws=0"),
+    ({"bn_mode": "eval"}, "bn_mode='eval'"),
+    ({"loss": "hinge"}, "loss='hinge'"),
+    ({"bulk_fraction": 1.0}, "bulk_fraction=1.0"),
+    ({"log_dir": ""}, "log_dir=''"),
+])
+def test_bad_options_are_named(kwargs, named, tmp_path):
+    x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)
+    options = dict(log_dir=str(tmp_path), every_n_steps=1)
+    options.update(kwargs)
+    with pytest.raises(ValueError, match="Fix:") as raised:
+        SpectrumCallback((x, y), **options)
+    assert named in str(raised.value)
+
+
+def test_schedule_with_injected_steps():
+    every_four = Schedule(every_n_steps=4)
+    assert [s for s in range(1, 13) if every_four.due_after_step(s, (s - 1))] == [4, 8, 12]
+    # Strides of 3 steps (steps_per_execution=3): the first step at or past each
+    # multiple of 4 (4 → 6, 8 → 9, 12 → 12), and none between 12 and 15.
+    assert [s for s in range(3, 16, 3) if every_four.due_after_step(s, s - 3)] == [6, 9, 12]
+    assert not every_four.due_after_epoch(0)
+    every_two_epochs = Schedule(every_n_epochs=2)
+    assert [e for e in range(6) if every_two_epochs.due_after_epoch(e)] == [1, 3, 5]
+    assert not every_two_epochs.due_after_step(4, 3)
+
+
+def test_bulk_edge_is_a_quantile_of_the_pooled_measure():
+    nodes = np.array([1.0, 2.0, 3.0, 4.0])
+    weights = np.array([0.5, 0.3, 0.19, 0.01])
+    assert bulk_edge(nodes, weights, fraction=0.99) == 3.0
+    assert bulk_edge(nodes, weights, fraction=0.995) == 4.0
+    assert bulk_edge(nodes, weights, fraction=0.5) == 1.0
+    # Two draws, the second padded after 2 nodes: each draw carries half the mass.
+    pooled_nodes = np.array([[1.0, 2.0, 3.0], [0.0, 10.0, 0.0]])
+    pooled_weights = np.array([[0.25, 0.25, 0.5], [0.9, 0.1, 0.0]])
+    # Sorted: 0 (.45), 1 (.125), 2 (.125), 3 (.25), 10 (.05).
+    assert bulk_edge(pooled_nodes, pooled_weights, [3, 2], fraction=0.9) == 3.0
+    assert bulk_edge(pooled_nodes, pooled_weights, [3, 2], fraction=0.96) == 10.0
+
+
+def test_dataset_is_read_once_into_arrays(digits):
+    x, y = digits
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(100)
+    got_x, got_y = materialize(dataset)
+    np.testing.assert_array_equal(got_x, x)
+    np.testing.assert_array_equal(got_y, y)
+    with pytest.raises(ValueError, match="repeats forever"):
+        materialize(dataset.repeat())
+    with pytest.raises(ValueError, match="3-tuple"):
+        materialize(tf.data.Dataset.from_tensor_slices((x, y, y)).batch(100))
+    with pytest.raises(ValueError, match=r"\.batch\(N\)"):
+        materialize(tf.data.Dataset.from_tensor_slices((x[:, 0], y)))
+
+
+# -------------------------------------------------------------- summaries, files
+
+
+def test_events_and_files_at_the_scheduled_steps(digits, tmp_path):
+    x, y = digits
+    model = bn_dropout_mlp()
+    dataset = tf.data.Dataset.from_tensor_slices((x[:150], y[:150])).batch(50)
+    callback = spectrum_callback(dataset, tmp_path, every_n_steps=None, every_n_epochs=1)
+    model.fit(x, y, batch_size=TRAIN_BATCH, epochs=2, verbose=0, callbacks=[callback])
+
+    expected_steps = [0, 8, 16]  # before training, after each epoch of 8 steps
+    assert [e.step for e in callback.evaluations] == expected_steps
+    events = read_events(tmp_path)
+    for tag in SCALAR_TAGS:
+        assert sorted(events[tag]) == expected_steps, tag
+        for step, (plugin, value) in events[tag].items():
+            assert plugin == "scalars" and value.shape == () and np.isfinite(value), (tag, step)
+    for evaluation in callback.evaluations:
+        statistics = evaluation.spectrum.statistics
+        _, value = events["hessian/lambda_max"][evaluation.step]
+        assert value == pytest.approx(statistics.lambda_max, rel=1e-6)
+        _, value = events["hessian/lambda_max_over_bulk_edge"][evaluation.step]
+        assert value == pytest.approx(statistics.lambda_max / evaluation.bulk_edge, rel=1e-6)
+    assert sorted(events[IMAGE_TAG]) == expected_steps
+    plugin, image = events[IMAGE_TAG][0]
+    assert plugin == "images" and image.shape == (3,)
+    width, height = int(image[0]), int(image[1])
+    assert tf.io.decode_png(image[2]).shape[:2] == (height, width)
+
+    files = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "*.npz")))
+    assert files == [f"spectrum-step{step:08d}.npz" for step in expected_steps]
+    num_parameters = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    with np.load(tmp_path / "spectrum-step00000016.npz") as arrays:
+        assert int(arrays["step"]) == 16
+        for key in ("alphas", "nodes", "weights", "ritz_residuals"):
+            assert arrays[key].shape == (1, LANCZOS_STEPS), key
+        assert arrays["betas"].shape == (1, LANCZOS_STEPS - 1)
+        np.testing.assert_allclose(arrays["weights"].sum(axis=1), 1.0, atol=1e-12)
+        assert np.trapezoid(arrays["density"], arrays["grid"]) == pytest.approx(1.0)
+        assert float(arrays["bulk_edge"]) == callback.evaluations[-1].bulk_edge
+        # The same start vector at every evaluation, so it matches a fresh run.
+        fresh = spectrum_lib.stochastic_lanczos_quadrature(
+            operators.HessianOperator(operators.KerasModelFunction(model), x[:150], y[:150],
+                                      batch_size=64).matvec,
+            num_parameters, lanczos_steps=LANCZOS_STEPS, seed=0)
+        np.testing.assert_allclose(arrays["alphas"], fresh.alphas, rtol=1e-9)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+    # Training on: step 16 is not evaluated twice; the new epoch ends at step 24.
+    model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0, callbacks=[callback])
+    assert [e.step for e in callback.evaluations] == [0, 8, 16, 24]
+    assert sorted(read_events(tmp_path)["hessian/trace_estimate"]) == [0, 8, 16, 24]
+
+
+def test_random_inference_is_an_error_at_the_first_evaluation(digits, tmp_path):
+    x, y = digits
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((64,)),
+        keras.layers.Dense(8, activation="tanh"),
+        # Noise even at inference: the operator is not a fixed matrix.
+        keras.layers.Lambda(lambda t: t + 0.1 * tf.random.normal(tf.shape(t))),
+        keras.layers.Dense(10),
+    ])
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = spectrum_callback((x, y), tmp_path)
+    with pytest.raises(operators.NonDeterministicError, match="training step 0.*differ"):
+        model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0, callbacks=[callback])
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_unbuilt_model_is_an_error_before_training(digits, tmp_path):
+    x, y = digits
+    model = keras.Sequential([keras.layers.Dense(10)])
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="not built.*Fix:"):
+        model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0,
+                  callbacks=[spectrum_callback((x, y), tmp_path)])
+
+
+# ------------------------------------------------------------ untouched training
+
+
+class _TrainsOnce(keras.callbacks.Callback):
+    """A callback that does disturb training: it calls the model in training mode."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 3:
+            self.model(self.x, training=True)
+
+
+def train_and_record(x, y, callbacks):
+    model = bn_dropout_mlp(seed=3)
+    model.fit(x, y, batch_size=TRAIN_BATCH, epochs=2, verbose=0, shuffle=True,
+              callbacks=callbacks)
+    return {
+        # Lists in creation order (paths carry per-process counters): a variable the
+        # callback created would show up here as an extra entry.
+        "model": [(v.path, v.numpy()) for v in model.variables],
+        "optimizer": [(v.path, v.numpy()) for v in model.optimizer.variables],
+        # Every random source training or a later user could draw from.
+        "tf_random": tf.random.uniform([4]).numpy(),
+        "keras_random": keras.random.uniform([4]).numpy(),
+        "numpy_random": np.random.random(4),
+        "python_random": random.random(),
+    }
+
+
+def assert_same_record(first, second):
+    for part in ("model", "optimizer"):
+        assert len(first[part]) == len(second[part]), part
+        for (path, value), (_, other) in zip(first[part], second[part]):
+            assert other.shape == value.shape and other.dtype == value.dtype, path
+            np.testing.assert_array_equal(other, value, err_msg=path)
+    for source in ("tf_random", "keras_random", "numpy_random", "python_random"):
+        np.testing.assert_array_equal(second[source], first[source], err_msg=source)
+
+
+@pytest.mark.parametrize("bn_mode", ["inference", "train"])
+def test_training_is_bit_identical_with_the_callback(bn_mode, digits, tmp_path, op_determinism):
+    x, y = digits
+    without = train_and_record(x, y, [])
+    callback = spectrum_callback((x[:128], y[:128]), tmp_path, bn_mode=bn_mode, every_n_steps=5)
+    with_callback = train_and_record(x, y, [callback])
+    assert [e.step for e in callback.evaluations] == [0, 5, 10, 15]
+    # BN moving statistics, seed-generator states, weights, Adam moments, iterations.
+    assert any("moving_mean" in path for path, _ in without["model"])
+    assert any("seed_generator_state" in path for path, _ in without["model"])
+    assert any("momentum" in path for path, _ in without["optimizer"])
+    assert_same_record(without, with_callback)
+    # The comparison does see a callback that disturbs training.
+    disturbed = train_and_record(x, y, [_TrainsOnce(x[:8])])
+    with pytest.raises(AssertionError):
+        assert_same_record(without, disturbed)
+
+
+# ------------------------------------------------------------------- strategies
+
+
+def test_model_built_under_a_strategy_scope(digits, tmp_path):
+    x, y = digits
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    assert len(devices) == 4
+    strategy = tf.distribute.MirroredStrategy(devices)
+    with strategy.scope():
+        model = bn_dropout_mlp()
+    callback = spectrum_callback((x[:160], y[:160]), tmp_path, every_n_steps=4, batch_size=32)
+    model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0, callbacks=[callback])
+    assert callback._operator.strategy is strategy
+    assert [e.step for e in callback.evaluations] == [0, 4, 8]
+    assert sorted(read_events(tmp_path)["hessian/lambda_max"]) == [0, 4, 8]
+    # Each replica trained its own copy of the BN moving statistics ...
+    moving_mean = next(v for v in model.non_trainable_variables if "moving_mean" in v.path)
+    copies = [c.numpy() for c in strategy.experimental_local_results(moving_mean.value)]
+    assert max(np.max(np.abs(c - copies[0])) for c in copies) > 1e-4
+    # ... yet the spectrum is that of the model Keras saves: on one device, as the
+    # first replica's copies read outside the strategy.
+    single_device = spectrum_lib.stochastic_lanczos_quadrature(
+        operators.HessianOperator(operators.KerasModelFunction(model), x[:160], y[:160],
+                                  batch_size=32).matvec,
+        callback._operator.dim, lanczos_steps=LANCZOS_STEPS, seed=0)
+    final = callback.evaluations[-1].spectrum
+    np.testing.assert_allclose(final.alphas, single_device.alphas, rtol=1e-5)
+    np.testing.assert_allclose(final.nodes, single_device.nodes, rtol=1e-5, atol=1e-7)

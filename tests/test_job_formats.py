@@ -1,0 +1,145 @@
+"""job.run in-process on each model and dataset format: SavedModel vs .keras, tfds.
+
+strategy 'default' with num_cpu_devices 0 leaves the devices alone, so these run in
+the test process (conftest.py has already split the CPU).
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from hessian_tf import config as config_lib
+from hessian_tf import job
+from hessian_tf.io.datasets import load_dataset
+from tests.io.test_datasets import indexed_mock_data
+from tests.io.test_models import small_bn_model
+
+RESULT_FILES = ("spectrum.npz", "summary.json", "density.png")
+
+
+def small_config(output_dir, **overrides):
+    config = config_lib.default_config()
+    config.lanczos_steps = 5
+    config.batch_size = 16
+    config.seed = 7
+    config.output_dir = str(output_dir)
+    for name, value in overrides.items():
+        config[name] = value
+    return config
+
+
+def _without_nan(value):
+    """NaN != NaN; one draw makes trace_stderr NaN."""
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(item) for item in value]
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    return value
+
+
+def check_results(output_dir, summary, *, lanczos_steps=5):
+    """The three files are whole and agree with the returned summary."""
+    for name in RESULT_FILES:
+        assert (output_dir / name).is_file(), name
+    written = json.loads((output_dir / "summary.json").read_text())
+    assert _without_nan(written) == _without_nan(json.loads(json.dumps(summary)))
+    with np.load(output_dir / "spectrum.npz") as spectrum:
+        assert spectrum["alphas"].shape == (1, lanczos_steps)
+        assert spectrum["betas"].shape == (1, lanczos_steps - 1)
+        np.testing.assert_allclose(spectrum["weights"].sum(axis=1), 1.0, atol=1e-12)
+        assert spectrum["nodes"].max() == pytest.approx(summary["lambda_max"])
+    assert (output_dir / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bn_files(tmp_path_factory):
+    """The same BN model as .keras and as a `model.export()` SavedModel, and npz data."""
+    directory = tmp_path_factory.mktemp("formats")
+    model = small_bn_model()
+    model.save(str(directory / "model.keras"))
+    model.export(str(directory / "exported"), verbose=False)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((40, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 40).astype(np.int64)
+    np.savez(directory / "data.npz", x=x, y=y)
+    return directory
+
+
+def test_saved_model_and_keras_file_give_the_same_spectrum(bn_files, tmp_path):
+    data = f"npz:{bn_files / 'data.npz'}"
+    saved = job.run(small_config(tmp_path / "saved", model=str(bn_files / "exported"),
+                                 dataset=data))
+    check_results(tmp_path / "saved", saved)
+    assert saved["method"] == "reverse_over_reverse"
+    assert saved["num_params"] == 53 and saved["num_examples"] == 40
+    assert saved["bn_mode"] == "inference"
+    assert saved["config"]["model"] == str(bn_files / "exported")
+    # 5 Lanczos products and one repeat for the determinism check.
+    assert saved["num_hvps"] == 6
+
+    keras_file = job.run(small_config(tmp_path / "keras", model=str(bn_files / "model.keras"),
+                                      dataset=data))
+    check_results(tmp_path / "keras", keras_file)
+    assert keras_file["method"] == "forward_over_backward"
+    assert keras_file["num_params"] == 53
+    # Same parameters in the same flattened order and the same starting vector: the
+    # same Krylov space, so five steps agree although they are far from converged.
+    assert saved["lambda_max"] == pytest.approx(keras_file["lambda_max"], rel=1e-5)
+    assert saved["lambda_min"] == pytest.approx(keras_file["lambda_min"], rel=1e-4)
+    assert saved["loss"] == pytest.approx(keras_file["loss"], rel=1e-6)
+    with np.load(tmp_path / "saved" / "spectrum.npz") as a, \
+            np.load(tmp_path / "keras" / "spectrum.npz") as b:
+        np.testing.assert_allclose(a["alphas"], b["alphas"], rtol=1e-5, atol=1e-7)
+
+
+def test_saved_model_from_export_refuses_bn_train_mode(bn_files, tmp_path):
+    config = small_config(tmp_path / "out", model=str(bn_files / "exported"),
+                          dataset=f"npz:{bn_files / 'data.npz'}", bn_mode="train")
+    with pytest.raises(ValueError, match="--bn_mode=train"):
+        job.run(config)
+    for name in RESULT_FILES:
+        assert not (tmp_path / "out" / name).exists()
+
+
+@pytest.fixture(scope="module")
+def mnist_model(tmp_path_factory):
+    """Flatten → Dense(10) for 28×28×1 images: 7,850 parameters."""
+    path = tmp_path_factory.mktemp("mnist") / "linear.keras"
+    keras.utils.set_random_seed(11)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    model.save(str(path))
+    return path
+
+
+def test_tfds_split_slice_sets_the_number_of_examples(mnist_model, tmp_path):
+    # The indexed mock resolves `train[:64]` as tfds would (the stock mock_data
+    # ignores slices); the split has 100 examples.
+    with indexed_mock_data({"train": 100, "test": 10}):
+        summary = job.run(small_config(tmp_path / "tfds", model=str(mnist_model),
+                                       dataset="tfds:mnist", split="train[:64]"))
+        x, y = load_dataset("tfds:mnist", split="train[:64]")
+    check_results(tmp_path / "tfds", summary)
+    assert summary["num_examples"] == 64 and summary["num_params"] == 7850
+    assert summary["config"]["split"] == "train[:64]"
+    assert summary["lambda_max"] > 0
+
+    # The same examples from an npz file give the same Hessian.
+    np.savez(tmp_path / "same.npz", x=x, y=y)
+    from_npz = job.run(small_config(tmp_path / "npz", model=str(mnist_model),
+                                    dataset=f"npz:{tmp_path / 'same.npz'}"))
+    assert from_npz["num_examples"] == 64
+    assert from_npz["lambda_max"] == pytest.approx(summary["lambda_max"], rel=1e-6)
+
+
+def test_tfds_under_stock_mock_data(mnist_model, tmp_path):
+    with tfds.testing.mock_data(num_examples=24):
+        summary = job.run(small_config(tmp_path, model=str(mnist_model),
+                                       dataset="tfds:mnist", split="test"))
+    check_results(tmp_path, summary)
+    assert summary["num_examples"] == 24
