@@ -27,6 +27,8 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "hessian-spectrum=hessian_tf.bin.spectrum:run",
+            "hessian-train=hessian_tf.bin.train:run",
+            "hessian-plot=hessian_tf.bin.plot:run",
         ],
     },
 )

@@ -44,6 +44,11 @@ def default_config() -> ml_collections.ConfigDict:
     # multi_worker: seconds to wait for every worker to join, and for any collective.
     config.worker_timeout = 600.0
     config.output_dir = "results/spectrum"
+    # A checkpoint of the Lanczos state every this many products (0: never), in
+    # OUTPUT_DIR/checkpoints; re-running the same command resumes from it.
+    config.checkpoint_every = 10
+    # Ignore (and delete) existing checkpoints and start over.
+    config.restart = False
     return config
 
 
@@ -71,6 +76,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.worker_timeout <= 0:
         raise ValueError(
             f"--worker_timeout={config.worker_timeout}: pass a positive number of seconds."
+        )
+    if config.checkpoint_every < 0:
+        raise ValueError(
+            f"--checkpoint_every={config.checkpoint_every}: pass a number of products >= 1, "
+            "or 0 for no checkpoints."
         )
     if config.default_model_epochs < 0:
         raise ValueError(f"--default_model_epochs={config.default_model_epochs}: pass >= 0.")

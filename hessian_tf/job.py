@@ -11,7 +11,10 @@ import contextlib
 import datetime
 import os
 import sys
+import shutil
+import signal
 import subprocess
+import threading
 import time
 
 import ml_collections
@@ -22,7 +25,7 @@ import hessian_tf
 from hessian_tf import config as config_lib
 from hessian_tf import plotting
 from hessian_tf import spectrum as spectrum_lib
-from hessian_tf.io import results
+from hessian_tf.io import checkpoints, results
 
 
 def _format_seconds(seconds: float) -> str:
@@ -116,6 +119,43 @@ def _in_float64(model_function, x):
     return KerasModelFunction(cast_model(model_function.model, "float64")), x
 
 
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written. Re-run the same command to resume."""
+
+    exit_status = 75  # EX_TEMPFAIL: try again
+
+
+def _variable_values(model_function) -> list[np.ndarray]:
+    model = getattr(model_function, "model", None)
+    if model is not None:
+        return [np.asarray(v.numpy()) for v in model.weights]
+    loaded = model_function.loaded
+    return [v.numpy() for v in getattr(loaded, "variables", model_function.variables)]
+
+
+def _checkpointing(config, checkpointer, *, chief: bool):
+    """The after-step hook: a checkpoint every `checkpoint_every` products, and one
+    more then a clean stop when SIGTERM (the preemption notice) has arrived."""
+    preempted = []
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
+
+    def after_step(state) -> None:
+        due = config.checkpoint_every and state.num_products % config.checkpoint_every == 0
+        finished = state.draw >= config.num_draws
+        if chief and (preempted or (due and not finished)):
+            path = checkpointer.save(state)
+            logging.info("Checkpoint %s", path)
+        if preempted:
+            step = state.lanczos.num_steps if state.lanczos is not None else 0
+            raise Preempted(
+                f"preempted (SIGTERM) in draw {state.draw + 1} at Lanczos step {step}; a "
+                f"checkpoint is in {checkpointer.directory}: run the same command to resume."
+            )
+
+    return after_step
+
+
 def run(config: ml_collections.ConfigDict) -> dict:
     """Runs one spectrum job; returns the summary written to summary.json."""
     started = time.perf_counter()
@@ -173,6 +213,26 @@ def run(config: ml_collections.ConfigDict) -> dict:
         config.loss, operator.num_examples, operator.dim, operator.method,
         strategy.num_replicas_in_sync,
     )
+    basis_dtype = np.float32 if config.basis_dtype == "float32" else np.float64
+    checkpointer = checkpoints.SLQCheckpointer(
+        os.path.join(output_dir, checkpoints.CHECKPOINT_SUBDIR),
+        fingerprint=checkpoints.fingerprint(
+            config.to_dict(), _variable_values(model_function), x, y
+        ),
+    )
+    if config.restart and chief and os.path.isdir(checkpointer.directory):
+        shutil.rmtree(checkpointer.directory)
+        logging.info("--restart: removed the checkpoints in %s", checkpointer.directory)
+    resumed = None if config.restart else checkpointer.restore(
+        lanczos_steps=config.lanczos_steps, dim=operator.dim, basis_dtype=basis_dtype
+    )
+    if resumed is not None:
+        step = resumed.lanczos.num_steps if resumed.lanczos is not None else 0
+        logging.info(
+            "Resuming draw %d at Lanczos step %d (%d products done) from %s",
+            resumed.draw + 1, step, resumed.num_products, checkpointer.latest(),
+        )
+    after_step = _checkpointing(config, checkpointer, chief=chief)
     try:
         # The first all-reduce is where a worker that never started would hang.
         with _deadline(config.worker_timeout, waiting, enabled=multi_worker):
@@ -187,7 +247,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
             num_grid_points=config.num_grid_points,
             first_product=operator.check_determinism if config.check_determinism else None,
             progress=log_progress,
-            basis_dtype=np.float32 if config.basis_dtype == "float32" else np.float64,
+            basis_dtype=basis_dtype,
+            initial_state=resumed,
+            after_step=after_step,
         )
     except (NonFiniteError, NonDeterministicError) as error:
         raise type(error)(
@@ -220,7 +282,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
         "lanczos_steps_completed": spectrum.num_steps.tolist(),
         "krylov_exhausted": spectrum.exhausted.tolist(),
         "orthogonality_loss": spectrum.orthogonality_loss,
-        "num_hvps": operator.num_products,
+        # Across sessions of a resumed job; the determinism check costs one more.
+        "num_hvps": spectrum.num_products + int(bool(config.check_determinism)),
+        "num_hvps_this_session": operator.num_products,
         "product_seconds": operator.product_seconds,
         "lanczos_seconds": spectrum.seconds,
         "seconds": None,  # filled in just before writing
@@ -243,6 +307,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         f"BN {config.bn_mode}"
     )
     summary["seconds"] = time.perf_counter() - started
+    summary = results.strict_json(summary)  # exactly what summary.json holds
     if not chief:
         logging.info("Not the chief: the chief writes the results.")
         return summary
@@ -265,4 +330,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     )
     for path in written:
         logging.info("Wrote %s", path)
+    # Checkpoints live only while a job is unfinished.
+    if os.path.isdir(checkpointer.directory):
+        shutil.rmtree(checkpointer.directory)
     return summary

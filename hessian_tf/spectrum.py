@@ -59,6 +59,22 @@ def start_vector(dim: int, seed: int, draw: int) -> np.ndarray:
     return np.random.default_rng([seed, draw]).standard_normal(dim) / np.sqrt(dim)
 
 
+class SLQState(NamedTuple):
+    """Everything needed to continue an SLQ run: what a checkpoint holds.
+
+    Attributes:
+      draw: the draw in progress (== num_draws when all are done).
+      lanczos: that draw's Lanczos state, or None before its first step.
+      completed: per finished draw, (LanczosResult, orthogonality loss).
+      num_products: products used so far (all sessions).
+    """
+
+    draw: int
+    lanczos: Optional[linalg.LanczosState]
+    completed: tuple
+    num_products: int
+
+
 def stochastic_lanczos_quadrature(
     matvec: Callable[[np.ndarray], np.ndarray],
     dim: int,
@@ -71,6 +87,8 @@ def stochastic_lanczos_quadrature(
     first_product: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     progress: Optional[Callable[[Progress], None]] = None,
     basis_dtype=np.float64,
+    initial_state: Optional[SLQState] = None,
+    after_step: Optional[Callable[[SLQState], None]] = None,
 ) -> Spectrum:
     """Runs `num_draws` Lanczos draws of `lanczos_steps` steps and smooths them.
 
@@ -80,6 +98,11 @@ def stochastic_lanczos_quadrature(
       first_product: used instead of `matvec` for the very first product (e.g. a
         determinism check that computes it twice).
       progress: called after every step with a Progress.
+      initial_state: continue from this state (a restored checkpoint); start
+        vectors depend only on (seed, draw), so a resumed run equals an
+        uninterrupted one.
+      after_step: called with the SLQState after every step (checkpointing,
+        preemption); it may raise to stop the run.
     """
     if lanczos_steps < 1:
         raise ValueError(f"--lanczos_steps={lanczos_steps}: pass at least 1 (the paper uses 90).")
@@ -93,55 +116,67 @@ def stochastic_lanczos_quadrature(
             matvec, dim, lanczos_steps=lanczos_steps, num_draws=num_draws, seed=seed,
             kernel_width=kernel_width, num_grid_points=num_grid_points,
             first_product=first_product, progress=progress, basis_dtype=basis_dtype,
+            state=initial_state or SLQState(draw=0, lanczos=None, completed=(), num_products=0),
+            after_step=after_step,
         )
 
 
 def _slq(matvec, dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
-         first_product, progress, basis_dtype):
+         first_product, progress, basis_dtype, state, after_step):
     started = time.perf_counter()
-    results = []
-    num_products = 0
-    for draw in range(num_draws):
-        state = linalg.lanczos_init(
+    session_products = 0
+    while state.draw < num_draws:
+        draw = state.draw
+        lanczos = state.lanczos or linalg.lanczos_init(
             start_vector(dim, seed, draw), lanczos_steps, basis_dtype=basis_dtype
         )
-        while not linalg.is_finished(state):
-            vector = linalg.current_vector(state)
-            product_fn = first_product if (first_product and num_products == 0) else matvec
+        while not linalg.is_finished(lanczos):
+            vector = linalg.current_vector(lanczos)
+            use_first = first_product is not None and state.num_products == 0
             try:
-                product = product_fn(vector)
+                product = (first_product if use_first else matvec)(vector)
             except NonFiniteError as error:
                 raise NonFiniteError(
-                    f"draw {draw}, Lanczos step {state.num_steps}: {error}"
+                    f"draw {draw}, Lanczos step {lanczos.num_steps}: {error}"
                 ) from error
-            num_products += 1
-            state = linalg.lanczos_step(state, product)
+            session_products += 1
+            lanczos = linalg.lanczos_step(lanczos, product)
+            state = state._replace(lanczos=lanczos, num_products=state.num_products + 1)
             if progress is not None:
                 elapsed = time.perf_counter() - started
                 remaining = (num_draws - draw - 1) * lanczos_steps + (
-                    0 if state.exhausted else lanczos_steps - state.num_steps
+                    0 if lanczos.exhausted else lanczos_steps - lanczos.num_steps
                 )
                 progress(
                     Progress(
                         draw=draw,
                         num_draws=num_draws,
-                        step=state.num_steps,
+                        step=lanczos.num_steps,
                         lanczos_steps=lanczos_steps,
-                        alpha=float(state.alphas[state.num_steps - 1]),
-                        beta=float(state.betas[state.num_steps - 1]),
+                        alpha=float(lanczos.alphas[lanczos.num_steps - 1]),
+                        beta=float(lanczos.betas[lanczos.num_steps - 1]),
                         seconds=elapsed,
-                        seconds_left=elapsed / num_products * remaining,
-                        exhausted=state.exhausted,
+                        seconds_left=elapsed / session_products * remaining,
+                        exhausted=lanczos.exhausted,
                     )
                 )
-        results.append((linalg.lanczos_result(state), _orthogonality_loss(state)))
+            if linalg.is_finished(lanczos):
+                state = SLQState(
+                    draw=draw + 1,
+                    lanczos=None,
+                    completed=state.completed
+                    + ((linalg.lanczos_result(lanczos), _orthogonality_loss(lanczos)),),
+                    num_products=state.num_products,
+                )
+            if after_step is not None:
+                after_step(state)
     return _assemble(
-        results,
+        list(state.completed),
         dim=dim,
         lanczos_steps=lanczos_steps,
         kernel_width=kernel_width,
         num_grid_points=num_grid_points,
-        num_products=num_products,
+        num_products=state.num_products,
         seconds=time.perf_counter() - started,
     )
 

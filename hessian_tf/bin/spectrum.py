@@ -3,8 +3,12 @@ r"""Hessian eigenvalue density of a model's training loss.
   hessian-spectrum --model=model.keras --dataset=npz:data.npz --output_dir=out
   hessian-spectrum --config=configs/mlp_digits.py --lanczos_steps=30
 
-Writes OUTPUT_DIR/spectrum.npz, summary.json and density.png; exits 0 only when
-all three were written whole. Bad input: one line on stderr, exit status 2.
+Writes OUTPUT_DIR/spectrum.npz, summary.json and density.png. Exit status:
+  0   all three were written whole;
+  2   bad input or a failure: one line on stderr, nothing written;
+  75  preempted (SIGTERM): a checkpoint was written; run the same command to resume.
+Long jobs checkpoint every --checkpoint_every products under OUTPUT_DIR/checkpoints
+and resume from there when re-run; --restart starts over.
 """
 
 import contextlib
@@ -72,6 +76,8 @@ _HELP = {
     "num_cpu_devices": "Split the CPU into N logical devices (0: leave it).",
     "tpu": "TPU name or address, with --strategy=tpu.",
     "worker_timeout": "multi_worker: seconds to wait for all workers, and for any all-reduce.",
+    "checkpoint_every": "Checkpoint the Lanczos state every N products (0: never); re-run to resume.",
+    "restart": "Delete existing checkpoints and start over.",
     "output_dir": "Where spectrum.npz, summary.json and density.png are written.",
 }
 
@@ -88,7 +94,19 @@ for _name, _default in _DEFAULTS.items():
 def resolve_config(flag_values=flags.FLAGS):
     """The config file (or the default), then every flag given explicitly."""
     config = _CONFIG.value if _CONFIG.value is not None else config_lib.default_config()
+    # An experiment config may hold both a training and a spectrum section.
+    if "spectrum" in config:
+        config = config.spectrum
     config = config.copy_and_resolve_references()
+    unknown = sorted(set(config.keys()) - set(_DEFAULTS.keys()))
+    if unknown:
+        raise ValueError(
+            f"--config: unknown option(s) {unknown}; the spectrum job knows {sorted(_DEFAULTS.keys())}."
+        )
+    # Options the file leaves out keep their defaults.
+    merged = config_lib.default_config()
+    merged.update(config.to_dict())
+    config = merged
     for name in _DEFAULTS.keys():
         if flag_values[name].present:
             config[name] = flag_values[name].value
@@ -98,10 +116,13 @@ def resolve_config(flag_values=flags.FLAGS):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        from hessian_tf import job
+    from hessian_tf import job
 
+    try:
         job.run(resolve_config())
+    except job.Preempted as preempted:
+        print(f"hessian-spectrum: {preempted}", file=sys.stderr)
+        return job.Preempted.exit_status
     except (ValueError, OSError, KeyError, RuntimeError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise

@@ -1,1 +1,3 @@
-"""Models, datasets and results on disk."""
+"""Models, datasets, checkpoints and results on disk."""
+
+from hessian_tf.io.export import export_for_spectrum

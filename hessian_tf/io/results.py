@@ -75,22 +75,22 @@ def npz_writer(arrays: dict[str, np.ndarray]) -> Callable[[str], None]:
     return write
 
 
-def _strict_json(value):
+def strict_json(value):
     """NaN and infinities become null: strict JSON readers (jq, Go, browsers)
     reject the bare NaN that Python writes."""
     if isinstance(value, float) and not np.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _strict_json(item) for key, item in value.items()}
+        return {key: strict_json(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict_json(item) for item in value]
+        return [strict_json(item) for item in value]
     return value
 
 
 def json_writer(data: dict) -> Callable[[str], None]:
     def write(path: str) -> None:
         with open(path, "w", encoding="utf-8") as handle:
-            json.dump(_strict_json(data), handle, indent=2, sort_keys=True, allow_nan=False)
+            json.dump(strict_json(data), handle, indent=2, sort_keys=True, allow_nan=False)
             handle.write("\n")
 
     return write

@@ -12,6 +12,7 @@ Two kinds of model are supported:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Sequence
 
 import keras
@@ -29,6 +30,15 @@ def check_bn_mode(bn_mode: str) -> None:
             f"--bn_mode={bn_mode!r} is not a BN mode; use 'inference' (moving "
             "statistics) or 'train' (statistics of each batch)."
         )
+
+
+def accepts_training(model: keras.Model) -> bool:
+    """Whether `model.call` takes a `training` argument (subclassed models may not)."""
+    parameters = inspect.signature(model.call).parameters.values()
+    return any(
+        parameter.name == "training" or parameter.kind is inspect.Parameter.VAR_KEYWORD
+        for parameter in parameters
+    )
 
 
 @contextlib.contextmanager
@@ -74,6 +84,7 @@ class KerasModelFunction:
         # reject Keras 3 variables themselves.
         self.variables = [v.value for v in model.trainable_variables]
         self._non_trainable = [v.value for v in model.non_trainable_variables]
+        self._call_options = {"training": False} if accepts_training(model) else {}
 
     @property
     def has_regularization(self) -> bool:
@@ -110,7 +121,7 @@ class KerasModelFunction:
         caller must be inside `mode_context('train')`."""
         del bn_mode  # applied by mode_context
         outputs, _, losses = self.model.stateless_call(
-            list(primals), list(state), x, training=False, return_losses=True
+            list(primals), list(state), x, return_losses=True, **self._call_options
         )
         if isinstance(outputs, (list, tuple, dict)):
             raise ValueError(

@@ -49,7 +49,7 @@ def test_keras_file_loads_with_the_same_parameters(saved):
         np.testing.assert_array_equal(loaded.numpy(), original.numpy())
     # A fresh copy, not the same variables.
     assert function.model is not model
-    outputs, regularization = function(function.primals(), tf.constant(x), bn_mode="inference")
+    outputs, regularization = function(function.primals(), function.state(), tf.constant(x), bn_mode="inference")
     np.testing.assert_allclose(outputs.numpy(), model(x, training=False).numpy(), rtol=1e-6)
     assert float(regularization) == 0.0
 
@@ -68,7 +68,7 @@ def test_saved_model_directory_loads(saved):
     assert len(loaded) == len(original) == 6
     for a, b in zip(loaded, original):
         np.testing.assert_array_equal(a, b)
-    outputs, _ = function(function.primals(), tf.constant(x), bn_mode="inference")
+    outputs, _ = function(function.primals(), function.state(), tf.constant(x), bn_mode="inference")
     np.testing.assert_allclose(outputs.numpy(), model(x, training=False).numpy(), rtol=1e-5)
 
 

@@ -1,0 +1,165 @@
+"""Checkpoints of an SLQ run, so a long job resumes mid-Lanczos.
+
+A checkpoint (tf.train.Checkpoint, rotated by tf.train.CheckpointManager under
+OUTPUT_DIR/checkpoints) holds the draw in progress, its Lanczos state (α, β and
+the basis rows written so far: full reorthogonalisation needs all of them), the
+finished draws' tridiagonals, the product count, and a fingerprint of the model,
+the dataset and the configuration. Start vectors depend only on (seed, draw), so
+no random state needs saving. TensorFlow writes the data files first and points
+the `checkpoint` index at them last: a crash mid-save leaves the previous
+checkpoint in force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from hessian_tf import linalg
+from hessian_tf.spectrum import SLQState
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+# Options that do not change the numbers a run computes.
+_OPERATIONAL_OPTIONS = ("output_dir", "checkpoint_every", "restart", "worker_timeout")
+
+
+def fingerprint(
+    config_dict: dict, variables: Iterable[np.ndarray], x: np.ndarray, y: np.ndarray
+) -> str:
+    """SHA-256 over the configuration (less operational options), the model's
+    variable values and the dataset."""
+    digest = hashlib.sha256()
+    semantic = {k: v for k, v in sorted(config_dict.items()) if k not in _OPERATIONAL_OPTIONS}
+    digest.update(json.dumps(semantic, sort_keys=True, default=str).encode())
+    for value in variables:
+        array = np.ascontiguousarray(value)
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    for array in (x, y):
+        array = np.ascontiguousarray(array)
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (corrupted, or of another run)."""
+
+
+class SLQCheckpointer:
+    """Saves and restores SLQState under `directory`."""
+
+    def __init__(self, directory: str, *, fingerprint: str, max_to_keep: int = 2):
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.max_to_keep = max_to_keep
+
+    def latest(self) -> Optional[str]:
+        return tf.train.latest_checkpoint(self.directory)
+
+    def save(self, state: SLQState) -> str:
+        values = {
+            "fingerprint": tf.constant(self.fingerprint),
+            "draw": tf.constant(state.draw, tf.int64),
+            "num_products": tf.constant(state.num_products, tf.int64),
+        }
+        if state.lanczos is not None:
+            lanczos = state.lanczos
+            rows = min(lanczos.num_steps + 1, lanczos.alphas.size)
+            values.update(
+                lanczos_basis=tf.constant(lanczos.basis[:rows]),
+                lanczos_alphas=tf.constant(lanczos.alphas),
+                lanczos_betas=tf.constant(lanczos.betas),
+                lanczos_num_steps=tf.constant(lanczos.num_steps, tf.int64),
+                lanczos_exhausted=tf.constant(lanczos.exhausted),
+            )
+        for index, (result, orthogonality) in enumerate(state.completed):
+            values[f"draw{index}_alphas"] = tf.constant(result.alphas)
+            values[f"draw{index}_betas"] = tf.constant(result.betas)
+            values[f"draw{index}_residual_norm"] = tf.constant(result.residual_norm, tf.float64)
+            values[f"draw{index}_exhausted"] = tf.constant(result.exhausted)
+            values[f"draw{index}_orthogonality"] = tf.constant(orthogonality, tf.float64)
+        checkpoint = tf.train.Checkpoint(
+            **{name: tf.Variable(value, trainable=False) for name, value in values.items()}
+        )
+        manager = tf.train.CheckpointManager(
+            checkpoint, self.directory, max_to_keep=self.max_to_keep
+        )
+        return manager.save(checkpoint_number=state.num_products)
+
+    def restore(self, *, lanczos_steps: int, dim: int, basis_dtype=np.float64) -> Optional[SLQState]:
+        """The latest state, or None if there is no checkpoint. Raises
+        CheckpointError for a damaged checkpoint or one of another run."""
+        path = self.latest()
+        if path is None:
+            return None
+        try:
+            reader = tf.train.load_checkpoint(path)
+            names = {name.split("/")[0] for name in reader.get_variable_to_shape_map()}
+
+            def get(name):
+                return reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+
+            stored = get("fingerprint")
+            stored = stored.decode() if isinstance(stored, bytes) else str(stored)
+            if stored != self.fingerprint:
+                raise CheckpointError(
+                    f"--output_dir={os.path.dirname(self.directory)}: its checkpoint is of "
+                    "another run (the model, dataset or configuration changed); pass "
+                    "--restart to start over, or use another --output_dir."
+                )
+            draw = int(get("draw"))
+            completed = []
+            for index in range(draw):
+                completed.append(
+                    (
+                        linalg.LanczosResult(
+                            alphas=get(f"draw{index}_alphas"),
+                            betas=get(f"draw{index}_betas"),
+                            residual_norm=float(get(f"draw{index}_residual_norm")),
+                            basis=None,
+                            exhausted=bool(get(f"draw{index}_exhausted")),
+                        ),
+                        float(get(f"draw{index}_orthogonality")),
+                    )
+                )
+            lanczos = None
+            if "lanczos_basis" in names:
+                rows = get("lanczos_basis")
+                alphas = get("lanczos_alphas")
+                if alphas.size != lanczos_steps or rows.shape[1] != dim:
+                    raise CheckpointError(
+                        f"--output_dir={os.path.dirname(self.directory)}: its checkpoint has "
+                        f"{alphas.size} Lanczos steps of dimension {rows.shape[1]}, not "
+                        f"{lanczos_steps} of {dim}; pass --restart to start over."
+                    )
+                basis = np.zeros((lanczos_steps, dim), dtype=basis_dtype)
+                basis[: rows.shape[0]] = rows
+                lanczos = linalg.LanczosState(
+                    basis=basis,
+                    alphas=alphas.copy(),
+                    betas=get("lanczos_betas").copy(),
+                    num_steps=int(get("lanczos_num_steps")),
+                    exhausted=bool(get("lanczos_exhausted")),
+                )
+            return SLQState(
+                draw=draw,
+                lanczos=lanczos,
+                completed=tuple(completed),
+                num_products=int(get("num_products")),
+            )
+        except CheckpointError:
+            raise
+        except Exception as error:  # TF raises several types for damaged files
+            raise CheckpointError(
+                f"--output_dir={os.path.dirname(self.directory)}: the checkpoint {path} is "
+                f"corrupted or partial ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
+                "pass --restart to start over."
+            ) from error

@@ -1,0 +1,175 @@
+"""Long jobs survive: kill -9 and SIGTERM mid-Lanczos, then resume to the same
+tridiagonal; damaged checkpoints and changed models are refused with one line."""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 30
+
+
+def environment():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["HESSIAN_SPECTRUM"] = f"{sys.executable} -m hessian_tf.bin.spectrum"
+    env.pop("TF_CONFIG", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("resume")
+    from hessian_tf import models
+    model = models.mlp(hidden_units=40)
+    model.save(str(directory / "mlp.keras"))
+    changed = models.mlp(hidden_units=40, seed=1)
+    changed.save(str(directory / "changed.keras"))
+    return directory
+
+
+def arguments(job, output, model="mlp.keras"):
+    return [f"--model={job / model}", "--dataset=digits", "--batch_size=256",
+            f"--lanczos_steps={STEPS}", "--num_draws=2", "--checkpoint_every=2",
+            f"--output_dir={output}"]
+
+
+def run(*args, launcher=None):
+    command = launcher or [sys.executable, "-m", "hessian_tf.bin.spectrum"]
+    return subprocess.run(command + list(args), capture_output=True, text=True,
+                          timeout=600, env=environment())
+
+
+def run_until_step(args, step, sig):
+    """Starts the job, waits for the progress line of `step` (global count), sends sig."""
+    process = subprocess.Popen([sys.executable, "-m", "hessian_tf.bin.spectrum", *args],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               text=True, env=environment())
+    seen = 0
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "Lanczos step" in line:
+            seen += 1
+            if seen == step:
+                process.send_signal(sig)
+                break
+    rest = process.stderr.read()
+    process.wait(timeout=300)
+    return process.returncode, "".join(lines) + rest
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(job):
+    output = job / "uninterrupted"
+    result = run(*arguments(job, output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (output / "checkpoints").exists()  # removed once the results are whole
+    with np.load(output / "spectrum.npz") as spectrum:
+        return {key: spectrum[key] for key in ("alphas", "betas", "nodes", "weights")}
+
+
+def assert_identical(output, reference):
+    with np.load(output / "spectrum.npz") as spectrum:
+        for key, value in reference.items():
+            np.testing.assert_array_equal(spectrum[key], value, err_msg=key)
+
+
+def test_kill_9_then_resume_is_bit_identical(job, uninterrupted, tmp_path):
+    step = random.Random(os.getpid()).randint(5, 2 * STEPS - 5)
+    code, log = run_until_step(arguments(job, tmp_path), step, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not (tmp_path / "spectrum.npz").exists()
+    result = run(*arguments(job, tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming draw" in result.stderr
+    assert_identical(tmp_path, uninterrupted)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # Products are counted across sessions: 2 draws x 30 + 1 determinism check.
+    assert summary["num_hvps"] >= 2 * STEPS + 1
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes(job, uninterrupted, tmp_path):
+    code, log = run_until_step(arguments(job, tmp_path), STEPS + 7, signal.SIGTERM)
+    assert code == 75, log[-3000:]
+    assert "preempted (SIGTERM) in draw 2 at Lanczos step" in log
+    assert (tmp_path / "checkpoints" / "checkpoint").exists()
+    result = run(*arguments(job, tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming draw 2 at Lanczos step" in result.stderr
+    assert_identical(tmp_path, uninterrupted)
+
+
+@pytest.fixture
+def interrupted(job, tmp_path):
+    code, log = run_until_step(arguments(job, tmp_path), 9, signal.SIGTERM)
+    assert code == 75, log[-3000:]
+    return tmp_path
+
+
+def one_error_line(stderr):
+    errors = [l for l in stderr.splitlines() if l.startswith("hessian-spectrum: error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def test_corrupted_checkpoint_is_refused_then_restart_works(job, uninterrupted, interrupted):
+    for data in (interrupted / "checkpoints").glob("*.data-*"):
+        data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 3])
+    result = run(*arguments(job, interrupted))
+    assert result.returncode == 2
+    assert "corrupted or partial" in one_error_line(result.stderr)
+    assert "--restart" in one_error_line(result.stderr)
+    assert not (interrupted / "spectrum.npz").exists()
+    result = run(*arguments(job, interrupted), "--restart")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_identical(interrupted, uninterrupted)
+
+
+def test_changed_model_is_refused(job, interrupted):
+    result = run(*arguments(job, interrupted, model="changed.keras"))
+    assert result.returncode == 2
+    assert "another run" in one_error_line(result.stderr)
+    result = run(*arguments(job, interrupted), "--lanczos_steps=31")
+    assert result.returncode == 2
+    assert "another run" in one_error_line(result.stderr)
+
+
+def test_two_workers_resume_after_a_lost_worker(job, uninterrupted, tmp_path):
+    local = ROOT / "launch" / "local.sh"
+    args = arguments(job, tmp_path) + ["--worker_timeout=60"]
+    process = subprocess.Popen(["bash", str(local), "2", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=environment())
+    seen = 0
+    for line in process.stderr:
+        if "Lanczos step" in line:
+            seen += 1
+            if seen == 2 * 12:  # both workers log; about step 12
+                break
+    # Kill worker 1 (its TF_CONFIG says index 1).
+    for pid in subprocess.run(["pgrep", "-f", f"output_dir={tmp_path}"],
+                              capture_output=True, text=True).stdout.split():
+        try:
+            if b'"index": 1' in pathlib.Path(f"/proc/{pid}/environ").read_bytes() and \
+                    b"hessian_tf.bin.spectrum" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+    process.stderr.read()
+    assert process.wait(timeout=300) != 0
+    assert (tmp_path / "checkpoints" / "checkpoint").exists()
+    result = run(*args, launcher=["bash", str(local), "2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming draw" in result.stderr
+    with np.load(tmp_path / "spectrum.npz") as spectrum:
+        scale = np.max(np.abs(uninterrupted["alphas"]))
+        assert np.max(np.abs(spectrum["alphas"] - uninterrupted["alphas"])) <= 1e-6 * scale
+        assert np.max(np.abs(spectrum["betas"] - uninterrupted["betas"])) <= 1e-6 * scale
