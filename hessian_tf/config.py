@@ -19,6 +19,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.split = "train"
     config.data_dir = ""
     config.batch_size = 128
+    # Stream a tfds dataset from data_dir at every product instead of holding it in
+    # memory (ImageNet); preprocessing: 'scale' (to [0, 1]) or 'imagenet'.
+    config.stream = False
+    config.preprocessing = "scale"
+    # Print the cost (products, data read, basis memory, time from one batch) and stop.
+    config.dry_run = False
     # The loss whose Hessian is taken; regularization adds the model's own losses.
     config.loss = "sparse_categorical_crossentropy"
     config.regularization = False
@@ -91,6 +97,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "strategy": STRATEGIES,
         "basis_dtype": ("float64", "float32"),
         "precision": ("model", "float64"),
+        "preprocessing": ("scale", "imagenet"),
     }
     for name, allowed in choices.items():
         if config[name] not in allowed:

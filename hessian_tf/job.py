@@ -119,6 +119,55 @@ def _in_float64(model_function, x):
     return KerasModelFunction(cast_model(model_function.model, "float64")), x
 
 
+def _dry_run(config, operator, model_function, x, y, stream) -> dict:
+    """Prints what the job would cost, from one timed batch, and computes nothing else."""
+    from hessian_tf.operators import HessianOperator
+
+    if stream is not None:
+        import tensorflow as tf
+
+        batch = next(iter(stream[0](tf.distribute.InputContext())))
+        x, y = batch[0].numpy(), batch[1].numpy()
+    x, y = x[: config.batch_size], y[: config.batch_size]
+    one_batch = HessianOperator(
+        model_function, x, y, batch_size=config.batch_size, loss=config.loss,
+        bn_mode=config.bn_mode, method=config.method,
+    )
+    vector = np.ones(one_batch.dim) / np.sqrt(one_batch.dim)
+    one_batch.matvec(vector)  # traces
+    started = time.perf_counter()
+    one_batch.matvec(vector)
+    batch_seconds = time.perf_counter() - started
+    replicas = operator.strategy.num_replicas_in_sync
+    batches = -(-operator.num_examples // config.batch_size)
+    products = config.num_draws * config.lanczos_steps + int(bool(config.check_determinism))
+    passes = products + 1  # + the loss and gradient pass
+    basis_bytes = config.lanczos_steps * operator.dim * (4 if config.basis_dtype == "float32" else 8)
+    seconds = batch_seconds * -(-batches // replicas) * passes
+    cost = {
+        "num_params": operator.dim,
+        "num_examples": operator.num_examples,
+        "num_replicas": replicas,
+        "hessian_vector_products": products,
+        "data_passes": passes,
+        "examples_read": passes * operator.num_examples,
+        "lanczos_basis_bytes": basis_bytes,
+        "seconds_per_batch_product": batch_seconds,
+        "estimated_seconds": seconds,
+    }
+    lines = [
+        f"dry run: {operator.dim:,} parameters, {operator.num_examples:,} examples, {replicas} replica(s)",
+        f"  {products} Hessian-vector products + 1 gradient pass = {passes} passes over the data, "
+        f"{passes * operator.num_examples:,} examples read",
+        f"  Lanczos basis: {basis_bytes / 2**30:.2f} GiB ({config.basis_dtype}, on the host; "
+        "--basis_dtype=float32 halves it)",
+        f"  one batch of {config.batch_size}: {batch_seconds:.3f} s per product here; estimate "
+        f"{datetime.timedelta(seconds=int(seconds))} on {replicas} replica(s) of this speed",
+    ]
+    print("\n".join(lines), flush=True)
+    return cost
+
+
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was written. Re-run the same command to resume."""
 
@@ -188,8 +237,27 @@ def run(config: ml_collections.ConfigDict) -> dict:
             worker_timeout=config.worker_timeout,
         )
     chief = is_chief(strategy)
-    x, y = load_dataset(config.dataset, split=config.split, data_dir=config.data_dir or None)
-    logging.info("Dataset %s: x %s, y %s", config.dataset, x.shape, y.shape)
+    stream = None
+    if config.stream:
+        if not config.dataset.startswith("tfds:") or not config.model:
+            raise ValueError(
+                f"--stream reads a tfds dataset at every product; got --dataset="
+                f"{config.dataset} --model={config.model or '(empty)'}: pass --dataset="
+                "tfds:NAME and --model, or drop --stream."
+            )
+        if config.precision == "float64":
+            raise ValueError("--stream with --precision=float64 is not supported; use --precision=model.")
+        from hessian_tf.io.streaming import tfds_stream
+
+        dataset_fn, num_examples, (x, y) = tfds_stream(
+            config.dataset[len("tfds:"):], split=config.split, data_dir=config.data_dir or None,
+            batch_size=config.batch_size, preprocessing=config.preprocessing,
+        )
+        stream = (dataset_fn, num_examples)
+        logging.info("Streaming %s: %d examples, inputs %s", config.dataset, num_examples, x.shape[1:])
+    else:
+        x, y = load_dataset(config.dataset, split=config.split, data_dir=config.data_dir or None)
+        logging.info("Dataset %s: x %s, y %s", config.dataset, x.shape, y.shape)
     extra = {}
     if config.model:
         model_function = load_model_function(config.model)
@@ -197,10 +265,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         model_function, x, extra = _default_model_function(config, x, y, output_dir)
     if config.precision == "float64":
         model_function, x = _in_float64(model_function, x)
-    operator = HessianOperator(
-        model_function,
-        x,
-        y,
+    options = dict(
         batch_size=config.batch_size,
         loss=config.loss,
         bn_mode=config.bn_mode,
@@ -208,6 +273,16 @@ def run(config: ml_collections.ConfigDict) -> dict:
         regularization=config.regularization,
         method=config.method,
     )
+    if stream is not None:
+        from hessian_tf.operators.streaming import StreamingHessianOperator
+
+        operator = StreamingHessianOperator(
+            model_function, stream[0], num_examples=stream[1], sample=(x, y), **options
+        )
+    else:
+        operator = HessianOperator(model_function, x, y, **options)
+    if config.dry_run:
+        return _dry_run(config, operator, model_function, x, y, stream)
     logging.info(
         "Hessian of the mean %s over %d examples: %d parameters, %s products, %d replicas",
         config.loss, operator.num_examples, operator.dim, operator.method,

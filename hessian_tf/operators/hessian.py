@@ -140,6 +140,16 @@ class HessianOperator:
         self.num_products = 0
         self.product_seconds = 0.0
         self._check_fit(x, y)
+        self._place_data(x, y)
+        self._product_function = tf.function(
+            self._product_graph,
+            input_signature=[tf.TensorSpec([self.dim], tf.float64)],
+            reduce_retracing=True,
+        )
+        self._loss_gradient_function = tf.function(self._loss_gradient_graph)
+
+    def _place_data(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Deals the batches to the replicas and puts them on their devices."""
         num_replicas = self.strategy.num_replicas_in_sync
         if self.num_examples < num_replicas:
             raise ValueError(
@@ -153,12 +163,6 @@ class HessianOperator:
                 *(tf.constant(a) for a in shards[context.replica_id_in_sync_group])
             )
         )
-        self._product_function = tf.function(
-            self._product_graph,
-            input_signature=[tf.TensorSpec([self.dim], tf.float64)],
-            reduce_retracing=True,
-        )
-        self._loss_gradient_function = tf.function(self._loss_gradient_graph)
 
     # ----------------------------------------------------------------- checks
 
@@ -246,30 +250,39 @@ class HessianOperator:
             for p, hv in zip(primals, products)
         ]
 
-    def _accumulate(self, data: _ReplicaData, batch_fn, initial):
-        """Σ over this replica's batches of batch_fn(x, y) (a tuple of tensors)."""
+    def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
+        """Σ over every batch of the dataset of batch_fn(x, y, *args) (a float64
+        vector [size]), summed per replica, then ONE cross-replica reduction.
 
-        def body(slot, totals):
-            size = data.sizes[slot]
-            x = data.x[slot][:size]
-            y = data.y[slot][:size]
-            # Empty padding batches are skipped: BN statistics of no example are NaN.
-            values = tf.cond(
-                size > 0,
-                lambda: batch_fn(x, y),
-                lambda: tuple(tf.zeros_like(t) for t in totals),
+        In memory: each replica loops over its own dealt batches on its device.
+        """
+
+        def replica_fn(data, *args):
+            def body(slot, total):
+                count = data.sizes[slot]
+                x = data.x[slot][:count]
+                y = data.y[slot][:count]
+                # Empty padding batches are skipped: BN statistics of no example are NaN.
+                value = tf.cond(
+                    count > 0,
+                    lambda: batch_fn(x, y, *args),
+                    lambda: tf.zeros([size], tf.float64),
+                )
+                return slot + 1, total + value
+
+            # One batch at a time: parallel iterations would hold several batches'
+            # activations at once (measured: 3x the memory on ResNet-32), for no speed.
+            _, total = tf.while_loop(
+                lambda slot, _: slot < tf.shape(data.sizes)[0],
+                body,
+                (tf.constant(0), tf.zeros([size], tf.float64)),
+                parallel_iterations=1,
             )
-            return slot + 1, tuple(t + v for t, v in zip(totals, values))
+            return total
 
-        # One batch at a time: parallel iterations would hold several batches'
-        # activations at once (measured: 3x the memory on ResNet-32), for no speed.
-        _, totals = tf.while_loop(
-            lambda slot, _: slot < tf.shape(data.sizes)[0],
-            body,
-            (tf.constant(0), initial),
-            parallel_iterations=1,
-        )
-        return totals
+        with self.model_function.mode_context(self.bn_mode):
+            per_replica = self.strategy.run(replica_fn, args=(self._data,) + tuple(args))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     def _product_graph(self, vector):
         # Parameters and state are read once, in the cross-replica context, so every
@@ -278,48 +291,30 @@ class HessianOperator:
         state = self.model_function.state()
         tangents = flatten_lib.unflatten(vector, primals)
 
-        def replica_fn(data, primals, state, tangents):
-            def batch_fn(x, y):
-                return (
-                    flatten_lib.flatten(self._batch_product(primals, state, tangents, x, y)),
-                )
+        def batch_fn(x, y, primals, state, tangents):
+            return flatten_lib.flatten(self._batch_product(primals, state, tangents, x, y))
 
-            return self._accumulate(data, batch_fn, (tf.zeros([self.dim], tf.float64),))[0]
-
-        with self.model_function.mode_context(self.bn_mode):
-            per_replica = self.strategy.run(
-                replica_fn, args=(self._data, primals, state, tangents)
-            )
-        total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        total = self._sum_over_batches(batch_fn, self.dim, (primals, state, tangents))
         return total / tf.constant(self.num_examples, tf.float64)
 
     def _loss_gradient_graph(self):
         primals = self.model_function.primals()
         state = self.model_function.state()
 
-        def replica_fn(data, primals, state):
-            def batch_fn(x, y):
-                with tf.GradientTape() as tape:
-                    tape.watch(primals)
-                    objective = self._batch_objective(primals, state, x, y)
-                gradients = tape.gradient(
-                    objective, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO
-                )
-                # [loss, gradient...] in one vector: one all-reduce for both.
-                return (
-                    tf.concat(
-                        [tf.reshape(tf.cast(objective, tf.float64), [1]),
-                         flatten_lib.flatten(gradients)],
-                        axis=0,
-                    ),
-                )
+        def batch_fn(x, y, primals, state):
+            with tf.GradientTape() as tape:
+                tape.watch(primals)
+                objective = self._batch_objective(primals, state, x, y)
+            gradients = tape.gradient(
+                objective, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
+            # [loss, gradient...] in one vector: one all-reduce for both.
+            return tf.concat(
+                [tf.reshape(tf.cast(objective, tf.float64), [1]), flatten_lib.flatten(gradients)],
+                axis=0,
+            )
 
-            initial = (tf.zeros([self.dim + 1], tf.float64),)
-            return self._accumulate(data, batch_fn, initial)[0]
-
-        with self.model_function.mode_context(self.bn_mode):
-            per_replica = self.strategy.run(replica_fn, args=(self._data, primals, state))
-        total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        total = self._sum_over_batches(batch_fn, self.dim + 1, (primals, state))
         total = total / tf.constant(self.num_examples, tf.float64)
         return total[0], total[1:]
 

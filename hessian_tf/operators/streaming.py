@@ -1,0 +1,91 @@
+"""The Hessian operator over a dataset too large for memory (e.g. ImageNet).
+
+Each product is one pass over a `tf.data` pipeline distributed by the strategy
+(`distribute_datasets_from_function`): every input pipeline (worker) reads its
+own disjoint part of the data, every example exactly once, and its batches go to
+its replicas in turn. Each replica sums its batches' products in float64; ONE
+cross-replica reduction per product combines them, as in memory.
+
+Batches are formed per input pipeline, so with bn_mode='train' the batches (and
+hence H) depend on the number of workers; the summary records it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from hessian_tf.operators.hessian import HessianOperator
+
+
+class StreamingHessianOperator(HessianOperator):
+    """HessianOperator whose data stream through a tf.data pipeline at every product.
+
+    Args:
+      model_function: as for HessianOperator.
+      dataset_fn: input_context → tf.data.Dataset of (x, y) batches of at most
+        `batch_size` examples, reading the part of the data for
+        `input_context.input_pipeline_id` of `input_context.num_input_pipelines`.
+      num_examples: N, the number of examples over all pipelines.
+      sample: (x, y) a few examples, for the checks of shapes and labels.
+      Other options as for HessianOperator.
+    """
+
+    def __init__(
+        self,
+        model_function,
+        dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset],
+        *,
+        num_examples: int,
+        sample: tuple[np.ndarray, np.ndarray],
+        **options,
+    ):
+        self._dataset_fn = dataset_fn
+        self._streamed_examples = int(num_examples)
+        super().__init__(model_function, sample[0], sample[1], **options)
+
+    def _place_data(self, x, y) -> None:
+        del x, y  # only the sample, used for checks
+        self.num_examples = self._streamed_examples
+        if self.num_examples < self.strategy.num_replicas_in_sync:
+            raise ValueError(
+                f"--dataset: {self.num_examples} examples for "
+                f"{self.strategy.num_replicas_in_sync} replicas; use fewer workers."
+            )
+        self.batches_per_replica = None
+        self._data = self.strategy.distribute_datasets_from_function(self._dataset_fn)
+
+    def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
+        def step(total, batch, *args):
+            x, y = batch
+            # A replica may get an empty batch at the end of uneven data.
+            value = tf.cond(
+                tf.shape(x)[0] > 0,
+                lambda: batch_fn(x, y, *args),
+                lambda: tf.zeros([size], tf.float64),
+            )
+            return total + value
+
+        with self.model_function.mode_context(self.bn_mode):
+            totals = self.strategy.run(lambda: tf.zeros([size], tf.float64))
+            for batch in self._data:
+                totals = self.strategy.run(step, args=(totals, batch) + tuple(args))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, totals, axis=None)
+
+
+def array_dataset_fn(x: np.ndarray, y: np.ndarray, batch_size: int):
+    """A dataset_fn over in-memory arrays, split evenly among input pipelines
+    (for tests and small data; real jobs read files, e.g. with tfds)."""
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        parts = np.array_split(np.arange(x.shape[0]), context.num_input_pipelines)
+        own = parts[context.input_pipeline_id]
+        return (
+            tf.data.Dataset.from_tensor_slices((x[own], y[own]))
+            .batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    return dataset_fn
