@@ -28,6 +28,11 @@ def default_config() -> ml_collections.ConfigDict:
     # The loss whose Hessian is taken; regularization adds the model's own losses.
     config.loss = "sparse_categorical_crossentropy"
     config.regularization = False
+    # The curvature operator: 'hessian', 'ggn' (generalised Gauss-Newton) or 'fisher'
+    # (empirical Fisher); variables: a regex (re.search on variable paths) that
+    # restricts θ to the matching variables ('' = all).
+    config.operator = "hessian"
+    config.variables = ""
     config.bn_mode = "inference"
     # Products: 'auto', 'forward_over_backward' or 'reverse_over_reverse'.
     config.method = "auto"
@@ -40,6 +45,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.num_draws = 1
     config.seed = 0
     config.basis_dtype = "float64"
+    # Analyses: top eigenvalues with residual bounds (no extra products); Hutch++
+    # trace (trace_matvecs products); the fraction of the gradient in the top
+    # eigenspace (lanczos_steps more products, num_eigenpairs·n·8 bytes of vectors).
+    config.num_eigenpairs = 5
+    config.trace = False
+    config.trace_matvecs = 30
+    config.gradient_overlap = False
     # Density: kernel_width 0 means 0.002 × (λmax − λmin).
     config.kernel_width = 0.0
     config.num_grid_points = 4096
@@ -64,7 +76,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from hessian_tf.operators import BN_MODES, LOSSES
     from hessian_tf.operators.hessian import METHODS
 
-    positive = ("lanczos_steps", "num_draws", "batch_size", "num_grid_points")
+    positive = ("lanczos_steps", "num_draws", "batch_size", "num_grid_points", "num_eigenpairs")
     for name in positive:
         if config[name] < 1:
             raise ValueError(f"--{name}={config[name]}: pass an integer >= 1.")
@@ -78,6 +90,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"--num_cpu_devices={config.num_cpu_devices}: pass at least 1 (or 0 to leave "
             "the CPU as it is)."
+        )
+    if config.trace_matvecs < 3:
+        raise ValueError(
+            f"--trace_matvecs={config.trace_matvecs}: Hutch++ needs at least 3 products."
         )
     if config.worker_timeout <= 0:
         raise ValueError(
@@ -96,6 +112,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "method": METHODS,
         "strategy": STRATEGIES,
         "basis_dtype": ("float64", "float32"),
+        "operator": ("hessian", "ggn", "fisher"),
         "precision": ("model", "float64"),
         "preprocessing": ("scale", "imagenet"),
     }

@@ -168,6 +168,60 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     return cost
 
 
+def _analyses(config, operator, spectrum, loss, gradient):
+    """Top eigenvalues, and when asked the Hutch++ trace and the gradient overlap;
+    with several draws, a bootstrap band of the density. Products here are
+    collectives: every worker runs them. Returns (summary entries, extra npz
+    arrays, (lower, upper) or None)."""
+    from hessian_tf import analysis
+    from hessian_tf.linalg import bootstrap, eigenpairs
+    from hessian_tf.linalg import trace as trace_lib
+
+    stats = spectrum.statistics
+    top = eigenpairs.top_eigenpairs_over_draws(
+        spectrum.alphas, spectrum.betas, spectrum.residual_norms, spectrum.num_steps,
+        config.num_eigenpairs,
+    )
+    summary = {
+        "operator": config.operator,
+        "variables": config.variables or None,
+        "variable_paths": getattr(operator.model_function, "paths", None),
+        "top_eigenvalues": [float(v) for v in top.eigenvalues],
+        "top_eigenvalue_residual_bounds": [float(b) for b in top.residual_bounds],
+        "top_eigenvalues_converged": [bool(c) for c in top.converged],
+    }
+    if config.trace:
+        estimate = trace_lib.hutchpp(
+            operator.matvec, operator.dim, num_matvecs=config.trace_matvecs, seed=config.seed
+        )
+        summary["trace"] = trace_lib.trace_summary(
+            estimate, slq_estimate=stats.trace, slq_stderr=stats.trace_stderr
+        )
+    if config.gradient_overlap:
+        pairs = analysis.top_eigenspace(
+            operator.matvec, operator.dim, num_eigenpairs=config.num_eigenpairs,
+            lanczos_steps=config.lanczos_steps, seed=config.seed,
+        )
+        summary["gradient_overlap"] = analysis.overlap_summary(
+            analysis.OverlapAnalysis(loss, pairs, analysis.gradient_overlap(gradient, pairs.vectors))
+        )
+    arrays, band = {}, None
+    if spectrum.nodes.shape[0] >= 2:
+        quadratures = spectrum_lib.quadratures_of(spectrum)
+        result = bootstrap.bootstrap_density_band(
+            [q.nodes for q in quadratures], [q.weights for q in quadratures],
+            grid=spectrum.density.grid, kernel_width=spectrum.density.kernel_width,
+            seed=config.seed,
+        )
+        arrays = {"density_lower": result.lower, "density_upper": result.upper}
+        band = (result.lower, result.upper)
+        summary["density_band"] = {
+            "confidence": result.confidence, "num_resamples": result.num_resamples,
+            "num_draws": result.num_draws,
+        }
+    return summary, arrays, band
+
+
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was written. Re-run the same command to resume."""
 
@@ -175,6 +229,7 @@ class Preempted(Exception):
 
 
 def _variable_values(model_function) -> list[np.ndarray]:
+    model_function = getattr(model_function, "inner", model_function)  # a variable subset
     model = getattr(model_function, "model", None)
     if model is not None:
         return [np.asarray(v.numpy()) for v in model.weights]
@@ -218,6 +273,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     from hessian_tf.io.datasets import load_dataset
     from hessian_tf.io.models import load_model_function
     from hessian_tf.operators import HessianOperator, NonDeterministicError, NonFiniteError
+    from hessian_tf.operators import gauss_newton
+    from hessian_tf.operators.subset import SubsetModelFunction
 
     if config.strategy == "multi_worker" and not config.model:
         raise ValueError(
@@ -273,14 +330,18 @@ def run(config: ml_collections.ConfigDict) -> dict:
         regularization=config.regularization,
         method=config.method,
     )
+    if config.variables:
+        model_function = SubsetModelFunction(model_function, config.variables)
     if stream is not None:
         from hessian_tf.operators.streaming import StreamingHessianOperator
 
-        operator = StreamingHessianOperator(
+        operator_type = gauss_newton.operator_class(config.operator, StreamingHessianOperator)
+        operator = operator_type(
             model_function, stream[0], num_examples=stream[1], sample=(x, y), **options
         )
     else:
-        operator = HessianOperator(model_function, x, y, **options)
+        operator_type = gauss_newton.operator_class(config.operator, HessianOperator)
+        operator = operator_type(model_function, x, y, **options)
     if config.dry_run:
         return _dry_run(config, operator, model_function, x, y, stream)
     logging.info(
@@ -331,6 +392,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
             f"--model={config.model or '(default MLP)'} --dataset={config.dataset}: {error}"
         ) from error
     stats = spectrum.statistics
+    analyses, arrays_extra, band = _analyses(config, operator, spectrum, loss, gradient)
     summary = {
         "version": hessian_tf.__version__,
         "num_params": operator.dim,
@@ -364,18 +426,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
         "lanczos_seconds": spectrum.seconds,
         "seconds": None,  # filled in just before writing
         "config": config.to_dict(),
+        **analyses,
         **extra,
     }
-    arrays = {
-        "alphas": spectrum.alphas,
-        "betas": spectrum.betas,
-        "nodes": spectrum.nodes,
-        "weights": spectrum.weights,
-        "ritz_residuals": spectrum.ritz_residuals,
-        "num_steps": spectrum.num_steps,
-        "grid": spectrum.density.grid,
-        "density": spectrum.density.density,
-    }
+    arrays = {**spectrum_lib.spectrum_arrays(spectrum), **arrays_extra}
     title = (
         f"{os.path.basename(config.model.rstrip('/')) or 'default MLP'} on {config.dataset}: "
         f"n={operator.dim:,}, m={config.lanczos_steps}, {config.num_draws} draw(s), "
@@ -390,7 +444,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
         output_dir,
         {
             results.DENSITY_FILE: lambda path: plotting.plot_densities(
-                [(spectrum.density.grid, spectrum.density.density, "")], path, title=title
+                [plotting.Curve(spectrum.density.grid, spectrum.density.density,
+                                *(band or (None, None)))],
+                path,
+                title=title,
             ),
             results.SUMMARY_FILE: results.json_writer(summary),
             results.SPECTRUM_FILE: results.npz_writer(arrays),

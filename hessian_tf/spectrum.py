@@ -226,6 +226,20 @@ def _assemble(results, *, dim, lanczos_steps, kernel_width, num_grid_points, num
     )
 
 
+def spectrum_arrays(spectrum: Spectrum) -> dict[str, np.ndarray]:
+    """The arrays of `spectrum.npz` (the fixed contract), by name."""
+    return {
+        "alphas": spectrum.alphas,
+        "betas": spectrum.betas,
+        "nodes": spectrum.nodes,
+        "weights": spectrum.weights,
+        "ritz_residuals": spectrum.ritz_residuals,
+        "num_steps": spectrum.num_steps,
+        "grid": spectrum.density.grid,
+        "density": spectrum.density.density,
+    }
+
+
 def quadratures_of(spectrum: Spectrum) -> list[linalg.Quadrature]:
     """The per-draw quadratures of a Spectrum, without the padding."""
     return [

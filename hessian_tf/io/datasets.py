@@ -91,11 +91,7 @@ def load_tfds(name: str, *, split: str, data_dir: str | None):
                             download=False)
         batches = list(tfds.as_numpy(dataset.batch(_TFDS_READ_BATCH)))
     except Exception as error:  # tfds raises its own types for missing data
-        raise ValueError(
-            f"--dataset=tfds:{name} --split={split} --data_dir={data_dir}: could not be "
-            f"read ({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}); "
-            "prepare it with `tfds build` into --data_dir."
-        ) from error
+        raise tfds_read_error(f"--dataset=tfds:{name} --split={split} --data_dir={data_dir}", error) from error
     if not batches:
         raise ValueError(
             f"--dataset=tfds:{name} --split={split}: the split has no examples."
@@ -105,6 +101,15 @@ def load_tfds(name: str, *, split: str, data_dir: str | None):
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / 255.0
     return _checked(x, y, f"tfds:{name}")
+
+
+def tfds_read_error(where: str, error: BaseException) -> ValueError:
+    """The one-line error for a tfds split that cannot be read."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return ValueError(
+        f"{where}: could not be read ({type(error).__name__}: {first}); prepare it with "
+        "`tfds build` into --data_dir."
+    )
 
 
 def _checked(x: np.ndarray, y: np.ndarray, spec: str):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from hessian_tf.io.datasets import tfds_read_error
+
 PREPROCESSINGS = ("scale", "imagenet")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,11 +66,7 @@ def tfds_stream(name: str, *, split: str, data_dir: str | None, batch_size: int,
             num_examples = int(_load(name, split, data_dir).reduce(0, lambda n, _: n + 1))
         sample = next(iter(tfds.as_numpy(_load(name, split, data_dir).map(preprocess).batch(2))))
     except Exception as error:  # tfds raises its own types for missing data
-        raise ValueError(
-            f"{where}: could not be read ({type(error).__name__}: "
-            f"{(str(error).strip().splitlines() or [''])[0][:200]}); prepare it with "
-            "`tfds build` into --data_dir."
-        ) from error
+        raise tfds_read_error(where, error) from error
     if num_examples == 0:
         raise ValueError(f"{where}: the split has no examples.")
 

@@ -551,14 +551,7 @@ class SpectrumCallback(keras.callbacks.Callback):
 
     def _write_spectrum(self, step, spectrum, edge) -> str:
         arrays = {
-            "alphas": spectrum.alphas,
-            "betas": spectrum.betas,
-            "nodes": spectrum.nodes,
-            "weights": spectrum.weights,
-            "ritz_residuals": spectrum.ritz_residuals,
-            "num_steps": spectrum.num_steps,
-            "grid": spectrum.density.grid,
-            "density": spectrum.density.density,
+            **spectrum_lib.spectrum_arrays(spectrum),
             "step": np.asarray(step, dtype=np.int64),
             "bulk_edge": np.asarray(edge),
             "bulk_fraction": np.asarray(self.bulk_fraction),

@@ -1,0 +1,94 @@
+r"""Trains an experiment config's model, with Hessian spectra along the way.
+
+  hessian-train --config=configs/resnet32_cifar10.py:bn --workdir=results/resnet32_bn
+  hessian-train --config=configs/cnn_digits.py:no_bn,smoke --workdir=/tmp/smoke
+  hessian-train --config=configs/mlp_mnist.py --config.train.num_steps=500
+
+Writes TensorBoard logs, per-evaluation spectra, checkpoints (`.keras`, readable
+by `hessian-spectrum --model=...`) and summary.json to WORKDIR (default: the
+config's `workdir`). Then `hessian-spectrum --config=<same config>
+--config.workdir=WORKDIR` takes the final model's spectrum at m = 90.
+Bad input: one line on stderr, exit status 2.
+"""
+
+import contextlib
+import os
+import sys
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Hides TensorFlow's C++ start-up chatter (written to file descriptor 2 before
+    any log level applies) while it is imported, so a bad input gets one line."""
+    if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+with _quiet_native_stderr():
+    import keras  # noqa: F401
+    import tensorflow as tf
+
+    tf.config.list_physical_devices()
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "An experiment config file, e.g. configs/resnet32_cifar10.py:bn,smoke."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where logs, spectra and checkpoints go (default: the config's workdir)."
+)
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
+
+_PROGRAM = "hessian-train"
+
+
+def _error(message: str) -> int:
+    print(f"{_PROGRAM}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def parse_flags(argv):
+    """absl's parser, with errors (a bad --config file or variant) as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(_error(error))
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        return _error(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None:
+        return _error("--config is required, e.g. --config=configs/cnn_digits.py:bn")
+    try:
+        from hessian_tf import training
+
+        training.train(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, OSError, KeyError, tf.errors.OpError) as error:
+        if _VERBOSE.value:
+            raise
+        return _error(str(error) or type(error).__name__)
+    return 0
+
+
+def run():
+    """Console-script entry point."""
+    logging.set_verbosity(logging.INFO)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
