@@ -3,26 +3,17 @@ tridiagonal; damaged checkpoints and changed models are refused with one line.""
 
 import json
 import os
-import pathlib
 import random
 import signal
 import subprocess
 import sys
-import time
 
-import keras
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.processes import LOCAL_LAUNCHER, environment, kill_worker
+
 STEPS = 30
-
-
-def environment():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env["HESSIAN_SPECTRUM"] = f"{sys.executable} -m hessian_tf.bin.spectrum"
-    env.pop("TF_CONFIG", None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +135,7 @@ def test_changed_model_is_refused(job, interrupted):
 
 
 def test_two_workers_resume_after_a_lost_worker(job, uninterrupted, tmp_path):
-    local = ROOT / "launch" / "local.sh"
+    local = LOCAL_LAUNCHER
     args = arguments(job, tmp_path) + ["--worker_timeout=60"]
     process = subprocess.Popen(["bash", str(local), "2", *args], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, env=environment())
@@ -154,15 +145,7 @@ def test_two_workers_resume_after_a_lost_worker(job, uninterrupted, tmp_path):
             seen += 1
             if seen == 2 * 12:  # both workers log; about step 12
                 break
-    # Kill worker 1 (its TF_CONFIG says index 1).
-    for pid in subprocess.run(["pgrep", "-f", f"output_dir={tmp_path}"],
-                              capture_output=True, text=True).stdout.split():
-        try:
-            if b'"index": 1' in pathlib.Path(f"/proc/{pid}/environ").read_bytes() and \
-                    b"hessian_tf.bin.spectrum" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
+    assert kill_worker(tmp_path, 1), "worker 1 is not running"
     process.stderr.read()
     assert process.wait(timeout=300) != 0
     assert (tmp_path / "checkpoints" / "checkpoint").exists()

@@ -9,7 +9,6 @@ import keras
 import numpy as np
 import pytest
 
-from hessian_tf import linalg
 
 
 def run_binary(*args, cwd=None):

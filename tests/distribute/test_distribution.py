@@ -5,9 +5,6 @@ TF_CONFIG must be set before TensorFlow starts).
 """
 
 import json
-import os
-import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -16,16 +13,10 @@ import keras
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-LOCAL = ROOT / "launch" / "local.sh"
+from tests.processes import LOCAL_LAUNCHER, environment, kill_worker
+
+LOCAL = LOCAL_LAUNCHER
 STEPS = 25
-
-
-def environment():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env["HESSIAN_SPECTRUM"] = f"{sys.executable} -m hessian_tf.bin.spectrum"
-    env.pop("TF_CONFIG", None)
-    return env
 
 
 def spectrum(*args, launcher=(), env=None, timeout=600):
@@ -111,26 +102,16 @@ def test_killed_worker_ends_the_job_with_a_clear_error(tmp_path):
          "--batch_size=4", "--lanczos_steps=1000", "--worker_timeout=60",
          f"--output_dir={tmp_path / 'out'}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
-    # Wait until worker 1 is computing products, then kill it.
-    deadline = time.monotonic() + 120
-    worker = None
-    while time.monotonic() < deadline and worker is None:
-        time.sleep(1)
-        found = subprocess.run(["pgrep", "-f", f"output_dir={tmp_path / 'out'}"],
-                               capture_output=True, text=True).stdout.split()
-        for pid in found:
-            try:
-                environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes()
-            except OSError:
-                continue
-            if b'"index": 1' in environ and b"hessian_tf.bin.spectrum" in pathlib.Path(
-                    f"/proc/{pid}/cmdline").read_bytes():
-                worker = int(pid)
-    assert worker is not None, "worker 1 never started"
-    time.sleep(8)  # into the Lanczos loop
-    os.kill(worker, signal.SIGKILL)
+    # Once both workers are in the Lanczos loop, kill worker 1.
+    seen = 0
+    for line in process.stderr:
+        seen += "Lanczos step" in line
+        if seen == 2 * 3:
+            break
+    assert kill_worker(tmp_path / "out", 1), "worker 1 is not running"
     killed = time.monotonic()
-    _, stderr = process.communicate(timeout=300)
+    stderr = process.stderr.read()
+    process.wait(timeout=300)
     assert process.returncode != 0
     assert time.monotonic() - killed < 90
     errors = [l for l in stderr.splitlines() if l.startswith("hessian-spectrum: error:")]
