@@ -148,8 +148,34 @@ class HessianOperator:
         )
         self._loss_gradient_function = tf.function(self._loss_gradient_graph)
 
+    def _first_nonfinite_batch(self, vector) -> str:
+        """", first in batch b (examples i-j)" for the first batch whose loss (or,
+        given a vector, product) is not finite; a diagnosis run only after a failure,
+        one batch at a time on the default device."""
+        if getattr(self, "_x", None) is None:
+            return ""
+        primals = self.model_function.primals()
+        state = self.model_function.state()
+        tangents = None if vector is None else flatten_lib.unflatten(tf.constant(vector), primals)
+
+        @tf.function(reduce_retracing=True)
+        def batch_values(x, y):
+            with self.model_function.mode_context(self.bn_mode):
+                values = [tf.reshape(tf.cast(self._batch_objective(primals, state, x, y), tf.float64), [1])]
+                if tangents is not None:
+                    values.append(flatten_lib.flatten(
+                        self._batch_product(primals, state, tangents, x, y)))
+            return tf.reduce_all(tf.math.is_finite(tf.concat(values, 0)))
+
+        for index, start in enumerate(range(0, self.num_examples, self.batch_size)):
+            stop = min(start + self.batch_size, self.num_examples)
+            if not bool(batch_values(tf.constant(self._x[start:stop]), tf.constant(self._y[start:stop]))):
+                return f", first in batch {index} (examples {start}-{stop - 1})"
+        return ""
+
     def _place_data(self, x: np.ndarray, y: np.ndarray) -> None:
         """Deals the batches to the replicas and puts them on their devices."""
+        self._x, self._y = x, y  # references, for diagnosing non-finite values
         num_replicas = self.strategy.num_replicas_in_sync
         if self.num_examples < num_replicas:
             raise ValueError(
@@ -334,8 +360,9 @@ class HessianOperator:
         if not np.all(np.isfinite(product)):
             raise NonFiniteError(
                 f"the Hessian-vector product has {int(np.sum(~np.isfinite(product)))} "
-                "non-finite entries; check the model's weights and the data for NaN or "
-                "overflow (try a smaller learning rate or float64)."
+                f"non-finite entries{self._first_nonfinite_batch(vector)}; check the "
+                "model's weights and the data for NaN or overflow (try a smaller learning "
+                "rate or float64)."
             )
         return product
 
@@ -347,8 +374,9 @@ class HessianOperator:
         loss = float(loss.numpy())
         if not np.isfinite(loss):
             raise NonFiniteError(
-                f"the mean loss over the dataset is non-finite ({loss}); check the model's weights "
-                "and the data for NaN or overflow."
+                f"the mean loss over the dataset is non-finite ({loss}"
+                f"{self._first_nonfinite_batch(None)}); check the model's weights and the "
+                "data for NaN or overflow."
             )
         return loss, gradient.numpy()
 

@@ -225,3 +225,16 @@ def test_deal_batches_covers_every_example_once():
         [s.x[k, : s.sizes[k], 0] for s in shards for k in range(s.sizes.size)])
     assert sorted(seen.tolist()) == list(range(23))
     assert [s.sizes.tolist() for s in shards] == [[5, 5], [5, 3], [5, 0]]
+
+
+def test_non_finite_names_the_batch():
+    model = tiny_model(batch_norm=False)
+    x, y = tiny_data()
+    x = x.copy()
+    x[9, 2] = np.nan  # example 9 is in batch 2 (examples 8-10)
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE)
+    with pytest.raises(operators.NonFiniteError, match=r"first in batch 2 \(examples 8-10\)"):
+        operator.loss_and_gradient()
+    with pytest.raises(operators.NonFiniteError, match=r"first in batch 2 \(examples 8-10\)"):
+        operator.matvec(np.ones(operator.dim))
