@@ -51,7 +51,11 @@ def log_progress(progress: spectrum_lib.Progress) -> None:
 _WATCHDOG = """
 import os, signal, sys, time
 parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-time.sleep(seconds)
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    time.sleep(0.2)
+    if os.getppid() != parent:  # the job ended some other way: say nothing
+        sys.exit(0)
 sys.stderr.write("hessian-spectrum: error: " + message + "\\n")
 sys.stderr.flush()
 os.kill(parent, signal.SIGKILL)

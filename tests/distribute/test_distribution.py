@@ -92,21 +92,25 @@ def test_two_workers_equal_one_device(bn_job, single_device, bn_mode, tmp_path):
         "density.png", "spectrum.npz", "summary.json"]
 
 
-def test_killed_worker_ends_the_job_with_a_clear_error(tmp_path):
-    """Worker 1 is killed mid-run; the chief must exit non-zero, soon, in one line."""
+@pytest.mark.parametrize("moment, marker, count", [
+    ("start-up", "Dataset digits", 2),  # in the first all-reduce
+    ("lanczos", "Lanczos step", 6),
+])
+def test_killed_worker_ends_the_job_with_a_clear_error(tmp_path, moment, marker, count):
+    """Worker 1 is killed; the chief must exit non-zero, soon, with ONE line (the
+    dead worker's own watchdog must not speak for it)."""
     digits_model = tmp_path / "mlp.keras"
     from hessian_tf import models
     models.mlp().save(str(digits_model))
     process = subprocess.Popen(
         ["bash", str(LOCAL), "2", f"--model={digits_model}", "--dataset=digits",
-         "--batch_size=4", "--lanczos_steps=1000", "--worker_timeout=60",
+         "--batch_size=4", "--lanczos_steps=1000", "--worker_timeout=15",
          f"--output_dir={tmp_path / 'out'}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
-    # Once both workers are in the Lanczos loop, kill worker 1.
     seen = 0
     for line in process.stderr:
-        seen += "Lanczos step" in line
-        if seen == 2 * 3:
+        seen += marker in line
+        if seen == count:
             break
     assert kill_worker(tmp_path / "out", 1), "worker 1 is not running"
     killed = time.monotonic()
@@ -114,6 +118,8 @@ def test_killed_worker_ends_the_job_with_a_clear_error(tmp_path):
     process.wait(timeout=300)
     assert process.returncode != 0
     assert time.monotonic() - killed < 90
+    # read() returned at EOF: every process that held the pipe, orphans included, is done.
+
     errors = [l for l in stderr.splitlines() if l.startswith("hessian-spectrum: error:")]
     assert len(errors) == 1 and "worker" in errors[0], stderr[-3000:]
     assert not (tmp_path / "out" / "spectrum.npz").exists()
