@@ -31,3 +31,25 @@ benchmark: install
 
 clean:
 	rm -rf $(VENV) results *.egg-info
+
+# ------------------------------------------------------------ paper experiments
+# experiment-bn: the small digits CNN with BN, without, and with population-BN
+# statistics (seeded), spectra along training, one comparison figure (a few
+# minutes on 2 CPU cores). experiment-accuracy: exact eigenvalues of the digits
+# MLP (dense float64 Hessian) against the spectrum binary's SLQ (about 15 minutes).
+EXPERIMENT_BN_DIR ?= results/experiment_bn
+EXPERIMENT_ACCURACY_DIR ?= results/experiment_accuracy
+
+.PHONY: experiment-bn experiment-accuracy
+
+experiment-bn: install
+	for variant in bn no_bn population_bn; do \
+	  rm -rf $(EXPERIMENT_BN_DIR)/$$variant; \
+	  $(BIN)/python -m hessian_tf.bin.train --config=configs/cnn_digits.py:$$variant \
+	    --workdir=$(EXPERIMENT_BN_DIR)/$$variant || exit 1; \
+	done
+	$(BIN)/python experiments/bn_comparison.py --output_dir=$(EXPERIMENT_BN_DIR) \
+	  $(EXPERIMENT_BN_DIR)/bn $(EXPERIMENT_BN_DIR)/no_bn $(EXPERIMENT_BN_DIR)/population_bn
+
+experiment-accuracy: install
+	$(BIN)/python experiments/accuracy.py --output_dir=$(EXPERIMENT_ACCURACY_DIR)

@@ -11,36 +11,12 @@ Long jobs checkpoint every --checkpoint_every products under OUTPUT_DIR/checkpoi
 and resume from there when re-run; --restart starts over.
 """
 
-import contextlib
-import os
 import sys
 
 
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """TensorFlow's C++ start-up chatter (oneDNN, CUDA stubs) is written to file
-    descriptor 2 before any log level applies; hide it while TF is imported, so a
-    bad input gets one line. `--verbose` keeps it."""
-    if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+from hessian_tf.bin import import_tensorflow_quietly
 
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-with _quiet_native_stderr():
-    import keras  # noqa: F401
-    import tensorflow as tf
-
-    tf.config.list_physical_devices()
+tf = import_tensorflow_quietly()
 
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -11,35 +11,12 @@ config's `workdir`). Then `hessian-spectrum --config=<same config>
 Bad input: one line on stderr, exit status 2.
 """
 
-import contextlib
-import os
 import sys
 
 
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """Hides TensorFlow's C++ start-up chatter (written to file descriptor 2 before
-    any log level applies) while it is imported, so a bad input gets one line."""
-    if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+from hessian_tf.bin import import_tensorflow_quietly
 
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-with _quiet_native_stderr():
-    import keras  # noqa: F401
-    import tensorflow as tf
-
-    tf.config.list_physical_devices()
+tf = import_tensorflow_quietly()
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -66,6 +43,12 @@ def parse_flags(argv):
         return flags.FLAGS(argv)
     except flags.Error as error:
         sys.exit(_error(error))
+    except (AttributeError, KeyError) as error:
+        # ml_collections raises these for an override of an option that does not exist.
+        sys.exit(_error(
+            f"a --config.* override names no option of the config ({error}); check its "
+            "spelling against the config file"
+        ))
 
 
 def main(argv) -> int:

@@ -129,7 +129,8 @@ class PopulationStatistics:
 
     def _moments_function(self, layer):
         # A truncated copy of the graph up to the layer's inputs (sharing weights).
-        probe = keras.Model(self.model.inputs, layer.input)
+        inputs = self.model.inputs
+        probe = keras.Model(inputs[0] if len(inputs) == 1 else inputs, layer.input)
         axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
 
         @tf.function(reduce_retracing=True)

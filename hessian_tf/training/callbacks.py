@@ -18,7 +18,9 @@ from hessian_tf.models import population_bn
 from hessian_tf.training import models as models_lib
 
 CHECKPOINT_FORMAT = "step-{step:08d}.keras"
-TRAIN_SCALAR_TAGS = ("train/loss", "train/accuracy", "train/learning_rate", "train/steps_per_second")
+TRAIN_SCALAR_TAGS = (
+    "train/loss", "train/accuracy", "train/learning_rate", "train/steps_per_second"
+)
 
 
 def global_step(model: keras.Model) -> int:
@@ -90,7 +92,9 @@ class PopulationStatisticsUpdates(keras.callbacks.Callback):
     def _update(self):
         started = time.perf_counter()
         if self.updater is None or self.updater.model is not self.model:
-            self.updater = population_bn.PopulationStatistics(self.model, batch_size=self.batch_size)
+            self.updater = population_bn.PopulationStatistics(
+                self.model, batch_size=self.batch_size
+            )
         self.updater.update(self.x)
         self.seconds += time.perf_counter() - started
 

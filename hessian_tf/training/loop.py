@@ -8,8 +8,11 @@ WORKDIR/
                                      and spectrum-stepXXXXXXXX.npz per evaluation
   checkpoints/step-XXXXXXXX.keras    at train.checkpoint_steps and the last step
   model.keras                        the final model (what the config's `spectrum`
-                                     section reads)
+                                     section reads; its results go to spectrum_final/)
   summary.json                       timings, final metrics, one line per spectrum
+
+A workdir that holds an earlier run is written over (a warning says so); its old
+TensorBoard event files stay beside the new ones.
 
 `tensorboard --logdir=WORKDIR` shows the train and spectrum runs side by side.
 """
@@ -100,6 +103,13 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None) -> d
     train_config = config.train
     workdir = config.workdir
     results.check_writable(workdir)
+    if os.path.exists(os.path.join(workdir, SUMMARY_FILE)) or os.path.exists(
+        os.path.join(workdir, CONFIG_FILE)
+    ):
+        logging.warning(
+            "%s holds an earlier run: its files are replaced, but its TensorBoard "
+            "events stay (use a fresh --workdir for clean curves).", workdir,
+        )
     with _mock_data(train_config.mock_data), _op_determinism(train_config.deterministic):
         summary = _train(config, train_config, workdir, started)
     return summary

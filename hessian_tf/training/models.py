@@ -55,7 +55,10 @@ def compile_model(model: keras.Model, train) -> None:
     """SGD with momentum; the learning rate drops by lr_drop_factor at each step s
     of lr_drop_steps: the first s updates use the rate before, update s + 1 on
     (optimizer.iterations >= s) the rate after."""
-    values = [train.learning_rate * train.lr_drop_factor**i for i in range(len(train.lr_drop_steps) + 1)]
+    values = [
+        train.learning_rate * train.lr_drop_factor**i
+        for i in range(len(train.lr_drop_steps) + 1)
+    ]
     if train.lr_drop_steps:
         learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
             # The schedule keeps values[i] while iterations <= boundaries[i].
