@@ -51,6 +51,7 @@ GCLOUD_ARGS=()
 
 set_option() {
   case $1 in
+    --single-host) SINGLE_HOST=$2 ;;
     --name) NAME=$2 ;;
     --zone) ZONE=$2 ;;
     --project) PROJECT=$2 ;;
@@ -61,23 +62,7 @@ set_option() {
   esac
 }
 
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --single-host) SINGLE_HOST=1; shift ;;
-    --name | --zone | --project | --worker | --env | --program | --gcloud-arg)
-      (($# >= 2)) || die "$1 needs a value."
-      set_option "$1" "$2"
-      shift 2 ;;
-    --name=* | --zone=* | --project=* | --worker=* | --env=* | --program=* | --gcloud-arg=*)
-      set_option "${1%%=*}" "${1#*=}"
-      shift ;;
-    --) shift; break ;;
-    *) break ;;
-  esac
-done
-ARGS=("$@")
+parse_launcher_options "--name --zone --project --worker --env --program --gcloud-arg" "--single-host" "$@"
 
 reject_launcher_options "$LAUNCHER_OPTIONS" -- ${ARGS[@]+"${ARGS[@]}"}
 reject_flags "--strategy --tpu" "the launcher sets --strategy=tpu and --tpu itself." \

@@ -75,25 +75,7 @@ set_option() {
   esac
 }
 
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --list | --image | --output-root | --gpus | --parallelism | --retries | --name | \
-      --namespace | --accelerator | --service-account | --pvc | --mount-path)
-      (($# >= 2)) || die "$1 needs a value."
-      set_option "$1" "$2"
-      shift 2 ;;
-    --list=* | --image=* | --output-root=* | --gpus=* | --parallelism=* | --retries=* | \
-      --name=* | --namespace=* | --accelerator=* | --service-account=* | --pvc=* | \
-      --mount-path=*)
-      set_option "${1%%=*}" "${1#*=}"
-      shift ;;
-    --) shift; break ;;
-    *) break ;;
-  esac
-done
-ARGS=("$@")
+parse_launcher_options "--list --image --output-root --gpus --parallelism --retries --name --namespace --accelerator --service-account --pvc --mount-path" "" "$@"
 
 reject_launcher_options "$LAUNCHER_OPTIONS" -- ${ARGS[@]+"${ARGS[@]}"}
 reject_flags "--model --output_dir" "each pod sets them from its line of --list and --output-root." \

@@ -63,24 +63,7 @@ set_option() {
   esac
 }
 
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --nodes | --gpus-per-node | --cpus-per-task | --time | --partition | --account | \
-      --job-name | --cluster | --sbatch-arg)
-      (($# >= 2)) || die "$1 needs a value."
-      set_option "$1" "$2"
-      shift 2 ;;
-    --nodes=* | --gpus-per-node=* | --cpus-per-task=* | --time=* | --partition=* | \
-      --account=* | --job-name=* | --cluster=* | --sbatch-arg=*)
-      set_option "${1%%=*}" "${1#*=}"
-      shift ;;
-    --) shift; break ;;
-    *) break ;;
-  esac
-done
-ARGS=("$@")
+parse_launcher_options "--nodes --gpus-per-node --cpus-per-task --time --partition --account --job-name --cluster --sbatch-arg" "" "$@"
 
 reject_launcher_options "$LAUNCHER_OPTIONS" -- ${ARGS[@]+"${ARGS[@]}"}
 reject_flags "--strategy" "every task runs --strategy=multi_worker." -- ${ARGS[@]+"${ARGS[@]}"}

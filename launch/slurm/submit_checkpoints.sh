@@ -64,24 +64,7 @@ set_option() {
   esac
 }
 
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    --list | --output-root | --max-parallel | --gpus | --cpus-per-task | --time | \
-      --partition | --account | --job-name | --sbatch-arg)
-      (($# >= 2)) || die "$1 needs a value."
-      set_option "$1" "$2"
-      shift 2 ;;
-    --list=* | --output-root=* | --max-parallel=* | --gpus=* | --cpus-per-task=* | \
-      --time=* | --partition=* | --account=* | --job-name=* | --sbatch-arg=*)
-      set_option "${1%%=*}" "${1#*=}"
-      shift ;;
-    --) shift; break ;;
-    *) break ;;
-  esac
-done
-ARGS=("$@")
+parse_launcher_options "--list --output-root --max-parallel --gpus --cpus-per-task --time --partition --account --job-name --sbatch-arg" "" "$@"
 
 reject_launcher_options "$LAUNCHER_OPTIONS" -- ${ARGS[@]+"${ARGS[@]}"}
 reject_flags "--model --output_dir" "each task sets them from --list and --output-root." \
