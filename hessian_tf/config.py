@@ -119,5 +119,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, allowed in choices.items():
         if config[name] not in allowed:
             raise ValueError(f"--{name}={config[name]!r} is not valid; use one of {list(allowed)}.")
+    if config.strategy == "multi_worker" and not config.model:
+        raise ValueError(
+            "--strategy=multi_worker needs --model: every worker must load the same "
+            "model (the embedded default is trained per process)."
+        )
+    if config.stream and (not config.dataset.startswith("tfds:") or not config.model):
+        raise ValueError(
+            f"--stream reads a tfds dataset at every product; got --dataset="
+            f"{config.dataset} --model={config.model or '(empty)'}: pass --dataset="
+            "tfds:NAME and --model, or drop --stream."
+        )
+    if config.stream and config.precision == "float64":
+        raise ValueError("--stream with --precision=float64 is not supported; use --precision=model.")
     if config.tpu and config.strategy != "tpu":
         raise ValueError(f"--tpu={config.tpu} needs --strategy=tpu (got --strategy={config.strategy}).")

@@ -280,11 +280,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
     from hessian_tf.operators import gauss_newton
     from hessian_tf.operators.subset import SubsetModelFunction
 
-    if config.strategy == "multi_worker" and not config.model:
-        raise ValueError(
-            "--strategy=multi_worker needs --model: every worker must load the same "
-            "model (the embedded default is trained per process)."
-        )
     multi_worker = config.strategy == "multi_worker"
     waiting = (
         f"--worker_timeout={config.worker_timeout:g}: not every worker joined the cluster "
@@ -300,14 +295,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
     chief = is_chief(strategy)
     stream = None
     if config.stream:
-        if not config.dataset.startswith("tfds:") or not config.model:
-            raise ValueError(
-                f"--stream reads a tfds dataset at every product; got --dataset="
-                f"{config.dataset} --model={config.model or '(empty)'}: pass --dataset="
-                "tfds:NAME and --model, or drop --stream."
-            )
-        if config.precision == "float64":
-            raise ValueError("--stream with --precision=float64 is not supported; use --precision=model.")
         from hessian_tf.io.streaming import tfds_stream
 
         dataset_fn, num_examples, (x, y) = tfds_stream(
