@@ -62,7 +62,7 @@ set_option() {
   esac
 }
 
-parse_launcher_options "--name --zone --project --worker --env --program --gcloud-arg" "--single-host" "$@"
+parse_launcher_options "$LAUNCHER_OPTIONS" "--single-host" "$@"
 
 reject_launcher_options "$LAUNCHER_OPTIONS" -- ${ARGS[@]+"${ARGS[@]}"}
 reject_flags "--strategy --tpu" "the launcher sets --strategy=tpu and --tpu itself." \

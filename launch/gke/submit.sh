@@ -64,7 +64,7 @@ set_option() {
   esac
 }
 
-parse_launcher_options "--image --workers --gpus-per-worker --name --namespace --accelerator --service-account --pvc --mount-path" "" "$@"
+parse_launcher_options "$LAUNCHER_OPTIONS" "" "$@"
 
 reject_launcher_options "$LAUNCHER_OPTIONS" -- ${ARGS[@]+"${ARGS[@]}"}
 reject_flags "--strategy" "every worker runs --strategy=multi_worker." -- ${ARGS[@]+"${ARGS[@]}"}

@@ -75,7 +75,7 @@ set_option() {
   esac
 }
 
-parse_launcher_options "--list --image --output-root --gpus --parallelism --retries --name --namespace --accelerator --service-account --pvc --mount-path" "" "$@"
+parse_launcher_options "$LAUNCHER_OPTIONS" "" "$@"
 
 reject_launcher_options "$LAUNCHER_OPTIONS" -- ${ARGS[@]+"${ARGS[@]}"}
 reject_flags "--model --output_dir" "each pod sets them from its line of --list and --output-root." \

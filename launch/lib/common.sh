@@ -150,12 +150,13 @@ apply_manifest() {  # DRY_RUN COMMAND...
   printf '%s' "$MANIFEST" | "$@"
 }
 
-# Parses the launcher's own options from the front of the words: VALUE_OPTIONS take
-# a value (`--opt V` or `--opt=V`) and SWITCHES none; each is handed to the caller's
-# `set_option NAME VALUE` (a switch gets 1). --help and --dry-run (DRY_RUN=1) are
+# Parses the launcher's own options from the front of the words: OPTIONS (the
+# script's LAUNCHER_OPTIONS) take a value (`--opt V` or `--opt=V`) except the
+# SWITCHES among them; each is handed to the caller's `set_option NAME VALUE` (a
+# switch gets 1). --help and --dry-run (DRY_RUN=1) are
 # handled here. Parsing stops at `--` or the first other word; the rest is ARGS.
-parse_launcher_options() {  # "VALUE_OPTION..." "SWITCH..." WORD...
-  local values=" $1 " switches=" $2 "
+parse_launcher_options() {  # "OPTION..." "SWITCH..." WORD...
+  local values=" ${1//$'\n'/ } " switches=" ${2//$'\n'/ } "  # lists may span lines
   shift 2
   while (($#)); do
     case $1 in
@@ -163,17 +164,17 @@ parse_launcher_options() {  # "VALUE_OPTION..." "SWITCH..." WORD...
       --dry-run) DRY_RUN=1; shift ;;
       --) shift; break ;;
       --*=*)
-        [[ $values == *" ${1%%=*} "* ]] || break
+        [[ $values == *" ${1%%=*} "* && $switches != *" ${1%%=*} "* ]] || break
         set_option "${1%%=*}" "${1#*=}"
         shift ;;
       *)
-        if [[ $values == *" $1 "* ]]; then
+        if [[ $switches == *" $1 "* ]]; then
+          set_option "$1" 1
+          shift
+        elif [[ $values == *" $1 "* ]]; then
           (($# >= 2)) || die "$1 needs a value."
           set_option "$1" "$2"
           shift 2
-        elif [[ $switches == *" $1 "* ]]; then
-          set_option "$1" 1
-          shift
         else
           break
         fi ;;

@@ -63,7 +63,7 @@ set_option() {
   esac
 }
 
-parse_launcher_options "--nodes --gpus-per-node --cpus-per-task --time --partition --account --job-name --cluster --sbatch-arg" "" "$@"
+parse_launcher_options "$LAUNCHER_OPTIONS" "" "$@"
 
 reject_launcher_options "$LAUNCHER_OPTIONS" -- ${ARGS[@]+"${ARGS[@]}"}
 reject_flags "--strategy" "every task runs --strategy=multi_worker." -- ${ARGS[@]+"${ARGS[@]}"}

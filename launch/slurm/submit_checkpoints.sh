@@ -64,7 +64,7 @@ set_option() {
   esac
 }
 
-parse_launcher_options "--list --output-root --max-parallel --gpus --cpus-per-task --time --partition --account --job-name --sbatch-arg" "" "$@"
+parse_launcher_options "$LAUNCHER_OPTIONS" "" "$@"
 
 reject_launcher_options "$LAUNCHER_OPTIONS" -- ${ARGS[@]+"${ARGS[@]}"}
 reject_flags "--model --output_dir" "each task sets them from --list and --output-root." \
