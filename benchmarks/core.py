@@ -5,9 +5,12 @@ On the reference workloads of DESIGN.md, for each (workload, BN mode, batch size
   `HessianOperator.matvec` (after a warm-up product), and the share of a step
   spent outside the product (the Lanczos overhead, from the same run);
 - product: one `matvec` (the whole dataset) alone, best of --repeats;
-- one batch: forward (summed loss), gradient and Hessian-vector product on the
-  same batch, each a `tf.function` over the operator's own model function, best
-  of --repeats; product/gradient is the cost of a product in gradients.
+- one batch: forward (summed loss), gradient and Hessian-vector product (both
+  methods) on the same batch, each a `tf.function` over the operator's own model
+  function, best of --repeats; product/gradient is the cost of a product in
+  gradients;
+- lockstep: 8 draws run together (one block of 8 products per step, one data
+  pass) against 8 single-draw runs of the same steps, wall time.
 The product and the one-batch timings are taken in interleaved rounds, so that
 load from other processes inflates them alike.
 
@@ -42,11 +45,15 @@ RESNET_NUM_IMAGES = 512
 REFERENCE_LANCZOS_STEPS = 90  # m of the paper and of DESIGN.md's workloads
 
 
+LOCKSTEP_DRAWS = 8
+
+
 class Case(NamedTuple):
     workload: str
     bn_mode: str
     batch_size: int
     lanczos_steps: int
+    lockstep_steps: int  # steps of the lockstep comparison runs
 
 
 class Row(NamedTuple):
@@ -62,6 +69,8 @@ class Row(NamedTuple):
     forward: float  # one batch, best of repeats
     gradient: float
     batch_products: dict  # method -> seconds for one batch
+    method: str  # the operator's own (method='auto')
+    lockstep: float  # 8 draws in lockstep ÷ 8 single-draw runs, wall time
     model_unchanged: bool
 
     @property
@@ -70,14 +79,14 @@ class Row(NamedTuple):
 
     @property
     def ratio(self) -> float:
-        return self.batch_products["forward_over_backward"] / self.gradient
+        return self.batch_products[self.method] / self.gradient
 
     @property
     def loop_ratio(self) -> float:
         """matvec / (number of batches · one batch's product): the cost of the
         operator's loop, padding, dynamic shapes, flattening and the host copies."""
         num_batches = self.num_examples / self.case.batch_size
-        return self.product / (num_batches * self.batch_products["forward_over_backward"])
+        return self.product / (num_batches * self.batch_products[self.method])
 
 
 def load_workload(name: str):
@@ -100,12 +109,12 @@ def cases(lanczos_steps: Optional[int]) -> dict[str, list[Case]]:
     return {
         # The MLP has no BN: one mode. Batch 1797 = the whole dataset in one batch.
         "mlp-digits": [
-            Case("mlp-digits", "inference", 1797, steps(90)),
-            Case("mlp-digits", "inference", 128, steps(90)),
+            Case("mlp-digits", "inference", 1797, steps(90), steps(90)),
+            Case("mlp-digits", "inference", 128, steps(90), steps(90)),
         ],
         "resnet32-cifar": [
-            Case("resnet32-cifar", "inference", 128, steps(10)),
-            Case("resnet32-cifar", "train", 128, steps(10)),
+            Case("resnet32-cifar", "inference", 128, steps(10), 2),
+            Case("resnet32-cifar", "train", 128, steps(10), 2),
         ],
     }
 
@@ -159,6 +168,25 @@ def batch_functions(operator: operators.HessianOperator, x, y):
     return forward, gradient, product
 
 
+def lockstep_ratio(operator, steps: int, draws: int) -> float:
+    """Wall time of `draws` draws of `steps` Lanczos steps run in lockstep, ÷ that of
+    `draws` single-draw runs one after the other (both traced beforehand)."""
+    operator.matmat(np.ones((draws, operator.dim)))  # trace the block of `draws`
+    operator.matvec(np.ones(operator.dim))
+
+    def run(num_draws, lockstep):
+        start = time.perf_counter()
+        stochastic_lanczos_quadrature(
+            operator.matvec, operator.dim, lanczos_steps=steps, num_draws=num_draws,
+            lockstep=lockstep, matmat=operator.matmat,
+        )
+        return time.perf_counter() - start
+
+    together = run(draws, draws)
+    apart = sum(run(1, 1) for _ in range(draws))
+    return together / apart
+
+
 def lanczos_algebra_seconds(dim: int, k: int, repeats: int) -> float:
     """One `lanczos_step` at step k (k + 1 basis vectors), product given: the
     reorthogonalisation, which grows with k. Best of `repeats`."""
@@ -187,7 +215,7 @@ def measure(case: Case, model: keras.Model, x: np.ndarray, y: np.ndarray, repeat
             model_function, x, y, batch_size=case.batch_size, bn_mode=case.bn_mode, method=method
         )
 
-    operator = operator_for("forward_over_backward")
+    operator = operator_for("auto")
     vector = np.random.default_rng(1).standard_normal(operator.dim)
 
     start = time.perf_counter()
@@ -197,7 +225,8 @@ def measure(case: Case, model: keras.Model, x: np.ndarray, y: np.ndarray, repeat
     before = operator.product_seconds, operator.num_products
     last = []
     stochastic_lanczos_quadrature(
-        operator.matvec, operator.dim, lanczos_steps=case.lanczos_steps, progress=last.append
+        operator.matvec, operator.dim, lanczos_steps=case.lanczos_steps, progress=last.append,
+        matmat=operator.matmat,
     )
     num_steps = last[-1].step  # fewer than asked only if the Krylov space ran out
     step = last[-1].seconds / num_steps
@@ -207,15 +236,14 @@ def measure(case: Case, model: keras.Model, x: np.ndarray, y: np.ndarray, repeat
     x_batch, y_batch = tf.constant(x[:size]), tf.constant(y[:size])
     tangents = operators.unflatten(tf.constant(vector), model_function.primals())
     forward, gradient, product_function = batch_functions(operator, x_batch, y_batch)
-    _, _, reverse_product_function = batch_functions(
-        operator_for("reverse_over_reverse"), x_batch, y_batch
-    )
+    other = ({"forward_over_backward", "reverse_over_reverse"} - {operator.method}).pop()
+    _, _, other_product_function = batch_functions(operator_for(other), x_batch, y_batch)
     functions = {
         "matvec": lambda: operator.matvec(vector),
         "forward": forward,
         "gradient": gradient,
-        "forward_over_backward": lambda: product_function(tangents),
-        "reverse_over_reverse": lambda: reverse_product_function(tangents),
+        operator.method: lambda: product_function(tangents),
+        other: lambda: other_product_function(tangents),
     }
     for function in functions.values():
         function()  # trace
@@ -225,6 +253,7 @@ def measure(case: Case, model: keras.Model, x: np.ndarray, y: np.ndarray, repeat
         method: best[method] for method in ("forward_over_backward", "reverse_over_reverse")
     }
 
+    lockstep = lockstep_ratio(operator, case.lockstep_steps, LOCKSTEP_DRAWS)
     algebra = lanczos_algebra_seconds(operator.dim, REFERENCE_LANCZOS_STEPS - 1, repeats=3)
     with threadpoolctl.threadpool_limits(1, user_api="blas"):
         algebra_one_thread = lanczos_algebra_seconds(
@@ -246,6 +275,8 @@ def measure(case: Case, model: keras.Model, x: np.ndarray, y: np.ndarray, repeat
         forward=best["forward"],
         gradient=best["gradient"],
         batch_products=batch_products,
+        method=operator.method,
+        lockstep=lockstep,
         model_unchanged=unchanged,
     )
 
@@ -279,8 +310,8 @@ def environment() -> str:
 
 HEADER = (
     "workload", "BN mode", "batch", "params", "step s", "matvec s", "overhead",
-    "algebra@90 s", "1-thread s", "fwd s", "grad s", "HVP s", "HVP/grad", "RoR/grad", "matvec/Σbatch",
-    "first s",
+    "algebra@90 s", "1-thread s", "fwd s", "grad s", "HVP s", "HVP/grad", "FoB/grad", "RoR/grad",
+    "matvec/Σbatch", "lockstep 8", "first s",
 )
 
 
@@ -298,10 +329,12 @@ def cells(row: Row) -> list[str]:
         f"{row.algebra_one_thread:.3g}",
         f"{row.forward:.4g}",
         f"{row.gradient:.4g}",
-        f"{products['forward_over_backward']:.4g}",
+        f"{products[row.method]:.4g}",
         f"{row.ratio:.2f}",
+        f"{products['forward_over_backward'] / row.gradient:.2f}",
         f"{products['reverse_over_reverse'] / row.gradient:.2f}",
         f"{row.loop_ratio:.2f}",
+        f"{row.lockstep:.2f}",
         f"{row.first_product:.3g}",
     ]
 
@@ -330,8 +363,11 @@ def markdown(rows: list[Row], env: str, repeats: int) -> str:
         "product alone; overhead = share of a step outside the product (same run); "
         "algebra@90 = one reorthogonalised Lanczos step with 90 basis vectors (1-thread: "
         "NumPy's BLAS limited to one thread); "
-        "fwd/grad/HVP = one batch (forward-over-backward HVP); RoR = reverse-over-reverse "
-        "HVP; matvec/Σbatch = matvec ÷ (N/batch · one-batch HVP); first = trace + first product.",
+        "fwd/grad/HVP = one batch (HVP: the operator's default method, "
+        f"{rows[0].method if rows else ''}); FoB/RoR = forward-over-backward and "
+        "reverse-over-reverse products; matvec/Σbatch = matvec ÷ (N/batch · one-batch HVP); "
+        f"lockstep 8 = {LOCKSTEP_DRAWS} draws in lockstep ÷ {LOCKSTEP_DRAWS} single-draw runs "
+        "(wall time, steps: mlp-digits m, resnet32-cifar 2); first = trace + first product.",
     ]
     return "\n".join(lines)
 

@@ -43,6 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Lanczos.
     config.lanczos_steps = 90
     config.num_draws = 1
+    # Draws advanced together, one block of products (one data pass) per step; 0:
+    # automatic, up to 8 draws whose Lanczos bases fit in a quarter of the memory.
+    config.lockstep_draws = 0
     config.seed = 0
     config.basis_dtype = "float64"
     # Analyses: top eigenvalues with residual bounds (no extra products); Hutch++
@@ -80,6 +83,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in positive:
         if config[name] < 1:
             raise ValueError(f"--{name}={config[name]}: pass an integer >= 1.")
+    if config.lockstep_draws < 0:
+        raise ValueError(
+            f"--lockstep_draws={config.lockstep_draws}: pass a number of draws >= 1, or 0 "
+            "for automatic."
+        )
     if config.num_grid_points < 2:
         raise ValueError(f"--num_grid_points={config.num_grid_points}: pass at least 2.")
     if config.kernel_width < 0:

@@ -33,18 +33,33 @@ def _format_seconds(seconds: float) -> str:
 
 
 def log_progress(progress: spectrum_lib.Progress) -> None:
+    draws = range(progress.draw, progress.draw + progress.group_size)
+    steps_done = progress.draw * progress.lanczos_steps + progress.step * progress.group_size
     logging.info(
-        "draw %d/%d, Lanczos step %d/%d: alpha=%.6g beta=%.6g, %.3f s/step, %s left%s",
-        progress.draw + 1,
+        "%s/%d, Lanczos step %d/%d: alpha=%.6g beta=%.6g, %.3f s/product, %s left%s",
+        spectrum_lib.draws_label(draws),
         progress.num_draws,
         progress.step,
         progress.lanczos_steps,
         progress.alpha,
         progress.beta,
-        progress.seconds / max(1, progress.draw * progress.lanczos_steps + progress.step),
+        progress.seconds / max(1, steps_done),
         _format_seconds(progress.seconds_left),
         " (Krylov space exhausted: exact spectrum)" if progress.exhausted else "",
     )
+
+
+def lockstep_draws(config, dim: int) -> int:
+    """Draws per lockstep group: --lockstep_draws, or automatically up to 8 draws
+    whose Lanczos bases together fit in a quarter of the host's memory."""
+    if config.lockstep_draws:
+        return min(config.lockstep_draws, config.num_draws)
+    per_draw = config.lanczos_steps * dim * (4 if config.basis_dtype == "float32" else 8)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 * 2**30
+    return max(1, min(config.num_draws, 8, memory // 4 // max(1, per_draw)))
 
 
 # Sleeps, then reports and kills the job; killed itself when the block ends in time.
@@ -144,10 +159,14 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     batch_seconds = time.perf_counter() - started
     replicas = operator.strategy.num_replicas_in_sync
     batches = -(-operator.num_examples // config.batch_size)
-    products = config.num_draws * config.lanczos_steps + int(bool(config.check_determinism))
-    passes = products + 1  # + the loss and gradient pass
-    basis_bytes = config.lanczos_steps * operator.dim * (4 if config.basis_dtype == "float32" else 8)
-    seconds = batch_seconds * -(-batches // replicas) * passes
+    group = spectrum_lib.group_size(config.num_draws, lockstep_draws(config, operator.dim))
+    products = config.num_draws * config.lanczos_steps + group * int(bool(config.check_determinism))
+    groups = -(-config.num_draws // group)
+    passes = groups * config.lanczos_steps + int(bool(config.check_determinism)) + 1  # + gradient
+    basis_bytes = group * config.lanczos_steps * operator.dim * (
+        4 if config.basis_dtype == "float32" else 8)
+    # An upper bound: a block of k products in lockstep costs less than k products.
+    seconds = batch_seconds * -(-batches // replicas) * (products + 1)
     cost = {
         "num_params": operator.dim,
         "num_examples": operator.num_examples,
@@ -156,15 +175,16 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         "data_passes": passes,
         "examples_read": passes * operator.num_examples,
         "lanczos_basis_bytes": basis_bytes,
+        "lockstep_draws": group,
         "seconds_per_batch_product": batch_seconds,
         "estimated_seconds": seconds,
     }
     lines = [
         f"dry run: {operator.dim:,} parameters, {operator.num_examples:,} examples, {replicas} replica(s)",
-        f"  {products} Hessian-vector products + 1 gradient pass = {passes} passes over the data, "
-        f"{passes * operator.num_examples:,} examples read",
-        f"  Lanczos basis: {basis_bytes / 2**30:.2f} GiB ({config.basis_dtype}, on the host; "
-        "--basis_dtype=float32 halves it)",
+        f"  {products} Hessian-vector products ({group} draw(s) in lockstep) + 1 gradient pass "
+        f"= {passes} passes over the data, {passes * operator.num_examples:,} examples read",
+        f"  Lanczos bases: {basis_bytes / 2**30:.2f} GiB ({group} x {config.basis_dtype}, on "
+        "the host; --basis_dtype=float32 halves it, --lockstep_draws=1 keeps one)",
         f"  one batch of {config.batch_size}: {batch_seconds:.3f} s per product here; estimate "
         f"{datetime.timedelta(seconds=int(seconds))} on {replicas} replica(s) of this speed",
     ]
@@ -255,9 +275,11 @@ def _checkpointing(config, checkpointer, *, chief: bool):
             path = checkpointer.save(state)
             logging.info("Checkpoint %s", path)
         if preempted:
-            step = state.lanczos.num_steps if state.lanczos is not None else 0
+            step = state.lanczos[0].num_steps if state.lanczos else 0
+            draws = range(state.draw, state.draw + len(state.lanczos or (None,)))
             raise Preempted(
-                f"preempted (SIGTERM) in draw {state.draw + 1} at Lanczos step {step}; a "
+                f"preempted (SIGTERM) in {spectrum_lib.draws_label(draws)} at Lanczos step "
+                f"{step}; a "
                 f"checkpoint is in {checkpointer.directory}: run the same command to resume."
             )
 
@@ -354,12 +376,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
         lanczos_steps=config.lanczos_steps, dim=operator.dim, basis_dtype=basis_dtype
     )
     if resumed is not None:
-        step = resumed.lanczos.num_steps if resumed.lanczos is not None else 0
+        step = resumed.lanczos[0].num_steps if resumed.lanczos else 0
+        draws = range(resumed.draw, resumed.draw + len(resumed.lanczos or (None,)))
         logging.info(
-            "Resuming draw %d at Lanczos step %d (%d products done) from %s",
-            resumed.draw + 1, step, resumed.num_products, checkpointer.latest(),
+            "Resuming %s at Lanczos step %d (%d products done) from %s",
+            spectrum_lib.draws_label(draws), step, resumed.num_products, checkpointer.latest(),
         )
     after_step = _checkpointing(config, checkpointer, chief=chief)
+    lockstep = lockstep_draws(config, operator.dim)
     try:
         # The first all-reduce is where a worker that never started would hang.
         with _deadline(config.worker_timeout, waiting, enabled=multi_worker):
@@ -377,6 +401,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
             basis_dtype=basis_dtype,
             initial_state=resumed,
             after_step=after_step,
+            matmat=operator.matmat,
+            lockstep=lockstep,
         )
     except (NonFiniteError, NonDeterministicError) as error:
         raise type(error)(
@@ -411,10 +437,15 @@ def run(config: ml_collections.ConfigDict) -> dict:
         "krylov_exhausted": spectrum.exhausted.tolist(),
         "orthogonality_loss": spectrum.orthogonality_loss,
         # Across sessions of a resumed job; the determinism check costs one more.
-        "num_hvps": spectrum.num_products + int(bool(config.check_determinism)),
+        "num_hvps": spectrum.num_products
+        + spectrum_lib.group_size(config.num_draws, lockstep) * int(bool(config.check_determinism)),
         "num_hvps_this_session": operator.num_products,
         "product_seconds": operator.product_seconds,
         "lanczos_seconds": spectrum.seconds,
+        # One step of the group (k products in one data pass and the algebra), after
+        # the first step, which includes tracing.
+        "seconds_per_step": spectrum.seconds_per_step,
+        "lockstep_draws": spectrum_lib.group_size(config.num_draws, lockstep),
         "seconds": None,  # filled in just before writing
         "config": config.to_dict(),
         **analyses,

@@ -53,6 +53,7 @@ _HELP = {
     "check_determinism": "Compute the first product twice and fail if they differ.",
     "lanczos_steps": "Lanczos order m.",
     "num_draws": "Independent Gaussian start vectors, averaged.",
+    "lockstep_draws": "Draws run together, sharing each pass over the data (0: automatic, up to 8).",
     "seed": "Seed of the start vectors (and of the default model's training).",
     "basis_dtype": "Storage of the Lanczos basis: float64 or float32 (half the memory).",
     "kernel_width": "Gaussian kernel width sigma; 0: 0.002 x (lambda_max - lambda_min).",

@@ -1,8 +1,9 @@
 """Checkpoints of an SLQ run, so a long job resumes mid-Lanczos.
 
 A checkpoint (tf.train.Checkpoint, rotated by tf.train.CheckpointManager under
-OUTPUT_DIR/checkpoints) holds the draw in progress, its Lanczos state (α, β and
-the basis rows written so far: full reorthogonalisation needs all of them), the
+OUTPUT_DIR/checkpoints) holds the draws in progress (one lockstep group), their
+Lanczos states (α, β and the basis rows written so far: full reorthogonalisation
+needs all of them), the
 finished draws' tridiagonals, the product count, and a fingerprint of the model,
 the dataset and the configuration. Start vectors depend only on (seed, draw), so
 no random state needs saving. TensorFlow writes the data files first and points
@@ -25,8 +26,10 @@ from hessian_tf.spectrum import SLQState
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
-# Options that do not change the numbers a run computes.
-_OPERATIONAL_OPTIONS = ("output_dir", "checkpoint_every", "restart", "worker_timeout")
+# Options that do not change the result: a run resumes across changes of these.
+_OPERATIONAL_OPTIONS = (
+    "output_dir", "checkpoint_every", "restart", "worker_timeout", "lockstep_draws",
+)
 
 
 def fingerprint(
@@ -69,16 +72,16 @@ class SLQCheckpointer:
             "draw": tf.constant(state.draw, tf.int64),
             "num_products": tf.constant(state.num_products, tf.int64),
         }
-        if state.lanczos is not None:
-            lanczos = state.lanczos
+        for member, lanczos in enumerate(state.lanczos or ()):
+            # One Lanczos state per draw of the lockstep group in progress.
             rows = min(lanczos.num_steps + 1, lanczos.alphas.size)
-            values.update(
-                lanczos_basis=tf.constant(lanczos.basis[:rows]),
-                lanczos_alphas=tf.constant(lanczos.alphas),
-                lanczos_betas=tf.constant(lanczos.betas),
-                lanczos_num_steps=tf.constant(lanczos.num_steps, tf.int64),
-                lanczos_exhausted=tf.constant(lanczos.exhausted),
-            )
+            values.update({
+                f"lanczos{member}_basis": tf.constant(lanczos.basis[:rows]),
+                f"lanczos{member}_alphas": tf.constant(lanczos.alphas),
+                f"lanczos{member}_betas": tf.constant(lanczos.betas),
+                f"lanczos{member}_num_steps": tf.constant(lanczos.num_steps, tf.int64),
+                f"lanczos{member}_exhausted": tf.constant(lanczos.exhausted),
+            })
         for index, (result, orthogonality) in enumerate(state.completed):
             values[f"draw{index}_alphas"] = tf.constant(result.alphas)
             values[f"draw{index}_betas"] = tf.constant(result.betas)
@@ -129,10 +132,11 @@ class SLQCheckpointer:
                         float(get(f"draw{index}_orthogonality")),
                     )
                 )
-            lanczos = None
-            if "lanczos_basis" in names:
-                rows = get("lanczos_basis")
-                alphas = get("lanczos_alphas")
+            group = []
+            while f"lanczos{len(group)}_basis" in names:
+                prefix = f"lanczos{len(group)}"
+                rows = get(f"{prefix}_basis")
+                alphas = get(f"{prefix}_alphas")
                 if alphas.size != lanczos_steps or rows.shape[1] != dim:
                     raise CheckpointError(
                         f"--output_dir={os.path.dirname(self.directory)}: its checkpoint has "
@@ -141,13 +145,14 @@ class SLQCheckpointer:
                     )
                 basis = np.zeros((lanczos_steps, dim), dtype=basis_dtype)
                 basis[: rows.shape[0]] = rows
-                lanczos = linalg.LanczosState(
+                group.append(linalg.LanczosState(
                     basis=basis,
                     alphas=alphas.copy(),
-                    betas=get("lanczos_betas").copy(),
-                    num_steps=int(get("lanczos_num_steps")),
-                    exhausted=bool(get("lanczos_exhausted")),
-                )
+                    betas=get(f"{prefix}_betas").copy(),
+                    num_steps=int(get(f"{prefix}_num_steps")),
+                    exhausted=bool(get(f"{prefix}_exhausted")),
+                ))
+            lanczos = tuple(group) or None
             return SLQState(
                 draw=draw,
                 lanczos=lanczos,

@@ -476,6 +476,8 @@ class SpectrumCallback(keras.callbacks.Callback):
                 seed=self.seed,
                 kernel_width=self.kernel_width,
                 first_product=first_product,
+                matmat=operator.matmat,
+                lockstep=min(self.num_draws, 8),
             )
         except (hessian_lib.NonDeterministicError, hessian_lib.NonFiniteError) as error:
             raise type(error)(f"SpectrumCallback at training step {step}: {error}") from error

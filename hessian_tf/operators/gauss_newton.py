@@ -61,6 +61,18 @@ class _JacobianProductOperator(HessianOperator):
         count = tf.cast(tf.shape(x)[0], regularization.dtype)
         return self._values(outputs, y), count * regularization
 
+    @staticmethod
+    def _auto_method(model_function) -> str:
+        # J v is a forward-mode product: one forward pass, where reverse mode
+        # needs a double backward pass.
+        return (
+            "forward_over_backward" if model_function.supports_forward_mode
+            else "reverse_over_reverse"
+        )
+
+    def _batch_products(self, primals, state, block, x, y):
+        return [self._batch_product(primals, state, tangents, x, y) for tangents in block]
+
     def _batch_product(self, primals, state, tangents, x, y):
         forward = self.method == "forward_over_backward"
         with contextlib.ExitStack() as stack:

@@ -76,8 +76,14 @@ class HessianOperator:
       bn_mode: 'inference' (moving statistics) or 'train' (batch statistics).
       strategy: the tf.distribute strategy; default: the current one.
       regularization: add the model's own losses (weight regularizers) to L.
-      method: 'forward_over_backward', 'reverse_over_reverse', or 'auto' (forward
-        over backward where the model supports it).
+      method: 'forward_over_backward', 'reverse_over_reverse', or 'auto'
+        (reverse over reverse: measured no slower than forward over backward on
+        the reference workloads, and it shares the forward and backward pass among
+        the vectors of a block; see benchmarks/README.md).
+
+    `matvec(v)` is H v; `matmat(V)` is the products of a block of vectors V [k, dim]
+    in ONE pass over the data (lockstep draws), the model's forward and backward
+    pass computed once per batch for all k.
     """
 
     def __init__(
@@ -97,10 +103,11 @@ class HessianOperator:
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not a product method; use one of {METHODS}.")
         if method == "auto":
-            method = (
-                "forward_over_backward"
-                if model_function.supports_forward_mode
-                else "reverse_over_reverse"
+            method = self._auto_method(model_function)
+        if method == "forward_over_backward" and not model_function.supports_forward_mode:
+            raise ValueError(
+                "--method=forward_over_backward: forward mode returns None through a "
+                "loaded SavedModel's functions; use --method=reverse_over_reverse."
             )
         if batch_size < 1:
             raise ValueError(f"--batch_size={batch_size}: pass a batch size >= 1.")
@@ -139,14 +146,17 @@ class HessianOperator:
         self.dim = flatten_lib.num_parameters(model_function.variables)
         self.num_products = 0
         self.product_seconds = 0.0
+        self.num_traces = 0  # traces of the product graph: one per block size
         self._check_fit(x, y)
         self._place_data(x, y)
-        self._product_function = tf.function(
-            self._product_graph,
-            input_signature=[tf.TensorSpec([self.dim], tf.float64)],
-            reduce_retracing=True,
-        )
+        # No input signature: the block size k must be static (one trace per k).
+        self._product_function = tf.function(self._product_graph)
         self._loss_gradient_function = tf.function(self._loss_gradient_graph)
+
+    @staticmethod
+    def _auto_method(model_function) -> str:
+        del model_function  # reverse over reverse works for every model format
+        return "reverse_over_reverse"
 
     def _first_nonfinite_batch(self, vector) -> str:
         """", first in batch b (examples i-j)" for the first batch whose loss (or,
@@ -245,26 +255,36 @@ class HessianOperator:
 
     def _batch_product(self, primals, state, tangents, x, y):
         """H_b v for one batch's summed objective, as a list like `primals`."""
+        return self._batch_products(primals, state, [tangents], x, y)[0]
+
+    def _batch_products(self, primals, state, block, x, y):
+        """[H_b v for v in block] for one batch: the forward and backward pass are
+        recorded once and differentiated once per vector (reverse over reverse)."""
         zero = tf.UnconnectedGradients.ZERO
         if self.method == "forward_over_backward":
-            with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
-                with tf.GradientTape() as tape:
-                    tape.watch(primals)
-                    objective = self._batch_objective(primals, state, x, y)
-                gradients = tape.gradient(objective, primals, unconnected_gradients=zero)
-            products = accumulator.jvp(gradients)
+            products = []
+            for tangents in block:
+                with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
+                    with tf.GradientTape() as tape:
+                        tape.watch(primals)
+                        objective = self._batch_objective(primals, state, x, y)
+                    gradients = tape.gradient(objective, primals, unconnected_gradients=zero)
+                products.append(accumulator.jvp(gradients))
         else:
-            with tf.GradientTape() as outer:
+            with tf.GradientTape(persistent=len(block) > 1) as outer:
                 outer.watch(primals)
                 with tf.GradientTape() as inner:
                     inner.watch(primals)
                     objective = self._batch_objective(primals, state, x, y)
                 gradients = inner.gradient(objective, primals, unconnected_gradients=zero)
-                inner_product = tf.add_n(
-                    [tf.reduce_sum(g * tf.cast(t, g.dtype)) for g, t in zip(gradients, tangents)]
-                )
-            products = outer.gradient(inner_product, primals)
-        if all(p is None for p in products):
+                inner_products = [
+                    tf.add_n([tf.reduce_sum(g * tf.cast(t, g.dtype))
+                              for g, t in zip(gradients, tangents)])
+                    for tangents in block
+                ]
+            products = [outer.gradient(p, primals) for p in inner_products]
+            del outer
+        if all(hv is None for hv in products[0]):
             # A silent None is how forward mode fails through loaded functions.
             raise ValueError(
                 f"method={self.method}: every Hessian-vector product came back None "
@@ -272,8 +292,8 @@ class HessianOperator:
                 "method='reverse_over_reverse'."
             )
         return [
-            tf.zeros_like(p) if hv is None else hv
-            for p, hv in zip(primals, products)
+            [tf.zeros_like(p) if hv is None else hv for p, hv in zip(primals, product)]
+            for product in products
         ]
 
     def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
@@ -310,18 +330,22 @@ class HessianOperator:
             per_replica = self.strategy.run(replica_fn, args=(self._data,) + tuple(args))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    def _product_graph(self, vector):
+    def _product_graph(self, vectors):
+        """vectors [k, dim] float64 → their products [k, dim], one data pass."""
+        self.num_traces += 1  # runs only while tracing
         # Parameters and state are read once, in the cross-replica context, so every
         # replica differentiates the same model.
         primals = self.model_function.primals()
         state = self.model_function.state()
-        tangents = flatten_lib.unflatten(vector, primals)
+        size = int(vectors.shape[0])
+        block = [flatten_lib.unflatten(vectors[j], primals) for j in range(size)]
 
-        def batch_fn(x, y, primals, state, tangents):
-            return flatten_lib.flatten(self._batch_product(primals, state, tangents, x, y))
+        def batch_fn(x, y, primals, state, block):
+            products = self._batch_products(primals, state, block, x, y)
+            return tf.concat([flatten_lib.flatten(p) for p in products], axis=0)
 
-        total = self._sum_over_batches(batch_fn, self.dim, (primals, state, tangents))
-        return total / tf.constant(self.num_examples, tf.float64)
+        total = self._sum_over_batches(batch_fn, size * self.dim, (primals, state, block))
+        return tf.reshape(total, [size, self.dim]) / tf.constant(self.num_examples, tf.float64)
 
     def _loss_gradient_graph(self):
         primals = self.model_function.primals()
@@ -353,20 +377,32 @@ class HessianOperator:
             raise ValueError(
                 f"vector has shape {vector.shape}; the operator has dimension {self.dim}."
             )
+        return self.matmat(vector[np.newaxis])[0]
+
+    __call__ = matvec
+
+    def matmat(self, vectors: np.ndarray) -> np.ndarray:
+        """H V for a block of vectors [k, dim] float64 → [k, dim] float64, in one pass
+        over the data. Each block size is traced once."""
+        vectors = np.asarray(vectors, dtype=np.float64)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or vectors.shape[0] < 1:
+            raise ValueError(
+                f"vectors have shape {vectors.shape}; pass [k, {self.dim}] with k >= 1."
+            )
         start = time.perf_counter()
-        product = self._product_function(tf.constant(vector)).numpy()
+        products = self._product_function(tf.constant(vectors)).numpy()
         self.product_seconds += time.perf_counter() - start
-        self.num_products += 1
-        if not np.all(np.isfinite(product)):
+        self.num_products += vectors.shape[0]
+        finite = np.all(np.isfinite(products), axis=1)
+        if not np.all(finite):
+            row = int(np.argmin(finite))
             raise NonFiniteError(
-                f"the Hessian-vector product has {int(np.sum(~np.isfinite(product)))} "
-                f"non-finite entries{self._first_nonfinite_batch(vector)}; check the "
+                f"the Hessian-vector product has {int(np.sum(~np.isfinite(products[row])))} "
+                f"non-finite entries{self._first_nonfinite_batch(vectors[row])}; check the "
                 "model's weights and the data for NaN or overflow (try a smaller learning "
                 "rate or float64)."
             )
-        return product
-
-    __call__ = matvec
+        return products
 
     def loss_and_gradient(self) -> tuple[float, np.ndarray]:
         """(L(θ), ∇L(θ)) over the whole dataset; the gradient is [dim] float64."""
@@ -380,13 +416,16 @@ class HessianOperator:
             )
         return loss, gradient.numpy()
 
-    def check_determinism(self, vector: np.ndarray, *, relative_tolerance: float = 1e-6):
-        """Computes H v twice and raises NonDeterministicError if they differ.
+    def check_determinism(self, vectors: np.ndarray, *, relative_tolerance: float = 1e-6):
+        """Computes H v ([dim]) or H V ([k, dim]) twice and raises
+        NonDeterministicError if they differ.
 
-        Returns the first product, so the check costs one extra product.
+        Returns the first product, so the check costs one extra product (block).
         """
-        first = self.matvec(vector)
-        second = self.matvec(vector)
+        vectors = np.asarray(vectors, dtype=np.float64)
+        product = self.matvec if vectors.ndim == 1 else self.matmat
+        first = product(vectors)
+        second = product(vectors)
         difference = float(np.max(np.abs(first - second)))
         scale = float(np.max(np.abs(first)))
         if difference > relative_tolerance * max(scale, np.finfo(np.float64).tiny):

@@ -43,8 +43,11 @@ def test_default_job_end_to_end(tmp_path):
                 "num_hvps", "seconds", "config"):
         assert key in summary
     assert summary["num_params"] == 16510 and summary["num_examples"] == 1797
-    # 2 draws × 12 steps, plus one repeat for the determinism check.
-    assert summary["num_hvps"] == 25
+    # 2 draws × 12 steps in lockstep, plus one repeated block of 2 for the
+    # determinism check.
+    assert summary["num_hvps"] == 26
+    assert summary["lockstep_draws"] == 2
+    assert summary["seconds_per_step"] > 0
     assert summary["config"]["lanczos_steps"] == 12
     with np.load(tmp_path / "spectrum.npz") as spectrum:
         assert spectrum["alphas"].shape == (2, 12) and spectrum["betas"].shape == (2, 11)
@@ -54,8 +57,8 @@ def test_default_job_end_to_end(tmp_path):
         assert spectrum["nodes"].max() == pytest.approx(summary["lambda_max"])
     assert (tmp_path / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "model.keras").exists()
-    # One progress line per Lanczos step.
-    assert result.stderr.count("Lanczos step") == 24
+    # One progress line per Lanczos step of the two draws together.
+    assert result.stderr.count("draws 1-2/2, Lanczos step") == 12
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 

@@ -76,12 +76,21 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys):
         tmp_path / "out", model=str(tmp_path / "model.keras"),
         dataset=f"npz:{tmp_path / 'data.npz'}", batch_size=4, lanczos_steps=90, num_draws=2,
         dry_run=True))
-    assert cost["hessian_vector_products"] == 181 and cost["data_passes"] == 182
-    assert cost["lanczos_basis_bytes"] == 90 * 39 * 8
+    # Two draws in lockstep: 90 blocks of 2 products, the determinism check's second
+    # block, and the gradient pass.
+    assert cost["lockstep_draws"] == 2
+    assert cost["hessian_vector_products"] == 182 and cost["data_passes"] == 92
+    assert cost["lanczos_basis_bytes"] == 2 * 90 * 39 * 8
     assert cost["estimated_seconds"] > 0
     printed = capsys.readouterr().out
-    assert "181 Hessian-vector products" in printed and "Lanczos basis" in printed
+    assert "182 Hessian-vector products" in printed and "Lanczos bases" in printed
     assert not (tmp_path / "out" / "spectrum.npz").exists()
+    sequential = job.run(spectrum_config(
+        tmp_path / "out", model=str(tmp_path / "model.keras"),
+        dataset=f"npz:{tmp_path / 'data.npz'}", batch_size=4, lanczos_steps=90, num_draws=2,
+        lockstep_draws=1, dry_run=True))
+    assert sequential["hessian_vector_products"] == 181 and sequential["data_passes"] == 182
+    assert sequential["lanczos_basis_bytes"] == 90 * 39 * 8
 
 
 def test_narrow_resnet18_on_mock_imagenet(tmp_path):
