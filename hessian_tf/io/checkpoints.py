@@ -2,13 +2,19 @@
 
 A checkpoint (tf.train.Checkpoint, rotated by tf.train.CheckpointManager under
 OUTPUT_DIR/checkpoints) holds the draws in progress (one lockstep group), their
-Lanczos states (α, β and the basis rows written so far: full reorthogonalisation
-needs all of them), the
+Lanczos states (α, β and the number of basis rows written so far: full
+reorthogonalisation needs all of them), the
 finished draws' tridiagonals, the product count, and a fingerprint of the model,
 the dataset and the configuration. Start vectors depend only on (seed, draw), so
 no random state needs saving. TensorFlow writes the data files first and points
 the `checkpoint` index at them last: a crash mid-save leaves the previous
 checkpoint in force.
+
+Basis rows never change once written, so each is saved once, as its own file
+(OUTPUT_DIR/checkpoints/basis/draw{D}_row{R}.npy, written whole then renamed),
+before the checkpoint that counts it: a save writes only the rows that are new
+since the last, and copies nothing in memory (a basis can be most of the host's
+memory).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from hessian_tf import linalg
 from hessian_tf.spectrum import SLQState
 
 CHECKPOINT_SUBDIR = "checkpoints"
+BASIS_SUBDIR = "basis"
 
 # Options that do not change the result: a run resumes across changes of these.
 _OPERATIONAL_OPTIONS = (
@@ -62,9 +69,25 @@ class SLQCheckpointer:
         self.directory = directory
         self.fingerprint = fingerprint
         self.max_to_keep = max_to_keep
+        self._rows_written: dict[int, int] = {}  # draw -> basis rows on disk
 
     def latest(self) -> Optional[str]:
         return tf.train.latest_checkpoint(self.directory)
+
+    def _row_path(self, draw: int, row: int) -> str:
+        return os.path.join(self.directory, BASIS_SUBDIR, f"draw{draw}_row{row}.npy")
+
+    def _write_rows(self, draw: int, lanczos) -> int:
+        """Writes the basis rows of `draw` not written yet; returns the row count."""
+        rows = min(lanczos.num_steps + 1, lanczos.alphas.size)
+        os.makedirs(os.path.join(self.directory, BASIS_SUBDIR), exist_ok=True)
+        for row in range(self._rows_written.get(draw, 0), rows):
+            path = self._row_path(draw, row)
+            with open(path + ".tmp", "wb") as file:
+                np.save(file, lanczos.basis[row])
+            os.replace(path + ".tmp", path)
+        self._rows_written[draw] = rows
+        return rows
 
     def save(self, state: SLQState) -> str:
         values = {
@@ -74,9 +97,9 @@ class SLQCheckpointer:
         }
         for member, lanczos in enumerate(state.lanczos or ()):
             # One Lanczos state per draw of the lockstep group in progress.
-            rows = min(lanczos.num_steps + 1, lanczos.alphas.size)
+            rows = self._write_rows(state.draw + member, lanczos)
             values.update({
-                f"lanczos{member}_basis": tf.constant(lanczos.basis[:rows]),
+                f"lanczos{member}_rows": tf.constant(rows, tf.int64),
                 f"lanczos{member}_alphas": tf.constant(lanczos.alphas),
                 f"lanczos{member}_betas": tf.constant(lanczos.betas),
                 f"lanczos{member}_num_steps": tf.constant(lanczos.num_steps, tf.int64),
@@ -133,18 +156,28 @@ class SLQCheckpointer:
                     )
                 )
             group = []
-            while f"lanczos{len(group)}_basis" in names:
+            while f"lanczos{len(group)}_rows" in names:
                 prefix = f"lanczos{len(group)}"
-                rows = get(f"{prefix}_basis")
+                rows = int(get(f"{prefix}_rows"))
                 alphas = get(f"{prefix}_alphas")
-                if alphas.size != lanczos_steps or rows.shape[1] != dim:
+                if alphas.size != lanczos_steps:
                     raise CheckpointError(
                         f"--output_dir={os.path.dirname(self.directory)}: its checkpoint has "
-                        f"{alphas.size} Lanczos steps of dimension {rows.shape[1]}, not "
-                        f"{lanczos_steps} of {dim}; pass --restart to start over."
+                        f"{alphas.size} Lanczos steps, not {lanczos_steps}; pass --restart "
+                        "to start over."
                     )
                 basis = np.zeros((lanczos_steps, dim), dtype=basis_dtype)
-                basis[: rows.shape[0]] = rows
+                member_draw = draw + len(group)
+                for row in range(rows):
+                    vector = np.load(self._row_path(member_draw, row), allow_pickle=False)
+                    if vector.shape != (dim,):
+                        raise CheckpointError(
+                            f"--output_dir={os.path.dirname(self.directory)}: its checkpoint "
+                            f"has Lanczos vectors of dimension {vector.size}, not {dim}; pass "
+                            "--restart to start over."
+                        )
+                    basis[row] = vector
+                self._rows_written[member_draw] = rows
                 group.append(linalg.LanczosState(
                     basis=basis,
                     alphas=alphas.copy(),

@@ -144,8 +144,8 @@ def lanczos_step(
     active = basis[: k + 1]
     norm = float(np.linalg.norm(w))
     for _ in range(2):
-        coefficients = active @ w
-        w -= active.T @ coefficients
+        coefficients = _project(active, w)
+        _subtract(active, coefficients, w)
         alpha += float(coefficients[k])
         previous, norm = norm, float(np.linalg.norm(w))
         if norm > REORTHOGONALIZATION_THRESHOLD * previous:
@@ -158,6 +158,36 @@ def lanczos_step(
     if not exhausted and k + 1 < alphas.size:
         basis[k + 1] = w / beta
     return state._replace(num_steps=k + 1, exhausted=bool(exhausted))
+
+
+# A float32 basis is multiplied in float64 a block of rows at a time: NumPy would
+# otherwise copy the whole active basis to float64 (twice the float32 basis).
+_CONVERSION_BYTES = 2 << 20
+
+
+def _rows_per_block(active: np.ndarray) -> int:
+    return max(1, _CONVERSION_BYTES // (8 * active.shape[1]))
+
+
+def _project(active: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """active @ w in float64."""
+    if active.dtype == np.float64:
+        return active @ w
+    rows = _rows_per_block(active)
+    return np.concatenate([
+        active[start:start + rows].astype(np.float64) @ w
+        for start in range(0, active.shape[0], rows)
+    ])
+
+
+def _subtract(active: np.ndarray, coefficients: np.ndarray, w: np.ndarray) -> None:
+    """w -= active.T @ coefficients, in place, in float64."""
+    if active.dtype == np.float64:
+        w -= active.T @ coefficients
+        return
+    rows = _rows_per_block(active)
+    for start in range(0, active.shape[0], rows):
+        w -= active[start:start + rows].astype(np.float64).T @ coefficients[start:start + rows]
 
 
 def lanczos_result(state: LanczosState, *, keep_basis: bool = False) -> LanczosResult:

@@ -173,3 +173,22 @@ def test_trace_estimate_is_unbiased_over_draws():
         quadratures.append(linalg.tridiagonal_quadrature(result.alphas, result.betas))
     stats = linalg.spectrum_statistics(quadratures, dim=60)
     assert abs(stats.trace - eigenvalues.sum()) < 4 * stats.trace_stderr
+
+
+def test_float32_basis_step_does_not_copy_the_basis_to_float64():
+    import tracemalloc
+
+    dim, steps = 100_000, 41
+    rng = np.random.default_rng(0)
+    state = linalg.lanczos_init(rng.standard_normal(dim), steps, basis_dtype=np.float32)
+    state.basis[:] = rng.standard_normal((steps, dim)).astype(np.float32) / np.sqrt(dim)
+    state = state._replace(num_steps=steps - 1)
+    product = rng.standard_normal(dim)
+    tracemalloc.start()
+    try:
+        linalg.lanczos_step(state, product)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    float64_copy = steps * dim * 8  # 32.8 MB: what `basis @ w` would allocate
+    assert peak < float64_copy / 2, peak

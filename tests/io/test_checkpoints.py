@@ -1,0 +1,66 @@
+"""SLQ checkpoints: a lockstep group round-trips exactly, each basis row is written
+once, and damaged row files are refused with one clear error."""
+
+import os
+
+import numpy as np
+import pytest
+
+from hessian_tf import linalg
+from hessian_tf.io import checkpoints
+from hessian_tf.spectrum import SLQState
+
+DIM, STEPS = 40, 12
+
+
+def group_state(steps_done, draw=2, members=3):
+    matrix = np.diag(np.arange(1.0, DIM + 1))
+    group = []
+    for member in range(members):
+        state = linalg.lanczos_init(np.random.default_rng(member).standard_normal(DIM), STEPS)
+        for _ in range(steps_done):
+            state = linalg.lanczos_step(state, matrix @ linalg.current_vector(state))
+        group.append(state)
+    completed = tuple(
+        (linalg.lanczos_result(linalg.lanczos_init(np.ones(DIM), 3)._replace(num_steps=1)), 0.0)
+        for _ in range(draw)
+    )
+    return SLQState(draw=draw, lanczos=tuple(group), completed=completed,
+                    num_products=members * steps_done)
+
+
+def test_group_round_trips_and_rows_are_written_once(tmp_path):
+    saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
+    saver.save(group_state(3))
+    rows = tmp_path / checkpoints.BASIS_SUBDIR
+    first = {p.name: p.stat().st_mtime_ns for p in rows.iterdir()}
+    assert len(first) == 3 * 4  # 3 draws x (3 steps + the next vector)
+    state = group_state(7)
+    saver.save(state)
+    second = {p.name: p.stat().st_mtime_ns for p in rows.iterdir()}
+    assert len(second) == 3 * 8
+    assert all(second[name] == mtime for name, mtime in first.items())  # not rewritten
+    restored = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
+        lanczos_steps=STEPS, dim=DIM)
+    assert restored.draw == 2 and restored.num_products == 21 and len(restored.completed) == 2
+    for original, copy in zip(state.lanczos, restored.lanczos):
+        np.testing.assert_array_equal(copy.basis, original.basis)
+        np.testing.assert_array_equal(copy.alphas, original.alphas)
+        np.testing.assert_array_equal(copy.betas, original.betas)
+        assert copy.num_steps == original.num_steps == 7
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "wrong_size"])
+def test_damaged_basis_rows_are_refused(tmp_path, damage):
+    saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
+    saver.save(group_state(3))
+    row = tmp_path / checkpoints.BASIS_SUBDIR / "draw3_row2.npy"
+    if damage == "truncate":
+        row.write_bytes(row.read_bytes()[:50])
+    elif damage == "delete":
+        os.remove(row)
+    else:
+        np.save(row, np.ones(DIM + 1))
+    with pytest.raises(checkpoints.CheckpointError, match="--restart"):
+        checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
+            lanczos_steps=STEPS, dim=DIM)
