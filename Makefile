@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUTPUT_DIR ?= results/default
 
-.PHONY: install test spectrum benchmark clean
+.PHONY: install test spectrum benchmark benchmark-pyhessian benchmark-memory clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ spectrum: install
 
 benchmark: install
 	$(BIN)/python benchmarks/core.py
+
+# Side by side with PyHessian (installs torch and pyhessian into .venv on demand).
+benchmark-pyhessian: install
+	$(BIN)/python benchmarks/pyhessian_compare.py
+
+benchmark-memory: install
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) results *.egg-info

@@ -1,6 +1,6 @@
 """Where the time of a spectrum goes: Lanczos steps, products, gradients.
 
-On the reference workloads of DESIGN.md, for each (workload, BN mode, batch size):
+On the reference workloads (benchmarks/README.md), for each (workload, BN mode, batch size):
 - Lanczos step: seconds per step of `stochastic_lanczos_quadrature` on
   `HessianOperator.matvec` (after a warm-up product), and the share of a step
   spent outside the product (the Lanczos overhead, from the same run);
@@ -42,7 +42,7 @@ from hessian_tf.models.resnet import resnet32  # noqa: E402
 from hessian_tf.spectrum import stochastic_lanczos_quadrature  # noqa: E402
 
 RESNET_NUM_IMAGES = 512
-REFERENCE_LANCZOS_STEPS = 90  # m of the paper and of DESIGN.md's workloads
+REFERENCE_LANCZOS_STEPS = 90  # m of the paper and of the reference workloads
 
 
 LOCKSTEP_DRAWS = 8

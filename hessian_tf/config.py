@@ -66,8 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.worker_timeout = 600.0
     config.output_dir = "results/spectrum"
     # A checkpoint of the Lanczos state every this many products (0: never), in
-    # OUTPUT_DIR/checkpoints; re-running the same command resumes from it.
+    # OUTPUT_DIR/checkpoints, but not sooner than checkpoint_seconds after the last
+    # (a short job is not slowed by saves); re-running the same command resumes.
     config.checkpoint_every = 10
+    config.checkpoint_seconds = 60.0
     # Ignore (and delete) existing checkpoints and start over.
     config.restart = False
     return config
@@ -106,6 +108,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.worker_timeout <= 0:
         raise ValueError(
             f"--worker_timeout={config.worker_timeout}: pass a positive number of seconds."
+        )
+    if config.checkpoint_seconds < 0:
+        raise ValueError(
+            f"--checkpoint_seconds={config.checkpoint_seconds}: pass a number of seconds >= 0."
         )
     if config.checkpoint_every < 0:
         raise ValueError(

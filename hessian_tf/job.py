@@ -261,19 +261,27 @@ def _variable_values(model_function) -> list[np.ndarray]:
     return [v.numpy() for v in getattr(loaded, "variables", model_function.variables)]
 
 
-def _checkpointing(config, checkpointer, *, chief: bool):
-    """The after-step hook: a checkpoint every `checkpoint_every` products, and one
-    more then a clean stop when SIGTERM (the preemption notice) has arrived."""
+def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0):
+    """The after-step hook: a checkpoint once `checkpoint_every` products and
+    `checkpoint_seconds` have passed since the last, and one more then a clean stop
+    when SIGTERM (the preemption notice) has arrived."""
     preempted = []
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
+    last = {"products": start_products, "time": time.monotonic()}
 
     def after_step(state) -> None:
-        due = config.checkpoint_every and state.num_products % config.checkpoint_every == 0
+        due = (
+            config.checkpoint_every
+            and state.num_products - last["products"] >= config.checkpoint_every
+            and time.monotonic() - last["time"] >= config.checkpoint_seconds
+        )
         finished = state.draw >= config.num_draws
         if chief and (preempted or (due and not finished)):
             path = checkpointer.save(state)
             logging.info("Checkpoint %s", path)
+        if due:
+            last.update(products=state.num_products, time=time.monotonic())
         if preempted:
             step = state.lanczos[0].num_steps if state.lanczos else 0
             draws = range(state.draw, state.draw + len(state.lanczos or (None,)))
@@ -382,7 +390,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
             "Resuming %s at Lanczos step %d (%d products done) from %s",
             spectrum_lib.draws_label(draws), step, resumed.num_products, checkpointer.latest(),
         )
-    after_step = _checkpointing(config, checkpointer, chief=chief)
+    after_step = _checkpointing(
+        config, checkpointer, chief=chief,
+        start_products=resumed.num_products if resumed is not None else 0,
+    )
     lockstep = lockstep_draws(config, operator.dim)
     try:
         # The first all-reduce is where a worker that never started would hang.

@@ -32,6 +32,7 @@ def job(tmp_path_factory):
 def arguments(job, output, model="mlp.keras"):
     return [f"--model={job / model}", "--dataset=digits", "--batch_size=256",
             f"--lanczos_steps={STEPS}", "--num_draws=2", "--checkpoint_every=2",
+            "--checkpoint_seconds=0",
             f"--output_dir={output}"]
 
 

@@ -7,8 +7,9 @@ Writes OUTPUT_DIR/spectrum.npz, summary.json and density.png. Exit status:
   0   all three were written whole;
   2   bad input or a failure: one line on stderr, nothing written;
   75  preempted (SIGTERM): a checkpoint was written; run the same command to resume.
-Long jobs checkpoint every --checkpoint_every products under OUTPUT_DIR/checkpoints
-and resume from there when re-run; --restart starts over.
+Long jobs checkpoint every --checkpoint_every products (at most once per
+--checkpoint_seconds) under OUTPUT_DIR/checkpoints and resume from there when re-run;
+--restart starts over.
 """
 
 import sys
@@ -63,6 +64,7 @@ _HELP = {
     "tpu": "TPU name or address, with --strategy=tpu.",
     "worker_timeout": "multi_worker: seconds to wait for all workers, and for any all-reduce.",
     "checkpoint_every": "Checkpoint the Lanczos state every N products (0: never); re-run to resume.",
+    "checkpoint_seconds": "...but not sooner than this many seconds after the last checkpoint.",
     "restart": "Delete existing checkpoints and start over.",
     "output_dir": "Where spectrum.npz, summary.json and density.png are written.",
 }

@@ -35,7 +35,8 @@ BASIS_SUBDIR = "basis"
 
 # Options that do not change the result: a run resumes across changes of these.
 _OPERATIONAL_OPTIONS = (
-    "output_dir", "checkpoint_every", "restart", "worker_timeout", "lockstep_draws",
+    "output_dir", "checkpoint_every", "checkpoint_seconds", "restart", "worker_timeout",
+    "lockstep_draws",
 )
 
 

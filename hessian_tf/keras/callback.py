@@ -17,7 +17,7 @@ scalar and image formats: `tf.summary.scalar` and `tf.summary.image` belong to t
 tensorboard package, which TensorFlow 2.21 no longer installs (without it they
 raise TBNotInstalledError).
 
-Computing a spectrum never changes the model (see DESIGN.md), uses no Keras or
+Computing a spectrum never changes the model (see README.md), uses no Keras or
 TensorFlow random state (start vectors come from numpy generators seeded by
 (seed, draw)) and creates no Keras variables, so training with the callback ends
 bit-identical to training without it.

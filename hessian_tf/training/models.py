@@ -76,7 +76,7 @@ def compile_model(model: keras.Model, train) -> None:
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=False,  # XLA was slower on CPU (DESIGN.md)
+        jit_compile=False,  # XLA was slower on CPU (benchmarks/README.md)
     )
 
 

@@ -57,6 +57,8 @@ def test_default_job_end_to_end(tmp_path):
         assert spectrum["nodes"].max() == pytest.approx(summary["lambda_max"])
     assert (tmp_path / "density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "model.keras").exists()
+    # A job of a few seconds is not slowed by checkpoints (--checkpoint_seconds=60).
+    assert "Checkpoint " not in result.stderr
     # One progress line per Lanczos step of the two draws together.
     assert result.stderr.count("draws 1-2/2, Lanczos step") == 12
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]

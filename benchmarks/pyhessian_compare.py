@@ -1,0 +1,753 @@
+"""Speed and agreement of `hessian-spectrum` against PyHessian on the same Hessian.
+
+For each workload the script builds a Keras model and its data, saves them (a `.keras` file
+and an `.npz` with arrays x, y) in a temporary directory, and builds a PyTorch twin of the
+model with the same weights (conv kernels HWIO → OIHW, dense kernels transposed, BN
+γ/β/moving mean/variance and the same ε). The twin is checked first: logits on the whole
+data within 1e-4 (relative to max |logit|) and equal mean losses, else the workload fails
+and the script exits 1. Then, on the Hessian of the mean loss over the whole dataset with
+inference BN:
+
+- ours: the `hessian-spectrum` binary in a subprocess, as a user runs it
+  (`--num_draws=1 --bn_mode=inference`), timed wall clock; seconds per Lanczos step from
+  its summary.json (`seconds_per_step` when present, else `lanczos_seconds` / steps, which
+  includes the first product's tracing and the determinism check);
+- PyHessian 0.1 (an installed package, not copied here): `hessian(model, criterion,
+  dataloader=..., cuda=False).density(iter=m, n_v=1)` in this process, timed; seconds per
+  step = density time / m. Its first product is also timed separately.
+
+PyHessian 0.1 calls `torch.eig`, which PyTorch 2 removed; this script sets `torch.eig` at
+run time to a replacement built on `torch.linalg.eigh` (returns what the old API returned).
+Missing `torch` / `pyhessian` are installed with this interpreter's pip unless --no_install.
+
+Workloads: `mlp-digits` (hessian_tf.models.mlp on scikit-learn digits, batch 1797, m = 90),
+`cnn-bn` (a 24,346-parameter BN CNN on 1024 seeded random 32×32×3 images, batch 128,
+m = 20), `resnet32-cifar` (hessian_tf.models.resnet32 on 512 random images, batch 128,
+m = 5; only with --workload=resnet32-cifar or all).
+
+Usage (not part of CI; benchmarks/PYHESSIAN.md has a measured run):
+  .venv/bin/python benchmarks/pyhessian_compare.py [--workload mlp-digits,cnn-bn|all]
+      [--lanczos_steps M] [--threads N] [--no_install] [--keep_dir] [--our_flags=...]
+
+Exit status: 0 when every workload ran and its twin matched; 1 when a twin check failed;
+2 for bad input or a failure of either side (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+TORCH_REQUIREMENT = "torch==2.13.0"
+PYHESSIAN_REQUIREMENT = "pyhessian==0.1"
+WORKLOADS = ("mlp-digits", "cnn-bn", "resnet32-cifar")
+DEFAULT_WORKLOADS = ("mlp-digits", "cnn-bn")
+DEFAULT_STEPS = {"mlp-digits": 90, "cnn-bn": 20, "resnet32-cifar": 5}
+TWIN_RTOL = 1e-4  # logits (relative to max |logit|) and mean loss
+LAMBDA_MAX_WARN = 1e-3  # relative difference of λmax above which a warning is printed
+
+
+class Failure(Exception):
+    """A one-line error; `status` is the exit status."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints the usage too; one line is enough
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_average() -> str:
+    try:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        name = names[0] if names else name
+    except OSError:
+        pass
+    return name
+
+
+def numpy_of(variable) -> np.ndarray:
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(variable))
+
+
+class OtherLoad:
+    """Mean number of cores busy with other processes between start() and stop(): all busy
+    CPU time (Linux /proc/stat) minus this process's and its waited-for children's; None
+    where /proc/stat is unavailable."""
+
+    def start(self) -> "OtherLoad":
+        self._begin = self._sample()
+        return self
+
+    def stop(self) -> Optional[float]:
+        end = self._sample()
+        if end[0] is None or self._begin[0] is None:
+            return None
+        others = (end[0] - self._begin[0]) - (end[1] - self._begin[1])
+        return max(0.0, others) / (end[2] - self._begin[2])
+
+    @staticmethod
+    def _sample() -> tuple[Optional[float], float, float]:
+        try:
+            with open("/proc/stat", encoding="ascii") as stat:
+                fields = stat.readline().split()  # cpu user nice system idle iowait irq softirq steal
+            busy = sum(int(fields[i]) for i in (1, 2, 3, 6, 7, 8)) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            busy = None
+        times = os.times()
+        ours = times.user + times.system + times.children_user + times.children_system
+        return busy, ours, time.perf_counter()
+
+
+# ------------------------------------------------------------------------------ the peer
+
+
+def ensure_peer(no_install: bool) -> None:
+    """Installs torch and pyhessian (pinned) with this interpreter's pip when they are not
+    installed. They are imported later, timed, as part of PyHessian's cost."""
+    import importlib.util
+
+    missing = [requirement for module, requirement in
+               (("torch", TORCH_REQUIREMENT), ("pyhessian", PYHESSIAN_REQUIREMENT))
+               if importlib.util.find_spec(module) is None]
+    if not missing:
+        return
+    if no_install:
+        raise Failure(
+            f"--no_install: {' and '.join(missing)} not installed; install with "
+            f"`{sys.executable} -m pip install {' '.join(missing)}` or drop --no_install."
+        )
+    command = [sys.executable, "-m", "pip", "install", *missing]
+    print(f"Installing the peer: {shlex.join(command)}", flush=True)
+    status = subprocess.call(command)
+    if status != 0:
+        raise Failure(f"`{shlex.join(command)}` exited with status {status}; see pip's output above.")
+    importlib.invalidate_caches()
+
+
+def import_peer() -> float:
+    """Imports torch and pyhessian; returns the seconds it took."""
+    started = time.perf_counter()
+    for module in ("torch", "pyhessian"):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            requirement = TORCH_REQUIREMENT if module == "torch" else PYHESSIAN_REQUIREMENT
+            raise Failure(f"`import {module}` failed ({error}); reinstall it with "
+                          f"`{sys.executable} -m pip install --force-reinstall {requirement}`.") from error
+    return time.perf_counter() - started
+
+
+def shim_torch_eig() -> str:
+    """Sets torch.eig (removed in PyTorch 2) to what PyHessian 0.1's density() expects:
+    (eigenvalues [n, 2] as real and imaginary parts, eigenvectors [n, n] as columns)."""
+    import torch
+
+    def eig(input: "torch.Tensor", eigenvectors: bool = False):
+        if torch.equal(input, input.mT):
+            values, vectors = torch.linalg.eigh(input)
+            values = torch.stack([values, torch.zeros_like(values)], dim=1)
+        else:
+            complex_values, complex_vectors = torch.linalg.eig(input)
+            if bool((complex_values.imag != 0).any()):
+                raise NotImplementedError(
+                    "torch.eig shim: complex eigenvalues (PyHessian only passes symmetric T)."
+                )
+            values = torch.stack([complex_values.real, complex_values.imag], dim=1).to(input.dtype)
+            vectors = complex_vectors.real.to(input.dtype)
+        return values, (vectors if eigenvectors else input.new_empty(0))
+
+    torch.eig = eig
+    return (
+        "torch.eig shim: PyHessian 0.1 calls torch.eig, which PyTorch 2 removed; this run sets "
+        "torch.eig to torch.linalg.eigh on PyHessian's symmetric Lanczos matrix T, returning the "
+        "old API's (eigenvalues [m, 2] real/imaginary, eigenvectors [m, m] columns)."
+    )
+
+
+# ------------------------------------------------------------------------------ workloads
+
+
+@dataclass
+class Workload:
+    name: str
+    keras_model: Any
+    x: np.ndarray
+    y: np.ndarray
+    batch_size: int
+    lanczos_steps: int
+    architecture: str  # which twin forward: "mlp", "cnn" or "resnet"
+
+
+def calibrate_batch_norm(keras_model, x: np.ndarray, seed: int) -> None:
+    """Non-trivial inference BN: random γ ∈ [0.5, 1.5), β ~ N(0, 0.1²), then moving
+    statistics set to the statistics of the whole data (one training-mode pass with
+    momentum 0, so each BN sees the output of the calibrated layers before it)."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    layers = [layer for layer in keras_model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = []
+    for layer in layers:
+        channels = layer.gamma.shape[0]
+        layer.gamma.assign(rng.uniform(0.5, 1.5, channels).astype(np.float32))
+        layer.beta.assign(rng.normal(0.0, 0.1, channels).astype(np.float32))
+        momenta.append(layer.momentum)
+        layer.momentum = 0.0
+    before = [numpy_of(layer.moving_variance) for layer in layers]
+    keras_model(x, training=True)
+    for layer, momentum, variance in zip(layers, momenta, before):
+        layer.momentum = momentum
+        if np.array_equal(numpy_of(layer.moving_variance), variance):
+            raise Failure(f"BN calibration did not update {layer.name}'s moving statistics.")
+
+
+def cnn_bn(seed: int = 0):
+    """Conv3×3(16)→BN→ReLU→Conv3×3(32, /2)→BN→ReLU→Conv3×3(64, /2)→BN→ReLU→GAP→
+    Dense(10); 'same' padding (Keras pads strided convolutions bottom/right); 24,346
+    parameters."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((32, 32, 3))]
+    for index, (filters, strides) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
+        layers += [
+            keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
+                                name=f"conv{index}"),
+            keras.layers.BatchNormalization(name=f"bn{index}"),  # epsilon 1e-3 (Keras default)
+            keras.layers.ReLU(name=f"relu{index}"),
+        ]
+    layers += [keras.layers.GlobalAveragePooling2D(name="pool"), keras.layers.Dense(10, name="logits")]
+    return keras.Sequential(layers, name="cnn_bn")
+
+
+def random_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(count, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, count).astype(np.int32)
+    return x, y
+
+
+def build_workload(name: str, lanczos_steps: Optional[int]) -> Workload:
+    from hessian_tf.models import mlp, resnet32
+
+    steps = lanczos_steps or DEFAULT_STEPS.get(name, 0)
+    if name == "mlp-digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = (digits.data / 16.0).astype(np.float32)
+        y = digits.target.astype(np.int32)
+        return Workload(name, mlp(), x, y, len(x), steps, "mlp")
+    if name == "cnn-bn":
+        x, y = random_images(1024, seed=0)
+        model = cnn_bn(seed=0)
+        calibrate_batch_norm(model, x, seed=1)
+        return Workload(name, model, x, y, 128, steps, "cnn")
+    if name == "resnet32-cifar":
+        x, y = random_images(512, seed=0)
+        model = resnet32(seed=0)
+        calibrate_batch_norm(model, x, seed=1)
+        return Workload(name, model, x, y, 128, steps, "resnet")
+    raise Failure(f"--workload={name!r} is not known; use one of {', '.join(WORKLOADS)} or all.")
+
+
+# ------------------------------------------------------------------------------ the twin
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """Keras/TF 'same': the total padding split with the odd pixel at the end."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def torch_twin(keras_model, architecture: str):
+    """A torch.nn.Module computing the same logits as keras_model (NCHW images), with one
+    submodule per Keras Conv2D / BatchNormalization / Dense layer, named as the layer, and
+    the weights copied. Returns (module, number of trainable parameters)."""
+    import keras
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class KerasConv2d(nn.Conv2d):
+        """nn.Conv2d padded as the Keras layer it mirrors ('same', or an explicit
+        ZeroPadding2D named `<conv>_pad` in front of a 'valid' convolution)."""
+
+        def __init__(self, layer, explicit_padding):
+            plain = tuple(layer.dilation_rate) == (1, 1) and layer.groups == 1
+            if layer.data_format != "channels_last" or not plain:
+                raise Failure(f"twin: Conv2D {layer.name} has an unsupported configuration.")
+            super().__init__(layer.kernel.shape[2], layer.filters, tuple(layer.kernel_size),
+                             stride=tuple(layer.strides), padding=0, bias=layer.use_bias)
+            self.same = layer.padding == "same"
+            self.explicit_padding = explicit_padding  # F.pad order: left, right, top, bottom
+
+        def forward(self, x):
+            if self.same:
+                top, bottom = same_padding(x.shape[2], self.kernel_size[0], self.stride[0])
+                left, right = same_padding(x.shape[3], self.kernel_size[1], self.stride[1])
+                x = F.pad(x, (left, right, top, bottom))
+            elif self.explicit_padding:
+                x = F.pad(x, self.explicit_padding)
+            return super().forward(x)
+
+    def activation(layer) -> Callable:
+        name = getattr(layer.activation, "__name__", str(layer.activation))
+        functions = {"linear": lambda t: t, "tanh": torch.tanh, "relu": torch.relu}
+        if name not in functions:
+            raise Failure(f"twin: activation {name!r} of {layer.name} is not supported.")
+        return functions[name]
+
+    modules = nn.ModuleDict()
+    activations: dict[str, Callable] = {}
+    for layer in keras_model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            explicit = None
+            try:
+                pad = keras_model.get_layer(f"{layer.name}_pad")
+                (top, bottom), (left, right) = pad.padding
+                explicit = (left, right, top, bottom)
+            except ValueError:
+                pass
+            modules[layer.name] = KerasConv2d(layer, explicit)
+            activations[layer.name] = activation(layer)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            if layer.axis not in (-1, 3):
+                raise Failure(f"twin: BN {layer.name} does not normalise the channel axis.")
+            modules[layer.name] = nn.BatchNorm2d(layer.gamma.shape[0], eps=layer.epsilon)
+        elif isinstance(layer, keras.layers.Dense):
+            modules[layer.name] = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.use_bias)
+            activations[layer.name] = activation(layer)
+        elif layer.weights:
+            raise Failure(f"twin: layer {layer.name} ({type(layer).__name__}) has weights but no twin.")
+
+    # Copy the weights, by layer name.
+    assigned = set()
+
+    def put(parameter, value: np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        if tuple(parameter.shape) != tuple(value.shape):
+            raise Failure(f"twin: shape {tuple(value.shape)} for a parameter of shape "
+                          f"{tuple(parameter.shape)}.")
+        with torch.no_grad():
+            parameter.copy_(value)
+        assigned.add(id(parameter))
+
+    for name, module in modules.items():
+        layer = keras_model.get_layer(name)
+        if isinstance(module, nn.Conv2d):
+            put(module.weight, np.transpose(numpy_of(layer.kernel), (3, 2, 0, 1)))  # HWIO → OIHW
+            if layer.use_bias:
+                put(module.bias, numpy_of(layer.bias))
+        elif isinstance(module, nn.BatchNorm2d):
+            put(module.weight, numpy_of(layer.gamma))
+            put(module.bias, numpy_of(layer.beta))
+            put(module.running_mean, numpy_of(layer.moving_mean))
+            put(module.running_var, numpy_of(layer.moving_variance))
+        else:
+            put(module.weight, numpy_of(layer.kernel).T)
+            if layer.use_bias:
+                put(module.bias, numpy_of(layer.bias))
+    unassigned = [name for name, p in modules.named_parameters() if id(p) not in assigned]
+    if unassigned:
+        raise Failure(f"twin: parameters without a Keras value: {unassigned}.")
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = modules
+
+        def apply_layer(self, name, x):
+            return activations.get(name, lambda t: t)(self.layers[name](x))
+
+        def forward(self, x):
+            L = self.layers
+            if architecture == "mlp":
+                for name in L:  # Dense layers in Keras order
+                    x = self.apply_layer(name, x)
+                return x
+            if architecture == "cnn":
+                index = 1
+                while f"conv{index}" in L:
+                    x = torch.relu(L[f"bn{index}"](self.apply_layer(f"conv{index}", x)))
+                    index += 1
+                return self.apply_layer("logits", x.mean(dim=(2, 3)))
+            if architecture == "resnet":
+                x = torch.relu(L["stem_bn"](L["stem_conv"](x)))
+                stage = 1
+                while f"stage{stage}_block1_conv1" in L:
+                    block = 1
+                    while f"stage{stage}_block{block}_conv1" in L:
+                        n = f"stage{stage}_block{block}"
+                        h = torch.relu(L[f"{n}_bn1"](L[f"{n}_conv1"](x)))
+                        h = L[f"{n}_bn2"](L[f"{n}_conv2"](h))
+                        if f"{n}_shortcut_conv" in L:
+                            x = L[f"{n}_shortcut_bn"](L[f"{n}_shortcut_conv"](x))
+                        x = torch.relu(h + x)
+                        block += 1
+                    stage += 1
+                return self.apply_layer("logits", x.mean(dim=(2, 3)))
+            raise Failure(f"twin: unknown architecture {architecture!r}.")
+
+    twin = Twin()
+    num_params = sum(p.numel() for p in twin.parameters() if p.requires_grad)
+    return twin, num_params
+
+
+def to_torch_inputs(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.ndim == 4 else x
+
+
+def check_twin(workload: Workload, twin, num_params: int) -> tuple[bool, str]:
+    """Logits of both models on the whole data (inference BN) and their mean losses."""
+    import keras
+    import torch
+
+    keras_params = int(sum(np.prod(v.shape) for v in workload.keras_model.trainable_variables))
+    keras_logits = workload.keras_model.predict(workload.x, batch_size=workload.batch_size, verbose=0)
+    keras_criterion = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    keras_loss = float(keras_criterion(workload.y, keras_logits))
+    twin.eval()
+    inputs = torch.from_numpy(to_torch_inputs(workload.x))
+    with torch.no_grad():
+        torch_logits = torch.cat([twin(batch) for batch in torch.split(inputs, workload.batch_size)])
+        torch_loss = float(torch.nn.CrossEntropyLoss()(torch_logits, torch.from_numpy(workload.y).long()))
+    torch_logits = torch_logits.numpy()
+    logit_error = float(np.max(np.abs(torch_logits - keras_logits)) / np.max(np.abs(keras_logits)))
+    loss_error = abs(torch_loss - keras_loss) / abs(keras_loss)
+    ok = keras_params == num_params and logit_error <= TWIN_RTOL and loss_error <= TWIN_RTOL
+    message = (
+        f"twin check: params {keras_params:,} (Keras) vs {num_params:,} (torch); "
+        f"max|Δlogit|/max|logit| = {logit_error:.1e}; mean loss {keras_loss:.6f} vs {torch_loss:.6f} "
+        f"(rel {loss_error:.1e}); tolerance {TWIN_RTOL:g}: {'OK' if ok else 'FAILED'}"
+    )
+    return ok, message
+
+
+# ------------------------------------------------------------------------------ the two sides
+
+
+@dataclass
+class Side:
+    seconds_per_step: float
+    wall: float
+    lambda_max: float
+    lambda_min: float
+    other_load: Optional[float]  # mean cores busy with other processes while timed
+    note: str = ""
+
+
+def spectrum_command() -> list[str]:
+    binary = shutil.which("hessian-spectrum", path=os.path.dirname(sys.executable))
+    return [binary] if binary else [sys.executable, "-m", "hessian_tf.bin.spectrum"]
+
+
+def run_ours(workload: Workload, directory: str, threads: int, extra_flags: list[str]) -> tuple[Side, int]:
+    model_path = os.path.join(directory, f"{workload.name}.keras")
+    data_path = os.path.join(directory, f"{workload.name}.npz")
+    output_dir = os.path.join(directory, f"{workload.name}-spectrum")
+    workload.keras_model.save(model_path)
+    np.savez(data_path, x=workload.x, y=workload.y)
+    command = spectrum_command() + [
+        f"--model={model_path}", f"--dataset=npz:{data_path}", f"--batch_size={workload.batch_size}",
+        f"--lanczos_steps={workload.lanczos_steps}", "--num_draws=1", "--bn_mode=inference",
+        f"--output_dir={output_dir}", *extra_flags,
+    ]
+    env = dict(os.environ)
+    if threads != usable_cores():
+        env["TF_NUM_INTRAOP_THREADS"] = str(threads)
+        env["OMP_NUM_THREADS"] = str(threads)
+    print(f"  ours: {shlex.join(command)}", flush=True)
+    log_path = os.path.join(directory, f"{workload.name}-spectrum.log")
+    with open(log_path, "w", encoding="utf-8") as log:
+        meter = OtherLoad().start()
+        started = time.perf_counter()
+        status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wall = time.perf_counter() - started
+        other_load = meter.stop()
+    if status != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as log:
+            lines = [line.strip() for line in log if line.strip()]
+        last = lines[-1] if lines else "(no output)"
+        raise Failure(f"hessian-spectrum exited with status {status} on {workload.name}: {last} "
+                      f"(log: {log_path})")
+    with open(os.path.join(output_dir, "summary.json"), encoding="utf-8") as file:
+        summary = json.load(file)
+    per_step = summary.get("seconds_per_step")
+    if isinstance(per_step, (int, float)) and math.isfinite(per_step):
+        note = "seconds_per_step"
+    else:
+        per_step = float(summary["lanczos_seconds"]) / int(summary["lanczos_steps_completed"][0])
+        note = "lanczos_seconds/steps"
+    side = Side(per_step, wall, float(summary["lambda_max"]), float(summary["lambda_min"]),
+                other_load, note)
+    return side, int(summary["num_params"])
+
+
+def run_pyhessian(workload: Workload, import_seconds: float, seed: int = 0):
+    """Builds the twin, checks it, runs PyHessian's density. Returns (Side or None, check
+    message, number of parameters, first-step seconds, seconds per step after the first,
+    share of those steps spent in products)."""
+    import torch
+    from pyhessian import hessian
+
+    started = time.perf_counter()
+    twin, num_params = torch_twin(workload.keras_model, workload.architecture)
+    setup = time.perf_counter() - started
+    ok, message = check_twin(workload, twin, num_params)
+    if not ok:
+        return None, message, num_params, 0.0, 0.0, 0.0
+
+    started = time.perf_counter()
+    dataset = torch.utils.data.TensorDataset(
+        torch.from_numpy(to_torch_inputs(workload.x)), torch.from_numpy(workload.y).long()
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=workload.batch_size, shuffle=False)
+    computer = hessian(twin, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=False)
+    # Time stamps of the products: the first Lanczos step apart, and the products' share.
+    product_ends: list[float] = []
+    product_seconds: list[float] = []
+    product = computer.dataloader_hv_product
+
+    def timed_product(v):
+        start = time.perf_counter()
+        result = product(v)
+        product_ends.append(time.perf_counter())
+        product_seconds.append(product_ends[-1] - start)
+        return result
+
+    computer.dataloader_hv_product = timed_product
+    torch.manual_seed(seed)
+    setup += time.perf_counter() - started
+    meter = OtherLoad().start()
+    started = time.perf_counter()
+    eigenvalues, weights = computer.density(iter=workload.lanczos_steps, n_v=1)
+    finished = time.perf_counter()
+    other_load = meter.stop()
+    density_seconds = finished - started
+    nodes = np.asarray(eigenvalues[0], dtype=np.float64)
+    weight_sum = float(np.sum(np.asarray(weights[0], dtype=np.float64)))
+    if abs(weight_sum - 1.0) > 1e-3:  # the squared first row of T's eigenvector matrix
+        raise Failure(f"{workload.name}: PyHessian's quadrature weights sum to {weight_sum:.6f}, "
+                      "not 1: the torch.eig shim does not give what PyHessian expects.")
+    first_step = product_ends[0] - started
+    after_first = (finished - product_ends[0]) / max(1, workload.lanczos_steps - 1)
+    product_share = sum(product_seconds[1:]) / max(finished - product_ends[0], 1e-12)
+    side = Side(density_seconds / workload.lanczos_steps, import_seconds + setup + density_seconds,
+                float(nodes.max()), float(nodes.min()), other_load)
+    return side, message, num_params, first_step, after_first, product_share
+
+
+# ------------------------------------------------------------------------------ report
+
+
+HEADER = (
+    "workload", "params", "examples", "batch", "m", "ours s/step", "PyHessian s/step",
+    "ours/PyHessian", "PyH 1st step s", "PyH s/step after 1st", "PyH HVP share", "ours wall s",
+    "PyH wall s",
+    "λmax ours", "λmax PyH", "λmax rel diff", "λmin ours", "λmin PyH", "others' cores ours/PyH",
+)
+
+
+def format_load(load: Optional[float]) -> str:
+    return "?" if load is None else f"{load:.2f}"
+
+
+def relative_difference(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-300)
+
+
+def print_tables(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in [list(HEADER), *rows]) for i in range(len(HEADER))]
+    for row in [list(HEADER), *rows]:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    print()
+    print("| " + " | ".join(HEADER) + " |")
+    print("|---|" + "--:|" * (len(HEADER) - 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = OneLineParser(
+        prog="pyhessian_compare.py",
+        description="Time hessian-spectrum against PyHessian 0.1 on the same Hessian (see the docstring).",
+    )
+    parser.add_argument("--workload", default=",".join(DEFAULT_WORKLOADS),
+                        help=f"comma-separated of {', '.join(WORKLOADS)}, or all (default: %(default)s)")
+    parser.add_argument("--lanczos_steps", type=int, default=None,
+                        help="m for every workload (default: " +
+                        ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    parser.add_argument("--threads", type=int, default=usable_cores(),
+                        help="torch.set_num_threads (default: usable cores, %(default)s); other values "
+                        "also set TF_NUM_INTRAOP_THREADS and OMP_NUM_THREADS for hessian-spectrum")
+    parser.add_argument("--no_install", action="store_true",
+                        help="fail instead of pip-installing torch/pyhessian")
+    parser.add_argument("--keep_dir", action="store_true",
+                        help="keep the temporary directory (models, data, outputs)")
+    parser.add_argument("--our_flags", default="",
+                        help="extra flags for hessian-spectrum, e.g. --our_flags=--checkpoint_every=0")
+    args = parser.parse_args(argv)
+    names = (WORKLOADS if args.workload == "all"
+             else tuple(n.strip() for n in args.workload.split(",") if n.strip()))
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown or not names:
+        parser.error(f"--workload={args.workload}: unknown {unknown or '(empty)'}; "
+                     f"use {', '.join(WORKLOADS)} or all")
+    args.workloads = names
+    if args.lanczos_steps is not None and args.lanczos_steps < 2:
+        parser.error(f"--lanczos_steps={args.lanczos_steps}: pass at least 2")
+    if args.threads < 1:
+        parser.error(f"--threads={args.threads}: pass at least 1")
+    try:
+        args.extra_flags = shlex.split(args.our_flags)
+    except ValueError as error:
+        parser.error(f"--our_flags={args.our_flags!r}: {error}")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    print(f"Start: {load_average()}", flush=True)
+    try:
+        if os.getloadavg()[0] > 0.5:
+            print("WARNING: other processes are using the CPU; PyTorch's OpenMP threads are very "
+                  "sensitive to that (see benchmarks/PYHESSIAN.md). Rerun on a quiet machine.")
+    except OSError:
+        pass
+    ensure_peer(args.no_install)
+
+    import_seconds = import_peer()  # counted in PyHessian's wall time
+    import torch
+
+    warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+    print(shim_torch_eig())
+    torch.set_num_threads(args.threads)
+
+    import keras
+    import tensorflow as tf
+    from importlib.metadata import version
+
+    cores = usable_cores()
+    tf_threads = ("default (intra-op 0 = one per usable core)" if args.threads == cores
+                  else f"TF_NUM_INTRAOP_THREADS={args.threads}, OMP_NUM_THREADS={args.threads}")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, torch {torch.__version__}, "
+        f"PyHessian {version('pyhessian')}, NumPy {np.__version__}, Python {platform.python_version()}; "
+        f"{cpu_name()}, {cores} usable cores"
+    )
+    print(f"Threads: torch intra-op {torch.get_num_threads()} (set), "
+          f"inter-op {torch.get_num_interop_threads()}; "
+          f"hessian-spectrum TensorFlow {tf_threads}; "
+          f"OMP_NUM_THREADS in the environment: {os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"torch + pyhessian import: {import_seconds:.2f} s (added to each PyHessian wall time)",
+          flush=True)
+
+    directory = tempfile.mkdtemp(prefix="pyhessian_compare_")
+    rows, twin_failures, keep = [], [], args.keep_dir
+    try:
+        for name in args.workloads:
+            workload = build_workload(name, args.lanczos_steps)
+            print(f"{name}: {len(workload.x)} examples, batch {workload.batch_size}, "
+                  f"m = {workload.lanczos_steps}", flush=True)
+            theirs, message, num_params, first_step, after_first, product_share = run_pyhessian(
+                workload, import_seconds)
+            print(f"  {message}", flush=True)
+            if theirs is None:
+                twin_failures.append(name)
+                continue
+            print(f"  PyHessian: density {theirs.seconds_per_step * workload.lanczos_steps:.2f} s, "
+                  f"first step {first_step:.3f} s, λmax {theirs.lambda_max:.6g}; other processes "
+                  f"used {format_load(theirs.other_load)} cores meanwhile", flush=True)
+            ours, our_params = run_ours(workload, directory, args.threads, args.extra_flags)
+            if our_params != num_params:
+                raise Failure(f"{name}: hessian-spectrum has {our_params:,} parameters, "
+                              f"the twin {num_params:,}.")
+            print(f"  ours: {ours.seconds_per_step:.4g} s/step ({ours.note}), wall {ours.wall:.2f} s, "
+                  f"λmax {ours.lambda_max:.6g}; other processes used {format_load(ours.other_load)} "
+                  "cores meanwhile", flush=True)
+            gap = relative_difference(ours.lambda_max, theirs.lambda_max)
+            if gap > LAMBDA_MAX_WARN:
+                print(f"  WARNING: λmax differs by {gap:.1e} (relative); m = "
+                      f"{workload.lanczos_steps} may be too few steps for the extreme Ritz values of "
+                      "different start vectors to converge.")
+            rows.append([
+                name, f"{num_params:,}", f"{len(workload.x):,}", str(workload.batch_size),
+                str(workload.lanczos_steps),
+                f"{ours.seconds_per_step:.4g}" + ("" if ours.note == "seconds_per_step" else "†"),
+                f"{theirs.seconds_per_step:.4g}", f"{ours.seconds_per_step / theirs.seconds_per_step:.2f}",
+                f"{first_step:.3g}", f"{after_first:.4g}", f"{100 * product_share:.0f}%",
+                f"{ours.wall:.1f}", f"{theirs.wall:.1f}",
+                f"{ours.lambda_max:.6g}", f"{theirs.lambda_max:.6g}", f"{gap:.1e}",
+                f"{ours.lambda_min:.4g}", f"{theirs.lambda_min:.4g}",
+                f"{format_load(ours.other_load)}/{format_load(theirs.other_load)}",
+            ])
+    except Failure:
+        keep = True
+        raise
+    finally:
+        if keep:
+            print(f"Kept {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    print()
+    if rows:
+        print_tables(rows)
+        if any("†" in row[5] for row in rows):
+            print("† summary.json has no seconds_per_step: lanczos_seconds / steps, which "
+                  "includes the first product's tracing and the determinism check's extra product.")
+    print(f"End: {load_average()}")
+    if twin_failures:
+        print(f"error: twin check failed for {', '.join(twin_failures)}; no timing for them.",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except Failure as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(failure.status)
