@@ -36,6 +36,7 @@ import tensorflow as tf  # noqa: E402
 import threadpoolctl  # noqa: E402  (installed with scikit-learn)
 
 from hessian_tf import linalg, operators  # noqa: E402
+from machine import cpu_name, load_average  # noqa: E402  (benchmarks/machine.py)
 from hessian_tf.io.datasets import load_digits  # noqa: E402
 from hessian_tf.models.mlp import mlp  # noqa: E402
 from hessian_tf.models.resnet import resnet32  # noqa: E402
@@ -287,13 +288,7 @@ def blas_threads() -> str:
 
 
 def environment() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    cpu = cpu_name()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -396,13 +391,6 @@ def main(argv=None) -> int:
         if args.blas_threads:
             stack.enter_context(threadpoolctl.threadpool_limits(args.blas_threads, user_api="blas"))
         return run(names, all_cases, args.repeats)
-
-
-def load_average() -> str:
-    try:
-        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:
-        return "load average unknown"
 
 
 def run(names, all_cases, repeats: int) -> int:

@@ -59,26 +59,26 @@ TOLERANCE = 1.10  # the requirement: peak <= budget + 10%
 # ------------------------------------------------------------------ memory readings
 
 
-def memory_status() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process in bytes."""
+def _status(keys) -> dict:
+    """Fields of /proc/self/status in bytes."""
     values = {}
     with open("/proc/self/status") as status:
         for line in status:
             key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in keys:
                 values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def memory_status() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in bytes."""
+    values = _status(("VmRSS", "VmHWM"))
     return values["VmRSS"], values["VmHWM"]
 
 
 def resident_kinds() -> dict:
     """RssAnon and RssFile (shared libraries' pages) of this process in bytes."""
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("RssAnon", "RssFile"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values
+    return _status(("RssAnon", "RssFile"))
 
 
 def maxrss() -> int:

@@ -55,6 +55,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from machine import cpu_name, load_average  # noqa: E402  (benchmarks/machine.py)
+
 TORCH_REQUIREMENT = "torch==2.13.0"
 PYHESSIAN_REQUIREMENT = "pyhessian==0.1"
 WORKLOADS = ("mlp-digits", "cnn-bn", "resnet32-cifar")
@@ -83,24 +85,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def load_average() -> str:
-    try:
-        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:
-        return "load average unknown"
-
-
-def cpu_name() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-        name = names[0] if names else name
-    except OSError:
-        pass
-    return name
 
 
 def numpy_of(variable) -> np.ndarray:

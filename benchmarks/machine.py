@@ -1,0 +1,24 @@
+"""What the benchmarks print about the machine they ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def load_average() -> str:
+    try:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        name = names[0] if names else name
+    except OSError:
+        pass
+    return name
