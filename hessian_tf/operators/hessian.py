@@ -77,9 +77,9 @@ class HessianOperator:
       strategy: the tf.distribute strategy; default: the current one.
       regularization: add the model's own losses (weight regularizers) to L.
       method: 'forward_over_backward', 'reverse_over_reverse', or 'auto'
-        (reverse over reverse: measured no slower than forward over backward on
-        the reference workloads, and it shares the forward and backward pass among
-        the vectors of a block; see benchmarks/README.md).
+        (reverse over reverse: measured as fast as forward over backward or faster
+        on the reference workloads but tiny batches, and it shares the forward and
+        backward pass among the vectors of a block; see README.md, Speed).
 
     `matvec(v)` is H v; `matmat(V)` is the products of a block of vectors V [k, dim]
     in ONE pass over the data (lockstep draws), the model's forward and backward
