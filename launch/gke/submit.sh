@@ -72,13 +72,7 @@ reject_flags "--strategy" "every worker runs --strategy=multi_worker." -- ${ARGS
 require_plain --image "$IMAGE"
 require_int --workers "$WORKERS" 1
 require_int --gpus-per-worker "$GPUS" 1
-require_k8s_name --name "$NAME"
-[[ -z $NAMESPACE ]] || require_k8s_name --namespace "$NAMESPACE"
-[[ -z $ACCELERATOR ]] || require_plain --accelerator "$ACCELERATOR"
-require_k8s_name --service-account "$SERVICE_ACCOUNT"
-[[ -z $PVC ]] || require_k8s_name --pvc "$PVC"
-[[ $MOUNT_PATH == /* ]] && require_plain --mount-path "$MOUNT_PATH" ||
-  die "--mount-path=$MOUNT_PATH: pass an absolute path such as /results."
+require_k8s_options
 require_durable_output --output_dir "$(flag_value --output_dir -- ${ARGS[@]+"${ARGS[@]}"})" \
   "$PVC" "$MOUNT_PATH"
 
@@ -95,7 +89,4 @@ render_manifest "$HERE/tfjob.yaml.template" \
   "VOLUME_MOUNTS=$mounts" "VOLUMES=$volumes" \
   -- --strategy=multi_worker ${ARGS[@]+"${ARGS[@]}"}
 
-command=(kubectl apply)
-[[ -n $NAMESPACE ]] && command+=("--namespace=$NAMESPACE")
-command+=(-f -)
-apply_manifest "$DRY_RUN" "${command[@]}"
+kubectl_apply "$DRY_RUN" "$NAMESPACE"

@@ -88,13 +88,7 @@ require_int --gpus "$GPUS" 0
 PARALLELISM=${PARALLELISM:-$NUM_CHECKPOINTS}
 require_int --parallelism "$PARALLELISM" 1
 require_int --retries "$RETRIES" 0
-require_k8s_name --name "$NAME"
-[[ -z $NAMESPACE ]] || require_k8s_name --namespace "$NAMESPACE"
-[[ -z $ACCELERATOR ]] || require_plain --accelerator "$ACCELERATOR"
-require_k8s_name --service-account "$SERVICE_ACCOUNT"
-[[ -z $PVC ]] || require_k8s_name --pvc "$PVC"
-[[ $MOUNT_PATH == /* ]] && require_plain --mount-path "$MOUNT_PATH" ||
-  die "--mount-path=$MOUNT_PATH: pass an absolute path such as /results."
+require_k8s_options
 [[ $OUTPUT_ROOT == / ]] || OUTPUT_ROOT=${OUTPUT_ROOT%/}
 require_durable_output --output-root "$OUTPUT_ROOT" "$PVC" "$MOUNT_PATH"
 
@@ -113,7 +107,4 @@ render_manifest "$HERE/checkpoints-job.yaml.template" \
   "VOLUME_MOUNTS=$mounts]" "VOLUMES=$volumes]" \
   -- ${ARGS[@]+"${ARGS[@]}"}
 
-command=(kubectl apply)
-[[ -n $NAMESPACE ]] && command+=("--namespace=$NAMESPACE")
-command+=(-f -)
-apply_manifest "$DRY_RUN" "${command[@]}"
+kubectl_apply "$DRY_RUN" "$NAMESPACE"

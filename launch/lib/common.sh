@@ -115,7 +115,52 @@ require_durable_output() {  # WHAT PATH PVC MOUNT_PATH
     die "$what=$path is not under the PVC mount path $mount; use $mount/... or change --mount-path."
 }
 
+# --- Slurm -----------------------------------------------------------------
+
+# Checks the sbatch options both Slurm launchers take: CPUS, TIME, PARTITION,
+# ACCOUNT, JOB_NAME and SBATCH_ARGS.
+require_sbatch_options() {
+  local arg
+  [[ -z $CPUS ]] || require_int --cpus-per-task "$CPUS" 1
+  require_plain --time "$TIME"
+  [[ -z $PARTITION ]] || require_plain --partition "$PARTITION"
+  [[ -z $ACCOUNT ]] || require_plain --account "$ACCOUNT"
+  require_plain --job-name "$JOB_NAME"
+  for arg in ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"}; do
+    [[ $arg == -* ]] || die "--sbatch-arg=$arg: pass an sbatch option such as --exclusive."
+  done
+}
+
+# Appends those options (and --gpus-per-node=GPUS unless 0) to the array `command`.
+append_sbatch_options() {
+  ((GPUS == 0)) || command+=("--gpus-per-node=$GPUS")
+  [[ -z $CPUS ]] || command+=("--cpus-per-task=$CPUS")
+  [[ -z $PARTITION ]] || command+=("--partition=$PARTITION")
+  [[ -z $ACCOUNT ]] || command+=("--account=$ACCOUNT")
+  command+=(${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"})
+}
+
 # --- Kubernetes manifests ---------------------------------------------------
+
+# Checks the placement options both GKE launchers take: NAME, NAMESPACE,
+# ACCELERATOR, SERVICE_ACCOUNT, PVC and MOUNT_PATH.
+require_k8s_options() {
+  require_k8s_name --name "$NAME"
+  [[ -z $NAMESPACE ]] || require_k8s_name --namespace "$NAMESPACE"
+  [[ -z $ACCELERATOR ]] || require_plain --accelerator "$ACCELERATOR"
+  require_k8s_name --service-account "$SERVICE_ACCOUNT"
+  [[ -z $PVC ]] || require_k8s_name --pvc "$PVC"
+  [[ $MOUNT_PATH == /* ]] && require_plain --mount-path "$MOUNT_PATH" ||
+    die "--mount-path=$MOUNT_PATH: pass an absolute path such as /results."
+}
+
+# Pipes MANIFEST to `kubectl apply` in NAMESPACE (or prints it: --dry-run).
+kubectl_apply() {  # DRY_RUN NAMESPACE
+  local command=(kubectl apply)
+  [[ -z $2 ]] || command+=("--namespace=$2")
+  command+=(-f -)
+  apply_manifest "$1" "${command[@]}"
+}
 
 # JSON (valid YAML) for a pod's nodeSelector: GKE's GPU node label, or none.
 k8s_node_selector() {  # ACCELERATOR

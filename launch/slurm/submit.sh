@@ -69,22 +69,11 @@ reject_launcher_options "$LAUNCHER_OPTIONS" -- ${ARGS[@]+"${ARGS[@]}"}
 reject_flags "--strategy" "every task runs --strategy=multi_worker." -- ${ARGS[@]+"${ARGS[@]}"}
 require_int --nodes "$NODES" 1
 require_int --gpus-per-node "$GPUS" 0
-[[ -z $CPUS ]] || require_int --cpus-per-task "$CPUS" 1
-require_plain --time "$TIME"
-[[ -z $PARTITION ]] || require_plain --partition "$PARTITION"
-[[ -z $ACCOUNT ]] || require_plain --account "$ACCOUNT"
-require_plain --job-name "$JOB_NAME"
-for arg in ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"}; do
-  [[ $arg == -* ]] || die "--sbatch-arg=$arg: pass an sbatch option such as --exclusive."
-done
+require_sbatch_options
 [[ $CLUSTER == tf_config || $CLUSTER == slurm ]] || die "--cluster=$CLUSTER: use tf_config or slurm."
 
 command=(sbatch "--job-name=$JOB_NAME" "--nodes=$NODES" --ntasks-per-node=1 "--time=$TIME")
-((GPUS == 0)) || command+=("--gpus-per-node=$GPUS")
-[[ -z $CPUS ]] || command+=("--cpus-per-task=$CPUS")
-[[ -z $PARTITION ]] || command+=("--partition=$PARTITION")
-[[ -z $ACCOUNT ]] || command+=("--account=$ACCOUNT")
-command+=(${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"})
+append_sbatch_options
 command+=("--export=ALL,HESSIAN_TF_CLUSTER=$CLUSTER")
 command+=("$HERE/spectrum.sbatch" ${ARGS[@]+"${ARGS[@]}"})
 

@@ -74,24 +74,13 @@ NUM_CHECKPOINTS=${#CHECKPOINTS[@]}
 [[ -n $OUTPUT_ROOT ]] || die "--output-root is empty: pass the directory for the results."
 [[ -z $MAX_PARALLEL ]] || require_int --max-parallel "$MAX_PARALLEL" 1
 require_int --gpus "$GPUS" 0
-[[ -z $CPUS ]] || require_int --cpus-per-task "$CPUS" 1
-require_plain --time "$TIME"
-[[ -z $PARTITION ]] || require_plain --partition "$PARTITION"
-[[ -z $ACCOUNT ]] || require_plain --account "$ACCOUNT"
-require_plain --job-name "$JOB_NAME"
-for arg in ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"}; do
-  [[ $arg == -* ]] || die "--sbatch-arg=$arg: pass an sbatch option such as --exclusive."
-done
+require_sbatch_options
 
 # The tasks read the list when they start, from wherever they run.
 list_path="$(cd "$(dirname "$LIST")" && pwd)/$(basename "$LIST")"
 array="0-$((NUM_CHECKPOINTS - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}"
 command=(sbatch "--job-name=$JOB_NAME" "--array=$array" "--time=$TIME")
-((GPUS == 0)) || command+=("--gpus-per-node=$GPUS")
-[[ -z $CPUS ]] || command+=("--cpus-per-task=$CPUS")
-[[ -z $PARTITION ]] || command+=("--partition=$PARTITION")
-[[ -z $ACCOUNT ]] || command+=("--account=$ACCOUNT")
-command+=(${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"})
+append_sbatch_options
 command+=("$HERE/checkpoints.sbatch" "--list=$list_path" "--output-root=$OUTPUT_ROOT"
   "--count=$NUM_CHECKPOINTS" -- ${ARGS[@]+"${ARGS[@]}"})
 
