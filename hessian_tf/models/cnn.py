@@ -12,15 +12,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import keras
-import numpy as np
+
+from hessian_tf.models.seeds import LayerSeeds
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
-
-
-def _seed(seed: int, index: int) -> int:
-    """A distinct integer seed per initializer (same integer = same values in Keras)."""
-    return int(np.random.SeedSequence([int(seed), index]).generate_state(1)[0] % (2**31 - 1))
 
 
 def small_cnn(
@@ -55,17 +51,18 @@ def small_cnn(
             f"small_cnn: received num_classes={num_classes}, width={width}; expected "
             "positive integers."
         )
+    seeds = LayerSeeds(seed)
     inputs = keras.Input(input_shape, name="images")
     x = inputs
     layers = (("conv1", width, 1), ("conv2", 2 * width, 2), ("conv3", 2 * width, 1))
-    for index, (name, filters, strides) in enumerate(layers, start=1):
+    for name, filters, strides in layers:
         x = keras.layers.Conv2D(
             filters,
             3,
             strides=strides,
             padding="same",
             use_bias=not batch_norm,
-            kernel_initializer=keras.initializers.HeNormal(seed=_seed(seed, index)),
+            kernel_initializer=keras.initializers.HeNormal(seed=seeds()),
             name=name,
         )(x)
         if batch_norm:
@@ -76,7 +73,7 @@ def small_cnn(
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = keras.layers.Dense(
         num_classes,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=_seed(seed, len(layers) + 1)),
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seeds()),
         name="logits",
     )(x)
     return keras.Model(inputs, outputs, name="small_cnn")

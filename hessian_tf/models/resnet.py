@@ -31,28 +31,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import keras
-import numpy as np
+
+from hessian_tf.models.seeds import LayerSeeds
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
-
-
-class _Seeds:
-    """A distinct, reproducible integer seed per initializer.
-
-    Keras initializers seeded with the same integer repeat their values, so each
-    layer gets its own seed derived from (seed, index) without touching the global
-    random state.
-    """
-
-    def __init__(self, seed: int):
-        self._seed = int(seed)
-        self._index = 0
-
-    def __call__(self) -> int:
-        self._index += 1
-        state = np.random.SeedSequence([self._seed, self._index]).generate_state(1)[0]
-        return int(state % (2**31 - 1))
 
 
 def _check_options(
@@ -168,7 +151,7 @@ def resnet32(
       4·w·c + c without (465,674).
     """
     input_shape = _check_options("resnet32", input_shape, num_classes, width)
-    seeds = _Seeds(seed)
+    seeds = LayerSeeds(seed)
     inputs = keras.Input(input_shape, name="images")
     x = _conv_bn(
         inputs, width, 3, strides=1, batch_norm=batch_norm, seeds=seeds,
@@ -202,7 +185,7 @@ def resnet18(
     Args: as `resnet32`.
     """
     input_shape = _check_options("resnet18", input_shape, num_classes, width)
-    seeds = _Seeds(seed)
+    seeds = LayerSeeds(seed)
     inputs = keras.Input(input_shape, name="images")
     x = _conv_bn(
         inputs, width, 7, strides=2, batch_norm=batch_norm, seeds=seeds,
