@@ -59,7 +59,8 @@ def lockstep_draws(config, dim: int) -> int:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = 8 * 2**30
-    return max(1, min(config.num_draws, 8, memory // 4 // max(1, per_draw)))
+    return max(1, min(config.num_draws, spectrum_lib.MAX_LOCKSTEP_DRAWS,
+                      memory // 4 // max(1, per_draw)))
 
 
 # Sleeps, then reports and kills the job; killed itself when the block ends in time.

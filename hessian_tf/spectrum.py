@@ -131,12 +131,17 @@ def stochastic_lanczos_quadrature(
     # (measured: 2 ms → 45 ms per step on 2 cores), and one thread is never slower.
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         return _slq(
-            matvec, dim, lanczos_steps=lanczos_steps, num_draws=num_draws, seed=seed,
+            dim, lanczos_steps=lanczos_steps, num_draws=num_draws, seed=seed,
             kernel_width=kernel_width, num_grid_points=num_grid_points,
             first_product=first_product, progress=progress, basis_dtype=basis_dtype,
             state=initial_state or SLQState(draw=0, lanczos=None, completed=(), num_products=0),
             after_step=after_step, matmat=matmat, lockstep=lockstep,
         )
+
+
+# The most draws run in lockstep by default (the binary and the Keras callback):
+# each one adds a whole Lanczos basis on the host and a vector per product block.
+MAX_LOCKSTEP_DRAWS = 8
 
 
 def group_size(num_draws: int, lockstep: int) -> int:
@@ -145,9 +150,8 @@ def group_size(num_draws: int, lockstep: int) -> int:
     return -(-num_draws // groups)
 
 
-def _slq(matvec, dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
+def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
          first_product, progress, basis_dtype, state, after_step, matmat, lockstep):
-    del matvec  # products go through matmat
     started = time.perf_counter()
     size = group_size(num_draws, lockstep)
     session_products = 0

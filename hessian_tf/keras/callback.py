@@ -477,7 +477,7 @@ class SpectrumCallback(keras.callbacks.Callback):
                 kernel_width=self.kernel_width,
                 first_product=first_product,
                 matmat=operator.matmat,
-                lockstep=min(self.num_draws, 8),
+                lockstep=min(self.num_draws, spectrum_lib.MAX_LOCKSTEP_DRAWS),
             )
         except (hessian_lib.NonDeterministicError, hessian_lib.NonFiniteError) as error:
             raise type(error)(f"SpectrumCallback at training step {step}: {error}") from error
