@@ -5,12 +5,7 @@ import pytest
 
 from hessian_tf import linalg
 from hessian_tf.linalg import eigenpairs as eigenpairs_lib
-
-
-def matrix_with_eigenvalues(eigenvalues, seed=0):
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((len(eigenvalues), len(eigenvalues))))
-    return (q * np.asarray(eigenvalues)) @ q.T, q
+from tests.linalg.test_lanczos import matrix_with_eigenvalues
 
 
 def run(matrix, steps, seed=1, **kwargs):

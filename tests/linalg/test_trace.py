@@ -6,12 +6,11 @@ import pytest
 
 from hessian_tf import spectrum
 from hessian_tf.linalg import trace as trace_lib
+from tests.linalg import test_lanczos
 
 
 def matrix_with_eigenvalues(eigenvalues, seed=0):
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((len(eigenvalues), len(eigenvalues))))
-    return (q * np.asarray(eigenvalues)) @ q.T
+    return test_lanczos.matrix_with_eigenvalues(eigenvalues, seed)[0]
 
 
 class Counting:
