@@ -49,18 +49,19 @@ def log_progress(progress: spectrum_lib.Progress) -> None:
     )
 
 
-def lockstep_draws(config, dim: int) -> int:
-    """Draws per lockstep group: --lockstep_draws, or automatically up to 8 draws
-    whose Lanczos bases together fit in a quarter of the host's memory."""
+def lockstep_group(config, dim: int) -> int:
+    """Draws per lockstep group: equal groups of at most --lockstep_draws draws, or
+    automatically of at most MAX_LOCKSTEP_DRAWS whose Lanczos bases together fit in
+    a quarter of the host's memory."""
     if config.lockstep_draws:
-        return min(config.lockstep_draws, config.num_draws)
+        return spectrum_lib.group_size(config.num_draws, config.lockstep_draws)
     per_draw = config.lanczos_steps * dim * (4 if config.basis_dtype == "float32" else 8)
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = 8 * 2**30
-    return max(1, min(config.num_draws, spectrum_lib.MAX_LOCKSTEP_DRAWS,
-                      memory // 4 // max(1, per_draw)))
+    fits = max(1, min(spectrum_lib.MAX_LOCKSTEP_DRAWS, memory // 4 // max(1, per_draw)))
+    return spectrum_lib.group_size(config.num_draws, fits)
 
 
 # Sleeps, then reports and kills the job; killed itself when the block ends in time.
@@ -160,7 +161,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     batch_seconds = time.perf_counter() - started
     replicas = operator.strategy.num_replicas_in_sync
     batches = -(-operator.num_examples // config.batch_size)
-    group = spectrum_lib.group_size(config.num_draws, lockstep_draws(config, operator.dim))
+    group = lockstep_group(config, operator.dim)
     products = config.num_draws * config.lanczos_steps + group * int(bool(config.check_determinism))
     groups = -(-config.num_draws // group)
     passes = groups * config.lanczos_steps + int(bool(config.check_determinism)) + 1  # + gradient
@@ -395,7 +396,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         config, checkpointer, chief=chief,
         start_products=resumed.num_products if resumed is not None else 0,
     )
-    lockstep = lockstep_draws(config, operator.dim)
+    group = lockstep_group(config, operator.dim)
     try:
         # The first all-reduce is where a worker that never started would hang.
         with _deadline(config.worker_timeout, waiting, enabled=multi_worker):
@@ -414,7 +415,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
             initial_state=resumed,
             after_step=after_step,
             matmat=operator.matmat,
-            lockstep=lockstep,
+            lockstep=group,
         )
     except (NonFiniteError, NonDeterministicError) as error:
         raise type(error)(
@@ -450,14 +451,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
         "orthogonality_loss": spectrum.orthogonality_loss,
         # Across sessions of a resumed job; the determinism check costs one more.
         "num_hvps": spectrum.num_products
-        + spectrum_lib.group_size(config.num_draws, lockstep) * int(bool(config.check_determinism)),
+        + group * int(bool(config.check_determinism)),
         "num_hvps_this_session": operator.num_products,
         "product_seconds": operator.product_seconds,
         "lanczos_seconds": spectrum.seconds,
         # One step of the group (k products in one data pass and the algebra), after
         # the first step, which includes tracing.
         "seconds_per_step": spectrum.seconds_per_step,
-        "lockstep_draws": spectrum_lib.group_size(config.num_draws, lockstep),
+        "lockstep_draws": group,
         "seconds": None,  # filled in just before writing
         "config": config.to_dict(),
         **analyses,
