@@ -37,17 +37,11 @@ Example:
 USAGE
 }
 
-LAUNCHER_OPTIONS="--image --workers --gpus-per-worker --name --namespace --accelerator
-  --service-account --pvc --mount-path --dry-run"
+LAUNCHER_OPTIONS="--image --workers --gpus-per-worker --name $K8S_OPTIONS --dry-run"
 IMAGE=${HESSIAN_IMAGE:-}
 WORKERS=${NUM_WORKERS:-2}
 GPUS=1
 NAME=${JOB_NAME:-hessian-spectrum-$(date -u +%Y%m%d-%H%M%S)}
-NAMESPACE=''
-ACCELERATOR=''
-SERVICE_ACCOUNT=default
-PVC=''
-MOUNT_PATH=/results
 DRY_RUN=0
 
 set_option() {
@@ -56,11 +50,7 @@ set_option() {
     --workers) WORKERS=$2 ;;
     --gpus-per-worker) GPUS=$2 ;;
     --name) NAME=$2 ;;
-    --namespace) NAMESPACE=$2 ;;
-    --accelerator) ACCELERATOR=$2 ;;
-    --service-account) SERVICE_ACCOUNT=$2 ;;
-    --pvc) PVC=$2 ;;
-    --mount-path) MOUNT_PATH=$2 ;;
+    *) set_k8s_option "$1" "$2" ;;
   esac
 }
 

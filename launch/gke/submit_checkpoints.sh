@@ -43,7 +43,7 @@ USAGE
 }
 
 LAUNCHER_OPTIONS="--list --image --output-root --gpus --parallelism --retries --name
-  --namespace --accelerator --service-account --pvc --mount-path --dry-run"
+  $K8S_OPTIONS --dry-run"
 LIST=''
 IMAGE=${HESSIAN_IMAGE:-}
 OUTPUT_ROOT=${OUTPUT_ROOT:-}
@@ -51,11 +51,6 @@ GPUS=1
 PARALLELISM=''
 RETRIES=1
 NAME=${JOB_NAME:-hessian-checkpoints-$(date -u +%Y%m%d-%H%M%S)}
-NAMESPACE=''
-ACCELERATOR=''
-SERVICE_ACCOUNT=default
-PVC=''
-MOUNT_PATH=/results
 DRY_RUN=0
 
 set_option() {
@@ -67,11 +62,7 @@ set_option() {
     --parallelism) PARALLELISM=$2 ;;
     --retries) RETRIES=$2 ;;
     --name) NAME=$2 ;;
-    --namespace) NAMESPACE=$2 ;;
-    --accelerator) ACCELERATOR=$2 ;;
-    --service-account) SERVICE_ACCOUNT=$2 ;;
-    --pvc) PVC=$2 ;;
-    --mount-path) MOUNT_PATH=$2 ;;
+    *) set_k8s_option "$1" "$2" ;;
   esac
 }
 

@@ -142,8 +142,26 @@ append_sbatch_options() {
 
 # --- Kubernetes manifests ---------------------------------------------------
 
-# Checks the placement options both GKE launchers take: NAME, NAMESPACE,
-# ACCELERATOR, SERVICE_ACCOUNT, PVC and MOUNT_PATH.
+# The placement options both GKE launchers take (besides --name, whose default
+# differs): their defaults, and set_option's cases for them.
+K8S_OPTIONS="--namespace --accelerator --service-account --pvc --mount-path"
+NAMESPACE=''
+ACCELERATOR=''
+SERVICE_ACCOUNT=default
+PVC=''
+MOUNT_PATH=/results
+
+set_k8s_option() {  # OPTION VALUE
+  case $1 in
+    --namespace) NAMESPACE=$2 ;;
+    --accelerator) ACCELERATOR=$2 ;;
+    --service-account) SERVICE_ACCOUNT=$2 ;;
+    --pvc) PVC=$2 ;;
+    --mount-path) MOUNT_PATH=$2 ;;
+  esac
+}
+
+# Checks them: NAME, NAMESPACE, ACCELERATOR, SERVICE_ACCOUNT, PVC and MOUNT_PATH.
 require_k8s_options() {
   require_k8s_name --name "$NAME"
   [[ -z $NAMESPACE ]] || require_k8s_name --namespace "$NAMESPACE"
