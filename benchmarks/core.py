@@ -10,7 +10,10 @@ On the reference workloads (benchmarks/README.md), for each (workload, BN mode, 
   function, best of --repeats; product/gradient is the cost of a product in
   gradients;
 - lockstep: 8 draws run together (one block of 8 products per step, one data
-  pass) against 8 single-draw runs of the same steps, wall time.
+  pass) against 8 single-draw runs of the same steps, wall time;
+- flops: the floating-point operations of the one-batch graphs (benchmarks/flops.py),
+  so that each time ratio has its arithmetic floor beside it: product ÷ gradient, and a
+  block of 8 products ÷ 8 single products.
 The product and the one-batch timings are taken in interleaved rounds, so that
 load from other processes inflates them alike.
 
@@ -36,6 +39,7 @@ import tensorflow as tf  # noqa: E402
 import threadpoolctl  # noqa: E402  (installed with scikit-learn)
 
 from hessian_tf import linalg, operators  # noqa: E402
+from flops import graph_flops  # noqa: E402  (benchmarks/flops.py)
 from machine import cpu_name, load_average  # noqa: E402  (benchmarks/machine.py)
 from hessian_tf.io.datasets import load_digits  # noqa: E402
 from hessian_tf.models.mlp import mlp  # noqa: E402
@@ -72,6 +76,8 @@ class Row(NamedTuple):
     batch_products: dict  # method -> seconds for one batch
     method: str  # the operator's own (method='auto')
     lockstep: float  # 8 draws in lockstep ÷ 8 single-draw runs, wall time
+    flops_ratio: float  # one batch: flops of the product ÷ flops of the gradient
+    lockstep_flops: float  # one batch: flops of a block of 8 products ÷ 8 products
     model_unchanged: bool
 
     @property
@@ -169,6 +175,24 @@ def batch_functions(operator: operators.HessianOperator, x, y):
     return forward, gradient, product
 
 
+def flop_ratios(operator: operators.HessianOperator, x, y, tangents) -> tuple[float, float]:
+    """(product ÷ gradient, block of LOCKSTEP_DRAWS products ÷ that many products),
+    in floating-point operations of one batch's graphs (traced, not run)."""
+    model_function = operator.model_function
+    _, gradient, product = batch_functions(operator, x, y)
+
+    @tf.function
+    def block(block_tangents):
+        with model_function.mode_context(operator.bn_mode):
+            return operator._batch_products(
+                model_function.primals(), model_function.state(), block_tangents, x, y)
+
+    gradient_flops = graph_flops(gradient.get_concrete_function())["total"]
+    product_flops = graph_flops(product.get_concrete_function(tangents))["total"]
+    block_flops = graph_flops(block.get_concrete_function([tangents] * LOCKSTEP_DRAWS))["total"]
+    return product_flops / gradient_flops, block_flops / (LOCKSTEP_DRAWS * product_flops)
+
+
 def lockstep_ratio(operator, steps: int, draws: int) -> float:
     """Wall time of `draws` draws of `steps` Lanczos steps run in lockstep, ÷ that of
     `draws` single-draw runs one after the other (both traced beforehand)."""
@@ -255,6 +279,7 @@ def measure(case: Case, model: keras.Model, x: np.ndarray, y: np.ndarray, repeat
     }
 
     lockstep = lockstep_ratio(operator, case.lockstep_steps, LOCKSTEP_DRAWS)
+    flops_ratio, lockstep_flops = flop_ratios(operator, x_batch, y_batch, tangents)
     algebra = lanczos_algebra_seconds(operator.dim, REFERENCE_LANCZOS_STEPS - 1, repeats=3)
     with threadpoolctl.threadpool_limits(1, user_api="blas"):
         algebra_one_thread = lanczos_algebra_seconds(
@@ -278,6 +303,8 @@ def measure(case: Case, model: keras.Model, x: np.ndarray, y: np.ndarray, repeat
         batch_products=batch_products,
         method=operator.method,
         lockstep=lockstep,
+        flops_ratio=flops_ratio,
+        lockstep_flops=lockstep_flops,
         model_unchanged=unchanged,
     )
 
@@ -306,7 +333,7 @@ def environment() -> str:
 HEADER = (
     "workload", "BN mode", "batch", "params", "step s", "matvec s", "overhead",
     "algebra@90 s", "1-thread s", "fwd s", "grad s", "HVP s", "HVP/grad", "FoB/grad", "RoR/grad",
-    "matvec/Σbatch", "lockstep 8", "first s",
+    "HVP/grad flops", "matvec/Σbatch", "lockstep 8", "lockstep 8 flops", "first s",
 )
 
 
@@ -328,8 +355,10 @@ def cells(row: Row) -> list[str]:
         f"{row.ratio:.2f}",
         f"{products['forward_over_backward'] / row.gradient:.2f}",
         f"{products['reverse_over_reverse'] / row.gradient:.2f}",
+        f"{row.flops_ratio:.2f}",
         f"{row.loop_ratio:.2f}",
         f"{row.lockstep:.2f}",
+        f"{row.lockstep_flops:.2f}",
         f"{row.first_product:.3g}",
     ]
 
@@ -360,9 +389,13 @@ def markdown(rows: list[Row], env: str, repeats: int) -> str:
         "NumPy's BLAS limited to one thread); "
         "fwd/grad/HVP = one batch (HVP: the operator's default method, "
         f"{rows[0].method if rows else ''}); FoB/RoR = forward-over-backward and "
-        "reverse-over-reverse products; matvec/Σbatch = matvec ÷ (N/batch · one-batch HVP); "
+        "reverse-over-reverse products; HVP/grad flops = the same ratio in floating-point "
+        "operations of the two one-batch graphs (the arithmetic floor of HVP/grad); "
+        "matvec/Σbatch = matvec ÷ (N/batch · one-batch HVP); "
         f"lockstep 8 = {LOCKSTEP_DRAWS} draws in lockstep ÷ {LOCKSTEP_DRAWS} single-draw runs "
-        "(wall time, steps: mlp-digits m, resnet32-cifar 2); first = trace + first product.",
+        "(wall time, steps: mlp-digits m, resnet32-cifar 2); lockstep 8 flops = one batch's "
+        f"block of {LOCKSTEP_DRAWS} products ÷ {LOCKSTEP_DRAWS} products in floating-point "
+        "operations (its arithmetic floor); first = trace + first product.",
     ]
     return "\n".join(lines)
 
