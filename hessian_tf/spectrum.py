@@ -108,9 +108,11 @@ def stochastic_lanczos_quadrature(
       matmat: the products of a block [k, dim] → [k, dim] at once (one data pass
         for k draws); default: `matvec` row by row.
       lockstep: advance up to this many draws together, one block of products per
-        step. The draws are split into equal groups (8 draws at lockstep 6 run as
-        two groups of 4), so a block size is traced once. Results do not depend on
-        it beyond rounding.
+        step. The draws are split into as few groups as lockstep allows, all of one
+        size but the last (8 draws at lockstep 6: 4 and 4; 10 at lockstep 4: 4, 4
+        and 2), so at most two block sizes are traced (more only when draws exhaust
+        their Krylov space and leave a block). Results do not depend on it beyond
+        rounding.
       progress: called after every step with a Progress.
       initial_state: continue from this state (a restored checkpoint); start
         vectors depend only on (seed, draw), so a resumed run equals an
@@ -145,7 +147,8 @@ MAX_LOCKSTEP_DRAWS = 8
 
 
 def group_size(num_draws: int, lockstep: int) -> int:
-    """Draws per lockstep group: equal groups of at most `lockstep`."""
+    """Draws per lockstep group: the fewest groups of at most `lockstep` draws, of
+    one size but the last."""
     groups = -(-num_draws // max(1, lockstep))
     return -(-num_draws // groups)
 
@@ -240,10 +243,22 @@ def draws_label(draws) -> str:
     return f"draws {draws[0] + 1}-{draws[-1] + 1}"
 
 
+# Columns of a float32 basis converted to float64 at a time for its Gram matrix.
+_GRAM_BLOCK_BYTES = 2 << 20
+
+
 def _orthogonality_loss(state: linalg.LanczosState) -> float:
-    """max |Q Qᵀ − I| over the completed Lanczos vectors."""
+    """max |Q Qᵀ − I| over the completed Lanczos vectors, in float64 (a float32
+    product would measure its own rounding, ~1e-7, rather than the basis)."""
     basis = state.basis[: state.num_steps]
-    gram = (basis @ basis.T).astype(np.float64)
+    if basis.dtype == np.float64:
+        gram = basis @ basis.T
+    else:
+        gram = np.zeros((basis.shape[0],) * 2)
+        columns = max(1, _GRAM_BLOCK_BYTES // (8 * max(1, basis.shape[0])))
+        for start in range(0, basis.shape[1], columns):
+            block = basis[:, start:start + columns].astype(np.float64)
+            gram += block @ block.T
     return float(np.max(np.abs(gram - np.eye(state.num_steps))))
 
 

@@ -14,7 +14,8 @@ Basis rows never change once written, so each is saved once, as its own file
 (OUTPUT_DIR/checkpoints/basis/draw{D}_row{R}.npy, written whole then renamed),
 before the checkpoint that counts it: a save writes only the rows that are new
 since the last, and copies nothing in memory (a basis can be most of the host's
-memory).
+memory). Once a checkpoint is saved, the rows of the draws it counts as finished are
+deleted: on disk there is at most one lockstep group's bases.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Iterable, Optional
 
 import numpy as np
@@ -32,6 +34,7 @@ from hessian_tf.spectrum import SLQState
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BASIS_SUBDIR = "basis"
+_ROW_FILE = re.compile(r"draw(\d+)_row\d+\.npy(\.tmp)?$")
 
 # Options that do not change the result: a run resumes across changes of these.
 _OPERATIONAL_OPTIONS = (
@@ -118,7 +121,20 @@ class SLQCheckpointer:
         manager = tf.train.CheckpointManager(
             checkpoint, self.directory, max_to_keep=self.max_to_keep
         )
-        return manager.save(checkpoint_number=state.num_products)
+        path = manager.save(checkpoint_number=state.num_products)
+        self._delete_rows_before(state.draw)
+        return path
+
+    def _delete_rows_before(self, draw: int) -> None:
+        """Deletes the basis rows of draws before `draw`: the latest checkpoint (the
+        only one restored) holds their tridiagonals, and no longer needs them."""
+        directory = os.path.join(self.directory, BASIS_SUBDIR)
+        for name in os.listdir(directory) if os.path.isdir(directory) else ():
+            match = _ROW_FILE.match(name)
+            if match and int(match.group(1)) < draw:
+                os.remove(os.path.join(directory, name))
+        for finished in [d for d in self._rows_written if d < draw]:
+            del self._rows_written[finished]
 
     def restore(self, *, lanczos_steps: int, dim: int, basis_dtype=np.float64) -> Optional[SLQState]:
         """The latest state, or None if there is no checkpoint. Raises

@@ -64,3 +64,20 @@ def test_damaged_basis_rows_are_refused(tmp_path, damage):
     with pytest.raises(checkpoints.CheckpointError, match="--restart"):
         checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
             lanczos_steps=STEPS, dim=DIM)
+
+
+def test_rows_of_finished_draws_are_deleted_once_a_checkpoint_counts_them(tmp_path):
+    saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
+    saver.save(group_state(3, draw=2))  # draws 2-4 in progress
+    rows = tmp_path / checkpoints.BASIS_SUBDIR
+    (rows / "draw1_row0.npy.tmp").write_bytes(b"left by a crash mid-write")
+    later = group_state(5, draw=5, members=2)  # draws 2-4 finished, 5-6 in progress
+    saver.save(later)
+    assert sorted({name.split("_")[0] for name in os.listdir(rows)}) == ["draw5", "draw6"]
+    restored = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
+        lanczos_steps=STEPS, dim=DIM)
+    assert restored.draw == 5 and len(restored.completed) == 5
+    for original, copy in zip(later.lanczos, restored.lanczos):
+        np.testing.assert_array_equal(copy.basis, original.basis)
+    saver.save(SLQState(draw=7, lanczos=None, completed=later.completed, num_products=40))
+    assert os.listdir(rows) == []
