@@ -51,17 +51,12 @@ def log_progress(progress: spectrum_lib.Progress) -> None:
 
 def lockstep_group(config, dim: int) -> int:
     """Draws per lockstep group: equal groups of at most --lockstep_draws draws, or
-    automatically of at most MAX_LOCKSTEP_DRAWS whose Lanczos bases together fit in
-    a quarter of the host's memory."""
-    if config.lockstep_draws:
-        return spectrum_lib.group_size(config.num_draws, config.lockstep_draws)
-    per_draw = config.lanczos_steps * dim * (4 if config.basis_dtype == "float32" else 8)
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = 8 * 2**30
-    fits = max(1, min(spectrum_lib.MAX_LOCKSTEP_DRAWS, memory // 4 // max(1, per_draw)))
-    return spectrum_lib.group_size(config.num_draws, fits)
+    automatically (0) as many as MAX_LOCKSTEP_DRAWS whose Lanczos bases together fit
+    in a quarter of the host's memory."""
+    return spectrum_lib.lockstep_group(
+        config.num_draws, config.lanczos_steps, dim, lockstep=config.lockstep_draws,
+        basis_bytes_per_entry=4 if config.basis_dtype == "float32" else 8,
+    )
 
 
 # Sleeps, then reports and kills the job; killed itself when the block ends in time.

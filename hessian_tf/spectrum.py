@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -144,6 +145,26 @@ def stochastic_lanczos_quadrature(
 # The most draws run in lockstep by default (the binary and the Keras callback):
 # each one adds a whole Lanczos basis on the host and a vector per product block.
 MAX_LOCKSTEP_DRAWS = 8
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this host (8 GiB when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def lockstep_group(num_draws: int, lanczos_steps: int, dim: int, *, lockstep: int = 0,
+                   basis_bytes_per_entry: int = 8) -> int:
+    """Draws per lockstep group: groups of at most `lockstep` draws, or, for
+    lockstep=0, of at most MAX_LOCKSTEP_DRAWS whose Lanczos bases together fit in a
+    quarter of the host's memory."""
+    if lockstep:
+        return group_size(num_draws, lockstep)
+    per_draw = lanczos_steps * dim * basis_bytes_per_entry
+    fits = max(1, min(MAX_LOCKSTEP_DRAWS, host_memory_bytes() // 4 // max(1, per_draw)))
+    return group_size(num_draws, fits)
 
 
 def group_size(num_draws: int, lockstep: int) -> int:

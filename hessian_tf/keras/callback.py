@@ -308,6 +308,10 @@ class SpectrumCallback(keras.callbacks.Callback):
         (see `bulk_edge`).
       kernel_width: σ of the density's Gaussian kernel; default relative to the
         spectrum's width.
+      lockstep_draws: draws computed together, one block of products per Lanczos
+        step (one pass over the data for all of them); each holds its own Lanczos
+        basis (lanczos_steps × parameters × 8 bytes) on the host. 0: automatic, up to
+        8 draws whose bases fit in a quarter of the host's memory.
 
     Attributes:
       evaluations: a SpectrumEvaluation per evaluation, in order.
@@ -330,6 +334,7 @@ class SpectrumCallback(keras.callbacks.Callback):
         method: str = "auto",
         bulk_fraction: float = DEFAULT_BULK_FRACTION,
         kernel_width: Optional[float] = None,
+        lockstep_draws: int = 0,
     ):
         super().__init__()
         self.schedule = Schedule(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs)
@@ -358,6 +363,12 @@ class SpectrumCallback(keras.callbacks.Callback):
             raise ValueError(
                 f"SpectrumCallback: received bulk_fraction={bulk_fraction!r}; expected a "
                 f"fraction in (0, 1). Fix: pass e.g. bulk_fraction={DEFAULT_BULK_FRACTION}."
+            )
+        if isinstance(lockstep_draws, bool) or not isinstance(lockstep_draws, int) or lockstep_draws < 0:
+            raise ValueError(
+                f"SpectrumCallback: received lockstep_draws={lockstep_draws!r}; expected 0 "
+                "(automatic) or a positive number of draws. Fix: pass lockstep_draws=0, or "
+                "1 to hold one Lanczos basis at a time."
             )
         if kernel_width is not None and not kernel_width > 0:
             raise ValueError(
@@ -389,6 +400,7 @@ class SpectrumCallback(keras.callbacks.Callback):
         self.method = method
         self.bulk_fraction = float(bulk_fraction)
         self.kernel_width = kernel_width
+        self.lockstep_draws = lockstep_draws
         self.evaluations: list[SpectrumEvaluation] = []
         self._x, self._y = materialize(data)
         self._operator: Optional[hessian_lib.HessianOperator] = None
@@ -477,7 +489,8 @@ class SpectrumCallback(keras.callbacks.Callback):
                 kernel_width=self.kernel_width,
                 first_product=first_product,
                 matmat=operator.matmat,
-                lockstep=min(self.num_draws, spectrum_lib.MAX_LOCKSTEP_DRAWS),
+                lockstep=spectrum_lib.lockstep_group(
+                    self.num_draws, self.lanczos_steps, operator.dim, lockstep=self.lockstep_draws),
             )
         except (hessian_lib.NonDeterministicError, hessian_lib.NonFiniteError) as error:
             raise type(error)(f"SpectrumCallback at training step {step}: {error}") from error

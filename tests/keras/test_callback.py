@@ -100,6 +100,8 @@ def test_schedule_needs_exactly_one_positive_period(kwargs, named, tmp_path):
     ({"loss": "hinge"}, "loss='hinge'"),
     ({"bulk_fraction": 1.0}, "bulk_fraction=1.0"),
     ({"log_dir": ""}, "log_dir=''"),
+    ({"lockstep_draws": -1}, "lockstep_draws=-1"),
+    ({"lockstep_draws": 2.5}, "lockstep_draws=2.5"),
 ])
 def test_bad_options_are_named(kwargs, named, tmp_path):
     x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)
