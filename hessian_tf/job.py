@@ -34,7 +34,6 @@ def _format_seconds(seconds: float) -> str:
 
 def log_progress(progress: spectrum_lib.Progress) -> None:
     draws = range(progress.draw, progress.draw + progress.group_size)
-    steps_done = progress.draw * progress.lanczos_steps + progress.step * progress.group_size
     logging.info(
         "%s/%d, Lanczos step %d/%d: alpha=%.6g beta=%.6g, %.3f s/product, %s left%s",
         spectrum_lib.draws_label(draws),
@@ -43,7 +42,9 @@ def log_progress(progress: spectrum_lib.Progress) -> None:
         progress.lanczos_steps,
         progress.alpha,
         progress.beta,
-        progress.seconds / max(1, steps_done),
+        # Both since this session started: a resumed job's earlier products took
+        # time this session did not see.
+        progress.seconds / max(1, progress.session_products),
         _format_seconds(progress.seconds_left),
         " (Krylov space exhausted: exact spectrum)" if progress.exhausted else "",
     )
@@ -137,7 +138,7 @@ def _in_float64(model_function, x):
 
 def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     """Prints what the job would cost, from one timed batch, and computes nothing else."""
-    from hessian_tf.operators import HessianOperator
+    from hessian_tf.operators import HessianOperator, gauss_newton
 
     if stream is not None:
         import tensorflow as tf
@@ -145,9 +146,10 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         batch = next(iter(stream[0](tf.distribute.InputContext())))
         x, y = batch[0].numpy(), batch[1].numpy()
     x, y = x[: config.batch_size], y[: config.batch_size]
-    one_batch = HessianOperator(
+    # The job's own operator (Hessian, GGN or Fisher) and regularization, on one batch.
+    one_batch = gauss_newton.operator_class(config.operator, HessianOperator)(
         model_function, x, y, batch_size=config.batch_size, loss=config.loss,
-        bn_mode=config.bn_mode, method=config.method,
+        bn_mode=config.bn_mode, method=config.method, regularization=config.regularization,
     )
     vector = np.ones(one_batch.dim) / np.sqrt(one_batch.dim)
     one_batch.matvec(vector)  # traces
@@ -258,13 +260,16 @@ def _variable_values(model_function) -> list[np.ndarray]:
     return [v.numpy() for v in getattr(loaded, "variables", model_function.variables)]
 
 
+@contextlib.contextmanager
 def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0):
-    """The after-step hook: a checkpoint once `checkpoint_every` products and
+    """Yields the after-step hook: a checkpoint once `checkpoint_every` products and
     `checkpoint_seconds` have passed since the last, and one more then a clean stop
-    when SIGTERM (the preemption notice) has arrived."""
+    when SIGTERM (the preemption notice) has arrived. SIGTERM is caught only inside
+    the block; the previous handler is restored after it."""
     preempted = []
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
     last = {"products": start_products, "time": time.monotonic()}
 
     def after_step(state) -> None:
@@ -280,15 +285,24 @@ def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0
         if due:
             last.update(products=state.num_products, time=time.monotonic())
         if preempted:
-            step = state.lanczos[0].num_steps if state.lanczos else 0
-            draws = range(state.draw, state.draw + len(state.lanczos or (None,)))
+            if state.lanczos:
+                draws = range(state.draw, state.draw + len(state.lanczos))
+                where = (f"in {spectrum_lib.draws_label(draws)} at Lanczos step "
+                         f"{state.lanczos[0].num_steps}")
+            else:
+                where = f"after {state.draw} finished draw(s)"
             raise Preempted(
-                f"preempted (SIGTERM) in {spectrum_lib.draws_label(draws)} at Lanczos step "
-                f"{step}; a "
-                f"checkpoint is in {checkpointer.directory}: run the same command to resume."
+                f"preempted (SIGTERM) {where}; a checkpoint is in {checkpointer.directory}: "
+                "run the same command to resume."
             )
 
-    return after_step
+    try:
+        yield after_step
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if preempted:  # after the last step: the Lanczos work is done, finish the results
+        logging.warning("SIGTERM arrived after the last Lanczos step; writing the results.")
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -387,31 +401,32 @@ def run(config: ml_collections.ConfigDict) -> dict:
             "Resuming %s at Lanczos step %d (%d products done) from %s",
             spectrum_lib.draws_label(draws), step, resumed.num_products, checkpointer.latest(),
         )
-    after_step = _checkpointing(
+    group = lockstep_group(config, operator.dim)
+    preemption = _checkpointing(
         config, checkpointer, chief=chief,
         start_products=resumed.num_products if resumed is not None else 0,
     )
-    group = lockstep_group(config, operator.dim)
     try:
-        # The first all-reduce is where a worker that never started would hang.
-        with _deadline(config.worker_timeout, waiting, enabled=multi_worker):
-            loss, gradient = operator.loss_and_gradient()
-        spectrum = spectrum_lib.stochastic_lanczos_quadrature(
-            operator.matvec,
-            operator.dim,
-            lanczos_steps=config.lanczos_steps,
-            num_draws=config.num_draws,
-            seed=config.seed,
-            kernel_width=config.kernel_width or None,
-            num_grid_points=config.num_grid_points,
-            first_product=operator.check_determinism if config.check_determinism else None,
-            progress=log_progress,
-            basis_dtype=basis_dtype,
-            initial_state=resumed,
-            after_step=after_step,
-            matmat=operator.matmat,
-            lockstep=group,
-        )
+        with preemption as after_step:
+            # The first all-reduce is where a worker that never started would hang.
+            with _deadline(config.worker_timeout, waiting, enabled=multi_worker):
+                loss, gradient = operator.loss_and_gradient()
+            spectrum = spectrum_lib.stochastic_lanczos_quadrature(
+                operator.matvec,
+                operator.dim,
+                lanczos_steps=config.lanczos_steps,
+                num_draws=config.num_draws,
+                seed=config.seed,
+                kernel_width=config.kernel_width or None,
+                num_grid_points=config.num_grid_points,
+                first_product=operator.check_determinism if config.check_determinism else None,
+                progress=log_progress,
+                basis_dtype=basis_dtype,
+                initial_state=resumed,
+                after_step=after_step,
+                matmat=operator.matmat,
+                lockstep=group,
+            )
     except (NonFiniteError, NonDeterministicError) as error:
         raise type(error)(
             f"--model={config.model or '(default MLP)'} --dataset={config.dataset}: {error}"

@@ -26,6 +26,7 @@ class Progress(NamedTuple):
     seconds_left: float  # estimate
     exhausted: bool
     group_size: int = 1  # draws advanced together (lockstep)
+    session_products: int = 0  # products since this computation started (not resumed ones)
 
 
 class Spectrum(NamedTuple):
@@ -195,10 +196,12 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
             try:
                 products = (first_product if use_first else matmat)(vectors)
             except NonFiniteError as error:
-                steps = group[active[0]].num_steps
+                members = active if error.row is None else [active[error.row]]
+                steps = group[members[0]].num_steps
                 raise NonFiniteError(
-                    f"{draws_label(draw + i for i in active)}, Lanczos step "
-                    f"{steps}: {error}"
+                    f"{draws_label(draw + i for i in members)}, Lanczos step "
+                    f"{steps + 1}: {error}",
+                    row=error.row,
                 ) from error
             session_products += len(active)
             group = list(group)
@@ -227,6 +230,7 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
                         seconds_left=elapsed / session_products * remaining,
                         exhausted=lead.exhausted,
                         group_size=len(group),
+                        session_products=session_products,
                     )
                 )
             if all(linalg.is_finished(s) for s in group):

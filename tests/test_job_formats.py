@@ -5,6 +5,7 @@ the test process (conftest.py has already split the CPU).
 """
 
 import json
+import signal
 
 import keras
 import numpy as np
@@ -72,8 +73,11 @@ def bn_files(tmp_path_factory):
 
 def test_saved_model_and_keras_file_give_the_same_spectrum(bn_files, tmp_path):
     data = f"npz:{bn_files / 'data.npz'}"
+    handler = signal.getsignal(signal.SIGTERM)
     saved = job.run(small_config(tmp_path / "saved", model=str(bn_files / "exported"),
                                  dataset=data))
+    # SIGTERM is a preemption notice only while the job computes; then the caller's.
+    assert signal.getsignal(signal.SIGTERM) is handler
     check_results(tmp_path / "saved", saved)
     assert saved["method"] == "reverse_over_reverse"
     assert saved["num_params"] == 53 and saved["num_examples"] == 40

@@ -30,3 +30,48 @@ def test_automatic_lockstep_holds_the_bases_that_fit_a_quarter_of_memory(monkeyp
     assert spectrum_lib.lockstep_group(9, 90, 1000) == 1  # none fits: one at a time
     monkeypatch.setattr(spectrum_lib, "host_memory_bytes", lambda: 2**50)
     assert spectrum_lib.lockstep_group(20, 90, 1000) == 7  # at most 8: 7, 7, 6
+
+
+def test_progress_after_a_resume_counts_this_sessions_products(caplog):
+    from hessian_tf import job
+
+    matrix = np.linspace(1.0, 2.0, 30)
+    stopped = []
+
+    def stop_after_five(state):
+        if state.num_products >= 5 and not stopped:
+            stopped.append(state)
+            raise KeyboardInterrupt
+
+    run = dict(lanczos_steps=6, num_draws=3, matmat=lambda v: v * matrix)
+    try:
+        spectrum_lib.stochastic_lanczos_quadrature(lambda v: v * matrix, 30, after_step=stop_after_five, **run)
+    except KeyboardInterrupt:
+        pass
+    seen = []
+    spectrum_lib.stochastic_lanczos_quadrature(
+        lambda v: v * matrix, 30, initial_state=stopped[0], progress=seen.append, **run)
+    assert [p.session_products for p in seen] == list(range(1, 14))  # 18 products - 5 done
+    late = seen[-1]._replace(seconds=1.3)
+    with caplog.at_level("INFO"):
+        job.log_progress(late)
+    assert "0.100 s/product" in caplog.text  # 1.3 s / 13 products of this session
+
+
+def test_a_non_finite_product_names_its_draw_and_the_step_it_was_for():
+    import pytest
+
+    from hessian_tf.operators import NonFiniteError
+
+    calls = []
+
+    def matmat(vectors):
+        calls.append(len(vectors))
+        if len(calls) == 4:  # the 4th step of draws 4-6 (draws 1-3 took 3 calls)
+            raise NonFiniteError("the product has 1 non-finite entries", row=1)
+        return vectors * np.linspace(1.0, 2.0, 20)
+
+    with pytest.raises(NonFiniteError, match=r"^draw 5, Lanczos step 1: the product") as raised:
+        spectrum_lib.stochastic_lanczos_quadrature(
+            None, 20, lanczos_steps=3, num_draws=6, lockstep=3, matmat=matmat)
+    assert raised.value.row == 1

@@ -29,7 +29,12 @@ METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
 
 
 class NonFiniteError(ValueError):
-    """A loss, gradient or product is NaN or infinite."""
+    """A loss, gradient or product is NaN or infinite. `row`: the vector of a block
+    whose product it was, when known."""
+
+    def __init__(self, message: str, *, row: Optional[int] = None):
+        super().__init__(message)
+        self.row = row
 
 
 class NonDeterministicError(ValueError):
@@ -400,7 +405,8 @@ class HessianOperator:
                 f"the Hessian-vector product has {int(np.sum(~np.isfinite(products[row])))} "
                 f"non-finite entries{self._first_nonfinite_batch(vectors[row])}; check the "
                 "model's weights and the data for NaN or overflow (try a smaller learning "
-                "rate or float64)."
+                "rate or float64).",
+                row=row,
             )
         return products
 

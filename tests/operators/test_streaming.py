@@ -109,3 +109,26 @@ def test_narrow_resnet18_on_mock_imagenet(tmp_path):
     assert summary["num_examples"] == 6
     assert np.isfinite(summary["lambda_max"])
     assert (tmp_path / "out" / "spectrum.npz").exists()
+
+
+def test_dry_run_times_the_jobs_own_operator(tmp_path, monkeypatch):
+    from hessian_tf.operators import gauss_newton
+
+    model, x, y = small_problem()
+    model.save(str(tmp_path / "model.keras"))
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    built = []
+    original = gauss_newton.operator_class
+
+    def recording(name, base=operators.HessianOperator):
+        cls = original(name, base)
+        built.append((name, cls))
+        return cls
+
+    monkeypatch.setattr(gauss_newton, "operator_class", recording)
+    job.run(spectrum_config(
+        tmp_path / "out", model=str(tmp_path / "model.keras"),
+        dataset=f"npz:{tmp_path / 'data.npz'}", batch_size=4, operator="ggn", dry_run=True))
+    # The job's operator, then the one-batch operator the dry run times: both GGN.
+    assert [name for name, _ in built] == ["ggn", "ggn"]
+    assert built[1][1] is gauss_newton.GaussNewtonOperator
