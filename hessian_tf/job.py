@@ -28,6 +28,13 @@ from hessian_tf import spectrum as spectrum_lib
 from hessian_tf.io import checkpoints, results
 
 
+def _dataset_label(dataset: str) -> str:
+    """'npz:data.npz' for 'npz:/a/long/path/data.npz'; other names as they are."""
+    if dataset.startswith("npz:"):
+        return "npz:" + os.path.basename(dataset[len("npz:"):])
+    return dataset
+
+
 def _format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
@@ -306,17 +313,30 @@ def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-    """Runs one spectrum job; returns the summary written to summary.json."""
+    """Runs one spectrum job; returns the summary written to summary.json (for a dry
+    run, the cost). A job that fails, or a dry run, leaves no directory it created
+    empty behind."""
     started = time.perf_counter()
     config_lib.validate(config)
+    created = results.check_writable(config.output_dir)
+    try:
+        summary = _run(config, started)
+    except BaseException:
+        results.remove_empty_directories(created)
+        raise
+    if config.dry_run:
+        results.remove_empty_directories(created)
+    return summary
+
+
+def _run(config: ml_collections.ConfigDict, started: float) -> dict:
     output_dir = config.output_dir
-    results.check_writable(output_dir)
 
     # Imported here so that strategy creation (and logical CPU devices) come before
     # anything else touches TensorFlow's devices.
     from hessian_tf.distribute import is_chief, make_strategy
     from hessian_tf.io.datasets import load_dataset
-    from hessian_tf.io.models import load_model_function
+    from hessian_tf.io.models import check_model_path, load_model_function
     from hessian_tf.operators import HessianOperator, NonDeterministicError, NonFiniteError
     from hessian_tf.operators import gauss_newton
     from hessian_tf.operators.subset import SubsetModelFunction
@@ -334,6 +354,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
             worker_timeout=config.worker_timeout,
         )
     chief = is_chief(strategy)
+    if config.model:
+        check_model_path(config.model)  # before the data, which can take long to load
     stream = None
     if config.stream:
         from hessian_tf.io.streaming import tfds_stream
@@ -476,7 +498,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     }
     arrays = {**spectrum_lib.spectrum_arrays(spectrum), **arrays_extra}
     title = (
-        f"{os.path.basename(config.model.rstrip('/')) or 'default MLP'} on {config.dataset}: "
+        f"{os.path.basename(config.model.rstrip('/')) or 'default MLP'} on "
+        f"{_dataset_label(config.dataset)}: "
         f"n={operator.dim:,}, m={config.lanczos_steps}, {config.num_draws} draw(s), "
         f"BN {config.bn_mode}"
     )

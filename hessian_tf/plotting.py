@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import NamedTuple, Optional, Sequence
 
 import matplotlib
@@ -54,7 +55,8 @@ def plot_densities(
     axis.set_xlabel(xlabel)
     axis.set_ylabel("Density (log scale)")
     if title:
-        axis.set_title(title)
+        # Long titles (paths) wrap instead of running off the figure.
+        axis.set_title("\n".join(textwrap.wrap(title, 70)), fontsize="medium")
     if any(curve.label for curve in curves):
         axis.legend(fontsize="small")
     axis.grid(True, which="major", alpha=0.3)

@@ -33,3 +33,39 @@ def import_tensorflow_quietly():
 
         tf.config.list_physical_devices()
     return tf
+
+
+def error_line(program: str, message) -> int:
+    """Prints `program: error: message` as one line on stderr; returns exit status 2."""
+    print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?")
+
+
+def flags_parser(program: str, module_name: str, usage: str):
+    """absl's flag parser for `program`, made a command-line program's: --help prints
+    `usage` and the flags the program defines (in `module_name`) and exits 0; a bad
+    flag, flag value or config override is one line on stderr and exit status 2."""
+    from absl import flags
+
+    def parse(argv):
+        if any(argument in HELP_FLAGS for argument in argv[1:]):
+            print(usage.strip() + "\n")
+            print(flags.FLAGS.module_help(module_name))
+            print("\n--helpfull lists absl's own flags too.")
+            sys.exit(0)
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as error:
+            sys.exit(error_line(program, error))
+        except (AttributeError, KeyError) as error:
+            # ml_collections raises these for an override of an option that does not exist.
+            sys.exit(error_line(
+                program,
+                f"a --config.* override names no option of the config ({error}); check its "
+                "spelling against the config file",
+            ))
+
+    return parse

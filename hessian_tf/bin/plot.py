@@ -31,9 +31,11 @@ import numpy as np
 from absl import app, flags
 
 from hessian_tf import plotting
+from hessian_tf.bin import error_line, flags_parser
 from hessian_tf.io import results
 from hessian_tf.linalg import bootstrap, density
 
+_PROGRAM = "hessian-plot"
 _RUNS = flags.DEFINE_list("runs", [], "Comma-separated spectrum output directories.")
 _LABELS = flags.DEFINE_list(
     "labels", [], "Comma-separated legend labels, one per run (default: directory names)."
@@ -253,8 +255,7 @@ def render(
 
 def main(argv):
     if len(argv) > 1:
-        print(f"hessian-plot: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        return 2
+        return error_line(_PROGRAM, f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         drawn = render(
             _RUNS.value,
@@ -270,9 +271,7 @@ def main(argv):
             seed=_SEED.value,
         )
     except (ValueError, OSError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"hessian-plot: error: {message}", file=sys.stderr)
-        return 2
+        return error_line(_PROGRAM, str(error) or type(error).__name__)
     print(
         f"hessian-plot: wrote {drawn['output']} ({len(drawn['runs'])} run(s), "
         f"kernel width {drawn['kernel_width']:.3g})"
@@ -280,19 +279,10 @@ def main(argv):
     return 0
 
 
-def _parse_flags(argv):
-    """absl's parser, but a bad flag value is one line on stderr and exit status 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        message = " ".join(str(error).split())
-        print(f"hessian-plot: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def run():
     """Console-script entry point."""
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)),
+            flags_parser=flags_parser(_PROGRAM, __name__, __doc__))
 
 
 if __name__ == "__main__":

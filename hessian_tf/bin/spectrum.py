@@ -15,7 +15,7 @@ Long jobs checkpoint every --checkpoint_every products (at most once per
 import sys
 
 
-from hessian_tf.bin import import_tensorflow_quietly
+from hessian_tf.bin import error_line, flags_parser, import_tensorflow_quietly
 
 tf = import_tensorflow_quietly()
 
@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from hessian_tf import config as config_lib
 
+_PROGRAM = "hessian-spectrum"
 _DEFAULTS = config_lib.default_config()
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "An ml_collections config file (flags given explicitly override it)."
@@ -103,7 +104,8 @@ def resolve_config(flag_values=flags.FLAGS):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        return error_line(_PROGRAM, f"unexpected arguments: {' '.join(argv[1:])}; every "
+                          "option is a --flag (see --help)")
     from hessian_tf import job
 
     try:
@@ -124,15 +126,15 @@ def main(argv):
                 f"{lines[-1][:200] if lines else ''}); check that every worker runs and "
                 "reaches the others, or raise --worker_timeout."
             )
-        print(f"hessian-spectrum: error: {message}", file=sys.stderr)
-        return 2
+        return error_line(_PROGRAM, message)
     return 0
 
 
 def run():
     """Console-script entry point."""
     logging.set_verbosity(logging.INFO)
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)),
+            flags_parser=flags_parser(_PROGRAM, __name__, __doc__))
 
 
 if __name__ == "__main__":

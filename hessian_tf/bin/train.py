@@ -14,7 +14,7 @@ Bad input: one line on stderr, exit status 2.
 import sys
 
 
-from hessian_tf.bin import import_tensorflow_quietly
+from hessian_tf.bin import error_line, flags_parser, import_tensorflow_quietly
 
 tf = import_tensorflow_quietly()
 
@@ -32,23 +32,8 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
 _PROGRAM = "hessian-train"
 
 
-def _error(message: str) -> int:
-    print(f"{_PROGRAM}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
-
-
-def parse_flags(argv):
-    """absl's parser, with errors (a bad --config file or variant) as one line."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(_error(error))
-    except (AttributeError, KeyError) as error:
-        # ml_collections raises these for an override of an option that does not exist.
-        sys.exit(_error(
-            f"a --config.* override names no option of the config ({error}); check its "
-            "spelling against the config file"
-        ))
+def _error(message) -> int:
+    return error_line(_PROGRAM, message)
 
 
 def main(argv) -> int:
@@ -70,7 +55,8 @@ def main(argv) -> int:
 def run():
     """Console-script entry point."""
     logging.set_verbosity(logging.INFO)
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)),
+            flags_parser=flags_parser(_PROGRAM, __name__, __doc__))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from hessian_tf.models import population_bn  # noqa: F401
 from hessian_tf.operators.model_function import KerasModelFunction, SavedModelFunction
 
 
-def load_model_function(path: str):
-    """Returns a KerasModelFunction or SavedModelFunction for the model at `path`."""
+def check_model_path(path: str) -> None:
+    """Raises ValueError unless `path` is an existing file or a SavedModel directory
+    (cheap: run before the data is loaded)."""
     if not path:
         raise ValueError("--model is empty: pass a .keras file or a SavedModel directory.")
     if not os.path.exists(path):
@@ -22,12 +23,17 @@ def load_model_function(path: str):
             f"--model={path}: no such file or directory; pass a .keras file or a "
             "SavedModel directory."
         )
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "saved_model.pb")):
+        raise ValueError(
+            f"--model={path}: the directory holds no saved_model.pb; pass a "
+            "SavedModel directory (e.g. from Keras model.export()) or a .keras file."
+        )
+
+
+def load_model_function(path: str):
+    """Returns a KerasModelFunction or SavedModelFunction for the model at `path`."""
+    check_model_path(path)
     if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "saved_model.pb")):
-            raise ValueError(
-                f"--model={path}: the directory holds no saved_model.pb; pass a "
-                "SavedModel directory (e.g. from Keras model.export()) or a .keras file."
-            )
         try:
             loaded = tf.saved_model.load(path)
         except Exception as error:  # TF raises many types for a broken SavedModel

@@ -18,19 +18,36 @@ SUMMARY_FILE = "summary.json"
 DENSITY_FILE = "density.png"
 
 
-def check_writable(output_dir: str) -> None:
-    """Creates `output_dir` and proves a file can be written there, before any work."""
+def check_writable(output_dir: str) -> list[str]:
+    """Creates `output_dir` and proves a file can be written there, before any work.
+    Returns the directories it created, deepest first (for remove_empty_directories)."""
     if not output_dir:
         raise ValueError("--output_dir is empty; pass a directory to write results to.")
+    created = []
+    directory = os.path.abspath(output_dir)
+    while directory and not os.path.exists(directory):
+        created.append(directory)
+        directory = os.path.dirname(directory) if os.path.dirname(directory) != directory else ""
     try:
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
             pass
     except OSError as error:
+        remove_empty_directories(created)
         raise ValueError(
             f"--output_dir={output_dir}: cannot write there ({error.strerror or error}); "
             "pass a writable directory."
         ) from error
+    return created
+
+
+def remove_empty_directories(directories: list[str]) -> None:
+    """Removes each directory (deepest first) that is empty; keeps any that is not."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return  # not empty (results, checkpoints) or gone: keep it and its parents
 
 
 def _temporary_path(output_dir: str, name: str) -> str:

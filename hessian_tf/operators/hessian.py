@@ -47,6 +47,21 @@ class _ReplicaData(NamedTuple):
     sizes: tf.Tensor  # [batches_per_replica] examples in each batch (0 = padding)
 
 
+def _check_logits(outputs: np.ndarray, loss_name: str) -> None:
+    """Cross-entropies take logits: outputs that are probabilities (non-negative,
+    each row summing to 1, as after a softmax) would be normalised twice."""
+    if outputs.ndim != 2 or outputs.shape[1] < 2:
+        return
+    if np.all(outputs >= 0) and np.allclose(outputs.sum(axis=1), 1.0, rtol=0, atol=1e-5):
+        raise ValueError(
+            f"--model: its outputs are probabilities (non-negative, each row sums to 1: "
+            f"a final softmax), but --loss={loss_name} takes logits, and the Hessian of "
+            "a softmax applied twice is not the training loss's; remove the final "
+            "softmax (e.g. model.layers[-1].activation = keras.activations.linear, then "
+            "save) so the model outputs logits."
+        )
+
+
 def deal_batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_replicas: int):
     """Splits (x, y) into contiguous batches and deals them to replicas round-robin.
 
@@ -220,13 +235,28 @@ class HessianOperator:
                 )
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first = first.split(" [[")[0][:300]  # Keras may print the whole input array
+            try:
+                expected = tuple(self.model_function.model.input_shape[1:])
+                expected = f", which takes inputs of shape {expected}"
+            except (AttributeError, TypeError, ValueError, IndexError):
+                expected = ""
             raise ValueError(
                 f"--dataset: inputs of shape {x.shape[1:]} (dtype {x.dtype}) do not fit "
-                f"the model ({first}); pass data shaped as the model's input."
+                f"the model{expected} ({first}); pass data shaped as the model's input."
             ) from error
         outputs_shape = tuple(outputs.shape[1:])
+        if self.loss_name in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
+            _check_logits(np.asarray(outputs, np.float64), self.loss_name)
         if self.loss_name == "sparse_categorical_crossentropy":
             num_classes = outputs_shape[-1] if outputs_shape else 1
+            if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+                raise ValueError(
+                    f"--dataset: labels have shape {y.shape[1:]} per example, but "
+                    "--loss=sparse_categorical_crossentropy takes one class index per "
+                    "example; for one-hot or soft labels pass "
+                    "--loss=categorical_crossentropy."
+                )
             if not np.issubdtype(y.dtype, np.integer):
                 if not np.all(np.equal(np.mod(y, 1), 0)):
                     raise ValueError(

@@ -139,6 +139,9 @@ def bad_inputs(directory):
         "frozen model": ([f"--model={directory / 'frozen.keras'}", data], "no trainable variables"),
         "non-finite loss": ([f"--model={directory / 'nan.keras'}", data], "non-finite"),
         "unknown strategy": ([model, data, "--strategy=horovod"], "--strategy='horovod'"),
+        "one-hot labels": ([model, f"--dataset=npz:{directory / 'onehot.npz'}"],
+                           "--loss=categorical_crossentropy"),
+        "softmax outputs": ([f"--model={directory / 'softmax.keras'}", data], "remove the final softmax"),
     }
 
 
@@ -149,6 +152,9 @@ def bad_files(small_model):
     np.savez(directory / "wide.npz", x=np.zeros((8, 7), np.float32), y=np.zeros(8, np.int32))
     np.savez(directory / "labels.npz", x=x, y=np.where(y == 1, 5, y))
     np.savez(directory / "noy.npz", x=x)
+    np.savez(directory / "onehot.npz", x=x, y=np.eye(2, dtype=np.float32)[y])
+    probabilities = keras.Sequential([model, keras.layers.Softmax()])
+    probabilities.save(str(directory / "softmax.keras"))
     frozen = keras.models.clone_model(model)
     frozen.trainable = False
     frozen.save(str(directory / "frozen.keras"))
@@ -170,4 +176,5 @@ def test_bad_input_one_line_and_nothing_written(bad_files, tmp_path, case):
     assert error_lines[0].startswith("hessian-spectrum: error: ")
     assert expected in error_lines[0], error_lines[0]
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "out" / "spectrum.npz").exists()
+    assert result.returncode == 2
+    assert not (tmp_path / "out").exists()  # not even an empty directory

@@ -84,7 +84,7 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys):
     assert cost["estimated_seconds"] > 0
     printed = capsys.readouterr().out
     assert "182 Hessian-vector products" in printed and "Lanczos bases" in printed
-    assert not (tmp_path / "out" / "spectrum.npz").exists()
+    assert not (tmp_path / "out").exists()  # a dry run leaves nothing behind
     sequential = job.run(spectrum_config(
         tmp_path / "out", model=str(tmp_path / "model.keras"),
         dataset=f"npz:{tmp_path / 'data.npz'}", batch_size=4, lanczos_steps=90, num_draws=2,

@@ -1,0 +1,41 @@
+"""The installed programs, as a user runs them: --help lists their own flags and
+exits 0; a malformed or misspelt flag is one error line and exit status 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROGRAMS = {  # program -> one of its own flags
+    "hessian-spectrum": "--lanczos_steps",
+    "hessian-plot": "--runs",
+    "hessian-train": "--workdir",
+}
+
+
+def run_installed(program, *args):
+    path = os.path.join(os.path.dirname(sys.executable), program)
+    return subprocess.run([path, *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_help_lists_the_programs_flags(program):
+    result = run_installed(program, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert PROGRAMS[program] in result.stdout
+    assert "Exit status" in result.stdout or "exit status" in result.stdout
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--batch_size=abc"], "--batch_size=abc"),
+    (["--lanczos_step=5"], "lanczos_steps"),
+    (["--dataset=digits", "stray"], "unexpected arguments: stray"),
+])
+def test_bad_flags_are_one_line_and_exit_2(arguments, expected):
+    result = run_installed("hessian-spectrum", *arguments)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hessian-spectrum: error: "), result.stderr
+    assert expected in lines[0]
