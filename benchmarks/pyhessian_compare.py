@@ -59,9 +59,9 @@ from machine import cpu_name, load_average  # noqa: E402  (benchmarks/machine.py
 
 TORCH_REQUIREMENT = "torch==2.13.0"
 PYHESSIAN_REQUIREMENT = "pyhessian==0.1"
-WORKLOADS = ("mlp-digits", "cnn-bn", "resnet32-cifar")
-DEFAULT_WORKLOADS = ("mlp-digits", "cnn-bn")
-DEFAULT_STEPS = {"mlp-digits": 90, "cnn-bn": 20, "resnet32-cifar": 5}
+WORKLOADS = ("mlp-digits", "cnn-digits", "cnn-bn", "resnet32-cifar")
+DEFAULT_WORKLOADS = ("mlp-digits", "cnn-digits", "cnn-bn")
+DEFAULT_STEPS = {"mlp-digits": 90, "cnn-digits": 90, "cnn-bn": 20, "resnet32-cifar": 5}
 TWIN_RTOL = 1e-4  # logits (relative to max |logit|) and mean loss
 LAMBDA_MAX_WARN = 1e-3  # relative difference of λmax above which a warning is printed
 
@@ -199,7 +199,7 @@ class Workload:
     y: np.ndarray
     batch_size: int
     lanczos_steps: int
-    architecture: str  # which twin forward: "mlp", "cnn" or "resnet"
+    architecture: str  # which twin forward: "mlp", "cnn", "cnn-flatten" or "resnet"
 
 
 def calibrate_batch_norm(keras_model, x: np.ndarray, seed: int) -> None:
@@ -244,6 +244,21 @@ def cnn_bn(seed: int = 0):
     return keras.Sequential(layers, name="cnn_bn")
 
 
+def cnn_digits(seed: int = 0):
+    """Conv3×3(8)→ReLU→Conv3×3(16, /2)→ReLU→Flatten→Dense(10) on 8×8×1 digits, 'same'
+    padding, no BN; 3,818 parameters."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1"),
+        keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="conv2"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(10, name="logits"),
+    ], name="cnn_digits")
+
+
 def random_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.uniform(size=(count, 32, 32, 3)).astype(np.float32)
@@ -262,6 +277,13 @@ def build_workload(name: str, lanczos_steps: Optional[int]) -> Workload:
         x = (digits.data / 16.0).astype(np.float32)
         y = digits.target.astype(np.int32)
         return Workload(name, mlp(), x, y, len(x), steps, "mlp")
+    if name == "cnn-digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = (digits.data / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+        y = digits.target.astype(np.int32)
+        return Workload(name, cnn_digits(seed=0), x, y, 200, steps, "cnn-flatten")
     if name == "cnn-bn":
         x, y = random_images(1024, seed=0)
         model = cnn_bn(seed=0)
@@ -397,6 +419,13 @@ def torch_twin(keras_model, architecture: str):
                     x = torch.relu(L[f"bn{index}"](self.apply_layer(f"conv{index}", x)))
                     index += 1
                 return self.apply_layer("logits", x.mean(dim=(2, 3)))
+            if architecture == "cnn-flatten":
+                index = 1
+                while f"conv{index}" in L:
+                    x = self.apply_layer(f"conv{index}", x)
+                    index += 1
+                # Keras flattens channels-last images: H, W, C order.
+                return self.apply_layer("logits", x.permute(0, 2, 3, 1).flatten(1))
             if architecture == "resnet":
                 x = torch.relu(L["stem_bn"](L["stem_conv"](x)))
                 stage = 1
