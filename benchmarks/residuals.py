@@ -5,13 +5,14 @@ part that does not depend on the vector (the forward pass, the backward signals,
 activation masks) is the same at every step. This script splits one batch's
 reverse-over-reverse product graph into that part and the rest (the tensors at the
 boundary are the "residuals" a cache would hold), and times the full product against
-the rest alone. It is the measurement behind NOT caching residuals in the operator.
+the rest alone: what `--cache_residuals` saves per Lanczos step, and what it costs.
 
-The split: `tf.compat.v1.wrap_function` traces the product with static shapes; the
-operations that depend on the vector are those reachable from it; the residuals are
-their inputs that do not depend on it; `prune` makes one function from the inputs to
-the residuals and one from the residuals and the vector to the product. The product
-from the residuals is checked against the full product before anything is timed.
+The split is `hessian_tf.operators.residuals.split`, which `--cache_residuals` runs:
+`tf.compat.v1.wrap_function` traces the product with static shapes; the operations
+that depend on the vector are those reachable from it; the residuals are their inputs
+that do not depend on it; `prune` makes one function from the inputs to the residuals
+and one from the residuals and the vector to the product. The product from the
+residuals is checked against the full product before anything is timed.
 
 Command (about 1 minute for resnet32-cifar on 2 CPU cores):
   .venv/bin/python benchmarks/residuals.py [--workload resnet32-cifar|mlp-digits] [--bn_mode inference|train]
@@ -31,64 +32,30 @@ import tensorflow as tf  # noqa: E402
 
 from core import load_workload  # noqa: E402  (benchmarks/core.py)
 from hessian_tf import operators  # noqa: E402
+from hessian_tf.operators import residuals as residuals_lib  # noqa: E402
 from machine import load_average  # noqa: E402  (benchmarks/machine.py)
 
 
 def split_product(operator, x, y):
-    """(full, residuals_of, from_residuals, residual_bytes): the one-batch product as
-    one function, and split at the tensors that do not depend on the vector."""
+    """(full, split): the one-batch product as one function, and split at its
+    residuals by the operator's own `hessian_tf.operators.residuals.split` (what
+    `--cache_residuals` runs)."""
     model_function = operator.model_function
     primals, state = model_function.primals(), model_function.state()
-    num_primals, num_state = len(primals), len(state)
+    count = len(primals) + len(state)
     specs = [tf.TensorSpec(t.shape, t.dtype) for t in primals + state] + [
-        tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype),
-        tf.TensorSpec([operator.dim], tf.float64)]
+        tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype)]
+    vector_spec = tf.TensorSpec([operator.dim], tf.float64)
 
-    def product(*args):
-        p = list(args[:num_primals])
-        s = list(args[num_primals:num_primals + num_state])
-        xb, yb, vector = args[-3:]
+    def product(*arguments):
+        p, s = list(arguments[: len(primals)]), list(arguments[len(primals): count])
+        xb, yb, vector = arguments[count:]
         with model_function.mode_context(operator.bn_mode):
             tangents = operators.unflatten(vector, p)
             return operators.flatten(operator._batch_product(p, s, tangents, xb, yb))
 
-    wrapped = tf.compat.v1.wrap_function(product, specs)
-    inputs = wrapped.inputs[:len(specs)]
-    vector, output = inputs[-1], wrapped.outputs[0]
-    consumers = {}
-    for op in wrapped.graph.get_operations():
-        for tensor in op.inputs:
-            consumers.setdefault(tensor.op, []).append(op)
-        for control in op.control_inputs:
-            consumers.setdefault(control, []).append(op)
-    depends, stack = set(), [vector.op]
-    while stack:
-        op = stack.pop()
-        if op not in depends:
-            depends.add(op)
-            stack.extend(consumers.get(op, ()))
-    needed, stack = set(), [output.op]
-    while stack:
-        op = stack.pop()
-        if op not in needed:
-            needed.add(op)
-            stack.extend(t.op for t in op.inputs)
-            stack.extend(op.control_inputs)
-    boundary, seen = [], set()
-    for op in needed & depends:
-        for tensor in op.inputs:
-            if tensor.op not in depends and tensor.op.type != "Const" and tensor.ref() not in seen:
-                seen.add(tensor.ref())
-                boundary.append(tensor)
-    placeholders = {t.ref(): i for i, t in enumerate(inputs)}
-    residuals = [t for t in boundary if t.ref() not in placeholders]
-    passed = [t for t in boundary if t.ref() in placeholders and t.ref() != vector.ref()]
-    residuals_of = tf.function(wrapped.prune(feeds=inputs[:-1], fetches=residuals))
-    from_residuals = tf.function(wrapped.prune(feeds=residuals + passed + [vector], fetches=output))
-    full = tf.function(wrapped.prune(feeds=inputs, fetches=output))
-    residual_bytes = sum(t.shape.num_elements() * t.dtype.size for t in residuals)
-    passed_index = [placeholders[t.ref()] for t in passed]
-    return full, residuals_of, from_residuals, passed_index, residual_bytes
+    full = tf.function(tf.compat.v1.wrap_function(product, specs + [vector_spec]))
+    return full, residuals_lib.split(product, specs, vector_spec)
 
 
 def best_of(function, repeats: int) -> float:
@@ -118,16 +85,15 @@ def main(argv=None) -> int:
         bn_mode=args.bn_mode, method="reverse_over_reverse")
     print(f"{args.workload}, BN {args.bn_mode}, one batch of {size}; at start {load_average()}",
           flush=True)
-    full, residuals_of, from_residuals, passed_index, residual_bytes = split_product(
-        operator, tf.constant(x[:size]), tf.constant(y[:size]))
+    full, split = split_product(operator, tf.constant(x[:size]), tf.constant(y[:size]))
     inputs = operator.model_function.primals() + operator.model_function.state() + [
         tf.constant(x[:size]), tf.constant(y[:size]),
         tf.constant(np.random.default_rng(0).standard_normal(operator.dim))]
-    residuals = residuals_of(*inputs[:-1])
+    residuals = split.residuals_of(*inputs[:-1])
     residuals = list(residuals) if isinstance(residuals, (list, tuple)) else [residuals]
-    rest = residuals + [inputs[i] for i in passed_index] + [inputs[-1]]
-    reference, split = full(*inputs).numpy(), from_residuals(*rest).numpy()
-    difference = np.max(np.abs(split - reference)) / np.max(np.abs(reference))
+    rest = residuals + [inputs[i] for i in split.passed] + [inputs[-1]]
+    reference, from_residuals = full(*inputs).numpy(), split.from_residuals(*rest).numpy()
+    difference = np.max(np.abs(from_residuals - reference)) / np.max(np.abs(reference))
     if not difference <= 1e-5:
         print(f"ERROR: the split product differs from the full one by {difference:.2e}.")
         return 1
@@ -135,16 +101,16 @@ def main(argv=None) -> int:
     for _ in range(2):  # the first round warms up
         seconds = {
             "full product": best_of(lambda: full(*inputs).numpy(), args.repeats),
-            "from residuals": best_of(lambda: from_residuals(*rest).numpy(), args.repeats),
-            "residuals alone": best_of(lambda: [t.numpy() for t in residuals_of(*inputs[:-1])],
-                                       args.repeats),
+            "from residuals": best_of(lambda: split.from_residuals(*rest).numpy(), args.repeats),
+            "residuals alone": best_of(
+                lambda: [t.numpy() for t in split.residuals_of(*inputs[:-1])], args.repeats),
         }
     for name, value in seconds.items():
         print(f"  {name:16s} {value:.4g} s")
     print(f"  from residuals ÷ full product: {seconds['from residuals'] / seconds['full product']:.2f}"
           f" (split equals full to {difference:.1e})")
-    print(f"  residuals: {residual_bytes / 2**20:.1f} MiB per batch of {size} "
-          f"({residual_bytes / size / 2**20:.2f} MiB per example); at end {load_average()}")
+    print(f"  residuals: {split.residual_bytes / 2**20:.1f} MiB per batch of {size} "
+          f"({split.residual_bytes / size / 2**20:.2f} MiB per example); at end {load_average()}")
     return 0
 
 

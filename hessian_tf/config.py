@@ -39,6 +39,11 @@ def default_config() -> ml_collections.ConfigDict:
     # 'model': products in the model's own dtype (float32 usually); 'float64': a
     # float64 copy of a Keras model (about 2x slower on CPU, ~1e-15 relative error).
     config.precision = "model"
+    # Compute the part of each batch's product that does not depend on the vector
+    # (forward pass, backward signals) once and keep it for the whole run: faster
+    # steps on conv nets (ResNet-32: 14% with inference BN, 31% with train BN) for
+    # memory (6-8 MiB per ResNet-32 example); one device, in-memory data only.
+    config.cache_residuals = False
     config.check_determinism = True
     # Lanczos.
     config.lanczos_steps = 90
@@ -133,6 +138,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name, allowed in choices.items():
         if config[name] not in allowed:
             raise ValueError(f"--{name}={config[name]!r} is not valid; use one of {list(allowed)}.")
+    if config.cache_residuals and config.stream:
+        raise ValueError(
+            "--cache_residuals: not with --stream (streamed data does not stay in memory, "
+            "and neither could its residuals); leave one of them off."
+        )
     if config.strategy == "multi_worker" and not config.model:
         raise ValueError(
             "--strategy=multi_worker needs --model: every worker must load the same "

@@ -384,6 +384,8 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         regularization=config.regularization,
         method=config.method,
     )
+    if config.cache_residuals:
+        options["cache_residuals"] = True
     if config.variables:
         model_function = SubsetModelFunction(model_function, config.variables)
     if stream is not None:
@@ -491,6 +493,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         # the first step, which includes tracing.
         "seconds_per_step": spectrum.seconds_per_step,
         "lockstep_draws": group,
+        "residual_bytes": getattr(operator, "residual_bytes", 0),
         "seconds": None,  # filled in just before writing
         "config": config.to_dict(),
         **analyses,

@@ -53,6 +53,8 @@ _HELP = {
     "method": "auto, forward_over_backward or reverse_over_reverse.",
     "precision": "model: products in the model's dtype; float64: in a float64 copy of the model.",
     "check_determinism": "Compute the first product twice and fail if they differ.",
+    "cache_residuals": "Keep each batch's vector-free part of the product (forward pass, "
+    "backward signals) for the whole run: faster steps for memory (one device, in-memory data).",
     "lanczos_steps": "Lanczos order m.",
     "num_draws": "Independent Gaussian start vectors, averaged.",
     "lockstep_draws": "Draws run together, sharing each pass over the data (0: automatic, up to 8).",

@@ -118,6 +118,7 @@ class HessianOperator:
         strategy: Optional[tf.distribute.Strategy] = None,
         regularization: bool = False,
         method: str = "auto",
+        cache_residuals: bool = False,
     ):
         check_bn_mode(bn_mode)
         if method not in METHODS:
@@ -167,6 +168,14 @@ class HessianOperator:
         self.num_products = 0
         self.product_seconds = 0.0
         self.num_traces = 0  # traces of the product graph: one per block size
+        if cache_residuals and self.strategy.num_replicas_in_sync != 1:
+            raise ValueError(
+                f"--cache_residuals: the strategy has {self.strategy.num_replicas_in_sync} "
+                "replicas; the cache is for one device. Leave it off, or use one device."
+            )
+        self.cache_residuals = bool(cache_residuals)
+        self._cache = None  # [(from_residuals, its arguments)] per batch, once built
+        self.residual_bytes = 0
         self._check_fit(x, y)
         self._place_data(x, y)
         # No input signature: the block size k must be static (one trace per k).
@@ -425,7 +434,10 @@ class HessianOperator:
                 f"vectors have shape {vectors.shape}; pass [k, {self.dim}] with k >= 1."
             )
         start = time.perf_counter()
-        products = self._product_function(tf.constant(vectors)).numpy()
+        if self.cache_residuals:
+            products = self._products_from_residuals(vectors)
+        else:
+            products = self._product_function(tf.constant(vectors)).numpy()
         self.product_seconds += time.perf_counter() - start
         self.num_products += vectors.shape[0]
         finite = np.all(np.isfinite(products), axis=1)
@@ -439,6 +451,59 @@ class HessianOperator:
                 row=row,
             )
         return products
+
+    def _products_from_residuals(self, vectors: np.ndarray) -> np.ndarray:
+        """H V from each batch's cached residuals (built at the first call, from the
+        parameters then), one vector and one batch at a time, summed in float64."""
+        if self._cache is None:
+            self._cache = self._build_cache()
+        products = np.zeros_like(vectors)
+        for row, vector in enumerate(vectors):
+            vector = tf.constant(vector)
+            for from_residuals, arguments in self._cache:
+                products[row] += from_residuals(*arguments, vector).numpy()
+        return products / self.num_examples
+
+    def _build_cache(self) -> list:
+        from hessian_tf.operators import residuals as residuals_lib
+        from hessian_tf.spectrum import host_memory_bytes
+
+        primals, state = self.model_function.primals(), self.model_function.state()
+        count = len(primals) + len(state)
+
+        def product(*arguments):
+            p, s = list(arguments[: len(primals)]), list(arguments[len(primals): count])
+            x, y, vector = arguments[count:]
+            with self.model_function.mode_context(self.bn_mode):
+                tangents = flatten_lib.unflatten(vector, p)
+                return flatten_lib.flatten(self._batch_product(p, s, tangents, x, y))
+
+        specs = [tf.TensorSpec(t.shape, t.dtype) for t in primals + state]
+        vector_spec = tf.TensorSpec([self.dim], tf.float64)
+        splits, batches = {}, []
+        for start in range(0, self.num_examples, self.batch_size):
+            x = self._x[start: start + self.batch_size]
+            y = self._y[start: start + self.batch_size]
+            if x.shape[0] not in splits:  # one split per batch size (the last may differ)
+                splits[x.shape[0]] = residuals_lib.split(
+                    product, specs + [tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype)],
+                    vector_spec)
+            batches.append((splits[x.shape[0]], x, y))
+        self.residual_bytes = sum(split.residual_bytes for split, _, _ in batches)
+        budget = host_memory_bytes() // 4
+        if self.residual_bytes > budget:
+            raise ValueError(
+                f"--cache_residuals: the residuals of {len(batches)} batches need "
+                f"{self.residual_bytes / 2**30:.2f} GiB, more than a quarter of this host's "
+                f"memory ({budget / 2**30:.2f} GiB); leave the cache off for this dataset."
+            )
+        cache = []
+        for split, x, y in batches:
+            inputs = list(primals) + list(state) + [tf.constant(x), tf.constant(y)]
+            residuals = split.residuals_of(*inputs)
+            residuals = list(residuals) if isinstance(residuals, (list, tuple)) else [residuals]
+            cache.append((split.from_residuals, residuals + [inputs[i] for i in split.passed]))
+        return cache
 
     def loss_and_gradient(self) -> tuple[float, np.ndarray]:
         """(L(θ), ∇L(θ)) over the whole dataset; the gradient is [dim] float64."""

@@ -142,6 +142,8 @@ def bad_inputs(directory):
         "one-hot labels": ([model, f"--dataset=npz:{directory / 'onehot.npz'}"],
                            "--loss=categorical_crossentropy"),
         "softmax outputs": ([f"--model={directory / 'softmax.keras'}", data], "remove the final softmax"),
+        "cache with stream": ([model, "--dataset=tfds:mnist", "--stream", "--cache_residuals"],
+                              "--cache_residuals: not with --stream"),
     }
 
 

@@ -1,0 +1,69 @@
+"""Products from cached residuals (the vector-free part of each batch's product,
+computed once) equal the operator's ordinary products and the dense Hessian."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hessian_tf import operators
+from hessian_tf import spectrum as spectrum_lib
+from hessian_tf.operators import gauss_newton
+from tests.operators.test_hessian import (
+    BATCH_SIZE, operator_matrix, reference_hessian, tiny_data, tiny_model)
+
+
+@pytest.mark.parametrize("bn_mode", ["inference", "train"])
+@pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
+def test_cached_products_equal_the_dense_hessian(bn_mode, method):
+    model = tiny_model(regularizer=keras.regularizers.L2(0.05))
+    x, y = tiny_data()  # 11 examples in batches of 4: an uneven last batch
+    matrix, operator = operator_matrix(model, x, y, bn_mode=bn_mode, method=method,
+                                       regularization=True, cache_residuals=True)
+    expected = reference_hessian(model, x, y, bn_mode=bn_mode, regularization=True)
+    np.testing.assert_allclose(matrix, expected, atol=1e-11, rtol=1e-9)
+    assert operator.residual_bytes > 0
+    block = np.random.default_rng(0).standard_normal((3, operator.dim))
+    np.testing.assert_allclose(operator.matmat(block), block @ expected, atol=1e-11, rtol=1e-9)
+
+
+def test_cached_gauss_newton_equals_the_ordinary_one():
+    model = tiny_model()
+    x, y = tiny_data()
+    common = dict(batch_size=BATCH_SIZE, bn_mode="train")
+    ordinary = gauss_newton.GaussNewtonOperator(operators.KerasModelFunction(model), x, y, **common)
+    cached = gauss_newton.GaussNewtonOperator(
+        operators.KerasModelFunction(model), x, y, cache_residuals=True, **common)
+    block = np.random.default_rng(1).standard_normal((2, ordinary.dim))
+    np.testing.assert_allclose(cached.matmat(block), ordinary.matmat(block), atol=1e-12, rtol=1e-10)
+
+
+def test_float32_model_spectrum_matches_the_ordinary_products():
+    model = tiny_model(dtype="float32")
+    x, y = tiny_data(np.float32)
+    function = operators.KerasModelFunction(model)
+    runs = {}
+    for cache in (False, True):
+        operator = operators.HessianOperator(function, x, y, batch_size=BATCH_SIZE,
+                                             cache_residuals=cache)
+        runs[cache] = spectrum_lib.stochastic_lanczos_quadrature(
+            operator.matvec, operator.dim, lanczos_steps=10, matmat=operator.matmat)
+    scale = np.max(np.abs(runs[False].nodes))
+    np.testing.assert_allclose(runs[True].nodes, runs[False].nodes, atol=1e-5 * scale)
+
+
+def test_cache_refuses_several_replicas_and_too_little_memory(monkeypatch):
+    model = tiny_model()
+    x, y = tiny_data()
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    if len(devices) < 2:
+        pytest.fail("the tests configure several logical CPUs (tests/conftest.py)")
+    with pytest.raises(ValueError, match="--cache_residuals: the strategy has 2 replicas"):
+        operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                  strategy=tf.distribute.MirroredStrategy(devices),
+                                  cache_residuals=True)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                         batch_size=BATCH_SIZE, cache_residuals=True)
+    monkeypatch.setattr(spectrum_lib, "host_memory_bytes", lambda: 1024)
+    with pytest.raises(ValueError, match="--cache_residuals: the residuals of 3 batches need"):
+        operator.matvec(np.ones(operator.dim))
