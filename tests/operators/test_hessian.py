@@ -238,3 +238,27 @@ def test_non_finite_names_the_batch():
         operator.loss_and_gradient()
     with pytest.raises(operators.NonFiniteError, match=r"first in batch 2 \(examples 8-10\)"):
         operator.matvec(np.ones(operator.dim))
+
+
+@pytest.mark.parametrize("dtype, change, fails", [
+    ("float32", 1e-5, False),  # kernel rounding: float32 convolutions differ by ~1e-6
+    ("float32", 1e-3, True),
+    ("float64", 1e-6, True),
+])
+def test_determinism_tolerance_follows_the_products_precision(dtype, change, fails):
+    model = tiny_model(dtype=dtype, batch_norm=False)
+    x, y = tiny_data(np.float64 if dtype == "float64" else np.float32)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y)
+    calls = []
+    exact = operator.matmat
+
+    def drifting(vectors):  # each call a little different, as a noisy kernel would be
+        calls.append(1)
+        return exact(vectors) * (1.0 + change * len(calls))
+
+    operator.matmat = drifting
+    if fails:
+        with pytest.raises(operators.NonDeterministicError):
+            operator.check_determinism(np.ones(operator.dim))
+    else:
+        operator.check_determinism(np.ones(operator.dim))
