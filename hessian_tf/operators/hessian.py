@@ -168,6 +168,12 @@ class HessianOperator:
         self.num_products = 0
         self.product_seconds = 0.0
         self.num_traces = 0  # traces of the product graph: one per block size
+        if cache_residuals and not getattr(model_function, "supports_residual_cache", False):
+            raise ValueError(
+                "--cache_residuals: a SavedModel's functions read their variables "
+                "themselves, so their products cannot be split; use the .keras file, or "
+                "leave the cache off."
+            )
         if cache_residuals and self.strategy.num_replicas_in_sync != 1:
             raise ValueError(
                 f"--cache_residuals: the strategy has {self.strategy.num_replicas_in_sync} "

@@ -72,6 +72,9 @@ class KerasModelFunction:
     """outputs = f(θ, x) for a Keras 3 model, pure in θ."""
 
     supports_forward_mode = True
+    # The outputs are a pure function of the primals passed in, so a product graph
+    # can be split at its vector-free part (operators/residuals.py).
+    supports_residual_cache = True
 
     def __init__(self, model: keras.Model):
         if not model.built:
@@ -138,6 +141,8 @@ class SavedModelFunction:
     # Forward-over-backward through a loaded function inside tf.function returns
     # None tangents (measured, TF 2.21): only reverse-over-reverse is used.
     supports_forward_mode = False
+    # The saved functions read their variables themselves, not the primals passed in.
+    supports_residual_cache = False
 
     def __init__(self, loaded, path: str = ""):
         self.loaded = loaded

@@ -87,6 +87,7 @@ class SubsetModelFunction:
         self.paths = [all_paths[i] for i in self.selected_indices]
         self.variables = [model_function.variables[i] for i in self.selected_indices]
         self.supports_forward_mode = model_function.supports_forward_mode
+        self.supports_residual_cache = getattr(model_function, "supports_residual_cache", False)
         self._num_state = len(model_function.state())
 
     @property

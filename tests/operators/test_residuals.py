@@ -67,3 +67,22 @@ def test_cache_refuses_several_replicas_and_too_little_memory(monkeypatch):
     monkeypatch.setattr(spectrum_lib, "host_memory_bytes", lambda: 1024)
     with pytest.raises(ValueError, match="--cache_residuals: the residuals of 3 batches need"):
         operator.matvec(np.ones(operator.dim))
+
+
+def test_cache_refuses_a_saved_model_and_serves_a_variable_subset(tmp_path):
+    from hessian_tf.io.export import export_for_spectrum
+    from hessian_tf.io.models import load_model_function
+    from hessian_tf.operators.subset import SubsetModelFunction
+
+    model = tiny_model(dtype="float32")
+    x, y = tiny_data(np.float32)
+    export_for_spectrum(model, str(tmp_path / "exported"))
+    with pytest.raises(ValueError, match="--cache_residuals: a SavedModel"):
+        operators.HessianOperator(load_model_function(str(tmp_path / "exported")), x, y,
+                                  cache_residuals=True)
+    subset = SubsetModelFunction(operators.KerasModelFunction(model), "dense")
+    ordinary = operators.HessianOperator(subset, x, y, batch_size=BATCH_SIZE)
+    cached = operators.HessianOperator(subset, x, y, batch_size=BATCH_SIZE, cache_residuals=True)
+    block = np.random.default_rng(2).standard_normal((2, ordinary.dim))
+    np.testing.assert_allclose(cached.matmat(block), ordinary.matmat(block), rtol=1e-5,
+                               atol=1e-6 * np.max(np.abs(ordinary.matmat(block))))
