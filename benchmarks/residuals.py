@@ -38,22 +38,9 @@ from machine import load_average  # noqa: E402  (benchmarks/machine.py)
 
 def split_product(operator, x, y):
     """(full, split): the one-batch product as one function, and split at its
-    residuals by the operator's own `hessian_tf.operators.residuals.split` (what
-    `--cache_residuals` runs)."""
-    model_function = operator.model_function
-    primals, state = model_function.primals(), model_function.state()
-    count = len(primals) + len(state)
-    specs = [tf.TensorSpec(t.shape, t.dtype) for t in primals + state] + [
-        tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype)]
-    vector_spec = tf.TensorSpec([operator.dim], tf.float64)
-
-    def product(*arguments):
-        p, s = list(arguments[: len(primals)]), list(arguments[len(primals): count])
-        xb, yb, vector = arguments[count:]
-        with model_function.mode_context(operator.bn_mode):
-            tangents = operators.unflatten(vector, p)
-            return operators.flatten(operator._batch_product(p, s, tangents, xb, yb))
-
+    residuals as `--cache_residuals` splits it."""
+    product, specs, vector_spec = operator.flat_batch_product(
+        tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype))
     full = tf.function(tf.compat.v1.wrap_function(product, specs + [vector_spec]))
     return full, residuals_lib.split(product, specs, vector_spec)
 

@@ -470,10 +470,10 @@ class HessianOperator:
                 products[row] += from_residuals(*arguments, vector).numpy()
         return products / self.num_examples
 
-    def _build_cache(self) -> list:
-        from hessian_tf.operators import residuals as residuals_lib
-        from hessian_tf.spectrum import host_memory_bytes
-
+    def flat_batch_product(self, x_spec: tf.TensorSpec, y_spec: tf.TensorSpec):
+        """(product, input specs, vector spec): product(*primals, *state, x, y, vector)
+        is one batch's flat float64 product, a pure function of its arguments (what
+        `residuals.split` splits)."""
         primals, state = self.model_function.primals(), self.model_function.state()
         count = len(primals) + len(state)
 
@@ -484,16 +484,21 @@ class HessianOperator:
                 tangents = flatten_lib.unflatten(vector, p)
                 return flatten_lib.flatten(self._batch_product(p, s, tangents, x, y))
 
-        specs = [tf.TensorSpec(t.shape, t.dtype) for t in primals + state]
-        vector_spec = tf.TensorSpec([self.dim], tf.float64)
+        specs = [tf.TensorSpec(t.shape, t.dtype) for t in primals + state] + [x_spec, y_spec]
+        return product, specs, tf.TensorSpec([self.dim], tf.float64)
+
+    def _build_cache(self) -> list:
+        from hessian_tf.operators import residuals as residuals_lib
+        from hessian_tf.spectrum import host_memory_bytes
+
+        primals, state = self.model_function.primals(), self.model_function.state()
         splits, batches = {}, []
         for start in range(0, self.num_examples, self.batch_size):
             x = self._x[start: start + self.batch_size]
             y = self._y[start: start + self.batch_size]
             if x.shape[0] not in splits:  # one split per batch size (the last may differ)
-                splits[x.shape[0]] = residuals_lib.split(
-                    product, specs + [tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype)],
-                    vector_spec)
+                splits[x.shape[0]] = residuals_lib.split(*self.flat_batch_product(
+                    tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype)))
             batches.append((splits[x.shape[0]], x, y))
         self.residual_bytes = sum(split.residual_bytes for split, _, _ in batches)
         budget = host_memory_bytes() // 4
