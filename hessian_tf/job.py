@@ -57,13 +57,18 @@ def log_progress(progress: spectrum_lib.Progress) -> None:
     )
 
 
+def basis_dtype(config) -> np.dtype:
+    """The storage type of the Lanczos bases (--basis_dtype)."""
+    return np.dtype(np.float32 if config.basis_dtype == "float32" else np.float64)
+
+
 def lockstep_group(config, dim: int) -> int:
     """Draws per lockstep group: equal groups of at most --lockstep_draws draws, or
     automatically (0) as many as MAX_LOCKSTEP_DRAWS whose Lanczos bases together fit
     in a quarter of the host's memory."""
     return spectrum_lib.lockstep_group(
         config.num_draws, config.lanczos_steps, dim, lockstep=config.lockstep_draws,
-        basis_bytes_per_entry=4 if config.basis_dtype == "float32" else 8,
+        basis_bytes_per_entry=basis_dtype(config).itemsize,
     )
 
 
@@ -169,8 +174,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     products = config.num_draws * config.lanczos_steps + group * int(bool(config.check_determinism))
     groups = -(-config.num_draws // group)
     passes = groups * config.lanczos_steps + int(bool(config.check_determinism)) + 1  # + gradient
-    basis_bytes = group * config.lanczos_steps * operator.dim * (
-        4 if config.basis_dtype == "float32" else 8)
+    basis_bytes = group * config.lanczos_steps * operator.dim * basis_dtype(config).itemsize
     # An upper bound: a block of k products in lockstep costs less than k products.
     seconds = batch_seconds * -(-batches // replicas) * (products + 1)
     cost = {
@@ -405,7 +409,6 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         config.loss, operator.num_examples, operator.dim, operator.method,
         strategy.num_replicas_in_sync,
     )
-    basis_dtype = np.float32 if config.basis_dtype == "float32" else np.float64
     checkpointer = checkpoints.SLQCheckpointer(
         os.path.join(output_dir, checkpoints.CHECKPOINT_SUBDIR),
         fingerprint=checkpoints.fingerprint(
@@ -416,7 +419,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         shutil.rmtree(checkpointer.directory)
         logging.info("--restart: removed the checkpoints in %s", checkpointer.directory)
     resumed = None if config.restart else checkpointer.restore(
-        lanczos_steps=config.lanczos_steps, dim=operator.dim, basis_dtype=basis_dtype
+        lanczos_steps=config.lanczos_steps, dim=operator.dim, basis_dtype=basis_dtype(config)
     )
     if resumed is not None:
         step = resumed.lanczos[0].num_steps if resumed.lanczos else 0
@@ -445,7 +448,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
                 num_grid_points=config.num_grid_points,
                 first_product=operator.check_determinism if config.check_determinism else None,
                 progress=log_progress,
-                basis_dtype=basis_dtype,
+                basis_dtype=basis_dtype(config),
                 initial_state=resumed,
                 after_step=after_step,
                 matmat=operator.matmat,
