@@ -76,9 +76,7 @@ def main(argv=None) -> int:
     inputs = operator.model_function.primals() + operator.model_function.state() + [
         tf.constant(x[:size]), tf.constant(y[:size]),
         tf.constant(np.random.default_rng(0).standard_normal(operator.dim))]
-    residuals = split.residuals_of(*inputs[:-1])
-    residuals = list(residuals) if isinstance(residuals, (list, tuple)) else [residuals]
-    rest = residuals + [inputs[i] for i in split.passed] + [inputs[-1]]
+    rest = split.residuals_of(*inputs[:-1]) + [inputs[i] for i in split.passed] + [inputs[-1]]
     reference, from_residuals = full(*inputs).numpy(), split.from_residuals(*rest).numpy()
     difference = np.max(np.abs(from_residuals - reference)) / np.max(np.abs(reference))
     if not difference <= 1e-5:

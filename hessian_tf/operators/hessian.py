@@ -511,9 +511,8 @@ class HessianOperator:
         cache = []
         for split, x, y in batches:
             inputs = list(primals) + list(state) + [tf.constant(x), tf.constant(y)]
-            residuals = split.residuals_of(*inputs)
-            residuals = list(residuals) if isinstance(residuals, (list, tuple)) else [residuals]
-            cache.append((split.from_residuals, residuals + [inputs[i] for i in split.passed]))
+            arguments = split.residuals_of(*inputs) + [inputs[i] for i in split.passed]
+            cache.append((split.from_residuals, arguments))
         return cache
 
     def loss_and_gradient(self) -> tuple[float, np.ndarray]:

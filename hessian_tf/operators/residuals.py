@@ -22,7 +22,7 @@ class SplitProduct(NamedTuple):
     for i in passed], vector), where `inputs` are the product's arguments before the
     vector."""
 
-    residuals_of: Callable
+    residuals_of: Callable  # returns a list of tensors
     from_residuals: Callable
     passed: tuple  # indices of inputs that the second function takes as they are
     residual_bytes: int  # memory of one call's residuals
@@ -56,7 +56,12 @@ def split(product: Callable, input_specs: Sequence[tf.TensorSpec],
     passed = tuple(index[t.ref()] for t in boundary if t.ref() in index)
     if not residuals:
         raise ValueError("the product has no vector-free part to cache.")
-    residuals_of = tf.function(wrapped.prune(feeds=list(inputs), fetches=residuals))
+    compute_residuals = tf.function(wrapped.prune(feeds=list(inputs), fetches=residuals))
+
+    def residuals_of(*arguments) -> list:
+        computed = compute_residuals(*arguments)
+        return list(computed) if isinstance(computed, (list, tuple)) else [computed]
+
     from_residuals = tf.function(wrapped.prune(
         feeds=residuals + [inputs[i] for i in passed] + [vector], fetches=output))
     residual_bytes = sum(t.shape.num_elements() * t.dtype.size for t in residuals)
