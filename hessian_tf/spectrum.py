@@ -238,7 +238,7 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
                     draw=draw + len(group),
                     lanczos=None,
                     completed=state.completed + tuple(
-                        (linalg.lanczos_result(s), _orthogonality_loss(s)) for s in group
+                        (linalg.lanczos_result(s), linalg.lanczos_orthogonality_loss(s)) for s in group
                     ),
                     num_products=state.num_products,
                 )
@@ -266,25 +266,6 @@ def draws_label(draws) -> str:
     if len(draws) == 1:
         return f"draw {draws[0] + 1}"
     return f"draws {draws[0] + 1}-{draws[-1] + 1}"
-
-
-# Columns of a float32 basis converted to float64 at a time for its Gram matrix.
-_GRAM_BLOCK_BYTES = 2 << 20
-
-
-def _orthogonality_loss(state: linalg.LanczosState) -> float:
-    """max |Q Qᵀ − I| over the completed Lanczos vectors, in float64 (a float32
-    product would measure its own rounding, ~1e-7, rather than the basis)."""
-    basis = state.basis[: state.num_steps]
-    if basis.dtype == np.float64:
-        gram = basis @ basis.T
-    else:
-        gram = np.zeros((basis.shape[0],) * 2)
-        columns = max(1, _GRAM_BLOCK_BYTES // (8 * max(1, basis.shape[0])))
-        for start in range(0, basis.shape[1], columns):
-            block = basis[:, start:start + columns].astype(np.float64)
-            gram += block @ block.T
-    return float(np.max(np.abs(gram - np.eye(state.num_steps))))
 
 
 def _assemble(results, *, dim, lanczos_steps, kernel_width, num_grid_points, num_products, seconds,

@@ -17,7 +17,7 @@ def test_orthogonality_loss_of_a_float32_basis_is_that_of_its_rows():
         state = linalg.lanczos_step(state, matrix * linalg.current_vector(state))
     rows = state.basis[: state.num_steps].astype(np.float64)
     exact = np.max(np.abs(rows @ rows.T - np.eye(state.num_steps)))
-    assert abs(spectrum_lib._orthogonality_loss(state) - exact) <= 1e-12
+    assert abs(linalg.lanczos_orthogonality_loss(state) - exact) <= 1e-12
 
 
 def test_automatic_lockstep_holds_the_bases_that_fit_a_quarter_of_memory(monkeypatch):

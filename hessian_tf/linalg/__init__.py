@@ -8,6 +8,7 @@ from hessian_tf.linalg.lanczos import (
     is_finished,
     lanczos,
     lanczos_init,
+    lanczos_orthogonality_loss,
     lanczos_result,
     lanczos_step,
 )

@@ -190,6 +190,22 @@ def _subtract(active: np.ndarray, coefficients: np.ndarray, w: np.ndarray) -> No
         w -= active[start:start + rows].astype(np.float64).T @ coefficients[start:start + rows]
 
 
+def lanczos_orthogonality_loss(state: LanczosState) -> float:
+    """max |Q Qᵀ − I| over the completed Lanczos vectors, in float64 (a float32
+    product would measure its own rounding, ~1e-7, rather than the basis); a float32
+    basis is converted a block of columns at a time."""
+    basis = state.basis[: state.num_steps]
+    if basis.dtype == np.float64:
+        gram = basis @ basis.T
+    else:
+        gram = np.zeros((basis.shape[0],) * 2)
+        columns = max(1, _CONVERSION_BYTES // (8 * max(1, basis.shape[0])))
+        for start in range(0, basis.shape[1], columns):
+            block = basis[:, start:start + columns].astype(np.float64)
+            gram += block @ block.T
+    return float(np.max(np.abs(gram - np.eye(state.num_steps))))
+
+
 def lanczos_result(state: LanczosState, *, keep_basis: bool = False) -> LanczosResult:
     """Packs the completed steps of `state` into a LanczosResult."""
     m = state.num_steps
