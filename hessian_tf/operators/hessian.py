@@ -16,7 +16,7 @@ products' critical path.
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -66,15 +66,18 @@ def deal_batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_replicas: in
     """Splits (x, y) into contiguous batches and deals them to replicas round-robin.
 
     Returns one _ReplicaData of numpy arrays per replica; every replica gets the
-    same number of batch slots, padded with empty batches (size 0).
+    same number of batch slots of min(batch_size, N) examples, padded with empty
+    batches (size 0).
     """
     num_examples = x.shape[0]
     starts = list(range(0, num_examples, batch_size))
     slots = -(-len(starts) // num_replicas)
+    # A dataset smaller than one batch is one full batch of its own size.
+    slot_size = min(batch_size, num_examples)
     shards = []
     for replica in range(num_replicas):
-        xs = np.zeros((slots, batch_size) + x.shape[1:], dtype=x.dtype)
-        ys = np.zeros((slots, batch_size) + y.shape[1:], dtype=y.dtype)
+        xs = np.zeros((slots, slot_size) + x.shape[1:], dtype=x.dtype)
+        ys = np.zeros((slots, slot_size) + y.shape[1:], dtype=y.dtype)
         sizes = np.zeros((slots,), dtype=np.int32)
         for slot, start in enumerate(starts[replica::num_replicas]):
             stop = min(start + batch_size, num_examples)
@@ -84,6 +87,37 @@ def deal_batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_replicas: in
         shards.append(_ReplicaData(xs, ys, sizes))
     return shards
 
+
+def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
+                static_sizes: Sequence[int], dynamic: bool) -> tf.Tensor:
+    """batch_fn on the first `count` examples of (x, y), a float64 vector [size].
+
+    A batch of one of `static_sizes` examples runs a trace with that static batch
+    dimension: TensorFlow's CPU kernels run faster on static shapes (one product
+    over the whole data, static ÷ dynamic, measured: 0.76–0.85 on the digits MLP
+    at batch 128 and 1797, 0.96 on ResNet-32 with inference BN, 0.98 with train
+    BN). dynamic: whether a batch of another size can occur, which then runs a
+    trace with (x, y) as given (their batch dimension unknown). Only the traces
+    that can run are built. An empty batch gives zeros (BN statistics of no
+    example are NaN).
+    """
+
+    def static(batch_size):
+        # tf.slice, not a reshape: Grappler infers from a reshape of a batch to
+        # [batch_size, ...] that every batch has that size, and folds the choice
+        # of trace away.
+        return lambda: batch_fn(*(
+            tf.slice(t, [0] * t.shape.rank, [batch_size] + [-1] * (t.shape.rank - 1))
+            for t in (x, y)), *args)
+
+    branches = [lambda: tf.zeros([size], tf.float64)]
+    branches += [static(batch_size) for batch_size in static_sizes]
+    index = tf.constant(len(branches) if dynamic else 1)
+    if dynamic:
+        branches.append(lambda: batch_fn(x[:count], y[:count], *args))
+    for position, batch_size in enumerate(static_sizes, start=1):
+        index = tf.where(count == batch_size, position, index)
+    return tf.switch_case(tf.where(count > 0, index, 0), branches)
 
 class HessianOperator:
     """v ↦ H v for the Hessian of the mean loss of `model_function` over (x, y).
@@ -229,6 +263,9 @@ class HessianOperator:
             )
         shards = deal_batches(x, y, self.batch_size, num_replicas)
         self.batches_per_replica = int(shards[0].sizes.size)
+        # The batch sizes that occur (the full one and the last): one static trace each.
+        sizes = np.concatenate([shard.sizes for shard in shards])
+        self._batch_sizes = tuple(sorted({int(n) for n in sizes if n > 0}, reverse=True))
         self._data = self.strategy.experimental_distribute_values_from_function(
             lambda context: _ReplicaData(
                 *(tf.constant(a) for a in shards[context.replica_id_in_sync_group])
@@ -356,14 +393,9 @@ class HessianOperator:
         def replica_fn(data, *args):
             def body(slot, total):
                 count = data.sizes[slot]
-                x = data.x[slot][:count]
-                y = data.y[slot][:count]
-                # Empty padding batches are skipped: BN statistics of no example are NaN.
-                value = tf.cond(
-                    count > 0,
-                    lambda: batch_fn(x, y, *args),
-                    lambda: tf.zeros([size], tf.float64),
-                )
+                value = batch_value(
+                    batch_fn, data.x[slot], data.y[slot], count, args, size=size,
+                    static_sizes=self._batch_sizes, dynamic=False)
                 return slot + 1, total + value
 
             # One batch at a time: parallel iterations would hold several batches'

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from hessian_tf.operators.hessian import HessianOperator
+from hessian_tf.operators.hessian import HessianOperator, batch_value
 
 
 class StreamingHessianOperator(HessianOperator):
@@ -60,13 +60,11 @@ class StreamingHessianOperator(HessianOperator):
     def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
         def step(total, batch, *args):
             x, y = batch
-            # A replica may get an empty batch at the end of uneven data.
-            value = tf.cond(
-                tf.shape(x)[0] > 0,
-                lambda: batch_fn(x, y, *args),
-                lambda: tf.zeros([size], tf.float64),
-            )
-            return total + value
+            # Full batches run a static trace; the last may be partial, and a replica
+            # may get an empty batch at the end of uneven data.
+            return total + batch_value(
+                batch_fn, x, y, tf.shape(x)[0], args, size=size,
+                static_sizes=(self.batch_size,), dynamic=True)
 
         with self.model_function.mode_context(self.bn_mode):
             totals = self.strategy.run(lambda: tf.zeros([size], tf.float64))
