@@ -162,6 +162,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     one_batch = gauss_newton.operator_class(config.operator, HessianOperator)(
         model_function, x, y, batch_size=config.batch_size, loss=config.loss,
         bn_mode=config.bn_mode, method=config.method, regularization=config.regularization,
+        cache_residuals=config.cache_residuals,
     )
     vector = np.ones(one_batch.dim) / np.sqrt(one_batch.dim)
     one_batch.matvec(vector)  # traces
@@ -198,6 +199,16 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         f"  one batch of {config.batch_size}: {batch_seconds:.3f} s per product here; estimate "
         f"{datetime.timedelta(seconds=int(seconds))} on {replicas} replica(s) of this speed",
     ]
+    if config.cache_residuals:
+        # Every batch holds as much as the first (the last may hold less).
+        cache_bytes = one_batch.residual_bytes * batches
+        budget = spectrum_lib.host_memory_bytes() // 4
+        cost["residual_cache_bytes"] = cache_bytes
+        lines.append(
+            f"  --cache_residuals: {cache_bytes / 2**30:.2f} GiB of residuals "
+            f"({one_batch.residual_bytes / 2**20:.1f} MiB per batch; the timing above "
+            f"uses them); the run refuses more than {budget / 2**30:.2f} GiB (a quarter "
+            "of this host's memory)" + ("; this run would be refused" if cache_bytes > budget else ""))
     print("\n".join(lines), flush=True)
     return cost
 

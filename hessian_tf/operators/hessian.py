@@ -94,9 +94,9 @@ def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
 
     A batch of one of `static_sizes` examples runs a trace with that static batch
     dimension: TensorFlow's CPU kernels run faster on static shapes (one product
-    over the whole data, static ÷ dynamic, measured: 0.76–0.85 on the digits MLP
-    at batch 128 and 1797, 0.96 on ResNet-32 with inference BN, 0.98 with train
-    BN). dynamic: whether a batch of another size can occur, which then runs a
+    over the whole data, static ÷ dynamic, benchmarks/static_shapes.py: 0.72–0.74 on
+    the digits MLP in batches of 128, 0.83–0.97 in one batch, 0.95 on ResNet-32
+    with inference BN, 0.99–1.00 with train BN). dynamic: whether a batch of another size can occur, which then runs a
     trace with (x, y) as given (their batch dimension unknown). Only the traces
     that can run are built. An empty batch gives zeros (BN statistics of no
     example are NaN).
@@ -263,7 +263,8 @@ class HessianOperator:
             )
         shards = deal_batches(x, y, self.batch_size, num_replicas)
         self.batches_per_replica = int(shards[0].sizes.size)
-        # The batch sizes that occur (the full one and the last): one static trace each.
+        # The batch sizes that occur (the full one and the last): one static trace each
+        # (benchmarks/static_shapes.py empties it to time the dynamic trace instead).
         sizes = np.concatenate([shard.sizes for shard in shards])
         self._batch_sizes = tuple(sorted({int(n) for n in sizes if n > 0}, reverse=True))
         self._data = self.strategy.experimental_distribute_values_from_function(
@@ -395,7 +396,7 @@ class HessianOperator:
                 count = data.sizes[slot]
                 value = batch_value(
                     batch_fn, data.x[slot], data.y[slot], count, args, size=size,
-                    static_sizes=self._batch_sizes, dynamic=False)
+                    static_sizes=self._batch_sizes, dynamic=not self._batch_sizes)
                 return slot + 1, total + value
 
             # One batch at a time: parallel iterations would hold several batches'

@@ -95,6 +95,29 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys):
     assert sequential["lanczos_basis_bytes"] == 90 * 39 * 8
 
 
+def test_dry_run_prints_what_the_residual_cache_would_hold(tmp_path, capsys, monkeypatch):
+    from hessian_tf import spectrum
+
+    model, x, y = small_problem()  # 23 examples: 6 batches of at most 4
+    model.save(str(tmp_path / "model.keras"))
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    one_batch = operators.HessianOperator(
+        operators.KerasModelFunction(model), x[:4], y[:4], batch_size=4, cache_residuals=True)
+    one_batch.matvec(np.ones(one_batch.dim))
+    assert one_batch.residual_bytes > 0
+    options = dict(model=str(tmp_path / "model.keras"), dataset=f"npz:{tmp_path / 'data.npz'}",
+                   batch_size=4, cache_residuals=True, dry_run=True)
+    cost = job.run(spectrum_config(tmp_path / "out", **options))
+    assert cost["residual_cache_bytes"] == 6 * one_batch.residual_bytes
+    printed = capsys.readouterr().out
+    assert "--cache_residuals:" in printed and "would be refused" not in printed
+    # On a host with too little memory the dry run says the run would be refused.
+    monkeypatch.setattr(spectrum, "host_memory_bytes", lambda: 8 * one_batch.residual_bytes)
+    job.run(spectrum_config(tmp_path / "out", **options))
+    assert "this run would be refused" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
 def test_narrow_resnet18_on_mock_imagenet(tmp_path):
     """The ImageNet configuration's path: streamed imagenet2012 with its
     preprocessing, a narrow ResNet-18, BN in train mode."""
