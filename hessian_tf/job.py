@@ -200,14 +200,15 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         f"{datetime.timedelta(seconds=int(seconds))} on {replicas} replica(s) of this speed",
     ]
     if config.cache_residuals:
-        # Every batch holds as much as the first (the last may hold less).
+        # An upper bound: every batch holds as much as the first (the last may hold less).
         cache_bytes = one_batch.residual_bytes * batches
         budget = spectrum_lib.host_memory_bytes() // 4
         cost["residual_cache_bytes"] = cache_bytes
         lines.append(
-            f"  --cache_residuals: {cache_bytes / 2**30:.2f} GiB of residuals "
+            f"  --cache_residuals: at most {cache_bytes / 2**30:.2f} GiB of residuals "
             f"({one_batch.residual_bytes / 2**20:.1f} MiB per batch; the timing above "
-            f"uses them); the run refuses more than {budget / 2**30:.2f} GiB (a quarter "
+            f"uses them, the first pass also builds them); the run refuses more than "
+            f"{budget / 2**30:.2f} GiB (a quarter "
             "of this host's memory)" + ("; this run would be refused" if cache_bytes > budget else ""))
     print("\n".join(lines), flush=True)
     return cost

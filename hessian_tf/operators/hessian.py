@@ -42,8 +42,8 @@ class NonDeterministicError(ValueError):
 
 
 class _ReplicaData(NamedTuple):
-    x: tf.Tensor  # [batches_per_replica, batch_size, ...] padded
-    y: tf.Tensor  # [batches_per_replica, batch_size, ...] padded
+    x: tf.Tensor  # [batches_per_replica, min(batch_size, N), ...] padded
+    y: tf.Tensor  # [batches_per_replica, min(batch_size, N), ...] padded
     sizes: tf.Tensor  # [batches_per_replica] examples in each batch (0 = padding)
 
 
@@ -94,13 +94,16 @@ def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
 
     A batch of one of `static_sizes` examples runs a trace with that static batch
     dimension: TensorFlow's CPU kernels run faster on static shapes (one product
-    over the whole data, static ÷ dynamic, benchmarks/static_shapes.py: 0.72–0.74 on
-    the digits MLP in batches of 128, 0.83–0.97 in one batch, 0.95 on ResNet-32
-    with inference BN, 0.99–1.00 with train BN). dynamic: whether a batch of another size can occur, which then runs a
-    trace with (x, y) as given (their batch dimension unknown). Only the traces
-    that can run are built. An empty batch gives zeros (BN statistics of no
-    example are NaN).
+    over the whole data, static ÷ dynamic, benchmarks/static_shapes.py: 0.72–0.74
+    on the digits MLP in batches of 128, 0.83–0.97 in one batch, 0.95 on ResNet-32
+    with inference BN, 0.99–1.00 with train BN). dynamic: whether a batch of
+    another size can occur, which then runs a trace with (x, y) cut to `count`
+    (their batch dimension unknown); without it, such a batch fails the graph
+    rather than run a wrong trace. Only the traces that can run are built. An
+    empty batch gives zeros (BN statistics of no example are NaN).
     """
+    if not static_sizes and not dynamic:
+        raise ValueError("batch_value: no trace can run; pass static_sizes or dynamic=True.")
 
     def static(batch_size):
         # tf.slice, not a reshape: Grappler infers from a reshape of a batch to
@@ -110,14 +113,21 @@ def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
             tf.slice(t, [0] * t.shape.rank, [batch_size] + [-1] * (t.shape.rank - 1))
             for t in (x, y)), *args)
 
+    def unexpected():
+        check = tf.debugging.Assert(
+            False, ["a batch of", count, "examples; the traces are for", list(static_sizes)])
+        with tf.control_dependencies([check]):
+            return tf.zeros([size], tf.float64)
+
     branches = [lambda: tf.zeros([size], tf.float64)]
     branches += [static(batch_size) for batch_size in static_sizes]
-    index = tf.constant(len(branches) if dynamic else 1)
-    if dynamic:
-        branches.append(lambda: batch_fn(x[:count], y[:count], *args))
+    other = len(branches)  # the branch for any other size
+    branches.append((lambda: batch_fn(x[:count], y[:count], *args)) if dynamic else unexpected)
+    index = tf.constant(other)
     for position, batch_size in enumerate(static_sizes, start=1):
-        index = tf.where(count == batch_size, position, index)
+        index = tf.where(tf.equal(count, batch_size), position, index)
     return tf.switch_case(tf.where(count > 0, index, 0), branches)
+
 
 class HessianOperator:
     """v ↦ H v for the Hessian of the mean loss of `model_function` over (x, y).

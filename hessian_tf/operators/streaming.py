@@ -60,11 +60,13 @@ class StreamingHessianOperator(HessianOperator):
     def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
         def step(total, batch, *args):
             x, y = batch
-            # Full batches run a static trace; the last may be partial, and a replica
-            # may get an empty batch at the end of uneven data.
+            # Full batches run a static trace (if the pipeline's elements have a known
+            # rank); the last may be partial, and a replica may get an empty batch at
+            # the end of uneven data.
+            known = x.shape.rank is not None and y.shape.rank is not None
             return total + batch_value(
                 batch_fn, x, y, tf.shape(x)[0], args, size=size,
-                static_sizes=(self.batch_size,), dynamic=True)
+                static_sizes=(self.batch_size,) if known else (), dynamic=True)
 
         with self.model_function.mode_context(self.bn_mode):
             totals = self.strategy.run(lambda: tf.zeros([size], tf.float64))

@@ -6,6 +6,7 @@ import tensorflow as tf
 import keras
 
 from hessian_tf import operators
+from hessian_tf.operators import hessian
 
 NUM_EXAMPLES = 11
 BATCH_SIZE = 4  # batches of 4, 4 and an uneven 3
@@ -100,7 +101,7 @@ def test_uneven_last_batch_is_weighted_exactly():
     (3, 8, [3]),       # fewer examples than a batch: one full batch of 3
 ])
 def test_batches_run_with_static_shapes(num_examples, batch_size, sizes):
-    # CPU kernels run faster on static shapes (benchmarks: 0.8x on the digits MLP),
+    # CPU kernels run faster on static shapes (benchmarks/static_shapes.py),
     # so each batch size that occurs gets its own trace, and no batch runs with an
     # unknown batch dimension.
     model = tiny_model()
@@ -118,6 +119,33 @@ def test_batches_run_with_static_shapes(num_examples, batch_size, sizes):
     operator._batch_objective = recording
     operator.matvec(np.ones(operator.dim))
     assert sorted(set(traced), reverse=True) == sizes
+
+
+def test_batch_value_runs_the_trace_of_each_size():
+    x = tf.constant(np.arange(8.0).reshape(4, 2))
+
+    def batch_fn(xb, yb):
+        # The static batch dimension, or -1 when unknown, beside the sum.
+        known = -1.0 if xb.shape[0] is None else float(xb.shape[0])
+        return tf.stack([tf.reduce_sum(xb), tf.constant(known, tf.float64)])
+
+    def value(count, static_sizes, dynamic):
+        # In a graph, as the operators run it: the count is known only at run time.
+        @tf.function(input_signature=[tf.TensorSpec([], tf.int32)])
+        def run(count):
+            return hessian.batch_value(batch_fn, x, x[:, 0], count, (), size=2,
+                                       static_sizes=static_sizes, dynamic=dynamic)
+        return run(tf.constant(count)).numpy().tolist()
+
+    assert value(4, (4, 3), False) == [28.0, 4.0]
+    assert value(3, (4, 3), False) == [15.0, 3.0]
+    assert value(0, (4, 3), False) == [0.0, 0.0]
+    assert value(2, (4,), True) == [6.0, -1.0]
+    # A size without a trace fails rather than run another trace on padding rows.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a batch of"):
+        value(2, (4, 3), False)
+    with pytest.raises(ValueError, match="no trace can run"):
+        value(2, (), False)
 
 
 @pytest.mark.parametrize("regularization", [False, True])

@@ -14,27 +14,31 @@ from hessian_tf import job, operators
 from hessian_tf.operators.streaming import StreamingHessianOperator, array_dataset_fn
 
 
-def small_problem(num_examples=23):
+def small_problem(num_examples=23, batch_norm=False):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
-                              keras.layers.Dense(3)])
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(4, activation="tanh")]
+        + ([keras.layers.BatchNormalization()] if batch_norm else []) + [keras.layers.Dense(3)])
     rng = np.random.default_rng(0)
     x = rng.standard_normal((num_examples, 5)).astype(np.float32)
     y = rng.integers(0, 3, num_examples).astype(np.int32)
     return model, x, y
 
 
-@pytest.mark.parametrize("num_devices, num_examples", [(1, 23), (3, 23), (3, 25)])
-def test_streaming_equals_in_memory(num_devices, num_examples):
-    # 23 on 3 pipelines: 8, 8, 7 examples, one partial batch. 25: 9, 8, 8, so two
-    # replicas get an empty batch in the last step.
-    model, x, y = small_problem(num_examples)
-    reference = operators.HessianOperator(operators.KerasModelFunction(model), x, y, batch_size=4)
+@pytest.mark.parametrize("num_devices, num_examples, bn_mode", [
+    (1, 23, "inference"), (3, 23, "inference"), (3, 25, "train")])
+def test_streaming_equals_in_memory(num_devices, num_examples, bn_mode):
+    # One input pipeline, its batches dealt to the replicas in turn. 23: a partial
+    # last batch of 3. 25 in train-mode BN: the last step deals [1, 0, 0], so two
+    # replicas get an empty batch, whose BN statistics would be NaN if it ran.
+    model, x, y = small_problem(num_examples, batch_norm=bn_mode == "train")
+    reference = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=4, bn_mode=bn_mode)
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:num_devices]
     strategy = tf.distribute.MirroredStrategy(devices) if num_devices > 1 else None
     streaming = StreamingHessianOperator(
         operators.KerasModelFunction(model), array_dataset_fn(x, y, 4), num_examples=num_examples,
-        sample=(x[:2], y[:2]), batch_size=4, strategy=strategy)
+        sample=(x[:2], y[:2]), batch_size=4, strategy=strategy, bn_mode=bn_mode)
     assert streaming.num_examples == num_examples
     vector = np.random.default_rng(1).standard_normal(reference.dim)
     np.testing.assert_allclose(streaming.matvec(vector), reference.matvec(vector),
@@ -108,7 +112,12 @@ def test_dry_run_prints_what_the_residual_cache_would_hold(tmp_path, capsys, mon
     options = dict(model=str(tmp_path / "model.keras"), dataset=f"npz:{tmp_path / 'data.npz'}",
                    batch_size=4, cache_residuals=True, dry_run=True)
     cost = job.run(spectrum_config(tmp_path / "out", **options))
+    # An upper bound: every batch as large as the first (the real last one has 3).
+    whole = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=4, cache_residuals=True)
+    whole.matvec(np.ones(whole.dim))
     assert cost["residual_cache_bytes"] == 6 * one_batch.residual_bytes
+    assert whole.residual_bytes <= cost["residual_cache_bytes"] < 1.25 * whole.residual_bytes
     printed = capsys.readouterr().out
     assert "--cache_residuals:" in printed and "would be refused" not in printed
     # On a host with too little memory the dry run says the run would be refused.
