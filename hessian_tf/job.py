@@ -204,12 +204,12 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         cache_bytes = one_batch.residual_bytes * batches
         budget = spectrum_lib.host_memory_bytes() // 4
         cost["residual_cache_bytes"] = cache_bytes
+        refused = "; this run would be refused" if cache_bytes > budget else ""
         lines.append(
             f"  --cache_residuals: at most {cache_bytes / 2**30:.2f} GiB of residuals "
-            f"({one_batch.residual_bytes / 2**20:.1f} MiB per batch; the timing above "
-            f"uses them, the first pass also builds them); the run refuses more than "
-            f"{budget / 2**30:.2f} GiB (a quarter "
-            "of this host's memory)" + ("; this run would be refused" if cache_bytes > budget else ""))
+            f"({one_batch.residual_bytes / 2**20:.1f} MiB per batch; the timing above uses "
+            "them, the first pass also builds them); the run refuses more than "
+            f"{budget / 2**30:.2f} GiB, a quarter of this host's memory{refused}")
     print("\n".join(lines), flush=True)
     return cost
 
