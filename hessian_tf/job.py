@@ -151,6 +151,7 @@ def _in_float64(model_function, x):
 def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     """Prints what the job would cost, from one timed batch, and computes nothing else."""
     from hessian_tf.operators import HessianOperator, gauss_newton
+    from hessian_tf.operators.hessian import residual_cache_budget
 
     if stream is not None:
         import tensorflow as tf
@@ -202,7 +203,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     if config.cache_residuals:
         # An upper bound: every batch holds as much as the first (the last may hold less).
         cache_bytes = one_batch.residual_bytes * batches
-        budget = spectrum_lib.host_memory_bytes() // 4
+        budget = residual_cache_budget()
         cost["residual_cache_bytes"] = cache_bytes
         refused = "; this run would be refused" if cache_bytes > budget else ""
         lines.append(

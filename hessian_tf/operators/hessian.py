@@ -129,6 +129,13 @@ def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
     return tf.switch_case(tf.where(count > 0, index, 0), branches)
 
 
+def residual_cache_budget() -> int:
+    """The most bytes `cache_residuals` may hold: a quarter of the host's memory."""
+    from hessian_tf.spectrum import host_memory_bytes
+
+    return host_memory_bytes() // 4
+
+
 class HessianOperator:
     """v ↦ H v for the Hessian of the mean loss of `model_function` over (x, y).
 
@@ -532,7 +539,6 @@ class HessianOperator:
 
     def _build_cache(self) -> list:
         from hessian_tf.operators import residuals as residuals_lib
-        from hessian_tf.spectrum import host_memory_bytes
 
         primals, state = self.model_function.primals(), self.model_function.state()
         splits, batches = {}, []
@@ -544,7 +550,7 @@ class HessianOperator:
                     tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype)))
             batches.append((splits[x.shape[0]], x, y))
         self.residual_bytes = sum(split.residual_bytes for split, _, _ in batches)
-        budget = host_memory_bytes() // 4
+        budget = residual_cache_budget()
         if self.residual_bytes > budget:
             raise ValueError(
                 f"--cache_residuals: the residuals of {len(batches)} batches need "
