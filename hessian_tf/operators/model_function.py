@@ -46,13 +46,20 @@ def batch_norm_in_train_mode(model: keras.Model):
     """Makes every BatchNormalization layer of `model` use batch statistics, while
     the model itself is called with training=False (so dropout stays off).
 
-    Used while the product's graph is traced; the override is removed on exit.
+    The statistics are those of the batch on its own replica, also for layers built
+    with `synchronized=True`: the Hessian of bn_mode=train is the mean of per-batch
+    Hessians, each batch is whole on one replica, and replicas run different
+    numbers and sizes of batches, so a cross-replica all-reduce inside a batch
+    would mix batches (or, under MirroredStrategy, fail to trace).
+
+    Used while the product's graph is traced; the overrides are removed on exit.
     """
     layers = [
         layer
         for layer in model._flatten_layers(include_self=False, recursive=True)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
+    synchronized = [layer.synchronized for layer in layers]
     for layer in layers:
         original = layer.call
 
@@ -61,11 +68,13 @@ def batch_norm_in_train_mode(model: keras.Model):
             return _original(*args, training=True, **kwargs)
 
         layer.call = call
+        layer.synchronized = False
     try:
         yield
     finally:
-        for layer in layers:
+        for layer, flag in zip(layers, synchronized):
             del layer.call
+            layer.synchronized = flag
 
 
 class KerasModelFunction:

@@ -137,6 +137,29 @@ def test_product_under_mirrored_strategy_equals_one_device(exported):
     np.testing.assert_allclose(products[1], products[0], rtol=1e-12, atol=1e-13)
 
 
+def test_synchronized_batch_norm_exports_each_batch_statistics(exported, tmp_path):
+    # The saved train function computes each batch's statistics on its own replica,
+    # as the Keras model's operator does; the layer keeps its flag.
+    model, _, _ = exported
+    bn = model.layers[1]
+    bn.synchronized = True
+    try:
+        path = str(tmp_path / "synchronized")
+        export_for_spectrum(model, path)
+        assert bn.synchronized is True
+    finally:
+        bn.synchronized = False
+    x, y = tiny_data()
+    vector = np.random.default_rng(1).standard_normal(47)
+    keras_operator = HessianOperator(KerasModelFunction(model), x, y,
+                                     batch_size=BATCH_SIZE, bn_mode="train")
+    saved = HessianOperator(SavedModelFunction(tf.saved_model.load(path), path), x, y,
+                            batch_size=BATCH_SIZE, bn_mode="train",
+                            strategy=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    np.testing.assert_allclose(saved.matvec(vector), keras_operator.matvec(vector),
+                               rtol=1e-12, atol=1e-13)
+
+
 def conv_model():
     """6×6×2 images → Conv2D(3, 3×3) → BN → relu → global average → Dense(2):
     57 + 6 + 8 = 71 parameters."""

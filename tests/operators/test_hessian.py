@@ -188,6 +188,24 @@ def test_mirrored_equals_one_device(bn_mode, num_devices):
     np.testing.assert_allclose(mirrored, single, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
+def test_synchronized_batch_norm_uses_each_batch_statistics(method):
+    # Replicas run different batches (here 2 and 1 of sizes 4, 4, 3): a cross-replica
+    # all-reduce of the statistics would mix batches, and under MirroredStrategy
+    # fails to trace. The H of bn_mode=train is that of each batch on its own.
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    x, y = tiny_data()
+    local, _ = operator_matrix(tiny_model(), x, y, bn_mode="train", method=method)
+    model = tiny_model()
+    bn = model.layers[1]
+    bn.synchronized = True
+    synchronized, _ = operator_matrix(
+        model, x, y, bn_mode="train", method=method,
+        strategy=tf.distribute.MirroredStrategy(devices))
+    np.testing.assert_allclose(synchronized, local, atol=1e-12)
+    assert bn.synchronized is True
+
+
 def test_loss_and_gradient_match_keras():
     model = tiny_model()
     x, y = tiny_data()
