@@ -151,6 +151,11 @@ class HessianOperator:
         (reverse over reverse: measured as fast as forward over backward or faster
         on the reference workloads but tiny batches, and it shares the forward and
         backward pass among the vectors of a block; see README.md, Speed).
+      cache_residuals: keep each batch's vector-free part of the product (forward
+        pass, backward signals, BN statistics) between products; one replica and
+        in-memory data only. The residuals belong to the parameters and model state
+        they were computed from: a product after either changed recomputes them, and
+        `drop_residuals()` frees them.
 
     `matvec(v)` is H v; `matmat(V)` is the products of a block of vectors V [k, dim]
     in ONE pass over the data (lockstep draws), the model's forward and backward
@@ -232,6 +237,8 @@ class HessianOperator:
             )
         self.cache_residuals = bool(cache_residuals)
         self._cache = None  # [(from_residuals, its arguments)] per batch, once built
+        self._cached_values = None  # the parameters and state the cache was built from
+        self._splits = {}  # batch size -> residuals.split of its product, traced once
         self.residual_bytes = 0
         self._check_fit(x, y)
         self._place_data(x, y)
@@ -511,8 +518,14 @@ class HessianOperator:
     def _products_from_residuals(self, vectors: np.ndarray) -> np.ndarray:
         """H V from each batch's cached residuals (built at the first call, from the
         parameters then), one vector and one batch at a time, summed in float64."""
+        values = [t.numpy() for t in self.model_function.primals() + self.model_function.state()]
+        if self._cache is not None and not all(
+            np.array_equal(a, b) for a, b in zip(values, self._cached_values)
+        ):
+            self.drop_residuals()  # the model changed since: residuals of the old one
         if self._cache is None:
             self._cache = self._build_cache()
+            self._cached_values = values
         products = np.zeros_like(vectors)
         for row, vector in enumerate(vectors):
             vector = tf.constant(vector)
@@ -537,11 +550,17 @@ class HessianOperator:
         specs = [tf.TensorSpec(t.shape, t.dtype) for t in primals + state] + [x_spec, y_spec]
         return product, specs, tf.TensorSpec([self.dim], tf.float64)
 
+    def drop_residuals(self) -> None:
+        """Frees the cached residuals (if any); the next product recomputes them from
+        the parameters then. The traced split functions are kept."""
+        self._cache = None
+        self._cached_values = None
+
     def _build_cache(self) -> list:
         from hessian_tf.operators import residuals as residuals_lib
 
         primals, state = self.model_function.primals(), self.model_function.state()
-        splits, batches = {}, []
+        splits, batches = self._splits, []
         for start in range(0, self.num_examples, self.batch_size):
             x = self._x[start: start + self.batch_size]
             y = self._y[start: start + self.batch_size]

@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
             bn_mode="inference",
             batch_size=128,
             seed=0,
+            # Keep each batch's vector-free part of the product during an evaluation
+            # (faster steps for memory; one replica only; see README.md).
+            cache_residuals=False,
         )
     )
 
@@ -256,8 +259,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("zero_init_residual", "nesterov", "deterministic"):
         if not isinstance(train[name], bool):
             _fail(f"train.{name}", train[name], "True or False")
-    if not isinstance(callback.enabled, bool):
-        _fail("train.spectrum_callback.enabled", callback.enabled, "True or False")
+    for name in ("enabled", "cache_residuals"):
+        if not isinstance(callback[name], bool):
+            _fail(f"train.spectrum_callback.{name}", callback[name], "True or False")
     for name in ("every_n_steps", "num_examples", "lanczos_steps", "num_draws", "batch_size"):
         _at_least(f"train.spectrum_callback.{name}", callback[name], 1)
     _at_least("train.spectrum_callback.seed", callback.seed, 0)

@@ -162,6 +162,7 @@ def _train(config, train_config, workdir, started) -> dict:
             bn_mode=options.bn_mode,
             batch_size=options.batch_size,
             seed=options.seed,
+            cache_residuals=options.cache_residuals,
         )
         callbacks.append(spectrum_callback)
     training_log = callbacks_lib.TrainingLog(

@@ -102,6 +102,7 @@ def test_schedule_needs_exactly_one_positive_period(kwargs, named, tmp_path):
     ({"log_dir": ""}, "log_dir=''"),
     ({"lockstep_draws": -1}, "lockstep_draws=-1"),
     ({"lockstep_draws": 2.5}, "lockstep_draws=2.5"),
+    ({"cache_residuals": 1}, "cache_residuals=1"),
 ])
 def test_bad_options_are_named(kwargs, named, tmp_path):
     x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)
@@ -204,6 +205,22 @@ def test_events_and_files_at_the_scheduled_steps(digits, tmp_path):
     model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0, callbacks=[callback])
     assert [e.step for e in callback.evaluations] == [0, 8, 16, 24]
     assert sorted(read_events(tmp_path)["hessian/trace_estimate"]) == [0, 8, 16, 24]
+
+
+def test_cached_residuals_follow_training_and_are_freed(digits, tmp_path):
+    x, y = digits
+    model = bn_dropout_mlp()
+    data = (x[:150], y[:150])  # batches of 64, 64 and an uneven 22
+    ordinary = spectrum_callback(data, tmp_path / "ordinary")
+    cached = spectrum_callback(data, tmp_path / "cached", cache_residuals=True)
+    model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0, callbacks=[ordinary, cached])
+    assert [e.step for e in cached.evaluations] == [0, 4, 8]
+    for plain, fast in zip(ordinary.evaluations, cached.evaluations):
+        np.testing.assert_allclose(fast.spectrum.alphas, plain.spectrum.alphas, rtol=1e-4)
+    # Training changed the spectrum, so residuals kept from step 0 would show.
+    first, last = (e.spectrum.alphas for e in (cached.evaluations[0], cached.evaluations[-1]))
+    assert np.max(np.abs(last - first)) > 1e-2 * np.max(np.abs(first))
+    assert cached._operator.cache_residuals and cached._operator._cache is None
 
 
 def test_random_inference_is_an_error_at_the_first_evaluation(digits, tmp_path):

@@ -86,3 +86,27 @@ def test_cache_refuses_a_saved_model_and_serves_a_variable_subset(tmp_path):
     block = np.random.default_rng(2).standard_normal((2, ordinary.dim))
     np.testing.assert_allclose(cached.matmat(block), ordinary.matmat(block), rtol=1e-5,
                                atol=1e-6 * np.max(np.abs(ordinary.matmat(block))))
+
+
+@pytest.mark.parametrize("changed", ["kernel", "moving_mean"])
+def test_cache_follows_the_model_and_can_be_freed(changed):
+    # A weight (or, with inference-mode BN, a moving statistic) changed after the
+    # cache was built: the next product recomputes the residuals, reusing the traces.
+    model = tiny_model()
+    x, y = tiny_data()
+    cached = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                       batch_size=BATCH_SIZE, cache_residuals=True)
+    vector = np.random.default_rng(3).standard_normal(cached.dim)
+    before = cached.matvec(vector)
+    splits = dict(cached._splits)
+    variable = {"kernel": model.layers[0].kernel, "moving_mean": model.layers[1].moving_mean}[changed]
+    variable.assign(variable.numpy() * 1.5 + 0.1)
+    fresh = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                      batch_size=BATCH_SIZE).matvec(vector)
+    assert np.max(np.abs(fresh - before)) > 1e-3 * np.max(np.abs(fresh))
+    np.testing.assert_allclose(cached.matvec(vector), fresh, atol=1e-12, rtol=1e-10)
+    assert set(cached._splits) == {4, 3}
+    assert all(cached._splits[size] is split for size, split in splits.items())
+    cached.drop_residuals()
+    assert cached._cache is None
+    np.testing.assert_allclose(cached.matvec(vector), fresh, atol=1e-12, rtol=1e-10)
