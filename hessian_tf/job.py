@@ -418,9 +418,10 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
     if config.dry_run:
         return _dry_run(config, operator, model_function, x, y, stream)
     logging.info(
-        "Hessian of the mean %s over %d examples: %d parameters, %s products, %d replicas",
+        "Hessian of the mean %s over %d examples: %d parameters, %s products, %d replicas, "
+        "sums in %s",
         config.loss, operator.num_examples, operator.dim, operator.method,
-        strategy.num_replicas_in_sync,
+        strategy.num_replicas_in_sync, operator.accumulation,
     )
     checkpointer = checkpoints.SLQCheckpointer(
         os.path.join(output_dir, checkpoints.CHECKPOINT_SUBDIR),
@@ -486,6 +487,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         ),
         "method": operator.method,
         "precision": config.precision,
+        "accumulation": operator.accumulation,
         "loss": loss,
         "gradient_norm": float(np.linalg.norm(gradient)),
         "lambda_max": stats.lambda_max,

@@ -11,6 +11,12 @@ Distribution: whole batches are dealt to replicas round-robin; each replica sums
 batches' products in float64, and ONE cross-replica sum per product combines them.
 The data live on the replicas' devices as tensors, so no input pipeline runs on the
 products' critical path.
+
+A TPU has no float64: with `accumulation='float32'` (automatic under TPUStrategy) no
+float64 tensor enters the product graphs. Each replica then sums its batches in
+float32 with compensated (Neumaier) summation, keeping the rounding error of every
+addition in a second float32 vector; both vectors are summed across replicas and
+added in float64 on the host.
 """
 
 from __future__ import annotations
@@ -26,6 +32,17 @@ from hessian_tf.operators import losses as losses_lib
 from hessian_tf.operators.model_function import check_bn_mode
 
 METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
+ACCUMULATIONS = ("auto", "float64", "float32")
+
+
+def compensated_add(total: tf.Tensor, error: tf.Tensor, value: tf.Tensor):
+    """(total + value, error + the rounding error of that addition): Neumaier's
+    summation. total + error (added in higher precision) is the sum of all values
+    to about one rounding of the working precision, however many values."""
+    new = total + value
+    larger = tf.abs(total) >= tf.abs(value)
+    big, small = tf.where(larger, total, value), tf.where(larger, value, total)
+    return new, error + ((big - new) + small)
 
 
 class NonFiniteError(ValueError):
@@ -89,8 +106,8 @@ def deal_batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_replicas: in
 
 
 def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
-                static_sizes: Sequence[int], dynamic: bool) -> tf.Tensor:
-    """batch_fn on the first `count` examples of (x, y), a float64 vector [size].
+                static_sizes: Sequence[int], dynamic: bool, dtype=tf.float64) -> tf.Tensor:
+    """batch_fn on the first `count` examples of (x, y), a vector [size] of `dtype`.
 
     A batch of one of `static_sizes` examples runs a trace with that static batch
     dimension: TensorFlow's CPU kernels run faster on static shapes (one product
@@ -117,9 +134,9 @@ def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
         check = tf.debugging.Assert(
             False, ["a batch of", count, "examples; the traces are for", list(static_sizes)])
         with tf.control_dependencies([check]):
-            return tf.zeros([size], tf.float64)
+            return tf.zeros([size], dtype)
 
-    branches = [lambda: tf.zeros([size], tf.float64)]
+    branches = [lambda: tf.zeros([size], dtype)]
     branches += [static(batch_size) for batch_size in static_sizes]
     other = len(branches)  # the branch for any other size
     branches.append((lambda: batch_fn(x[:count], y[:count], *args)) if dynamic else unexpected)
@@ -151,6 +168,10 @@ class HessianOperator:
         (reverse over reverse: measured as fast as forward over backward or faster
         on the reference workloads but tiny batches, and it shares the forward and
         backward pass among the vectors of a block; see README.md, Speed).
+      accumulation: how replicas sum their batches: 'float64', or 'float32' with
+        compensated summation and no float64 tensor in the product graphs (for
+        devices without float64: TPUs); 'auto': float32 under a TPUStrategy,
+        float64 otherwise.
       cache_residuals: keep each batch's vector-free part of the product (forward
         pass, backward signals, BN statistics) between products; one replica and
         in-memory data only. The residuals belong to the parameters and model state
@@ -175,6 +196,7 @@ class HessianOperator:
         regularization: bool = False,
         method: str = "auto",
         cache_residuals: bool = False,
+        accumulation: str = "auto",
     ):
         check_bn_mode(bn_mode)
         if method not in METHODS:
@@ -211,6 +233,9 @@ class HessianOperator:
                 "--regularization: a SavedModel does not carry its regularization "
                 "losses; use the .keras file, or turn regularization off."
             )
+        if accumulation not in ACCUMULATIONS:
+            raise ValueError(
+                f"accumulation={accumulation!r} is not known; use one of {ACCUMULATIONS}.")
         self.model_function = model_function
         self.loss_name = loss
         self._loss = losses_lib.get_loss(loss)
@@ -219,6 +244,19 @@ class HessianOperator:
         self.regularization = regularization
         self.batch_size = int(batch_size)
         self.strategy = strategy or tf.distribute.get_strategy()
+        if accumulation == "auto":
+            tpu = isinstance(self.strategy, (tf.distribute.TPUStrategy,
+                                             tf.distribute.experimental.TPUStrategy))
+            accumulation = "float32" if tpu else "float64"
+        if accumulation == "float32" and any(
+            v.dtype == tf.float64 for v in model_function.variables
+        ):
+            raise ValueError(
+                "accumulation='float32' (a TPU has no float64): the model has float64 "
+                "parameters; use a float32 model (and --precision=model)."
+            )
+        self.accumulation = accumulation
+        self._device_dtype = tf.float32 if accumulation == "float32" else tf.float64
         self.num_examples = int(x.shape[0])
         self.dim = flatten_lib.num_parameters(model_function.variables)
         self.num_products = 0
@@ -285,6 +323,8 @@ class HessianOperator:
                 f"--dataset: {self.num_examples} examples for {num_replicas} replicas; "
                 "use fewer workers or devices than examples."
             )
+        if self._device_dtype != tf.float64:  # no float64 on the device (TPU)
+            x, y = (a.astype(np.float32) if a.dtype == np.float64 else a for a in (x, y))
         shards = deal_batches(x, y, self.batch_size, num_replicas)
         self.batches_per_replica = int(shards[0].sizes.size)
         # The batch sizes that occur (the full one and the last): one static trace each
@@ -408,9 +448,27 @@ class HessianOperator:
             for product in products
         ]
 
+    # ------------------------------------------------------- accumulation
+
+    def _accumulator(self, size: int) -> tf.Tensor:
+        """A zero sum of vectors [size] on a replica: [1, size] float64, or [2, size]
+        float32 (the sum and its compensation)."""
+        return tf.zeros([1 if self._device_dtype == tf.float64 else 2, size], self._device_dtype)
+
+    def _accumulate(self, accumulator: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
+        if self._device_dtype == tf.float64:
+            return accumulator + value[tf.newaxis]
+        return tf.stack(compensated_add(accumulator[0], accumulator[1], value))
+
+    @staticmethod
+    def _combined(accumulator: tf.Tensor) -> np.ndarray:
+        """The float64 sum that a (cross-replica) accumulator holds, on the host."""
+        return np.sum(accumulator.numpy().astype(np.float64), axis=0)
+
     def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
-        """Σ over every batch of the dataset of batch_fn(x, y, *args) (a float64
-        vector [size]), summed per replica, then ONE cross-replica reduction.
+        """Σ over every batch of the dataset of batch_fn(x, y, *args) (a vector [size]
+        of the device dtype), summed per replica, then ONE cross-replica reduction.
+        Returns the accumulator (see `_accumulator`; `_combined` adds it up).
 
         In memory: each replica loops over its own dealt batches on its device.
         """
@@ -420,15 +478,16 @@ class HessianOperator:
                 count = data.sizes[slot]
                 value = batch_value(
                     batch_fn, data.x[slot], data.y[slot], count, args, size=size,
-                    static_sizes=self._batch_sizes, dynamic=not self._batch_sizes)
-                return slot + 1, total + value
+                    static_sizes=self._batch_sizes, dynamic=not self._batch_sizes,
+                    dtype=self._device_dtype)
+                return slot + 1, self._accumulate(total, value)
 
             # One batch at a time: parallel iterations would hold several batches'
             # activations at once (measured: 3x the memory on ResNet-32), for no speed.
             _, total = tf.while_loop(
                 lambda slot, _: slot < tf.shape(data.sizes)[0],
                 body,
-                (tf.constant(0), tf.zeros([size], tf.float64)),
+                (tf.constant(0), self._accumulator(size)),
                 parallel_iterations=1,
             )
             return total
@@ -438,7 +497,8 @@ class HessianOperator:
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     def _product_graph(self, vectors):
-        """vectors [k, dim] float64 → their products [k, dim], one data pass."""
+        """vectors [k, dim] (device dtype) → the accumulator of their summed products
+        [terms, k·dim], one data pass."""
         self.num_traces += 1  # runs only while tracing
         # Parameters and state are read once, in the cross-replica context, so every
         # replica differentiates the same model.
@@ -449,10 +509,10 @@ class HessianOperator:
 
         def batch_fn(x, y, primals, state, block):
             products = self._batch_products(primals, state, block, x, y)
-            return tf.concat([flatten_lib.flatten(p) for p in products], axis=0)
+            return tf.concat(
+                [flatten_lib.flatten(p, self._device_dtype) for p in products], axis=0)
 
-        total = self._sum_over_batches(batch_fn, size * self.dim, (primals, state, block))
-        return tf.reshape(total, [size, self.dim]) / tf.constant(self.num_examples, tf.float64)
+        return self._sum_over_batches(batch_fn, size * self.dim, (primals, state, block))
 
     def _loss_gradient_graph(self):
         primals = self.model_function.primals()
@@ -466,14 +526,13 @@ class HessianOperator:
                 objective, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
             # [loss, gradient...] in one vector: one all-reduce for both.
+            dtype = self._device_dtype
             return tf.concat(
-                [tf.reshape(tf.cast(objective, tf.float64), [1]), flatten_lib.flatten(gradients)],
+                [tf.reshape(tf.cast(objective, dtype), [1]), flatten_lib.flatten(gradients, dtype)],
                 axis=0,
             )
 
-        total = self._sum_over_batches(batch_fn, self.dim + 1, (primals, state))
-        total = total / tf.constant(self.num_examples, tf.float64)
-        return total[0], total[1:]
+        return self._sum_over_batches(batch_fn, self.dim + 1, (primals, state))
 
     # ----------------------------------------------------------------- public
 
@@ -500,7 +559,9 @@ class HessianOperator:
         if self.cache_residuals:
             products = self._products_from_residuals(vectors)
         else:
-            products = self._product_function(tf.constant(vectors)).numpy()
+            accumulator = self._product_function(
+                tf.constant(vectors, dtype=self._device_dtype))
+            products = self._combined(accumulator).reshape(vectors.shape) / self.num_examples
         self.product_seconds += time.perf_counter() - start
         self.num_products += vectors.shape[0]
         finite = np.all(np.isfinite(products), axis=1)
@@ -585,15 +646,15 @@ class HessianOperator:
 
     def loss_and_gradient(self) -> tuple[float, np.ndarray]:
         """(L(θ), ∇L(θ)) over the whole dataset; the gradient is [dim] float64."""
-        loss, gradient = self._loss_gradient_function()
-        loss = float(loss.numpy())
+        total = self._combined(self._loss_gradient_function()) / self.num_examples
+        loss, gradient = float(total[0]), total[1:]
         if not np.isfinite(loss):
             raise NonFiniteError(
                 f"the mean loss over the dataset is non-finite ({loss}"
                 f"{self._first_nonfinite_batch(None)}); check the model's weights and the "
                 "data for NaN or overflow."
             )
-        return loss, gradient.numpy()
+        return loss, gradient
 
     def check_determinism(self, vectors: np.ndarray, *, relative_tolerance: Optional[float] = None):
         """Computes H v ([dim]) or H V ([k, dim]) twice and raises

@@ -3,8 +3,9 @@
 Each product is one pass over a `tf.data` pipeline distributed by the strategy
 (`distribute_datasets_from_function`): every input pipeline (worker) reads its
 own disjoint part of the data, every example exactly once, and its batches go to
-its replicas in turn. Each replica sums its batches' products in float64; ONE
-cross-replica reduction per product combines them, as in memory.
+its replicas in turn. Each replica sums its batches' products in float64 (or
+compensated float32, see `accumulation`); ONE cross-replica reduction per product
+combines them, as in memory.
 
 Batches are formed per input pipeline, so with bn_mode='train' the batches (and
 hence H) depend on the number of workers; the summary records it.
@@ -64,12 +65,13 @@ class StreamingHessianOperator(HessianOperator):
             # rank); the last may be partial, and a replica may get an empty batch at
             # the end of uneven data.
             known = x.shape.rank is not None and y.shape.rank is not None
-            return total + batch_value(
+            return self._accumulate(total, batch_value(
                 batch_fn, x, y, tf.shape(x)[0], args, size=size,
-                static_sizes=(self.batch_size,) if known else (), dynamic=True)
+                static_sizes=(self.batch_size,) if known else (), dynamic=True,
+                dtype=self._device_dtype))
 
         with self.model_function.mode_context(self.bn_mode):
-            totals = self.strategy.run(lambda: tf.zeros([size], tf.float64))
+            totals = self.strategy.run(lambda: self._accumulator(size))
             for batch in self._data:
                 totals = self.strategy.run(step, args=(totals, batch) + tuple(args))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, totals, axis=None)
