@@ -463,7 +463,8 @@ class HessianOperator:
     @staticmethod
     def _combined(accumulator: tf.Tensor) -> np.ndarray:
         """The float64 sum that a (cross-replica) accumulator holds, on the host."""
-        return np.sum(accumulator.numpy().astype(np.float64), axis=0)
+        rows = accumulator.numpy().astype(np.float64, copy=False)
+        return rows[0] if rows.shape[0] == 1 else np.sum(rows, axis=0)
 
     def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
         """Σ over every batch of the dataset of batch_fn(x, y, *args) (a vector [size]
