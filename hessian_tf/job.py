@@ -163,7 +163,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     one_batch = gauss_newton.operator_class(config.operator, HessianOperator)(
         model_function, x, y, batch_size=config.batch_size, loss=config.loss,
         bn_mode=config.bn_mode, method=config.method, regularization=config.regularization,
-        cache_residuals=config.cache_residuals,
+        cache_residuals=config.cache_residuals, accumulation=operator.accumulation,
     )
     vector = np.ones(one_batch.dim) / np.sqrt(one_batch.dim)
     one_batch.matvec(vector)  # traces

@@ -13,10 +13,11 @@ The data live on the replicas' devices as tensors, so no input pipeline runs on 
 products' critical path.
 
 A TPU has no float64: with `accumulation='float32'` (automatic under TPUStrategy) no
-float64 tensor enters the product graphs. Each replica then sums its batches in
-float32 with compensated (Neumaier) summation, keeping the rounding error of every
-addition in a second float32 vector; both vectors are summed across replicas and
-added in float64 on the host.
+float64 tensor enters the product graphs (checked at construction). Each replica then
+sums its batches in float32 with compensated (Neumaier) summation, keeping the
+rounding error of every addition in a second float32 vector; both vectors are summed
+across replicas (plain float32 sums: up to one rounding per replica, like the
+float32 products themselves) and added in float64 on the host.
 """
 
 from __future__ import annotations
@@ -33,6 +34,29 @@ from hessian_tf.operators.model_function import check_bn_mode
 
 METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
 ACCUMULATIONS = ("auto", "float64", "float32")
+
+
+def float64_nodes(concrete_function) -> list[str]:
+    """The nodes of a traced function's graph, and of every function it calls (loop
+    bodies, branches), with a float64 input, output or attribute."""
+    graph_def = concrete_function.graph.as_graph_def()
+    double = tf.float64.as_datatype_enum
+
+    def has_double(attr) -> bool:
+        return attr.type == double or double in attr.list.type or (
+            attr.HasField("tensor") and attr.tensor.dtype == double)
+
+    found = []
+    nodes = [("", node) for node in graph_def.node]
+    for function in graph_def.library.function:
+        nodes += [(function.signature.name + "/", node) for node in function.node_def]
+        for arg in list(function.signature.input_arg) + list(function.signature.output_arg):
+            if arg.type == double:
+                found.append(f"{function.signature.name}:{arg.name}")
+    for prefix, node in nodes:
+        if any(has_double(attr) for attr in node.attr.values()):
+            found.append(f"{prefix}{node.name} ({node.op})")
+    return found
 
 
 def compensated_add(total: tf.Tensor, error: tf.Tensor, value: tf.Tensor):
@@ -252,8 +276,13 @@ class HessianOperator:
             v.dtype == tf.float64 for v in model_function.variables
         ):
             raise ValueError(
-                "accumulation='float32' (a TPU has no float64): the model has float64 "
-                "parameters; use a float32 model (and --precision=model)."
+                "accumulation='float32' (automatic under a TPUStrategy; a TPU has no "
+                "float64): the model has float64 parameters; use a float32 model."
+            )
+        if accumulation == "float32" and cache_residuals:
+            raise ValueError(
+                "--cache_residuals: not with accumulation='float32' (automatic under a "
+                "TPUStrategy); leave the cache off."
             )
         self.accumulation = accumulation
         self._device_dtype = tf.float32 if accumulation == "float32" else tf.float64
@@ -283,6 +312,26 @@ class HessianOperator:
         # No input signature: the block size k must be static (one trace per k).
         self._product_function = tf.function(self._product_graph)
         self._loss_gradient_function = tf.function(self._loss_gradient_graph)
+        if self._device_dtype != tf.float64:
+            self._check_no_float64()
+
+    def _check_no_float64(self) -> None:
+        """Traces the one-vector product and the gradient (the traces the products then
+        use) and refuses float64 in them: the model itself may compute in float64 (a
+        float64 input layer or state), which a TPU cannot run."""
+        for name, function in (
+            ("product", self._product_function.get_concrete_function(
+                tf.TensorSpec([1, self.dim], self._device_dtype))),
+            ("gradient", self._loss_gradient_function.get_concrete_function()),
+        ):
+            found = float64_nodes(function)
+            if found:
+                raise ValueError(
+                    f"accumulation='float32' (automatic under a TPUStrategy; a TPU has no "
+                    f"float64): the {name} graph computes in float64 at {len(found)} "
+                    f"node(s), e.g. {', '.join(found[:3])}; make the model, its inputs "
+                    "and its state float32."
+                )
 
     @staticmethod
     def _auto_method(model_function) -> str:
@@ -297,15 +346,17 @@ class HessianOperator:
             return ""
         primals = self.model_function.primals()
         state = self.model_function.state()
-        tangents = None if vector is None else flatten_lib.unflatten(tf.constant(vector), primals)
+        dtype = self._device_dtype
+        tangents = None if vector is None else flatten_lib.unflatten(
+            tf.constant(vector, dtype), primals)
 
         @tf.function(reduce_retracing=True)
         def batch_values(x, y):
             with self.model_function.mode_context(self.bn_mode):
-                values = [tf.reshape(tf.cast(self._batch_objective(primals, state, x, y), tf.float64), [1])]
+                values = [tf.reshape(tf.cast(self._batch_objective(primals, state, x, y), dtype), [1])]
                 if tangents is not None:
                     values.append(flatten_lib.flatten(
-                        self._batch_product(primals, state, tangents, x, y)))
+                        self._batch_product(primals, state, tangents, x, y), dtype))
             return tf.reduce_all(tf.math.is_finite(tf.concat(values, 0)))
 
         for index, start in enumerate(range(0, self.num_examples, self.batch_size)):
@@ -316,6 +367,8 @@ class HessianOperator:
 
     def _place_data(self, x: np.ndarray, y: np.ndarray) -> None:
         """Deals the batches to the replicas and puts them on their devices."""
+        if self._device_dtype != tf.float64:  # no float64 on the device (TPU)
+            x, y = (a.astype(np.float32) if a.dtype == np.float64 else a for a in (x, y))
         self._x, self._y = x, y  # references, for diagnosing non-finite values
         num_replicas = self.strategy.num_replicas_in_sync
         if self.num_examples < num_replicas:
@@ -323,8 +376,6 @@ class HessianOperator:
                 f"--dataset: {self.num_examples} examples for {num_replicas} replicas; "
                 "use fewer workers or devices than examples."
             )
-        if self._device_dtype != tf.float64:  # no float64 on the device (TPU)
-            x, y = (a.astype(np.float32) if a.dtype == np.float64 else a for a in (x, y))
         shards = deal_batches(x, y, self.batch_size, num_replicas)
         self.batches_per_replica = int(shards[0].sizes.size)
         # The batch sizes that occur (the full one and the last): one static trace each
@@ -673,6 +724,8 @@ class HessianOperator:
         vectors = np.asarray(vectors, dtype=np.float64)
         product = self.matvec if vectors.ndim == 1 else self.matmat
         first = product(vectors)
+        # Cached residuals would hold the first pass's randomness for the second too.
+        self.drop_residuals()
         second = product(vectors)
         difference = float(np.max(np.abs(first - second)))
         scale = float(np.max(np.abs(first)))

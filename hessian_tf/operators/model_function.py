@@ -73,8 +73,9 @@ def batch_norm_in_train_mode(model: keras.Model):
         yield
     finally:
         for layer, flag in zip(layers, synchronized):
-            del layer.call
             layer.synchronized = flag
+        for layer in layers:
+            del layer.call
 
 
 class KerasModelFunction:

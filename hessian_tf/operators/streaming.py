@@ -56,7 +56,11 @@ class StreamingHessianOperator(HessianOperator):
                 f"{self.strategy.num_replicas_in_sync} replicas; use fewer workers."
             )
         self.batches_per_replica = None
-        self._data = self.strategy.distribute_datasets_from_function(self._dataset_fn)
+        dataset_fn = self._dataset_fn
+        if self._device_dtype != tf.float64:  # no float64 on the device (TPU)
+            def dataset_fn(context):
+                return self._dataset_fn(context).map(_float64_as_float32)
+        self._data = self.strategy.distribute_datasets_from_function(dataset_fn)
 
     def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
         def step(total, batch, *args):
@@ -75,6 +79,11 @@ class StreamingHessianOperator(HessianOperator):
             for batch in self._data:
                 totals = self.strategy.run(step, args=(totals, batch) + tuple(args))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, totals, axis=None)
+
+
+def _float64_as_float32(*tensors):
+    """Cast on the input pipeline's host, so that no float64 reaches the device."""
+    return tuple(tf.cast(t, tf.float32) if t.dtype == tf.float64 else t for t in tensors)
 
 
 def array_dataset_fn(x: np.ndarray, y: np.ndarray, batch_size: int):

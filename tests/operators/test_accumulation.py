@@ -1,6 +1,7 @@
 """accumulation='float32': no float64 in the product graphs (a TPU has none), and
 compensated float32 sums that agree with float64 ones."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,29 +10,6 @@ from hessian_tf import operators
 from hessian_tf.operators import hessian
 from hessian_tf.operators.streaming import StreamingHessianOperator, array_dataset_fn
 from tests.operators.test_hessian import BATCH_SIZE, tiny_data, tiny_model
-
-
-def double_typed_nodes(concrete_function) -> list[str]:
-    """Nodes of the function's graph and of every function it calls (loop bodies,
-    branches) with a float64 input, output or attribute."""
-    graph_def = concrete_function.graph.as_graph_def()
-    double = tf.float64.as_datatype_enum
-    found = []
-
-    def has_double(attr) -> bool:
-        return attr.type == double or double in attr.list.type or (
-            attr.HasField("tensor") and attr.tensor.dtype == double)
-
-    nodes = [("", node) for node in graph_def.node]
-    for function in graph_def.library.function:
-        nodes += [(function.signature.name + "/", node) for node in function.node_def]
-        for arg in list(function.signature.input_arg) + list(function.signature.output_arg):
-            if arg.type == double:
-                found.append(f"{function.signature.name}:{arg.name}")
-    for prefix, node in nodes:
-        if any(has_double(attr) for attr in node.attr.values()):
-            found.append(f"{prefix}{node.name} ({node.op})")
-    return found
 
 
 def make_operator(kind, accumulation, num_devices=1, dtype="float32", bn_mode="train",
@@ -49,9 +27,9 @@ def make_operator(kind, accumulation, num_devices=1, dtype="float32", bn_mode="t
 
 
 @pytest.mark.parametrize("kind, num_devices, data_dtype", [
-    ("in_memory", 1, np.float64), ("in_memory", 2, np.float32), ("streaming", 2, np.float32)])
+    ("in_memory", 1, np.float64), ("in_memory", 2, np.float32), ("streaming", 2, np.float64)])
 def test_float32_accumulation_has_no_float64_on_the_device(kind, num_devices, data_dtype):
-    # In memory, float64 inputs are put on the device in float32.
+    # float64 inputs reach the device in float32 (streamed: cast by the pipeline).
     operator = make_operator(kind, "float32", num_devices, data_dtype=data_dtype)
     vector = np.random.default_rng(0).standard_normal(operator.dim)
     operator.matvec(vector)
@@ -60,13 +38,13 @@ def test_float32_accumulation_has_no_float64_on_the_device(kind, num_devices, da
         tf.TensorSpec([1, operator.dim], tf.float32))
     gradient = operator._loss_gradient_function.get_concrete_function()
     assert operator._product_function.experimental_get_tracing_count() == 1
-    assert double_typed_nodes(product) == []
-    assert double_typed_nodes(gradient) == []
+    assert hessian.float64_nodes(product) == []
+    assert hessian.float64_nodes(gradient) == []
     # The check does see float64 where it is: the default accumulation.
     default = make_operator(kind, "auto", num_devices)
     assert default.accumulation == "float64"
     default.matvec(vector)
-    assert double_typed_nodes(default._product_function.get_concrete_function(
+    assert hessian.float64_nodes(default._product_function.get_concrete_function(
         tf.TensorSpec([1, default.dim], tf.float64)))
 
 
@@ -109,6 +87,28 @@ def test_compensated_add_keeps_what_float32_drops():
     assert abs(total + error - exact) <= np.finfo(np.float32).eps * exact
 
 
+def test_replicas_sum_many_batches_with_compensation():
+    # 2 replicas, 4001 batches of one example: 1, then 4000 × 1e-8 (float32), each
+    # batch's value being its example's first input. On the replica that holds the 1,
+    # a plain float32 sum drops all of its 2000 small values.
+    operator = make_operator("in_memory", "float32", num_devices=2, bn_mode="inference")
+    x = np.zeros((4001, 5), np.float32)
+    x[0, 0], x[1:, 0] = 1.0, 1e-8
+    operator.batch_size = 1
+    operator._place_data(x, np.zeros(4001, np.int32))
+
+    @tf.function
+    def total():
+        return operator._sum_over_batches(lambda x, y: tf.reshape(x[0, 0], [1]), 1, ())
+
+    exact = float(np.sum(x[:, 0].astype(np.float64)))
+    rows = total()
+    eps = np.finfo(np.float32).eps
+    assert rows.shape == (2, 1) and abs(float(rows[0, 0]) - exact) > 100 * eps * exact
+    combined = float(operator._combined(rows)[0])
+    assert abs(combined - exact) <= eps * exact
+
+
 def test_accumulation_options_are_checked():
     x, y = tiny_data()
     with pytest.raises(ValueError, match="accumulation='float16' is not known"):
@@ -116,4 +116,15 @@ def test_accumulation_options_are_checked():
                                   accumulation="float16")
     with pytest.raises(ValueError, match="the model has float64 parameters"):
         operators.HessianOperator(operators.KerasModelFunction(tiny_model()), x, y,
+                                  accumulation="float32")
+    model = tiny_model(dtype="float32")
+    with pytest.raises(ValueError, match="--cache_residuals: not with accumulation='float32'"):
+        operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                  accumulation="float32", cache_residuals=True)
+    # float32 weights behind a float64 input layer: found in the traced graph.
+    keras.utils.set_random_seed(0)
+    float64_input = keras.Sequential([keras.Input((5,), dtype="float64"),
+                                      keras.layers.Dense(3, dtype="float32")])
+    with pytest.raises(ValueError, match=r"the product graph computes in float64 at \d+ node"):
+        operators.HessianOperator(operators.KerasModelFunction(float64_input), x, y,
                                   accumulation="float32")

@@ -250,20 +250,25 @@ class NoisyLayer(keras.layers.Layer):
         return inputs + tf.random.normal(tf.shape(inputs), dtype=inputs.dtype)
 
 
-def test_determinism_check_names_the_cause():
+# With cached residuals, the noise of the first pass would be kept for the second.
+@pytest.mark.parametrize("cache_residuals", [False, True])
+def test_determinism_check_names_the_cause(cache_residuals):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
                               NoisyLayer(), keras.layers.Dense(3)])
     x, y = tiny_data(np.float32)
-    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                         cache_residuals=cache_residuals)
     with pytest.raises(operators.NonDeterministicError, match="dropout"):
         operator.check_determinism(np.ones(operator.dim))
 
 
-def test_deterministic_operator_passes_the_check():
+@pytest.mark.parametrize("cache_residuals", [False, True])
+def test_deterministic_operator_passes_the_check(cache_residuals):
     model = tiny_model(dtype="float32")
     x, y = tiny_data(np.float32)
-    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                         cache_residuals=cache_residuals)
     product = operator.check_determinism(np.ones(operator.dim))
     assert product.shape == (operator.dim,) and operator.num_products == 2
 
