@@ -128,3 +128,23 @@ def test_accumulation_options_are_checked():
     with pytest.raises(ValueError, match=r"the product graph computes in float64 at \d+ node"):
         operators.HessianOperator(operators.KerasModelFunction(float64_input), x, y,
                                   accumulation="float32")
+
+
+@pytest.mark.parametrize("name", ["ggn", "fisher"])
+def test_gauss_newton_and_fisher_in_float32_accumulation(name):
+    from hessian_tf.operators import gauss_newton
+
+    x, y = tiny_data(np.float32)
+    built = {
+        accumulation: gauss_newton.make_operator(
+            name, operators.KerasModelFunction(tiny_model(dtype="float32")), x, y,
+            batch_size=BATCH_SIZE, bn_mode="train", regularization=name == "ggn",
+            accumulation=accumulation)
+        for accumulation in ("float32", "float64")
+    }
+    assert hessian.float64_nodes(built["float32"]._product_function.get_concrete_function(
+        tf.TensorSpec([1, built["float32"].dim], tf.float32))) == []
+    block = np.random.default_rng(2).standard_normal((2, built["float64"].dim))
+    expected = built["float64"].matmat(block)
+    np.testing.assert_allclose(built["float32"].matmat(block), expected,
+                               rtol=1e-6, atol=1e-6 * np.max(np.abs(expected)))
