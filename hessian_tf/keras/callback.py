@@ -463,6 +463,12 @@ class SpectrumCallback(keras.callbacks.Callback):
                 "model a keras.Input, or call model.build(input_shape) before fit."
             )
         strategy = strategy_of(model)
+        if self.cache_residuals and strategy.num_replicas_in_sync != 1:
+            raise ValueError(
+                f"SpectrumCallback: received cache_residuals=True for a model on "
+                f"{strategy.num_replicas_in_sync} replicas; the residual cache is for one "
+                "device. Fix: pass cache_residuals=False (or train on one device)."
+            )
         try:
             self._operator = hessian_lib.HessianOperator(
                 model_function_lib.KerasModelFunction(model),

@@ -339,3 +339,9 @@ def test_model_built_under_a_strategy_scope(digits, tmp_path):
     final = callback.evaluations[-1].spectrum
     np.testing.assert_allclose(final.alphas, single_device.alphas, rtol=1e-5)
     np.testing.assert_allclose(final.nodes, single_device.nodes, rtol=1e-5, atol=1e-7)
+    # The residual cache is for one device: refused before training begins.
+    cached = spectrum_callback((x[:160], y[:160]), tmp_path / "cached", cache_residuals=True)
+    steps = int(model.optimizer.iterations.numpy())
+    with pytest.raises(ValueError, match="cache_residuals=True for a model on 4 replicas"):
+        model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0, callbacks=[cached])
+    assert int(model.optimizer.iterations.numpy()) == steps
