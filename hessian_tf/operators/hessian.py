@@ -277,7 +277,8 @@ class HessianOperator:
         ):
             raise ValueError(
                 "accumulation='float32' (automatic under a TPUStrategy; a TPU has no "
-                "float64): the model has float64 parameters; use a float32 model."
+                "float64): the model has float64 parameters; use a float32 model (with "
+                "hessian-spectrum: --precision=model)."
             )
         if accumulation == "float32" and cache_residuals:
             raise ValueError(
