@@ -34,6 +34,9 @@ from hessian_tf.operators.model_function import check_bn_mode
 
 METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
 ACCUMULATIONS = ("auto", "float64", "float32")
+# What the refusals of float64 in float32 accumulation say first.
+_FLOAT32_ACCUMULATION = (
+    "accumulation='float32' (automatic under a TPUStrategy; a TPU has no float64)")
 
 
 def float64_nodes(concrete_function) -> list[str]:
@@ -276,9 +279,8 @@ class HessianOperator:
             v.dtype == tf.float64 for v in model_function.variables
         ):
             raise ValueError(
-                "accumulation='float32' (automatic under a TPUStrategy; a TPU has no "
-                "float64): the model has float64 parameters; use a float32 model (with "
-                "hessian-spectrum: --precision=model)."
+                f"{_FLOAT32_ACCUMULATION}: the model has float64 parameters; use a float32 "
+                "model (with hessian-spectrum: --precision=model)."
             )
         if accumulation == "float32" and cache_residuals:
             raise ValueError(
@@ -328,10 +330,9 @@ class HessianOperator:
             found = float64_nodes(function)
             if found:
                 raise ValueError(
-                    f"accumulation='float32' (automatic under a TPUStrategy; a TPU has no "
-                    f"float64): the {name} graph computes in float64 at {len(found)} "
-                    f"node(s), e.g. {', '.join(found[:3])}; make the model, its inputs "
-                    "and its state float32."
+                    f"{_FLOAT32_ACCUMULATION}: the {name} graph computes in float64 at "
+                    f"{len(found)} node(s), e.g. {', '.join(found[:3])}; make the model, "
+                    "its inputs and its state float32."
                 )
 
     @staticmethod
