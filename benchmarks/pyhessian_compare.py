@@ -25,8 +25,14 @@ Workloads: `mlp-digits` (hessian_tf.models.mlp on scikit-learn digits, batch 179
 m = 20), `resnet32-cifar` (hessian_tf.models.resnet32 on 512 random images, batch 128,
 m = 5; only with --workload=resnet32-cifar or all).
 
+Your own network instead: `--model=NET.keras --data=DATA.npz [--batch_size=B]` (m = 90
+unless --lanczos_steps). The model must be a chain of layers the twin mirrors (Conv2D,
+Dense, BatchNormalization, activation layers, valid pooling, global pooling, Flatten,
+Dropout; see `sequential_chain`); the data are arrays x and y (integer labels).
+
 Usage (not part of CI; benchmarks/PYHESSIAN.md has a measured run):
   .venv/bin/python benchmarks/pyhessian_compare.py [--workload mlp-digits,cnn-bn|all]
+      [--model NET.keras --data DATA.npz [--batch_size B]]
       [--lanczos_steps M] [--threads N] [--no_install] [--keep_dir] [--our_flags=...]
 
 Exit status: 0 when every workload ran and its twin matched; 1 when a twin check failed;
@@ -63,6 +69,9 @@ WORKLOADS = ("mlp-digits", "cnn-digits", "cnn-bn", "resnet32-cifar")
 DEFAULT_WORKLOADS = ("mlp-digits", "cnn-digits", "cnn-bn")
 DEFAULT_STEPS = {"mlp-digits": 90, "cnn-digits": 90, "cnn-bn": 20, "resnet32-cifar": 5}
 TWIN_RTOL = 1e-4  # logits (relative to max |logit|) and mean loss
+# Activations the twin mirrors (Keras names; torch functions in torch_twin).
+TWIN_ACTIVATIONS = ("linear", "tanh", "relu", "sigmoid", "elu", "gelu", "silu", "swish",
+                    "softplus")
 LAMBDA_MAX_WARN = 1e-3  # relative difference of λmax above which a warning is printed
 
 
@@ -297,6 +306,44 @@ def build_workload(name: str, lanczos_steps: Optional[int]) -> Workload:
     raise Failure(f"--workload={name!r} is not known; use one of {', '.join(WORKLOADS)} or all.")
 
 
+def workload_from_files(model_path: str, data_path: str, batch_size: int,
+                        lanczos_steps: Optional[int]) -> Workload:
+    """A user's own network and data: a `.keras` file (a chain of layers the twin
+    supports, see `sequential_chain`) and an `.npz` with arrays x and y (integer class
+    labels, for the cross-entropy of logits)."""
+    import keras
+
+    for flag, path in (("--model", model_path), ("--data", data_path)):
+        if not os.path.isfile(path):
+            raise Failure(f"{flag}={path}: no such file.")
+    if not model_path.endswith(".keras"):
+        raise Failure(f"--model={model_path}: pass a .keras file (the twin needs its layers).")
+    try:
+        model = keras.saving.load_model(model_path, safe_mode=True)
+    except Exception as error:  # Keras raises many types for unreadable files
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise Failure(f"--model={model_path}: cannot be loaded ({first}).") from error
+    try:
+        with np.load(data_path, allow_pickle=False) as data:
+            x, y = data["x"], data["y"]
+    except (OSError, ValueError, KeyError) as error:
+        raise Failure(f"--data={data_path}: cannot read arrays x and y from it ({error}); pass "
+                      "an .npz saved with np.savez(path, x=..., y=...).") from error
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise Failure(f"--data={data_path}: x {x.shape} and y {y.shape}: pass one integer label "
+                      "per example and at least one example.")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.equal(np.mod(y, 1), 0)):
+            raise Failure(f"--data={data_path}: y of dtype {y.dtype} is not integer class labels; "
+                          "both sides use the cross-entropy of logits with class indices.")
+    sequential_chain(model)  # a layer the twin cannot mirror is refused before any install
+    name = os.path.splitext(os.path.basename(model_path))[0]
+    return Workload(name, model, x.astype(np.float32), y.astype(np.int32),
+                    min(batch_size, x.shape[0]), lanczos_steps or 90, "sequential")
+
+
 # ------------------------------------------------------------------------------ the twin
 
 
@@ -305,6 +352,64 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
+
+
+def activation_name(layer) -> str:
+    """The name of a Keras layer's activation, checked against what the twin mirrors."""
+    name = getattr(layer.activation, "__name__", str(layer.activation))
+    if name not in TWIN_ACTIVATIONS:
+        raise Failure(f"twin: activation {name!r} of {layer.name} is not supported; use one "
+                      f"of {', '.join(TWIN_ACTIVATIONS)}.")
+    return name
+
+
+def sequential_chain(keras_model) -> list[tuple[str, Any]]:
+    """The twin's forward of a model that is a chain of layers (a `keras.Sequential`, or
+    a functional model whose layers, in order, each take the previous one's output):
+    ("module", layer name) for Conv2D / Dense / BatchNormalization (their activation
+    included), ("activation", name), ("leaky_relu", slope), ("pool", (kind, size,
+    strides)), ("global", kind) or ("flatten", None). Raises Failure naming the first
+    layer it cannot mirror; a model that is not a chain shows up in the twin check."""
+    import keras
+
+    chain: list[tuple[str, Any]] = []
+    for layer in keras_model.layers:
+        if isinstance(layer, (keras.layers.InputLayer, keras.layers.Dropout)):
+            continue  # dropout is the identity at inference
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense,
+                              keras.layers.BatchNormalization)):
+            chain.append(("module", layer.name))
+        elif isinstance(layer, keras.layers.Flatten):
+            chain.append(("flatten", None))
+        elif isinstance(layer, keras.layers.Activation):
+            chain.append(("activation", activation_name(layer)))
+        elif isinstance(layer, keras.layers.ReLU):
+            if not (layer.max_value is None and float(layer.negative_slope) == 0.0
+                    and float(layer.threshold) == 0.0):
+                raise Failure(f"twin: ReLU {layer.name} has max_value, negative_slope or "
+                              "threshold set; only the plain ReLU is supported.")
+            chain.append(("activation", "relu"))
+        elif isinstance(layer, keras.layers.LeakyReLU):
+            chain.append(("leaky_relu", float(layer.negative_slope)))
+        elif isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
+            if layer.padding != "valid" or layer.data_format != "channels_last":
+                raise Failure(f"twin: pooling {layer.name} must use padding='valid' and "
+                              "channels_last.")
+            kind = "max" if isinstance(layer, keras.layers.MaxPooling2D) else "average"
+            chain.append(("pool", (kind, tuple(layer.pool_size), tuple(layer.strides))))
+        elif isinstance(layer, (keras.layers.GlobalAveragePooling2D,
+                                keras.layers.GlobalMaxPooling2D)):
+            if layer.keepdims or layer.data_format != "channels_last":
+                raise Failure(f"twin: {layer.name} must have keepdims=False and channels_last.")
+            chain.append(("global", "max" if isinstance(layer, keras.layers.GlobalMaxPooling2D)
+                          else "average"))
+        else:
+            raise Failure(
+                f"twin: layer {layer.name} ({type(layer).__name__}) is not supported; a "
+                "--model must be a chain of Conv2D, Dense, BatchNormalization, Activation, "
+                "ReLU, LeakyReLU, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, "
+                "GlobalMaxPooling2D, Flatten and Dropout layers.")
+    return chain
 
 
 def torch_twin(keras_model, architecture: str):
@@ -338,12 +443,13 @@ def torch_twin(keras_model, architecture: str):
                 x = F.pad(x, self.explicit_padding)
             return super().forward(x)
 
+    # One entry per name of TWIN_ACTIVATIONS, which activation_name checks against.
+    functions = {"linear": lambda t: t, "tanh": torch.tanh, "relu": torch.relu,
+                 "sigmoid": torch.sigmoid, "elu": F.elu, "gelu": F.gelu, "silu": F.silu,
+                 "swish": F.silu, "softplus": F.softplus}
+
     def activation(layer) -> Callable:
-        name = getattr(layer.activation, "__name__", str(layer.activation))
-        functions = {"linear": lambda t: t, "tanh": torch.tanh, "relu": torch.relu}
-        if name not in functions:
-            raise Failure(f"twin: activation {name!r} of {layer.name} is not supported.")
-        return functions[name]
+        return functions[activation_name(layer)]
 
     modules = nn.ModuleDict()
     activations: dict[str, Callable] = {}
@@ -359,9 +465,13 @@ def torch_twin(keras_model, architecture: str):
             modules[layer.name] = KerasConv2d(layer, explicit)
             activations[layer.name] = activation(layer)
         elif isinstance(layer, keras.layers.BatchNormalization):
-            if layer.axis not in (-1, 3):
-                raise Failure(f"twin: BN {layer.name} does not normalise the channel axis.")
-            modules[layer.name] = nn.BatchNorm2d(layer.gamma.shape[0], eps=layer.epsilon)
+            rank = len(layer.input.shape)
+            if layer.axis not in (-1, rank - 1) or rank not in (2, 4) or not (
+                    layer.center and layer.scale):
+                raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D or "
+                              "4-D input, with both γ and β.")
+            norm = nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d
+            modules[layer.name] = norm(layer.gamma.shape[0], eps=layer.epsilon)
         elif isinstance(layer, keras.layers.Dense):
             modules[layer.name] = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.use_bias)
             activations[layer.name] = activation(layer)
@@ -386,7 +496,7 @@ def torch_twin(keras_model, architecture: str):
             put(module.weight, np.transpose(numpy_of(layer.kernel), (3, 2, 0, 1)))  # HWIO → OIHW
             if layer.use_bias:
                 put(module.bias, numpy_of(layer.bias))
-        elif isinstance(module, nn.BatchNorm2d):
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             put(module.weight, numpy_of(layer.gamma))
             put(module.bias, numpy_of(layer.beta))
             put(module.running_mean, numpy_of(layer.moving_mean))
@@ -399,6 +509,9 @@ def torch_twin(keras_model, architecture: str):
     if unassigned:
         raise Failure(f"twin: parameters without a Keras value: {unassigned}.")
 
+    chain = sequential_chain(keras_model) if architecture == "sequential" else []
+    pools = {"max": F.max_pool2d, "average": F.avg_pool2d}
+
     class Twin(nn.Module):
         def __init__(self):
             super().__init__()
@@ -409,6 +522,21 @@ def torch_twin(keras_model, architecture: str):
 
         def forward(self, x):
             L = self.layers
+            if architecture == "sequential":
+                for kind, value in chain:
+                    if kind == "module":
+                        x = self.apply_layer(value, x)
+                    elif kind == "activation":
+                        x = functions[value](x)
+                    elif kind == "leaky_relu":
+                        x = F.leaky_relu(x, value)
+                    elif kind == "pool":
+                        x = pools[value[0]](x, value[1], value[2])
+                    elif kind == "global":
+                        x = x.amax(dim=(2, 3)) if value == "max" else x.mean(dim=(2, 3))
+                    else:  # flatten; Keras flattens channels-last images: H, W, C
+                        x = (x.permute(0, 2, 3, 1) if x.ndim == 4 else x).flatten(1)
+                return x
             if architecture == "mlp":
                 for name in L:  # Dense layers in Keras order
                     x = self.apply_layer(name, x)
@@ -627,8 +755,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="pyhessian_compare.py",
         description="Time hessian-spectrum against PyHessian 0.1 on the same Hessian (see the docstring).",
     )
-    parser.add_argument("--workload", default=",".join(DEFAULT_WORKLOADS),
-                        help=f"comma-separated of {', '.join(WORKLOADS)}, or all (default: %(default)s)")
+    parser.add_argument("--workload", default=None,
+                        help=f"comma-separated of {', '.join(WORKLOADS)}, or all (default: "
+                        f"{','.join(DEFAULT_WORKLOADS)})")
+    parser.add_argument("--model", default=None,
+                        help="instead of --workload: your own network, a .keras file whose layers "
+                        "form a chain (Conv2D, Dense, BatchNormalization, activations, pooling, "
+                        "Flatten, Dropout); needs --data")
+    parser.add_argument("--data", default=None,
+                        help="with --model: an .npz with arrays x (inputs) and y (integer labels)")
+    parser.add_argument("--batch_size", type=int, default=128,
+                        help="with --model: batch size of both sides (default: %(default)s)")
     parser.add_argument("--lanczos_steps", type=int, default=None,
                         help="m for every workload (default: " +
                         ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
@@ -642,12 +779,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--our_flags", default="",
                         help="extra flags for hessian-spectrum, e.g. --our_flags=--checkpoint_every=0")
     args = parser.parse_args(argv)
-    names = (WORKLOADS if args.workload == "all"
-             else tuple(n.strip() for n in args.workload.split(",") if n.strip()))
-    unknown = [n for n in names if n not in WORKLOADS]
-    if unknown or not names:
-        parser.error(f"--workload={args.workload}: unknown {unknown or '(empty)'}; "
-                     f"use {', '.join(WORKLOADS)} or all")
+    if args.model is not None or args.data is not None:
+        if args.model is None or args.data is None:
+            parser.error("--model and --data go together: pass both (a .keras file and an .npz)")
+        if args.workload is not None:
+            parser.error(f"--workload={args.workload} with --model: pass one or the other")
+        if args.batch_size < 1:
+            parser.error(f"--batch_size={args.batch_size}: pass at least 1")
+        names = ()
+    else:
+        workload = args.workload or ",".join(DEFAULT_WORKLOADS)
+        names = (WORKLOADS if workload == "all"
+                 else tuple(n.strip() for n in workload.split(",") if n.strip()))
+        unknown = [n for n in names if n not in WORKLOADS]
+        if unknown or not names:
+            parser.error(f"--workload={workload}: unknown {unknown or '(empty)'}; "
+                         f"use {', '.join(WORKLOADS)} or all")
     args.workloads = names
     if args.lanczos_steps is not None and args.lanczos_steps < 2:
         parser.error(f"--lanczos_steps={args.lanczos_steps}: pass at least 2")
@@ -669,6 +816,9 @@ def main(argv: list[str]) -> int:
                   "sensitive to that (see benchmarks/PYHESSIAN.md). Rerun on a quiet machine.")
     except OSError:
         pass
+    # A user's own files are checked before anything is installed or timed.
+    own = (workload_from_files(args.model, args.data, args.batch_size, args.lanczos_steps)
+           if args.model else None)
     ensure_peer(args.no_install)
 
     import_seconds = import_peer()  # counted in PyHessian's wall time
@@ -700,8 +850,11 @@ def main(argv: list[str]) -> int:
     directory = tempfile.mkdtemp(prefix="pyhessian_compare_")
     rows, twin_failures, keep = [], [], args.keep_dir
     try:
-        for name in args.workloads:
-            workload = build_workload(name, args.lanczos_steps)
+        # Built one at a time, as they are measured.
+        workloads = ((own,) if own is not None else
+                     (build_workload(name, args.lanczos_steps) for name in args.workloads))
+        for workload in workloads:
+            name = workload.name
             print(f"{name}: {len(workload.x)} examples, batch {workload.batch_size}, "
                   f"m = {workload.lanczos_steps}", flush=True)
             theirs, message, num_params, first_step, after_first, product_share = run_pyhessian(
