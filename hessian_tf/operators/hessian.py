@@ -39,11 +39,11 @@ _FLOAT32_ACCUMULATION = (
     "accumulation='float32' (automatic under a TPUStrategy; a TPU has no float64)")
 
 
-def float64_nodes(concrete_function) -> list[str]:
+def nodes_of_dtype(concrete_function, dtype: tf.DType) -> list[str]:
     """The nodes of a traced function's graph, and of every function it calls (loop
-    bodies, branches), with a float64 input, output or attribute."""
+    bodies, branches), with an input, output or attribute of `dtype`."""
     graph_def = concrete_function.graph.as_graph_def()
-    double = tf.float64.as_datatype_enum
+    double = dtype.as_datatype_enum
 
     def has_double(attr) -> bool:
         return attr.type == double or double in attr.list.type or (
@@ -158,8 +158,9 @@ def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
             for t in (x, y)), *args)
 
     def unexpected():
-        check = tf.debugging.Assert(
-            False, ["a batch of", count, "examples; the traces are for", list(static_sizes)])
+        # "assertion failed: [count] [static_sizes]". No message strings: a TPU graph
+        # holds no strings (XLA drops the Assert itself).
+        check = tf.debugging.Assert(False, [count, tf.constant(list(static_sizes))])
         with tf.control_dependencies([check]):
             return tf.zeros([size], dtype)
 
@@ -171,6 +172,21 @@ def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
     for position, batch_size in enumerate(static_sizes, start=1):
         index = tf.where(tf.equal(count, batch_size), position, index)
     return tf.switch_case(tf.where(count > 0, index, 0), branches)
+
+
+def is_tpu_strategy(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, (tf.distribute.TPUStrategy,
+                                 tf.distribute.experimental.TPUStrategy))
+
+
+def replica_devices(strategy: tf.distribute.Strategy) -> tuple[str, ...]:
+    """This worker's replica devices in replica order (`extended.worker_devices`: all of
+    them under Mirrored and TPU strategies, the local ones under multi-worker, where
+    global replica r is local replica r mod their number); () for the default strategy."""
+    try:
+        return tuple(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy has none
+        return ()
 
 
 def residual_cache_budget() -> int:
@@ -272,9 +288,7 @@ class HessianOperator:
         self.batch_size = int(batch_size)
         self.strategy = strategy or tf.distribute.get_strategy()
         if accumulation == "auto":
-            tpu = isinstance(self.strategy, (tf.distribute.TPUStrategy,
-                                             tf.distribute.experimental.TPUStrategy))
-            accumulation = "float32" if tpu else "float64"
+            accumulation = "float32" if is_tpu_strategy(self.strategy) else "float64"
         if accumulation == "float32" and any(
             v.dtype == tf.float64 for v in model_function.variables
         ):
@@ -327,7 +341,7 @@ class HessianOperator:
                 tf.TensorSpec([1, self.dim], self._device_dtype))),
             ("gradient", self._loss_gradient_function.get_concrete_function()),
         ):
-            found = float64_nodes(function)
+            found = nodes_of_dtype(function, tf.float64)
             if found:
                 raise ValueError(
                     f"{_FLOAT32_ACCUMULATION}: the {name} graph computes in float64 at "
@@ -384,11 +398,17 @@ class HessianOperator:
         # (benchmarks/static_shapes.py empties it to time the dynamic trace instead).
         sizes = np.concatenate([shard.sizes for shard in shards])
         self._batch_sizes = tuple(sorted({int(n) for n in sizes if n > 0}, reverse=True))
-        self._data = self.strategy.experimental_distribute_values_from_function(
-            lambda context: _ReplicaData(
-                *(tf.constant(a) for a in shards[context.replica_id_in_sync_group])
-            )
-        )
+        devices = replica_devices(self.strategy)
+
+        def value_fn(context):
+            replica = context.replica_id_in_sync_group
+            # Strategies call this with no device scope: without one every shard would
+            # sit on the default device (GPU:0, or the TPU host) and be copied to its
+            # replica at every product.
+            with tf.device(devices[replica % len(devices)] if devices else None):
+                return _ReplicaData(*(tf.constant(a) for a in shards[replica]))
+
+        self._data = self.strategy.experimental_distribute_values_from_function(value_fn)
 
     # ----------------------------------------------------------------- checks
 

@@ -9,6 +9,10 @@ combines them, as in memory.
 
 Batches are formed per input pipeline, so with bn_mode='train' the batches (and
 hence H) depend on the number of workers; the summary records it.
+
+Under a TPUStrategy each batch gets `batch_size` zero rows appended before the
+choice of trace (`pad_rows`; they are never read), so that every branch compiles
+when a step's batches are all partial. Not run on a TPU here.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from hessian_tf.operators.hessian import HessianOperator, batch_value
+from hessian_tf.operators.hessian import HessianOperator, batch_value, is_tpu_strategy
 
 
 class StreamingHessianOperator(HessianOperator):
@@ -61,16 +65,20 @@ class StreamingHessianOperator(HessianOperator):
             def dataset_fn(context):
                 return self._dataset_fn(context).map(_float64_as_float32)
         self._data = self.strategy.distribute_datasets_from_function(dataset_fn)
+        self.pad_batches = is_tpu_strategy(self.strategy)
 
     def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
         def step(total, batch, *args):
             x, y = batch
+            count = tf.shape(x)[0]
             # Full batches run a static trace (if the pipeline's elements have a known
             # rank); the last may be partial, and a replica may get an empty batch at
             # the end of uneven data.
             known = x.shape.rank is not None and y.shape.rank is not None
+            if known and self.pad_batches:
+                x, y = pad_rows(x, self.batch_size), pad_rows(y, self.batch_size)
             return self._accumulate(total, batch_value(
-                batch_fn, x, y, tf.shape(x)[0], args, size=size,
+                batch_fn, x, y, count, args, size=size,
                 static_sizes=(self.batch_size,) if known else (), dynamic=True,
                 dtype=self._device_dtype))
 
@@ -79,6 +87,15 @@ class StreamingHessianOperator(HessianOperator):
             for batch in self._data:
                 totals = self.strategy.run(step, args=(totals, batch) + tuple(args))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, totals, axis=None)
+
+
+def pad_rows(tensor: tf.Tensor, rows: int) -> tf.Tensor:
+    """`tensor` with `rows` zero rows appended. A TPU compiles every branch of the
+    choice of trace for the batch's shape, whose batch dimension it pads only to the
+    largest batch of the step: a static trace's slice of `batch_size` rows must then
+    fit even in a step whose batches are all partial. The rows are never read."""
+    padding = tf.zeros(tf.concat([[rows], tf.shape(tensor)[1:]], 0), tensor.dtype)
+    return tf.concat([tensor, padding], 0)
 
 
 def _float64_as_float32(*tensors):

@@ -142,7 +142,7 @@ def test_batch_value_runs_the_trace_of_each_size():
     assert value(0, (4, 3), False) == [0.0, 0.0]
     assert value(2, (4,), True) == [6.0, -1.0]
     # A size without a trace fails rather than run another trace on padding rows.
-    with pytest.raises(tf.errors.InvalidArgumentError, match="a batch of"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"assertion failed: \[2\] \[4 3\]"):
         value(2, (4, 3), False)
     with pytest.raises(ValueError, match="no trace can run"):
         value(2, (), False)
@@ -186,6 +186,11 @@ def test_mirrored_equals_one_device(bn_mode, num_devices):
         model, x, y, bn_mode=bn_mode, strategy=tf.distribute.MirroredStrategy(devices))
     assert operator.strategy.num_replicas_in_sync == num_devices
     np.testing.assert_allclose(mirrored, single, atol=1e-12)
+    # Each replica's batches live on its own device (strategies place none by themselves).
+    shards = operator.strategy.experimental_local_results(operator._data)
+    assert len(shards) == num_devices
+    for shard, device in zip(shards, devices):
+        assert all(tensor.device.endswith(device) for tensor in shard), (shard, device)
 
 
 @pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])

@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 
 from hessian_tf import config as config_lib
 from hessian_tf import job, operators
-from hessian_tf.operators.streaming import StreamingHessianOperator, array_dataset_fn
+from hessian_tf.operators import hessian
+from hessian_tf.operators.streaming import StreamingHessianOperator, array_dataset_fn, pad_rows
 
 
 def small_problem(num_examples=23, batch_norm=False):
@@ -25,12 +26,14 @@ def small_problem(num_examples=23, batch_norm=False):
     return model, x, y
 
 
-@pytest.mark.parametrize("num_devices, num_examples, bn_mode", [
-    (1, 23, "inference"), (3, 23, "inference"), (3, 25, "train")])
-def test_streaming_equals_in_memory(num_devices, num_examples, bn_mode):
+@pytest.mark.parametrize("num_devices, num_examples, bn_mode, pad_batches", [
+    (1, 23, "inference", False), (3, 23, "inference", False), (3, 25, "train", False),
+    (3, 25, "train", True)])
+def test_streaming_equals_in_memory(num_devices, num_examples, bn_mode, pad_batches):
     # One input pipeline, its batches dealt to the replicas in turn. 23: a partial
     # last batch of 3. 25 in train-mode BN: the last step deals [1, 0, 0], so two
     # replicas get an empty batch, whose BN statistics would be NaN if it ran.
+    # pad_batches: zero rows appended to every batch, as under a TPUStrategy.
     model, x, y = small_problem(num_examples, batch_norm=bn_mode == "train")
     reference = operators.HessianOperator(
         operators.KerasModelFunction(model), x, y, batch_size=4, bn_mode=bn_mode)
@@ -39,7 +42,8 @@ def test_streaming_equals_in_memory(num_devices, num_examples, bn_mode):
     streaming = StreamingHessianOperator(
         operators.KerasModelFunction(model), array_dataset_fn(x, y, 4), num_examples=num_examples,
         sample=(x[:2], y[:2]), batch_size=4, strategy=strategy, bn_mode=bn_mode)
-    assert streaming.num_examples == num_examples
+    assert streaming.num_examples == num_examples and not streaming.pad_batches
+    streaming.pad_batches = pad_batches  # before the first trace
     vector = np.random.default_rng(1).standard_normal(reference.dim)
     np.testing.assert_allclose(streaming.matvec(vector), reference.matvec(vector),
                                rtol=1e-6, atol=1e-7)
@@ -50,6 +54,33 @@ def test_streaming_equals_in_memory(num_devices, num_examples, bn_mode):
     # The pipeline is read again at every product, with no retracing.
     streaming.matvec(vector)
     assert streaming._product_function.experimental_get_tracing_count() == 1
+
+
+def test_padded_batches_compile_every_branch_under_xla():
+    # What a TPU compiles: the trace is chosen by a count unknown at compile time, so
+    # every branch is compiled for the batch's shape; here 3 rows (a step whose batches
+    # are all partial or empty) while the static trace slices 4. Without padding XLA
+    # refuses that slice. (Leaving out the dynamic trace keeps the count unknown to
+    # XLA on the CPU; a TPU compiles that trace with dynamic shapes.)
+    x = tf.constant(np.arange(6.0).reshape(3, 2))
+
+    def batch_fn(xb, yb):
+        return tf.reshape(tf.reduce_sum(xb), [1])
+
+    def value(pad, count):
+        @tf.function(jit_compile=True)
+        def run(x, count):
+            xs, ys = (pad_rows(t, 4) if pad else t for t in (x, x[:, 0]))
+            return hessian.batch_value(batch_fn, xs, ys, count, (), size=1,
+                                       static_sizes=(4,), dynamic=False)
+        return float(run(x, tf.constant(count))[0])
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"Expected size\[0\] in \[0, 3\]"):
+        value(pad=False, count=0)
+    assert value(pad=True, count=0) == 0.0  # an empty batch, as TPUs deal at the end
+    padded = pad_rows(x, 4).numpy()  # the rows are appended, the batch's own unchanged
+    assert padded.shape == (7, 2) and np.array_equal(padded[:3], x.numpy())
+    assert not padded[3:].any()
 
 
 def spectrum_config(tmp_path, **overrides):
