@@ -302,6 +302,7 @@ class HessianOperator:
                 "TPUStrategy); leave the cache off."
             )
         self.accumulation = accumulation
+        self.reduce_in_replicas = is_tpu_strategy(self.strategy)  # see _sum_across_replicas
         self._device_dtype = tf.float32 if accumulation == "float32" else tf.float64
         self.num_examples = int(x.shape[0])
         self.dim = flatten_lib.num_parameters(model_function.variables)
@@ -568,7 +569,20 @@ class HessianOperator:
 
         with self.model_function.mode_context(self.bn_mode):
             per_replica = self.strategy.run(replica_fn, args=(self._data,) + tuple(args))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return self._sum_across_replicas(per_replica)
+
+    def _sum_across_replicas(self, per_replica) -> tf.Tensor:
+        """The sum of the replicas' accumulators (the cross-replica context's ONE
+        reduction). Under a TPUStrategy (`reduce_in_replicas`) as an all-reduce run by
+        the replicas, over the TPU interconnect: the strategy's own `reduce` there
+        gathers every replica's accumulator to one device and adds them."""
+        if not self.reduce_in_replicas:
+            return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        reduced = self.strategy.run(
+            lambda total: tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, total),
+            args=(per_replica,))
+        return self.strategy.experimental_local_results(reduced)[0]
 
     def _product_graph(self, vectors):
         """vectors [k, dim] (device dtype) → the accumulator of their summed products

@@ -86,7 +86,7 @@ class StreamingHessianOperator(HessianOperator):
             totals = self.strategy.run(lambda: self._accumulator(size))
             for batch in self._data:
                 totals = self.strategy.run(step, args=(totals, batch) + tuple(args))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, totals, axis=None)
+        return self._sum_across_replicas(totals)
 
 
 def pad_rows(tensor: tf.Tensor, rows: int) -> tf.Tensor:

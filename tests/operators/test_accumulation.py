@@ -69,6 +69,32 @@ def test_float32_accumulation_agrees_with_float64(kind, num_devices, bn_mode):
                                atol=1e-6 * np.max(np.abs(expected_gradient)))
 
 
+@pytest.mark.parametrize("kind", ["in_memory", "streaming"])
+def test_what_a_tpu_strategy_switches_on_on_two_replicas(kind, monkeypatch):
+    # On a MirroredStrategy taken for a TPUStrategy: float32 accumulation, the all-reduce
+    # run by the replicas themselves, and (streamed) batches padded with zero rows; uneven
+    # data, so a replica gets a partial batch and the other an empty one.
+    from hessian_tf.operators import streaming
+
+    for module in (hessian, streaming):
+        monkeypatch.setattr(module, "is_tpu_strategy", lambda strategy: True)
+    tpu_like = make_operator(kind, "auto", 2)
+    assert tpu_like.accumulation == "float32" and tpu_like.reduce_in_replicas
+    assert getattr(tpu_like, "pad_batches", True)
+    monkeypatch.undo()
+    reference = make_operator(kind, "auto", 2)
+    assert reference.accumulation == "float64" and not reference.reduce_in_replicas
+    block = np.random.default_rng(3).standard_normal((2, reference.dim))
+    expected = reference.matmat(block)
+    np.testing.assert_allclose(tpu_like.matmat(block), expected,
+                               rtol=1e-6, atol=1e-6 * np.max(np.abs(expected)))
+    loss, gradient = tpu_like.loss_and_gradient()
+    expected_loss, expected_gradient = reference.loss_and_gradient()
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-5,
+                               atol=1e-6 * np.max(np.abs(expected_gradient)))
+
+
 def test_compensated_add_keeps_what_float32_drops():
     # 1 + 20000 × 1e-8 in float32: each addition alone rounds back to 1.
 
