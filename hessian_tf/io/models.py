@@ -30,12 +30,18 @@ def check_model_path(path: str) -> None:
         )
 
 
-def load_model_function(path: str):
-    """Returns a KerasModelFunction or SavedModelFunction for the model at `path`."""
+def load_model_function(path: str, strategy: tf.distribute.Strategy | None = None):
+    """Returns a KerasModelFunction or SavedModelFunction for the model at `path`.
+
+    A SavedModel is loaded under `strategy`'s scope: its functions read their own
+    variables inside each replica, so the variables must be the strategy's (one copy
+    per replica device; a TPU cannot read a variable on the host). A Keras model's
+    parameters are passed to the replicas as inputs, so it loads as it is."""
     check_model_path(path)
     if os.path.isdir(path):
         try:
-            loaded = tf.saved_model.load(path)
+            with (strategy or tf.distribute.get_strategy()).scope():
+                loaded = tf.saved_model.load(path)
         except Exception as error:  # TF raises many types for a broken SavedModel
             raise ValueError(
                 f"--model={path}: the SavedModel could not be loaded "

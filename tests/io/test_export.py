@@ -9,6 +9,7 @@ from hessian_tf import config as config_lib
 from hessian_tf import job
 from hessian_tf import operators
 from hessian_tf.io.export import export_for_spectrum
+from hessian_tf.io.models import load_model_function
 from hessian_tf.operators import HessianOperator, KerasModelFunction, SavedModelFunction
 from tests.io.test_models import small_bn_model
 
@@ -129,12 +130,23 @@ def test_product_under_mirrored_strategy_equals_one_device(exported):
     x, y = tiny_data()
     vector = np.random.default_rng(1).standard_normal(47)
     products = []
-    for strategy in (None, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):
-        loaded = tf.saved_model.load(path)
-        operator = HessianOperator(SavedModelFunction(loaded, path), x, y,
-                                   batch_size=BATCH_SIZE, bn_mode="train", strategy=strategy)
-        products.append(operator.matvec(vector))
-    np.testing.assert_allclose(products[1], products[0], rtol=1e-12, atol=1e-13)
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # Loaded outside the strategy (the variables on one device, read by every replica)
+    # and as the binary loads it, under the strategy's scope (a copy per replica).
+    functions = [(None, SavedModelFunction(tf.saved_model.load(path), path)),
+                 (mirrored, SavedModelFunction(tf.saved_model.load(path), path)),
+                 (mirrored, load_model_function(path, mirrored))]
+    assert all(isinstance(v, tf.distribute.DistributedValues) for v in functions[2][1].variables)
+    assert not any(isinstance(v, tf.distribute.DistributedValues) for v in functions[1][1].variables)
+    for strategy, function in functions:
+        for bn_mode in ("train", "inference"):
+            operator = HessianOperator(function, x, y, batch_size=BATCH_SIZE, bn_mode=bn_mode,
+                                       strategy=strategy)
+            products.append(operator.matvec(vector))
+    # [train, inference] for each: the mirrored ones equal one device's.
+    for index, product in enumerate(products[2:], start=2):
+        np.testing.assert_allclose(product, products[index % 2], rtol=1e-12, atol=1e-13)
+    assert not np.allclose(products[0], products[1])  # the two BN modes differ
 
 
 def test_synchronized_batch_norm_exports_each_batch_statistics(exported, tmp_path):
