@@ -22,6 +22,7 @@ float32 products themselves) and added in float64 on the host.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -159,7 +160,9 @@ def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
 
     def unexpected():
         # "assertion failed: [count] [static_sizes]". No message strings: a TPU graph
-        # holds no strings (XLA drops the Assert itself).
+        # holds no strings. XLA drops the Assert itself, so there such a batch would
+        # give zeros; none occurs: in memory every dealt size has its trace, and
+        # streamed batches pass dynamic=True.
         check = tf.debugging.Assert(False, [count, tf.constant(list(static_sizes))])
         with tf.control_dependencies([check]):
             return tf.zeros([size], dtype)
@@ -406,7 +409,10 @@ class HessianOperator:
             # Strategies call this with no device scope: without one every shard would
             # sit on the default device (GPU:0, or the TPU host) and be copied to its
             # replica at every product.
-            with tf.device(devices[replica % len(devices)] if devices else None):
+            # No devices (the default strategy): the caller's device scope, if any
+            # (tf.device(None) would clear it).
+            with (tf.device(devices[replica % len(devices)]) if devices
+                  else contextlib.nullcontext()):
                 return _ReplicaData(*(tf.constant(a) for a in shards[replica]))
 
         self._data = self.strategy.experimental_distribute_values_from_function(value_fn)

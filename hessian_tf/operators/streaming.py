@@ -90,10 +90,12 @@ class StreamingHessianOperator(HessianOperator):
 
 
 def pad_rows(tensor: tf.Tensor, rows: int) -> tf.Tensor:
-    """`tensor` with `rows` zero rows appended. A TPU compiles every branch of the
-    choice of trace for the batch's shape, whose batch dimension it pads only to the
-    largest batch of the step: a static trace's slice of `batch_size` rows must then
-    fit even in a step whose batches are all partial. The rows are never read."""
+    """`tensor` with `rows` zero rows appended; the rows are never read. A TPU
+    compiles every branch of the choice of trace for the batch's shape; we take its
+    batch dimension to be padded only to the largest batch of the step (TF's partial
+    batch handling; not verified on a TPU), so a static trace's slice of `batch_size`
+    rows must fit even in a step whose batches are all partial. Costs a copy of the
+    batch on the device."""
     padding = tf.zeros(tf.concat([[rows], tf.shape(tensor)[1:]], 0), tensor.dtype)
     return tf.concat([tensor, padding], 0)
 

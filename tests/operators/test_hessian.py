@@ -193,6 +193,17 @@ def test_mirrored_equals_one_device(bn_mode, num_devices):
         assert all(tensor.device.endswith(device) for tensor in shard), (shard, device)
 
 
+def test_default_strategy_keeps_the_callers_device_scope():
+    # Without a strategy's devices the data go where the caller's scope puts them.
+    model = tiny_model()
+    x, y = tiny_data()
+    device = tf.config.list_logical_devices("CPU")[1].name
+    with tf.device(device):
+        operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                             batch_size=BATCH_SIZE)
+    assert all(tensor.device.endswith(device) for tensor in operator._data)
+
+
 @pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
 def test_synchronized_batch_norm_uses_each_batch_statistics(method):
     # Replicas run different batches (here 2 and 1 of sizes 4, 4, 3): a cross-replica
