@@ -323,21 +323,36 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
     except Exception as error:  # Keras raises many types for unreadable files
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise Failure(f"--model={model_path}: cannot be loaded ({first}).") from error
+    unreadable = (f"--data={data_path}: cannot read arrays x and y from it; pass an .npz "
+                  "saved with np.savez(path, x=..., y=...)")
     try:
-        with np.load(data_path, allow_pickle=False) as data:
+        data = np.load(data_path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # an .npy holds one array
+            raise Failure(f"{unreadable} (it holds a single array).")
+        with data:
             x, y = data["x"], data["y"]
     except (OSError, ValueError, KeyError) as error:
-        raise Failure(f"--data={data_path}: cannot read arrays x and y from it ({error}); pass "
-                      "an .npz saved with np.savez(path, x=..., y=...).") from error
+        raise Failure(f"{unreadable} ({error}).") from error
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise Failure(f"--data={data_path}: x {x.shape} and y {y.shape}: pass one integer label "
                       "per example and at least one example.")
+    if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
+        raise Failure(f"--data={data_path}: x ({x.dtype}) and y ({y.dtype}) must be numeric.")
     if not np.issubdtype(y.dtype, np.integer):
         if not np.all(np.equal(np.mod(y, 1), 0)):
             raise Failure(f"--data={data_path}: y of dtype {y.dtype} is not integer class labels; "
                           "both sides use the cross-entropy of logits with class indices.")
+    expected = tuple(model.input_shape[1:])
+    if len(expected) != x.ndim - 1 or any(
+            e is not None and e != a for e, a in zip(expected, x.shape[1:])):
+        raise Failure(f"--data={data_path}: inputs of shape {x.shape[1:]}, but --model takes "
+                      f"{expected}.")
+    classes = model.output_shape[-1]
+    if y.min() < 0 or y.max() >= classes:
+        raise Failure(f"--data={data_path}: labels range over [{y.min():g}, {y.max():g}], but "
+                      f"--model has {classes} outputs; labels must lie in [0, {classes - 1}].")
     sequential_chain(model)  # a layer the twin cannot mirror is refused before any install
     name = os.path.splitext(os.path.basename(model_path))[0]
     return Workload(name, model, x.astype(np.float32), y.astype(np.int32),
@@ -363,6 +378,30 @@ def activation_name(layer) -> str:
     return name
 
 
+def check_twin_layer(layer) -> None:
+    """Raises Failure for a Conv2D, Dense or BatchNormalization layer the twin cannot
+    mirror (torch-free, so that it runs before any install)."""
+    import keras
+
+    if isinstance(layer, keras.layers.Conv2D):
+        plain = tuple(layer.dilation_rate) == (1, 1) and layer.groups == 1
+        if layer.data_format != "channels_last" or not plain:
+            raise Failure(f"twin: Conv2D {layer.name} must be channels_last, without dilation "
+                          "or groups.")
+        activation_name(layer)
+    elif isinstance(layer, keras.layers.Dense):
+        if len(layer.input.shape) > 3:  # torch's images are channels-first
+            raise Failure(f"twin: Dense {layer.name} takes a {len(layer.input.shape)}-D input; "
+                          "flatten or pool images before a Dense layer.")
+        activation_name(layer)
+    elif isinstance(layer, keras.layers.BatchNormalization):
+        rank = len(layer.input.shape)
+        if layer.axis not in (-1, rank - 1) or rank not in (2, 4) or not (
+                layer.center and layer.scale):
+            raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D or "
+                          "4-D input, with both γ and β.")
+
+
 def sequential_chain(keras_model) -> list[tuple[str, Any]]:
     """The twin's forward of a model that is a chain of layers (a `keras.Sequential`, or
     a functional model whose layers, in order, each take the previous one's output):
@@ -378,8 +417,11 @@ def sequential_chain(keras_model) -> list[tuple[str, Any]]:
             continue  # dropout is the identity at inference
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense,
                               keras.layers.BatchNormalization)):
+            check_twin_layer(layer)
             chain.append(("module", layer.name))
         elif isinstance(layer, keras.layers.Flatten):
+            if layer.data_format != "channels_last":
+                raise Failure(f"twin: Flatten {layer.name} must be channels_last.")
             chain.append(("flatten", None))
         elif isinstance(layer, keras.layers.Activation):
             chain.append(("activation", activation_name(layer)))
@@ -426,9 +468,7 @@ def torch_twin(keras_model, architecture: str):
         ZeroPadding2D named `<conv>_pad` in front of a 'valid' convolution)."""
 
         def __init__(self, layer, explicit_padding):
-            plain = tuple(layer.dilation_rate) == (1, 1) and layer.groups == 1
-            if layer.data_format != "channels_last" or not plain:
-                raise Failure(f"twin: Conv2D {layer.name} has an unsupported configuration.")
+            check_twin_layer(layer)
             super().__init__(layer.kernel.shape[2], layer.filters, tuple(layer.kernel_size),
                              stride=tuple(layer.strides), padding=0, bias=layer.use_bias)
             self.same = layer.padding == "same"
@@ -465,14 +505,11 @@ def torch_twin(keras_model, architecture: str):
             modules[layer.name] = KerasConv2d(layer, explicit)
             activations[layer.name] = activation(layer)
         elif isinstance(layer, keras.layers.BatchNormalization):
-            rank = len(layer.input.shape)
-            if layer.axis not in (-1, rank - 1) or rank not in (2, 4) or not (
-                    layer.center and layer.scale):
-                raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D or "
-                              "4-D input, with both γ and β.")
-            norm = nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d
+            check_twin_layer(layer)
+            norm = nn.BatchNorm2d if len(layer.input.shape) == 4 else nn.BatchNorm1d
             modules[layer.name] = norm(layer.gamma.shape[0], eps=layer.epsilon)
         elif isinstance(layer, keras.layers.Dense):
+            check_twin_layer(layer)
             modules[layer.name] = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.use_bias)
             activations[layer.name] = activation(layer)
         elif layer.weights:
@@ -764,8 +801,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "Flatten, Dropout); needs --data")
     parser.add_argument("--data", default=None,
                         help="with --model: an .npz with arrays x (inputs) and y (integer labels)")
-    parser.add_argument("--batch_size", type=int, default=128,
-                        help="with --model: batch size of both sides (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="with --model: batch size of both sides (default: 128)")
     parser.add_argument("--lanczos_steps", type=int, default=None,
                         help="m for every workload (default: " +
                         ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
@@ -784,10 +821,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error("--model and --data go together: pass both (a .keras file and an .npz)")
         if args.workload is not None:
             parser.error(f"--workload={args.workload} with --model: pass one or the other")
+        if args.batch_size is None:
+            args.batch_size = 128
         if args.batch_size < 1:
             parser.error(f"--batch_size={args.batch_size}: pass at least 1")
         names = ()
     else:
+        if args.batch_size is not None:
+            parser.error(f"--batch_size={args.batch_size} goes with --model; the workloads "
+                         "have their own batch sizes")
         workload = args.workload or ",".join(DEFAULT_WORKLOADS)
         names = (WORKLOADS if workload == "all"
                  else tuple(n.strip() for n in workload.split(",") if n.strip()))

@@ -16,6 +16,7 @@ import pytest
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
+import example_networks  # noqa: E402
 import pyhessian_compare as compare  # noqa: E402
 
 
@@ -44,8 +45,16 @@ def test_chain_of_a_functional_model():
     (keras.layers.MaxPooling2D(2, padding="same"), "must use padding='valid'"),
     (keras.layers.Activation("softmax"), "activation 'softmax'"),
     (keras.layers.ReLU(max_value=6.0), "only the plain ReLU"),
+    (keras.layers.Conv2D(2, 3, activation="relu6"), "activation 'relu6'"),
+    (keras.layers.Conv2D(2, 3, dilation_rate=2), "without dilation"),
+    (keras.layers.BatchNormalization(scale=False), "with both γ and β"),
+    (keras.layers.Dense(2), "flatten or pool images before a Dense"),
+    (keras.layers.Flatten(data_format="channels_first"), "Flatten flatten_cf must be"),
 ])
 def test_layers_the_twin_cannot_mirror_are_named(layer, message):
+    # Each is refused by name before anything is installed (no torch needed).
+    if isinstance(layer, keras.layers.Flatten):
+        layer.name = "flatten_cf"
     model = keras.Sequential([keras.Input((8, 8, 1)), layer, keras.layers.Flatten(),
                               keras.layers.Dense(3)])
     with pytest.raises(compare.Failure, match=re.escape(message)):
@@ -67,9 +76,20 @@ def test_workload_from_files(tmp_path):
     np.savez(tmp_path / "soft.npz", x=x, y=rng.uniform(size=10))
     with pytest.raises(compare.Failure, match="not integer class labels"):
         compare.workload_from_files(str(tmp_path / "net.keras"), str(tmp_path / "soft.npz"), 4, 5)
-    np.savez(tmp_path / "no_y.npz", x=x)
-    with pytest.raises(compare.Failure, match="cannot read arrays x and y"):
-        compare.workload_from_files(str(tmp_path / "net.keras"), str(tmp_path / "no_y.npz"), 4, 5)
+    labels = rng.integers(0, 3, 10)
+    bad = {
+        "no_y.npz": (dict(x=x), "cannot read arrays x and y"),
+        "wide.npz": (dict(x=x[:, :4], y=labels), "inputs of shape (4,), but --model takes (5,)"),
+        "classes.npz": (dict(x=x, y=labels + 1), "labels must lie in [0, 2]"),
+        "text.npz": (dict(x=x.astype(str), y=labels), "must be numeric"),
+    }
+    for name, (arrays, message) in bad.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(compare.Failure, match=re.escape(message)):
+            compare.workload_from_files(str(tmp_path / "net.keras"), str(tmp_path / name), 4, 5)
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(compare.Failure, match="it holds a single array"):
+        compare.workload_from_files(str(tmp_path / "net.keras"), str(tmp_path / "x.npy"), 4, 5)
 
 
 def run_script(*args):
@@ -81,9 +101,20 @@ def run_script(*args):
     (["--model=net.keras"], "--model and --data go together"),
     (["--model=net.keras", "--data=d.npz", "--workload=mlp-digits"], "pass one or the other"),
     (["--model=missing.keras", "--data=d.npz", "--no_install"], "--model=missing.keras: no such file"),
+    (["--batch_size=64"], "--batch_size=64 goes with --model"),
 ])
 def test_bad_input_is_one_line_before_any_install(args, message):
     result = run_script(*args)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith(("error", "pyhessian"))]
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_example_networks_are_accepted(tmp_path):
+    # The networks of PYHESSIAN.md's "Your own network" pass every check before install.
+    assert example_networks.main([str(tmp_path)]) == 0
+    for name, data in example_networks.NETWORKS.items():
+        workload = compare.workload_from_files(
+            str(tmp_path / f"{name}.keras"), str(tmp_path / f"{data}.npz"), 128, None)
+        assert len(workload.x) == 1797 and workload.architecture == "sequential"
+        assert len(compare.sequential_chain(workload.keras_model)) >= 4

@@ -1,0 +1,77 @@
+"""Three small networks trained on scikit-learn's digits, for
+`pyhessian_compare.py --model ... --data ...` (benchmarks/PYHESSIAN.md, "Your own network").
+
+Writes to OUT_DIR: conv_pool_bn.keras, mlp_bn_gelu.keras, functional_elu_avgpool.keras,
+digits_img.npz (x: 8×8×1 images, x/16; y: labels) and digits_flat.npz (x: the 64 pixels).
+Each network is trained 3 epochs with Adam (batch 64, seed 0), so BN has moving statistics
+of its own.
+
+Usage:
+  .venv/bin/python benchmarks/example_networks.py OUT_DIR
+  .venv/bin/python benchmarks/pyhessian_compare.py --model=OUT_DIR/conv_pool_bn.keras --data=OUT_DIR/digits_img.npz
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+# Which data each network takes.
+NETWORKS = {"conv_pool_bn": "digits_img", "mlp_bn_gelu": "digits_flat",
+            "functional_elu_avgpool": "digits_img"}
+
+
+def build(name: str):
+    import keras
+
+    layers = keras.layers
+    if name == "conv_pool_bn":
+        return keras.Sequential([
+            keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(2),
+            layers.Conv2D(16, 3, padding="same"), layers.BatchNormalization(), layers.ReLU(),
+            layers.GlobalAveragePooling2D(), layers.Dense(10)])
+    if name == "mlp_bn_gelu":
+        return keras.Sequential([
+            keras.Input((64,)), layers.Dense(64), layers.BatchNormalization(),
+            layers.Activation("gelu"), layers.Dropout(0.2), layers.Dense(10)])
+    inputs = keras.Input((8, 8, 1))  # functional_elu_avgpool
+    h = layers.Conv2D(6, 3, padding="same", activation="elu")(inputs)
+    h = layers.LeakyReLU(0.1)(layers.AveragePooling2D(2)(h))
+    h = layers.Dense(32, activation="sigmoid")(layers.Flatten()(h))
+    return keras.Model(inputs, layers.Dense(10)(h))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: example_networks.py OUT_DIR", file=sys.stderr)
+        return 2
+    out_dir = argv[0]
+    os.makedirs(out_dir, exist_ok=True)
+    import keras
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    flat = (digits.data / 16).astype(np.float32)
+    data = {"digits_img": flat.reshape(-1, 8, 8, 1), "digits_flat": flat}
+    y = digits.target.astype(np.int32)
+    for name, x in data.items():
+        np.savez(os.path.join(out_dir, f"{name}.npz"), x=x, y=y)
+    keras.utils.set_random_seed(0)
+    for name, data_name in NETWORKS.items():
+        model = build(name)
+        model.compile(optimizer="adam",
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(data[data_name], y, epochs=3, batch_size=64, verbose=0)
+        path = os.path.join(out_dir, f"{name}.keras")
+        model.save(path)
+        params = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+        print(f"{path} ({params:,} parameters) with {data_name}.npz")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
