@@ -13,12 +13,14 @@ from tests.operators.test_hessian import BATCH_SIZE, tiny_data, tiny_model
 
 
 def make_operator(kind, accumulation, num_devices=1, dtype="float32", bn_mode="train",
-                  data_dtype=np.float32):
+                  data_dtype=np.float32, cross_device_ops=None):
     model = tiny_model(dtype=dtype)
     x, y = tiny_data(data_dtype)
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:num_devices]
+    strategy = (tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
+                if num_devices > 1 else None)
     options = dict(batch_size=BATCH_SIZE, bn_mode=bn_mode, accumulation=accumulation,
-                   strategy=tf.distribute.MirroredStrategy(devices) if num_devices > 1 else None)
+                   strategy=strategy)
     function = operators.KerasModelFunction(model)
     if kind == "streaming":
         return StreamingHessianOperator(function, array_dataset_fn(x, y, BATCH_SIZE),
@@ -83,7 +85,10 @@ def test_what_a_tpu_strategy_switches_on_on_two_replicas(kind, monkeypatch):
 
     for module in (hessian, streaming):
         monkeypatch.setattr(module, "is_tpu_strategy", lambda strategy: True)
-    tpu_like = make_operator(kind, "auto", 2)
+    # Not the CPU's collective ops for the replicas' all-reduce: their group keys collide
+    # with those of other strategies of other sizes in this process ("joining a group with
+    # size 2, but that group has size 4"), which a job, with its one strategy, never has.
+    tpu_like = make_operator(kind, "auto", 2, cross_device_ops=tf.distribute.ReductionToOneDevice())
     assert tpu_like.accumulation == "float32" and tpu_like.reduce_in_replicas
     if kind == "streaming":
         assert tpu_like.pad_batches
