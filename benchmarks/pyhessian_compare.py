@@ -9,7 +9,8 @@ and the script exits 1. Then, on the Hessian of the mean loss over the whole dat
 inference BN:
 
 - ours: the `hessian-spectrum` binary in a subprocess, as a user runs it
-  (`--num_draws=1 --bn_mode=inference`), timed wall clock; seconds per Lanczos step from
+  (`--num_draws=1 --bn_mode=inference`; `python -m hessian_tf.bin.spectrum` on this
+  script's checkout), timed wall clock; seconds per Lanczos step from
   its summary.json (`seconds_per_step` when present, else `lanczos_seconds` / steps, which
   includes the first product's tracing and the determinism check);
 - PyHessian 0.1 (an installed package, not copied here): `hessian(model, criterion,
@@ -71,7 +72,7 @@ DEFAULT_STEPS = {"mlp-digits": 90, "cnn-digits": 90, "cnn-bn": 20, "resnet32-cif
 TWIN_RTOL = 1e-4  # logits (relative to max |logit|) and mean loss
 # Activations the twin mirrors (Keras names; torch functions in torch_twin).
 TWIN_ACTIVATIONS = ("linear", "tanh", "relu", "sigmoid", "elu", "gelu", "silu", "swish",
-                    "softplus")
+                    "softplus", "leaky_relu")
 LAMBDA_MAX_WARN = 1e-3  # relative difference of λmax above which a warning is printed
 
 
@@ -315,13 +316,15 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
 
     for flag, path in (("--model", model_path), ("--data", data_path)):
         if not os.path.isfile(path):
-            raise Failure(f"{flag}={path}: no such file.")
+            hint = (" (the npz: prefix is for hessian-spectrum's --dataset; pass the path)"
+                    if path.startswith("npz:") else "")
+            raise Failure(f"{flag}={path}: no such file{hint}.")
     if not model_path.endswith(".keras"):
         raise Failure(f"--model={model_path}: pass a .keras file (the twin needs its layers).")
     try:
         model = keras.saving.load_model(model_path, safe_mode=True)
     except Exception as error:  # Keras raises many types for unreadable files
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:500]
         raise Failure(f"--model={model_path}: cannot be loaded ({first}).") from error
     unreadable = (f"--data={data_path}: cannot read arrays x and y from it; pass an .npz "
                   "saved with np.savez(path, x=..., y=...)")
@@ -353,7 +356,10 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
     if y.min() < 0 or y.max() >= classes:
         raise Failure(f"--data={data_path}: labels range over [{y.min():g}, {y.max():g}], but "
                       f"--model has {classes} outputs; labels must lie in [0, {classes - 1}].")
-    sequential_chain(model)  # a layer the twin cannot mirror is refused before any install
+    try:  # a layer the twin cannot mirror is refused before any install
+        sequential_chain(model)
+    except Failure as failure:
+        raise Failure(f"--model={model_path}: {failure}") from failure
     name = os.path.splitext(os.path.basename(model_path))[0]
     return Workload(name, model, x.astype(np.float32), y.astype(np.int32),
                     min(batch_size, x.shape[0]), lanczos_steps or 90, "sequential")
@@ -372,6 +378,10 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 def activation_name(layer) -> str:
     """The name of a Keras layer's activation, checked against what the twin mirrors."""
     name = getattr(layer.activation, "__name__", str(layer.activation))
+    if name == "softmax":
+        raise Failure(f"twin: activation 'softmax' of {layer.name}: both sides take the "
+                      "cross-entropy of logits; remove the final softmax so the model outputs "
+                      "logits.")
     if name not in TWIN_ACTIVATIONS:
         raise Failure(f"twin: activation {name!r} of {layer.name} is not supported; use one "
                       f"of {', '.join(TWIN_ACTIVATIONS)}.")
@@ -486,7 +496,9 @@ def torch_twin(keras_model, architecture: str):
     # One entry per name of TWIN_ACTIVATIONS, which activation_name checks against.
     functions = {"linear": lambda t: t, "tanh": torch.tanh, "relu": torch.relu,
                  "sigmoid": torch.sigmoid, "elu": F.elu, "gelu": F.gelu, "silu": F.silu,
-                 "swish": F.silu, "softplus": F.softplus}
+                 "swish": F.silu, "softplus": F.softplus,
+                 # keras.activations.leaky_relu's default slope
+                 "leaky_relu": lambda t: F.leaky_relu(t, 0.2)}
 
     def activation(layer) -> Callable:
         return functions[activation_name(layer)]
@@ -656,9 +668,21 @@ class Side:
     note: str = ""
 
 
+# The checkout this script belongs to: its hessian_tf is the one timed, whatever
+# version the interpreter has installed.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def spectrum_command() -> list[str]:
-    binary = shutil.which("hessian-spectrum", path=os.path.dirname(sys.executable))
-    return [binary] if binary else [sys.executable, "-m", "hessian_tf.bin.spectrum"]
+    """`hessian-spectrum`, as `python -m` (the same main) on this checkout's package."""
+    return [sys.executable, "-m", "hessian_tf.bin.spectrum"]
+
+
+def spectrum_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [CHECKOUT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
 
 
 def run_ours(workload: Workload, directory: str, threads: int, extra_flags: list[str]) -> tuple[Side, int]:
@@ -672,7 +696,7 @@ def run_ours(workload: Workload, directory: str, threads: int, extra_flags: list
         f"--lanczos_steps={workload.lanczos_steps}", "--num_draws=1", "--bn_mode=inference",
         f"--output_dir={output_dir}", *extra_flags,
     ]
-    env = dict(os.environ)
+    env = spectrum_environment()
     if threads != usable_cores():
         env["TF_NUM_INTRAOP_THREADS"] = str(threads)
         env["OMP_NUM_THREADS"] = str(threads)
@@ -852,12 +876,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     print(f"Start: {load_average()}", flush=True)
-    try:
-        if os.getloadavg()[0] > 0.5:
-            print("WARNING: other processes are using the CPU; PyTorch's OpenMP threads are very "
-                  "sensitive to that (see benchmarks/PYHESSIAN.md). Rerun on a quiet machine.")
-    except OSError:
-        pass
+    sys.path.insert(0, CHECKOUT)  # this checkout's hessian_tf, here and in the subprocess
+    print(f"Timing the hessian_tf of {CHECKOUT} (python -m hessian_tf.bin.spectrum, the "
+          "main of hessian-spectrum)", flush=True)
+    meter = OtherLoad().start()
+    time.sleep(1.0)
+    busy = meter.stop()
+    if busy is not None and busy > 0.5:
+        print(f"WARNING: other processes are using {busy:.1f} cores; PyTorch's OpenMP threads "
+              "are very sensitive to that (see benchmarks/PYHESSIAN.md). Rerun on a quiet "
+              "machine.")
     # A user's own files are checked before anything is installed or timed.
     own = (workload_from_files(args.model, args.data, args.batch_size, args.lanczos_steps)
            if args.model else None)

@@ -42,7 +42,8 @@ def _format_seconds(seconds: float) -> str:
 def log_progress(progress: spectrum_lib.Progress) -> None:
     draws = range(progress.draw, progress.draw + progress.group_size)
     logging.info(
-        "%s/%d, Lanczos step %d/%d: alpha=%.6g beta=%.6g, %.3f s/product, %s left%s",
+        "%s/%d, Lanczos step %d/%d: alpha=%.6g beta=%.6g, %.3f s/product (mean so far, "
+        "tracing included), %s left%s",
         spectrum_lib.draws_label(draws),
         progress.num_draws,
         progress.step,

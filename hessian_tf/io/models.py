@@ -49,17 +49,23 @@ def load_model_function(path: str, strategy: tf.distribute.Strategy | None = Non
             ) from error
         return SavedModelFunction(loaded, path)
     if not path.endswith(".keras"):
+        legacy = path.endswith((".h5", ".hdf5"))
         raise ValueError(
             f"--model={path}: unknown model format; pass a .keras file or a "
-            "SavedModel directory."
+            "SavedModel directory" + (
+                " (convert an HDF5 file with keras.models.load_model(PATH).save('model.keras'))."
+                if legacy else ".")
         )
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # zip, JSON and deserialisation errors alike
+        fix = ("replace the Lambda layer with a registered custom layer (a .keras file is "
+               "loaded in safe mode, which runs no saved Python code)"
+               if "Lambda" in str(error) else
+               "save it again with model.save(), and register custom objects")
         raise ValueError(
             f"--model={path}: the .keras file could not be loaded "
-            f"({type(error).__name__}: {_first_line(error)}); save it again with "
-            "model.save(), and register custom objects."
+            f"({type(error).__name__}: {_first_line(error)}); {fix}."
         ) from error
     return KerasModelFunction(model)
 

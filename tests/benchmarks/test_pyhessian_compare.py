@@ -30,6 +30,7 @@ def chain_model():
     h = keras.layers.Flatten()(h)
     h = keras.layers.Dense(6, name="hidden")(h)
     h = keras.layers.Activation("gelu")(h)
+    h = keras.layers.Dense(4, activation="leaky_relu", name="hidden2")(h)
     return keras.Model(inputs, keras.layers.Dense(3, name="logits")(h))
 
 
@@ -37,7 +38,7 @@ def test_chain_of_a_functional_model():
     assert compare.sequential_chain(chain_model()) == [
         ("module", "conv"), ("pool", ("max", (2, 2), (2, 2))), ("module", "bn"),
         ("leaky_relu", pytest.approx(0.2)), ("flatten", None), ("module", "hidden"),
-        ("activation", "gelu"), ("module", "logits")]
+        ("activation", "gelu"), ("module", "hidden2"), ("module", "logits")]
 
 
 @pytest.mark.parametrize("layer, message", [
@@ -90,6 +91,15 @@ def test_workload_from_files(tmp_path):
     np.save(tmp_path / "x.npy", x)
     with pytest.raises(compare.Failure, match="it holds a single array"):
         compare.workload_from_files(str(tmp_path / "net.keras"), str(tmp_path / "x.npy"), 4, 5)
+    with pytest.raises(compare.Failure, match="the npz: prefix is for hessian-spectrum"):
+        compare.workload_from_files(str(tmp_path / "net.keras"), "npz:" + str(tmp_path / "x.npy"),
+                                    4, 5)
+    # A layer the twin cannot mirror: named, with the flag.
+    keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")]).save(
+        tmp_path / "probabilities.keras")
+    with pytest.raises(compare.Failure, match=r"^--model=.*remove the final softmax"):
+        compare.workload_from_files(str(tmp_path / "probabilities.keras"),
+                                    str(tmp_path / "data.npz"), 4, 5)
 
 
 def run_script(*args):

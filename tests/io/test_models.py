@@ -136,12 +136,12 @@ def _bad_model_path(directory, case):
     ("directory without saved_model.pb", "no saved_model.pb"),
     ("corrupted saved_model.pb", "SavedModel could not be loaded"),
     ("SavedModel without serve", "no 'serve' function"),
-    ("wrong extension", "unknown model format"),
+    ("wrong extension", "convert an HDF5 file with keras.models.load_model"),
     ("no extension", "unknown model format"),
     ("not a zip", ".keras file could not be loaded"),
-    ("truncated .keras", ".keras file could not be loaded"),
+    ("truncated .keras", "register custom objects"),
     ("zip without config", ".keras file could not be loaded"),
-    ("lambda layer (unsafe)", ".keras file could not be loaded"),
+    ("lambda layer (unsafe)", "replace the Lambda layer with a registered custom layer"),
 ])
 def test_bad_model_is_a_value_error_naming_the_flag(tmp_path, case, expected):
     path = _bad_model_path(tmp_path, case)
