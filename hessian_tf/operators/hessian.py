@@ -44,21 +44,21 @@ def nodes_of_dtype(concrete_function, dtype: tf.DType) -> list[str]:
     """The nodes of a traced function's graph, and of every function it calls (loop
     bodies, branches), with an input, output or attribute of `dtype`."""
     graph_def = concrete_function.graph.as_graph_def()
-    double = dtype.as_datatype_enum
+    wanted = dtype.as_datatype_enum
 
-    def has_double(attr) -> bool:
-        return attr.type == double or double in attr.list.type or (
-            attr.HasField("tensor") and attr.tensor.dtype == double)
+    def has_dtype(attr) -> bool:
+        return attr.type == wanted or wanted in attr.list.type or (
+            attr.HasField("tensor") and attr.tensor.dtype == wanted)
 
     found = []
     nodes = [("", node) for node in graph_def.node]
     for function in graph_def.library.function:
         nodes += [(function.signature.name + "/", node) for node in function.node_def]
         for arg in list(function.signature.input_arg) + list(function.signature.output_arg):
-            if arg.type == double:
+            if arg.type == wanted:
                 found.append(f"{function.signature.name}:{arg.name}")
     for prefix, node in nodes:
-        if any(has_double(attr) for attr in node.attr.values()):
+        if any(has_dtype(attr) for attr in node.attr.values()):
             found.append(f"{prefix}{node.name} ({node.op})")
     return found
 
