@@ -160,34 +160,39 @@ def lanczos_step(
     return state._replace(num_steps=k + 1, exhausted=bool(exhausted))
 
 
-# A float32 basis is multiplied in float64 a block of rows at a time: NumPy would
-# otherwise copy the whole active basis to float64 (twice the float32 basis).
-_CONVERSION_BYTES = 2 << 20
+# A float32 basis is projected in float64 a block of columns at a time (the block
+# converted to float64 stays in the core's cache): NumPy would otherwise copy the
+# whole active basis to float64 (twice the float32 basis), and blocks of whole rows
+# shrink to one row, i.e. one pass over w per basis vector, once rows pass 1 MiB.
+_CONVERSION_BYTES = 1 << 20
 
 
-def _rows_per_block(active: np.ndarray) -> int:
-    return max(1, _CONVERSION_BYTES // (8 * active.shape[1]))
+def _columns_per_block(active: np.ndarray) -> int:
+    return max(1, _CONVERSION_BYTES // (8 * active.shape[0]))
 
 
 def _project(active: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """active @ w in float64."""
+    """active @ w in float64 (summed in float64 for a float32 basis too: these are
+    the coefficients the reorthogonalisation removes)."""
     if active.dtype == np.float64:
         return active @ w
-    rows = _rows_per_block(active)
-    return np.concatenate([
-        active[start:start + rows].astype(np.float64) @ w
-        for start in range(0, active.shape[0], rows)
-    ])
+    columns = _columns_per_block(active)
+    coefficients = np.zeros(active.shape[0])
+    for start in range(0, active.shape[1], columns):
+        stop = start + columns
+        coefficients += active[:, start:stop].astype(np.float64) @ w[start:stop]
+    return coefficients
 
 
 def _subtract(active: np.ndarray, coefficients: np.ndarray, w: np.ndarray) -> None:
-    """w -= active.T @ coefficients, in place, in float64."""
+    """w -= active.T @ coefficients, in place. A float32 basis is combined in float32:
+    that rounds the part removed (‖coefficients‖ ≤ ‖w‖, and small after the
+    three-term recurrence) no more than storing the next Lanczos vector in the
+    float32 basis rounds all of it, and no copy of the basis is made."""
     if active.dtype == np.float64:
         w -= active.T @ coefficients
         return
-    rows = _rows_per_block(active)
-    for start in range(0, active.shape[0], rows):
-        w -= active[start:start + rows].astype(np.float64).T @ coefficients[start:start + rows]
+    w -= active.T @ coefficients.astype(np.float32)
 
 
 def lanczos_orthogonality_loss(state: LanczosState) -> float:
