@@ -348,6 +348,11 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
             raise Failure(f"--data={data_path}: y of dtype {y.dtype} is not integer class labels; "
                           "both sides use the cross-entropy of logits with class indices.")
     expected = tuple(model.input_shape[1:])
+    # As Keras (and so hessian-spectrum) does: a trailing axis of size 1 is added or dropped.
+    if x.ndim == len(expected) and expected and expected[-1] == 1:
+        x = x[..., np.newaxis]
+    elif x.ndim == len(expected) + 2 and x.shape[-1] == 1:
+        x = x[..., 0]
     if len(expected) != x.ndim - 1 or any(
             e is not None and e != a for e, a in zip(expected, x.shape[1:])):
         raise Failure(f"--data={data_path}: inputs of shape {x.shape[1:]}, but --model takes "

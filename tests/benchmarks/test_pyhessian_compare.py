@@ -74,6 +74,16 @@ def test_workload_from_files(tmp_path):
     assert workload.x.dtype == np.float32 and workload.y.dtype == np.int32
     assert workload.y.shape == (10,) and workload.architecture == "sequential"
 
+    # A trailing axis of size 1 is dropped, or added, as Keras does for hessian-spectrum.
+    np.savez(tmp_path / "column.npz", x=x[..., np.newaxis], y=rng.integers(0, 3, 10))
+    assert compare.workload_from_files(
+        str(tmp_path / "net.keras"), str(tmp_path / "column.npz"), 4, 5).x.shape == (10, 5)
+    keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(3)]).save(
+        tmp_path / "image.keras")
+    np.savez(tmp_path / "gray.npz", x=rng.uniform(size=(10, 4, 4)), y=rng.integers(0, 3, 10))
+    assert compare.workload_from_files(
+        str(tmp_path / "image.keras"), str(tmp_path / "gray.npz"), 4, 5).x.shape == (10, 4, 4, 1)
+
     np.savez(tmp_path / "soft.npz", x=x, y=rng.uniform(size=10))
     with pytest.raises(compare.Failure, match="not integer class labels"):
         compare.workload_from_files(str(tmp_path / "net.keras"), str(tmp_path / "soft.npz"), 4, 5)
