@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import os
 import time
 from typing import Callable, NamedTuple, Optional
@@ -135,29 +133,14 @@ def stochastic_lanczos_quadrature(
     # The reorthogonalisation is small BLAS work between large products: with more
     # than one BLAS thread it stalls whenever another process holds a core
     # (measured: 2 ms → 45 ms per step on 2 cores), and one thread is never slower.
-    # Draws in lockstep reorthogonalise against their own bases: independent work, run
-    # by a pool of threads (one BLAS thread each, the GIL released in BLAS) when the
-    # machine has more than one core. A thread waits on a lock, never spins, so idle
-    # workers take no core from the products.
-    workers = min(group_size(num_draws, lockstep), usable_cores())
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"), (
-            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lanczos")
-            if workers > 1 else contextlib.nullcontext()) as pool:
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         return _slq(
             dim, lanczos_steps=lanczos_steps, num_draws=num_draws, seed=seed,
             kernel_width=kernel_width, num_grid_points=num_grid_points,
             first_product=first_product, progress=progress, basis_dtype=basis_dtype,
             state=initial_state or SLQState(draw=0, lanczos=None, completed=(), num_products=0),
-            after_step=after_step, matmat=matmat, lockstep=lockstep, pool=pool,
+            after_step=after_step, matmat=matmat, lockstep=lockstep,
         )
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, else the CPU count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
 
 
 # The most draws run in lockstep by default (the binary and the Keras callback):
@@ -193,7 +176,7 @@ def group_size(num_draws: int, lockstep: int) -> int:
 
 
 def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
-         first_product, progress, basis_dtype, state, after_step, matmat, lockstep, pool):
+         first_product, progress, basis_dtype, state, after_step, matmat, lockstep):
     started = time.perf_counter()
     size = group_size(num_draws, lockstep)
     session_products = 0
@@ -222,10 +205,8 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
                 ) from error
             session_products += len(active)
             group = list(group)
-            steps = (pool.map if pool is not None and len(active) > 1 else map)(
-                linalg.lanczos_step, [group[i] for i in active], list(products))
-            for i, stepped in zip(active, steps):
-                group[i] = stepped
+            for row, i in enumerate(active):
+                group[i] = linalg.lanczos_step(group[i], products[row])
             group = tuple(group)
             state = state._replace(lanczos=group, num_products=state.num_products + len(active))
             session_steps += 1

@@ -76,35 +76,3 @@ def test_a_non_finite_product_names_its_draw_and_the_step_it_was_for():
             None, 20, lanczos_steps=3, num_draws=6, lockstep=3, matmat=matmat)
     assert raised.value.row == 1
 
-
-def test_lockstep_algebra_on_threads_equals_one_thread(monkeypatch):
-    # Draws in lockstep step their Lanczos algebra on a pool of threads (one per core):
-    # each draw's step is the same computation on its own basis, so the results are
-    # bit-identical to stepping them one after the other in the caller's thread.
-    import threading
-
-    rng = np.random.default_rng(0)
-    eigenvalues = np.concatenate([rng.standard_normal(300), [20.0, 50.0]])
-
-    def matmat(vectors):
-        return vectors * eigenvalues
-
-    threads = set()
-    step = spectrum_lib.linalg.lanczos_step
-
-    def recording_step(*args, **kwargs):
-        threads.add(threading.current_thread().name)
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(spectrum_lib.linalg, "lanczos_step", recording_step)
-    options = dict(lanczos_steps=25, num_draws=5, lockstep=5, seed=3, matmat=matmat)
-    results = {}
-    for cores in (1, 2):
-        monkeypatch.setattr(spectrum_lib, "usable_cores", lambda: cores)
-        threads.clear()
-        results[cores] = spectrum_lib.stochastic_lanczos_quadrature(None, 302, **options)
-        pooled = {name for name in threads if name.startswith("lanczos")}
-        # Every step ran on the pool (which of its threads took each is up to them).
-        assert (pooled and threads == pooled) if cores == 2 else threads == {"MainThread"}
-    for field in ("alphas", "betas", "nodes", "weights"):
-        np.testing.assert_array_equal(getattr(results[2], field), getattr(results[1], field))
