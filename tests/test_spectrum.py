@@ -75,4 +75,3 @@ def test_a_non_finite_product_names_its_draw_and_the_step_it_was_for():
         spectrum_lib.stochastic_lanczos_quadrature(
             None, 20, lanczos_steps=3, num_draws=6, lockstep=3, matmat=matmat)
     assert raised.value.row == 1
-
