@@ -84,7 +84,12 @@ class StreamingHessianOperator(HessianOperator):
 
         with self.model_function.mode_context(self.bn_mode):
             totals = self.strategy.run(lambda: self._accumulator(size))
-            for batch in self._data:
+            # Over an iterator, AutoGraph writes a while loop, instantiated with the
+            # function. Over the default strategy's data (a plain tf.data.Dataset) it
+            # would write Dataset.reduce, which instantiates and optimises the whole
+            # product graph again at every call: 193 ms against 9 ms per product on the
+            # digits MLP (benchmarks/streaming.py).
+            for batch in iter(self._data):
                 totals = self.strategy.run(step, args=(totals, batch) + tuple(args))
         return self._sum_across_replicas(totals)
 

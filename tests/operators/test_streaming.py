@@ -197,3 +197,79 @@ def test_dry_run_times_the_jobs_own_operator(tmp_path, monkeypatch):
     # The job's operator, then the one-batch operator the dry run times: both GGN.
     assert [name for name, _ in built] == ["ggn", "ggn"]
     assert built[1][1] is gauss_newton.GaussNewtonOperator
+
+
+WORKER = """
+import sys
+import numpy as np
+import tensorflow as tf
+import keras
+from hessian_tf import operators
+from hessian_tf.operators.streaming import StreamingHessianOperator, array_dataset_fn
+
+directory = sys.argv[1]
+options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=120)
+strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+data = np.load(f"{directory}/data.npz")
+x, y, vector = data["x"], data["y"], data["vector"]
+with strategy.scope():
+    model = keras.saving.load_model(f"{directory}/model.keras")
+operator = StreamingHessianOperator(
+    operators.KerasModelFunction(model), array_dataset_fn(x, y, 4), num_examples=len(x),
+    sample=(x[:2], y[:2]), batch_size=4, strategy=strategy)
+products = [operator.matvec(vector) for _ in range(2)]
+loss, gradient = operator.loss_and_gradient()
+if strategy.cluster_resolver.task_id == 0:
+    np.savez(f"{directory}/out.npz", products=np.stack(products), loss=loss, gradient=gradient,
+             traces=operator._product_function.experimental_get_tracing_count())
+"""
+
+
+def test_two_workers_stream_their_own_parts_and_equal_in_memory(tmp_path):
+    # Two worker processes on loopback, each reading its own part of the data (13 and
+    # 12 examples: batches 4, 4, 4, 1 against 4, 4, 4, so one worker's pipeline ends a
+    # batch before the other's), summed by one all-reduce per product.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT, environment
+
+    model, x, y = small_problem(25)
+    model.save(str(tmp_path / "model.keras"))
+    vector = np.random.default_rng(1).standard_normal(
+        sum(int(np.prod(v.shape)) for v in model.trainable_variables))
+    np.savez(tmp_path / "data.npz", x=x, y=y, vector=vector)
+    (tmp_path / "worker.py").write_text(WORKER)
+    sockets = [socket.socket() for _ in range(2)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    workers = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    for s in sockets:
+        s.close()
+    processes = []
+    for index in range(2):
+        env = environment()
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        processes.append(subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (_, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+    reference = operators.HessianOperator(operators.KerasModelFunction(model), x, y, batch_size=4)
+    with np.load(tmp_path / "out.npz") as out:
+        expected = reference.matvec(vector)
+        for product in out["products"]:
+            np.testing.assert_allclose(product, expected, rtol=1e-6, atol=1e-7)
+        loss, gradient = reference.loss_and_gradient()
+        assert float(out["loss"]) == pytest.approx(loss, rel=1e-6)
+        np.testing.assert_allclose(out["gradient"], gradient, rtol=1e-5, atol=1e-7)
+        assert int(out["traces"]) == 1
