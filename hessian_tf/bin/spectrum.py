@@ -115,10 +115,22 @@ def main(argv):
     except job.Preempted as preempted:
         print(f"hessian-spectrum: {preempted}", file=sys.stderr)
         return job.Preempted.exit_status
-    except (ValueError, OSError, KeyError, RuntimeError, tf.errors.OpError) as error:
+    except (ValueError, OSError, KeyError, RuntimeError, MemoryError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, tf.errors.ResourceExhaustedError):
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            message = (
+                f"out of device memory ({first}); data kept in memory live on the devices "
+                "(--stream reads them at every product instead), and a product holds one "
+                "batch's activations: pass --stream, a smaller --batch_size, or more replicas."
+            )
+        elif isinstance(error, MemoryError):
+            message = (
+                f"out of host memory ({message}); the Lanczos bases live on the host: "
+                "--basis_dtype=float32 halves them, --lockstep_draws=1 keeps one."
+            )
         if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)) or (
             isinstance(error, RuntimeError) and "waiting for the cluster" in message
         ):

@@ -180,3 +180,36 @@ def test_bad_input_one_line_and_nothing_written(bad_files, tmp_path, case):
     assert "Traceback" not in result.stderr
     assert result.returncode == 2
     assert not (tmp_path / "out").exists()  # not even an empty directory
+
+
+@pytest.mark.parametrize("error, expected", [
+    (lambda: __import__("tensorflow").errors.ResourceExhaustedError(
+        None, None, "OOM when allocating tensor with shape[1797,4096] and type float on "
+        "/job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc\n"
+        "Hint: If you want to see a list of allocated tensors when OOM happens, add "
+        "report_tensor_allocations_upon_oom to RunOptions for current allocation info."),
+     "out of device memory (OOM when allocating tensor with shape[1797,4096]"),
+    (lambda: MemoryError("Unable to allocate 8.1 GiB for an array with shape (90, 12000000)"),
+     "out of host memory (Unable to allocate 8.1 GiB"),
+])
+def test_out_of_memory_is_one_line_with_the_ways_out(monkeypatch, capsys, error, expected):
+    # No machine here runs out of device memory on purpose: the job raises what
+    # TensorFlow (or NumPy) raises, and the binary's answer is checked.
+    import types
+
+    from hessian_tf import job
+    from hessian_tf.bin import spectrum as binary
+
+    def run(config):
+        raise error()
+
+    monkeypatch.setattr(job, "run", run)
+    monkeypatch.setattr(binary, "resolve_config", lambda: None)
+    monkeypatch.setattr(binary, "_VERBOSE", types.SimpleNamespace(value=False))
+    assert binary.main(["hessian-spectrum"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hessian-spectrum: error: "), lines
+    assert expected in lines[0]
+    assert ("--stream" in lines[0]) == ("device" in expected)
+    assert ("--basis_dtype=float32" in lines[0]) == ("host" in expected)
+    assert "Hint" not in lines[0]
