@@ -8,7 +8,8 @@ models, data and strategies.
 
 The recurrence and the basis live on the host in float64 numpy arrays. The basis
 costs `lanczos_steps * dim * 8` bytes; `basis_dtype=np.float32` halves it (the
-recurrence itself stays in float64).
+recurrence and the reorthogonalisation's coefficients stay in float64; only the
+removal of a small part of the vector is summed in float32, see `_subtract`).
 """
 
 from __future__ import annotations
@@ -185,14 +186,27 @@ def _project(active: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _subtract(active: np.ndarray, coefficients: np.ndarray, w: np.ndarray) -> None:
-    """w -= active.T @ coefficients, in place. A float32 basis is combined in float32:
-    that rounds the part removed (‖coefficients‖ ≤ ‖w‖, and small after the
-    three-term recurrence) no more than storing the next Lanczos vector in the
-    float32 basis rounds all of it, and no copy of the basis is made."""
+    """w -= active.T @ coefficients, in place, with no copy of the basis.
+
+    A float32 basis removes a part no larger than what remains (‖c‖² ≤ ‖w‖²/2, so
+    ‖c‖ ≤ ‖w − Qᵀc‖) in float32 BLAS: that rounds by about u32·‖c‖, no more than
+    storing the next Lanczos vector in the float32 basis rounds it (u32·‖w − Qᵀc‖).
+    After the three-term recurrence this is every step: c is what the float32
+    basis's own rounding left, O(u32·‖A‖). A larger removal (the cancellation that
+    also makes the DGKS test ask for a second pass) is summed in float64, a block of
+    columns at a time, since its float32 rounding would not be small against what
+    remains.
+    """
     if active.dtype == np.float64:
         w -= active.T @ coefficients
         return
-    w -= active.T @ coefficients.astype(np.float32)
+    if 2 * float(coefficients @ coefficients) <= float(w @ w):
+        w -= active.T @ coefficients.astype(np.float32)
+        return
+    columns = _columns_per_block(active)
+    for start in range(0, active.shape[1], columns):
+        stop = start + columns
+        w[start:stop] -= active[:, start:stop].astype(np.float64).T @ coefficients
 
 
 def lanczos_orthogonality_loss(state: LanczosState) -> float:

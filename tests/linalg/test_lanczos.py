@@ -200,7 +200,6 @@ def test_float32_basis_step_does_not_copy_the_basis_to_float64():
     assert peak < 6 * dim * 8 + lanczos_module._CONVERSION_BYTES < float64_copy / 4, peak
 
 
-
 def test_float32_basis_is_projected_in_float64_across_column_blocks():
     rows, dim = 30, 50_000  # 30 rows of 50,000 columns: 12 blocks of 4,369 columns
     rng = np.random.default_rng(3)
@@ -211,16 +210,40 @@ def test_float32_basis_is_projected_in_float64_across_column_blocks():
     np.testing.assert_allclose(lanczos_module._project(active, w), exact, rtol=0, atol=1e-11)
 
 
-def test_float32_basis_subtraction_rounds_no_more_than_float32_of_what_it_removes():
+def test_float32_basis_subtraction_rounds_no_more_than_storing_what_remains():
     rows, dim = 30, 50_000
     rng = np.random.default_rng(4)
     active = (rng.standard_normal((rows, dim)) / np.sqrt(dim)).astype(np.float32)
-    w = rng.standard_normal(dim)
-    coefficients = 1e-3 * rng.standard_normal(rows)
-    exact = w - active.astype(np.float64).T @ coefficients
-    lanczos_module._subtract(active, coefficients, w)
-    error = np.linalg.norm(w - exact)
-    assert 0 < error < 1e-6 * np.linalg.norm(coefficients), error
+    exact_basis = active.astype(np.float64)
+    # The removed part small, as large as what remains, larger; and w almost all removed.
+    for scale, inside in ((1e-3, 0.0), (1.0, 0.0), (1e3, 0.0), (10.0, 1.0)):
+        coefficients = scale * rng.standard_normal(rows)
+        w = inside * exact_basis.T @ coefficients + 1e-4 ** inside * rng.standard_normal(dim)
+        exact = w - exact_basis.T @ coefficients
+        lanczos_module._subtract(active, coefficients, w)
+        # float32 storage of the remainder rounds it by ~6e-8 relative.
+        assert np.linalg.norm(w - exact) < 1e-7 * np.linalg.norm(exact), scale
+
+
+def test_float32_basis_step_with_a_product_almost_in_the_basis():
+    # A product almost inside the span of the basis (what remains is 1e-6 of it): the
+    # removal is large and must not be rounded in float32, or β and the next vector
+    # are rounding noise. The same float32 entries as a float64 basis give the truth.
+    dim, steps = 20_000, 61
+    rng = np.random.default_rng(6)
+    rows, _ = np.linalg.qr(rng.standard_normal((dim, steps)))
+    state = linalg.lanczos_init(rng.standard_normal(dim), steps + 1, basis_dtype=np.float32)
+    state.basis[:steps] = rows.T.astype(np.float32)
+    state = state._replace(num_steps=steps - 1)
+    as_float64 = state._replace(basis=state.basis.astype(np.float64),
+                                alphas=state.alphas.copy(), betas=state.betas.copy())
+    product = state.basis[:steps].astype(np.float64).T @ (10 * rng.standard_normal(steps))
+    product += 1e-6 * rng.standard_normal(dim) / np.sqrt(dim)
+    stepped = linalg.lanczos_step(state, product)
+    truth = linalg.lanczos_step(as_float64, product)
+    beta, true_beta = stepped.betas[steps - 1], truth.betas[steps - 1]
+    assert beta == pytest.approx(true_beta, rel=1e-6)
+    np.testing.assert_allclose(stepped.basis[steps], truth.basis[steps], rtol=0, atol=1e-6)
 
 
 def test_float32_basis_stays_orthogonal_on_a_hessian_like_spectrum():
