@@ -20,23 +20,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 import threadpoolctl
 
 from hessian_tf import linalg
-from machine import load_average  # noqa: E402  (benchmarks/machine.py)
+from machine import best_of, load_average  # noqa: E402  (benchmarks/machine.py)
 
 
 def best_seconds(function, repeats: int) -> float:
     function()  # warm up (page faults, BLAS buffers)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    return min(seconds)
+    return best_of(function, repeats)
 
 
 def measure(dim: int, step: int, dtype, repeats: int, rng) -> tuple[float, float]:

@@ -1,9 +1,10 @@
-"""What the benchmarks print about the machine they ran on."""
+"""What the benchmarks print about the machine they ran on, and how they time a call."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 
 
 def load_average() -> str:
@@ -22,3 +23,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return name
+
+
+def best_of(function, repeats: int) -> float:
+    """The least wall time of `repeats` calls of `function`, in seconds."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,7 +32,7 @@ import tensorflow as tf  # noqa: E402
 from core import load_workload  # noqa: E402  (benchmarks/core.py)
 from hessian_tf import operators  # noqa: E402
 from hessian_tf.operators import residuals as residuals_lib  # noqa: E402
-from machine import load_average  # noqa: E402  (benchmarks/machine.py)
+from machine import best_of, load_average  # noqa: E402  (benchmarks/machine.py)
 
 
 def split_product(operator, x, y):
@@ -43,15 +42,6 @@ def split_product(operator, x, y):
         tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype))
     full = tf.function(tf.compat.v1.wrap_function(product, specs + [vector_spec]))
     return full, residuals_lib.split(product, specs, vector_spec)
-
-
-def best_of(function, repeats: int) -> float:
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    return min(seconds)
 
 
 def main(argv=None) -> int:
