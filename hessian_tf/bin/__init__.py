@@ -41,6 +41,36 @@ def error_line(program: str, message) -> int:
     return 2
 
 
+def job_error_message(error: BaseException) -> str:
+    """The one line a job's failure is told in: the error's own text, or for running
+    out of memory and for lost workers, what happened and the ways out."""
+    import tensorflow as tf
+
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, tf.errors.ResourceExhaustedError):
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        return (
+            f"out of device memory ({first}); data kept in memory live on the devices "
+            "(--stream reads them at every product instead), and a product holds one "
+            "batch's activations: pass --stream, a smaller --batch_size, or more replicas."
+        )
+    if isinstance(error, MemoryError):
+        return (
+            f"out of host memory ({message}); the Lanczos bases live on the host: "
+            "--basis_dtype=float32 halves them, --lockstep_draws=1 keeps one."
+        )
+    if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)) or (
+        isinstance(error, RuntimeError) and "waiting for the cluster" in message
+    ):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return (
+            f"a worker did not answer or was lost ({type(error).__name__}: "
+            f"{lines[-1][:200] if lines else ''}); check that every worker runs and "
+            "reaches the others, or raise --worker_timeout."
+        )
+    return message
+
+
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?")
 
 

@@ -15,7 +15,7 @@ Long jobs checkpoint every --checkpoint_every products (at most once per
 import sys
 
 
-from hessian_tf.bin import error_line, flags_parser, import_tensorflow_quietly
+from hessian_tf.bin import error_line, flags_parser, import_tensorflow_quietly, job_error_message
 
 tf = import_tensorflow_quietly()
 
@@ -118,29 +118,7 @@ def main(argv):
     except (ValueError, OSError, KeyError, RuntimeError, MemoryError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
-        if isinstance(error, tf.errors.ResourceExhaustedError):
-            first = (str(error).strip().splitlines() or [""])[0][:200]
-            message = (
-                f"out of device memory ({first}); data kept in memory live on the devices "
-                "(--stream reads them at every product instead), and a product holds one "
-                "batch's activations: pass --stream, a smaller --batch_size, or more replicas."
-            )
-        elif isinstance(error, MemoryError):
-            message = (
-                f"out of host memory ({message}); the Lanczos bases live on the host: "
-                "--basis_dtype=float32 halves them, --lockstep_draws=1 keeps one."
-            )
-        if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)) or (
-            isinstance(error, RuntimeError) and "waiting for the cluster" in message
-        ):
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            message = (
-                f"a worker did not answer or was lost ({type(error).__name__}: "
-                f"{lines[-1][:200] if lines else ''}); check that every worker runs and "
-                "reaches the others, or raise --worker_timeout."
-            )
-        return error_line(_PROGRAM, message)
+        return error_line(_PROGRAM, job_error_message(error))
     return 0
 
 
