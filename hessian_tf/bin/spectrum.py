@@ -15,7 +15,8 @@ Long jobs checkpoint every --checkpoint_every products (at most once per
 import sys
 
 
-from hessian_tf.bin import error_line, flags_parser, import_tensorflow_quietly, job_error_message
+from hessian_tf.bin import (
+    error_line, flags_parser, import_tensorflow_quietly, job_error_message)
 
 tf = import_tensorflow_quietly()
 

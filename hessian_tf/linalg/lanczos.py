@@ -188,19 +188,19 @@ def _project(active: np.ndarray, w: np.ndarray) -> np.ndarray:
 def _subtract(active: np.ndarray, coefficients: np.ndarray, w: np.ndarray) -> None:
     """w -= active.T @ coefficients, in place, with no copy of the basis.
 
-    A float32 basis removes a part no larger than what remains (‖c‖² ≤ ‖w‖²/2, so
-    ‖c‖ ≤ ‖w − Qᵀc‖) in float32 BLAS: that rounds by about u32·‖c‖, no more than
-    storing the next Lanczos vector in the float32 basis rounds it (u32·‖w − Qᵀc‖).
-    After the three-term recurrence this is every step: c is what the float32
-    basis's own rounding left, O(u32·‖A‖). A larger removal (the cancellation that
-    also makes the DGKS test ask for a second pass) is summed in float64, a block of
-    columns at a time, since its float32 rounding would not be small against what
-    remains.
+    A float32 basis of k rows subtracts in float32 BLAS when the part removed is
+    small against what remains (2·k·‖c‖² ≤ ‖w‖², so √k·‖c‖ ≤ ‖w − Qᵀc‖, since
+    ‖w − Qᵀc‖² = ‖w‖² − ‖c‖²): a float32 sum of k terms rounds by about
+    √k·u32·‖c‖, no more than storing the next Lanczos vector in the float32 basis
+    rounds it (u32·‖w − Qᵀc‖). After the three-term recurrence this is every step:
+    c is what the float32 basis's own rounding left, O(u32·‖A‖). A larger removal
+    (the cancellation that also makes the DGKS test ask for a second pass) is
+    summed in float64, a block of columns at a time.
     """
     if active.dtype == np.float64:
         w -= active.T @ coefficients
         return
-    if 2 * float(coefficients @ coefficients) <= float(w @ w):
+    if 2 * active.shape[0] * float(coefficients @ coefficients) <= float(w @ w):
         w -= active.T @ coefficients.astype(np.float32)
         return
     columns = _columns_per_block(active)

@@ -204,4 +204,3 @@ def test_out_of_memory_is_told_with_the_ways_out(error, expected):
     assert ("--stream" in message) == ("device" in expected)
     assert ("--basis_dtype=float32" in message) == ("host" in expected)
     assert "Hint" not in message and "\n" not in message
-

@@ -225,6 +225,27 @@ def test_float32_basis_subtraction_rounds_no_more_than_storing_what_remains():
         assert np.linalg.norm(w - exact) < 1e-7 * np.linalg.norm(exact), scale
 
 
+@pytest.mark.parametrize("rows", [30, 300])
+def test_float32_basis_subtraction_on_either_side_of_its_threshold(rows):
+    # c = Q w removed from w, with 2·k·‖c‖² just below ‖w‖² (summed in float32:
+    # rounding within float32 storage of what remains) and just above (in float64).
+    dim = 40_000
+    rng = np.random.default_rng(rows)
+    active = np.linalg.qr(rng.standard_normal((dim, rows)))[0].T.astype(np.float32)
+    exact_basis = active.astype(np.float64)
+    for share, bound in ((0.9, 2 * 2.0**-24), (1.1, 1e-12)):
+        inside = rng.standard_normal(rows)
+        outside = rng.standard_normal(dim)
+        outside -= exact_basis.T @ (exact_basis @ outside)
+        outside *= np.linalg.norm(inside) * np.sqrt(2 * rows / share - 1) / np.linalg.norm(outside)
+        w = exact_basis.T @ inside + outside
+        coefficients = lanczos_module._project(active, w)
+        assert 2 * rows * (coefficients @ coefficients) / (w @ w) == pytest.approx(share, rel=1e-3)
+        exact = w - exact_basis.T @ coefficients
+        lanczos_module._subtract(active, coefficients, w)
+        assert np.linalg.norm(w - exact) < bound * np.linalg.norm(exact), share
+
+
 def test_float32_basis_step_with_a_product_almost_in_the_basis():
     # A product almost inside the span of the basis (what remains is 1e-6 of it): the
     # removal is large and must not be rounded in float32, or β and the next vector
