@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,6 +26,7 @@ from hessian_tf.distribute.strategies import configure_cpu_devices  # noqa: E402
 from hessian_tf.io.datasets import load_digits  # noqa: E402
 from hessian_tf.models.mlp import mlp  # noqa: E402
 from hessian_tf.operators.streaming import StreamingHessianOperator, array_dataset_fn  # noqa: E402
+from core import interleaved_timings  # noqa: E402  (benchmarks/core.py)
 from machine import load_average  # noqa: E402  (benchmarks/machine.py)
 
 BATCH_SIZE = 128
@@ -41,8 +41,6 @@ def main(argv=None) -> int:
         return 2
     configure_cpu_devices(2)
     x, y = load_digits()
-    vector = np.random.default_rng(0).standard_normal(
-        sum(int(np.prod(v.shape)) for v in mlp().trainable_variables))
     print(f"TensorFlow {tf.__version__}; digits MLP, batch {BATCH_SIZE}; {load_average()}")
     print(f"{'strategy':>22} {'memory ms':>10} {'stream ms':>10} {'stream/memory':>14}  (best; median)")
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -55,13 +53,11 @@ def main(argv=None) -> int:
         stream = StreamingHessianOperator(
             model_function, array_dataset_fn(x, y, BATCH_SIZE), num_examples=len(x),
             sample=(x[:2], y[:2]), **common)
+        vector = np.random.default_rng(0).standard_normal(memory.dim)
         difference = np.max(np.abs(stream.matvec(vector) - memory.matvec(vector)))  # traces
-        seconds = {"memory": [], "stream": []}
-        for _ in range(args.repeats):
-            for label, operator in (("memory", memory), ("stream", stream)):
-                start = time.perf_counter()
-                operator.matvec(vector)
-                seconds[label].append(time.perf_counter() - start)
+        seconds = interleaved_timings(
+            {label: (lambda op=operator: op.matvec(vector))
+             for label, operator in (("memory", memory), ("stream", stream))}, args.repeats)
         best = {label: min(s) for label, s in seconds.items()}
         median = {label: float(np.median(s)) for label, s in seconds.items()}
         print(f"{name:>22} {best['memory'] * 1e3:>10.1f} {best['stream'] * 1e3:>10.1f} "

@@ -169,7 +169,15 @@ _CONVERSION_BYTES = 1 << 20
 
 
 def _columns_per_block(active: np.ndarray) -> int:
-    return max(1, _CONVERSION_BYTES // (8 * active.shape[0]))
+    return max(1, _CONVERSION_BYTES // (8 * max(1, active.shape[0])))
+
+
+def _float64_column_blocks(basis: np.ndarray):
+    """(columns, block): `basis[:, columns]` converted to float64, a block at a time."""
+    columns = _columns_per_block(basis)
+    for start in range(0, basis.shape[1], columns):
+        block = slice(start, start + columns)
+        yield block, basis[:, block].astype(np.float64)
 
 
 def _project(active: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -177,11 +185,9 @@ def _project(active: np.ndarray, w: np.ndarray) -> np.ndarray:
     the coefficients the reorthogonalisation removes)."""
     if active.dtype == np.float64:
         return active @ w
-    columns = _columns_per_block(active)
     coefficients = np.zeros(active.shape[0])
-    for start in range(0, active.shape[1], columns):
-        stop = start + columns
-        coefficients += active[:, start:stop].astype(np.float64) @ w[start:stop]
+    for columns, block in _float64_column_blocks(active):
+        coefficients += block @ w[columns]
     return coefficients
 
 
@@ -203,10 +209,8 @@ def _subtract(active: np.ndarray, coefficients: np.ndarray, w: np.ndarray) -> No
     if 2 * active.shape[0] * float(coefficients @ coefficients) <= float(w @ w):
         w -= active.T @ coefficients.astype(np.float32)
         return
-    columns = _columns_per_block(active)
-    for start in range(0, active.shape[1], columns):
-        stop = start + columns
-        w[start:stop] -= active[:, start:stop].astype(np.float64).T @ coefficients
+    for columns, block in _float64_column_blocks(active):
+        w[columns] -= block.T @ coefficients
 
 
 def lanczos_orthogonality_loss(state: LanczosState) -> float:
@@ -218,9 +222,7 @@ def lanczos_orthogonality_loss(state: LanczosState) -> float:
         gram = basis @ basis.T
     else:
         gram = np.zeros((basis.shape[0],) * 2)
-        columns = max(1, _CONVERSION_BYTES // (8 * max(1, basis.shape[0])))
-        for start in range(0, basis.shape[1], columns):
-            block = basis[:, start:start + columns].astype(np.float64)
+        for _, block in _float64_column_blocks(basis):
             gram += block @ block.T
     return float(np.max(np.abs(gram - np.eye(state.num_steps))))
 
