@@ -172,12 +172,13 @@ def _columns_per_block(active: np.ndarray) -> int:
     return max(1, _CONVERSION_BYTES // (8 * max(1, active.shape[0])))
 
 
-def _float64_column_blocks(basis: np.ndarray):
-    """(columns, block): `basis[:, columns]` converted to float64, a block at a time."""
+def _column_blocks(basis: np.ndarray):
+    """Slices of `basis`'s columns, each to be converted to float64 where it is used:
+    a converted block is freed before the next is made (a generator yielding the
+    converted blocks kept two alive, out of cache: +0.2-0.4 ms a step on the MLP)."""
     columns = _columns_per_block(basis)
     for start in range(0, basis.shape[1], columns):
-        block = slice(start, start + columns)
-        yield block, basis[:, block].astype(np.float64)
+        yield slice(start, start + columns)
 
 
 def _project(active: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -186,8 +187,8 @@ def _project(active: np.ndarray, w: np.ndarray) -> np.ndarray:
     if active.dtype == np.float64:
         return active @ w
     coefficients = np.zeros(active.shape[0])
-    for columns, block in _float64_column_blocks(active):
-        coefficients += block @ w[columns]
+    for columns in _column_blocks(active):
+        coefficients += active[:, columns].astype(np.float64) @ w[columns]
     return coefficients
 
 
@@ -209,8 +210,8 @@ def _subtract(active: np.ndarray, coefficients: np.ndarray, w: np.ndarray) -> No
     if 2 * active.shape[0] * float(coefficients @ coefficients) <= float(w @ w):
         w -= active.T @ coefficients.astype(np.float32)
         return
-    for columns, block in _float64_column_blocks(active):
-        w[columns] -= block.T @ coefficients
+    for columns in _column_blocks(active):
+        w[columns] -= active[:, columns].astype(np.float64).T @ coefficients
 
 
 def lanczos_orthogonality_loss(state: LanczosState) -> float:
@@ -222,7 +223,8 @@ def lanczos_orthogonality_loss(state: LanczosState) -> float:
         gram = basis @ basis.T
     else:
         gram = np.zeros((basis.shape[0],) * 2)
-        for _, block in _float64_column_blocks(basis):
+        for columns in _column_blocks(basis):
+            block = basis[:, columns].astype(np.float64)
             gram += block @ block.T
     return float(np.max(np.abs(gram - np.eye(state.num_steps))))
 
