@@ -1,7 +1,8 @@
-"""Three small networks trained on scikit-learn's digits, for
+"""Four small networks trained on scikit-learn's digits, for
 `pyhessian_compare.py --model ... --data ...` (benchmarks/PYHESSIAN.md, "Your own network").
 
 Writes to OUT_DIR: conv_pool_bn.keras, mlp_bn_gelu.keras, functional_elu_avgpool.keras,
+residual_ln.keras (a residual block, then LayerNormalization and two concatenated poolings),
 digits_img.npz (x: 8×8×1 images, x/16; y: labels) and digits_flat.npz (x: the 64 pixels).
 Each network is trained 3 epochs with Adam (batch 64, seed 0), so BN has moving statistics
 of its own.
@@ -22,7 +23,7 @@ import numpy as np  # noqa: E402
 
 # Which data each network takes.
 NETWORKS = {"conv_pool_bn": "digits_img", "mlp_bn_gelu": "digits_flat",
-            "functional_elu_avgpool": "digits_img"}
+            "functional_elu_avgpool": "digits_img", "residual_ln": "digits_img"}
 
 
 def build(name: str):
@@ -38,7 +39,21 @@ def build(name: str):
         return keras.Sequential([
             keras.Input((64,)), layers.Dense(64), layers.BatchNormalization(),
             layers.Activation("gelu"), layers.Dropout(0.2), layers.Dense(10)])
-    inputs = keras.Input((8, 8, 1))  # functional_elu_avgpool
+    inputs = keras.Input((8, 8, 1))
+    if name == "residual_ln":
+        h = layers.ReLU()(layers.BatchNormalization()(
+            layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)))
+        r = layers.ReLU()(layers.BatchNormalization()(
+            layers.Conv2D(16, 3, padding="same", use_bias=False)(h)))
+        r = layers.BatchNormalization()(layers.Conv2D(16, 3, padding="same", use_bias=False)(r))
+        h = layers.ReLU()(layers.Add()([h, r]))
+        # Downsampling padded as PyTorch pads (hessian_tf.models.resnet does the same).
+        h = layers.Conv2D(32, 3, strides=2)(layers.ZeroPadding2D(1)(h))
+        h = layers.ReLU()(layers.LayerNormalization()(h))
+        h = layers.Concatenate()([layers.GlobalAveragePooling2D()(h),
+                                  layers.GlobalMaxPooling2D()(h)])
+        return keras.Model(inputs, layers.Dense(10)(h))
+    # functional_elu_avgpool
     h = layers.Conv2D(6, 3, padding="same", activation="elu")(inputs)
     h = layers.LeakyReLU(0.1)(layers.AveragePooling2D(2)(h))
     h = layers.Dense(32, activation="sigmoid")(layers.Flatten()(h))

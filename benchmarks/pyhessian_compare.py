@@ -27,9 +27,11 @@ m = 20), `resnet32-cifar` (hessian_tf.models.resnet32 on 512 random images, batc
 m = 5; only with --workload=resnet32-cifar or all).
 
 Your own network instead: `--model=NET.keras --data=DATA.npz [--batch_size=B]` (m = 90
-unless --lanczos_steps). The model must be a chain of layers the twin mirrors (Conv2D,
-Dense, BatchNormalization, activation layers, valid pooling, global pooling, Flatten,
-Dropout; see `sequential_chain`); the data are arrays x and y (integer labels).
+unless --lanczos_steps). The model is a Sequential or functional model of one input and one
+output, branches and skip connections included, whose layers the twin mirrors (Conv2D,
+Dense, BatchNormalization, LayerNormalization, activation layers, valid pooling, global
+pooling, ZeroPadding2D, Flatten, Dropout, Add and the other merges, Concatenate; see
+`twin_step`); the data are arrays x and y (integer labels).
 
 Usage (not part of CI; benchmarks/PYHESSIAN.md has a measured run):
   .venv/bin/python benchmarks/pyhessian_compare.py [--workload mlp-digits,cnn-bn|all]
@@ -209,7 +211,6 @@ class Workload:
     y: np.ndarray
     batch_size: int
     lanczos_steps: int
-    architecture: str  # which twin forward: "mlp", "cnn", "cnn-flatten" or "resnet"
 
 
 def calibrate_batch_norm(keras_model, x: np.ndarray, seed: int) -> None:
@@ -286,31 +287,31 @@ def build_workload(name: str, lanczos_steps: Optional[int]) -> Workload:
         digits = load_digits()
         x = (digits.data / 16.0).astype(np.float32)
         y = digits.target.astype(np.int32)
-        return Workload(name, mlp(), x, y, len(x), steps, "mlp")
+        return Workload(name, mlp(), x, y, len(x), steps)
     if name == "cnn-digits":
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         x = (digits.data / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
         y = digits.target.astype(np.int32)
-        return Workload(name, cnn_digits(seed=0), x, y, 200, steps, "cnn-flatten")
+        return Workload(name, cnn_digits(seed=0), x, y, 200, steps)
     if name == "cnn-bn":
         x, y = random_images(1024, seed=0)
         model = cnn_bn(seed=0)
         calibrate_batch_norm(model, x, seed=1)
-        return Workload(name, model, x, y, 128, steps, "cnn")
+        return Workload(name, model, x, y, 128, steps)
     if name == "resnet32-cifar":
         x, y = random_images(512, seed=0)
         model = resnet32(seed=0)
         calibrate_batch_norm(model, x, seed=1)
-        return Workload(name, model, x, y, 128, steps, "resnet")
+        return Workload(name, model, x, y, 128, steps)
     raise Failure(f"--workload={name!r} is not known; use one of {', '.join(WORKLOADS)} or all.")
 
 
 def workload_from_files(model_path: str, data_path: str, batch_size: int,
                         lanczos_steps: Optional[int]) -> Workload:
-    """A user's own network and data: a `.keras` file (a chain of layers the twin
-    supports, see `sequential_chain`) and an `.npz` with arrays x and y (integer class
+    """A user's own network and data: a `.keras` file (a model the twin mirrors, see
+    `twin_graph`) and an `.npz` with arrays x and y (integer class
     labels, for the cross-entropy of logits)."""
     import keras
 
@@ -362,12 +363,12 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
         raise Failure(f"--data={data_path}: labels range over [{y.min():g}, {y.max():g}], but "
                       f"--model has {classes} outputs; labels must lie in [0, {classes - 1}].")
     try:  # a layer the twin cannot mirror is refused before any install
-        sequential_chain(model)
+        twin_graph(model)
     except Failure as failure:
         raise Failure(f"--model={model_path}: {failure}") from failure
     name = os.path.splitext(os.path.basename(model_path))[0]
     return Workload(name, model, x.astype(np.float32), y.astype(np.int32),
-                    min(batch_size, x.shape[0]), lanczos_steps or 90, "sequential")
+                    min(batch_size, x.shape[0]), lanczos_steps or 90)
 
 
 # ------------------------------------------------------------------------------ the twin
@@ -394,8 +395,8 @@ def activation_name(layer) -> str:
 
 
 def check_twin_layer(layer) -> None:
-    """Raises Failure for a Conv2D, Dense or BatchNormalization layer the twin cannot
-    mirror (torch-free, so that it runs before any install)."""
+    """Raises Failure for a Conv2D, Dense, BatchNormalization or LayerNormalization
+    layer the twin cannot mirror (torch-free, so that it runs before any install)."""
     import keras
 
     if isinstance(layer, keras.layers.Conv2D):
@@ -415,88 +416,164 @@ def check_twin_layer(layer) -> None:
                 layer.center and layer.scale):
             raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D or "
                           "4-D input, with both γ and β.")
+    elif isinstance(layer, keras.layers.LayerNormalization):
+        rank = len(layer.input.shape)
+        axes = [axis % rank for axis in layer.axis]
+        if axes != [rank - 1] or not (layer.center and layer.scale) or layer.rms_scaling:
+            raise Failure(f"twin: LayerNormalization {layer.name} must normalise the last "
+                          "axis only, with both γ and β and without rms_scaling.")
 
 
-def sequential_chain(keras_model) -> list[tuple[str, Any]]:
-    """The twin's forward of a model that is a chain of layers (a `keras.Sequential`, or
-    a functional model whose layers, in order, each take the previous one's output):
-    ("module", layer name) for Conv2D / Dense / BatchNormalization (their activation
-    included), ("activation", name), ("leaky_relu", slope), ("pool", (kind, size,
-    strides)), ("global", kind) or ("flatten", None). Raises Failure naming the first
-    layer it cannot mirror; a model that is not a chain shows up in the twin check."""
+def tensor_axis(axis: int, rank: int) -> int:
+    """The torch axis of a Keras axis: images are NHWC in Keras and NCHW in the twin."""
+    axis = axis % rank
+    return {1: 2, 2: 3, 3: 1, 0: 0}[axis] if rank == 4 else axis
+
+
+# Merging layers the twin mirrors: Keras class name → the twin's step kind.
+TWIN_MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
+               "Average": "average", "Maximum": "maximum", "Minimum": "minimum"}
+SUPPORTED_LAYERS = (
+    "Conv2D, Dense, BatchNormalization, LayerNormalization, Activation, ReLU, LeakyReLU, "
+    "MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D, "
+    "ZeroPadding2D, Flatten, Dropout, " + ", ".join(TWIN_MERGES) + " and Concatenate")
+
+
+def twin_step(layer, input_shapes: list[tuple]) -> tuple[str, Any]:
+    """(kind, value) of the twin's step for one call of a Keras layer; raises Failure
+    naming a layer (or a setting of it) the twin cannot mirror. Kinds: "module" (a
+    Conv2D / Dense / BatchNormalization / LayerNormalization, its activation
+    included; value: the layer's name), "activation" (name), "leaky_relu" (slope),
+    "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
+    top, bottom)), a merge of TWIN_MERGES, "concatenate" (torch axis) or "identity"."""
     import keras
 
-    chain: list[tuple[str, Any]] = []
-    for layer in keras_model.layers:
-        if isinstance(layer, (keras.layers.InputLayer, keras.layers.Dropout)):
-            continue  # dropout is the identity at inference
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense,
-                              keras.layers.BatchNormalization)):
-            check_twin_layer(layer)
-            chain.append(("module", layer.name))
-        elif isinstance(layer, keras.layers.Flatten):
-            if layer.data_format != "channels_last":
-                raise Failure(f"twin: Flatten {layer.name} must be channels_last.")
-            chain.append(("flatten", None))
-        elif isinstance(layer, keras.layers.Activation):
-            chain.append(("activation", activation_name(layer)))
-        elif isinstance(layer, keras.layers.ReLU):
-            if not (layer.max_value is None and float(layer.negative_slope) == 0.0
-                    and float(layer.threshold) == 0.0):
-                raise Failure(f"twin: ReLU {layer.name} has max_value, negative_slope or "
-                              "threshold set; only the plain ReLU is supported.")
-            chain.append(("activation", "relu"))
-        elif isinstance(layer, keras.layers.LeakyReLU):
-            chain.append(("leaky_relu", float(layer.negative_slope)))
-        elif isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
-            if layer.padding != "valid" or layer.data_format != "channels_last":
-                raise Failure(f"twin: pooling {layer.name} must use padding='valid' and "
-                              "channels_last.")
-            kind = "max" if isinstance(layer, keras.layers.MaxPooling2D) else "average"
-            chain.append(("pool", (kind, tuple(layer.pool_size), tuple(layer.strides))))
-        elif isinstance(layer, (keras.layers.GlobalAveragePooling2D,
-                                keras.layers.GlobalMaxPooling2D)):
-            if layer.keepdims or layer.data_format != "channels_last":
-                raise Failure(f"twin: {layer.name} must have keepdims=False and channels_last.")
-            chain.append(("global", "max" if isinstance(layer, keras.layers.GlobalMaxPooling2D)
-                          else "average"))
-        else:
-            raise Failure(
-                f"twin: layer {layer.name} ({type(layer).__name__}) is not supported; a "
-                "--model must be a chain of Conv2D, Dense, BatchNormalization, Activation, "
-                "ReLU, LeakyReLU, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, "
-                "GlobalMaxPooling2D, Flatten and Dropout layers.")
-    return chain
+    merge = TWIN_MERGES.get(type(layer).__name__)
+    if isinstance(layer, (keras.layers.InputLayer, keras.layers.Dropout)):
+        return "identity", None  # dropout is the identity at inference
+    if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense,
+                          keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
+        check_twin_layer(layer)
+        return "module", layer.name
+    if isinstance(layer, keras.layers.Flatten):
+        if layer.data_format != "channels_last":
+            raise Failure(f"twin: Flatten {layer.name} must be channels_last.")
+        return "flatten", None
+    if isinstance(layer, keras.layers.Activation):
+        return "activation", activation_name(layer)
+    if isinstance(layer, keras.layers.ReLU):
+        if not (layer.max_value is None and float(layer.negative_slope) == 0.0
+                and float(layer.threshold) == 0.0):
+            raise Failure(f"twin: ReLU {layer.name} has max_value, negative_slope or "
+                          "threshold set; only the plain ReLU is supported.")
+        return "activation", "relu"
+    if isinstance(layer, keras.layers.LeakyReLU):
+        return "leaky_relu", float(layer.negative_slope)
+    if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
+        if layer.padding != "valid" or layer.data_format != "channels_last":
+            raise Failure(f"twin: pooling {layer.name} must use padding='valid' and "
+                          "channels_last.")
+        kind = "max" if isinstance(layer, keras.layers.MaxPooling2D) else "average"
+        return "pool", (kind, tuple(layer.pool_size), tuple(layer.strides))
+    if isinstance(layer, (keras.layers.GlobalAveragePooling2D,
+                          keras.layers.GlobalMaxPooling2D)):
+        if layer.keepdims or layer.data_format != "channels_last":
+            raise Failure(f"twin: {layer.name} must have keepdims=False and channels_last.")
+        return "global", ("max" if isinstance(layer, keras.layers.GlobalMaxPooling2D)
+                          else "average")
+    if isinstance(layer, keras.layers.ZeroPadding2D):
+        if layer.data_format != "channels_last":
+            raise Failure(f"twin: ZeroPadding2D {layer.name} must be channels_last.")
+        (top, bottom), (left, right) = layer.padding
+        return "pad", (int(left), int(right), int(top), int(bottom))
+    if merge or isinstance(layer, keras.layers.Concatenate):
+        if len(set(input_shapes)) != 1 and merge:
+            raise Failure(f"twin: {type(layer).__name__} {layer.name} takes inputs of shapes "
+                          f"{', '.join(map(str, input_shapes))}; the twin merges equal shapes "
+                          "only (no broadcasting).")
+        if merge:
+            return merge, None
+        return "concatenate", tensor_axis(layer.axis, len(input_shapes[0]) + 1)
+    raise Failure(f"twin: layer {layer.name} ({type(layer).__name__}) is not supported; a "
+                  f"--model may use {SUPPORTED_LAYERS} layers.")
 
 
-def torch_twin(keras_model, architecture: str):
+def twin_graph(keras_model) -> tuple[list[tuple[str, Any, tuple[int, ...], int]], int]:
+    """The twin's forward: (steps, output). Each step is (kind, value, inputs, output)
+    (see `twin_step`) over numbered tensors, 0 being the model's input, in an order
+    where every step's inputs are computed before it; `output` numbers the logits.
+    Works on a `keras.Sequential` built with an input shape and on any functional
+    model of one input and one output (branches, skip connections, shared layers).
+    Raises Failure naming the first layer it cannot mirror."""
+    import keras
+
+    graph = keras_model._functional if isinstance(keras_model, keras.Sequential) else keras_model
+    nodes_by_depth = getattr(graph, "_nodes_by_depth", None)
+    if nodes_by_depth is None:
+        raise Failure("twin: the model has no graph of layers; build it with keras.Input "
+                      "(a Sequential model needs its input shape).")
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise Failure(f"twin: the model has {len(graph.inputs)} inputs and "
+                      f"{len(graph.outputs)} outputs; the twin takes one of each.")
+    numbers = {id(graph.inputs[0]): 0}
+    count = 1
+    steps = []
+    for depth in sorted(nodes_by_depth, reverse=True):  # a node's inputs are deeper
+        for node in nodes_by_depth[depth]:
+            layer = node.operation
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            if not isinstance(layer, keras.layers.Layer):  # e.g. a keras.ops call
+                raise Failure(f"twin: operation {layer.name} ({type(layer).__name__}) is not "
+                              f"a layer the twin mirrors; use {SUPPORTED_LAYERS} layers.")
+            if len(node.output_tensors) != 1:
+                raise Failure(f"twin: layer {layer.name} has {len(node.output_tensors)} "
+                              "outputs; the twin mirrors layers of one output.")
+            inputs = tuple(numbers[id(t)] for t in node.input_tensors)
+            kind, value = twin_step(layer, [tuple(t.shape[1:]) for t in node.input_tensors])
+            if kind == "identity":
+                numbers[id(node.output_tensors[0])] = inputs[0]
+                continue
+            numbers[id(node.output_tensors[0])] = count
+            steps.append((kind, value, inputs, count))
+            count += 1
+    return steps, numbers[id(graph.outputs[0])]
+
+
+def torch_twin(keras_model):
     """A torch.nn.Module computing the same logits as keras_model (NCHW images), with one
-    submodule per Keras Conv2D / BatchNormalization / Dense layer, named as the layer, and
-    the weights copied. Returns (module, number of trainable parameters)."""
+    submodule per Keras Conv2D / BatchNormalization / LayerNormalization / Dense layer,
+    named as the layer, and the weights copied; its forward runs `twin_graph`'s steps.
+    Returns (module, number of trainable parameters)."""
     import keras
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    class KerasConv2d(nn.Conv2d):
-        """nn.Conv2d padded as the Keras layer it mirrors ('same', or an explicit
-        ZeroPadding2D named `<conv>_pad` in front of a 'valid' convolution)."""
+    steps, output = twin_graph(keras_model)  # refuses what it cannot mirror, first
 
-        def __init__(self, layer, explicit_padding):
-            check_twin_layer(layer)
+    class KerasConv2d(nn.Conv2d):
+        """nn.Conv2d padded as Keras pads: 'same' puts an odd pixel at the bottom/right."""
+
+        def __init__(self, layer):
             super().__init__(layer.kernel.shape[2], layer.filters, tuple(layer.kernel_size),
                              stride=tuple(layer.strides), padding=0, bias=layer.use_bias)
             self.same = layer.padding == "same"
-            self.explicit_padding = explicit_padding  # F.pad order: left, right, top, bottom
 
         def forward(self, x):
             if self.same:
                 top, bottom = same_padding(x.shape[2], self.kernel_size[0], self.stride[0])
                 left, right = same_padding(x.shape[3], self.kernel_size[1], self.stride[1])
                 x = F.pad(x, (left, right, top, bottom))
-            elif self.explicit_padding:
-                x = F.pad(x, self.explicit_padding)
             return super().forward(x)
+
+    class ChannelsLastLayerNorm(nn.LayerNorm):
+        """Keras normalises an image's channels, its last axis: NCHW → NHWC and back."""
+
+        def forward(self, x):
+            if x.ndim != 4:
+                return super().forward(x)
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     # One entry per name of TWIN_ACTIVATIONS, which activation_name checks against.
     functions = {"linear": lambda t: t, "tanh": torch.tanh, "relu": torch.relu,
@@ -505,32 +582,22 @@ def torch_twin(keras_model, architecture: str):
                  # keras.activations.leaky_relu's default slope
                  "leaky_relu": lambda t: F.leaky_relu(t, 0.2)}
 
-    def activation(layer) -> Callable:
-        return functions[activation_name(layer)]
-
     modules = nn.ModuleDict()
     activations: dict[str, Callable] = {}
     for layer in keras_model.layers:
         if isinstance(layer, keras.layers.Conv2D):
-            explicit = None
-            try:
-                pad = keras_model.get_layer(f"{layer.name}_pad")
-                (top, bottom), (left, right) = pad.padding
-                explicit = (left, right, top, bottom)
-            except ValueError:
-                pass
-            modules[layer.name] = KerasConv2d(layer, explicit)
-            activations[layer.name] = activation(layer)
+            modules[layer.name] = KerasConv2d(layer)
         elif isinstance(layer, keras.layers.BatchNormalization):
-            check_twin_layer(layer)
             norm = nn.BatchNorm2d if len(layer.input.shape) == 4 else nn.BatchNorm1d
             modules[layer.name] = norm(layer.gamma.shape[0], eps=layer.epsilon)
+        elif isinstance(layer, keras.layers.LayerNormalization):
+            modules[layer.name] = ChannelsLastLayerNorm(layer.gamma.shape[0], eps=layer.epsilon)
         elif isinstance(layer, keras.layers.Dense):
-            check_twin_layer(layer)
             modules[layer.name] = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.use_bias)
-            activations[layer.name] = activation(layer)
         elif layer.weights:
             raise Failure(f"twin: layer {layer.name} ({type(layer).__name__}) has weights but no twin.")
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            activations[layer.name] = functions[activation_name(layer)]
 
     # Copy the weights, by layer name.
     assigned = set()
@@ -555,6 +622,9 @@ def torch_twin(keras_model, architecture: str):
             put(module.bias, numpy_of(layer.beta))
             put(module.running_mean, numpy_of(layer.moving_mean))
             put(module.running_var, numpy_of(layer.moving_variance))
+        elif isinstance(module, nn.LayerNorm):
+            put(module.weight, numpy_of(layer.gamma))
+            put(module.bias, numpy_of(layer.beta))
         else:
             put(module.weight, numpy_of(layer.kernel).T)
             if layer.use_bias:
@@ -563,67 +633,44 @@ def torch_twin(keras_model, architecture: str):
     if unassigned:
         raise Failure(f"twin: parameters without a Keras value: {unassigned}.")
 
-    chain = sequential_chain(keras_model) if architecture == "sequential" else []
     pools = {"max": F.max_pool2d, "average": F.avg_pool2d}
+    merges = {"add": lambda ts: sum(ts[1:], ts[0]),
+              "subtract": lambda ts: ts[0] - ts[1],
+              "multiply": lambda ts: torch.prod(torch.stack(ts), dim=0),
+              "average": lambda ts: torch.stack(ts).mean(dim=0),
+              "maximum": lambda ts: torch.stack(ts).amax(dim=0),
+              "minimum": lambda ts: torch.stack(ts).amin(dim=0)}
 
     class Twin(nn.Module):
         def __init__(self):
             super().__init__()
             self.layers = modules
 
-        def apply_layer(self, name, x):
-            return activations.get(name, lambda t: t)(self.layers[name](x))
-
         def forward(self, x):
-            L = self.layers
-            if architecture == "sequential":
-                for kind, value in chain:
-                    if kind == "module":
-                        x = self.apply_layer(value, x)
-                    elif kind == "activation":
-                        x = functions[value](x)
-                    elif kind == "leaky_relu":
-                        x = F.leaky_relu(x, value)
-                    elif kind == "pool":
-                        x = pools[value[0]](x, value[1], value[2])
-                    elif kind == "global":
-                        x = x.amax(dim=(2, 3)) if value == "max" else x.mean(dim=(2, 3))
-                    else:  # flatten; Keras flattens channels-last images: H, W, C
-                        x = (x.permute(0, 2, 3, 1) if x.ndim == 4 else x).flatten(1)
-                return x
-            if architecture == "mlp":
-                for name in L:  # Dense layers in Keras order
-                    x = self.apply_layer(name, x)
-                return x
-            if architecture == "cnn":
-                index = 1
-                while f"conv{index}" in L:
-                    x = torch.relu(L[f"bn{index}"](self.apply_layer(f"conv{index}", x)))
-                    index += 1
-                return self.apply_layer("logits", x.mean(dim=(2, 3)))
-            if architecture == "cnn-flatten":
-                index = 1
-                while f"conv{index}" in L:
-                    x = self.apply_layer(f"conv{index}", x)
-                    index += 1
-                # Keras flattens channels-last images: H, W, C order.
-                return self.apply_layer("logits", x.permute(0, 2, 3, 1).flatten(1))
-            if architecture == "resnet":
-                x = torch.relu(L["stem_bn"](L["stem_conv"](x)))
-                stage = 1
-                while f"stage{stage}_block1_conv1" in L:
-                    block = 1
-                    while f"stage{stage}_block{block}_conv1" in L:
-                        n = f"stage{stage}_block{block}"
-                        h = torch.relu(L[f"{n}_bn1"](L[f"{n}_conv1"](x)))
-                        h = L[f"{n}_bn2"](L[f"{n}_conv2"](h))
-                        if f"{n}_shortcut_conv" in L:
-                            x = L[f"{n}_shortcut_bn"](L[f"{n}_shortcut_conv"](x))
-                        x = torch.relu(h + x)
-                        block += 1
-                    stage += 1
-                return self.apply_layer("logits", x.mean(dim=(2, 3)))
-            raise Failure(f"twin: unknown architecture {architecture!r}.")
+            values = {0: x}
+            for kind, value, inputs, out in steps:
+                args = [values[i] for i in inputs]
+                x = args[0]
+                if kind == "module":
+                    x = activations.get(value, lambda t: t)(self.layers[value](x))
+                elif kind == "activation":
+                    x = functions[value](x)
+                elif kind == "leaky_relu":
+                    x = F.leaky_relu(x, value)
+                elif kind == "pool":
+                    x = pools[value[0]](x, value[1], value[2])
+                elif kind == "global":
+                    x = x.amax(dim=(2, 3)) if value == "max" else x.mean(dim=(2, 3))
+                elif kind == "pad":
+                    x = F.pad(x, value)
+                elif kind == "concatenate":
+                    x = torch.cat(args, dim=value)
+                elif kind in merges:
+                    x = merges[kind](args)
+                else:  # flatten; Keras flattens channels-last images: H, W, C
+                    x = (x.permute(0, 2, 3, 1) if x.ndim == 4 else x).flatten(1)
+                values[out] = x
+            return values[output]
 
     twin = Twin()
     num_params = sum(p.numel() for p in twin.parameters() if p.requires_grad)
@@ -740,7 +787,7 @@ def run_pyhessian(workload: Workload, import_seconds: float, seed: int = 0):
     from pyhessian import hessian
 
     started = time.perf_counter()
-    twin, num_params = torch_twin(workload.keras_model, workload.architecture)
+    twin, num_params = torch_twin(workload.keras_model)
     setup = time.perf_counter() - started
     ok, message = check_twin(workload, twin, num_params)
     if not ok:
@@ -825,9 +872,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=f"comma-separated of {', '.join(WORKLOADS)}, or all (default: "
                         f"{','.join(DEFAULT_WORKLOADS)})")
     parser.add_argument("--model", default=None,
-                        help="instead of --workload: your own network, a .keras file whose layers "
-                        "form a chain (Conv2D, Dense, BatchNormalization, activations, pooling, "
-                        "Flatten, Dropout); needs --data")
+                        help="instead of --workload: your own network, a .keras file (one input, "
+                        "one output; skip connections allowed) of Conv2D, Dense, BN, "
+                        "LayerNormalization, activations, pooling, padding, Flatten, Dropout, "
+                        "merges and Concatenate; needs --data")
     parser.add_argument("--data", default=None,
                         help="with --model: an .npz with arrays x (inputs) and y (integer labels)")
     parser.add_argument("--batch_size", type=int, default=None,

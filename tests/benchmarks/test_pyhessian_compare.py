@@ -1,6 +1,6 @@
 """benchmarks/pyhessian_compare.py with a user's own network (--model, --data): the
 parts that need neither torch nor PyHessian (CI installs neither): the files are
-checked, and the layer chain the PyTorch twin mirrors is read from the Keras model,
+checked, and the graph of layers the PyTorch twin mirrors is read from the Keras model,
 before anything is installed. The twin itself is checked against the Keras logits at
 every run of the script."""
 
@@ -34,21 +34,81 @@ def chain_model():
     return keras.Model(inputs, keras.layers.Dense(3, name="logits")(h))
 
 
-def test_chain_of_a_functional_model():
-    assert compare.sequential_chain(chain_model()) == [
-        ("module", "conv"), ("pool", ("max", (2, 2), (2, 2))), ("module", "bn"),
-        ("leaky_relu", pytest.approx(0.2)), ("flatten", None), ("module", "hidden"),
-        ("activation", "gelu"), ("module", "hidden2"), ("module", "logits")]
+def test_steps_of_a_chain():
+    # Tensor 0 is the input; Dropout is no step (the identity at inference).
+    assert compare.twin_graph(chain_model()) == ([
+        ("module", "conv", (0,), 1), ("pool", ("max", (2, 2), (2, 2)), (1,), 2),
+        ("module", "bn", (2,), 3), ("leaky_relu", pytest.approx(0.2), (3,), 4),
+        ("flatten", None, (4,), 5), ("module", "hidden", (5,), 6),
+        ("activation", "gelu", (6,), 7), ("module", "hidden2", (7,), 8),
+        ("module", "logits", (8,), 9)], 9)
+
+
+def residual_model():
+    """A residual block with a projection shortcut, a branch that is concatenated, a
+    padding layer and a shared Dense layer."""
+    inputs = keras.Input((8, 8, 2))
+    h = keras.layers.ZeroPadding2D(((1, 0), (0, 1)), name="pad")(inputs)
+    h = keras.layers.Conv2D(4, 2, strides=2, name="conv1")(h)
+    h = keras.layers.LayerNormalization(name="ln")(h)
+    shortcut = keras.layers.Conv2D(4, 1, strides=2, name="shortcut")(inputs)
+    h = keras.layers.ReLU(name="relu")(keras.layers.Add(name="add")([h, shortcut]))
+    h = keras.layers.Concatenate(axis=1, name="rows")([h, shortcut])  # NHWC axis 1 = H
+    h = keras.layers.Concatenate(name="channels")([h, h])  # the last axis = C
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    shared = keras.layers.Dense(8, name="shared")
+    h = keras.layers.Subtract(name="sub")([h, shared(shared(h))])
+    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(h))
+
+
+def test_steps_of_a_residual_model():
+    steps, output = compare.twin_graph(residual_model())
+    by_output = {out: (kind, value, inputs) for kind, value, inputs, out in steps}
+    assert len(by_output) == len(steps) == 13 and output == len(steps)
+    # Every step reads tensors computed before it (the input is 0).
+    assert all(max(inputs) < out for _, _, inputs, out in steps)
+    named = {value: out for kind, value, _, out in steps if kind == "module"}
+    assert set(named) == {"conv1", "ln", "shortcut", "shared", "logits"}
+    assert by_output[named["shortcut"]][2] == (0,)
+    assert by_output[1] == ("pad", (0, 1, 1, 0), (0,))  # F.pad order: left, right, top, bottom
+    [add] = [out for out, (kind, _, _) in by_output.items() if kind == "add"]
+    assert sorted(by_output[add][2]) == sorted([named["ln"], named["shortcut"]])
+    concatenations = [(value, inputs) for kind, value, inputs, _ in steps if kind == "concatenate"]
+    assert [axis for axis, _ in concatenations] == [2, 1]  # NCHW: H is 2, C is 1
+    assert concatenations[1][1][0] == concatenations[1][1][1]
+    shared_calls = [(inputs, out) for kind, value, inputs, out in steps if value == "shared"]
+    assert len(shared_calls) == 2 and shared_calls[1][0] == (shared_calls[0][1],)
+    [(_, _, sub_inputs, sub_output)] = [step for step in steps if step[0] == "subtract"]
+    assert sub_inputs[1] == shared_calls[1][1]
+    assert by_output[output] == ("module", "logits", (sub_output,))
+
+
+def test_models_the_twin_cannot_mirror_are_refused():
+    inputs = keras.Input((4,))
+    broadcast = keras.layers.Add()([keras.layers.Dense(4)(inputs), keras.layers.Dense(1)(inputs)])
+    with pytest.raises(compare.Failure, match="merges equal shapes only"):
+        compare.twin_graph(keras.Model(inputs, broadcast))
+    other = keras.Input((4,))
+    with pytest.raises(compare.Failure, match="2 inputs and 1 outputs"):
+        compare.twin_graph(keras.Model([inputs, other], keras.layers.Add()([inputs, other])))
+    with pytest.raises(compare.Failure, match=r"operation .* is not a layer the twin mirrors"):
+        compare.twin_graph(keras.Model(inputs, keras.ops.tanh(keras.layers.Dense(3)(inputs))))
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)], name="inner")
+    with pytest.raises(compare.Failure, match=r"inner \(Sequential\) is not supported"):
+        compare.twin_graph(keras.Model(inputs, inner(inputs)))
 
 
 @pytest.mark.parametrize("layer, message", [
-    (keras.layers.ZeroPadding2D(1), "ZeroPadding2D) is not supported"),
+    (keras.layers.UpSampling2D(2), "UpSampling2D) is not supported"),
+    (keras.layers.ZeroPadding2D(1, data_format="channels_first"), "must be channels_last"),
     (keras.layers.MaxPooling2D(2, padding="same"), "must use padding='valid'"),
     (keras.layers.Activation("softmax"), "activation 'softmax'"),
     (keras.layers.ReLU(max_value=6.0), "only the plain ReLU"),
     (keras.layers.Conv2D(2, 3, activation="relu6"), "activation 'relu6'"),
     (keras.layers.Conv2D(2, 3, dilation_rate=2), "without dilation"),
     (keras.layers.BatchNormalization(scale=False), "with both γ and β"),
+    (keras.layers.LayerNormalization(center=False), "with both γ and β and without"),
+    (keras.layers.LayerNormalization(axis=(1, 2, 3)), "the last axis only"),
     (keras.layers.Dense(2), "flatten or pool images before a Dense"),
     (keras.layers.Flatten(data_format="channels_first"), "Flatten flatten_cf must be"),
 ])
@@ -59,7 +119,7 @@ def test_layers_the_twin_cannot_mirror_are_named(layer, message):
     model = keras.Sequential([keras.Input((8, 8, 1)), layer, keras.layers.Flatten(),
                               keras.layers.Dense(3)])
     with pytest.raises(compare.Failure, match=re.escape(message)):
-        compare.sequential_chain(model)
+        compare.twin_graph(model)
 
 
 def test_workload_from_files(tmp_path):
@@ -72,7 +132,7 @@ def test_workload_from_files(tmp_path):
         str(tmp_path / "net.keras"), str(tmp_path / "data.npz"), 128, None)
     assert (workload.name, workload.batch_size, workload.lanczos_steps) == ("net", 10, 90)
     assert workload.x.dtype == np.float32 and workload.y.dtype == np.int32
-    assert workload.y.shape == (10,) and workload.architecture == "sequential"
+    assert workload.y.shape == (10,)
 
     # A trailing axis of size 1 is dropped, or added, as Keras does for hessian-spectrum.
     np.savez(tmp_path / "column.npz", x=x[..., np.newaxis], y=rng.integers(0, 3, 10))
@@ -136,5 +196,5 @@ def test_example_networks_are_accepted(tmp_path):
     for name, data in example_networks.NETWORKS.items():
         workload = compare.workload_from_files(
             str(tmp_path / f"{name}.keras"), str(tmp_path / f"{data}.npz"), 128, None)
-        assert len(workload.x) == 1797 and workload.architecture == "sequential"
-        assert len(compare.sequential_chain(workload.keras_model)) >= 4
+        assert len(workload.x) == 1797
+        assert len(compare.twin_graph(workload.keras_model)[0]) >= 4
