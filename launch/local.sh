@@ -41,17 +41,8 @@ for argument in "$@"; do
   esac
 done
 
-# Free ports on loopback, chosen by the kernel.
-ports=$(python3 - "$num_workers" <<'PY'
-import socket, sys
-sockets = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in sockets:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in sockets))
-for s in sockets:
-    s.close()
-PY
-)
+# Free ports on loopback (launch/free_ports.py says how they are chosen).
+ports=$(python3 "$(dirname "$0")/free_ports.py" "$num_workers")
 workers=""
 for port in $ports; do
   workers="${workers:+$workers, }\"127.0.0.1:$port\""

@@ -1,5 +1,6 @@
 """Helpers for tests that run the binaries and launchers in fresh processes."""
 
+import importlib.util
 import os
 import pathlib
 import signal
@@ -8,6 +9,11 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOCAL_LAUNCHER = ROOT / "launch" / "local.sh"
+
+_spec = importlib.util.spec_from_file_location("free_ports", ROOT / "launch" / "free_ports.py")
+_ports = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ports)
+free_ports = _ports.free_ports  # the launcher's own choice of ports
 
 
 def environment():

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.processes import LOCAL_LAUNCHER, environment, kill_worker
+from tests.processes import LOCAL_LAUNCHER, environment, free_ports, kill_worker
 
 LOCAL = LOCAL_LAUNCHER
 STEPS = 25
@@ -127,14 +127,8 @@ def test_killed_worker_ends_the_job_with_a_clear_error(tmp_path, moment, marker,
 
 def test_worker_that_never_starts_times_out(bn_job, tmp_path):
     """TF_CONFIG names two workers; only worker 0 runs."""
-    import socket
     env = environment()
-    sockets = [socket.socket() for _ in range(2)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    ports = free_ports(2)
     env["TF_CONFIG"] = json.dumps({
         "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
         "task": {"type": "worker", "index": 0}})
@@ -186,6 +180,28 @@ def test_more_replicas_than_examples(tmp_path, bn_job):
                       f"--output_dir={tmp_path / 'out'}", timeout=120)
     assert result.returncode != 0
     assert "2 examples for 4 replicas" in result.stderr
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_skip_busy_ones(monkeypatch):
+    import socket
+
+    from tests import processes
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as file:
+        ephemeral_start = int(file.read().split()[0])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        sample = processes._ports.random.sample
+        monkeypatch.setattr(processes._ports.random, "sample",
+                            lambda span, k: [taken, taken] + sample(span, k))
+        ports = free_ports(4)
+    assert len(set(ports)) == 4 and taken not in ports
+    assert all(10_000 <= port < ephemeral_start for port in ports)
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
 
 
 def test_local_launcher_rejects_a_bad_worker_count():

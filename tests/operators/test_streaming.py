@@ -238,11 +238,10 @@ def test_two_workers_stream_their_own_parts_and_equal_in_memory(tmp_path):
     # 12 examples: batches 4, 4, 4, 1 against 4, 4, 4, so one worker's pipeline ends a
     # batch before the other's), summed by one all-reduce per product.
     import os
-    import socket
     import subprocess
     import sys
 
-    from tests.processes import ROOT, environment
+    from tests.processes import ROOT, environment, free_ports
 
     model, x, y = small_problem(25)
     model.save(str(tmp_path / "model.keras"))
@@ -250,12 +249,7 @@ def test_two_workers_stream_their_own_parts_and_equal_in_memory(tmp_path):
         sum(int(np.prod(v.shape)) for v in model.trainable_variables))
     np.savez(tmp_path / "data.npz", x=x, y=y, vector=vector)
     (tmp_path / "worker.py").write_text(WORKER)
-    sockets = [socket.socket() for _ in range(2)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    workers = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
-    for s in sockets:
-        s.close()
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         env = environment()
