@@ -553,18 +553,34 @@ def torch_twin(keras_model):
     steps, output = twin_graph(keras_model)  # refuses what it cannot mirror, first
 
     class KerasConv2d(nn.Conv2d):
-        """nn.Conv2d padded as Keras pads: 'same' puts an odd pixel at the bottom/right."""
+        """nn.Conv2d padded as Keras pads, by torch's own padding (as a PyTorch user
+        writes it) wherever that pads the same: Keras's 'same' puts an odd pixel at the
+        bottom/right, which only a separate F.pad can (one more op each way)."""
 
-        def __init__(self, layer):
+        def __init__(self, layer, padding=(0, 0)):
+            self.asymmetric = None  # F.pad's (left, right, top, bottom)
+            self.dynamic = False  # 'same' on an input of unknown height or width
+            if layer.padding == "same":
+                sizes = tuple(layer.input.shape[1:3])
+                self.dynamic = None in sizes
+                if not self.dynamic:
+                    (top, bottom), (left, right) = (
+                        same_padding(size, kernel, stride) for size, kernel, stride
+                        in zip(sizes, layer.kernel_size, layer.strides))
+                    if (top, left) == (bottom, right):
+                        padding = (top, left)
+                    else:
+                        self.asymmetric = (left, right, top, bottom)
             super().__init__(layer.kernel.shape[2], layer.filters, tuple(layer.kernel_size),
-                             stride=tuple(layer.strides), padding=0, bias=layer.use_bias)
-            self.same = layer.padding == "same"
+                             stride=tuple(layer.strides), padding=padding, bias=layer.use_bias)
 
         def forward(self, x):
-            if self.same:
+            if self.dynamic:
                 top, bottom = same_padding(x.shape[2], self.kernel_size[0], self.stride[0])
                 left, right = same_padding(x.shape[3], self.kernel_size[1], self.stride[1])
                 x = F.pad(x, (left, right, top, bottom))
+            elif self.asymmetric:
+                x = F.pad(x, self.asymmetric)
             return super().forward(x)
 
     class ChannelsLastLayerNorm(nn.LayerNorm):
@@ -582,11 +598,30 @@ def torch_twin(keras_model):
                  # keras.activations.leaky_relu's default slope
                  "leaky_relu": lambda t: F.leaky_relu(t, 0.2)}
 
+    # A symmetric ZeroPadding2D read only by a 'valid' convolution (called once) becomes
+    # that convolution's own padding, as PyTorch's ResNets write it.
+    producers = {out: (kind, value, inputs) for kind, value, inputs, out in steps}
+    readers = [i for _, _, inputs, _ in steps for i in inputs]
+    calls = [value for kind, value, _, _ in steps if kind == "module"]
+    folded: dict[str, tuple[int, int]] = {}
+    for index, (kind, value, inputs, out) in enumerate(steps):
+        producer = producers.get(inputs[0]) if kind == "module" else None
+        layer = keras_model.get_layer(value) if producer else None
+        if (producer and producer[0] == "pad" and isinstance(layer, keras.layers.Conv2D)
+                and layer.padding == "valid" and calls.count(value) == 1
+                and readers.count(inputs[0]) == 1 and inputs[0] != output):
+            left, right, top, bottom = producer[1]
+            if (left, top) == (right, bottom):
+                folded[value] = (top, left)
+                steps[index] = (kind, value, producer[2], out)
+    kept_inputs = {i for _, _, inputs, _ in steps for i in inputs} | {output}
+    steps = [step for step in steps if step[0] != "pad" or step[3] in kept_inputs]
+
     modules = nn.ModuleDict()
     activations: dict[str, Callable] = {}
     for layer in keras_model.layers:
         if isinstance(layer, keras.layers.Conv2D):
-            modules[layer.name] = KerasConv2d(layer)
+            modules[layer.name] = KerasConv2d(layer, folded.get(layer.name, (0, 0)))
         elif isinstance(layer, keras.layers.BatchNormalization):
             norm = nn.BatchNorm2d if len(layer.input.shape) == 4 else nn.BatchNorm1d
             modules[layer.name] = norm(layer.gamma.shape[0], eps=layer.epsilon)
