@@ -2,7 +2,8 @@
 Hessian-vector product (the operator's default method) under each alternative.
 
 Variants (each in its own process, since some are environment variables read when
-TensorFlow starts): baseline; XLA (`jit_compile=True`); XLA auto-clustering; fused
+TensorFlow starts): baseline; XLA (`jit_compile=True`); XLA auto-clustering, of every
+op or of the element-wise ops only (`--tf_xla_ops_to_cluster=FUSIBLE`); fused
 inference BN (`tf.compat.v1.nn.fused_batch_norm` in place of Keras's unfused BN);
 oneDNN off; TensorFlow inter-op threads 1 and 4.
 
@@ -24,6 +25,10 @@ VARIANTS = {
     "baseline": {},
     "xla": {},
     "xla-autoclustering": {"TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"},
+    # Only element-wise ops clustered (BN, activations and their derivatives fused by
+    # XLA); convolutions and matrix products stay with oneDNN.
+    "xla-fusible": {"TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit "
+                                    "--tf_xla_ops_to_cluster=FUSIBLE"},
     "fused-bn": {},
     "onednn-off": {"TF_ENABLE_ONEDNN_OPTS": "0"},
     "interop-1": {"TF_NUM_INTEROP_THREADS": "1"},
