@@ -76,6 +76,7 @@ TWIN_RTOL = 1e-4  # logits (relative to max |logit|) and mean loss
 TWIN_ACTIVATIONS = ("linear", "tanh", "relu", "sigmoid", "elu", "gelu", "silu", "swish",
                     "softplus", "leaky_relu")
 LAMBDA_MAX_WARN = 1e-3  # relative difference of λmax above which a warning is printed
+BUSY_CORES = 0.1  # others' cores on either side above which a ratio is marked ‡
 
 
 class Failure(Exception):
@@ -357,7 +358,8 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
     if len(expected) != x.ndim - 1 or any(
             e is not None and e != a for e, a in zip(expected, x.shape[1:])):
         raise Failure(f"--data={data_path}: inputs of shape {x.shape[1:]}, but --model takes "
-                      f"{expected}.")
+                      f"{expected}; reshape x to (N, {', '.join(map(str, expected))}) "
+                      "or pass the model for these inputs.")
     classes = model.output_shape[-1]
     if y.min() < 0 or y.max() >= classes:
         raise Failure(f"--data={data_path}: labels range over [{y.min():g}, {y.max():g}], but "
@@ -1036,11 +1038,17 @@ def main(argv: list[str]) -> int:
                 print(f"  WARNING: λmax differs by {gap:.1e} (relative); m = "
                       f"{workload.lanczos_steps} may be too few steps for the extreme Ritz values of "
                       "different start vectors to converge.")
+            busy = any(load is not None and load > BUSY_CORES
+                       for load in (ours.other_load, theirs.other_load))
+            if busy:
+                print(f"  WARNING: other processes used more than {BUSY_CORES} cores while a "
+                      "side was timed; this ratio is marked ‡: rerun on a quiet machine.")
             rows.append([
                 name, f"{num_params:,}", f"{len(workload.x):,}", str(workload.batch_size),
                 str(workload.lanczos_steps),
                 f"{ours.seconds_per_step:.4g}" + ("" if ours.note == "seconds_per_step" else "†"),
-                f"{theirs.seconds_per_step:.4g}", f"{ours.seconds_per_step / theirs.seconds_per_step:.2f}",
+                f"{theirs.seconds_per_step:.4g}",
+                f"{ours.seconds_per_step / theirs.seconds_per_step:.2f}" + ("‡" if busy else ""),
                 f"{first_step:.3g}", f"{after_first:.4g}", f"{100 * product_share:.0f}%",
                 f"{ours.wall:.1f}", f"{theirs.wall:.1f}",
                 f"{ours.lambda_max:.6g}", f"{theirs.lambda_max:.6g}", f"{gap:.1e}",
@@ -1061,6 +1069,9 @@ def main(argv: list[str]) -> int:
         if any("†" in row[5] for row in rows):
             print("† summary.json has no seconds_per_step: lanczos_seconds / steps, which "
                   "includes the first product's tracing and the determinism check's extra product.")
+        if any("‡" in row[7] for row in rows):
+            print(f"‡ other processes used more than {BUSY_CORES} cores while one side was "
+                  "timed (the last column): not a ratio to quote.")
     print(f"End: {load_average()}")
     if twin_failures:
         print(f"error: twin check failed for {', '.join(twin_failures)}; no timing for them.",

@@ -544,10 +544,10 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         },
     )
     logging.info(
-        "lambda_max=%.6g lambda_min=%.6g negative_mass=%.4g (%.4g beyond tolerance %.3g) "
-        "in %.1f s, %d products",
-        stats.lambda_max, stats.lambda_min, stats.negative_mass,
-        stats.negative_mass_tolerance, stats.zero_tolerance, summary["seconds"],
+        "lambda_max=%.6g lambda_min=%.6g negative_mass_beyond_tolerance=%.4g (below "
+        "-%.3g; below 0: %.4g, most of it the bulk at 0) in %.1f s, %d products",
+        stats.lambda_max, stats.lambda_min, stats.negative_mass_tolerance,
+        stats.zero_tolerance, stats.negative_mass, summary["seconds"],
         operator.num_products,
     )
     for path in written:

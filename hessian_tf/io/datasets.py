@@ -53,6 +53,11 @@ def load_npz(path: str):
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = {"x", "y"} - set(archive.files)
+            if missing and {"config.json", "model.weights.h5"} <= set(archive.files):
+                raise ValueError(
+                    f"--dataset=npz:{path}: this is a .keras model, not data; pass it as "
+                    "--model, and the data as --dataset=npz:DATA.npz."
+                )
             if missing:
                 raise ValueError(
                     f"--dataset=npz:{path}: the file lacks arrays {sorted(missing)} "

@@ -118,6 +118,12 @@ def _write_bad_npz(directory, case):
         np.savez(path, x=np.zeros((0, 2), np.float32), y=np.zeros(0, np.int32))
     elif case == "scalars":
         np.savez(path, x=np.float32(1.0), y=np.int32(0))
+    elif case == "keras model":
+        import keras
+
+        keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]).save(
+            path.with_suffix(".keras"))
+        path = path.with_suffix(".keras")
     elif case == "missing file":
         pass
     elif case == "directory":
@@ -142,6 +148,7 @@ def _write_bad_npz(directory, case):
     ("scalars", "same number of examples"),
     ("missing file", "no such file"),
     ("directory", "no such file"),
+    ("keras model", "this is a .keras model, not data; pass it as --model"),
 ])
 def test_bad_npz_is_a_value_error_naming_the_flag(tmp_path, case, expected):
     path = _write_bad_npz(tmp_path, case)

@@ -355,3 +355,12 @@ def test_determinism_tolerance_follows_the_products_precision(dtype, change, fai
             operator.check_determinism(np.ones(operator.dim))
     else:
         operator.check_determinism(np.ones(operator.dim))
+
+
+def test_targets_of_another_shape_are_refused_with_the_fix():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+    x = np.zeros((6, 3), np.float32)
+    with pytest.raises(ValueError, match=r"--loss=mean_squared_error: targets of shape \(2,\) "
+                       r"do not match the model's outputs \(4,\); pass targets of that shape"):
+        operators.HessianOperator(operators.KerasModelFunction(model), x,
+                                  np.zeros((6, 2), np.float32), loss="mean_squared_error")
