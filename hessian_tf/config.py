@@ -13,6 +13,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Model: a .keras file or a SavedModel directory; empty = train the embedded
     # default MLP on the dataset first (saved as OUTPUT_DIR/model.keras).
     config.model = ""
+    # Comma-separated Python modules imported before the model is loaded: the ones
+    # that register its custom layers (keras.saving.register_keras_serializable).
+    config.import_modules = ""
     config.default_model_epochs = 20
     # Data: 'digits', 'npz:PATH' or 'tfds:NAME[/CONFIG]' (with split, data_dir).
     config.dataset = "digits"

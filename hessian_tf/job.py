@@ -354,7 +354,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
     # anything else touches TensorFlow's devices.
     from hessian_tf.distribute import is_chief, make_strategy
     from hessian_tf.io.datasets import load_dataset
-    from hessian_tf.io.models import check_model_path, load_model_function
+    from hessian_tf.io.models import check_model_path, import_modules, load_model_function
     from hessian_tf.operators import HessianOperator, NonDeterministicError, NonFiniteError
     from hessian_tf.operators import gauss_newton
     from hessian_tf.operators.subset import SubsetModelFunction
@@ -389,6 +389,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         logging.info("Dataset %s: x %s, y %s", config.dataset, x.shape, y.shape)
     extra = {}
     if config.model:
+        import_modules(config.import_modules)
         model_function = load_model_function(config.model, strategy)
     else:
         model_function, x, extra = _default_model_function(config, x, y, output_dir)

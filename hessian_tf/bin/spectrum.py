@@ -34,6 +34,8 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
 
 _HELP = {
     "model": "A .keras file or a SavedModel directory; empty: train the default MLP.",
+    "import_modules": "Comma-separated Python modules to import before loading --model "
+    "(those that register its custom Keras layers).",
     "default_model_epochs": "Epochs of training for the embedded default MLP.",
     "dataset": "'digits', 'npz:PATH' (arrays x, y) or 'tfds:NAME[/CONFIG]'.",
     "stream": "Stream the tfds dataset from --data_dir at every product (data larger than memory).",

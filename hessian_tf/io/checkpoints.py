@@ -39,7 +39,7 @@ _ROW_FILE = re.compile(r"draw(\d+)_row\d+\.npy(\.tmp)?$")
 # Options that do not change the result: a run resumes across changes of these.
 _OPERATIONAL_OPTIONS = (
     "output_dir", "checkpoint_every", "checkpoint_seconds", "restart", "worker_timeout",
-    "lockstep_draws",
+    "lockstep_draws", "import_modules",
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import keras
@@ -28,6 +29,22 @@ def check_model_path(path: str) -> None:
             f"--model={path}: the directory holds no saved_model.pb; pass a "
             "SavedModel directory (e.g. from Keras model.export()) or a .keras file."
         )
+
+
+def import_modules(names: str) -> None:
+    """Imports each of the comma-separated Python modules `names` (--import_modules),
+    e.g. the ones that register a model's custom layers before it is loaded."""
+    for name in (part.strip() for part in names.split(",")):
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # an import runs arbitrary code
+            raise ValueError(
+                f"--import_modules={names}: module {name!r} could not be imported "
+                f"({type(error).__name__}: {_first_line(error)}); pass modules importable "
+                "from PYTHONPATH, e.g. --import_modules=my_package.layers."
+            ) from error
 
 
 def load_model_function(path: str, strategy: tf.distribute.Strategy | None = None):
@@ -59,10 +76,15 @@ def load_model_function(path: str, strategy: tf.distribute.Strategy | None = Non
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # zip, JSON and deserialisation errors alike
-        fix = ("replace the Lambda layer with a registered custom layer (a .keras file is "
-               "loaded in safe mode, which runs no saved Python code)"
+        fix = ("a .keras file is loaded in safe mode, which runs no saved Python code: "
+               "replace the Lambda layer with a custom layer registered by "
+               "keras.saving.register_keras_serializable in a module passed as "
+               "--import_modules=MODULE, or pass a SavedModel from "
+               "hessian_tf.io.export_for_spectrum"
                if "Lambda" in str(error) else
-               "save it again with model.save(), and register custom objects")
+               "if it has custom layers, pass the module that registers them as "
+               "--import_modules=MODULE, or a SavedModel from "
+               "hessian_tf.io.export_for_spectrum; else save it again with model.save()")
         raise ValueError(
             f"--model={path}: the .keras file could not be loaded "
             f"({type(error).__name__}: {_first_line(error)}); {fix}."

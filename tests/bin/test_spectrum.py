@@ -204,3 +204,33 @@ def test_out_of_memory_is_told_with_the_ways_out(error, expected):
     assert ("--stream" in message) == ("device" in expected)
     assert ("--basis_dtype=float32" in message) == ("host" in expected)
     assert "Hint" not in message and "\n" not in message
+
+
+def test_custom_layers_through_import_modules(tmp_path):
+    # The module that registers the custom layer is importable, but only
+    # --import_modules has the job import it before loading the model.
+    from tests.io.test_models import LAYERS_MODULE
+
+    (tmp_path / "spectrum_custom_layers.py").write_text(LAYERS_MODULE)
+    script = (
+        "import sys, keras, numpy as np; sys.path.insert(0, sys.argv[1]);"
+        "import spectrum_custom_layers as m;"
+        "keras.Sequential([keras.Input((3,)), m.Scale(), keras.layers.Dense(2)])"
+        ".save(sys.argv[1] + '/custom.keras')")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=300)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((20, 3)).astype(np.float32),
+             y=rng.integers(0, 2, 20))
+    args = [f"--model={tmp_path / 'custom.keras'}", f"--dataset=npz:{tmp_path / 'data.npz'}",
+            "--lanczos_steps=4"]
+    # `python -m` puts the working directory, tmp_path, on sys.path.
+    without = run_binary(*args, f"--output_dir={tmp_path / 'without'}", cwd=tmp_path)
+    assert without.returncode == 2
+    errors = [line for line in without.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--import_modules=MODULE" in errors[0], without.stderr[-2000:]
+    assert not (tmp_path / "without").exists()
+    with_module = run_binary(*args, "--import_modules=spectrum_custom_layers",
+                             f"--output_dir={tmp_path / 'with'}", cwd=tmp_path)
+    assert with_module.returncode == 0, with_module.stderr[-3000:]
+    summary = json.loads((tmp_path / "with" / "summary.json").read_text())
+    assert summary["num_params"] == 3 + 3 * 2 + 2

@@ -139,9 +139,9 @@ def _bad_model_path(directory, case):
     ("wrong extension", "convert an HDF5 file with keras.models.load_model"),
     ("no extension", "unknown model format"),
     ("not a zip", ".keras file could not be loaded"),
-    ("truncated .keras", "register custom objects"),
+    ("truncated .keras", "pass the module that registers them as --import_modules=MODULE"),
     ("zip without config", ".keras file could not be loaded"),
-    ("lambda layer (unsafe)", "replace the Lambda layer with a registered custom layer"),
+    ("lambda layer (unsafe)", "replace the Lambda layer with a custom layer registered"),
 ])
 def test_bad_model_is_a_value_error_naming_the_flag(tmp_path, case, expected):
     path = _bad_model_path(tmp_path, case)
@@ -156,3 +156,50 @@ def test_bad_model_is_a_value_error_naming_the_flag(tmp_path, case, expected):
 def test_empty_model_path():
     with pytest.raises(ValueError, match="^--model is empty"):
         load_model_function("")
+
+
+LAYERS_MODULE = """
+import keras
+
+
+@keras.saving.register_keras_serializable(package="hessian_tf_test")
+class Scale(keras.layers.Layer):
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.scale
+"""
+
+
+def test_custom_layers_load_after_import_modules(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from hessian_tf.io.models import import_modules
+
+    (tmp_path / "custom_layers_for_test.py").write_text(LAYERS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("custom_layers_for_test")
+    path = tmp_path / "custom.keras"
+    keras.Sequential([keras.Input((3,)), module.Scale(), keras.layers.Dense(2)]).save(str(path))
+    # A fresh process has neither the module nor its registration.
+    del sys.modules["custom_layers_for_test"]
+    keras.saving.get_custom_objects().pop("hessian_tf_test>Scale")
+    with pytest.raises(ValueError, match="--import_modules=MODULE"):
+        load_model_function(str(path))
+    import_modules(" custom_layers_for_test, ")
+    function = load_model_function(str(path))
+    assert len(function.variables) == 3  # the scale, the kernel and the bias
+    keras.saving.get_custom_objects().pop("hessian_tf_test>Scale")
+
+
+def test_a_module_that_cannot_be_imported_is_one_line():
+    from hessian_tf.io.models import import_modules
+
+    with pytest.raises(ValueError) as raised:
+        import_modules("json,no_such_module_xyz")
+    message = str(raised.value)
+    assert message.startswith("--import_modules=json,no_such_module_xyz: module "
+                              "'no_such_module_xyz' could not be imported (ModuleNotFoundError")
+    assert "\n" not in message
