@@ -976,6 +976,11 @@ def main(argv: list[str]) -> int:
         print(f"WARNING: other processes are using {busy:.1f} cores; PyTorch's OpenMP threads "
               "are very sensitive to that (see benchmarks/PYHESSIAN.md). Rerun on a quiet "
               "machine.")
+    # TensorFlow's start-up chatter (a CUDA "error" on machines without a GPU, among
+    # others) hidden, as the binary hides it.
+    from hessian_tf.bin import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     # A user's own files are checked before anything is installed or timed.
     own = (workload_from_files(args.model, args.data, args.batch_size, args.lanczos_steps)
            if args.model else None)
