@@ -29,7 +29,8 @@ m = 5; only with --workload=resnet32-cifar or all).
 Your own network instead: `--model=NET.keras --data=DATA.npz [--batch_size=B]` (m = 90
 unless --lanczos_steps). The model is a Sequential or functional model of one input and one
 output, branches and skip connections included, whose layers the twin mirrors (Conv2D,
-Dense, BatchNormalization, LayerNormalization, activation layers, valid pooling, global
+DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, LayerNormalization,
+GroupNormalization, activation layers, valid pooling, global
 pooling, ZeroPadding2D, Flatten, Dropout, Add and the other merges, Concatenate; see
 `twin_step`); the data are arrays x and y (integer labels).
 
@@ -397,8 +398,9 @@ def activation_name(layer) -> str:
 
 
 def check_twin_layer(layer) -> None:
-    """Raises Failure for a Conv2D, Dense, BatchNormalization or LayerNormalization
-    layer the twin cannot mirror (torch-free, so that it runs before any install)."""
+    """Raises Failure for a Conv2D, DepthwiseConv2D, SeparableConv2D, Dense,
+    BatchNormalization, LayerNormalization or GroupNormalization layer the twin cannot
+    mirror (torch-free, so that it runs before any install)."""
     import keras
 
     if isinstance(layer, keras.layers.Conv2D):
@@ -418,6 +420,16 @@ def check_twin_layer(layer) -> None:
                 layer.center and layer.scale):
             raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D or "
                           "4-D input, with both γ and β.")
+    elif isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)):
+        if layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1):
+            raise Failure(f"twin: {type(layer).__name__} {layer.name} must be channels_last, "
+                          "without dilation.")
+        activation_name(layer)
+    elif isinstance(layer, keras.layers.GroupNormalization):
+        rank = len(layer.input.shape)
+        if layer.axis not in (-1, rank - 1) or not (layer.center and layer.scale):
+            raise Failure(f"twin: GroupNormalization {layer.name} must normalise groups of "
+                          "the last axis, with both γ and β.")
     elif isinstance(layer, keras.layers.LayerNormalization):
         rank = len(layer.input.shape)
         axes = [axis % rank for axis in layer.axis]
@@ -436,7 +448,8 @@ def tensor_axis(axis: int, rank: int) -> int:
 TWIN_MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
                "Average": "average", "Maximum": "maximum", "Minimum": "minimum"}
 SUPPORTED_LAYERS = (
-    "Conv2D, Dense, BatchNormalization, LayerNormalization, Activation, ReLU, LeakyReLU, "
+    "Conv2D, DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, "
+    "LayerNormalization, GroupNormalization, Activation, ReLU, LeakyReLU, "
     "MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D, "
     "ZeroPadding2D, Flatten, Dropout, " + ", ".join(TWIN_MERGES) + " and Concatenate")
 
@@ -453,8 +466,10 @@ def twin_step(layer, input_shapes: list[tuple]) -> tuple[str, Any]:
     merge = TWIN_MERGES.get(type(layer).__name__)
     if isinstance(layer, (keras.layers.InputLayer, keras.layers.Dropout)):
         return "identity", None  # dropout is the identity at inference
-    if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense,
-                          keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
+    if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
+                          keras.layers.SeparableConv2D, keras.layers.Dense,
+                          keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+                          keras.layers.GroupNormalization)):
         check_twin_layer(layer)
         return "module", layer.name
     if isinstance(layer, keras.layers.Flatten):
@@ -559,7 +574,8 @@ def torch_twin(keras_model):
         writes it) wherever that pads the same: Keras's 'same' puts an odd pixel at the
         bottom/right, which only a separate F.pad can (one more op each way)."""
 
-        def __init__(self, layer, padding=(0, 0)):
+        def __init__(self, layer, padding=(0, 0), *, in_channels, out_channels, groups=1,
+                     bias=True):
             self.asymmetric = None  # F.pad's (left, right, top, bottom)
             self.dynamic = False  # 'same' on an input of unknown height or width
             if layer.padding == "same":
@@ -573,8 +589,9 @@ def torch_twin(keras_model):
                         padding = (top, left)
                     else:
                         self.asymmetric = (left, right, top, bottom)
-            super().__init__(layer.kernel.shape[2], layer.filters, tuple(layer.kernel_size),
-                             stride=tuple(layer.strides), padding=padding, bias=layer.use_bias)
+            super().__init__(in_channels, out_channels, tuple(layer.kernel_size),
+                             stride=tuple(layer.strides), padding=padding, groups=groups,
+                             bias=bias)
 
         def forward(self, x):
             if self.dynamic:
@@ -621,9 +638,26 @@ def torch_twin(keras_model):
 
     modules = nn.ModuleDict()
     activations: dict[str, Callable] = {}
+    depthwise = (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
     for layer in keras_model.layers:
         if isinstance(layer, keras.layers.Conv2D):
-            modules[layer.name] = KerasConv2d(layer, folded.get(layer.name, (0, 0)))
+            modules[layer.name] = KerasConv2d(
+                layer, folded.get(layer.name, (0, 0)), in_channels=layer.kernel.shape[2],
+                out_channels=layer.filters, bias=layer.use_bias)
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            channels, multiplier = layer.kernel.shape[2:]
+            modules[layer.name] = KerasConv2d(
+                layer, in_channels=channels, out_channels=channels * multiplier,
+                groups=channels, bias=layer.use_bias)
+        elif isinstance(layer, keras.layers.SeparableConv2D):
+            channels, multiplier = layer.depthwise_kernel.shape[2:]
+            modules[layer.name] = nn.Sequential(
+                KerasConv2d(layer, in_channels=channels, out_channels=channels * multiplier,
+                            groups=channels, bias=False),
+                nn.Conv2d(channels * multiplier, layer.filters, 1, bias=layer.use_bias))
+        elif isinstance(layer, keras.layers.GroupNormalization):
+            modules[layer.name] = nn.GroupNorm(layer.groups, layer.gamma.shape[0],
+                                               eps=layer.epsilon)
         elif isinstance(layer, keras.layers.BatchNormalization):
             norm = nn.BatchNorm2d if len(layer.input.shape) == 4 else nn.BatchNorm1d
             modules[layer.name] = norm(layer.gamma.shape[0], eps=layer.epsilon)
@@ -633,7 +667,7 @@ def torch_twin(keras_model):
             modules[layer.name] = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.use_bias)
         elif layer.weights:
             raise Failure(f"twin: layer {layer.name} ({type(layer).__name__}) has weights but no twin.")
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense) + depthwise):
             activations[layer.name] = functions[activation_name(layer)]
 
     # Copy the weights, by layer name.
@@ -648,18 +682,31 @@ def torch_twin(keras_model):
             parameter.copy_(value)
         assigned.add(id(parameter))
 
+    def depthwise_weight(kernel: np.ndarray) -> np.ndarray:
+        """[h, w, C, multiplier] → torch's grouped [C·multiplier, 1, h, w]: output
+        channel c·multiplier + m filters input channel c in both."""
+        h, w, channels, multiplier = kernel.shape
+        return np.transpose(kernel, (2, 3, 0, 1)).reshape(channels * multiplier, 1, h, w)
+
     for name, module in modules.items():
         layer = keras_model.get_layer(name)
-        if isinstance(module, nn.Conv2d):
+        if isinstance(layer, keras.layers.Conv2D):
             put(module.weight, np.transpose(numpy_of(layer.kernel), (3, 2, 0, 1)))  # HWIO → OIHW
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            put(module.weight, depthwise_weight(numpy_of(layer.kernel)))
+        elif isinstance(layer, keras.layers.SeparableConv2D):
+            put(module[0].weight, depthwise_weight(numpy_of(layer.depthwise_kernel)))
+            put(module[1].weight, np.transpose(numpy_of(layer.pointwise_kernel), (3, 2, 0, 1)))
+        if isinstance(layer, (keras.layers.Conv2D,) + depthwise):
             if layer.use_bias:
-                put(module.bias, numpy_of(layer.bias))
+                put((module[1] if isinstance(module, nn.Sequential) else module).bias,
+                    numpy_of(layer.bias))
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             put(module.weight, numpy_of(layer.gamma))
             put(module.bias, numpy_of(layer.beta))
             put(module.running_mean, numpy_of(layer.moving_mean))
             put(module.running_var, numpy_of(layer.moving_variance))
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             put(module.weight, numpy_of(layer.gamma))
             put(module.bias, numpy_of(layer.beta))
         else:
@@ -910,8 +957,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"{','.join(DEFAULT_WORKLOADS)})")
     parser.add_argument("--model", default=None,
                         help="instead of --workload: your own network, a .keras file (one input, "
-                        "one output; skip connections allowed) of Conv2D, Dense, BN, "
-                        "LayerNormalization, activations, pooling, padding, Flatten, Dropout, "
+                        "one output; skip connections allowed) of Conv2D (also depthwise, "
+                        "separable), Dense, BN, Layer/GroupNormalization, activations, "
+                        "pooling, padding, Flatten, Dropout, "
                         "merges and Concatenate; needs --data")
     parser.add_argument("--data", default=None,
                         help="with --model: an .npz with arrays x (inputs) and y (integer labels)")

@@ -109,6 +109,9 @@ def test_models_the_twin_cannot_mirror_are_refused():
     (keras.layers.BatchNormalization(scale=False), "with both γ and β"),
     (keras.layers.LayerNormalization(center=False), "with both γ and β and without"),
     (keras.layers.LayerNormalization(axis=(1, 2, 3)), "the last axis only"),
+    (keras.layers.DepthwiseConv2D(3, dilation_rate=2), "DepthwiseConv2D depthwise_conv"),
+    (keras.layers.SeparableConv2D(2, 3, activation="relu6"), "activation 'relu6'"),
+    (keras.layers.GroupNormalization(1, center=False), "groups of the last axis, with both"),
     (keras.layers.Dense(2), "flatten or pool images before a Dense"),
     (keras.layers.Flatten(data_format="channels_first"), "Flatten flatten_cf must be"),
 ])
