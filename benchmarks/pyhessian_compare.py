@@ -46,6 +46,7 @@ Exit status: 0 when every workload ran and its twin matched; 1 when a twin check
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -557,6 +558,32 @@ def twin_graph(keras_model) -> tuple[list[tuple[str, Any, tuple[int, ...], int]]
     return steps, numbers[id(graph.outputs[0])]
 
 
+def fold_paddings(keras_model, steps: list, output: int) -> tuple[list, dict[str, tuple[int, int]]]:
+    """A symmetric ZeroPadding2D read only by a 'valid' Conv2D (called once) becomes that
+    convolution's own padding, as PyTorch's ResNets write it. Returns the steps without
+    the folded pads (the convolution reads the pad's input) and {conv name: (height,
+    width) padding}."""
+    import keras
+
+    producers = {out: (kind, value, inputs) for kind, value, inputs, out in steps}
+    readers = [i for _, _, inputs, _ in steps for i in inputs]
+    calls = [value for kind, value, _, _ in steps if kind == "module"]
+    steps = list(steps)
+    folded: dict[str, tuple[int, int]] = {}
+    for index, (kind, value, inputs, out) in enumerate(steps):
+        producer = producers.get(inputs[0]) if kind == "module" else None
+        layer = keras_model.get_layer(value) if producer else None
+        if (producer and producer[0] == "pad" and isinstance(layer, keras.layers.Conv2D)
+                and layer.padding == "valid" and calls.count(value) == 1
+                and readers.count(inputs[0]) == 1 and inputs[0] != output):
+            left, right, top, bottom = producer[1]
+            if (left, top) == (right, bottom):
+                folded[value] = (top, left)
+                steps[index] = (kind, value, producer[2], out)
+    kept_inputs = {i for _, _, inputs, _ in steps for i in inputs} | {output}
+    return [step for step in steps if step[0] != "pad" or step[3] in kept_inputs], folded
+
+
 def torch_twin(keras_model):
     """A torch.nn.Module computing the same logits as keras_model (NCHW images), with one
     submodule per Keras Conv2D / BatchNormalization / LayerNormalization / Dense layer,
@@ -579,9 +606,11 @@ def torch_twin(keras_model):
             self.asymmetric = None  # F.pad's (left, right, top, bottom)
             self.dynamic = False  # 'same' on an input of unknown height or width
             if layer.padding == "same":
-                sizes = tuple(layer.input.shape[1:3])
-                self.dynamic = None in sizes
+                # Every call's input size (a shared layer may see several).
+                calls = {tuple(node.input_tensors[0].shape[1:3]) for node in layer._inbound_nodes}
+                self.dynamic = len(calls) != 1 or None in next(iter(calls))
                 if not self.dynamic:
+                    [sizes] = calls
                     (top, bottom), (left, right) = (
                         same_padding(size, kernel, stride) for size, kernel, stride
                         in zip(sizes, layer.kernel_size, layer.strides))
@@ -617,24 +646,7 @@ def torch_twin(keras_model):
                  # keras.activations.leaky_relu's default slope
                  "leaky_relu": lambda t: F.leaky_relu(t, 0.2)}
 
-    # A symmetric ZeroPadding2D read only by a 'valid' convolution (called once) becomes
-    # that convolution's own padding, as PyTorch's ResNets write it.
-    producers = {out: (kind, value, inputs) for kind, value, inputs, out in steps}
-    readers = [i for _, _, inputs, _ in steps for i in inputs]
-    calls = [value for kind, value, _, _ in steps if kind == "module"]
-    folded: dict[str, tuple[int, int]] = {}
-    for index, (kind, value, inputs, out) in enumerate(steps):
-        producer = producers.get(inputs[0]) if kind == "module" else None
-        layer = keras_model.get_layer(value) if producer else None
-        if (producer and producer[0] == "pad" and isinstance(layer, keras.layers.Conv2D)
-                and layer.padding == "valid" and calls.count(value) == 1
-                and readers.count(inputs[0]) == 1 and inputs[0] != output):
-            left, right, top, bottom = producer[1]
-            if (left, top) == (right, bottom):
-                folded[value] = (top, left)
-                steps[index] = (kind, value, producer[2], out)
-    kept_inputs = {i for _, _, inputs, _ in steps for i in inputs} | {output}
-    steps = [step for step in steps if step[0] != "pad" or step[3] in kept_inputs]
+    steps, folded = fold_paddings(keras_model, steps, output)
 
     modules = nn.ModuleDict()
     activations: dict[str, Callable] = {}
@@ -718,12 +730,12 @@ def torch_twin(keras_model):
         raise Failure(f"twin: parameters without a Keras value: {unassigned}.")
 
     pools = {"max": F.max_pool2d, "average": F.avg_pool2d}
-    merges = {"add": lambda ts: sum(ts[1:], ts[0]),
+    merges = {"add": lambda ts: functools.reduce(torch.add, ts),
               "subtract": lambda ts: ts[0] - ts[1],
-              "multiply": lambda ts: torch.prod(torch.stack(ts), dim=0),
-              "average": lambda ts: torch.stack(ts).mean(dim=0),
-              "maximum": lambda ts: torch.stack(ts).amax(dim=0),
-              "minimum": lambda ts: torch.stack(ts).amin(dim=0)}
+              "multiply": lambda ts: functools.reduce(torch.mul, ts),
+              "average": lambda ts: functools.reduce(torch.add, ts) / len(ts),
+              "maximum": lambda ts: functools.reduce(torch.maximum, ts),
+              "minimum": lambda ts: functools.reduce(torch.minimum, ts)}
 
     class Twin(nn.Module):
         def __init__(self):
@@ -776,9 +788,13 @@ def check_twin(workload: Workload, twin, num_params: int) -> tuple[bool, str]:
     keras_loss = float(keras_criterion(workload.y, keras_logits))
     twin.eval()
     inputs = torch.from_numpy(to_torch_inputs(workload.x))
-    with torch.no_grad():
-        torch_logits = torch.cat([twin(batch) for batch in torch.split(inputs, workload.batch_size)])
-        torch_loss = float(torch.nn.CrossEntropyLoss()(torch_logits, torch.from_numpy(workload.y).long()))
+    try:
+        with torch.no_grad():
+            torch_logits = torch.cat([twin(batch) for batch in torch.split(inputs, workload.batch_size)])
+            torch_loss = float(torch.nn.CrossEntropyLoss()(torch_logits, torch.from_numpy(workload.y).long()))
+    except RuntimeError as error:  # a twin that does not compute (shapes, dtypes)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        return False, f"twin check: the twin's forward failed ({first}): FAILED"
     torch_logits = torch_logits.numpy()
     logit_error = float(np.max(np.abs(torch_logits - keras_logits)) / np.max(np.abs(keras_logits)))
     loss_error = abs(torch_loss - keras_loss) / abs(keras_loss)

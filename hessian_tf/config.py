@@ -146,6 +146,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "--cache_residuals: not with --stream (streamed data does not stay in memory, "
             "and neither could its residuals); leave one of them off."
         )
+    if config.import_modules and not config.model:
+        raise ValueError(
+            f"--import_modules={config.import_modules} goes with --model (the modules that "
+            "register its custom layers); pass --model, or drop --import_modules."
+        )
     if config.strategy == "multi_worker" and not config.model:
         raise ValueError(
             "--strategy=multi_worker needs --model: every worker must load the same "

@@ -374,6 +374,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
     chief = is_chief(strategy)
     if config.model:
         check_model_path(config.model)  # before the data, which can take long to load
+        import_modules(config.import_modules)
     stream = None
     if config.stream:
         from hessian_tf.io.streaming import tfds_stream
@@ -389,7 +390,6 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         logging.info("Dataset %s: x %s, y %s", config.dataset, x.shape, y.shape)
     extra = {}
     if config.model:
-        import_modules(config.import_modules)
         model_function = load_model_function(config.model, strategy)
     else:
         model_function, x, extra = _default_model_function(config, x, y, output_dir)
@@ -545,8 +545,8 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         },
     )
     logging.info(
-        "lambda_max=%.6g lambda_min=%.6g negative_mass_beyond_tolerance=%.4g (below "
-        "-%.3g; below 0: %.4g, most of it the bulk at 0) in %.1f s, %d products",
+        "lambda_max=%.6g lambda_min=%.6g negative_mass_tolerance=%.4g (weight below "
+        "-%.3g; below 0, the bulk's noise included: %.4g) in %.1f s, %d products",
         stats.lambda_max, stats.lambda_min, stats.negative_mass_tolerance,
         stats.zero_tolerance, stats.negative_mass, summary["seconds"],
         operator.num_products,

@@ -9,6 +9,7 @@ Standard library only: the launcher runs it with any python3.
 """
 
 import random
+import re
 import socket
 import sys
 
@@ -43,7 +44,7 @@ def free_ports(count: int) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not argv[0].isdigit() or int(argv[0]) < 1:
+    if len(argv) != 1 or not re.fullmatch("[0-9]+", argv[0]) or int(argv[0]) < 1:
         print(f"free_ports.py: error: {' '.join(argv) or '(nothing)'}: pass the number of "
               "ports, an integer >= 1.", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ for argument in "$@"; do
 done
 
 # Free ports on loopback (launch/free_ports.py says how they are chosen).
-ports=$(python3 "$(dirname "$0")/free_ports.py" "$num_workers")
+ports=$(python3 "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/free_ports.py" "$num_workers")
 workers=""
 for port in $ports; do
   workers="${workers:+$workers, }\"127.0.0.1:$port\""

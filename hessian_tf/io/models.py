@@ -39,7 +39,7 @@ def import_modules(names: str) -> None:
             continue
         try:
             importlib.import_module(name)
-        except Exception as error:  # an import runs arbitrary code
+        except (Exception, SystemExit) as error:  # an import runs arbitrary code
             raise ValueError(
                 f"--import_modules={names}: module {name!r} could not be imported "
                 f"({type(error).__name__}: {_first_line(error)}); pass modules importable "

@@ -83,6 +83,27 @@ def test_steps_of_a_residual_model():
     assert by_output[output] == ("module", "logits", (sub_output,))
 
 
+def test_symmetric_padding_before_a_valid_convolution_is_folded_into_it():
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 2))
+    folded = layers.Conv2D(2, 3, strides=2, name="folded")(layers.ZeroPadding2D(1, name="p1")(inputs))
+    shared_pad = layers.ZeroPadding2D(1, name="p2")(inputs)  # read by two convolutions
+    two = [layers.Conv2D(2, 3, name=f"reader{i}")(shared_pad) for i in (1, 2)]
+    uneven = layers.Conv2D(2, 2, name="uneven")(layers.ZeroPadding2D(((0, 1), (0, 1)),
+                                                                    name="p3")(inputs))
+    same = layers.Conv2D(2, 3, padding="same", name="same")(layers.ZeroPadding2D(1, name="p4")(inputs))
+    pooled = [layers.GlobalAveragePooling2D()(t) for t in [folded, *two, uneven, same]]
+    model = keras.Model(inputs, layers.Dense(3, name="logits")(layers.Concatenate()(pooled)))
+    steps, output = compare.twin_graph(model)
+    kept, padding = compare.fold_paddings(model, steps, output)
+    assert padding == {"folded": (1, 1)}
+    assert [value for kind, value, _, _ in kept if kind == "pad"] == [
+        (1, 1, 1, 1), (0, 1, 0, 1), (1, 1, 1, 1)]  # p2, p3, p4 stay
+    [(_, _, inputs_of_folded, _)] = [step for step in kept if step[1] == "folded"]
+    assert inputs_of_folded == (0,)  # reads the model's input, as its own padding
+    assert len(kept) == len(steps) - 1
+
+
 def test_models_the_twin_cannot_mirror_are_refused():
     inputs = keras.Input((4,))
     broadcast = keras.layers.Add()([keras.layers.Dense(4)(inputs), keras.layers.Dense(1)(inputs)])

@@ -198,7 +198,8 @@ def test_free_ports_lie_below_the_ephemeral_range_and_skip_busy_ones(monkeypatch
                             lambda span, k: [taken, taken] + sample(span, k))
         ports = free_ports(4)
     assert len(set(ports)) == 4 and taken not in ports
-    assert all(10_000 <= port < ephemeral_start for port in ports)
+    if ephemeral_start > 10_000 + 8:  # else the kernel chooses them (free_ports.py)
+        assert all(10_000 <= port < ephemeral_start for port in ports)
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))

@@ -203,3 +203,21 @@ def test_a_module_that_cannot_be_imported_is_one_line():
     assert message.startswith("--import_modules=json,no_such_module_xyz: module "
                               "'no_such_module_xyz' could not be imported (ModuleNotFoundError")
     assert "\n" not in message
+
+
+def test_import_modules_without_a_model_is_refused():
+    from hessian_tf import config as config_lib
+
+    config = config_lib.default_config()
+    config.import_modules = "my_layers"
+    with pytest.raises(ValueError, match=r"^--import_modules=my_layers goes with --model"):
+        config_lib.validate(config)
+
+
+def test_a_module_that_exits_at_import_is_one_line(tmp_path, monkeypatch):
+    from hessian_tf.io.models import import_modules
+
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit('usage: a script')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"'exits_at_import' could not be imported \(SystemExit"):
+        import_modules("exits_at_import")
