@@ -30,9 +30,10 @@ Your own network instead: `--model=NET.keras --data=DATA.npz [--batch_size=B]` (
 unless --lanczos_steps). The model is a Sequential or functional model of one input and one
 output, branches and skip connections included, whose layers the twin mirrors (Conv2D,
 DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, LayerNormalization,
-GroupNormalization, activation layers, valid pooling, global
-pooling, ZeroPadding2D, Flatten, Dropout, Add and the other merges, Concatenate; see
-`twin_step`); the data are arrays x and y (integer labels).
+GroupNormalization, activation layers, valid pooling, global pooling, ZeroPadding2D,
+UpSampling2D, Flatten, Add and the other merges, Concatenate, and dropout, noise and
+random augmentation as the identity; see `twin_step`); the data are arrays x and y
+(integer labels).
 
 Usage (not part of CI; benchmarks/PYHESSIAN.md has a measured run):
   .venv/bin/python benchmarks/pyhessian_compare.py [--workload mlp-digits,cnn-bn|all]
@@ -445,6 +446,20 @@ def tensor_axis(axis: int, rank: int) -> int:
     return {1: 2, 2: 3, 3: 1, 0: 0}[axis] if rank == 4 else axis
 
 
+def _inference_identities() -> tuple:
+    """Layers that compute the identity at inference (the twin runs in eval mode, and
+    hessian-spectrum's inference BN mode calls the model with training=False): dropout
+    and noise, and random augmentation."""
+    import keras
+
+    layers = keras.layers
+    return (layers.Dropout, layers.SpatialDropout1D, layers.SpatialDropout2D,
+            layers.GaussianDropout, layers.GaussianNoise, layers.AlphaDropout,
+            layers.ActivityRegularization, layers.RandomFlip, layers.RandomTranslation,
+            layers.RandomRotation, layers.RandomZoom, layers.RandomContrast,
+            layers.RandomBrightness)
+
+
 # Merging layers the twin mirrors: Keras class name → the twin's step kind.
 TWIN_MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
                "Average": "average", "Maximum": "maximum", "Minimum": "minimum"}
@@ -452,7 +467,9 @@ SUPPORTED_LAYERS = (
     "Conv2D, DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, "
     "LayerNormalization, GroupNormalization, Activation, ReLU, LeakyReLU, "
     "MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D, "
-    "ZeroPadding2D, Flatten, Dropout, " + ", ".join(TWIN_MERGES) + " and Concatenate")
+    "ZeroPadding2D, UpSampling2D (nearest), Flatten, " + ", ".join(TWIN_MERGES)
+    + ", Concatenate and, as the identity at inference, dropout, noise and random "
+    "augmentation layers")
 
 
 def twin_step(layer, input_shapes: list[tuple]) -> tuple[str, Any]:
@@ -461,12 +478,13 @@ def twin_step(layer, input_shapes: list[tuple]) -> tuple[str, Any]:
     Conv2D / Dense / BatchNormalization / LayerNormalization, its activation
     included; value: the layer's name), "activation" (name), "leaky_relu" (slope),
     "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
-    top, bottom)), a merge of TWIN_MERGES, "concatenate" (torch axis) or "identity"."""
+    top, bottom)), "upsample" ((rows, columns)), a merge of TWIN_MERGES,
+    "concatenate" (torch axis) or "identity"."""
     import keras
 
     merge = TWIN_MERGES.get(type(layer).__name__)
-    if isinstance(layer, (keras.layers.InputLayer, keras.layers.Dropout)):
-        return "identity", None  # dropout is the identity at inference
+    if isinstance(layer, (keras.layers.InputLayer,) + _inference_identities()):
+        return "identity", None
     if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
                           keras.layers.SeparableConv2D, keras.layers.Dense,
                           keras.layers.BatchNormalization, keras.layers.LayerNormalization,
@@ -499,6 +517,11 @@ def twin_step(layer, input_shapes: list[tuple]) -> tuple[str, Any]:
             raise Failure(f"twin: {layer.name} must have keepdims=False and channels_last.")
         return "global", ("max" if isinstance(layer, keras.layers.GlobalMaxPooling2D)
                           else "average")
+    if isinstance(layer, keras.layers.UpSampling2D):
+        if layer.data_format != "channels_last" or layer.interpolation != "nearest":
+            raise Failure(f"twin: UpSampling2D {layer.name} must be channels_last with "
+                          "interpolation='nearest'.")
+        return "upsample", tuple(int(size) for size in layer.size)
     if isinstance(layer, keras.layers.ZeroPadding2D):
         if layer.data_format != "channels_last":
             raise Failure(f"twin: ZeroPadding2D {layer.name} must be channels_last.")
@@ -759,6 +782,8 @@ def torch_twin(keras_model):
                     x = x.amax(dim=(2, 3)) if value == "max" else x.mean(dim=(2, 3))
                 elif kind == "pad":
                     x = F.pad(x, value)
+                elif kind == "upsample":  # nn.Upsample's nearest: Keras's repeated pixels
+                    x = F.interpolate(x, scale_factor=value, mode="nearest")
                 elif kind == "concatenate":
                     x = torch.cat(args, dim=value)
                 elif kind in merges:

@@ -83,6 +83,17 @@ def test_steps_of_a_residual_model():
     assert by_output[output] == ("module", "logits", (sub_output,))
 
 
+def test_layers_that_are_the_identity_at_inference_are_no_steps():
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)), layers.RandomFlip(), layers.RandomTranslation(0.1, 0.1),
+        layers.GaussianNoise(0.1), layers.SpatialDropout2D(0.2), layers.UpSampling2D((2, 3)),
+        layers.GaussianDropout(0.1), layers.Flatten(), layers.Dropout(0.5), layers.Dense(3)])
+    assert compare.twin_graph(model) == (
+        [("upsample", (2, 3), (0,), 1), ("flatten", None, (1,), 2),
+         ("module", model.layers[-1].name, (2,), 3)], 3)
+
+
 def test_symmetric_padding_before_a_valid_convolution_is_folded_into_it():
     layers = keras.layers
     inputs = keras.Input((8, 8, 2))
@@ -120,7 +131,8 @@ def test_models_the_twin_cannot_mirror_are_refused():
 
 
 @pytest.mark.parametrize("layer, message", [
-    (keras.layers.UpSampling2D(2), "UpSampling2D) is not supported"),
+    (keras.layers.Conv2DTranspose(2, 3), "Conv2DTranspose) is not supported"),
+    (keras.layers.UpSampling2D(2, interpolation="bilinear"), "interpolation='nearest'"),
     (keras.layers.ZeroPadding2D(1, data_format="channels_first"), "must be channels_last"),
     (keras.layers.MaxPooling2D(2, padding="same"), "must use padding='valid'"),
     (keras.layers.Activation("softmax"), "activation 'softmax'"),
