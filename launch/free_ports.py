@@ -1,4 +1,4 @@
-"""Prints N TCP ports free on 127.0.0.1, for local multi-worker jobs (launch/local.sh).
+"""Prints N free TCP ports, for local multi-worker jobs on 127.0.0.1 (launch/local.sh).
 
   python3 launch/free_ports.py N
 
@@ -17,7 +17,8 @@ LOWEST = 10_000
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct ports that bind on 127.0.0.1 now; RuntimeError if not found."""
+    """`count` distinct ports that bind on every interface now; RuntimeError if not
+    found."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as file:
             ephemeral_start = int(file.read().split()[0])
@@ -32,7 +33,9 @@ def free_ports(count: int) -> list[int]:
     for candidate in candidates:
         with socket.socket() as s:
             try:
-                s.bind(("127.0.0.1", candidate))
+                # All interfaces, as TensorFlow's gRPC server binds (0.0.0.0:PORT), so a
+                # port another process holds on any address is skipped.
+                s.bind(("", candidate))
             except OSError:
                 continue
             port = s.getsockname()[1]
@@ -40,7 +43,7 @@ def free_ports(count: int) -> list[int]:
             ports.append(port)
         if len(ports) == count:
             return ports
-    raise RuntimeError(f"found {len(ports)} free ports on 127.0.0.1 of the {count} needed")
+    raise RuntimeError(f"found {len(ports)} free ports of the {count} needed")
 
 
 def main(argv: list[str]) -> int:

@@ -240,6 +240,7 @@ def test_two_workers_stream_their_own_parts_and_equal_in_memory(tmp_path):
     import os
     import subprocess
     import sys
+    import time
 
     from tests.processes import ROOT, environment, free_ports
 
@@ -249,23 +250,42 @@ def test_two_workers_stream_their_own_parts_and_equal_in_memory(tmp_path):
         sum(int(np.prod(v.shape)) for v in model.trainable_variables))
     np.savez(tmp_path / "data.npz", x=x, y=y, vector=vector)
     (tmp_path / "worker.py").write_text(WORKER)
-    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    processes = []
-    for index in range(2):
-        env = environment()
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-        processes.append(subprocess.Popen(
-            [sys.executable, str(tmp_path / "worker.py"), str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    try:
-        outputs = [p.communicate(timeout=300) for p in processes]
-    finally:
+
+    def run_workers(attempt):
+        """Both workers to the end, or until one fails (the other is then killed)."""
+        workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+        processes, logs = [], []
+        for index in range(2):
+            env = environment()
+            env["TF_CONFIG"] = json.dumps(
+                {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+            logs.append(open(tmp_path / f"worker{index}-{attempt}.log", "w+"))
+            processes.append(subprocess.Popen(
+                [sys.executable, str(tmp_path / "worker.py"), str(tmp_path)],
+                stdout=logs[-1], stderr=subprocess.STDOUT, text=True, env=env))
+        deadline = time.monotonic() + 300
+        while (any(p.poll() is None for p in processes) and time.monotonic() < deadline
+               and all(p.poll() in (None, 0) for p in processes)):
+            time.sleep(0.2)
         for p in processes:
             p.kill()
-    for p, (_, err) in zip(processes, outputs):
-        assert p.returncode == 0, err[-3000:]
+            p.wait()
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+        return processes, outputs
+
+    # A port found free can still be taken before a worker's server binds it (the
+    # test cannot hold it across the bind): one more try with other ports.
+    for attempt in range(2):
+        processes, outputs = run_workers(attempt)
+        if not any("Could not start gRPC server" in output for output in outputs):
+            break
+    for p, output in zip(processes, outputs):
+        assert p.returncode == 0, output[-3000:]
     reference = operators.HessianOperator(operators.KerasModelFunction(model), x, y, batch_size=4)
     with np.load(tmp_path / "out.npz") as out:
         expected = reference.matvec(vector)
