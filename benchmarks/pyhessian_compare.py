@@ -96,6 +96,11 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def first_line(error: BaseException, limit: int) -> str:
+    """The first line of an error's text (its type's name if it has none), cut to `limit`."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -329,8 +334,7 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
     try:
         model = keras.saving.load_model(model_path, safe_mode=True)
     except Exception as error:  # Keras raises many types for unreadable files
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:500]
-        raise Failure(f"--model={model_path}: cannot be loaded ({first}).") from error
+        raise Failure(f"--model={model_path}: cannot be loaded ({first_line(error, 500)}).") from error
     unreadable = (f"--data={data_path}: cannot read arrays x and y from it; pass an .npz "
                   "saved with np.savez(path, x=..., y=...)")
     try:
@@ -475,7 +479,7 @@ SUPPORTED_LAYERS = (
 def twin_step(layer, input_shapes: list[tuple]) -> tuple[str, Any]:
     """(kind, value) of the twin's step for one call of a Keras layer; raises Failure
     naming a layer (or a setting of it) the twin cannot mirror. Kinds: "module" (a
-    Conv2D / Dense / BatchNormalization / LayerNormalization, its activation
+    layer with weights: a convolution, Dense or a normalisation, its activation
     included; value: the layer's name), "activation" (name), "leaky_relu" (slope),
     "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
     top, bottom)), "upsample" ((rows, columns)), a merge of TWIN_MERGES,
@@ -609,7 +613,7 @@ def fold_paddings(keras_model, steps: list, output: int) -> tuple[list, dict[str
 
 def torch_twin(keras_model):
     """A torch.nn.Module computing the same logits as keras_model (NCHW images), with one
-    submodule per Keras Conv2D / BatchNormalization / LayerNormalization / Dense layer,
+    submodule per Keras layer with weights (convolutions, Dense, normalisations),
     named as the layer, and the weights copied; its forward runs `twin_graph`'s steps.
     Returns (module, number of trainable parameters)."""
     import keras
@@ -818,8 +822,7 @@ def check_twin(workload: Workload, twin, num_params: int) -> tuple[bool, str]:
             torch_logits = torch.cat([twin(batch) for batch in torch.split(inputs, workload.batch_size)])
             torch_loss = float(torch.nn.CrossEntropyLoss()(torch_logits, torch.from_numpy(workload.y).long()))
     except RuntimeError as error:  # a twin that does not compute (shapes, dtypes)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        return False, f"twin check: the twin's forward failed ({first}): FAILED"
+        return False, f"twin check: the twin's forward failed ({first_line(error, 300)}): FAILED"
     torch_logits = torch_logits.numpy()
     logit_error = float(np.max(np.abs(torch_logits - keras_logits)) / np.max(np.abs(keras_logits)))
     loss_error = abs(torch_loss - keras_loss) / abs(keras_loss)

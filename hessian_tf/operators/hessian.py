@@ -342,8 +342,7 @@ class HessianOperator:
         use) and refuses float64 in them: the model itself may compute in float64 (a
         float64 input layer or state), which a TPU cannot run."""
         for name, function in (
-            ("product", self._product_function.get_concrete_function(
-                tf.TensorSpec([1, self.dim], self._device_dtype))),
+            ("product", self._product_trace(1)),
             ("gradient", self._loss_gradient_function.get_concrete_function()),
         ):
             found = nodes_of_dtype(function, tf.float64)
