@@ -3,9 +3,12 @@ Hessian-vector product (the operator's default method) under each alternative.
 
 Variants (each in its own process, since some are environment variables read when
 TensorFlow starts): baseline; XLA (`jit_compile=True`); XLA auto-clustering, of every
-op or of the element-wise ops only (`--tf_xla_ops_to_cluster=FUSIBLE`); fused
-inference BN (`tf.compat.v1.nn.fused_batch_norm` in place of Keras's unfused BN);
-oneDNN off; TensorFlow inter-op threads 1 and 4.
+op or of the element-wise ops only (`--tf_xla_ops_to_cluster=FUSIBLE`); unfolded
+inference BN (the operator folds BN into the convolution before it,
+hessian_tf/operators/folding.py; this variant runs BN as Keras writes it); fused
+inference BN (`tf.compat.v1.nn.fused_batch_norm` in place of Keras's unfused BN, and
+unfolded); oneDNN off; TensorFlow inter-op threads 1 and 4. Gradient and product are
+traced as the operator traces them, inside the model function's inference mode.
 
 Command (about 5 minutes on 2 CPU cores):
   .venv/bin/python benchmarks/choices.py [--workload resnet32-cifar|mlp-digits] [--repeats 4]
@@ -29,6 +32,7 @@ VARIANTS = {
     # XLA); convolutions and matrix products stay with oneDNN.
     "xla-fusible": {"TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit "
                                     "--tf_xla_ops_to_cluster=FUSIBLE"},
+    "unfolded-bn": {},
     "fused-bn": {},
     "onednn-off": {"TF_ENABLE_ONEDNN_OPTS": "0"},
     "interop-1": {"TF_NUM_INTEROP_THREADS": "1"},
@@ -75,7 +79,8 @@ def child(variant: str, workload: str, repeats: int) -> dict:
     else:
         model = mlp()
         x, y = load_digits()
-    model_function = operators.KerasModelFunction(model)
+    model_function = operators.KerasModelFunction(
+        model, fold_batch_norm=variant not in ("unfolded-bn", "fused-bn"))
     operator = operators.HessianOperator(model_function, x, y, batch_size=x.shape[0])
     xs, ys = tf.constant(x), tf.constant(y)
     primals, state = model_function.primals(), model_function.state()
@@ -103,10 +108,11 @@ def child(variant: str, workload: str, repeats: int) -> dict:
         return min(seconds)
 
     times = {}
-    for _ in range(2):  # interleaved rounds
-        for name, function in (("gradient", gradient), ("product", product)):
-            times[name] = min(times.get(name, float("inf")), best(function))
-    values = np.concatenate([t.numpy().ravel() for t in product()])
+    with model_function.mode_context("inference"):  # traced as the operator traces
+        for _ in range(2):  # interleaved rounds
+            for name, function in (("gradient", gradient), ("product", product)):
+                times[name] = min(times.get(name, float("inf")), best(function))
+        values = np.concatenate([t.numpy().ravel() for t in product()])
     return {"gradient": times["gradient"], "product": times["product"],
             "method": operator.method, "product_norm": float(np.linalg.norm(values))}
 
