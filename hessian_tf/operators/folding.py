@@ -1,20 +1,20 @@
-"""Inference-mode BatchNormalization folded into the convolution before it.
+"""Inference-mode BatchNormalization folded into the convolution or Dense layer before it.
 
-With moving statistics, BN after a convolution is a per-channel affine map:
+With moving statistics, BN after a linear layer is a per-channel affine map:
 BN(conv(x, W) + b) = conv(x, W·s) + (b − μ)·s + β, where s = γ / √(σ² + ε). The right
 side is the same function of the same parameters (W, b, γ, β), so its Hessian is the
 same; only the place of the multiplication by s changes, from every activation to the
 kernel. The products then skip BN's element-wise work on activations in the forward
 pass, its backward pass, and both their differentiations: on ResNet-32 (batch 128,
-inference BN) one product costs 0.85 of the unfolded one (benchmarks/choices.py,
-variant `unfolded BN`). In float64 the two agree to 2e-15 relative.
+inference BN) one product costs 0.88 of the unfolded one (benchmarks/choices.py,
+variant `unfolded-bn`). In float64 the two agree to 2e-15 relative.
 
-A pair is folded only when nothing else can see the convolution's output:
+A pair is folded only when nothing else can see the linear layer's output:
 - the model, and any functional model inside it that holds the pair, is a graph of
   layers (functional or Sequential), so its layers run only through the graph;
-- the convolution is a Conv2D or Conv3D (BaseConv's own `call`), linear, called once,
-  and read only by the BN layer, which is called once (not with training=True) and
-  normalises the channel axis;
+- the layer is a Conv2D, Conv3D (BaseConv's own `call`) or an unquantized Dense,
+  linear, called once, and read only by the BN layer, which is called once (not with
+  training=True) and normalises the channel axis (the last, for Dense);
 - its output is not an output of the model;
 - both layers compute in their variables' dtype (float32 or float64: mixed precision
   would move BN's float32 arithmetic into float16).
@@ -23,6 +23,7 @@ Everything else runs as written.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import keras
@@ -46,8 +47,19 @@ def _graphs(model: keras.Model) -> list:
     return graphs
 
 
+def _foldable_layer(layer) -> bool:
+    """A Conv2D, Conv3D or Dense computing as the base class writes it (Conv1D pads
+    causally in its own call), not quantized."""
+    if isinstance(layer, BaseConv):
+        return type(layer).call is BaseConv.call
+    return (isinstance(layer, keras.layers.Dense) and type(layer).call is keras.layers.Dense.call
+            and getattr(layer, "quantization_mode", None) is None)
+
+
 def _channel_axis(layer, rank: int) -> int:
     """The axis counted from the end, for a tensor of `rank` dimensions."""
+    if isinstance(layer, keras.layers.Dense):
+        return -1
     axis = layer.axis if hasattr(layer, "axis") else (-1 if layer.data_format == "channels_last" else 1)
     if isinstance(axis, (list, tuple)):
         if len(axis) != 1:
@@ -57,39 +69,47 @@ def _channel_axis(layer, rank: int) -> int:
 
 
 def foldable_pairs(model: keras.Model) -> list[tuple[keras.layers.Layer, keras.layers.Layer]]:
-    """[(convolution, BatchNormalization)] that `fold_batch_norm` folds (module doc)."""
+    """[(convolution or Dense, BatchNormalization)] that `fold_batch_norm` folds (module
+    doc).
+
+    Calls and readers are counted over the nodes of the graphs the model runs, not a
+    layer's `_inbound_nodes`: Keras keeps there the nodes of graphs it discarded (a
+    Sequential rebuilds its graph at every layer added, so a loaded one has 17 nodes
+    on its first layer)."""
+    graphs = _graphs(model)
+    nodes = [node for graph in graphs for level in graph._nodes_by_depth.values()
+             for node in level]
+    calls = collections.Counter(id(node.operation) for node in nodes)
+    readers = collections.Counter(id(t) for node in nodes for t in node.input_tensors)
+    outputs = {id(t) for graph in graphs for t in graph.outputs}
     pairs = []
-    for graph in _graphs(model):
-        outputs = {id(t) for t in graph.outputs}
-        for nodes in graph._nodes_by_depth.values():
-            for node in nodes:
-                bn = node.operation
-                if (type(bn).call is not keras.layers.BatchNormalization.call
-                        or len(bn._inbound_nodes) != 1 or len(node.input_tensors) != 1
-                        or node.arguments.kwargs.get("training") not in (None, False)):
-                    continue  # e.g. BatchNormalization()(x, training=True): batch statistics
-                tensor = node.input_tensors[0]
-                history = getattr(tensor, "_keras_history", None)
-                conv = history.operation if history else None
-                if (not isinstance(conv, BaseConv) or type(conv).call is not BaseConv.call
-                        or len(conv._inbound_nodes) != 1 or len(conv._outbound_nodes) != 1
-                        or conv._outbound_nodes[0] is not node or id(tensor) in outputs):
-                    continue
-                if conv.activation not in (None, keras.activations.linear):
-                    continue
-                rank = conv.rank + 2
-                if _channel_axis(bn, rank) != _channel_axis(conv, rank):
-                    continue
-                dtypes = {conv.compute_dtype, conv.variable_dtype, bn.compute_dtype,
-                          bn.variable_dtype}
-                if len(dtypes) != 1 or dtypes.pop() not in _FLOAT_DTYPES:
-                    continue
-                pairs.append((conv, bn))
+    for node in nodes:
+        bn = node.operation
+        if (type(bn).call is not keras.layers.BatchNormalization.call or calls[id(bn)] != 1
+                or len(node.input_tensors) != 1
+                or node.arguments.kwargs.get("training") not in (None, False)):
+            continue  # e.g. BatchNormalization()(x, training=True): batch statistics
+        tensor = node.input_tensors[0]
+        history = getattr(tensor, "_keras_history", None)
+        conv = history.operation if history else None
+        if (not _foldable_layer(conv) or calls[id(conv)] != 1 or readers[id(tensor)] != 1
+                or id(tensor) in outputs):
+            continue
+        if conv.activation not in (None, keras.activations.linear):
+            continue
+        rank = len(tensor.shape)
+        if _channel_axis(bn, rank) != _channel_axis(conv, rank):
+            continue
+        dtypes = {conv.compute_dtype, conv.variable_dtype, bn.compute_dtype, bn.variable_dtype}
+        if len(dtypes) != 1 or dtypes.pop() not in _FLOAT_DTYPES:
+            continue
+        pairs.append((conv, bn))
     return pairs
 
 
 def _folded_call(conv, bn):
-    def call(inputs):
+    def call(inputs, training=None):  # Keras passes `training` to a Dense layer
+        del training
         dtype = inputs.dtype
         scale = ops.rsqrt(ops.cast(bn.moving_variance, dtype) + bn.epsilon)
         if bn.scale:
@@ -99,12 +119,12 @@ def _folded_call(conv, bn):
             shift = shift + ops.cast(conv.bias, dtype) * scale
         if bn.center:
             shift = shift + ops.cast(bn.beta, dtype)
+        if isinstance(conv, keras.layers.Dense):
+            return ops.matmul(inputs, conv.kernel * scale) + shift
         outputs = conv.convolution_op(inputs, conv.kernel * scale)
         if conv.data_format == "channels_last":
-            shape = (1,) * (conv.rank + 1) + (conv.filters,)
-        else:
-            shape = (1, conv.filters) + (1,) * conv.rank
-        return outputs + ops.reshape(shift, shape)
+            return outputs + shift
+        return outputs + ops.reshape(shift, (1, conv.filters) + (1,) * conv.rank)
 
     return call
 
@@ -116,8 +136,8 @@ def _identity(inputs, training=None, mask=None):
 
 @contextlib.contextmanager
 def fold_batch_norm(model: keras.Model):
-    """While entered, each pair of `foldable_pairs(model)` computes conv + BN in the
-    convolution (BN's moving statistics, as with training=False) and BN passes its
+    """While entered, the first layer of each pair of `foldable_pairs(model)` computes
+    itself and BN (BN's moving statistics, as with training=False) and BN passes its
     input on. Enter it around the trace of a function that calls the model with BN in
     inference mode; the layers are restored on exit. Layers whose `call` is already
     overridden (a caller's own context) are left alone. Yields the number of pairs."""

@@ -152,8 +152,9 @@ def test_what_is_not_folded():
     conv = lambda **kw: keras.layers.Conv2D(3, 3, name="conv", **kw)
     bn = lambda **kw: keras.layers.BatchNormalization(name="bn", **kw)
     assert single_pair(lambda x: bn()(conv()(x))) == [("conv", "bn")]
-    # A nonlinear convolution.
+    # A nonlinear convolution, or Dense.
     assert single_pair(lambda x: bn()(conv(activation="relu")(x))) == []
+    assert single_pair(lambda x: bn()(keras.layers.Dense(3, activation="relu")(x))) == []
     # BN on batch statistics, written into the graph.
     assert single_pair(lambda x: bn()(conv()(x), training=True)) == []
     # BN over another axis than the channels.
@@ -199,3 +200,37 @@ def test_nested_and_sequential_models_fold_subclassed_do_not():
     model = Subclassed()
     model(np.zeros((1, 6, 6, 2), np.float32))
     assert folding.foldable_pairs(model) == []
+
+
+def test_a_loaded_sequential_folds(tmp_path):
+    """Keras keeps the nodes of the graphs a Sequential discarded while its layers
+    were added: a loaded one has 7 nodes on its first layer. Calls are counted in the
+    graph that runs."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3, name="c1"),
+        keras.layers.BatchNormalization(name="b1"), keras.layers.ReLU(),
+        keras.layers.Conv2D(3, 3, activation="relu", name="c2"),
+        keras.layers.BatchNormalization(name="b2"), keras.layers.Flatten(),
+        keras.layers.Dense(4, name="d"), keras.layers.BatchNormalization(name="b3")])
+    model.save(tmp_path / "net.keras")
+    loaded = keras.models.load_model(tmp_path / "net.keras")
+    assert len(loaded.layers[0]._inbound_nodes) > 1
+    assert pair_names(loaded) == [("c1", "b1"), ("d", "b3")]
+
+
+def test_dense_bn_products_are_the_hessian():
+    keras.utils.set_random_seed(0)
+    model = set_statistics(keras.Sequential([
+        keras.Input((5,), dtype="float64"), keras.layers.Dense(4, dtype="float64"),
+        keras.layers.BatchNormalization(dtype="float64"), keras.layers.Activation("tanh", dtype="float64"),
+        keras.layers.Dense(4, use_bias=False, dtype="float64"),
+        keras.layers.BatchNormalization(dtype="float64"), keras.layers.Dense(3, dtype="float64")]))
+    assert len(folding.foldable_pairs(model)) == 2
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((NUM_EXAMPLES, 5)), rng.integers(0, 3, NUM_EXAMPLES).astype(np.int32)
+    expected = reference_hessian(model, x, y)
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE)
+    np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim), expected,
+                               rtol=1e-9, atol=1e-11)
