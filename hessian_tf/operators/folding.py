@@ -18,7 +18,9 @@ A pair is folded only when nothing else can see the linear layer's output:
 - its output is not an output of the model;
 - both layers compute in their variables' dtype (float32 or float64: mixed precision
   would move BN's float32 arithmetic into float16).
-Everything else runs as written.
+Everything else runs as written. A Dense layer's kernel can be as large as its
+activations, so it is folded only for inputs of many rows (`DENSE_ROWS_PER_FEATURE`);
+below that its pair runs BN's own arithmetic inside the Dense layer.
 """
 
 from __future__ import annotations
@@ -115,10 +117,16 @@ def _folded_call(conv, bn):
         if bn.scale:
             scale = scale * ops.cast(bn.gamma, dtype)
         shift = -ops.cast(bn.moving_mean, dtype) * scale
-        if conv.use_bias:
-            shift = shift + ops.cast(conv.bias, dtype) * scale
         if bn.center:
             shift = shift + ops.cast(bn.beta, dtype)
+        bias = ops.cast(conv.bias, dtype) if conv.use_bias else None
+        if isinstance(conv, keras.layers.Dense) and not _fold_dense(inputs):
+            outputs = ops.matmul(inputs, conv.kernel)
+            if bias is not None:
+                outputs = outputs + bias
+            return outputs * scale + shift  # BN's own arithmetic, in this layer
+        if bias is not None:
+            shift = shift + bias * scale
         if isinstance(conv, keras.layers.Dense):
             return ops.matmul(inputs, conv.kernel * scale) + shift
         outputs = conv.convolution_op(inputs, conv.kernel * scale)
@@ -127,6 +135,25 @@ def _folded_call(conv, bn):
         return outputs + ops.reshape(shift, (1, conv.filters) + (1,) * conv.rank)
 
     return call
+
+
+# A Dense layer is folded when its input has at least this many rows per input
+# feature: folding trades BN's work on the [rows, units] activations for work on the
+# [features, units] kernel. Measured on a 64-128-128-64-10 BN MLP (digits, one product,
+# medians of 60; ad hoc): folding every pair took 0.80-0.81 of the unfolded product
+# with 1797 rows (14-28 per feature) but 1.02-1.06 with 128 (1-2 per feature). 4 lies
+# between the two; convolutions, whose kernels are small against their activations,
+# are always folded.
+DENSE_ROWS_PER_FEATURE = 4
+
+
+def _fold_dense(inputs) -> bool:
+    rows = 1
+    for size in inputs.shape[:-1]:
+        if size is None:
+            return False
+        rows *= int(size)
+    return rows >= DENSE_ROWS_PER_FEATURE * int(inputs.shape[-1])
 
 
 def _identity(inputs, training=None, mask=None):

@@ -219,7 +219,9 @@ def test_a_loaded_sequential_folds(tmp_path):
     assert pair_names(loaded) == [("c1", "b1"), ("d", "b3")]
 
 
-def test_dense_bn_products_are_the_hessian():
+@pytest.mark.parametrize("rows_per_feature", [0, 1000])  # folded; BN's arithmetic in Dense
+def test_dense_bn_products_are_the_hessian(rows_per_feature, monkeypatch):
+    monkeypatch.setattr(folding, "DENSE_ROWS_PER_FEATURE", rows_per_feature)
     keras.utils.set_random_seed(0)
     model = set_statistics(keras.Sequential([
         keras.Input((5,), dtype="float64"), keras.layers.Dense(4, dtype="float64"),
