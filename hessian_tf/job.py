@@ -146,7 +146,8 @@ def _in_float64(model_function, x):
         )
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float64)
-    return KerasModelFunction(cast_model(model_function.model, "float64")), x
+    return KerasModelFunction(cast_model(model_function.model, "float64"),
+                              fold_batch_norm=model_function.fold_batch_norm), x
 
 
 def _dry_run(config, operator, model_function, x, y, stream) -> dict:

@@ -10,10 +10,12 @@ inference BN) one product costs 0.88 of the unfolded one (benchmarks/choices.py,
 variant `unfolded-bn`). In float64 the two agree to 2e-15 relative.
 
 A pair is folded only when nothing else can see the linear layer's output:
-- the model, and any functional model inside it that holds the pair, is a graph of
-  layers (functional or Sequential), so its layers run only through the graph;
-- the layer is a Conv2D, Conv3D (BaseConv's own `call`) or an unquantized Dense,
-  linear, called once, and read only by the BN layer, which is called once (not with
+- the model, and any model inside it that holds the pair, is a graph of layers
+  (functional or Sequential, with Keras's own `call`), so its layers run only through
+  the graph; no other kind of layer contains either layer, and the model has no
+  Lambda layer (whose function may call any layer);
+- the layer is a Conv2D, Conv3D (BaseConv's own `call` and `convolution_op`) or an
+  unquantized Dense, linear, without an activity regulariser, called once, and read only by the BN layer, which is called once (not with
   training=True) and normalises the channel axis (the last, for Dense);
 - its output is not an output of the model;
 - both layers compute in their variables' dtype (float32 or float64: mixed precision
@@ -31,29 +33,46 @@ import contextlib
 import keras
 from keras import ops
 from keras.src.layers.convolutional.base_conv import BaseConv
+from keras.src.models.functional import Functional
 
 _FLOAT_DTYPES = ("float32", "float64")
 
 
-def _graphs(model: keras.Model) -> list:
-    """The functional graphs of `model` and of the functional models nested in it
-    (a Sequential's own graph is `_functional`). [] for a subclassed model: its
-    `call` may use a layer any way it likes."""
+def _is_graph(model) -> bool:
+    """Whether `model` runs its graph of layers and nothing else: a functional model
+    or Sequential whose `call` is Keras's own."""
+    if isinstance(model, keras.Sequential):
+        return (type(model).call is keras.Sequential.call
+                and getattr(model._functional, "_nodes_by_depth", None) is not None)
+    return (isinstance(model, Functional) and type(model).call is Functional.call
+            and getattr(model, "_nodes_by_depth", None) is not None)
+
+
+def _graphs(model: keras.Model, graphs: list, hidden: set) -> None:
+    """Appends to `graphs` the functional graphs of `model` and of the graph models
+    nested in it (a Sequential's own graph is `_functional`), and adds to `hidden`
+    the ids of every layer inside another kind of layer (a custom layer, a wrapper
+    such as TimeDistributed, a subclassed model): its `call` may run them outside
+    the graph, so they are not folded."""
     graph = model._functional if isinstance(model, keras.Sequential) else model
-    if getattr(graph, "_nodes_by_depth", None) is None:
-        return []
-    graphs = [graph]
+    graphs.append(graph)
     for layer in graph.layers:
-        if isinstance(layer, keras.Model):
-            graphs.extend(_graphs(layer))
-    return graphs
+        if _is_graph(layer):
+            _graphs(layer, graphs, hidden)
+        else:
+            hidden.update(id(inner) for inner in layer._flatten_layers(include_self=False))
 
 
 def _foldable_layer(layer) -> bool:
     """A Conv2D, Conv3D or Dense computing as the base class writes it (Conv1D pads
-    causally in its own call), not quantized."""
+    causally in its own call; a subclass may transform the kernel in
+    `convolution_op`), not quantized, without an activity regulariser (which would
+    see the folded output)."""
+    if getattr(layer, "activity_regularizer", None) is not None:
+        return False
     if isinstance(layer, BaseConv):
-        return type(layer).call is BaseConv.call
+        return (type(layer).call is BaseConv.call
+                and type(layer).convolution_op is BaseConv.convolution_op)
     return (isinstance(layer, keras.layers.Dense) and type(layer).call is keras.layers.Dense.call
             and getattr(layer, "quantization_mode", None) is None)
 
@@ -76,9 +95,13 @@ def foldable_pairs(model: keras.Model) -> list[tuple[keras.layers.Layer, keras.l
 
     Calls and readers are counted over the nodes of the graphs the model runs, not a
     layer's `_inbound_nodes`: Keras keeps there the nodes of graphs it discarded (a
-    Sequential rebuilds its graph at every layer added, so a loaded one has 17 nodes
-    on its first layer)."""
-    graphs = _graphs(model)
+    Sequential rebuilds its graph at every layer added, and keeps one stale node per
+    rebuild on its first layers)."""
+    if not _is_graph(model) or any(
+            isinstance(layer, keras.layers.Lambda) for layer in model._flatten_layers()):
+        return []  # a Lambda's function may call any layer it closes over
+    graphs, hidden = [], set()
+    _graphs(model, graphs, hidden)
     nodes = [node for graph in graphs for level in graph._nodes_by_depth.values()
              for node in level]
     calls = collections.Counter(id(node.operation) for node in nodes)
@@ -87,15 +110,17 @@ def foldable_pairs(model: keras.Model) -> list[tuple[keras.layers.Layer, keras.l
     pairs = []
     for node in nodes:
         bn = node.operation
+        # A node stored with training=True runs with the model call's training=False
+        # (Keras passes it on), so it could fold; left alone, conservatively.
         if (type(bn).call is not keras.layers.BatchNormalization.call or calls[id(bn)] != 1
-                or len(node.input_tensors) != 1
+                or len(node.input_tensors) != 1 or id(bn) in hidden
                 or node.arguments.kwargs.get("training") not in (None, False)):
-            continue  # e.g. BatchNormalization()(x, training=True): batch statistics
+            continue
         tensor = node.input_tensors[0]
         history = getattr(tensor, "_keras_history", None)
         conv = history.operation if history else None
         if (not _foldable_layer(conv) or calls[id(conv)] != 1 or readers[id(tensor)] != 1
-                or id(tensor) in outputs):
+                or id(tensor) in outputs or id(conv) in hidden):
             continue
         if conv.activation not in (None, keras.activations.linear):
             continue
@@ -140,10 +165,10 @@ def _folded_call(conv, bn):
 # A Dense layer is folded when its input has at least this many rows per input
 # feature: folding trades BN's work on the [rows, units] activations for work on the
 # [features, units] kernel. Measured on a 64-128-128-64-10 BN MLP (digits, one product,
-# medians of 60; ad hoc): folding every pair took 0.80-0.81 of the unfolded product
-# with 1797 rows (14-28 per feature) but 1.02-1.06 with 128 (1-2 per feature). 4 lies
-# between the two; convolutions, whose kernels are small against their activations,
-# are always folded.
+# medians of 60; ad hoc): folding every pair took 0.78-0.81 of the unfolded product
+# with 1797 rows (14-28 per feature; three runs) but 1.02-1.06 with 128 (1-2 per
+# feature; two runs). 4 lies between the two; convolutions, whose kernels are small
+# against their activations, are always folded.
 DENSE_ROWS_PER_FEATURE = 4
 
 
@@ -172,12 +197,14 @@ def fold_batch_norm(model: keras.Model):
         (conv, bn) for conv, bn in foldable_pairs(model)
         if "call" not in vars(conv) and "call" not in vars(bn)
     ]
+    installed = []
     for conv, bn in pairs:
-        conv.call = _folded_call(conv, bn)
-        bn.call = _identity
+        installed += [(conv, _folded_call(conv, bn)), (bn, _identity)]
+    for layer, call in installed:
+        layer.call = call
     try:
         yield len(pairs)
     finally:
-        for conv, bn in pairs:
-            del conv.call
-            del bn.call
+        for layer, call in installed:  # only what this context installed
+            if vars(layer).get("call") is call:
+                del layer.call

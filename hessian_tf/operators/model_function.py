@@ -63,6 +63,11 @@ def batch_norm_in_train_mode(model: keras.Model):
     ]
     synchronized = [layer.synchronized for layer in layers]
     for layer in layers:
+        if "call" in vars(layer):  # e.g. folded into its convolution (folding.py)
+            raise RuntimeError(
+                f"BatchNormalization layer {layer.name}: its call is already overridden; "
+                "enter one mode context of a model at a time.")
+    for layer in layers:
         original = layer.call
 
         def call(*args, _original=original, training=None, **kwargs):

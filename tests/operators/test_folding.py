@@ -1,5 +1,5 @@
-"""Inference BN folded into the convolution before it: the same Hessian, and only
-where nothing else reads the convolution's output."""
+"""Inference BN folded into the convolution or Dense layer before it: the same Hessian,
+and only where nothing else reads (or transforms) that layer's output."""
 
 import numpy as np
 import pytest
@@ -95,13 +95,14 @@ def test_folded_products_are_the_hessian(method):
 
 
 def activation_multiplications(model_function, x):
-    """Mul ops on activation-shaped tensors in a trace of the inference forward pass."""
+    """Mul ops on activation-shaped tensors (leading dimension the batch's) in a trace
+    of the inference forward pass."""
     function = tf.function(lambda x: model_function(
         model_function.primals(), model_function.state(), x, bn_mode="inference")[0])
     with model_function.mode_context("inference"):
         graph = function.get_concrete_function(tf.TensorSpec(x.shape, x.dtype)).graph
     return sum(
-        op.type == "Mul" and op.outputs[0].shape.rank == 4 and op.outputs[0].shape[0] == x.shape[0]
+        op.type == "Mul" and op.outputs[0].shape.rank >= 2 and op.outputs[0].shape[0] == x.shape[0]
         for op in graph.get_operations())
 
 
@@ -232,7 +233,118 @@ def test_dense_bn_products_are_the_hessian(rows_per_feature, monkeypatch):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((NUM_EXAMPLES, 5)), rng.integers(0, 3, NUM_EXAMPLES).astype(np.int32)
     expected = reference_hessian(model, x, y)
-    operator = operators.HessianOperator(
-        operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE)
+    model_function = operators.KerasModelFunction(model)
+    operator = operators.HessianOperator(model_function, x, y, batch_size=BATCH_SIZE)
     np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim), expected,
                                rtol=1e-9, atol=1e-11)
+    # Which path ran: BN's own multiplication of the activations, or none (folded).
+    assert activation_multiplications(model_function, x) == (
+        0 if rows_per_feature == 0 else 2)
+
+
+def grouped_channels_first(dtype="float64"):
+    inputs = keras.Input((4, 5, 5), dtype=dtype)
+    x = keras.layers.Conv2D(4, 3, padding="same", groups=2, dilation_rate=2,
+                            data_format="channels_first", dtype=dtype)(inputs)
+    x = keras.layers.BatchNormalization(axis=1, dtype=dtype)(x)
+    x = keras.layers.GlobalAveragePooling2D(data_format="channels_first", dtype=dtype)(x)
+    return keras.Model(inputs, keras.layers.Dense(3, dtype=dtype)(x)), (4, 5, 5)
+
+
+def conv3d(dtype="float64"):
+    inputs = keras.Input((3, 3, 3, 2), dtype=dtype)
+    x = keras.layers.Conv3D(3, 2, strides=1, dtype=dtype)(inputs)
+    x = keras.layers.BatchNormalization(dtype=dtype)(x)
+    x = keras.layers.Flatten(dtype=dtype)(x)
+    return keras.Model(inputs, keras.layers.Dense(3, dtype=dtype)(x)), (3, 3, 3, 2)
+
+
+def nested_and_loaded(dtype="float64", directory=None):
+    block = keras.Sequential([
+        keras.Input((5, 5, 2), dtype=dtype), keras.layers.Conv2D(3, 3, dtype=dtype),
+        keras.layers.BatchNormalization(dtype=dtype)])
+    inputs = keras.Input((5, 5, 2), dtype=dtype)
+    x = keras.layers.Flatten(dtype=dtype)(block(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, dtype=dtype)(x))
+    model.save(directory / "nested.keras")
+    return keras.models.load_model(directory / "nested.keras"), (5, 5, 2)
+
+
+@pytest.mark.parametrize("build", [grouped_channels_first, conv3d, nested_and_loaded])
+def test_other_layouts_fold_to_the_same_hessian(build, tmp_path):
+    keras.utils.set_random_seed(0)
+    if build is nested_and_loaded:
+        model, shape = build(directory=tmp_path)
+    else:
+        model, shape = build()
+    set_statistics(model)
+    assert len(folding.foldable_pairs(model)) == 1
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((NUM_EXAMPLES,) + shape), rng.integers(0, 3, NUM_EXAMPLES)
+    # Against Keras's own BN (a dense reference through pfor fails on grouped
+    # channels_first convolutions on CPU).
+    products = [operators.HessianOperator(
+        operators.KerasModelFunction(model, fold_batch_norm=fold), x, y.astype(np.int32),
+        batch_size=BATCH_SIZE) for fold in (True, False)]
+    vectors = rng.standard_normal((2, products[0].dim))
+    folded, unfolded = (operator.matmat(vectors) for operator in products)
+    np.testing.assert_allclose(folded, unfolded, rtol=1e-11, atol=1e-13)
+    assert np.linalg.norm(unfolded) > 1e-3
+
+
+class StandardizedConv2D(keras.layers.Conv2D):
+    """Weight standardisation (keras.io): each filter standardised in convolution_op,
+    which would cancel a scale folded into the kernel."""
+
+    def convolution_op(self, inputs, kernel):
+        mean, variance = keras.ops.moments(kernel, axes=[0, 1, 2], keepdims=True)
+        return super().convolution_op(inputs, (kernel - mean) / keras.ops.sqrt(variance + 1e-10))
+
+
+class Reuse(keras.layers.Layer):
+    """Calls a layer of the graph itself, outside the graph."""
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(**kwargs)
+        self.layer = layer
+
+    def call(self, x):
+        return self.layer(x)
+
+
+def test_layers_that_may_run_outside_the_graph_or_transform_the_kernel_are_not_folded():
+    bn = lambda: keras.layers.BatchNormalization(name="bn")
+    assert single_pair(lambda x: bn()(StandardizedConv2D(3, 3, name="conv")(x))) == []
+    assert single_pair(lambda x: bn()(keras.layers.Conv2D(
+        3, 3, activity_regularizer="l2", name="conv")(x))) == []
+
+    def reused(x):
+        conv = keras.layers.Conv2D(3, 3, name="conv")
+        return keras.layers.Add()([bn()(conv(x)), Reuse(conv)(x)])
+
+    assert single_pair(reused) == []
+
+    def with_lambda(x):
+        conv = keras.layers.Conv2D(3, 3, name="conv")
+        return keras.layers.Add()([bn()(conv(x)), keras.layers.Lambda(lambda t: conv(t))(x)])
+
+    assert single_pair(with_lambda) == []
+
+    class Overridden(keras.Model):  # a functional model with its own call
+        def call(self, x, training=None):
+            return super().call(x, training=training) * 2.0
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 2))
+    outputs = keras.layers.BatchNormalization()(keras.layers.Conv2D(3, 3)(inputs))
+    assert folding.foldable_pairs(keras.Model(inputs, outputs))
+    assert folding.foldable_pairs(Overridden(inputs, outputs)) == []
+
+
+def test_train_mode_refuses_a_model_whose_bn_is_folded():
+    model = conv_bn_net()
+    with folding.fold_batch_norm(model):
+        with pytest.raises(RuntimeError, match="already overridden"):
+            with operators.batch_norm_in_train_mode(model):
+                pass
+    assert not any("call" in vars(layer) for pair in folding.foldable_pairs(model) for layer in pair)
