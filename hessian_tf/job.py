@@ -391,7 +391,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         logging.info("Dataset %s: x %s, y %s", config.dataset, x.shape, y.shape)
     extra = {}
     if config.model:
-        model_function = load_model_function(config.model, strategy)
+        model_function = load_model_function(config.model, strategy, config.import_modules)
     else:
         model_function, x, extra = _default_model_function(config, x, y, output_dir)
     if config.precision == "float64":

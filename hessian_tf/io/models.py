@@ -47,8 +47,11 @@ def import_modules(names: str) -> None:
             ) from error
 
 
-def load_model_function(path: str, strategy: tf.distribute.Strategy | None = None):
+def load_model_function(path: str, strategy: tf.distribute.Strategy | None = None,
+                        imported_modules: str = ""):
     """Returns a KerasModelFunction or SavedModelFunction for the model at `path`.
+    `imported_modules`: the --import_modules already imported, named in the error of a
+    .keras file that still does not load.
 
     A SavedModel is loaded under `strategy`'s scope: its functions read their own
     variables inside each replica, so the variables must be the strategy's (one copy
@@ -76,15 +79,22 @@ def load_model_function(path: str, strategy: tf.distribute.Strategy | None = Non
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # zip, JSON and deserialisation errors alike
-        fix = ("a .keras file is loaded in safe mode, which runs no saved Python code: "
-               "replace the Lambda layer with a custom layer registered by "
-               "keras.saving.register_keras_serializable in a module passed as "
-               "--import_modules=MODULE, or pass a SavedModel from "
-               "hessian_tf.io.export_for_spectrum"
-               if "Lambda" in str(error) else
-               "if it has custom layers, pass the module that registers them as "
-               "--import_modules=MODULE, or a SavedModel from "
-               "hessian_tf.io.export_for_spectrum; else save it again with model.save()")
+        modules = (f"--import_modules={imported_modules} was imported; check that it "
+                   "registers every custom layer the file names, with "
+                   "keras.saving.register_keras_serializable"
+                   if imported_modules.strip(", ") else "")
+        if "Lambda" in str(error):
+            fix = ("a .keras file is loaded in safe mode, which runs no saved Python code: "
+                   "replace the Lambda layer with a custom layer registered by "
+                   "keras.saving.register_keras_serializable in a module passed as "
+                   "--import_modules=MODULE, or pass a SavedModel from "
+                   "hessian_tf.io.export_for_spectrum")
+        elif modules:
+            fix = modules + ", or pass a SavedModel from hessian_tf.io.export_for_spectrum"
+        else:
+            fix = ("if it has custom layers, pass the module that registers them as "
+                   "--import_modules=MODULE, or a SavedModel from "
+                   "hessian_tf.io.export_for_spectrum; else save it again with model.save()")
         raise ValueError(
             f"--model={path}: the .keras file could not be loaded "
             f"({type(error).__name__}: {_first_line(error)}); {fix}."

@@ -6,8 +6,8 @@ side is the same function of the same parameters (W, b, γ, β), so its Hessian 
 same; only the place of the multiplication by s changes, from every activation to the
 kernel. The products then skip BN's element-wise work on activations in the forward
 pass, its backward pass, and both their differentiations: on ResNet-32 (batch 128,
-inference BN) one product costs 0.88 of the unfolded one (benchmarks/choices.py,
-variant `unfolded-bn`). In float64 the two agree to 2e-15 relative.
+inference BN) one product costs 0.87-0.88 of the unfolded one (benchmarks/folding.py;
+benchmarks/choices.py, variant `unfolded-bn`). In float64 the two agree to 2e-15 relative.
 
 A pair is folded only when nothing else can see the linear layer's output:
 - the model, and any model inside it that holds the pair, is a graph of layers
@@ -20,15 +20,16 @@ A pair is folded only when nothing else can see the linear layer's output:
 - its output is not an output of the model;
 - both layers compute in their variables' dtype (float32 or float64: mixed precision
   would move BN's float32 arithmetic into float16).
-Everything else runs as written. A Dense layer's kernel can be as large as its
-activations, so it is folded only for inputs of many rows (`DENSE_ROWS_PER_FEATURE`);
-below that its pair runs BN's own arithmetic inside the Dense layer.
+Everything else runs as written. Folding pays only on large outputs: a pair whose
+output (per traced batch) is small, or not large against the kernel (`fold_here`), runs
+BN's own arithmetic inside the linear layer instead.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import math
 
 import keras
 from keras import ops
@@ -145,40 +146,50 @@ def _folded_call(conv, bn):
         if bn.center:
             shift = shift + ops.cast(bn.beta, dtype)
         bias = ops.cast(conv.bias, dtype) if conv.use_bias else None
-        if isinstance(conv, keras.layers.Dense) and not _fold_dense(inputs):
-            outputs = ops.matmul(inputs, conv.kernel)
+        if isinstance(conv, keras.layers.Dense):
+            linear = ops.matmul
+        else:
+            linear = conv.convolution_op
+        if getattr(conv, "data_format", "channels_last") == "channels_first":
+            shape = (1, conv.filters) + (1,) * conv.rank
+            shift, channel_scale = ops.reshape(shift, shape), ops.reshape(scale, shape)
+            bias = None if bias is None else ops.reshape(bias, shape)
+        else:
+            channel_scale = scale
+        if not fold_here(conv.compute_output_shape(tuple(inputs.shape)), conv.kernel.shape):
+            outputs = linear(inputs, conv.kernel)
             if bias is not None:
                 outputs = outputs + bias
-            return outputs * scale + shift  # BN's own arithmetic, in this layer
+            return outputs * channel_scale + shift  # BN's own arithmetic, in this layer
         if bias is not None:
-            shift = shift + bias * scale
-        if isinstance(conv, keras.layers.Dense):
-            return ops.matmul(inputs, conv.kernel * scale) + shift
-        outputs = conv.convolution_op(inputs, conv.kernel * scale)
-        if conv.data_format == "channels_last":
-            return outputs + shift
-        return outputs + ops.reshape(shift, (1, conv.filters) + (1,) * conv.rank)
+            shift = shift + bias * channel_scale
+        return linear(inputs, conv.kernel * scale) + shift
 
     return call
 
 
-# A Dense layer is folded when its input has at least this many rows per input
-# feature: folding trades BN's work on the [rows, units] activations for work on the
-# [features, units] kernel. Measured on a 64-128-128-64-10 BN MLP (digits, one product,
-# medians of 60; ad hoc): folding every pair took 0.78-0.81 of the unfolded product
-# with 1797 rows (14-28 per feature; three runs) but 1.02-1.06 with 128 (1-2 per
-# feature; two runs). 4 lies between the two; convolutions, whose kernels are small
-# against their activations, are always folded.
-DENSE_ROWS_PER_FEATURE = 4
+# When to fold (per call, from the static shapes of the traced batch): folding trades
+# BN's element-wise work on the layer's output for work on its kernel, and adds a few
+# small ops. Measured before the thresholds, every pair folded (one full-data product,
+# folded ÷ unfolded, medians of 40-60 interleaved rounds): ResNet-32 0.87-0.88 (outputs
+# of 0.5M-2.1M elements at batch 128, 14-900 × the kernel); five 16-channel 8×8
+# convolutions on the digits 0.81-0.83 (131K, 57 ×); a BN MLP 64-128-128-64 on 1797
+# digits 0.78-0.81 (115K-230K, 14-28 ×); but the same MLP at batch 128 1.02-1.06 (8K-16K,
+# 1-2 ×) and a CNN whose one BN follows a 16-channel 4×4 convolution 1.02-1.05 (33K,
+# 28 ×). The thresholds lie between; with them, benchmarks/folding.py gives 0.78, 1.00,
+# 0.78, 0.98 and 0.87 on those workloads.
+MIN_OUTPUT_ELEMENTS = 2**16
+MIN_OUTPUT_PER_KERNEL_ELEMENT = 4
 
 
-def _fold_dense(inputs) -> bool:
-    rows = 1
-    for size in inputs.shape[:-1]:
-        if size is None:
-            return False
-        rows *= int(size)
-    return rows >= DENSE_ROWS_PER_FEATURE * int(inputs.shape[-1])
+def fold_here(output_shape, kernel_shape) -> bool:
+    """Whether a layer of this output (batch included) and kernel shape is folded; not
+    when a dimension is unknown."""
+    if any(size is None for size in tuple(output_shape) + tuple(kernel_shape)):
+        return False
+    output = math.prod(int(size) for size in output_shape)
+    kernel = math.prod(int(size) for size in kernel_shape)
+    return output >= MIN_OUTPUT_ELEMENTS and output >= MIN_OUTPUT_PER_KERNEL_ELEMENT * kernel
 
 
 def _identity(inputs, training=None, mask=None):

@@ -188,6 +188,10 @@ def test_custom_layers_load_after_import_modules(tmp_path, monkeypatch):
     keras.saving.get_custom_objects().pop("hessian_tf_test>Scale")
     with pytest.raises(ValueError, match="--import_modules=MODULE"):
         load_model_function(str(path))
+    # A module that registers nothing: the error names it rather than advising the flag.
+    with pytest.raises(ValueError, match=r"--import_modules=json was imported; check that it "
+                                         r"registers every custom layer"):
+        load_model_function(str(path), imported_modules="json")
     import_modules(" custom_layers_for_test, ")
     function = load_model_function(str(path))
     assert len(function.variables) == 3  # the scale, the kernel and the bias

@@ -13,6 +13,16 @@ NUM_EXAMPLES = 7
 BATCH_SIZE = 4
 
 
+@pytest.fixture(params=["folded", "in_layer"])
+def path(request, monkeypatch):
+    """Runs a test with every pair folded into its kernel, then with every pair's BN
+    arithmetic run inside the linear layer (what small outputs get, `fold_here`)."""
+    threshold = 0 if request.param == "folded" else 10**12
+    monkeypatch.setattr(folding, "MIN_OUTPUT_ELEMENTS", threshold)
+    monkeypatch.setattr(folding, "MIN_OUTPUT_PER_KERNEL_ELEMENT", threshold)
+    return request.param
+
+
 def set_statistics(model, seed=1):
     """Moving statistics, γ and β away from their initial values, so that a BN left
     out, or applied twice, changes the products."""
@@ -79,7 +89,7 @@ def test_pairs_are_the_convolutions_read_only_by_their_bn():
 
 
 @pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
-def test_folded_products_are_the_hessian(method):
+def test_folded_products_are_the_hessian(method, path):
     model = conv_bn_net()
     x, y = data()
     expected = reference_hessian(model, x, y)
@@ -106,13 +116,28 @@ def activation_multiplications(model_function, x):
         for op in graph.get_operations())
 
 
-def test_folding_removes_bn_work_on_activations():
+def test_folding_removes_bn_work_on_activations(path):
     model = conv_bn_net()
     x, _ = data()
     folded = activation_multiplications(operators.KerasModelFunction(model), x)
     unfolded = activation_multiplications(
         operators.KerasModelFunction(model, fold_batch_norm=False), x)
-    assert unfolded == 4 and folded == 1  # bn3 stays: its convolution is read twice
+    # bn3 stays: its convolution is read twice. In the layer, each pair multiplies once.
+    assert unfolded == 4 and folded == (1 if path == "folded" else 4)
+
+
+@pytest.mark.parametrize("output, kernel, fold", [
+    ((128, 32, 32, 16), (3, 3, 16, 16), True),  # ResNet-32, first stage
+    ((128, 8, 8, 64), (3, 3, 64, 64), True),  # ResNet-32, last stage (14 × the kernel)
+    ((128, 8, 8, 16), (3, 3, 16, 16), True),  # digits CNN of 16-channel 8×8 convolutions
+    ((1797, 64), (128, 64), True),  # BN MLP on all the digits
+    ((128, 128), (128, 128), False),  # the same MLP at batch 128
+    ((128, 4, 4, 16), (3, 3, 8, 16), False),  # a small convolution: 33K outputs
+    ((128, 7, 7, 512), (3, 3, 512, 512), False),  # ResNet-18's last stage at batch 128
+    ((None, 32, 32, 16), (3, 3, 16, 16), False),  # unknown batch
+])
+def test_fold_here(output, kernel, fold):
+    assert folding.fold_here(output, kernel) == fold
 
 
 def test_train_mode_is_not_folded():
@@ -220,9 +245,7 @@ def test_a_loaded_sequential_folds(tmp_path):
     assert pair_names(loaded) == [("c1", "b1"), ("d", "b3")]
 
 
-@pytest.mark.parametrize("rows_per_feature", [0, 1000])  # folded; BN's arithmetic in Dense
-def test_dense_bn_products_are_the_hessian(rows_per_feature, monkeypatch):
-    monkeypatch.setattr(folding, "DENSE_ROWS_PER_FEATURE", rows_per_feature)
+def test_dense_bn_products_are_the_hessian(path):
     keras.utils.set_random_seed(0)
     model = set_statistics(keras.Sequential([
         keras.Input((5,), dtype="float64"), keras.layers.Dense(4, dtype="float64"),
@@ -239,7 +262,7 @@ def test_dense_bn_products_are_the_hessian(rows_per_feature, monkeypatch):
                                rtol=1e-9, atol=1e-11)
     # Which path ran: BN's own multiplication of the activations, or none (folded).
     assert activation_multiplications(model_function, x) == (
-        0 if rows_per_feature == 0 else 2)
+        0 if path == "folded" else 2)
 
 
 def grouped_channels_first(dtype="float64"):
@@ -271,7 +294,7 @@ def nested_and_loaded(dtype="float64", directory=None):
 
 
 @pytest.mark.parametrize("build", [grouped_channels_first, conv3d, nested_and_loaded])
-def test_other_layouts_fold_to_the_same_hessian(build, tmp_path):
+def test_other_layouts_fold_to_the_same_hessian(build, tmp_path, path):
     keras.utils.set_random_seed(0)
     if build is nested_and_loaded:
         model, shape = build(directory=tmp_path)
