@@ -97,8 +97,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def first_line(error: BaseException, limit: int) -> str:
-    """The first line of an error's text (its type's name if it has none), cut to `limit`."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+    """The first line of an error's text (its type's name if it has none), cut to `limit`
+    (hessian_tf.messages, this checkout's)."""
+    from hessian_tf.messages import first_line as package_first_line
+
+    return package_first_line(error, limit, type(error).__name__)
 
 
 def usable_cores() -> int:

@@ -4,6 +4,8 @@ import contextlib
 import os
 import sys
 
+from hessian_tf.messages import first_line
+
 
 @contextlib.contextmanager
 def quiet_native_stderr():
@@ -48,7 +50,7 @@ def job_error_message(error: BaseException) -> str:
 
     message = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, tf.errors.ResourceExhaustedError):
-        first = (str(error).strip().splitlines() or [""])[0][:200]
+        first = first_line(error)
         return (
             f"out of device memory ({first}); data kept in memory live on the devices "
             "(--stream reads them at every product instead), and a product holds one "

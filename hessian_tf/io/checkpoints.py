@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from hessian_tf import linalg
+from hessian_tf.messages import first_line
 from hessian_tf.spectrum import SLQState
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -215,6 +216,6 @@ class SLQCheckpointer:
             raise CheckpointError(
                 f"--output_dir={os.path.dirname(self.directory)}: the checkpoint {path} is "
                 f"corrupted or partial ({type(error).__name__}: "
-                f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
+                f"{first_line(error)}); "
                 "pass --restart to start over."
             ) from error

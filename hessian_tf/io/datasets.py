@@ -15,6 +15,8 @@ import zipfile
 
 import numpy as np
 
+from hessian_tf.messages import first_line
+
 DATASET_FORMS = "'digits', 'npz:PATH' or 'tfds:NAME[/CONFIG]'"
 _TFDS_READ_BATCH = 4096  # examples per tf.data batch while reading a tfds split
 
@@ -110,7 +112,7 @@ def load_tfds(name: str, *, split: str, data_dir: str | None):
 
 def tfds_read_error(where: str, error: BaseException) -> ValueError:
     """The one-line error for a tfds split that cannot be read."""
-    first = (str(error).strip().splitlines() or [""])[0][:200]
+    first = first_line(error)
     return ValueError(
         f"{where}: could not be read ({type(error).__name__}: {first}); prepare it with "
         "`tfds build` into --data_dir."

@@ -11,6 +11,7 @@ import tensorflow as tf
 # Registers hessian_tf>PopulationBatchNormalization, so .keras checkpoints of the
 # population-BN experiments load in safe mode.
 from hessian_tf.models import population_bn  # noqa: F401
+from hessian_tf.messages import first_line
 from hessian_tf.operators.model_function import KerasModelFunction, SavedModelFunction
 
 
@@ -42,7 +43,7 @@ def import_modules(names: str) -> None:
         except (Exception, SystemExit) as error:  # an import runs arbitrary code
             raise ValueError(
                 f"--import_modules={names}: module {name!r} could not be imported "
-                f"({type(error).__name__}: {_first_line(error)}); pass modules importable "
+                f"({type(error).__name__}: {first_line(error, 300)}); pass modules importable "
                 "from PYTHONPATH, e.g. --import_modules=my_package.layers."
             ) from error
 
@@ -65,7 +66,7 @@ def load_model_function(path: str, strategy: tf.distribute.Strategy | None = Non
         except Exception as error:  # TF raises many types for a broken SavedModel
             raise ValueError(
                 f"--model={path}: the SavedModel could not be loaded "
-                f"({type(error).__name__}: {_first_line(error)}); re-export it."
+                f"({type(error).__name__}: {first_line(error, 300)}); re-export it."
             ) from error
         return SavedModelFunction(loaded, path)
     if not path.endswith(".keras"):
@@ -97,11 +98,6 @@ def load_model_function(path: str, strategy: tf.distribute.Strategy | None = Non
                    "hessian_tf.io.export_for_spectrum; else save it again with model.save()")
         raise ValueError(
             f"--model={path}: the .keras file could not be loaded "
-            f"({type(error).__name__}: {_first_line(error)}); {fix}."
+            f"({type(error).__name__}: {first_line(error, 300)}); {fix}."
         ) from error
     return KerasModelFunction(model)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else ""

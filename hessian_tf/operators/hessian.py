@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from hessian_tf.operators import flat_parameters as flatten_lib
+from hessian_tf.messages import first_line
 from hessian_tf.operators import losses as losses_lib
 from hessian_tf.operators.model_function import check_bn_mode
 
@@ -431,8 +432,8 @@ class HessianOperator:
                     bn_mode="inference",
                 )
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            first = first.split(" [[")[0][:300]  # Keras may print the whole input array
+            # Keras may print the whole input array after " [[".
+            first = first_line(error, None, type(error).__name__).split(" [[")[0][:300]
             try:
                 expected = tuple(self.model_function.model.input_shape[1:])
                 expected = f", which takes inputs of shape {expected}"

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from hessian_tf.io import datasets as datasets_lib
+from hessian_tf.messages import first_line
 
 _CROP_PADDING = 4  # pixels of zero padding before the random crop (CIFAR style)
 
@@ -40,7 +41,7 @@ def _source(train, split: str) -> tuple[tf.data.Dataset, bool, int]:
             shuffle_files=False,
         )
     except Exception as error:  # tfds raises its own types for missing data
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = first_line(error, fallback=type(error).__name__)
         raise ValueError(
             f"--config.train.dataset={train.dataset} split={split!r}: could not be read "
             f"({type(error).__name__}: {first}); prepare it with `tfds build {name}` "
