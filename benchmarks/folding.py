@@ -13,7 +13,7 @@ Workloads (scikit-learn's digits unless said):
 - `conv-stack-bn`: five Conv2D(16, 3×3, same) each followed by BN and ReLU, global
   average pooling, Dense(10), on the 8×8 images, batches of 128;
 - `conv-pool-bn`: benchmarks/example_networks.py's `conv_pool_bn` (one BN, after a
-  16-channel convolution on 4×4 maps), batches of 128;
+  16-channel convolution on 3×3 maps), batches of 128;
 - `resnet32`: hessian_tf.models.resnet32 on 256 random 32×32×3 images, batches of 128
   (only when asked: about 2 minutes).
 
@@ -88,9 +88,8 @@ def pair_paths(model, batch: int) -> tuple[int, int]:
 
     folded = 0
     pairs = folding.foldable_pairs(model)
-    for layer, _ in pairs:
-        node = layer._inbound_nodes[-1]
-        shape = (batch,) + tuple(node.output_tensors[0].shape[1:])
+    for layer, bn in pairs:
+        shape = (batch,) + tuple(bn.input.shape[1:])  # the layer's output, read by BN only
         folded += folding.fold_here(shape, layer.kernel.shape)
     return folded, len(pairs) - folded
 

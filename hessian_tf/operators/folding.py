@@ -6,7 +6,7 @@ side is the same function of the same parameters (W, b, γ, β), so its Hessian 
 same; only the place of the multiplication by s changes, from every activation to the
 kernel. The products then skip BN's element-wise work on activations in the forward
 pass, its backward pass, and both their differentiations: on ResNet-32 (batch 128,
-inference BN) one product costs 0.87-0.88 of the unfolded one (benchmarks/folding.py;
+inference BN) one product costs 0.87-0.90 of the unfolded one (benchmarks/folding.py;
 benchmarks/choices.py, variant `unfolded-bn`). In float64 the two agree to 2e-15 relative.
 
 A pair is folded only when nothing else can see the linear layer's output:
@@ -172,12 +172,13 @@ def _folded_call(conv, bn):
 # BN's element-wise work on the layer's output for work on its kernel, and adds a few
 # small ops. Measured before the thresholds, every pair folded (one full-data product,
 # folded ÷ unfolded, medians of 40-60 interleaved rounds): ResNet-32 0.87-0.88 (outputs
-# of 0.5M-2.1M elements at batch 128, 14-900 × the kernel); five 16-channel 8×8
-# convolutions on the digits 0.81-0.83 (131K, 57 ×); a BN MLP 64-128-128-64 on 1797
+# of 0.5M-2.1M elements at batch 128, 14-4,900 × the kernel); five 16-channel 8×8
+# convolutions on the digits 0.81-0.83 (131K, 57-910 ×); a BN MLP 64-128-128-64 on 1797
 # digits 0.78-0.81 (115K-230K, 14-28 ×); but the same MLP at batch 128 1.02-1.06 (8K-16K,
-# 1-2 ×) and a CNN whose one BN follows a 16-channel 4×4 convolution 1.02-1.05 (33K,
-# 28 ×). The thresholds lie between; with them, benchmarks/folding.py gives 0.78, 1.00,
-# 0.78, 0.98 and 0.87 on those workloads.
+# 1-2 ×) and a CNN whose one BN follows a 16-channel convolution on 3×3 maps 1.02-1.05
+# (18K, 16 ×). The thresholds lie between; with them, benchmarks/folding.py gives
+# ResNet-32 0.87, the conv stack 0.78, the MLP 0.78 (batch 1797) and 1.00 (batch 128,
+# not folded), the small CNN 0.98 (not folded).
 MIN_OUTPUT_ELEMENTS = 2**16
 MIN_OUTPUT_PER_KERNEL_ELEMENT = 4
 

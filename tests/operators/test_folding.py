@@ -132,7 +132,7 @@ def test_folding_removes_bn_work_on_activations(path):
     ((128, 8, 8, 16), (3, 3, 16, 16), True),  # digits CNN of 16-channel 8×8 convolutions
     ((1797, 64), (128, 64), True),  # BN MLP on all the digits
     ((128, 128), (128, 128), False),  # the same MLP at batch 128
-    ((128, 4, 4, 16), (3, 3, 8, 16), False),  # a small convolution: 33K outputs
+    ((128, 3, 3, 16), (3, 3, 8, 16), False),  # a small convolution: 18K outputs
     ((128, 7, 7, 512), (3, 3, 512, 512), False),  # ResNet-18's last stage at batch 128
     ((None, 32, 32, 16), (3, 3, 16, 16), False),  # unknown batch
 ])
