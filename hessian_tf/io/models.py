@@ -8,10 +8,11 @@ import os
 import keras
 import tensorflow as tf
 
+from hessian_tf.messages import first_line
+
 # Registers hessian_tf>PopulationBatchNormalization, so .keras checkpoints of the
 # population-BN experiments load in safe mode.
 from hessian_tf.models import population_bn  # noqa: F401
-from hessian_tf.messages import first_line
 from hessian_tf.operators.model_function import KerasModelFunction, SavedModelFunction
 
 

@@ -29,8 +29,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from hessian_tf.operators import flat_parameters as flatten_lib
 from hessian_tf.messages import first_line
+from hessian_tf.operators import flat_parameters as flatten_lib
 from hessian_tf.operators import losses as losses_lib
 from hessian_tf.operators.model_function import check_bn_mode
 
