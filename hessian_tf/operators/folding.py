@@ -82,11 +82,10 @@ def _channel_axis(layer, rank: int) -> int:
     """The axis counted from the end, for a tensor of `rank` dimensions."""
     if isinstance(layer, keras.layers.Dense):
         return -1
-    axis = layer.axis if hasattr(layer, "axis") else (-1 if layer.data_format == "channels_last" else 1)
-    if isinstance(axis, (list, tuple)):
-        if len(axis) != 1:
-            return 0
-        axis = axis[0]
+    if isinstance(layer, keras.layers.BatchNormalization):
+        axis = layer.axis  # an int: Keras stores int(axis)
+    else:
+        axis = -1 if layer.data_format == "channels_last" else 1
     return axis - rank if axis >= 0 else axis
 
 
