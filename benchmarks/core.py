@@ -19,6 +19,7 @@ load from other processes inflates them alike.
 
 Command (about 4-6 minutes on 2 CPU cores; README in this directory):
   .venv/bin/python benchmarks/core.py [--workload mlp-digits|resnet32-cifar|all] [--repeats 5]
+      [--intra_op_threads N]  (0, the default: the spectrum binary's automatic choice)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import tensorflow as tf  # noqa: E402
 import threadpoolctl  # noqa: E402  (installed with scikit-learn)
 
 from hessian_tf import linalg, operators  # noqa: E402
+from hessian_tf.distribute import automatic_cpu_threads, configure_cpu_threads  # noqa: E402
 from flops import graph_flops  # noqa: E402  (benchmarks/flops.py)
 from machine import cpu_name, load_average  # noqa: E402  (benchmarks/machine.py)
 from hessian_tf.io.datasets import load_digits  # noqa: E402
@@ -412,9 +414,20 @@ def main(argv=None) -> int:
         "--blas_threads", type=int, default=None,
         help="limit NumPy's BLAS (the Lanczos algebra) to this many threads for the whole run",
     )
+    parser.add_argument(
+        "--intra_op_threads", type=int, default=0,
+        help="TensorFlow threads per op; 0: the spectrum binary's automatic choice "
+             "(hessian_tf.distribute.automatic_cpu_threads)",
+    )
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats={args.repeats}: pass at least 1.")
+    if args.repeats < 1 or args.intra_op_threads < 0:
+        parser.error(f"--repeats={args.repeats} --intra_op_threads={args.intra_op_threads}: "
+                     "pass repeats >= 1 and threads >= 0.")
+    # Before any TensorFlow work, as the binary sets them.
+    if args.intra_op_threads:
+        configure_cpu_threads(args.intra_op_threads, 0)
+    else:
+        automatic_cpu_threads("default")
     all_cases = cases(args.lanczos_steps)
     if args.workload != "all" and args.workload not in all_cases:
         parser.error(f"--workload={args.workload!r}: use one of {sorted(all_cases)} or 'all'.")

@@ -905,6 +905,10 @@ def run_ours(workload: Workload, directory: str, threads: int, extra_flags: list
     else:
         per_step = float(summary["lanczos_seconds"]) / int(summary["lanczos_steps_completed"][0])
         note = "lanczos_seconds/steps"
+    threads = summary.get("cpu_threads")  # as the job set them (0: TensorFlow's choice)
+    if threads:
+        note += (f"; TensorFlow threads intra-op {threads['intra_op'] or 'default'}, "
+                 f"inter-op {threads['inter_op'] or 'default'}")
     side = Side(per_step, wall, float(summary["lambda_max"]), float(summary["lambda_min"]),
                 other_load, note)
     return side, int(summary["num_params"])
@@ -1146,7 +1150,7 @@ def main(argv: list[str]) -> int:
             rows.append([
                 name, f"{num_params:,}", f"{len(workload.x):,}", str(workload.batch_size),
                 str(workload.lanczos_steps),
-                f"{ours.seconds_per_step:.4g}" + ("" if ours.note == "seconds_per_step" else "†"),
+                f"{ours.seconds_per_step:.4g}" + ("" if ours.note.startswith("seconds_per_step") else "†"),
                 f"{theirs.seconds_per_step:.4g}",
                 f"{ours.seconds_per_step / theirs.seconds_per_step:.2f}" + ("‡" if busy else ""),
                 f"{first_step:.3g}", f"{after_first:.4g}", f"{100 * product_share:.0f}%",

@@ -353,7 +353,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
 
     # Imported here so that strategy creation (and logical CPU devices) come before
     # anything else touches TensorFlow's devices.
-    from hessian_tf.distribute import is_chief, make_strategy
+    from hessian_tf.distribute import cpu_threads, is_chief, make_strategy
     from hessian_tf.io.datasets import load_dataset
     from hessian_tf.io.models import check_model_path, import_modules, load_model_function
     from hessian_tf.operators import HessianOperator, NonDeterministicError, NonFiniteError
@@ -371,6 +371,8 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
             num_cpu_devices=config.num_cpu_devices,
             tpu=config.tpu,
             worker_timeout=config.worker_timeout,
+            intra_op_threads=config.intra_op_threads,
+            inter_op_threads=config.inter_op_threads,
         )
     chief = is_chief(strategy)
     if config.model:
@@ -515,6 +517,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         "seconds_per_step": spectrum.seconds_per_step,
         "lockstep_draws": group,
         "residual_bytes": getattr(operator, "residual_bytes", 0),
+        "cpu_threads": cpu_threads(),
         "seconds": None,  # filled in just before writing
         "config": config.to_dict(),
         **analyses,

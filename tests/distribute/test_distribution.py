@@ -163,6 +163,8 @@ def test_malformed_tf_config(bn_job, tmp_path, tf_config, expected):
 @pytest.mark.parametrize("flags, expected", [
     (["--tpu=my-tpu"], "--tpu=my-tpu needs --strategy=tpu"),
     (["--num_cpu_devices=-1"], "--num_cpu_devices=-1"),
+    (["--intra_op_threads=-1"], "--intra_op_threads=-1"),
+    (["--inter_op_threads=-2"], "--inter_op_threads=-2"),
     (["--worker_timeout=0"], "--worker_timeout=0"),
     (["--strategy=multi_worker", "--model="], "--strategy=multi_worker needs --model"),
 ])
