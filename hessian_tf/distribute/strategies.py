@@ -37,8 +37,8 @@ def check_cpu_threads(intra_op_threads: int, inter_op_threads: int) -> None:
                         ("inter_op_threads", inter_op_threads)):
         if value < 0:
             raise ValueError(
-                f"--{name}={value}: pass a number of threads >= 1, or 0 for TensorFlow's "
-                "choice."
+                f"--{name}={value}: pass a number of threads >= 1, or 0 for the default "
+                "(see --help)."
             )
 
 
@@ -67,9 +67,9 @@ def configure_cpu_threads(intra_op_threads: int, inter_op_threads: int) -> None:
 
 def automatic_cpu_threads(strategy: str) -> None:
     """One thread per op on a host without GPU or TPU (ops then run side by side, one
-    per core), unless TF_NUM_INTRAOP_THREADS says otherwise: on 2 cores, one product
-    over the data took 0.57-0.76 of its time with TensorFlow's choice on six digits
-    networks and 0.98 on ResNet-32 with inference BN, but 1.09 with train BN (README,
+    per core), unless TF_NUM_INTRAOP_THREADS says otherwise: on 2 cores, a Lanczos step
+    took 0.57-0.76 of its time with TensorFlow's choice on six digits networks, and a
+    product 0.98 of it on ResNet-32 with inference BN, but 1.09 with train BN (README,
     "Chosen by measurement"). Once TensorFlow has started (a job run inside a program
     that already used it), its pools stay as they are."""
     if (strategy == "tpu" or os.environ.get("TF_NUM_INTRAOP_THREADS")

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from hessian_tf.operators import model_function as model_function_lib
 from hessian_tf.operators.model_function import SAVED_FUNCTION_NAMES, batch_norm_in_train_mode
+from hessian_tf.operators.moments import exact_moments
 
 InputSignature = Union[tf.TensorSpec, Sequence[tf.TensorSpec]]
 
@@ -79,12 +80,13 @@ def export_for_spectrum(
     def outputs_of(x):
         # Read the variables at each call: the loaded functions then depend on the
         # restored variables, which is what products differentiate.
-        outputs, _ = model.stateless_call(
-            [tf.convert_to_tensor(v) for v in trainable],
-            [tf.convert_to_tensor(v) for v in non_trainable],
-            x,
-            **call_options,
-        )
+        with exact_moments():  # second derivatives through the statistics (moments.py)
+            outputs, _ = model.stateless_call(
+                [tf.convert_to_tensor(v) for v in trainable],
+                [tf.convert_to_tensor(v) for v in non_trainable],
+                x,
+                **call_options,
+            )
         if isinstance(outputs, (list, tuple, dict)):
             raise ValueError(
                 "export_for_spectrum: the model has several outputs; hessian_tf "

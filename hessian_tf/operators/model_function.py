@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from hessian_tf.operators import folding
+from hessian_tf.operators.moments import exact_moments
 
 BN_MODES = ("inference", "train")
 
@@ -130,18 +131,23 @@ class KerasModelFunction:
         """
         return [tf.convert_to_tensor(v) for v in self._non_trainable]
 
+    @contextlib.contextmanager
     def mode_context(self, bn_mode: str):
         """Enter around the whole trace of a product, in the cross-replica context:
         MirroredStrategy traces replicas in threads, so a per-replica override
         would race with its own removal. Train: BN on each batch's statistics.
         Inference: BN folded into the convolution or Dense layer before it where
         nothing else reads that layer's output (folding.py), unless
-        fold_batch_norm=False."""
+        fold_batch_norm=False. Both: normalisation statistics differentiated exactly
+        to second order (moments.py)."""
         if bn_mode == "train":
-            return batch_norm_in_train_mode(self.model)
-        if self.fold_batch_norm:
-            return folding.fold_batch_norm(self.model)
-        return contextlib.nullcontext()
+            mode = batch_norm_in_train_mode(self.model)
+        elif self.fold_batch_norm:
+            mode = folding.fold_batch_norm(self.model)
+        else:
+            mode = contextlib.nullcontext()
+        with exact_moments(), mode:
+            yield
 
     def __call__(
         self, primals: Sequence[tf.Tensor], state: Sequence[tf.Tensor], x: tf.Tensor, *, bn_mode: str
