@@ -17,6 +17,7 @@ from typing import Sequence
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from hessian_tf.operators import folding
 from hessian_tf.operators.moments import exact_moments
@@ -186,6 +187,17 @@ class SavedModelFunction:
             )
         self.variables = list(getattr(loaded, "trainable_variables", []))
         self._input_dtype = _first_input_dtype(loaded.serve)
+        # A saved graph cannot be re-traced with exact statistics (moments.py).
+        self.stop_gradients = sum(
+            _count_stop_gradients(getattr(loaded, name)) for name in SAVED_FUNCTION_NAMES.values()
+            if hasattr(loaded, name))
+        if self.stop_gradients:
+            logging.warning(
+                "--model=%s: the SavedModel's functions stop the gradient at %d node(s), "
+                "e.g. tf.nn.moments' mean in LayerNormalization, GroupNormalization or "
+                "train-mode BN statistics; products miss those second-derivative terms. "
+                "Pass the .keras file, or export with hessian_tf.io.export_for_spectrum.",
+                path, self.stop_gradients)
 
     @property
     def has_regularization(self) -> bool:
@@ -218,6 +230,18 @@ class SavedModelFunction:
                 )
             outputs = next(iter(outputs.values()))
         return outputs, tf.zeros([], outputs.dtype)
+
+
+def _count_stop_gradients(function) -> int:
+    """StopGradient nodes in a restored function's graphs and the functions they call."""
+    count = 0
+    for concrete in getattr(function, "concrete_functions", ()):
+        graph_def = concrete.graph.as_graph_def()
+        nodes = list(graph_def.node)
+        for library_function in graph_def.library.function:
+            nodes += list(library_function.node_def)
+        count += sum(node.op == "StopGradient" for node in nodes)
+    return count
 
 
 def _first_input_dtype(function):

@@ -7,6 +7,7 @@ import keras
 
 from hessian_tf import operators
 from hessian_tf.operators import hessian
+from hessian_tf.operators.moments import exact_moments
 
 NUM_EXAMPLES = 11
 BATCH_SIZE = 4  # batches of 4, 4 and an uneven 3
@@ -37,11 +38,14 @@ def tiny_data(dtype=np.float64):
 
 def reference_hessian(model, x, y, *, bn_mode, regularization):
     """Dense Hessian by reverse-over-reverse jacobian on the variables themselves,
-    batch by batch, with Keras' own training flag. Restores the variables after."""
+    batch by batch, with Keras' own training flag, and BN's batch statistics
+    differentiated exactly to second order (moments.py: tf.nn.moments as TensorFlow
+    writes it drops a term; tests/operators/test_moments.py checks the products against
+    differences of the gradient instead). Restores the variables after."""
     saved = [v.numpy() for v in model.variables]
     variables = [v.value for v in model.trainable_variables]
     total = 0.0
-    with tf.GradientTape(persistent=True) as outer:
+    with exact_moments(), tf.GradientTape(persistent=True) as outer:
         with tf.GradientTape() as inner:
             for start in range(0, len(x), BATCH_SIZE):
                 xb, yb = x[start:start + BATCH_SIZE], y[start:start + BATCH_SIZE]

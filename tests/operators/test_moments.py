@@ -116,7 +116,19 @@ def test_exported_functions_carry_the_exact_statistics(tmp_path):
                                                batch_size=5)
     path = export_for_spectrum(model, str(tmp_path / "saved"))
     saved_function = load_model_function(path, tf.distribute.get_strategy())
+    assert saved_function.stop_gradients == 0
     saved_operator = operators.HessianOperator(saved_function, x, y, batch_size=5)
     vector = np.random.default_rng(2).normal(size=keras_operator.dim)
     expected = keras_operator.matvec(vector)
     assert np.max(np.abs(saved_operator.matvec(vector) - expected)) < 1e-10 * np.max(np.abs(expected))
+
+
+def test_a_keras_export_with_statistics_is_flagged(tmp_path, caplog):
+    """Keras's own model.export() traces tf.nn.moments as TensorFlow writes it; a saved
+    graph cannot be re-traced, so its stop_gradient is reported when it is loaded."""
+    path = str(tmp_path / "keras_export")
+    net("layer_norm").export(path, verbose=False)
+    with caplog.at_level("WARNING"):
+        saved_function = load_model_function(path, tf.distribute.get_strategy())
+    assert saved_function.stop_gradients >= 1
+    assert any("stop the gradient" in record.getMessage() for record in caplog.records)
