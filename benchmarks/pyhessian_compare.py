@@ -105,10 +105,9 @@ def first_line(error: BaseException, limit: int) -> str:
 
 
 def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from hessian_tf.host import usable_cores as package_usable_cores  # no TensorFlow
+
+    return package_usable_cores()
 
 
 def numpy_of(variable) -> np.ndarray:
@@ -905,10 +904,10 @@ def run_ours(workload: Workload, directory: str, threads: int, extra_flags: list
     else:
         per_step = float(summary["lanczos_seconds"]) / int(summary["lanczos_steps_completed"][0])
         note = "lanczos_seconds/steps"
-    threads = summary.get("cpu_threads")  # as the job set them (0: TensorFlow's choice)
-    if threads:
-        note += (f"; TensorFlow threads intra-op {threads['intra_op'] or 'default'}, "
-                 f"inter-op {threads['inter_op'] or 'default'}")
+    pools = summary.get("cpu_threads")  # as the job ran (0: TensorFlow's choice)
+    if pools:
+        note += (f"; TensorFlow threads intra-op {pools['intra_op'] or 'default'}, "
+                 f"inter-op {pools['inter_op'] or 'default'}")
     side = Side(per_step, wall, float(summary["lambda_max"]), float(summary["lambda_min"]),
                 other_load, note)
     return side, int(summary["num_params"])
@@ -1097,7 +1096,9 @@ def main(argv: list[str]) -> int:
     from importlib.metadata import version
 
     cores = usable_cores()
-    tf_threads = ("default (intra-op 0 = one per usable core)" if args.threads == cores
+    tf_threads = ("as the binary sets them (intra-op 0: automatic, one thread per op on a "
+                  "CPU-only host of at most 2 cores; the `ours:` lines say what it ran with)"
+                  if args.threads == cores
                   else f"TF_NUM_INTRAOP_THREADS={args.threads}, OMP_NUM_THREADS={args.threads}")
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, torch {torch.__version__}, "

@@ -70,10 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.strategy = "default"
     config.num_cpu_devices = 0
     # TensorFlow's CPU thread pools: threads per op, and ops run at once. intra_op 0:
-    # automatic, 1 on a host without GPU or TPU (unless TF_NUM_INTRAOP_THREADS is
-    # set), else TensorFlow's choice; inter_op 0: TensorFlow's choice (one per core).
-    # ResNet-sized nets with train BN on CPU: pass the number of cores (README,
-    # "Chosen by measurement").
+    # automatic, 1 on a host of at most 2 cores without GPU or TPU (unless
+    # TF_NUM_INTRAOP_THREADS is set; where it was measured), else TensorFlow's choice;
+    # inter_op 0: TensorFlow's choice (one per core). ResNet-sized nets with train BN
+    # on such a host: pass the number of cores (README, "Chosen by measurement").
     config.intra_op_threads = 0
     config.inter_op_threads = 0
     config.tpu = ""

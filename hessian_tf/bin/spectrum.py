@@ -67,8 +67,8 @@ _HELP = {
     "num_grid_points": "Points of the density grid.",
     "strategy": "default, one_device, mirrored, multi_worker or tpu.",
     "num_cpu_devices": "Split the CPU into N logical devices (0: leave it).",
-    "intra_op_threads": "TensorFlow CPU threads per op (0: automatic, 1 without GPU or TPU, "
-    "else TensorFlow's choice).",
+    "intra_op_threads": "TensorFlow CPU threads per op (0: automatic, 1 on a host of at most "
+    "2 cores without GPU or TPU, else TensorFlow's choice).",
     "inter_op_threads": "TensorFlow CPU ops run at once (0: TensorFlow's choice).",
     "tpu": "TPU name or address, with --strategy=tpu.",
     "worker_timeout": "multi_worker: seconds to wait for all workers, and for any all-reduce.",

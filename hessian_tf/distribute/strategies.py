@@ -7,6 +7,8 @@ import os
 
 import tensorflow as tf
 
+from hessian_tf.host import usable_cores
+
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
@@ -65,14 +67,21 @@ def configure_cpu_threads(intra_op_threads: int, inter_op_threads: int) -> None:
             ) from error
 
 
+# The automatic choice holds where it was measured: hosts of at most this many cores.
+AUTOMATIC_MAX_CORES = 2
+
+
 def automatic_cpu_threads(strategy: str) -> None:
-    """One thread per op on a host without GPU or TPU (ops then run side by side, one
-    per core), unless TF_NUM_INTRAOP_THREADS says otherwise: on 2 cores, a Lanczos step
-    took 0.57-0.76 of its time with TensorFlow's choice on six digits networks, and a
-    product 0.98 of it on ResNet-32 with inference BN, but 1.09 with train BN (README,
-    "Chosen by measurement"). Once TensorFlow has started (a job run inside a program
-    that already used it), its pools stay as they are."""
+    """One thread per op, ops side by side (one per core), on a host of at most
+    AUTOMATIC_MAX_CORES usable cores and no GPU or TPU, unless TF_NUM_INTRAOP_THREADS
+    says otherwise. On 2 cores a Lanczos step took 0.57-0.76 of its time under
+    TensorFlow's choice on six digits networks, and a product 0.98 of it on ResNet-32
+    with inference BN but 1.09-1.16 with train BN (README, "Chosen by measurement"). Larger
+    hosts were not measured, so they keep TensorFlow's choice. Once TensorFlow has
+    started (a job run inside a program that already used it), its pools stay as
+    they are."""
     if (strategy == "tpu" or os.environ.get("TF_NUM_INTRAOP_THREADS")
+            or usable_cores() > AUTOMATIC_MAX_CORES
             or tf.config.list_physical_devices("GPU")):
         return
     try:
@@ -82,9 +91,17 @@ def automatic_cpu_threads(strategy: str) -> None:
 
 
 def cpu_threads() -> dict:
-    """TensorFlow's CPU thread pools as set (0: TensorFlow's choice)."""
-    return {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-            "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+    """TensorFlow's CPU thread pools as set: by the job, else by TF_NUM_INTRAOP_THREADS /
+    TF_NUM_INTEROP_THREADS (which TensorFlow reads when it starts), else 0 (TensorFlow's
+    choice, one per core)."""
+    threading = tf.config.threading
+    values = {"intra_op": threading.get_intra_op_parallelism_threads(),
+              "inter_op": threading.get_inter_op_parallelism_threads()}
+    for key, variable in (("intra_op", "TF_NUM_INTRAOP_THREADS"),
+                          ("inter_op", "TF_NUM_INTEROP_THREADS")):
+        if not values[key] and os.environ.get(variable, "").isdigit():
+            values[key] = int(os.environ[variable])
+    return values
 
 
 def check_tf_config() -> None:

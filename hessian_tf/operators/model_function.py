@@ -187,17 +187,12 @@ class SavedModelFunction:
             )
         self.variables = list(getattr(loaded, "trainable_variables", []))
         self._input_dtype = _first_input_dtype(loaded.serve)
-        # A saved graph cannot be re-traced with exact statistics (moments.py).
-        self.stop_gradients = sum(
-            _count_stop_gradients(getattr(loaded, name)) for name in SAVED_FUNCTION_NAMES.values()
-            if hasattr(loaded, name))
-        if self.stop_gradients:
-            logging.warning(
-                "--model=%s: the SavedModel's functions stop the gradient at %d node(s), "
-                "e.g. tf.nn.moments' mean in LayerNormalization, GroupNormalization or "
-                "train-mode BN statistics; products miss those second-derivative terms. "
-                "Pass the .keras file, or export with hessian_tf.io.export_for_spectrum.",
-                path, self.stop_gradients)
+        # A saved graph cannot be traced again with exact statistics (moments.py):
+        # StopGradient nodes per BN mode's function, reported when that mode is used.
+        self.stop_gradients = {
+            bn_mode: _count_stop_gradients(getattr(loaded, name))
+            for bn_mode, name in SAVED_FUNCTION_NAMES.items() if hasattr(loaded, name)}
+        self._warned = set()
 
     @property
     def has_regularization(self) -> bool:
@@ -213,7 +208,18 @@ class SavedModelFunction:
         return []  # the saved functions read their own non-trainable variables
 
     def mode_context(self, bn_mode: str):
-        del bn_mode  # each mode has its own saved function
+        """Each mode has its own saved function; the first use of one whose graph
+        stops a gradient logs a warning."""
+        count = self.stop_gradients.get(bn_mode, 0)
+        if count and bn_mode not in self._warned:
+            self._warned.add(bn_mode)
+            logging.warning(
+                "--model=%s: the SavedModel's function for --bn_mode=%s stops the gradient "
+                "at %d node(s). If they are tf.nn.moments' statistics (LayerNormalization, "
+                "GroupNormalization, train-mode BN; written by Keras's model.export(), or "
+                "by hessian_tf's export_for_spectrum before version 5776e96), products miss "
+                "their second-derivative terms: pass the .keras file, or export it again "
+                "with hessian_tf.io.export_for_spectrum.", self.path, bn_mode, count)
         return contextlib.nullcontext()
 
     def __call__(self, primals, state, x: tf.Tensor, *, bn_mode: str):

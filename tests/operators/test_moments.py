@@ -92,21 +92,47 @@ def test_the_stop_gradient_is_what_breaks_them(monkeypatch):
     assert np.max(np.abs(product - expected)) > 1e-3 * np.max(np.abs(expected))
 
 
-def test_same_values_and_patches_removed_on_exit():
-    x = tf.constant(np.random.default_rng(3).normal(size=(4, 3, 6)))
-    reference = tf.nn.moments(x, axes=[1, 2])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_same_values_bit_for_bit(dtype):
+    x = tf.constant(np.random.default_rng(3).normal(size=(4, 3, 6)).astype(dtype))
     original = tf.nn.moments
     with moments_lib.exact_moments():
-        with moments_lib.exact_moments():  # nested: the outer patches stay
-            pass
         assert tf.nn.moments is moments_lib.moments
         for keepdims in (False, True):
             ours = tf.nn.moments(x, axes=[1, 2], keepdims=keepdims)
             theirs = original(x, axes=[1, 2], keepdims=keepdims)
             for a, b in zip(ours, theirs):
-                assert a.shape == b.shape and np.array_equal(a.numpy(), b.numpy())
+                assert a.dtype == b.dtype and a.shape == b.shape
+                assert np.array_equal(a.numpy(), b.numpy())
+
+
+def test_patches_stay_while_any_entry_is_open_and_go_after_the_last():
+    """Entries nest and overlap (MirroredStrategy traces in threads); an exception
+    inside one still removes the patches once the last entry exits."""
+    import threading
+
+    original = tf.nn.moments
+    outer = moments_lib.exact_moments()
+    outer.__enter__()
+    entered, release = threading.Event(), threading.Event()
+
+    def other_thread():
+        with moments_lib.exact_moments():
+            entered.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    entered.wait(30)
+    outer.__exit__(None, None, None)  # the first entry leaves while the other is open
+    assert tf.nn.moments is moments_lib.moments
+    release.set()
+    thread.join(30)
+    assert tf.nn.moments is original and tf.compat.v2.nn.moments is original
+    with pytest.raises(RuntimeError):
+        with moments_lib.exact_moments():
+            raise RuntimeError("inside")
     assert tf.nn.moments is original
-    assert np.array_equal(reference[1].numpy(), tf.nn.moments(x, axes=[1, 2])[1].numpy())
 
 
 def test_exported_functions_carry_the_exact_statistics(tmp_path):
@@ -116,7 +142,7 @@ def test_exported_functions_carry_the_exact_statistics(tmp_path):
                                                batch_size=5)
     path = export_for_spectrum(model, str(tmp_path / "saved"))
     saved_function = load_model_function(path, tf.distribute.get_strategy())
-    assert saved_function.stop_gradients == 0
+    assert saved_function.stop_gradients == {"inference": 0, "train": 0}
     saved_operator = operators.HessianOperator(saved_function, x, y, batch_size=5)
     vector = np.random.default_rng(2).normal(size=keras_operator.dim)
     expected = keras_operator.matvec(vector)
@@ -125,10 +151,13 @@ def test_exported_functions_carry_the_exact_statistics(tmp_path):
 
 def test_a_keras_export_with_statistics_is_flagged(tmp_path, caplog):
     """Keras's own model.export() traces tf.nn.moments as TensorFlow writes it; a saved
-    graph cannot be re-traced, so its stop_gradient is reported when it is loaded."""
+    graph cannot be traced again, so its stop_gradient is reported when it is used."""
     path = str(tmp_path / "keras_export")
     net("layer_norm").export(path, verbose=False)
+    saved_function = load_model_function(path, tf.distribute.get_strategy())
+    assert saved_function.stop_gradients["inference"] >= 1
+    x, y = data()
     with caplog.at_level("WARNING"):
-        saved_function = load_model_function(path, tf.distribute.get_strategy())
-    assert saved_function.stop_gradients >= 1
-    assert any("stop the gradient" in record.getMessage() for record in caplog.records)
+        operators.HessianOperator(saved_function, x, y, batch_size=5)
+    warnings = [r.getMessage() for r in caplog.records if "stops the gradient" in r.getMessage()]
+    assert len(warnings) == 1 and "--bn_mode=inference" in warnings[0]
