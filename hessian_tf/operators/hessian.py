@@ -32,6 +32,7 @@ import tensorflow as tf
 from hessian_tf.messages import first_line
 from hessian_tf.operators import flat_parameters as flatten_lib
 from hessian_tf.operators import losses as losses_lib
+from hessian_tf.operators.graphs import graph_nodes
 from hessian_tf.operators.model_function import check_bn_mode
 
 METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
@@ -52,13 +53,11 @@ def nodes_of_dtype(concrete_function, dtype: tf.DType) -> list[str]:
             attr.HasField("tensor") and attr.tensor.dtype == wanted)
 
     found = []
-    nodes = [("", node) for node in graph_def.node]
     for function in graph_def.library.function:
-        nodes += [(function.signature.name + "/", node) for node in function.node_def]
         for arg in list(function.signature.input_arg) + list(function.signature.output_arg):
             if arg.type == wanted:
                 found.append(f"{function.signature.name}:{arg.name}")
-    for prefix, node in nodes:
+    for prefix, node in graph_nodes(graph_def):
         if any(has_dtype(attr) for attr in node.attr.values()):
             found.append(f"{prefix}{node.name} ({node.op})")
     return found

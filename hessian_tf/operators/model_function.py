@@ -20,6 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 from hessian_tf.operators import folding
+from hessian_tf.operators.graphs import graph_nodes
 from hessian_tf.operators.moments import exact_moments
 
 BN_MODES = ("inference", "train")
@@ -187,12 +188,7 @@ class SavedModelFunction:
             )
         self.variables = list(getattr(loaded, "trainable_variables", []))
         self._input_dtype = _first_input_dtype(loaded.serve)
-        # A saved graph cannot be traced again with exact statistics (moments.py):
-        # StopGradient nodes per BN mode's function, reported when that mode is used.
-        self.stop_gradients = {
-            bn_mode: _count_stop_gradients(getattr(loaded, name))
-            for bn_mode, name in SAVED_FUNCTION_NAMES.items() if hasattr(loaded, name)}
-        self._warned = set()
+        self._checked = set()  # BN modes whose saved function was checked for StopGradient
 
     @property
     def has_regularization(self) -> bool:
@@ -209,10 +205,13 @@ class SavedModelFunction:
 
     def mode_context(self, bn_mode: str):
         """Each mode has its own saved function; the first use of one whose graph
-        stops a gradient logs a warning."""
-        count = self.stop_gradients.get(bn_mode, 0)
-        if count and bn_mode not in self._warned:
-            self._warned.add(bn_mode)
+        stops a gradient logs a warning (a saved graph cannot be traced again with
+        exact statistics, moments.py)."""
+        if bn_mode in self._checked:
+            return contextlib.nullcontext()
+        self._checked.add(bn_mode)
+        count = self.stop_gradients(bn_mode)
+        if count:
             logging.warning(
                 "--model=%s: the SavedModel's function for --bn_mode=%s stops the gradient "
                 "at %d node(s). If they are tf.nn.moments' statistics (LayerNormalization, "
@@ -221,6 +220,14 @@ class SavedModelFunction:
                 "their second-derivative terms: pass the .keras file, or export it again "
                 "with hessian_tf.io.export_for_spectrum.", self.path, bn_mode, count)
         return contextlib.nullcontext()
+
+    def stop_gradients(self, bn_mode: str) -> int:
+        """StopGradient nodes in the saved function of `bn_mode` and the functions it
+        calls (0 if it has none)."""
+        function = getattr(self.loaded, SAVED_FUNCTION_NAMES[bn_mode], None)
+        return sum(node.op == "StopGradient"
+                   for concrete in getattr(function, "concrete_functions", ())
+                   for _, node in graph_nodes(concrete.graph.as_graph_def()))
 
     def __call__(self, primals, state, x: tf.Tensor, *, bn_mode: str):
         del primals, state  # the functions read the captured variables themselves
@@ -236,18 +243,6 @@ class SavedModelFunction:
                 )
             outputs = next(iter(outputs.values()))
         return outputs, tf.zeros([], outputs.dtype)
-
-
-def _count_stop_gradients(function) -> int:
-    """StopGradient nodes in a restored function's graphs and the functions they call."""
-    count = 0
-    for concrete in getattr(function, "concrete_functions", ()):
-        graph_def = concrete.graph.as_graph_def()
-        nodes = list(graph_def.node)
-        for library_function in graph_def.library.function:
-            nodes += list(library_function.node_def)
-        count += sum(node.op == "StopGradient" for node in nodes)
-    return count
 
 
 def _first_input_dtype(function):

@@ -12,9 +12,9 @@ import sys
 from tests.processes import environment
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
+def run_python(code: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env=environment())
+                          timeout=300, env=env or environment())
 
 
 def test_make_strategy_sets_the_pools_before_tensorflow_starts():
@@ -45,8 +45,7 @@ def test_automatic_one_thread_per_op_on_a_small_cpu_host_unless_the_environment_
     assert threads == {"intra_op": 1 if applies else 0, "inter_op": 0}
     env = environment()
     env["TF_NUM_INTRAOP_THREADS"] = "2"  # the environment's choice stands, and is reported
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300, env=env)
+    result = run_python(code, env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.splitlines()[-1])[0] == {"intra_op": 2, "inter_op": 0}
 
