@@ -1,9 +1,14 @@
-"""Four small networks trained on scikit-learn's digits, for
+"""Small networks trained on scikit-learn's digits, for
 `pyhessian_compare.py --model ... --data ...` (benchmarks/PYHESSIAN.md, "Your own network").
 
 Writes to OUT_DIR: conv_pool_bn.keras, mlp_bn_gelu.keras, functional_elu_avgpool.keras,
 residual_ln.keras (a residual block, then LayerNormalization and two concatenated poolings),
-digits_img.npz (x: 8×8×1 images, x/16; y: labels) and digits_flat.npz (x: the 64 pixels).
+transpose_crop.keras (a strided convolution, Conv2DTranspose back up, concatenated,
+cropped), and three that read an image's 8 rows as a sequence of 8 tokens:
+attention_seq.keras (a pre-LayerNorm transformer block, self-attention and an MLP),
+lstm_seq.keras and gru_conv1d_seq.keras (a GRU, then strided and causal Conv1D); with
+digits_img.npz (x: 8×8×1 images, x/16; y: labels), digits_flat.npz (x: the 64 pixels) and
+digits_seq.npz (x: 8×8, rows as tokens).
 Each network is trained 3 epochs with Adam (batch 64, seed 0), so BN has moving statistics
 of its own.
 
@@ -23,7 +28,9 @@ import numpy as np  # noqa: E402
 
 # Which data each network takes.
 NETWORKS = {"conv_pool_bn": "digits_img", "mlp_bn_gelu": "digits_flat",
-            "functional_elu_avgpool": "digits_img", "residual_ln": "digits_img"}
+            "functional_elu_avgpool": "digits_img", "residual_ln": "digits_img",
+            "transpose_crop": "digits_img", "attention_seq": "digits_seq",
+            "lstm_seq": "digits_seq", "gru_conv1d_seq": "digits_seq"}
 
 
 def build(name: str):
@@ -39,7 +46,16 @@ def build(name: str):
         return keras.Sequential([
             keras.Input((64,)), layers.Dense(64), layers.BatchNormalization(),
             layers.Activation("gelu"), layers.Dropout(0.2), layers.Dense(10)])
+    if name.endswith("_seq"):
+        return build_sequence_model(name)
     inputs = keras.Input((8, 8, 1))
+    if name == "transpose_crop":
+        h = layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+        down = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(h)
+        up = layers.Conv2DTranspose(16, 3, strides=2, padding="same", activation="relu")(down)
+        h = layers.Cropping2D(1)(layers.Concatenate()([h, up]))
+        h = layers.Conv2D(16, 3, activation="relu")(h)
+        return keras.Model(inputs, layers.Dense(10)(layers.GlobalAveragePooling2D()(h)))
     if name == "residual_ln":
         h = layers.ReLU()(layers.BatchNormalization()(
             layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)))
@@ -60,6 +76,27 @@ def build(name: str):
     return keras.Model(inputs, layers.Dense(10)(h))
 
 
+def build_sequence_model(name: str):
+    import keras
+
+    layers = keras.layers
+    inputs = keras.Input((8, 8))  # 8 tokens (an image's rows) of 8 features
+    if name == "attention_seq":
+        h = layers.Dense(32)(inputs)
+        a = layers.LayerNormalization()(h)
+        h = layers.Add()([h, layers.MultiHeadAttention(num_heads=2, key_dim=16)(a, a)])
+        f = layers.Dense(64, activation="gelu")(layers.LayerNormalization()(h))
+        h = layers.Add()([h, layers.Dense(32)(f)])
+        return keras.Model(inputs, layers.Dense(10)(layers.GlobalAveragePooling1D()(h)))
+    if name == "lstm_seq":
+        return keras.Model(inputs, layers.Dense(10)(layers.LSTM(32)(inputs)))
+    # gru_conv1d_seq
+    h = layers.GRU(24, return_sequences=True)(inputs)
+    h = layers.Conv1D(16, 4, strides=2, padding="same", activation="tanh")(h)
+    h = layers.Conv1D(16, 3, padding="causal", activation="relu")(h)
+    return keras.Model(inputs, layers.Dense(10)(layers.GlobalMaxPooling1D()(h)))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: example_networks.py OUT_DIR", file=sys.stderr)
@@ -71,7 +108,8 @@ def main(argv: list[str]) -> int:
 
     digits = load_digits()
     flat = (digits.data / 16).astype(np.float32)
-    data = {"digits_img": flat.reshape(-1, 8, 8, 1), "digits_flat": flat}
+    data = {"digits_img": flat.reshape(-1, 8, 8, 1), "digits_flat": flat,
+            "digits_seq": flat.reshape(-1, 8, 8)}
     y = digits.target.astype(np.int32)
     for name, x in data.items():
         np.savez(os.path.join(out_dir, f"{name}.npz"), x=x, y=y)

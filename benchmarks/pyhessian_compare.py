@@ -28,12 +28,15 @@ m = 5; only with --workload=resnet32-cifar or all).
 
 Your own network instead: `--model=NET.keras --data=DATA.npz [--batch_size=B]` (m = 90
 unless --lanczos_steps). The model is a Sequential or functional model of one input and one
-output, branches and skip connections included, whose layers the twin mirrors (Conv2D,
-DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, LayerNormalization,
-GroupNormalization, activation layers, valid pooling, global pooling, ZeroPadding2D,
-UpSampling2D, Flatten, Add and the other merges, Concatenate, and dropout, noise and
-random augmentation as the identity; see `twin_step`); the data are arrays x and y
-(integer labels).
+output, branches and skip connections included, whose layers the twin mirrors (Conv1D,
+Conv2D, DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense, BatchNormalization,
+LayerNormalization, GroupNormalization, MultiHeadAttention as torch's
+nn.MultiheadAttention, LSTM and GRU as torch's nn.LSTM and nn.GRU, activation layers,
+valid pooling, global pooling, ZeroPadding2D, Cropping2D, UpSampling2D, Flatten, Add and
+the other merges, Concatenate, and dropout, noise and random augmentation as the
+identity; see `twin_step`); the data are arrays x and y (integer labels). Images are
+NCHW in the twin, sequences (batch, length, features) as in Keras (Conv1D transposes
+around torch's convolution).
 
 Usage (not part of CI; benchmarks/PYHESSIAN.md has a measured run):
   .venv/bin/python benchmarks/pyhessian_compare.py [--workload mlp-digits,cnn-bn|all]
@@ -406,9 +409,9 @@ def activation_name(layer) -> str:
 
 
 def check_twin_layer(layer) -> None:
-    """Raises Failure for a Conv2D, DepthwiseConv2D, SeparableConv2D, Dense,
-    BatchNormalization, LayerNormalization or GroupNormalization layer the twin cannot
-    mirror (torch-free, so that it runs before any install)."""
+    """Raises Failure for a layer with weights (a convolution, Dense, a normalisation,
+    MultiHeadAttention, LSTM or GRU) in a setting the twin cannot mirror (torch-free, so
+    that it runs before any install)."""
     import keras
 
     if isinstance(layer, keras.layers.Conv2D):
@@ -444,6 +447,49 @@ def check_twin_layer(layer) -> None:
         if axes != [rank - 1] or not (layer.center and layer.scale) or layer.rms_scaling:
             raise Failure(f"twin: LayerNormalization {layer.name} must normalise the last "
                           "axis only, with both γ and β and without rms_scaling.")
+    elif isinstance(layer, keras.layers.Conv1D):
+        plain = tuple(layer.dilation_rate) == (1,) and layer.groups == 1
+        if layer.data_format != "channels_last" or not plain:
+            raise Failure(f"twin: Conv1D {layer.name} must be channels_last, without dilation "
+                          "or groups.")
+        activation_name(layer)
+    elif isinstance(layer, keras.layers.Conv2DTranspose):
+        small = any(k < s for k, s in zip(layer.kernel_size, layer.strides))
+        if (layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1)
+                or layer.output_padding is not None or small):
+            raise Failure(f"twin: Conv2DTranspose {layer.name} must be channels_last, without "
+                          "dilation or output_padding, with kernel_size ≥ strides.")
+        activation_name(layer)
+    elif isinstance(layer, keras.layers.MultiHeadAttention):
+        # Kernels: query, key [features, heads, key_dim], value [features, heads,
+        # value_dim], output [heads, value_dim, features].
+        dense = (layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense)
+        query, key, value, output = (tuple(part.kernel.shape) for part in dense)
+        width = layer.num_heads * layer.key_dim
+        plain = (query[0] == key[0] == value[0] == output[-1] == width
+                 and layer.value_dim == layer.key_dim and layer.use_bias
+                 and layer._output_shape is None and not getattr(layer, "_use_gate", False)
+                 and getattr(layer, "_sliding_window", None) is None
+                 and len(layer._build_shapes_dict["query_shape"]) == 3
+                 and tuple(layer._attention_axes) == (1,))
+        if not plain:
+            raise Failure(f"twin: MultiHeadAttention {layer.name} must be torch's "
+                          "nn.MultiheadAttention: sequences (batch, length, features) whose "
+                          "query, key and value features all equal num_heads × key_dim, "
+                          "value_dim = key_dim, with biases, without output_shape, gate or "
+                          "sliding window.")
+    elif isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
+        kind = type(layer).__name__
+        cell = layer.cell
+        plain = (getattr(cell.activation, "__name__", "") == "tanh"
+                 and getattr(cell.recurrent_activation, "__name__", "") == "sigmoid"
+                 and cell.use_bias and not layer.go_backwards and not layer.stateful
+                 and not layer.return_state and getattr(cell, "reset_after", True))
+        if not plain:
+            raise Failure(f"twin: {kind} {layer.name} must be torch's nn.{kind}: tanh and "
+                          "sigmoid activations, with biases"
+                          + (", reset_after=True" if kind == "GRU" else "")
+                          + ", not go_backwards, stateful or return_state.")
 
 
 def tensor_axis(axis: int, rank: int) -> int:
@@ -469,32 +515,42 @@ def _inference_identities() -> tuple:
 # Merging layers the twin mirrors: Keras class name → the twin's step kind.
 TWIN_MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
                "Average": "average", "Maximum": "maximum", "Minimum": "minimum"}
+# Layers with weights the twin mirrors, each by one torch module.
+TWIN_MODULES = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose",
+                "Dense", "BatchNormalization", "LayerNormalization", "GroupNormalization",
+                "MultiHeadAttention", "LSTM", "GRU")
 SUPPORTED_LAYERS = (
-    "Conv2D, DepthwiseConv2D, SeparableConv2D, Dense, BatchNormalization, "
-    "LayerNormalization, GroupNormalization, Activation, ReLU, LeakyReLU, "
-    "MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D, "
-    "ZeroPadding2D, UpSampling2D (nearest), Flatten, " + ", ".join(TWIN_MERGES)
+    ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, "
+    "MaxPooling2D, AveragePooling2D, GlobalAveragePooling1D/2D, GlobalMaxPooling1D/2D, "
+    "ZeroPadding2D, Cropping2D, UpSampling2D (nearest), Flatten, " + ", ".join(TWIN_MERGES)
     + ", Concatenate and, as the identity at inference, dropout, noise and random "
     "augmentation layers")
 
 
-def twin_step(layer, input_shapes: list[tuple]) -> tuple[str, Any]:
+def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, Any]:
     """(kind, value) of the twin's step for one call of a Keras layer; raises Failure
     naming a layer (or a setting of it) the twin cannot mirror. Kinds: "module" (a
     layer with weights: a convolution, Dense or a normalisation, its activation
     included; value: the layer's name), "activation" (name), "leaky_relu" (slope),
     "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
-    top, bottom)), "upsample" ((rows, columns)), a merge of TWIN_MERGES,
-    "concatenate" (torch axis) or "identity"."""
+    top, bottom)), "crop" ((top, bottom, left, right)), "upsample" ((rows, columns)), a
+    merge of TWIN_MERGES, "concatenate" (torch axis) or "identity". `call` is the
+    node's arguments (keras.src.ops.symbolic_arguments.SymbolicArguments), read for
+    MultiHeadAttention: query, value and key by position, no mask."""
     import keras
 
     merge = TWIN_MERGES.get(type(layer).__name__)
     if isinstance(layer, (keras.layers.InputLayer,) + _inference_identities()):
         return "identity", None
-    if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
-                          keras.layers.SeparableConv2D, keras.layers.Dense,
-                          keras.layers.BatchNormalization, keras.layers.LayerNormalization,
-                          keras.layers.GroupNormalization)):
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        arguments = call.args if call is not None else ()
+        options = {name: value for name, value in (call.kwargs if call is not None else {}).items()
+                   if name != "training" and value is not None and value is not False}
+        if options or len(arguments) not in (2, 3):
+            raise Failure(f"twin: MultiHeadAttention {layer.name} must be called as "
+                          "layer(query, value[, key]) without masks or other options; got "
+                          f"{len(arguments)} positional arguments and {sorted(options)}.")
+    if type(layer).__name__ in TWIN_MODULES:
         check_twin_layer(layer)
         return "module", layer.name
     if isinstance(layer, keras.layers.Flatten):
@@ -517,12 +573,11 @@ def twin_step(layer, input_shapes: list[tuple]) -> tuple[str, Any]:
                           "channels_last.")
         kind = "max" if isinstance(layer, keras.layers.MaxPooling2D) else "average"
         return "pool", (kind, tuple(layer.pool_size), tuple(layer.strides))
-    if isinstance(layer, (keras.layers.GlobalAveragePooling2D,
-                          keras.layers.GlobalMaxPooling2D)):
+    if isinstance(layer, (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalMaxPooling1D,
+                          keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
         if layer.keepdims or layer.data_format != "channels_last":
             raise Failure(f"twin: {layer.name} must have keepdims=False and channels_last.")
-        return "global", ("max" if isinstance(layer, keras.layers.GlobalMaxPooling2D)
-                          else "average")
+        return "global", ("max" if "Max" in type(layer).__name__ else "average")
     if isinstance(layer, keras.layers.UpSampling2D):
         if layer.data_format != "channels_last" or layer.interpolation != "nearest":
             raise Failure(f"twin: UpSampling2D {layer.name} must be channels_last with "
@@ -533,6 +588,11 @@ def twin_step(layer, input_shapes: list[tuple]) -> tuple[str, Any]:
             raise Failure(f"twin: ZeroPadding2D {layer.name} must be channels_last.")
         (top, bottom), (left, right) = layer.padding
         return "pad", (int(left), int(right), int(top), int(bottom))
+    if isinstance(layer, keras.layers.Cropping2D):
+        if layer.data_format != "channels_last":
+            raise Failure(f"twin: Cropping2D {layer.name} must be channels_last.")
+        (top, bottom), (left, right) = layer.cropping
+        return "crop", (int(top), int(bottom), int(left), int(right))
     if merge or isinstance(layer, keras.layers.Concatenate):
         if len(set(input_shapes)) != 1 and merge:
             raise Failure(f"twin: {type(layer).__name__} {layer.name} takes inputs of shapes "
@@ -577,7 +637,8 @@ def twin_graph(keras_model) -> tuple[list[tuple[str, Any, tuple[int, ...], int]]
                 raise Failure(f"twin: layer {layer.name} has {len(node.output_tensors)} "
                               "outputs; the twin mirrors layers of one output.")
             inputs = tuple(numbers[id(t)] for t in node.input_tensors)
-            kind, value = twin_step(layer, [tuple(t.shape[1:]) for t in node.input_tensors])
+            kind, value = twin_step(layer, [tuple(t.shape[1:]) for t in node.input_tensors],
+                                    node.arguments)
             if kind == "identity":
                 numbers[id(node.output_tensors[0])] = inputs[0]
                 continue
@@ -625,40 +686,101 @@ def torch_twin(keras_model):
 
     steps, output = twin_graph(keras_model)  # refuses what it cannot mirror, first
 
-    class KerasConv2d(nn.Conv2d):
-        """nn.Conv2d padded as Keras pads, by torch's own padding (as a PyTorch user
-        writes it) wherever that pads the same: Keras's 'same' puts an odd pixel at the
-        bottom/right, which only a separate F.pad can (one more op each way)."""
+    class KerasPadding:
+        """Keras's padding for a torch convolution (1-D or 2-D), by torch's own padding
+        (as a PyTorch user writes it) wherever that pads the same: Keras's 'same' puts an
+        odd pixel at the end (bottom/right), and 'causal' pads the start only, which only
+        a separate F.pad can (one more op each way)."""
 
-        def __init__(self, layer, padding=(0, 0), *, in_channels, out_channels, groups=1,
-                     bias=True):
-            self.asymmetric = None  # F.pad's (left, right, top, bottom)
-            self.dynamic = False  # 'same' on an input of unknown height or width
-            if layer.padding == "same":
+        def keras_padding(self, layer, padding=None):
+            rank = len(layer.kernel_size)
+            self.asymmetric = None  # F.pad's (left, right[, top, bottom])
+            self.dynamic = False  # 'same' on an input of unknown size
+            padding = padding or (0,) * rank
+            if layer.padding == "causal":
+                self.asymmetric = ((layer.kernel_size[0] - 1) * layer.dilation_rate[0], 0)
+            elif layer.padding == "same":
                 # Every call's input size (a shared layer may see several).
-                calls = {tuple(node.input_tensors[0].shape[1:3]) for node in layer._inbound_nodes}
+                calls = {tuple(node.input_tensors[0].shape[1:1 + rank])
+                         for node in layer._inbound_nodes}
                 self.dynamic = len(calls) != 1 or None in next(iter(calls))
                 if not self.dynamic:
                     [sizes] = calls
-                    (top, bottom), (left, right) = (
-                        same_padding(size, kernel, stride) for size, kernel, stride
-                        in zip(sizes, layer.kernel_size, layer.strides))
-                    if (top, left) == (bottom, right):
-                        padding = (top, left)
-                    else:
-                        self.asymmetric = (left, right, top, bottom)
+                    pairs = [same_padding(size, kernel, stride) for size, kernel, stride
+                             in zip(sizes, layer.kernel_size, layer.strides)]
+                    if all(first == last for first, last in pairs):
+                        padding = tuple(first for first, _ in pairs)
+                    else:  # F.pad's order: the last axis first
+                        self.asymmetric = tuple(p for pair in reversed(pairs) for p in pair)
+            return padding
+
+        def pad(self, x):
+            if self.dynamic:
+                pairs = [same_padding(size, kernel, stride) for size, kernel, stride
+                         in zip(x.shape[2:], self.kernel_size, self.stride)]
+                x = F.pad(x, tuple(p for pair in reversed(pairs) for p in pair))
+            elif self.asymmetric:
+                x = F.pad(x, self.asymmetric)
+            return x
+
+    class KerasConv2d(KerasPadding, nn.Conv2d):
+        def __init__(self, layer, padding=None, *, in_channels, out_channels, groups=1,
+                     bias=True):
+            padding = self.keras_padding(layer, padding)
             super().__init__(in_channels, out_channels, tuple(layer.kernel_size),
                              stride=tuple(layer.strides), padding=padding, groups=groups,
                              bias=bias)
 
         def forward(self, x):
-            if self.dynamic:
-                top, bottom = same_padding(x.shape[2], self.kernel_size[0], self.stride[0])
-                left, right = same_padding(x.shape[3], self.kernel_size[1], self.stride[1])
-                x = F.pad(x, (left, right, top, bottom))
-            elif self.asymmetric:
-                x = F.pad(x, self.asymmetric)
-            return super().forward(x)
+            return super().forward(self.pad(x))
+
+    class KerasConv1d(KerasPadding, nn.Conv1d):
+        """Sequences stay (batch, length, features), as in Keras and as Dense,
+        attention and recurrent layers take them: transposed for the convolution."""
+
+        def __init__(self, layer):
+            padding = self.keras_padding(layer)
+            super().__init__(layer.kernel.shape[1], layer.filters, tuple(layer.kernel_size),
+                             stride=tuple(layer.strides), padding=padding, bias=layer.use_bias)
+
+        def forward(self, x):
+            return super().forward(self.pad(x.transpose(1, 2))).transpose(1, 2)
+
+    class KerasConvTranspose2d(nn.ConvTranspose2d):
+        """Keras's 'same' output (input size × stride) is the full transposed
+        convolution from row (kernel − stride) // 2 on: torch's padding drops the
+        leading rows (and as many trailing ones), a slice the rest."""
+
+        def __init__(self, layer):
+            self.same = layer.padding == "same"
+            crop = tuple((k - s) // 2 if self.same else 0
+                         for k, s in zip(layer.kernel_size, layer.strides))
+            super().__init__(layer.kernel.shape[3], layer.filters, tuple(layer.kernel_size),
+                             stride=tuple(layer.strides), padding=crop, bias=layer.use_bias)
+
+        def forward(self, x):
+            y = super().forward(x)
+            if self.same:
+                y = y[:, :, :x.shape[2] * self.stride[0], :x.shape[3] * self.stride[1]]
+            return y
+
+    class KerasAttention(nn.MultiheadAttention):
+        """Keras's call order (query, value[, key]); the output without the weights."""
+
+        def forward(self, query, value, key=None):
+            return super().forward(query, value if key is None else key, value)[0]
+
+    class KerasRecurrent(nn.Module):
+        """nn.LSTM or nn.GRU on (batch, length, features); Keras's output: the last
+        step's state, or every step's with return_sequences."""
+
+        def __init__(self, rnn, return_sequences: bool):
+            super().__init__()
+            self.rnn, self.return_sequences = rnn, return_sequences
+
+        def forward(self, x):
+            outputs, _ = self.rnn(x)
+            return outputs if self.return_sequences else outputs[:, -1]
 
     class ChannelsLastLayerNorm(nn.LayerNorm):
         """Keras normalises an image's channels, its last axis: NCHW → NHWC and back."""
@@ -683,8 +805,22 @@ def torch_twin(keras_model):
     for layer in keras_model.layers:
         if isinstance(layer, keras.layers.Conv2D):
             modules[layer.name] = KerasConv2d(
-                layer, folded.get(layer.name, (0, 0)), in_channels=layer.kernel.shape[2],
+                layer, folded.get(layer.name), in_channels=layer.kernel.shape[2],
                 out_channels=layer.filters, bias=layer.use_bias)
+        elif isinstance(layer, keras.layers.Conv1D):
+            modules[layer.name] = KerasConv1d(layer)
+        elif isinstance(layer, keras.layers.Conv2DTranspose):
+            modules[layer.name] = KerasConvTranspose2d(layer)
+        elif isinstance(layer, keras.layers.MultiHeadAttention):
+            modules[layer.name] = KerasAttention(
+                layer.num_heads * layer.key_dim, layer.num_heads, batch_first=True)
+        elif isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
+            rnn = nn.LSTM if isinstance(layer, keras.layers.LSTM) else nn.GRU
+            modules[layer.name] = KerasRecurrent(
+                rnn(layer.cell.kernel.shape[0], layer.units, batch_first=True),
+                layer.return_sequences)
+            if rnn is nn.LSTM:  # Keras's LSTM has one bias, torch's two: the second is 0
+                modules[layer.name].rnn.bias_hh_l0.requires_grad_(False)
         elif isinstance(layer, keras.layers.DepthwiseConv2D):
             channels, multiplier = layer.kernel.shape[2:]
             modules[layer.name] = KerasConv2d(
@@ -708,7 +844,8 @@ def torch_twin(keras_model):
             modules[layer.name] = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.use_bias)
         elif layer.weights:
             raise Failure(f"twin: layer {layer.name} ({type(layer).__name__}) has weights but no twin.")
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense) + depthwise):
+        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense,
+                              keras.layers.Conv2DTranspose) + depthwise):
             activations[layer.name] = functions[activation_name(layer)]
 
     # Copy the weights, by layer name.
@@ -729,8 +866,47 @@ def torch_twin(keras_model):
         h, w, channels, multiplier = kernel.shape
         return np.transpose(kernel, (2, 3, 0, 1)).reshape(channels * multiplier, 1, h, w)
 
+    def gates(array: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
+        """The gate blocks of a recurrent kernel or bias (last axis) in torch's order."""
+        return np.concatenate([np.split(array, len(order), axis=-1)[i] for i in order], axis=-1)
+
     for name, module in modules.items():
         layer = keras_model.get_layer(name)
+        if isinstance(layer, keras.layers.MultiHeadAttention):
+            width = layer.num_heads * layer.key_dim
+            parts = (layer._query_dense, layer._key_dense, layer._value_dense)
+            put(module.in_proj_weight, np.concatenate(
+                [numpy_of(part.kernel).reshape(width, width).T for part in parts]))
+            put(module.in_proj_bias, np.concatenate(
+                [numpy_of(part.bias).reshape(width) for part in parts]))
+            put(module.out_proj.weight, numpy_of(layer._output_dense.kernel).reshape(width, width).T)
+            put(module.out_proj.bias, numpy_of(layer._output_dense.bias))
+            continue
+        if isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
+            # Gates: Keras's LSTM i, f, c, o = torch's i, f, g, o; Keras's GRU z, r, h,
+            # torch's r, z, n. GRU's bias is [input; recurrent], as torch's two.
+            order = (0, 1, 2, 3) if isinstance(layer, keras.layers.LSTM) else (1, 0, 2)
+            cell, rnn = layer.cell, module.rnn
+            put(rnn.weight_ih_l0, gates(numpy_of(cell.kernel), order).T)
+            put(rnn.weight_hh_l0, gates(numpy_of(cell.recurrent_kernel), order).T)
+            bias = numpy_of(cell.bias)
+            if bias.ndim == 1:
+                put(rnn.bias_ih_l0, gates(bias, order))
+                put(rnn.bias_hh_l0, np.zeros_like(bias))
+            else:
+                put(rnn.bias_ih_l0, gates(bias[0], order))
+                put(rnn.bias_hh_l0, gates(bias[1], order))
+            continue
+        if isinstance(layer, keras.layers.Conv1D):
+            put(module.weight, np.transpose(numpy_of(layer.kernel), (2, 1, 0)))  # WIO → OIW
+            if layer.use_bias:
+                put(module.bias, numpy_of(layer.bias))
+            continue
+        if isinstance(layer, keras.layers.Conv2DTranspose):  # HW(out)(in) → (in)(out)HW
+            put(module.weight, np.transpose(numpy_of(layer.kernel), (3, 2, 0, 1)))
+            if layer.use_bias:
+                put(module.bias, numpy_of(layer.bias))
+            continue
         if isinstance(layer, keras.layers.Conv2D):
             put(module.weight, np.transpose(numpy_of(layer.kernel), (3, 2, 0, 1)))  # HWIO → OIHW
         elif isinstance(layer, keras.layers.DepthwiseConv2D):
@@ -777,17 +953,21 @@ def torch_twin(keras_model):
                 args = [values[i] for i in inputs]
                 x = args[0]
                 if kind == "module":
-                    x = activations.get(value, lambda t: t)(self.layers[value](x))
+                    x = activations.get(value, lambda t: t)(self.layers[value](*args))
                 elif kind == "activation":
                     x = functions[value](x)
                 elif kind == "leaky_relu":
                     x = F.leaky_relu(x, value)
                 elif kind == "pool":
                     x = pools[value[0]](x, value[1], value[2])
-                elif kind == "global":
-                    x = x.amax(dim=(2, 3)) if value == "max" else x.mean(dim=(2, 3))
+                elif kind == "global":  # images NCHW; sequences (batch, length, features)
+                    dims = (2, 3) if x.ndim == 4 else (1,)
+                    x = x.amax(dim=dims) if value == "max" else x.mean(dim=dims)
                 elif kind == "pad":
                     x = F.pad(x, value)
+                elif kind == "crop":
+                    top, bottom, left, right = value
+                    x = x[:, :, top:x.shape[2] - bottom, left:x.shape[3] - right]
                 elif kind == "upsample":  # nn.Upsample's nearest: Keras's repeated pixels
                     x = F.interpolate(x, scale_factor=value, mode="nearest")
                 elif kind == "concatenate":
@@ -1007,10 +1187,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"{','.join(DEFAULT_WORKLOADS)})")
     parser.add_argument("--model", default=None,
                         help="instead of --workload: your own network, a .keras file (one input, "
-                        "one output; skip connections allowed) of Conv2D (also depthwise, "
-                        "separable), Dense, BN, Layer/GroupNormalization, activations, "
-                        "pooling, padding, Flatten, Dropout, "
-                        "merges and Concatenate; needs --data")
+                        "one output; skip connections allowed) of Conv1D, Conv2D (also depthwise, "
+                        "separable, transposed), Dense, BN, Layer/GroupNormalization, "
+                        "MultiHeadAttention, LSTM, GRU, activations, pooling, padding, "
+                        "cropping, Flatten, Dropout, merges and Concatenate; needs --data")
     parser.add_argument("--data", default=None,
                         help="with --model: an .npz with arrays x (inputs) and y (integer labels)")
     parser.add_argument("--batch_size", type=int, default=None,

@@ -131,7 +131,10 @@ def test_models_the_twin_cannot_mirror_are_refused():
 
 
 @pytest.mark.parametrize("layer, message", [
-    (keras.layers.Conv2DTranspose(2, 3), "Conv2DTranspose) is not supported"),
+    (keras.layers.Conv2DTranspose(2, 3, dilation_rate=2), "Conv2DTranspose conv2d_transpose"),
+    (keras.layers.Conv2DTranspose(2, 2, strides=3), "with kernel_size ≥ strides"),
+    (keras.layers.Cropping2D((1, 0), data_format="channels_first"), "must be channels_last"),
+    (keras.layers.Reshape((64, 1)), "(Reshape) is not supported"),
     (keras.layers.UpSampling2D(2, interpolation="bilinear"), "interpolation='nearest'"),
     (keras.layers.ZeroPadding2D(1, data_format="channels_first"), "must be channels_last"),
     (keras.layers.MaxPooling2D(2, padding="same"), "must use padding='valid'"),
@@ -156,6 +159,66 @@ def test_layers_the_twin_cannot_mirror_are_named(layer, message):
                               keras.layers.Dense(3)])
     with pytest.raises(compare.Failure, match=re.escape(message)):
         compare.twin_graph(model)
+
+
+def sequence_model():
+    """Sequences (batch, length, features): a convolution, self-attention, cross-attention
+    (query, value, key), recurrent layers and pooling over the length."""
+    layers = keras.layers
+    inputs = keras.Input((8, 6))
+    h = layers.Conv1D(8, 3, padding="causal", activation="gelu", name="conv")(inputs)
+    attention = layers.MultiHeadAttention(2, 4, name="self")
+    h = layers.Add(name="add")([h, attention(h, h)])
+    key = layers.Dense(8, name="key")(h)
+    h = layers.MultiHeadAttention(2, 4, name="cross")(h, h, key)
+    h = layers.GRU(8, return_sequences=True, name="gru")(h)
+    pooled = layers.GlobalMaxPooling1D(name="max")(layers.LSTM(8, return_sequences=True, name="lstm")(h))
+    return keras.Model(inputs, layers.Dense(3, name="logits")(pooled))
+
+
+def test_steps_of_a_sequence_model():
+    steps, output = compare.twin_graph(sequence_model())
+    by_name = {value: (inputs, out) for kind, value, inputs, out in steps if kind == "module"}
+    conv = by_name["conv"][1]
+    assert by_name["conv"][0] == (0,)
+    assert by_name["self"][0] == (conv, conv)  # query and value: the same tensor
+    [(_, _, add_inputs, add)] = [step for step in steps if step[0] == "add"]
+    assert sorted(add_inputs) == sorted([conv, by_name["self"][1]])
+    assert by_name["key"][0] == (add,)
+    assert by_name["cross"][0] == (add, add, by_name["key"][1])  # query, value, key
+    assert by_name["gru"][0] == (by_name["cross"][1],)
+    assert ("global", "max", (by_name["lstm"][1],)) in [step[:3] for step in steps]
+    assert output == by_name["logits"][1]
+
+
+def test_images_transposed_convolution_and_cropping():
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 1))
+    h = layers.Conv2DTranspose(2, 3, strides=2, padding="same", name="up")(inputs)
+    h = layers.Cropping2D(((1, 2), (3, 0)), name="crop")(h)
+    model = keras.Model(inputs, layers.Dense(3, name="logits")(layers.GlobalAveragePooling2D()(h)))
+    assert compare.twin_graph(model) == ([
+        ("module", "up", (0,), 1), ("crop", (1, 2, 3, 0), (1,), 2),
+        ("global", "average", (2,), 3), ("module", "logits", (3,), 4)], 4)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda h: keras.layers.MultiHeadAttention(2, 4)(h, h, use_causal_mask=True),
+     "without masks or other options; got 2 positional arguments and ['use_causal_mask']"),
+    (lambda h: keras.layers.MultiHeadAttention(2, 3)(h, h), "num_heads × key_dim"),
+    (lambda h: keras.layers.MultiHeadAttention(2, 4, value_dim=2)(h, h), "value_dim = key_dim"),
+    (lambda h: keras.layers.MultiHeadAttention(2, 4, use_bias=False)(h, h), "with biases"),
+    (lambda h: keras.layers.LSTM(4, go_backwards=True)(h), "not go_backwards"),
+    (lambda h: keras.layers.LSTM(4, activation="relu")(h), "tanh and sigmoid"),
+    (lambda h: keras.layers.GRU(4, reset_after=False)(h), "reset_after=True"),
+    (lambda h: keras.layers.Conv1D(4, 3, dilation_rate=2)(h), "without dilation or groups"),
+])
+def test_sequence_layers_the_twin_cannot_mirror_are_named(build, message):
+    inputs = keras.Input((8, 8))
+    h = build(inputs)
+    h = keras.layers.Flatten()(h) if len(h.shape) == 3 else h
+    with pytest.raises(compare.Failure, match=re.escape(message)):
+        compare.twin_graph(keras.Model(inputs, keras.layers.Dense(3)(h)))
 
 
 def test_workload_from_files(tmp_path):
