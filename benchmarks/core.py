@@ -76,8 +76,9 @@ class Row(NamedTuple):
     forward: float  # one batch, best of repeats
     gradient: float
     batch_products: dict  # method -> seconds for one batch
-    method: str  # the operator's own (method='auto')
+    method: str  # the operator's own (method='auto', chosen for one draw)
     lockstep: float  # 8 draws in lockstep ÷ 8 single-draw runs, wall time
+    lockstep_method: str  # method='auto' chosen for blocks of 8
     flops_ratio: float  # one batch: flops of the product ÷ flops of the gradient
     lockstep_flops: float  # one batch: flops of a block of 8 products ÷ 8 products
     model_unchanged: bool
@@ -195,13 +196,17 @@ def flop_ratios(operator: operators.HessianOperator, x, y, tangents) -> tuple[fl
     return product_flops / gradient_flops, block_flops / (LOCKSTEP_DRAWS * product_flops)
 
 
-def lockstep_ratio(operator, steps: int, draws: int) -> float:
-    """Wall time of `draws` draws of `steps` Lanczos steps run in lockstep, ÷ that of
-    `draws` single-draw runs one after the other (both traced beforehand)."""
-    operator.matmat(np.ones((draws, operator.dim)))  # trace the block of `draws`
-    operator.matvec(np.ones(operator.dim))
+def lockstep_ratio(together: "operators.HessianOperator", apart: "operators.HessianOperator",
+                   steps: int, draws: int) -> float:
+    """Wall time of `draws` draws of `steps` Lanczos steps run in lockstep by `together`,
+    ÷ that of `draws` single-draw runs one after the other by `apart` (both traced
+    beforehand). With method='auto' each operator has the method a job of that many
+    draws chooses (hessian-spectrum times the methods on blocks of its lockstep size)."""
+    together.choose_method(draws)
+    together.matmat(np.ones((draws, together.dim)))  # trace the block of `draws`
+    apart.matvec(np.ones(apart.dim))
 
-    def run(num_draws, lockstep):
+    def run(operator, num_draws, lockstep):
         start = time.perf_counter()
         stochastic_lanczos_quadrature(
             operator.matvec, operator.dim, lanczos_steps=steps, num_draws=num_draws,
@@ -209,9 +214,7 @@ def lockstep_ratio(operator, steps: int, draws: int) -> float:
         )
         return time.perf_counter() - start
 
-    together = run(draws, draws)
-    apart = sum(run(1, 1) for _ in range(draws))
-    return together / apart
+    return run(together, draws, draws) / sum(run(apart, 1, 1) for _ in range(draws))
 
 
 def lanczos_algebra_seconds(dim: int, k: int, repeats: int) -> float:
@@ -280,8 +283,11 @@ def measure(case: Case, model: keras.Model, x: np.ndarray, y: np.ndarray, repeat
         method: best[method] for method in ("forward_over_backward", "reverse_over_reverse")
     }
 
-    lockstep = lockstep_ratio(operator, case.lockstep_steps, LOCKSTEP_DRAWS)
+    lockstep_operator = operator_for("auto")
+    lockstep = lockstep_ratio(lockstep_operator, operator, case.lockstep_steps, LOCKSTEP_DRAWS)
     flops_ratio, lockstep_flops = flop_ratios(operator, x_batch, y_batch, tangents)
+    if lockstep_operator.method != operator.method:
+        _, lockstep_flops = flop_ratios(lockstep_operator, x_batch, y_batch, tangents)
     algebra = lanczos_algebra_seconds(operator.dim, REFERENCE_LANCZOS_STEPS - 1, repeats=3)
     with threadpoolctl.threadpool_limits(1, user_api="blas"):
         algebra_one_thread = lanczos_algebra_seconds(
@@ -305,6 +311,7 @@ def measure(case: Case, model: keras.Model, x: np.ndarray, y: np.ndarray, repeat
         batch_products=batch_products,
         method=operator.method,
         lockstep=lockstep,
+        lockstep_method=lockstep_operator.method,
         flops_ratio=flops_ratio,
         lockstep_flops=lockstep_flops,
         model_unchanged=unchanged,
@@ -333,10 +340,13 @@ def environment() -> str:
 
 
 HEADER = (
-    "workload", "BN mode", "batch", "params", "step s", "matvec s", "overhead",
+    "workload", "BN mode", "batch", "params", "method", "step s", "matvec s", "overhead",
     "algebra@90 s", "1-thread s", "fwd s", "grad s", "HVP s", "HVP/grad", "FoB/grad", "RoR/grad",
-    "HVP/grad flops", "matvec/Σbatch", "lockstep 8", "lockstep 8 flops", "first s",
+    "HVP/grad flops", "matvec/Σbatch", "lockstep 8", "lockstep 8 method", "lockstep 8 flops",
+    "first s",
 )
+
+SHORT = {"forward_over_backward": "FoB", "reverse_over_reverse": "RoR"}
 
 
 def cells(row: Row) -> list[str]:
@@ -346,6 +356,7 @@ def cells(row: Row) -> list[str]:
         row.case.bn_mode if row.case.workload != "mlp-digits" else "(no BN)",
         str(row.case.batch_size),
         f"{row.num_params:,}",
+        SHORT[row.method],
         f"{row.step:.4g}",
         f"{row.product:.4g}",
         f"{100 * row.overhead:.1f}%",
@@ -360,6 +371,7 @@ def cells(row: Row) -> list[str]:
         f"{row.flops_ratio:.2f}",
         f"{row.loop_ratio:.2f}",
         f"{row.lockstep:.2f}",
+        SHORT[row.lockstep_method],
         f"{row.lockstep_flops:.2f}",
         f"{row.first_product:.3g}",
     ]
@@ -389,15 +401,18 @@ def markdown(rows: list[Row], env: str, repeats: int) -> str:
         "product alone; overhead = share of a step outside the product (same run); "
         "algebra@90 = one reorthogonalised Lanczos step with 90 basis vectors (1-thread: "
         "NumPy's BLAS limited to one thread); "
-        "fwd/grad/HVP = one batch (HVP: the operator's default method, "
-        f"{rows[0].method if rows else ''}); FoB/RoR = forward-over-backward and "
+        "method = the product method that --method=auto chose for one draw (timed on "
+        "the first batches); fwd/grad/HVP = one batch (HVP: by that method); FoB/RoR = "
+        "forward-over-backward and "
         "reverse-over-reverse products; HVP/grad flops = the same ratio in floating-point "
         "operations of the two one-batch graphs (the arithmetic floor of HVP/grad); "
         "matvec/Σbatch = matvec ÷ (N/batch · one-batch HVP); "
         f"lockstep 8 = {LOCKSTEP_DRAWS} draws in lockstep ÷ {LOCKSTEP_DRAWS} single-draw runs "
-        "(wall time, steps: mlp-digits m, resnet32-cifar 2); lockstep 8 flops = one batch's "
+        "(wall time, steps: mlp-digits m, resnet32-cifar 2; each with the method auto "
+        "chooses for its block size: lockstep 8 method); lockstep 8 flops = one batch's "
         f"block of {LOCKSTEP_DRAWS} products ÷ {LOCKSTEP_DRAWS} products in floating-point "
-        "operations (its arithmetic floor); first = trace + first product.",
+        "operations (its arithmetic floor); first = trace + first product (and, before it, "
+        "the timing of both methods).",
     ]
     return "\n".join(lines)
 

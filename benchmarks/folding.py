@@ -98,8 +98,10 @@ def run(name: str, rounds: int) -> dict:
     from hessian_tf import operators
 
     model, x, y, batch = build(name)
+    # One method on both sides (auto could choose differently for each).
     sides = [operators.HessianOperator(
-        operators.KerasModelFunction(model, fold_batch_norm=fold), x, y, batch_size=batch)
+        operators.KerasModelFunction(model, fold_batch_norm=fold), x, y, batch_size=batch,
+        method="reverse_over_reverse")
         for fold in (True, False)]
     vector = np.random.default_rng(0).standard_normal(sides[0].dim)
     folded, unfolded = (side.matvec(vector) for side in sides)  # traces, then checks

@@ -34,8 +34,11 @@ CASES = {"mlp-digits": ("inference", 1797, None), "resnet32-cifar": ("inference"
 BLOCK = 8
 
 
-def vectorized_batch_products(self, primals, state, block, x, y):
-    """[H_b v for v in block]: one pfor-vectorised backward pass over the block."""
+def vectorized_batch_products(self, primals, state, block, x, y, method=None):
+    """[H_b v for v in block]: one pfor-vectorised backward pass over the block (the
+    operators here have a fixed method, so `method` is never another one)."""
+    if method not in (None, self.method):
+        raise ValueError(f"vectorized_batch_products: method={method!r}; it is its own method.")
     zero = tf.UnconnectedGradients.ZERO
     with tf.GradientTape() as outer:
         outer.watch(primals)

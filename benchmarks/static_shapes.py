@@ -51,8 +51,10 @@ def measure(workload: str, bn_mode: str, batch_size: int, repeats: int) -> dict:
     vector = None
     first = {}
     for name in variants:
+        # One method for every variant (auto could choose differently for each).
         operator = operators.HessianOperator(
-            model_function, x, y, batch_size=batch_size, bn_mode=bn_mode)
+            model_function, x, y, batch_size=batch_size, bn_mode=bn_mode,
+            method="reverse_over_reverse")
         if name == "dynamic":
             operator._batch_sizes = ()  # every batch with an unknown batch dimension
         vector = np.random.default_rng(0).standard_normal(operator.dim)

@@ -167,6 +167,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         bn_mode=config.bn_mode, method=config.method, regularization=config.regularization,
         cache_residuals=config.cache_residuals, accumulation=operator.accumulation,
     )
+    one_batch.choose_method(1)  # --method=auto: as the job would (for one vector)
     vector = np.ones(one_batch.dim) / np.sqrt(one_batch.dim)
     one_batch.matvec(vector)  # traces
     started = time.perf_counter()
@@ -191,6 +192,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         "lanczos_basis_bytes": basis_bytes,
         "lockstep_draws": group,
         "seconds_per_batch_product": batch_seconds,
+        "method": one_batch.method,
         "estimated_seconds": seconds,
     }
     lines = [
@@ -199,7 +201,8 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         f"= {passes} passes over the data, {passes * operator.num_examples:,} examples read",
         f"  Lanczos bases: {basis_bytes / 2**30:.2f} GiB ({group} x {config.basis_dtype}, on "
         "the host; --basis_dtype=float32 halves it, --lockstep_draws=1 keeps one)",
-        f"  one batch of {config.batch_size}: {batch_seconds:.3f} s per product here; estimate "
+        f"  one batch of {config.batch_size}: {batch_seconds:.3f} s per product here "
+        f"({one_batch.method.replace('_', ' ')}); estimate "
         f"{datetime.timedelta(seconds=int(seconds))} on {replicas} replica(s) of this speed",
     ]
     if config.cache_residuals:
@@ -359,6 +362,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
     from hessian_tf.operators import HessianOperator, NonDeterministicError, NonFiniteError
     from hessian_tf.operators import gauss_newton
     from hessian_tf.operators.subset import SubsetModelFunction
+    from hessian_tf.operators.hessian import AUTO_TIMING_BATCHES
 
     multi_worker = config.strategy == "multi_worker"
     waiting = (
@@ -422,6 +426,18 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         operator = operator_type(model_function, x, y, **options)
     if config.dry_run:
         return _dry_run(config, operator, model_function, x, y, stream)
+    group = lockstep_group(config, operator.dim)
+    operator.choose_method(group)  # --method=auto: the faster on one batch of `group` vectors
+    if operator.method_seconds:
+        forward = operator.method_seconds["forward_over_backward"]
+        logging.info(
+            "--method=auto: reverse over reverse %.4g s, forward over backward %s (medians "
+            "of products of blocks of %d vector(s) over %d batch(es)); --method fixes one",
+            operator.method_seconds["reverse_over_reverse"],
+            f"{forward:.4g} s" if forward is not None
+            else f"does not run through this model ({operator.forward_mode_failure})",
+            group, min(AUTO_TIMING_BATCHES, operator.batches_per_replica),
+        )
     logging.info(
         "Hessian of the mean %s over %d examples: %d parameters, %s products, %d replicas, "
         "sums in %s",
@@ -447,7 +463,6 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
             "Resuming %s at Lanczos step %d (%d products done) from %s",
             spectrum_lib.draws_label(draws), step, resumed.num_products, checkpointer.latest(),
         )
-    group = lockstep_group(config, operator.dim)
     preemption = _checkpointing(
         config, checkpointer, chief=chief,
         start_products=resumed.num_products if resumed is not None else 0,
@@ -491,6 +506,8 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
             else f"statistics of each batch of {operator.batch_size} examples (per replica)"
         ),
         "method": operator.method,
+        # --method=auto: {method: median seconds of one batch's products}; else null
+        "method_seconds": operator.method_seconds,
         "precision": config.precision,
         "accumulation": operator.accumulation,
         "loss": loss,

@@ -1,8 +1,13 @@
-"""The first line of an error's text, for the one-line messages a bad input gets."""
+"""The first line of an error's text (or of the error raised inside a traced function),
+for the one-line messages a bad input gets."""
 
 from __future__ import annotations
 
+import re
 from typing import Optional
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): ")
 
 
 def first_line(error: BaseException, limit: Optional[int] = 200, fallback: str = "") -> str:
@@ -12,3 +17,20 @@ def first_line(error: BaseException, limit: Optional[int] = 200, fallback: str =
     if not lines:
         return fallback
     return lines[0] if limit is None else lines[0][:limit]
+
+
+def traced_error(error: BaseException, limit: int = 200) -> str:
+    """One line for an error raised while TensorFlow traced a function: its text starts
+    "in user code:" and the frames, and ends with the error raised inside ("TypeError:
+    ..." and, from Keras, the message on the next line). That last error (with the
+    message's next line), else `first_line`."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines()]
+    raised = [i for i, line in enumerate(lines) if _RAISED.match(line)]
+    if not raised:
+        return first_line(error, limit)
+    start = raised[-1]
+    following = next((line for line in lines[start + 1:] if line), "")
+    text = lines[start]
+    if following and not following.startswith(("Arguments received", "File ")):
+        text += " " + following
+    return text[:limit]

@@ -80,6 +80,7 @@ def test_saved_model_and_keras_file_give_the_same_spectrum(bn_files, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is handler
     check_results(tmp_path / "saved", saved)
     assert saved["method"] == "reverse_over_reverse"
+    assert saved["method_seconds"] is None  # a SavedModel: only reverse over reverse runs
     assert saved["num_params"] == 53 and saved["num_examples"] == 40
     assert saved["bn_mode"] == "inference"
     assert saved["config"]["model"] == str(bn_files / "exported")
@@ -91,6 +92,7 @@ def test_saved_model_and_keras_file_give_the_same_spectrum(bn_files, tmp_path):
                                       dataset=data, method="forward_over_backward"))
     check_results(tmp_path / "keras", keras_file)
     assert keras_file["method"] == "forward_over_backward"
+    assert keras_file["method_seconds"] is None  # asked for: not timed
     assert keras_file["num_params"] == 53
     # Same parameters in the same flattened order and the same starting vector: the
     # same Krylov space, so five steps agree although they are far from converged.

@@ -499,7 +499,11 @@ class SpectrumCallback(keras.callbacks.Callback):
         started = time.perf_counter()
         operator = self._operator
         first_product = None if self._determinism_checked else operator.check_determinism
+        group = spectrum_lib.lockstep_group(
+            self.num_draws, self.lanczos_steps, operator.dim, lockstep=self.lockstep_draws)
         try:
+            # method='auto': timed at the first evaluation, kept for the others.
+            operator.choose_method(group)
             spectrum = spectrum_lib.stochastic_lanczos_quadrature(
                 operator.matvec,
                 operator.dim,
@@ -509,8 +513,7 @@ class SpectrumCallback(keras.callbacks.Callback):
                 kernel_width=self.kernel_width,
                 first_product=first_product,
                 matmat=operator.matmat,
-                lockstep=spectrum_lib.lockstep_group(
-                    self.num_draws, self.lanczos_steps, operator.dim, lockstep=self.lockstep_draws),
+                lockstep=group,
             )
         except (hessian_lib.NonDeterministicError, hessian_lib.NonFiniteError) as error:
             raise type(error)(f"SpectrumCallback at training step {step}: {error}") from error

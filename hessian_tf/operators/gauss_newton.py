@@ -70,11 +70,16 @@ class _JacobianProductOperator(HessianOperator):
             else "reverse_over_reverse"
         )
 
-    def _batch_products(self, primals, state, block, x, y):
-        return [self._batch_product(primals, state, tangents, x, y) for tangents in block]
+    def _can_time_methods(self) -> bool:
+        return False  # 'auto' is forward mode wherever it runs (_auto_method)
 
-    def _batch_product(self, primals, state, tangents, x, y):
-        forward = self.method == "forward_over_backward"
+    def _batch_products(self, primals, state, block, x, y, method=None):
+        return [self._batch_product(primals, state, tangents, x, y, method=method)
+                for tangents in block]
+
+    def _batch_product(self, primals, state, tangents, x, y, method=None):
+        method = method or self.method
+        forward = method == "forward_over_backward"
         with contextlib.ExitStack() as stack:
             # Only with regularization: a second-order tape for ∇²R v.
             outer = stack.enter_context(tf.GradientTape()) if self.regularization else None
@@ -106,7 +111,7 @@ class _JacobianProductOperator(HessianOperator):
         if jvp is None:
             # A silent None is how forward mode fails through loaded functions.
             raise ValueError(
-                f"method={self.method}: the Jacobian-vector product came back None "
+                f"method={method}: the Jacobian-vector product came back None "
                 "(forward mode does not reach the outputs); use "
                 "method='reverse_over_reverse'."
             )

@@ -23,19 +23,32 @@ float32 products themselves) and added in float64 on the host.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
-from hessian_tf.messages import first_line
+from hessian_tf.messages import first_line, traced_error
 from hessian_tf.operators import flat_parameters as flatten_lib
 from hessian_tf.operators import losses as losses_lib
 from hessian_tf.operators.graphs import graph_nodes
 from hessian_tf.operators.model_function import check_bn_mode
 
 METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
+# method='auto' times both methods' product graphs over the first AUTO_TIMING_BATCHES
+# batches of each replica (after a run of each that sets it up: AUTO_TIMING_RUNS
+# alternating runs, medians) and takes forward over backward only when its median is
+# at most AUTO_MARGIN of reverse over reverse's; within the margin the shared passes of
+# lockstep blocks and the method that SavedModels need win.
+AUTO_TIMING_BATCHES = 4
+AUTO_TIMING_RUNS = 5
+AUTO_MARGIN = 0.95
+# How building a product graph by forward over backward fails where forward mode does
+# not run through the model (Keras's LSTM and GRU: a TypeError from their while loop).
+_FORWARD_MODE_FAILURES = (TypeError, ValueError, LookupError, NotImplementedError)
 ACCUMULATIONS = ("auto", "float64", "float32")
 # What the refusals of float64 in float32 accumulation say first.
 _FLOAT32_ACCUMULATION = (
@@ -210,10 +223,14 @@ class HessianOperator:
       bn_mode: 'inference' (moving statistics) or 'train' (batch statistics).
       strategy: the tf.distribute strategy; default: the current one.
       regularization: add the model's own losses (weight regularizers) to L.
-      method: 'forward_over_backward', 'reverse_over_reverse', or 'auto'
-        (reverse over reverse: measured as fast as forward over backward or faster
-        on the reference workloads but tiny batches, and it shares the forward and
-        backward pass among the vectors of a block; see README.md, Speed).
+      method: 'forward_over_backward', 'reverse_over_reverse', or 'auto': reverse
+        over reverse (it shares the forward and backward pass among the vectors of a
+        block, and runs through every model), unless `choose_method` is called before
+        the first product: it times both on the first batches and keeps the faster
+        (neither is faster on every network: README.md, Speed), where both can run and
+        the timing is this process's alone (a Keras model, in-memory data, no residual
+        cache, neither a TPU nor several workers). hessian-spectrum and the Keras
+        callback call it.
       accumulation: how replicas sum their batches: 'float64', or 'float32' with
         compensated summation and no float64 tensor in the product graphs (for
         devices without float64: TPUs); 'auto': float32 under a TPUStrategy,
@@ -247,6 +264,8 @@ class HessianOperator:
         check_bn_mode(bn_mode)
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not a product method; use one of {METHODS}.")
+        self.automatic_method = method == "auto"
+        self._method_to_time = self.automatic_method  # resolved by timing in choose_method
         if method == "auto":
             method = self._auto_method(model_function)
         if method == "forward_over_backward" and not model_function.supports_forward_mode:
@@ -328,6 +347,9 @@ class HessianOperator:
         self._cached_values = None  # the parameters and state the cache was built from
         self._splits = {}  # batch size -> residuals.split of its product, traced once
         self.residual_bytes = 0
+        self.method_seconds = None  # {method: seconds (None: did not run)}, once timed
+        self.forward_mode_failure = ""  # why forward over backward did not run, if not
+        self._method_to_time = self._method_to_time and self._can_time_methods()
         self._check_fit(x, y)
         self._place_data(x, y)
         # No input signature: the block size k must be static (one trace per k).
@@ -357,6 +379,64 @@ class HessianOperator:
     def _auto_method(model_function) -> str:
         del model_function  # reverse over reverse works for every model format
         return "reverse_over_reverse"
+
+    def _can_time_methods(self) -> bool:
+        """Whether method='auto' times both methods: both run (forward mode through the
+        model, no residual cache, which splits one method's graph), and this process
+        alone decides (no TPU, where a second program is a second compilation; not
+        several workers, whose timings could disagree and their graphs with them)."""
+        extended = self.strategy.extended
+        several_workers = getattr(extended, "_in_multi_worker_mode", lambda: False)()
+        return (self.model_function.supports_forward_mode and not self.cache_residuals
+                and not is_tpu_strategy(self.strategy) and not several_workers)
+
+    def choose_method(self, block_size: int = 1) -> str:
+        """For method='auto', before the first product (once; later calls, and calls
+        for other methods or where the methods are not timed, change nothing): times
+        both methods' products of blocks of `block_size` vectors (the lockstep size of
+        the products to come) over the first batches and keeps the faster, AUTO_MARGIN
+        in favour of reverse over reverse. Returns the method."""
+        if not self._method_to_time or self._product_traces:
+            self._method_to_time = False
+            return self.method
+        self._method_to_time = False
+        self.method_seconds = self._time_methods(block_size)
+        forward, reverse = (self.method_seconds[name] for name in METHODS[1:])
+        self.method = ("forward_over_backward" if forward is not None
+                       and forward <= AUTO_MARGIN * reverse else "reverse_over_reverse")
+        return self.method
+
+    def _time_methods(self, block_size: int) -> dict:
+        """{method: median seconds of its product graph over the first
+        AUTO_TIMING_BATCHES batches of each replica, for a block of `block_size`
+        random unit vectors}. The graph the products then run, cut short: one batch
+        timed on its own misjudged it (the digits MLP's products, batch 128: 0.86 against
+        0.84 ms for one batch, 9.3 against 6.2 ms for the data's 15)."""
+        rng = np.random.default_rng(0)
+        vectors = rng.standard_normal((block_size, self.dim))
+        vectors = tf.constant(vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
+                              self._device_dtype)
+        spec = tf.TensorSpec([block_size, self.dim], self._device_dtype)
+        runs = {}
+        for method in METHODS[1:]:
+            function = tf.function(functools.partial(
+                self._products_over_batches, method=method, max_batches=AUTO_TIMING_BATCHES))
+            try:
+                runs[method] = function.get_concrete_function(spec)
+            except _FORWARD_MODE_FAILURES as error:
+                if method != "forward_over_backward":
+                    raise
+                self.forward_mode_failure = traced_error(error)
+        seconds = {method: [] for method in runs}
+        for run in runs.values():
+            self._combined(run(vectors))  # the first run of a graph sets it up
+        for _ in range(AUTO_TIMING_RUNS):
+            for method, run in runs.items():
+                started = time.perf_counter()
+                self._combined(run(vectors))  # on the host: also for asynchronous devices
+                seconds[method].append(time.perf_counter() - started)
+        return {method: float(np.median(seconds[method])) if method in runs else None
+                for method in METHODS[1:]}
 
     def _first_nonfinite_batch(self, vector) -> str:
         """", first in batch b (examples i-j)" for the first batch whose loss (or,
@@ -490,11 +570,13 @@ class HessianOperator:
         """H_b v for one batch's summed objective, as a list like `primals`."""
         return self._batch_products(primals, state, [tangents], x, y)[0]
 
-    def _batch_products(self, primals, state, block, x, y):
-        """[H_b v for v in block] for one batch: the forward and backward pass are
-        recorded once and differentiated once per vector (reverse over reverse)."""
+    def _batch_products(self, primals, state, block, x, y, method=None):
+        """[H_b v for v in block] for one batch (by `method`, default the operator's):
+        reverse over reverse records the forward and backward pass once and
+        differentiates them once per vector."""
         zero = tf.UnconnectedGradients.ZERO
-        if self.method == "forward_over_backward":
+        method = method or self.method
+        if method == "forward_over_backward":
             products = []
             for tangents in block:
                 with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
@@ -520,7 +602,7 @@ class HessianOperator:
         if all(hv is None for hv in products[0]):
             # A silent None is how forward mode fails through loaded functions.
             raise ValueError(
-                f"method={self.method}: every Hessian-vector product came back None "
+                f"method={method}: every Hessian-vector product came back None "
                 "(no path from the parameters to the gradient); use "
                 "method='reverse_over_reverse'."
             )
@@ -547,15 +629,21 @@ class HessianOperator:
         rows = accumulator.numpy().astype(np.float64, copy=False)
         return rows[0] if rows.shape[0] == 1 else np.sum(rows, axis=0)
 
-    def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
+    def _sum_over_batches(self, batch_fn, size: int, args: tuple,
+                          max_batches: Optional[int] = None) -> tf.Tensor:
         """Σ over every batch of the dataset of batch_fn(x, y, *args) (a vector [size]
         of the device dtype), summed per replica, then ONE cross-replica reduction.
         Returns the accumulator (see `_accumulator`; `_combined` adds it up).
 
-        In memory: each replica loops over its own dealt batches on its device.
+        In memory: each replica loops over its own dealt batches on its device (only
+        its first `max_batches`, when given: for timing).
         """
 
         def replica_fn(data, *args):
+            batches = tf.shape(data.sizes)[0]
+            if max_batches is not None:
+                batches = tf.minimum(batches, max_batches)
+
             def body(slot, total):
                 count = data.sizes[slot]
                 value = batch_value(
@@ -567,7 +655,7 @@ class HessianOperator:
             # One batch at a time: parallel iterations would hold several batches'
             # activations at once (measured: 3x the memory on ResNet-32), for no speed.
             _, total = tf.while_loop(
-                lambda slot, _: slot < tf.shape(data.sizes)[0],
+                lambda slot, _: slot < batches,
                 body,
                 (tf.constant(0), self._accumulator(size)),
                 parallel_iterations=1,
@@ -595,6 +683,11 @@ class HessianOperator:
         """vectors [k, dim] (device dtype) → the accumulator of their summed products
         [terms, k·dim], one data pass."""
         self.num_traces += 1  # runs only while tracing
+        return self._products_over_batches(vectors)
+
+    def _products_over_batches(self, vectors, method=None, max_batches=None):
+        """`_product_graph` by `method` (default: the operator's) over each replica's
+        first `max_batches` batches (default: all)."""
         # Parameters and state are read once, in the cross-replica context, so every
         # replica differentiates the same model.
         primals = self.model_function.primals()
@@ -603,11 +696,12 @@ class HessianOperator:
         block = [flatten_lib.unflatten(vectors[j], primals) for j in range(size)]
 
         def batch_fn(x, y, primals, state, block):
-            products = self._batch_products(primals, state, block, x, y)
+            products = self._batch_products(primals, state, block, x, y, method=method)
             return tf.concat(
                 [flatten_lib.flatten(p, self._device_dtype) for p in products], axis=0)
 
-        return self._sum_over_batches(batch_fn, size * self.dim, (primals, state, block))
+        return self._sum_over_batches(batch_fn, size * self.dim, (primals, state, block),
+                                      max_batches=max_batches)
 
     def _loss_gradient_graph(self):
         primals = self.model_function.primals()
@@ -679,8 +773,24 @@ class HessianOperator:
         m = 90; ad hoc)."""
         trace = self._product_traces.get(size)
         if trace is None:
-            trace = self._product_function.get_concrete_function(
-                tf.TensorSpec([size, self.dim], self._device_dtype))
+            spec = tf.TensorSpec([size, self.dim], self._device_dtype)
+            try:
+                trace = self._product_function.get_concrete_function(spec)
+            except _FORWARD_MODE_FAILURES as error:
+                if self.method != "forward_over_backward":
+                    raise
+                if not self.automatic_method:
+                    raise ValueError(
+                        "--method=forward_over_backward: forward mode does not run through "
+                        f"this model ({traced_error(error)}); use "
+                        "--method=reverse_over_reverse (or auto)."
+                    ) from error
+                self.forward_mode_failure = traced_error(error)
+                logging.info("Forward mode does not run through this model (%s): reverse "
+                             "over reverse products", self.forward_mode_failure)
+                self.method = "reverse_over_reverse"
+                self._product_function = tf.function(self._product_graph)
+                trace = self._product_function.get_concrete_function(spec)
             self._product_traces[size] = trace
         return trace
 

@@ -51,6 +51,9 @@ class StreamingHessianOperator(HessianOperator):
         self._streamed_examples = int(num_examples)
         super().__init__(model_function, sample[0], sample[1], **options)
 
+    def _can_time_methods(self) -> bool:
+        return False  # only a sample in memory: 'auto' is reverse over reverse
+
     def _place_data(self, x, y) -> None:
         del x, y  # only the sample, used for checks
         self.num_examples = self._streamed_examples
@@ -67,7 +70,11 @@ class StreamingHessianOperator(HessianOperator):
         self._data = self.strategy.distribute_datasets_from_function(dataset_fn)
         self.pad_batches = is_tpu_strategy(self.strategy)
 
-    def _sum_over_batches(self, batch_fn, size: int, args: tuple) -> tf.Tensor:
+    def _sum_over_batches(self, batch_fn, size: int, args: tuple,
+                          max_batches=None) -> tf.Tensor:
+        if max_batches is not None:  # only in-memory operators time their methods
+            raise ValueError("StreamingHessianOperator: max_batches is not supported.")
+
         def step(total, batch, *args):
             x, y = batch
             count = tf.shape(x)[0]

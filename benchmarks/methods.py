@@ -1,0 +1,126 @@
+"""How well `--method=auto` chooses: on each network of `example_networks.py`, the
+choice (both methods' product graphs timed over the first batches, as
+hessian-spectrum does at start-up) against full-data products by each method.
+
+For each network (its data, batch 128, inference BN, one draw): an operator with
+method='auto' chooses (its timings and the seconds the choice took, tracing
+included); then one operator per method computes full-data products, `--rounds`
+interleaved rounds after a traced first one, medians. `full FoB/RoR` < 1 means
+forward over backward is faster over the whole data; `right` says whether auto chose
+the faster one (within AUTO_MARGIN counts as either).
+
+Usage (about 5 minutes on 2 CPU cores):
+  .venv/bin/python benchmarks/example_networks.py OUT_DIR
+  .venv/bin/python benchmarks/methods.py OUT_DIR [--rounds 5] [--networks a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from machine import load_average  # noqa: E402  (benchmarks/machine.py)
+import example_networks  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hessian_tf.distribute import automatic_cpu_threads, cpu_threads  # noqa: E402
+
+BATCH_SIZE = 128
+SHORT = {"forward_over_backward": "FoB", "reverse_over_reverse": "RoR"}
+
+
+def measure(name: str, directory: str, rounds: int) -> list[str]:
+    import keras
+
+    from hessian_tf import operators
+    from hessian_tf.operators import hessian as hessian_lib
+
+    with np.load(os.path.join(directory, example_networks.NETWORKS[name] + ".npz")) as data:
+        x, y = data["x"], data["y"]
+    model = keras.models.load_model(os.path.join(directory, f"{name}.keras"))
+    model_function = operators.KerasModelFunction(model)
+
+    auto = operators.HessianOperator(model_function, x, y, batch_size=BATCH_SIZE)
+    started = time.perf_counter()
+    chosen = auto.choose_method(1)
+    choice_seconds = time.perf_counter() - started
+    timed = auto.method_seconds
+
+    fixed = {}
+    for method in hessian_lib.METHODS[1:]:
+        try:
+            operator = operators.HessianOperator(
+                model_function, x, y, batch_size=BATCH_SIZE, method=method)
+            operator.matvec(np.ones(operator.dim))  # traces
+            fixed[method] = operator
+        except ValueError:  # forward mode does not run through the model
+            pass
+    vector = np.random.default_rng(0).standard_normal(auto.dim)
+    seconds = {method: [] for method in fixed}
+    for _ in range(rounds):
+        for method, operator in fixed.items():
+            start = time.perf_counter()
+            operator.matvec(vector)
+            seconds[method].append(time.perf_counter() - start)
+    full = {method: float(np.median(values)) for method, values in seconds.items()}
+    forward, reverse = (timed[m] for m in hessian_lib.METHODS[1:])
+    if "forward_over_backward" in full:
+        full_ratio = full["forward_over_backward"] / full["reverse_over_reverse"]
+        within = hessian_lib.AUTO_MARGIN <= full_ratio <= 1 / hessian_lib.AUTO_MARGIN
+        faster = "forward_over_backward" if full_ratio < 1 else "reverse_over_reverse"
+        right = "yes" if chosen == faster or within else "NO"
+        ratio_cells = [f"{forward / reverse:.2f}", f"{full_ratio:.2f}"]
+    else:
+        right = "yes"  # reverse over reverse is the only method that runs
+        ratio_cells = ["(FoB fails)", "(FoB fails)"]
+    return [name, f"{auto.dim:,}", f"{len(x) // BATCH_SIZE + (len(x) % BATCH_SIZE > 0)}",
+            *ratio_cells, SHORT[chosen], right,
+            f"{full['reverse_over_reverse'] * 1e3:.1f}",
+            f"{full.get('forward_over_backward', float('nan')) * 1e3:.1f}",
+            f"{choice_seconds:.1f}"]
+
+
+HEADER = ("network", "params", "batches", "timed FoB/RoR", "full FoB/RoR", "auto chose",
+          "right", "full RoR ms", "full FoB ms", "choice s")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory", help="the OUT_DIR of example_networks.py")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--networks", default=",".join(example_networks.NETWORKS))
+    args = parser.parse_args(argv)
+    names = [n for n in args.networks.split(",") if n]
+    unknown = [n for n in names if n not in example_networks.NETWORKS]
+    if unknown or args.rounds < 1:
+        print(f"methods.py: error: --networks: unknown {unknown}, or --rounds={args.rounds} "
+              "below 1", file=sys.stderr)
+        return 2
+    missing = [n for n in names if not os.path.exists(os.path.join(args.directory, f"{n}.keras"))]
+    if missing:
+        print(f"methods.py: error: {args.directory} has no {missing[0]}.keras; run "
+              "example_networks.py on it first", file=sys.stderr)
+        return 2
+    automatic_cpu_threads("default")  # as hessian-spectrum sets them
+    print(f"Start: {load_average()}; TensorFlow threads {cpu_threads()}", flush=True)
+    rows = []
+    for name in names:
+        rows.append(measure(name, args.directory, args.rounds))
+        print("  ".join(rows[-1]), flush=True)
+    print()
+    print("| " + " | ".join(HEADER) + " |")
+    print("|---|" + "--:|" * (len(HEADER) - 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"End: {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,178 @@
+"""method='auto': choose_method times both product methods on the first batches (the
+product graph cut short) and keeps the faster; without it (and where the methods are not
+timed) reverse over reverse. Forward mode that does not run through a model (Keras's
+LSTM, today) falls back to reverse over reverse, or is refused in one line when asked
+for."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hessian_tf import job, operators
+from hessian_tf.operators import gauss_newton
+from hessian_tf.operators import hessian as hessian_lib
+from hessian_tf.operators.streaming import StreamingHessianOperator, array_dataset_fn
+from tests.operators.test_hessian import tiny_data, tiny_model
+from tests.test_job_formats import small_config
+
+
+def lstm_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3, 2))
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.LSTM(4)(inputs)))
+
+
+def lstm_data():
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((10, 3, 2)).astype(np.float32), rng.integers(0, 3, 10)
+
+
+def test_auto_times_both_methods_and_keeps_the_products():
+    x, y = tiny_data()
+    model_function = operators.KerasModelFunction(tiny_model())
+    auto = operators.HessianOperator(model_function, x, y, batch_size=4)
+    assert auto.method_seconds is None and auto.method == "reverse_over_reverse"
+    vector = np.random.default_rng(0).standard_normal(auto.dim)
+    assert auto.choose_method(1) == auto.method
+    product = auto.matvec(vector)
+    assert auto.automatic_method
+    assert set(auto.method_seconds) == {"forward_over_backward", "reverse_over_reverse"}
+    assert all(seconds > 0 for seconds in auto.method_seconds.values())
+    forward, reverse = (auto.method_seconds[m] for m in hessian_lib.METHODS[1:])
+    expected = ("forward_over_backward" if forward <= hessian_lib.AUTO_MARGIN * reverse
+                else "reverse_over_reverse")
+    assert auto.method == expected
+    assert auto.num_traces == 1  # the timing graphs are not the product graph
+    fixed = operators.HessianOperator(model_function, x, y, batch_size=4, method=auto.method)
+    np.testing.assert_allclose(product, fixed.matvec(vector), rtol=1e-12, atol=1e-14)
+    auto.matvec(vector)
+    assert auto.num_traces == 1 and fixed.method_seconds is None
+    # Chosen once: a later call times nothing again.
+    seconds = auto.method_seconds
+    assert auto.choose_method(3) == auto.method and auto.method_seconds is seconds
+
+
+def test_without_choose_method_auto_is_reverse_over_reverse():
+    x, y = tiny_data()
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(tiny_model()), x, y, batch_size=4)
+    operator.matvec(np.ones(operator.dim))
+    # After a product the graph is traced: choosing now would change nothing.
+    assert operator.choose_method(1) == "reverse_over_reverse"
+    assert operator.method_seconds is None
+
+
+@pytest.mark.parametrize("forward, reverse, chosen", [
+    (0.80, 1.00, "forward_over_backward"),
+    (0.95, 1.00, "forward_over_backward"),  # at the margin
+    (0.96, 1.00, "reverse_over_reverse"),
+    (1.20, 1.00, "reverse_over_reverse"),
+    (None, 1.00, "reverse_over_reverse"),  # forward mode did not run
+])
+def test_the_choice_follows_the_timings(monkeypatch, forward, reverse, chosen):
+    x, y = tiny_data()
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(tiny_model()), x, y, batch_size=4)
+    timed = []
+
+    def fake(block_size):
+        timed.append(block_size)
+        return {"forward_over_backward": forward, "reverse_over_reverse": reverse}
+
+    monkeypatch.setattr(operator, "_time_methods", fake)
+    assert operator.choose_method(3) == chosen
+    operator.matmat(np.ones((3, operator.dim)))
+    assert operator.choose_method(1) == chosen
+    assert operator.method == chosen
+    assert timed == [3]  # once, for the block size of the first products
+
+
+def test_timing_graph_sums_only_the_first_batches():
+    x, y = tiny_data()  # 12 examples: 3 batches of 4
+    model_function = operators.KerasModelFunction(tiny_model())
+    whole = operators.HessianOperator(model_function, x, y, batch_size=4)
+    first_two = operators.HessianOperator(
+        model_function, x[:8], y[:8], batch_size=4, method="reverse_over_reverse")
+    vector = np.random.default_rng(2).standard_normal((1, whole.dim))
+    for method in hessian_lib.METHODS[1:]:
+        cut = whole._combined(whole._products_over_batches(
+            tf.constant(vector), method=method, max_batches=2)) / 8
+        np.testing.assert_allclose(cut, first_two.matvec(vector[0]), rtol=1e-12, atol=1e-14)
+    # The product graph proper was not traced (nor the method chosen) by that.
+    assert whole.num_traces == 0 and whole.method_seconds is None
+
+
+def test_no_timing_where_only_one_method_can_run_or_the_process_is_not_alone(tmp_path):
+    x, y = tiny_data()
+    model = tiny_model()
+    model_function = operators.KerasModelFunction(model)
+    cached = operators.HessianOperator(model_function, x, y, batch_size=4, cache_residuals=True)
+    streamed = StreamingHessianOperator(
+        model_function, array_dataset_fn(x, y, 4), num_examples=len(x), sample=(x, y),
+        batch_size=4)
+    model.export(str(tmp_path / "exported"), verbose=False)
+    saved = operators.HessianOperator(
+        operators.SavedModelFunction(tf.saved_model.load(str(tmp_path / "exported"))), x, y,
+        batch_size=4)
+    for operator in (cached, streamed, saved):
+        assert operator.choose_method(1) == "reverse_over_reverse"
+        operator.matvec(np.ones(operator.dim))
+        assert operator.method == "reverse_over_reverse" and operator.method_seconds is None
+
+
+def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
+    x, y = lstm_data()
+    model_function = operators.KerasModelFunction(lstm_model())
+    vector = np.random.default_rng(3).standard_normal(model_function_dim(model_function))
+    reverse = operators.HessianOperator(
+        model_function, x, y, batch_size=4, method="reverse_over_reverse").matvec(vector)
+
+    auto = operators.HessianOperator(model_function, x, y, batch_size=4)
+    assert auto.choose_method(1) == "reverse_over_reverse"
+    np.testing.assert_allclose(auto.matvec(vector), reverse, rtol=1e-10, atol=1e-12)
+    assert auto.method_seconds["forward_over_backward"] is None
+    assert auto.method_seconds["reverse_over_reverse"] > 0
+    assert auto.forward_mode_failure.startswith("TypeError: ")
+    assert "LSTM" in auto.forward_mode_failure
+
+    asked = operators.HessianOperator(
+        model_function, x, y, batch_size=4, method="forward_over_backward")
+    with pytest.raises(ValueError, match=r"^--method=forward_over_backward: forward mode "
+                       r"does not run through this model \(TypeError: .*LSTM.*\); use "
+                       r"--method=reverse_over_reverse"):
+        asked.matvec(vector)
+
+    # The Gauss-Newton operator's automatic forward mode falls back as well.
+    ggn = gauss_newton.make_operator("ggn", model_function, x, y, batch_size=4)
+    ggn_reverse = gauss_newton.make_operator(
+        "ggn", model_function, x, y, batch_size=4, method="reverse_over_reverse")
+    np.testing.assert_allclose(ggn.matvec(vector), ggn_reverse.matvec(vector),
+                               rtol=1e-10, atol=1e-12)
+    assert ggn.method == "reverse_over_reverse" and "LSTM" in ggn.forward_mode_failure
+
+
+def model_function_dim(model_function):
+    return int(sum(np.prod(v.shape) for v in model_function.variables))
+
+
+def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_path):
+    x, y = lstm_data()
+    lstm_model().save(str(tmp_path / "lstm.keras"))
+    tiny_model(dtype="float32").save(str(tmp_path / "tiny.keras"))
+    np.savez(tmp_path / "lstm.npz", x=x, y=y)
+    tiny_x, tiny_y = tiny_data(np.float32)
+    np.savez(tmp_path / "tiny.npz", x=tiny_x, y=tiny_y)
+    summary = job.run(small_config(
+        tmp_path / "tiny", model=str(tmp_path / "tiny.keras"),
+        dataset=f"npz:{tmp_path / 'tiny.npz'}", batch_size=4, num_draws=2, lockstep_draws=2))
+    seconds = summary["method_seconds"]
+    assert summary["config"]["method"] == "auto" and summary["lockstep_draws"] == 2
+    assert set(seconds) == {"forward_over_backward", "reverse_over_reverse"}
+    assert summary["method"] == ("forward_over_backward" if seconds["forward_over_backward"]
+                                 <= hessian_lib.AUTO_MARGIN * seconds["reverse_over_reverse"]
+                                 else "reverse_over_reverse")
+    lstm = job.run(small_config(tmp_path / "lstm", model=str(tmp_path / "lstm.keras"),
+                                dataset=f"npz:{tmp_path / 'lstm.npz'}", batch_size=4))
+    assert lstm["method"] == "reverse_over_reverse"
+    assert lstm["method_seconds"]["forward_over_backward"] is None
