@@ -249,6 +249,7 @@ def measure(case: Case, model: keras.Model, x: np.ndarray, y: np.ndarray, repeat
     vector = np.random.default_rng(1).standard_normal(operator.dim)
 
     start = time.perf_counter()
+    operator.choose_method(1)  # as hessian-spectrum does for one draw
     operator.matvec(vector)
     first_product = time.perf_counter() - start
 

@@ -418,7 +418,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_products", type=int, default=3, help="products in (b)")
     parser.add_argument("--method", default="auto",
                         choices=("auto", "forward_over_backward", "reverse_over_reverse"),
-                        help="HessianOperator's product method (auto: the library's choice)")
+                        help="HessianOperator's product method (auto: the operator's "
+                        "default, reverse over reverse, for the binary as well)")
     parser.add_argument("--binary", action="store_true",
                         help="also run hessian-spectrum (f64, f32, f64 without checkpoints)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -513,8 +514,10 @@ def main(argv=None) -> int:
                          f"--lanczos_steps={m}", f"--batch_size={args.batch_size}",
                          f"--bn_mode={bn_modes[0]}", f"--basis_dtype={dtype}",
                          f"--checkpoint_every={every}", f"--num_draws={k}",
-                         f"--lockstep_draws={k}"] + (
-                             [f"--method={args.method}"] if args.method != "auto" else [])
+                         f"--lockstep_draws={k}",
+                         # The operator rows' method (auto there is reverse over reverse:
+                         # they call no choose_method), not the binary's timing.
+                         f"--method={method or args.method}"]
                 result = run_binary(flags)
                 print(f"  [{time.perf_counter() - started:6.0f} s] hessian-spectrum {dtype} "
                       f"checkpoint_every={every}: peak {mib(result['peak'])} MiB "

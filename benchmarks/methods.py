@@ -17,6 +17,7 @@ Usage (about 5 minutes on 2 CPU cores):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -25,14 +26,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from core import SHORT, interleaved_timings  # noqa: E402  (benchmarks/core.py)
 from machine import load_average  # noqa: E402  (benchmarks/machine.py)
 import example_networks  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hessian_tf.distribute import automatic_cpu_threads, cpu_threads  # noqa: E402
 
 BATCH_SIZE = 128
-SHORT = {"forward_over_backward": "FoB", "reverse_over_reverse": "RoR"}
 
 
 def measure(name: str, directory: str, rounds: int) -> list[str]:
@@ -54,20 +53,19 @@ def measure(name: str, directory: str, rounds: int) -> list[str]:
 
     fixed = {}
     for method in hessian_lib.METHODS[1:]:
+        operator = operators.HessianOperator(
+            model_function, x, y, batch_size=BATCH_SIZE, method=method)
         try:
-            operator = operators.HessianOperator(
-                model_function, x, y, batch_size=BATCH_SIZE, method=method)
             operator.matvec(np.ones(operator.dim))  # traces
-            fixed[method] = operator
-        except ValueError:  # forward mode does not run through the model
-            pass
+        except ValueError as error:
+            if "forward mode does not run" not in str(error):
+                raise
+            continue
+        fixed[method] = operator
     vector = np.random.default_rng(0).standard_normal(auto.dim)
-    seconds = {method: [] for method in fixed}
-    for _ in range(rounds):
-        for method, operator in fixed.items():
-            start = time.perf_counter()
-            operator.matvec(vector)
-            seconds[method].append(time.perf_counter() - start)
+    seconds = interleaved_timings(
+        {method: functools.partial(operator.matvec, vector) for method, operator in fixed.items()},
+        rounds)
     full = {method: float(np.median(values)) for method, values in seconds.items()}
     forward, reverse = (timed[m] for m in hessian_lib.METHODS[1:])
     if "forward_over_backward" in full:

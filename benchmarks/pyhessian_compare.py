@@ -438,9 +438,11 @@ def check_twin_layer(layer) -> None:
         activation_name(layer)
     elif isinstance(layer, keras.layers.GroupNormalization):
         rank = len(layer.input.shape)
-        if layer.axis not in (-1, rank - 1) or not (layer.center and layer.scale):
+        # torch's GroupNorm takes axis 1 as the channels: the last axis of an image
+        # (NCHW in the twin) or of a vector, not of a sequence (batch, length, features).
+        if layer.axis not in (-1, rank - 1) or not (layer.center and layer.scale) or rank == 3:
             raise Failure(f"twin: GroupNormalization {layer.name} must normalise groups of "
-                          "the last axis, with both γ and β.")
+                          "the last axis of images or vectors, with both γ and β.")
     elif isinstance(layer, keras.layers.LayerNormalization):
         rank = len(layer.input.shape)
         axes = [axis % rank for axis in layer.axis]
@@ -530,8 +532,8 @@ SUPPORTED_LAYERS = (
 def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, Any]:
     """(kind, value) of the twin's step for one call of a Keras layer; raises Failure
     naming a layer (or a setting of it) the twin cannot mirror. Kinds: "module" (a
-    layer with weights: a convolution, Dense or a normalisation, its activation
-    included; value: the layer's name), "activation" (name), "leaky_relu" (slope),
+    layer with weights, one of TWIN_MODULES, its activation included; value: the
+    layer's name), "activation" (name), "leaky_relu" (slope),
     "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
     top, bottom)), "crop" ((top, bottom, left, right)), "upsample" ((rows, columns)), a
     merge of TWIN_MERGES, "concatenate" (torch axis) or "identity". `call` is the
@@ -551,6 +553,10 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
                           "layer(query, value[, key]) without masks or other options; got "
                           f"{len(arguments)} positional arguments and {sorted(options)}.")
     if type(layer).__name__ in TWIN_MODULES:
+        if len(input_shapes) != 1 and not isinstance(layer, keras.layers.MultiHeadAttention):
+            raise Failure(f"twin: {type(layer).__name__} {layer.name} is called on "
+                          f"{len(input_shapes)} tensors (an initial state or a mask?); the "
+                          "twin mirrors it on its one input.")
         check_twin_layer(layer)
         return "module", layer.name
     if isinstance(layer, keras.layers.Flatten):
@@ -765,7 +771,9 @@ def torch_twin(keras_model):
             return y
 
     class KerasAttention(nn.MultiheadAttention):
-        """Keras's call order (query, value[, key]); the output without the weights."""
+        """Keras's call order (query, value[, key]); the output without the weights.
+        Called as a PyTorch user calls it (need_weights at its default): the explicit
+        softmax path, which torch differentiates twice on the CPU."""
 
         def forward(self, query, value, key=None):
             return super().forward(query, value if key is None else key, value)[0]
@@ -1084,6 +1092,9 @@ def run_ours(workload: Workload, directory: str, threads: int, extra_flags: list
     else:
         per_step = float(summary["lanczos_seconds"]) / int(summary["lanczos_steps_completed"][0])
         note = "lanczos_seconds/steps"
+    note += f"; {summary['method'].replace('_', ' ')} products"
+    if summary.get("method_seconds"):
+        note += " (--method=auto, timed)"
     pools = summary.get("cpu_threads")  # as the job ran (0: TensorFlow's choice)
     if pools:
         note += (f"; TensorFlow threads intra-op {pools['intra_op'] or 'default'}, "

@@ -16,6 +16,7 @@ Command (about 3 minutes on 2 CPU cores):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from core import load_workload  # noqa: E402  (benchmarks/core.py)
+from core import interleaved_timings, load_workload  # noqa: E402  (benchmarks/core.py)
 from machine import load_average  # noqa: E402  (benchmarks/machine.py)
 from hessian_tf import operators  # noqa: E402
 from hessian_tf.operators import hessian as hessian_lib  # noqa: E402
@@ -72,12 +73,9 @@ def measure(workload: str, bn_mode: str, batch_size: int, repeats: int) -> dict:
         name: float(np.max(np.abs(op.matvec(vector) - reference)) / np.max(np.abs(reference)))
         for name, op in built.items()
     }
-    seconds = {name: [] for name in built}
-    for _ in range(repeats):
-        for name, operator in built.items():
-            start = time.perf_counter()
-            operator.matvec(vector)
-            seconds[name].append(time.perf_counter() - start)
+    seconds = interleaved_timings(
+        {name: functools.partial(operator.matvec, vector) for name, operator in built.items()},
+        repeats)
     return {"seconds": seconds, "first": first, "differences": differences}
 
 

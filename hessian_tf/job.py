@@ -167,7 +167,11 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         bn_mode=config.bn_mode, method=config.method, regularization=config.regularization,
         cache_residuals=config.cache_residuals, accumulation=operator.accumulation,
     )
-    one_batch.choose_method(1)  # --method=auto: as the job would (for one vector)
+    group = lockstep_group(config, operator.dim)
+    if operator.times_methods:  # --method=auto as the job would, here on this one batch
+        one_batch.choose_method(group)
+    else:  # the job's method (streamed data, several workers: not timed)
+        one_batch.use_method(operator.method)
     vector = np.ones(one_batch.dim) / np.sqrt(one_batch.dim)
     one_batch.matvec(vector)  # traces
     started = time.perf_counter()
@@ -175,7 +179,6 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     batch_seconds = time.perf_counter() - started
     replicas = operator.strategy.num_replicas_in_sync
     batches = -(-operator.num_examples // config.batch_size)
-    group = lockstep_group(config, operator.dim)
     products = config.num_draws * config.lanczos_steps + group * int(bool(config.check_determinism))
     groups = -(-config.num_draws // group)
     passes = groups * config.lanczos_steps + int(bool(config.check_determinism)) + 1  # + gradient
@@ -426,24 +429,6 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         operator = operator_type(model_function, x, y, **options)
     if config.dry_run:
         return _dry_run(config, operator, model_function, x, y, stream)
-    group = lockstep_group(config, operator.dim)
-    operator.choose_method(group)  # --method=auto: the faster on one batch of `group` vectors
-    if operator.method_seconds:
-        forward = operator.method_seconds["forward_over_backward"]
-        logging.info(
-            "--method=auto: reverse over reverse %.4g s, forward over backward %s (medians "
-            "of products of blocks of %d vector(s) over %d batch(es)); --method fixes one",
-            operator.method_seconds["reverse_over_reverse"],
-            f"{forward:.4g} s" if forward is not None
-            else f"does not run through this model ({operator.forward_mode_failure})",
-            group, min(AUTO_TIMING_BATCHES, operator.batches_per_replica),
-        )
-    logging.info(
-        "Hessian of the mean %s over %d examples: %d parameters, %s products, %d replicas, "
-        "sums in %s",
-        config.loss, operator.num_examples, operator.dim, operator.method,
-        strategy.num_replicas_in_sync, operator.accumulation,
-    )
     checkpointer = checkpoints.SLQCheckpointer(
         os.path.join(output_dir, checkpoints.CHECKPOINT_SUBDIR),
         fingerprint=checkpoints.fingerprint(
@@ -463,6 +448,31 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
             "Resuming %s at Lanczos step %d (%d products done) from %s",
             spectrum_lib.draws_label(draws), step, resumed.num_products, checkpointer.latest(),
         )
+    group = lockstep_group(config, operator.dim)
+    if resumed is not None and checkpointer.restored_method and operator.times_methods:
+        # --method=auto: the method this run began with, so that it continues the same
+        # arithmetic.
+        operator.use_method(checkpointer.restored_method)
+    else:
+        # --method=auto: the faster over the first batches, for blocks of `group` vectors.
+        operator.choose_method(group)
+    checkpointer.method_of = lambda: operator.method
+    if operator.method_seconds:
+        forward = operator.method_seconds["forward_over_backward"]
+        logging.info(
+            "--method=auto: reverse over reverse %.4g s, forward over backward %s (medians "
+            "of products of blocks of %d vector(s) over %d batch(es)); --method fixes one",
+            operator.method_seconds["reverse_over_reverse"],
+            f"{forward:.4g} s" if forward is not None
+            else f"does not run through this model ({operator.forward_mode_failure})",
+            group, min(AUTO_TIMING_BATCHES, operator.batches_per_replica),
+        )
+    logging.info(
+        "Hessian of the mean %s over %d examples: %d parameters, %s products, %d replicas, "
+        "sums in %s",
+        config.loss, operator.num_examples, operator.dim, operator.method,
+        strategy.num_replicas_in_sync, operator.accumulation,
+    )
     preemption = _checkpointing(
         config, checkpointer, chief=chief,
         start_products=resumed.num_products if resumed is not None else 0,
@@ -506,7 +516,8 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
             else f"statistics of each batch of {operator.batch_size} examples (per replica)"
         ),
         "method": operator.method,
-        # --method=auto: {method: median seconds of one batch's products}; else null
+        # --method=auto: {method: median seconds of its products over the first batches
+        # (None: did not run)}; else null
         "method_seconds": operator.method_seconds,
         "precision": config.precision,
         "accumulation": operator.accumulation,

@@ -6,6 +6,7 @@ The two draws run in lockstep by default (one progress line per step of both).""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -29,10 +30,11 @@ def job(tmp_path_factory):
     return directory
 
 
-def arguments(job, output, model="mlp.keras"):
+def arguments(job, output, model="mlp.keras", method="reverse_over_reverse"):
+    # A fixed method: runs compared bit for bit must not each time --method=auto.
     return [f"--model={job / model}", "--dataset=digits", "--batch_size=256",
             f"--lanczos_steps={STEPS}", "--num_draws=2", "--checkpoint_every=2",
-            "--checkpoint_seconds=0",
+            "--checkpoint_seconds=0", f"--method={method}",
             f"--output_dir={output}"]
 
 
@@ -103,6 +105,20 @@ def test_sigterm_checkpoints_exits_75_and_resumes(job, uninterrupted, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming draw 2 at Lanczos step" in result.stderr
     assert_identical(tmp_path, uninterrupted)
+
+
+def test_a_resumed_auto_run_keeps_the_method_it_began_with(job, tmp_path):
+    code, log = run_until_step(arguments(job, tmp_path, method="auto"), 9, signal.SIGTERM)
+    assert code == 75, log[-3000:]
+    assert "--method=auto: reverse over reverse" in log  # timed at the start
+    [chosen] = re.findall(r"parameters, (\w+) products", log)
+    result = run(*arguments(job, tmp_path, method="auto"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming" in result.stderr
+    assert "--method=auto: reverse over reverse" not in result.stderr  # not timed again
+    with open(tmp_path / "summary.json", encoding="utf-8") as file:
+        summary = json.load(file)
+    assert summary["method"] == chosen and summary["method_seconds"] is None
 
 
 @pytest.fixture

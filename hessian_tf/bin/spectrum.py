@@ -53,10 +53,11 @@ _HELP = {
     "trace_matvecs": "Products for Hutch++.",
     "gradient_overlap": "Fraction of the gradient in the top eigenspace (costs --lanczos_steps products).",
     "bn_mode": "inference: BN uses moving statistics; train: statistics of each batch.",
-    "method": "Hessian-vector products by forward_over_backward or reverse_over_reverse; "
-    "auto: the faster of the two over the first 4 batches, timed at start-up (Keras models "
-    "on in-memory data, one worker, no TPU, no --cache_residuals; else reverse over "
-    "reverse), and reverse over reverse where forward mode does not run (LSTM, GRU).",
+    "method": "Products by forward_over_backward or reverse_over_reverse; auto: for the "
+    "Hessian, the faster of the two over the first 4 batches, timed at start-up (Keras "
+    "models on in-memory data, one worker, no TPU, no --cache_residuals; else reverse over "
+    "reverse; a resumed run keeps its checkpoint's); for ggn and fisher, forward mode; "
+    "reverse over reverse where forward mode does not run (Keras LSTM, GRU).",
     "precision": "model: products in the model's dtype; float64: in a float64 copy of the model.",
     "check_determinism": "Compute the first product twice and fail if they differ.",
     "cache_residuals": "Keep each batch's vector-free part of the product (forward pass, "

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -75,6 +75,11 @@ class SLQCheckpointer:
         self.fingerprint = fingerprint
         self.max_to_keep = max_to_keep
         self._rows_written: dict[int, int] = {}  # draw -> basis rows on disk
+        # The products' method, read at each save (--method=auto chooses it at start,
+        # and forward mode may fall back at the first product); a resumed run continues
+        # by the method of the checkpoint.
+        self.method_of: Optional[Callable[[], str]] = None
+        self.restored_method: Optional[str] = None
 
     def latest(self) -> Optional[str]:
         return tf.train.latest_checkpoint(self.directory)
@@ -100,6 +105,8 @@ class SLQCheckpointer:
             "draw": tf.constant(state.draw, tf.int64),
             "num_products": tf.constant(state.num_products, tf.int64),
         }
+        if self.method_of is not None:
+            values["method"] = tf.constant(self.method_of())
         for member, lanczos in enumerate(state.lanczos or ()):
             # One Lanczos state per draw of the lockstep group in progress.
             rows = self._write_rows(state.draw + member, lanczos)
@@ -159,6 +166,9 @@ class SLQCheckpointer:
                     "--restart to start over, or use another --output_dir."
                 )
             draw = int(get("draw"))
+            if "method" in names:
+                method = get("method")
+                self.restored_method = method.decode() if isinstance(method, bytes) else str(method)
             completed = []
             for index in range(draw):
                 completed.append(

@@ -503,7 +503,13 @@ class SpectrumCallback(keras.callbacks.Callback):
             self.num_draws, self.lanczos_steps, operator.dim, lockstep=self.lockstep_draws)
         try:
             # method='auto': timed at the first evaluation, kept for the others.
-            operator.choose_method(group)
+            if operator.times_methods:
+                operator.choose_method(group)
+                logging.info("SpectrumCallback: method='auto' chose %s products (median "
+                             "seconds over the first batches: %s%s)", operator.method,
+                             operator.method_seconds,
+                             f"; {operator.forward_mode_failure}"
+                             if operator.forward_mode_failure else "")
             spectrum = spectrum_lib.stochastic_lanczos_quadrature(
                 operator.matvec,
                 operator.dim,

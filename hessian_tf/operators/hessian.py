@@ -385,8 +385,8 @@ class HessianOperator:
         model, no residual cache, which splits one method's graph), and this process
         alone decides (no TPU, where a second program is a second compilation; not
         several workers, whose timings could disagree and their graphs with them)."""
-        extended = self.strategy.extended
-        several_workers = getattr(extended, "_in_multi_worker_mode", lambda: False)()
+        # TensorFlow's own test (private): without it, assume several workers.
+        several_workers = getattr(self.strategy.extended, "_in_multi_worker_mode", lambda: True)()
         return (self.model_function.supports_forward_mode and not self.cache_residuals
                 and not is_tpu_strategy(self.strategy) and not several_workers)
 
@@ -396,7 +396,7 @@ class HessianOperator:
         both methods' products of blocks of `block_size` vectors (the lockstep size of
         the products to come) over the first batches and keeps the faster, AUTO_MARGIN
         in favour of reverse over reverse. Returns the method."""
-        if not self._method_to_time or self._product_traces:
+        if not self.times_methods:
             self._method_to_time = False
             return self.method
         self._method_to_time = False
@@ -406,12 +406,29 @@ class HessianOperator:
                        and forward <= AUTO_MARGIN * reverse else "reverse_over_reverse")
         return self.method
 
+    @property
+    def times_methods(self) -> bool:
+        """Whether `choose_method` would time the methods (method='auto' where both can
+        run and this process alone decides, nothing traced or chosen yet)."""
+        return self._method_to_time and not self._product_traces
+
+    def use_method(self, method: str) -> None:
+        """Takes `method` without timing, before the first product: a resumed
+        --method=auto run takes the method its first session chose, so that it
+        continues the same arithmetic; a dry run takes its job's."""
+        if method not in METHODS[1:] or self._product_traces:
+            raise ValueError(
+                f"use_method({method!r}): pass one of {METHODS[1:]}, before the first product.")
+        self._method_to_time = False
+        self.method = method
+
     def _time_methods(self, block_size: int) -> dict:
         """{method: median seconds of its product graph over the first
         AUTO_TIMING_BATCHES batches of each replica, for a block of `block_size`
         random unit vectors}. The graph the products then run, cut short: one batch
-        timed on its own misjudged it (the digits MLP's products, batch 128: 0.86 against
-        0.84 ms for one batch, 9.3 against 6.2 ms for the data's 15)."""
+        timed in its own function misjudged it (a BN gelu MLP on the digits, batch 128,
+        forward over backward against reverse over reverse: 0.86 against 0.84 ms for
+        one batch, 9.3 against 6.2 ms for the data's 15; README.md, Speed)."""
         rng = np.random.default_rng(0)
         vectors = rng.standard_normal((block_size, self.dim))
         vectors = tf.constant(vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
@@ -423,13 +440,13 @@ class HessianOperator:
                 self._products_over_batches, method=method, max_batches=AUTO_TIMING_BATCHES))
             try:
                 runs[method] = function.get_concrete_function(spec)
-            except _FORWARD_MODE_FAILURES as error:
+                self._combined(runs[method](vectors))  # the first run sets the graph up
+            except _FORWARD_MODE_FAILURES + (tf.errors.OpError,) as error:
                 if method != "forward_over_backward":
                     raise
+                runs.pop(method, None)
                 self.forward_mode_failure = traced_error(error)
         seconds = {method: [] for method in runs}
-        for run in runs.values():
-            self._combined(run(vectors))  # the first run of a graph sets it up
         for _ in range(AUTO_TIMING_RUNS):
             for method, run in runs.items():
                 started = time.perf_counter()
@@ -774,25 +791,43 @@ class HessianOperator:
         trace = self._product_traces.get(size)
         if trace is None:
             spec = tf.TensorSpec([size, self.dim], self._device_dtype)
-            try:
-                trace = self._product_function.get_concrete_function(spec)
-            except _FORWARD_MODE_FAILURES as error:
-                if self.method != "forward_over_backward":
-                    raise
-                if not self.automatic_method:
-                    raise ValueError(
-                        "--method=forward_over_backward: forward mode does not run through "
-                        f"this model ({traced_error(error)}); use "
-                        "--method=reverse_over_reverse (or auto)."
-                    ) from error
-                self.forward_mode_failure = traced_error(error)
-                logging.info("Forward mode does not run through this model (%s): reverse "
-                             "over reverse products", self.forward_mode_failure)
-                self.method = "reverse_over_reverse"
-                self._product_function = tf.function(self._product_graph)
-                trace = self._product_function.get_concrete_function(spec)
+
+            def build():
+                return self._product_function.get_concrete_function(spec)
+
+            trace = self._forward_mode_or_fallback(build, spec)
             self._product_traces[size] = trace
         return trace
+
+    def _forward_mode_or_fallback(self, build: Callable, spec: tf.TensorSpec):
+        """build() (a trace of the products by the operator's method); where forward over
+        backward does not build through the model but reverse over reverse does:
+        under method='auto' (GGN's is forward mode) the products switch to reverse over
+        reverse, and an explicit forward_over_backward is refused in one line."""
+        try:
+            return build()
+        except _FORWARD_MODE_FAILURES as error:
+            if self.method != "forward_over_backward":
+                raise
+            self.num_traces -= 1  # the failed trace
+            try:  # the same model by reverse over reverse: else the error is not the mode's
+                tf.function(functools.partial(
+                    self._products_over_batches, method="reverse_over_reverse",
+                    max_batches=1)).get_concrete_function(spec)
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                raise error from None
+            failure = traced_error(error)
+            if not self.automatic_method:
+                raise ValueError(
+                    f"--method=forward_over_backward: forward mode does not run through this "
+                    f"model ({failure}); use --method=reverse_over_reverse (or auto)."
+                ) from error
+            self.forward_mode_failure = failure
+            logging.info("Forward mode does not run through this model (%s): reverse over "
+                         "reverse products", failure)
+            self.method = "reverse_over_reverse"
+            self._product_function = tf.function(self._product_graph)
+            return build()
 
     def _products_from_residuals(self, vectors: np.ndarray) -> np.ndarray:
         """H V from each batch's cached residuals (built at the first call, from the
@@ -839,13 +874,27 @@ class HessianOperator:
         from hessian_tf.operators import residuals as residuals_lib
 
         primals, state = self.model_function.primals(), self.model_function.state()
-        splits, batches = self._splits, []
-        for start in range(0, self.num_examples, self.batch_size):
+        splits, starts = self._splits, range(0, self.num_examples, self.batch_size)
+        # One split per batch size (the last may differ).
+        sizes = sorted({min(self.batch_size, self.num_examples - start) for start in starts})
+
+        def build_splits():
+            for size in sizes:
+                if size not in splits:
+                    specs = [tf.TensorSpec((size,) + a.shape[1:], a.dtype) for a in (self._x, self._y)]
+                    splits[size] = self._forward_mode_or_fallback(
+                        lambda: residuals_lib.split(*self.flat_batch_product(*specs)),
+                        tf.TensorSpec([1, self.dim], self._device_dtype))
+
+        method = self.method
+        build_splits()
+        if self.method != method:  # forward mode fell back: no split of it may stay
+            splits.clear()
+            build_splits()
+        batches = []
+        for start in starts:
             x = self._x[start: start + self.batch_size]
             y = self._y[start: start + self.batch_size]
-            if x.shape[0] not in splits:  # one split per batch size (the last may differ)
-                splits[x.shape[0]] = residuals_lib.split(*self.flat_batch_product(
-                    tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype)))
             batches.append((splits[x.shape[0]], x, y))
         self.residual_bytes = sum(split.residual_bytes for split, _, _ in batches)
         budget = residual_cache_budget()

@@ -103,7 +103,7 @@ def test_timing_graph_sums_only_the_first_batches():
     assert whole.num_traces == 0 and whole.method_seconds is None
 
 
-def test_no_timing_where_only_one_method_can_run_or_the_process_is_not_alone(tmp_path):
+def test_no_timing_where_only_one_method_can_run_or_the_process_is_not_alone(tmp_path, monkeypatch):
     x, y = tiny_data()
     model = tiny_model()
     model_function = operators.KerasModelFunction(model)
@@ -115,7 +115,14 @@ def test_no_timing_where_only_one_method_can_run_or_the_process_is_not_alone(tmp
     saved = operators.HessianOperator(
         operators.SavedModelFunction(tf.saved_model.load(str(tmp_path / "exported"))), x, y,
         batch_size=4)
-    for operator in (cached, streamed, saved):
+    alone = operators.HessianOperator(model_function, x, y, batch_size=4)
+    assert alone.times_methods
+    # Where the strategy spans several workers (their timings could disagree).
+    monkeypatch.setattr(tf.distribute.get_strategy().extended, "_in_multi_worker_mode",
+                        lambda: True, raising=False)
+    several_workers = operators.HessianOperator(model_function, x, y, batch_size=4)
+    for operator in (cached, streamed, saved, several_workers):
+        assert not operator.times_methods
         assert operator.choose_method(1) == "reverse_over_reverse"
         operator.matvec(np.ones(operator.dim))
         assert operator.method == "reverse_over_reverse" and operator.method_seconds is None
@@ -150,13 +157,28 @@ def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
     np.testing.assert_allclose(ggn.matvec(vector), ggn_reverse.matvec(vector),
                                rtol=1e-10, atol=1e-12)
     assert ggn.method == "reverse_over_reverse" and "LSTM" in ggn.forward_mode_failure
+    assert ggn.num_traces == 1  # the failed trace of forward mode is not counted
+    # The residual cache's split of a batch's product refuses it the same way (the
+    # split of reverse over reverse does not run through the LSTM's loop either).
+    asked = operators.HessianOperator(model_function, x, y, batch_size=4,
+                                      method="forward_over_backward", cache_residuals=True)
+    with pytest.raises(ValueError, match=r"^--method=forward_over_backward: forward mode"):
+        asked.matvec(vector)
 
 
 def model_function_dim(model_function):
     return int(sum(np.prod(v.shape) for v in model_function.variables))
 
 
-def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_path):
+def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_path, monkeypatch):
+    blocks = []
+    timed = hessian_lib.HessianOperator._time_methods
+
+    def recording(self, block_size):
+        blocks.append(block_size)
+        return timed(self, block_size)
+
+    monkeypatch.setattr(hessian_lib.HessianOperator, "_time_methods", recording)
     x, y = lstm_data()
     lstm_model().save(str(tmp_path / "lstm.keras"))
     tiny_model(dtype="float32").save(str(tmp_path / "tiny.keras"))
@@ -167,6 +189,7 @@ def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_p
         tmp_path / "tiny", model=str(tmp_path / "tiny.keras"),
         dataset=f"npz:{tmp_path / 'tiny.npz'}", batch_size=4, num_draws=2, lockstep_draws=2))
     seconds = summary["method_seconds"]
+    assert blocks == [2]  # blocks of the lockstep size
     assert summary["config"]["method"] == "auto" and summary["lockstep_draws"] == 2
     assert set(seconds) == {"forward_over_backward", "reverse_over_reverse"}
     assert summary["method"] == ("forward_over_backward" if seconds["forward_over_backward"]
