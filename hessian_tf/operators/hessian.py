@@ -878,13 +878,22 @@ class HessianOperator:
         # One split per batch size (the last may differ).
         sizes = sorted({min(self.batch_size, self.num_examples - start) for start in starts})
 
+        def split(specs):
+            try:
+                return residuals_lib.split(*self.flat_batch_product(*specs))
+            except KeyError as error:  # how pruning the graph fails at a while loop
+                raise ValueError(
+                    "--cache_residuals: this model's product cannot be split at its "
+                    f"residuals (a loop in the model, e.g. Keras's LSTM or GRU: {error!r:.120}); "
+                    "leave the cache off."
+                ) from error
+
         def build_splits():
             for size in sizes:
                 if size not in splits:
                     specs = [tf.TensorSpec((size,) + a.shape[1:], a.dtype) for a in (self._x, self._y)]
                     splits[size] = self._forward_mode_or_fallback(
-                        lambda: residuals_lib.split(*self.flat_batch_product(*specs)),
-                        tf.TensorSpec([1, self.dim], self._device_dtype))
+                        lambda: split(specs), tf.TensorSpec([1, self.dim], self._device_dtype))
 
         method = self.method
         build_splits()

@@ -164,6 +164,11 @@ def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
                                       method="forward_over_backward", cache_residuals=True)
     with pytest.raises(ValueError, match=r"^--method=forward_over_backward: forward mode"):
         asked.matvec(vector)
+    # By reverse over reverse the split fails at the LSTM's loop: one line as well.
+    cached = operators.HessianOperator(model_function, x, y, batch_size=4, cache_residuals=True)
+    with pytest.raises(ValueError, match=r"^--cache_residuals: this model's product cannot be "
+                       r"split .*leave the cache off"):
+        cached.matvec(vector)
 
 
 def model_function_dim(model_function):
