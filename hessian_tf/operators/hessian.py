@@ -416,7 +416,12 @@ class HessianOperator:
         """Takes `method` without timing, before the first product: a resumed
         --method=auto run takes the method its first session chose, so that it
         continues the same arithmetic; a dry run takes its job's."""
-        if method not in METHODS[1:] or self._product_traces:
+        if method == self.method:
+            self._method_to_time = False
+            return
+        if method not in METHODS[1:] or self._product_traces or (
+                method == "forward_over_backward"
+                and not self.model_function.supports_forward_mode):
             raise ValueError(
                 f"use_method({method!r}): pass one of {METHODS[1:]}, before the first product.")
         self._method_to_time = False
@@ -804,18 +809,22 @@ class HessianOperator:
         backward does not build through the model but reverse over reverse does:
         under method='auto' (GGN's is forward mode) the products switch to reverse over
         reverse, and an explicit forward_over_backward is refused in one line."""
+        traces = self.num_traces
         try:
             return build()
         except _FORWARD_MODE_FAILURES as error:
             if self.method != "forward_over_backward":
                 raise
-            self.num_traces -= 1  # the failed trace
+            self.num_traces = traces  # the failed trace is no trace of the products
+            reverse_builds = True
             try:  # the same model by reverse over reverse: else the error is not the mode's
                 tf.function(functools.partial(
                     self._products_over_batches, method="reverse_over_reverse",
-                    max_batches=1)).get_concrete_function(spec)
+                )).get_concrete_function(spec)
             except Exception:  # noqa: BLE001 - the original error is the one to report
-                raise error from None
+                reverse_builds = False
+            if not reverse_builds:
+                raise
             failure = traced_error(error)
             if not self.automatic_method:
                 raise ValueError(
@@ -878,22 +887,13 @@ class HessianOperator:
         # One split per batch size (the last may differ).
         sizes = sorted({min(self.batch_size, self.num_examples - start) for start in starts})
 
-        def split(specs):
-            try:
-                return residuals_lib.split(*self.flat_batch_product(*specs))
-            except KeyError as error:  # how pruning the graph fails at a while loop
-                raise ValueError(
-                    "--cache_residuals: this model's product cannot be split at its "
-                    f"residuals (a loop in the model, e.g. Keras's LSTM or GRU: {error!r:.120}); "
-                    "leave the cache off."
-                ) from error
-
         def build_splits():
             for size in sizes:
                 if size not in splits:
                     specs = [tf.TensorSpec((size,) + a.shape[1:], a.dtype) for a in (self._x, self._y)]
                     splits[size] = self._forward_mode_or_fallback(
-                        lambda: split(specs), tf.TensorSpec([1, self.dim], self._device_dtype))
+                        lambda: residuals_lib.split(*self.flat_batch_product(*specs)),
+                        tf.TensorSpec([1, self.dim], self._device_dtype))
 
         method = self.method
         build_splits()

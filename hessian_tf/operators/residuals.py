@@ -56,14 +56,19 @@ def split(product: Callable, input_specs: Sequence[tf.TensorSpec],
     passed = tuple(index[t.ref()] for t in boundary if t.ref() in index)
     if not residuals:
         raise ValueError("the product has no vector-free part to cache.")
-    compute_residuals = tf.function(wrapped.prune(feeds=list(inputs), fetches=residuals))
+    try:
+        compute_residuals = tf.function(wrapped.prune(feeds=list(inputs), fetches=residuals))
+        from_residuals = tf.function(wrapped.prune(
+            feeds=residuals + [inputs[i] for i in passed] + [vector], fetches=output))
+    except KeyError as error:  # how pruning fails at a tensor inside a while loop
+        raise ValueError(
+            "--cache_residuals: this model's product cannot be split at its residuals (a "
+            f"loop in the model, e.g. Keras's LSTM or GRU: {error!r:.120}); leave the cache off."
+        ) from error
 
     def residuals_of(*arguments) -> list:
         computed = compute_residuals(*arguments)
         return list(computed) if isinstance(computed, (list, tuple)) else [computed]
-
-    from_residuals = tf.function(wrapped.prune(
-        feeds=residuals + [inputs[i] for i in passed] + [vector], fetches=output))
     residual_bytes = sum(t.shape.num_elements() * t.dtype.size for t in residuals)
     return SplitProduct(residuals_of, from_residuals, passed, residual_bytes)
 

@@ -158,6 +158,14 @@ def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
                                rtol=1e-10, atol=1e-12)
     assert ggn.method == "reverse_over_reverse" and "LSTM" in ggn.forward_mode_failure
     assert ggn.num_traces == 1  # the failed trace of forward mode is not counted
+    # Streamed data as well.
+    streamed = gauss_newton.operator_class("ggn", StreamingHessianOperator)(
+        model_function, array_dataset_fn(x, y, 4), num_examples=len(x), sample=(x, y),
+        batch_size=4)
+    expected = ggn_reverse.matvec(vector)  # float32 products, another loop over the data
+    np.testing.assert_allclose(streamed.matvec(vector), expected, rtol=1e-5,
+                               atol=1e-6 * np.max(np.abs(expected)))
+    assert streamed.method == "reverse_over_reverse"
     # The residual cache's split of a batch's product refuses it the same way (the
     # split of reverse over reverse does not run through the LSTM's loop either).
     asked = operators.HessianOperator(model_function, x, y, batch_size=4,
