@@ -47,6 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
     # steps on conv nets (ResNet-32: 14% with inference BN, 31% with train BN) for
     # memory (6-8 MiB per ResNet-32 example); one device, in-memory data only.
     config.cache_residuals = False
+    # Keras recurrent layers (LSTM, GRU, ...) run unrolled in the products over
+    # sequences of at most this many steps (0: never): the same function as Keras's
+    # while loop, about half the product time, and forward mode runs through it; the
+    # trace takes ~0.1 s longer per step (benchmarks/recurrent.py).
+    config.unroll_steps = 64
     config.check_determinism = True
     # Lanczos.
     config.lanczos_steps = 90
@@ -133,6 +138,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"--checkpoint_every={config.checkpoint_every}: pass a number of products >= 1, "
             "or 0 for no checkpoints."
+        )
+    if config.unroll_steps < 0:
+        raise ValueError(
+            f"--unroll_steps={config.unroll_steps}: pass a number of time steps >= 1, or 0 "
+            "to keep recurrent layers in their loop."
         )
     if config.default_model_epochs < 0:
         raise ValueError(f"--default_model_epochs={config.default_model_epochs}: pass >= 0.")

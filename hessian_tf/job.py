@@ -147,7 +147,8 @@ def _in_float64(model_function, x):
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float64)
     return KerasModelFunction(cast_model(model_function.model, "float64"),
-                              fold_batch_norm=model_function.fold_batch_norm), x
+                              fold_batch_norm=model_function.fold_batch_norm,
+                              unroll_steps=model_function.unroll_steps), x
 
 
 def _dry_run(config, operator, model_function, x, y, stream) -> dict:
@@ -362,7 +363,8 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
     from hessian_tf.distribute import cpu_threads, is_chief, make_strategy
     from hessian_tf.io.datasets import load_dataset
     from hessian_tf.io.models import check_model_path, import_modules, load_model_function
-    from hessian_tf.operators import HessianOperator, NonDeterministicError, NonFiniteError
+    from hessian_tf.operators import (
+        HessianOperator, KerasModelFunction, NonDeterministicError, NonFiniteError)
     from hessian_tf.operators import gauss_newton
     from hessian_tf.operators.subset import SubsetModelFunction
     from hessian_tf.operators.hessian import AUTO_TIMING_BATCHES
@@ -403,6 +405,8 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         model_function = load_model_function(config.model, strategy, config.import_modules)
     else:
         model_function, x, extra = _default_model_function(config, x, y, output_dir)
+    if isinstance(model_function, KerasModelFunction):
+        model_function.unroll_steps = config.unroll_steps
     if config.precision == "float64":
         model_function, x = _in_float64(model_function, x)
     options = dict(

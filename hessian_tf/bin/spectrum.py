@@ -57,11 +57,15 @@ _HELP = {
     "Hessian, the faster of the two over the first 4 batches, timed at start-up (Keras "
     "models on in-memory data, one worker, no TPU, no --cache_residuals; else reverse over "
     "reverse; a resumed run keeps its checkpoint's); for ggn and fisher, forward mode; "
-    "reverse over reverse where forward mode does not run (Keras LSTM, GRU).",
+    "reverse over reverse where forward mode does not run (Keras LSTM, GRU over sequences "
+    "longer than --unroll_steps).",
     "precision": "model: products in the model's dtype; float64: in a float64 copy of the model.",
     "check_determinism": "Compute the first product twice and fail if they differ.",
     "cache_residuals": "Keep each batch's vector-free part of the product (forward pass, "
     "backward signals) for the whole run: faster steps for memory (one device, in-memory data).",
+    "unroll_steps": "Unroll Keras recurrent layers (LSTM, GRU, ...) in the products over "
+    "sequences of at most this many steps (0: never): about half the product time, longer "
+    "traces.",
     "lanczos_steps": "Lanczos order m.",
     "num_draws": "Independent Gaussian start vectors, averaged.",
     "lockstep_draws": "Draws run together, sharing each pass over the data (0: automatic, up to 8).",

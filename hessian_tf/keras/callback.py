@@ -45,6 +45,7 @@ from hessian_tf.io import results
 from hessian_tf.operators import hessian as hessian_lib
 from hessian_tf.operators import losses as losses_lib
 from hessian_tf.operators import model_function as model_function_lib
+from hessian_tf.operators import recurrent
 
 # The bulk edge is the eigenvalue below which this fraction of the spectrum's mass
 # lies. Outliers number about the number of classes (Ghorbani et al. 2019, Papyan
@@ -317,6 +318,10 @@ class SpectrumCallback(keras.callbacks.Callback):
         step computes only the rest (faster steps for memory: see README.md). One
         replica only; computed at the start of each evaluation from the weights then
         and freed at its end, so training never holds it.
+      unroll_steps: Keras recurrent layers (LSTM, GRU, ...) run unrolled in the
+        products over sequences of at most this many steps, 0: never (the same
+        function as their loop, about half the product time; see
+        hessian_tf/operators/recurrent.py).
 
     Attributes:
       evaluations: a SpectrumEvaluation per evaluation, in order.
@@ -341,6 +346,7 @@ class SpectrumCallback(keras.callbacks.Callback):
         kernel_width: Optional[float] = None,
         lockstep_draws: int = 0,
         cache_residuals: bool = False,
+        unroll_steps: int = recurrent.MAX_UNROLL_STEPS,
     ):
         super().__init__()
         self.schedule = Schedule(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs)
@@ -382,6 +388,12 @@ class SpectrumCallback(keras.callbacks.Callback):
                 "True or False. Fix: pass cache_residuals=True to keep each batch's "
                 "vector-free part of the product during an evaluation."
             )
+        if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, int) or unroll_steps < 0:
+            raise ValueError(
+                f"SpectrumCallback: received unroll_steps={unroll_steps!r}; expected a "
+                "number of time steps >= 0. Fix: pass unroll_steps=0 to keep recurrent "
+                f"layers in their loop, or leave the default {recurrent.MAX_UNROLL_STEPS}."
+            )
         if kernel_width is not None and not kernel_width > 0:
             raise ValueError(
                 f"SpectrumCallback: received kernel_width={kernel_width!r}; expected a "
@@ -413,6 +425,7 @@ class SpectrumCallback(keras.callbacks.Callback):
         self.bulk_fraction = float(bulk_fraction)
         self.kernel_width = kernel_width
         self.lockstep_draws = lockstep_draws
+        self.unroll_steps = unroll_steps
         self.cache_residuals = cache_residuals
         self.evaluations: list[SpectrumEvaluation] = []
         self._x, self._y = materialize(data)
@@ -471,7 +484,7 @@ class SpectrumCallback(keras.callbacks.Callback):
             )
         try:
             self._operator = hessian_lib.HessianOperator(
-                model_function_lib.KerasModelFunction(model),
+                model_function_lib.KerasModelFunction(model, unroll_steps=self.unroll_steps),
                 self._x,
                 self._y,
                 batch_size=self.batch_size,

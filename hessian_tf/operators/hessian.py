@@ -47,7 +47,8 @@ AUTO_TIMING_BATCHES = 4
 AUTO_TIMING_RUNS = 5
 AUTO_MARGIN = 0.95
 # How building a product graph by forward over backward fails where forward mode does
-# not run through the model (Keras's LSTM and GRU: a TypeError from their while loop).
+# not run through the model (Keras's LSTM and GRU kept in their while loop, over
+# sequences longer than KerasModelFunction.unroll_steps: a TypeError).
 _FORWARD_MODE_FAILURES = (TypeError, ValueError, LookupError, NotImplementedError)
 ACCUMULATIONS = ("auto", "float64", "float32")
 # What the refusals of float64 in float32 accumulation say first.
@@ -829,7 +830,8 @@ class HessianOperator:
             if not self.automatic_method:
                 raise ValueError(
                     f"--method=forward_over_backward: forward mode does not run through this "
-                    f"model ({failure}); use --method=reverse_over_reverse (or auto)."
+                    f"model ({failure}); use --method=reverse_over_reverse (or auto), or for "
+                    "Keras recurrent layers --unroll_steps at least the sequences' length."
                 ) from error
             self.forward_mode_failure = failure
             logging.info("Forward mode does not run through this model (%s): reverse over "

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from hessian_tf.operators import folding
+from hessian_tf.operators import folding, recurrent
 from hessian_tf.operators.graphs import graph_nodes
 from hessian_tf.operators.moments import exact_moments
 
@@ -96,7 +96,8 @@ class KerasModelFunction:
     # can be split at its vector-free part (operators/residuals.py).
     supports_residual_cache = True
 
-    def __init__(self, model: keras.Model, *, fold_batch_norm: bool = True):
+    def __init__(self, model: keras.Model, *, fold_batch_norm: bool = True,
+                 unroll_steps: int = recurrent.MAX_UNROLL_STEPS):
         if not model.built:
             raise ValueError(
                 "--model: the Keras model is not built; call it on a batch (or build "
@@ -112,6 +113,10 @@ class KerasModelFunction:
         # (operators/folding.py): the same function of the same parameters, at 0.87-0.90 of
         # the product's cost on ResNet-32.
         self.fold_batch_norm = bool(fold_batch_norm)
+        # Recurrent layers unrolled over sequences of at most this many steps
+        # (operators/recurrent.py): the same function, at about half the product's cost
+        # on the digits LSTM and GRU, and forward mode runs through it. 0: never.
+        self.unroll_steps = int(unroll_steps)
 
     @property
     def has_regularization(self) -> bool:
@@ -141,14 +146,15 @@ class KerasModelFunction:
         Inference: BN folded into the convolution or Dense layer before it where
         nothing else reads that layer's output (folding.py), unless
         fold_batch_norm=False. Both: normalisation statistics differentiated exactly
-        to second order (moments.py)."""
+        to second order (moments.py), and recurrent layers unrolled over sequences of
+        at most `unroll_steps` steps (recurrent.py)."""
         if bn_mode == "train":
             mode = batch_norm_in_train_mode(self.model)
         elif self.fold_batch_norm:
             mode = folding.fold_batch_norm(self.model)
         else:
             mode = contextlib.nullcontext()
-        with exact_moments(), mode:
+        with exact_moments(), recurrent.unrolled(self.model, self.unroll_steps), mode:
             yield
 
     def __call__(

@@ -63,7 +63,9 @@ def split(product: Callable, input_specs: Sequence[tf.TensorSpec],
     except KeyError as error:  # how pruning fails at a tensor inside a while loop
         raise ValueError(
             "--cache_residuals: this model's product cannot be split at its residuals (a "
-            f"loop in the model, e.g. Keras's LSTM or GRU: {error!r:.120}); leave the cache off."
+            f"loop in the model, e.g. Keras's LSTM or GRU over sequences longer than "
+            f"--unroll_steps: {error!r:.120}); leave the cache off, or unroll the layers "
+            "with --unroll_steps at least the sequences' length."
         ) from error
 
     def residuals_of(*arguments) -> list:

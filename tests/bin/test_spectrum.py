@@ -142,6 +142,7 @@ def bad_inputs(directory):
         "one-hot labels": ([model, f"--dataset=npz:{directory / 'onehot.npz'}"],
                            "--loss=categorical_crossentropy"),
         "softmax outputs": ([f"--model={directory / 'softmax.keras'}", data], "remove the final softmax"),
+        "negative unroll": ([model, data, "--unroll_steps=-1"], "--unroll_steps=-1"),
         "cache with stream": ([model, "--dataset=tfds:mnist", "--stream", "--cache_residuals"],
                               "--cache_residuals: not with --stream"),
     }

@@ -103,6 +103,8 @@ def test_schedule_needs_exactly_one_positive_period(kwargs, named, tmp_path):
     ({"lockstep_draws": -1}, "lockstep_draws=-1"),
     ({"lockstep_draws": 2.5}, "lockstep_draws=2.5"),
     ({"cache_residuals": 1}, "cache_residuals=1"),
+    ({"unroll_steps": -1}, "unroll_steps=-1"),
+    ({"unroll_steps": 8.0}, "unroll_steps=8.0"),
 ])
 def test_bad_options_are_named(kwargs, named, tmp_path):
     x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)

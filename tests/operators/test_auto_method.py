@@ -1,8 +1,8 @@
 """method='auto': choose_method times both product methods on the first batches (the
 product graph cut short) and keeps the faster; without it (and where the methods are not
 timed) reverse over reverse. Forward mode that does not run through a model (Keras's
-LSTM, today) falls back to reverse over reverse, or is refused in one line when asked
-for."""
+LSTM kept in its loop, today) falls back to reverse over reverse, or is refused in one
+line when asked for."""
 
 import keras
 import numpy as np
@@ -130,7 +130,8 @@ def test_no_timing_where_only_one_method_can_run_or_the_process_is_not_alone(tmp
 
 def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
     x, y = lstm_data()
-    model_function = operators.KerasModelFunction(lstm_model())
+    # Kept in its while loop (unrolled, forward mode runs: test_recurrent.py).
+    model_function = operators.KerasModelFunction(lstm_model(), unroll_steps=0)
     vector = np.random.default_rng(3).standard_normal(model_function_dim(model_function))
     reverse = operators.HessianOperator(
         model_function, x, y, batch_size=4, method="reverse_over_reverse").matvec(vector)
@@ -192,7 +193,7 @@ def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_p
         return timed(self, block_size)
 
     monkeypatch.setattr(hessian_lib.HessianOperator, "_time_methods", recording)
-    x, y = lstm_data()
+    x, y = lstm_data()  # 3 steps
     lstm_model().save(str(tmp_path / "lstm.keras"))
     tiny_model(dtype="float32").save(str(tmp_path / "tiny.keras"))
     np.savez(tmp_path / "lstm.npz", x=x, y=y)
@@ -208,7 +209,14 @@ def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_p
     assert summary["method"] == ("forward_over_backward" if seconds["forward_over_backward"]
                                  <= hessian_lib.AUTO_MARGIN * seconds["reverse_over_reverse"]
                                  else "reverse_over_reverse")
+    # Sequences longer than --unroll_steps: Keras's loop, where forward mode does not run.
     lstm = job.run(small_config(tmp_path / "lstm", model=str(tmp_path / "lstm.keras"),
-                                dataset=f"npz:{tmp_path / 'lstm.npz'}", batch_size=4))
-    assert lstm["method"] == "reverse_over_reverse"
+                                dataset=f"npz:{tmp_path / 'lstm.npz'}", batch_size=4,
+                                unroll_steps=2))
+    assert lstm["method"] == "reverse_over_reverse" and lstm["config"]["unroll_steps"] == 2
     assert lstm["method_seconds"]["forward_over_backward"] is None
+    # Unrolled (the default length covers them), forward mode runs and is timed.
+    unrolled = job.run(small_config(
+        tmp_path / "unrolled", model=str(tmp_path / "lstm.keras"),
+        dataset=f"npz:{tmp_path / 'lstm.npz'}", batch_size=4))
+    assert unrolled["method_seconds"]["forward_over_backward"] > 0

@@ -1,0 +1,65 @@
+"""Keras recurrent layers unrolled while a product graph is traced.
+
+A Keras RNN layer (LSTM, GRU, SimpleRNN, ConvLSTM, `keras.layers.RNN` with any cell)
+runs its time steps in a `tf.while_loop` unless built with `unroll=True`. The two
+compute the same function: the same cell called on the same inputs in the same order,
+once in a loop and once written out step by step. For a product the loop costs: its
+gradient keeps every step's activations in TensorArrays, and the second
+differentiation goes through those stacks again. Forward mode does not run through it
+at all (a TypeError inside TensorFlow). Unrolled, one product of the digits LSTM and
+GRU networks takes about half the time, and forward over backward runs
+(benchmarks/recurrent.py).
+
+Unrolling writes one copy of the cell per step into every graph (the forward pass, its
+gradient, the product), so tracing time grows with the length. A layer is unrolled
+only for sequences of at most `MAX_UNROLL_STEPS` steps whose length is known while
+tracing; longer ones keep the loop. The same context turns off cuDNN (`use_cudnn`) for
+LSTM and GRU: cuDNN's kernels have a gradient but no gradient of that gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+from keras.src import tree
+
+# Sequences of at most this many steps are unrolled; benchmarks/recurrent.py measures
+# the product and the trace against the loop at 8-512 steps.
+MAX_UNROLL_STEPS = 64
+
+
+def _time_steps(sequences) -> int | None:
+    """The static length of the sequences (nested for cells with several inputs)."""
+    shape = tree.flatten(sequences)[0].shape
+    return shape[1] if len(shape) > 1 else None
+
+
+@contextlib.contextmanager
+def unrolled(model: keras.Model, max_steps: int = MAX_UNROLL_STEPS):
+    """Inside: every RNN layer of `model` whose `inner_loop` is Keras's (not already
+    overridden on the instance) unrolls sequences of at most `max_steps` known steps,
+    and LSTM/GRU do not use cuDNN. Enter around the whole trace, in the cross-replica
+    context (as model_function.batch_norm_in_train_mode): replicas traced in threads
+    only set the same attributes to the same values, and only the exit restores them."""
+    layers = [layer for layer in model._flatten_layers()
+              if isinstance(layer, keras.layers.RNN) and "inner_loop" not in vars(layer)]
+    saved = [(layer.unroll, getattr(layer, "use_cudnn", None)) for layer in layers]
+    for layer in layers:
+        def inner_loop(sequences, *args, _layer=layer, _original=layer.inner_loop,
+                       _unroll=layer.unroll, **kwargs):
+            steps = _time_steps(sequences)
+            _layer.unroll = _unroll or (steps is not None and steps <= max_steps)
+            return _original(sequences, *args, **kwargs)
+
+        layer.inner_loop = inner_loop
+        if hasattr(layer, "use_cudnn"):
+            layer.use_cudnn = False
+    try:
+        yield
+    finally:
+        for layer, (unroll, use_cudnn) in zip(layers, saved):
+            del layer.inner_loop
+            layer.unroll = unroll
+            if use_cudnn is not None:
+                layer.use_cudnn = use_cudnn
