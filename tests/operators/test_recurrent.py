@@ -58,11 +58,12 @@ def while_loops(operator) -> int:
 
 def loops_in_product_graph(operator) -> int:
     """While loops beyond the operator's own (over the batches)."""
-    return while_loops(operator) - operator_loops(operator.method)
+    return while_loops(operator) - operator_loops(
+        operator.method, operator.batch_size, operator.strategy)
 
 
 @functools.lru_cache(maxsize=None)
-def operator_loops(method: str) -> int:
+def operator_loops(method: str, batch_size: int, strategy) -> int:
     """While loops of the same operator on a model without recurrent layers."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((STEPS, FEATURES), dtype="float64")
@@ -70,7 +71,8 @@ def operator_loops(method: str) -> int:
     plain = keras.Model(inputs, keras.layers.Dense(3, dtype="float64")(flat))
     x, y = data()
     baseline = operators.HessianOperator(operators.KerasModelFunction(plain), x, y,
-                                         batch_size=BATCH_SIZE, method=method)
+                                         batch_size=batch_size, method=method,
+                                         strategy=strategy)
     baseline.matvec(np.ones(baseline.dim))
     return while_loops(baseline)
 
@@ -163,3 +165,19 @@ def test_one_default_length_everywhere():
             == recurrent.MAX_UNROLL_STEPS)
     assert operators.KerasModelFunction(recurrent_net("lstm")).unroll_steps == \
         recurrent.MAX_UNROLL_STEPS
+
+
+def test_mirrored_replicas_trace_the_unrolled_layers_alike():
+    # MirroredStrategy traces its replicas in threads, each through the same layers.
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    model = recurrent_net("bidirectional")
+    x, y = data()
+    vectors = np.random.default_rng(5).standard_normal(
+        (2, sum(int(np.prod(v.shape)) for v in model.trainable_variables)))
+    model_function = operators.KerasModelFunction(model)
+    single = operators.HessianOperator(model_function, x, y, batch_size=2)
+    mirrored = operators.HessianOperator(model_function, x, y, batch_size=2,
+                                         strategy=tf.distribute.MirroredStrategy(devices))
+    np.testing.assert_allclose(mirrored.matmat(vectors), single.matmat(vectors),
+                               rtol=1e-10, atol=1e-12)
+    assert loops_in_product_graph(mirrored) == loops_in_product_graph(single) == 0
