@@ -28,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from hessian_tf.operators import model_function as model_function_lib
+from hessian_tf.operators import recurrent
 from hessian_tf.operators.model_function import SAVED_FUNCTION_NAMES, batch_norm_in_train_mode
 from hessian_tf.operators.moments import exact_moments
 
@@ -39,6 +40,7 @@ def export_for_spectrum(
     path: Union[str, os.PathLike],
     *,
     input_signature: Optional[InputSignature] = None,
+    unroll_steps: int = recurrent.MAX_UNROLL_STEPS,
 ) -> str:
     """Writes `model` to `path` as a SavedModel with one function per BN mode.
 
@@ -51,6 +53,10 @@ def export_for_spectrum(
       input_signature: a `tf.TensorSpec` (or a one-element list of one) for the
         input `[batch, ...]`; default: the model's input shape with the batch
         dimension left free, and its input dtype.
+      unroll_steps: Keras recurrent layers are written unrolled into the functions
+        over sequences of at most this many steps, and LSTM and GRU without cuDNN
+        (operators/recurrent.py: the same function, faster products, and no cuDNN
+        kernel, which has no second derivative, when exported on a GPU); 0: never.
 
     Returns:
       `path`.
@@ -80,7 +86,9 @@ def export_for_spectrum(
     def outputs_of(x):
         # Read the variables at each call: the loaded functions then depend on the
         # restored variables, which is what products differentiate.
-        with exact_moments():  # second derivatives through the statistics (moments.py)
+        # Second derivatives through the statistics (moments.py); short recurrent
+        # layers unrolled (recurrent.py).
+        with exact_moments(), recurrent.unrolled(model, unroll_steps):
             outputs, _ = model.stateless_call(
                 [tf.convert_to_tensor(v) for v in trainable],
                 [tf.convert_to_tensor(v) for v in non_trainable],

@@ -283,3 +283,27 @@ def test_explicit_input_signature_for_a_subclassed_model(tmp_path):
     loaded = tf.saved_model.load(path)
     x = np.ones((2, 3), np.float32)
     np.testing.assert_allclose(loaded.serve_bn_train(x).numpy(), model(x).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("unroll_steps, loops", [(None, False), (0, True)])
+def test_recurrent_layers_export_unrolled(tmp_path, unroll_steps, loops):
+    from hessian_tf.operators.graphs import graph_nodes
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3, 2))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GRU(3)(inputs)))
+    path = str(tmp_path / "gru")
+    options = {} if unroll_steps is None else {"unroll_steps": unroll_steps}
+    export_for_spectrum(model, path, **options)
+    loaded = tf.saved_model.load(path)
+    graph = loaded.serve.concrete_functions[0].graph.as_graph_def()
+    assert any(node.op in ("While", "StatelessWhile") for _, node in graph_nodes(graph)) == loops
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 3, 2)).astype(np.float32)
+    y = rng.integers(0, 2, 5)
+    vector = rng.standard_normal(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
+    expected = HessianOperator(KerasModelFunction(model), x, y, batch_size=4).matvec(vector)
+    saved = HessianOperator(SavedModelFunction(loaded, path), x, y, batch_size=4)
+    np.testing.assert_allclose(saved.matvec(vector), expected, rtol=0,
+                               atol=1e-5 * np.max(np.abs(expected)))
+    assert model.layers[1].unroll is False and "inner_loop" not in vars(model.layers[1])
