@@ -7,13 +7,21 @@ import re
 from typing import Optional
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_GRAPH_EXECUTION = "Graph execution error:"
 _RAISED = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): ")
 
 
 def first_line(error: BaseException, limit: Optional[int] = 200, fallback: str = "") -> str:
     """The first line of `str(error)`, stripped and cut to `limit` characters (None: not
-    cut); `fallback` when the error has no text."""
-    lines = str(error).strip().splitlines()
+    cut); `fallback` when the error has no text. An op that failed inside a
+    tf.function ("Graph execution error:", then the frames where the node was
+    defined): the first line of the op's own message after those frames."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    if lines and lines[0] == _GRAPH_EXECUTION:
+        frames = [i for i, line in enumerate(lines)
+                  if line.startswith(("File ", "Detected at node"))]
+        after = [line for line in lines[frames[-1] + 1 if frames else 1:] if line]
+        lines = after or lines
     if not lines:
         return fallback
     return lines[0] if limit is None else lines[0][:limit]

@@ -25,3 +25,29 @@ def test_traced_error_names_the_error_raised_inside():
         "ValueError: bad shape")
     assert traced_error(ValueError("plain message\nmore")) == "plain message"
     assert len(traced_error(TypeError(text), 20)) == 20
+
+
+def test_first_line_of_an_op_failing_inside_a_tf_function_is_the_ops_message():
+    import tensorflow as tf
+
+    @tf.function
+    def ones(n):  # 4 TB: refused by the allocator at once, nothing allocated
+        return tf.reduce_sum(tf.ones(tf.stack([n, n])))
+
+    @tf.function
+    def failing(x):
+        with tf.control_dependencies([tf.debugging.Assert(False, ["the ops own text"])]):
+            return tf.identity(x)
+
+    errors = []
+    for function, argument in ((ones, tf.constant(10**6)), (failing, tf.constant(1.0))):
+        try:
+            function(argument)
+        except tf.errors.OpError as error:
+            errors.append(error)
+    oom, assertion = errors
+    assert str(oom).startswith("Graph execution error:")  # what the line must skip
+    assert first_line(oom).startswith("OOM when allocating tensor with shape[1000000,1000000]")
+    assert first_line(assertion) == "assertion failed: [the ops own text]"
+    from hessian_tf.bin import job_error_message
+    assert "(OOM when allocating tensor with shape[1000000,1000000]" in job_error_message(oom)

@@ -128,6 +128,34 @@ def test_no_timing_where_only_one_method_can_run_or_the_process_is_not_alone(tmp
         assert operator.method == "reverse_over_reverse" and operator.method_seconds is None
 
 
+def test_forward_mode_failing_at_run_time_is_not_chosen(monkeypatch):
+    # Builds but fails when run (a kernel missing on the device, say): timed as not
+    # running, and the products go by reverse over reverse.
+    original = hessian_lib.HessianOperator._products_over_batches
+
+    def failing(self, vectors, method=None, max_batches=None):
+        products = original(self, vectors, method=method, max_batches=max_batches)
+        if method == "forward_over_backward":
+            with tf.control_dependencies(
+                    [tf.debugging.Assert(False, ["forward mode fails at run time"])]):
+                products = tf.nest.map_structure(tf.identity, products)
+        return products
+
+    monkeypatch.setattr(hessian_lib.HessianOperator, "_products_over_batches", failing)
+    x, y = tiny_data()
+    model_function = operators.KerasModelFunction(tiny_model())
+    auto = operators.HessianOperator(model_function, x, y, batch_size=4)
+    assert auto.choose_method(1) == "reverse_over_reverse"
+    assert auto.method_seconds["forward_over_backward"] is None
+    assert auto.method_seconds["reverse_over_reverse"] > 0
+    assert "forward mode fails at run time" in auto.forward_mode_failure
+    vector = np.random.default_rng(4).standard_normal(auto.dim)
+    reverse = operators.HessianOperator(model_function, x, y, batch_size=4,
+                                        method="reverse_over_reverse")
+    np.testing.assert_allclose(auto.matvec(vector), reverse.matvec(vector),
+                               rtol=1e-12, atol=1e-14)
+
+
 def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
     x, y = lstm_data()
     # Kept in its while loop (unrolled, forward mode runs: test_recurrent.py).
