@@ -14,7 +14,7 @@ Columns: `loop RoR ms`, `unrolled RoR ms` and `unrolled FoB ms` (medians of one
 product), `unrolled ÷ loop` (reverse over reverse), `first s` (trace plus first
 product, loop → unrolled by reverse over reverse).
 
-Command (about 4 minutes on 2 CPU cores):
+Command (about 12 minutes on 2 CPU cores; --steps 8,64 about 2):
   .venv/bin/python benchmarks/recurrent.py [--cells lstm,gru,simple] [--steps 8,32,...]
 """
 

@@ -38,9 +38,11 @@ BASIS_SUBDIR = "basis"
 _ROW_FILE = re.compile(r"draw(\d+)_row\d+\.npy(\.tmp)?$")
 
 # Options that do not change the result: a run resumes across changes of these.
+# unroll_steps: the same function, unrolled or looped (rounding apart); and runs
+# checkpointed before the option existed resume.
 _OPERATIONAL_OPTIONS = (
     "output_dir", "checkpoint_every", "checkpoint_seconds", "restart", "worker_timeout",
-    "lockstep_draws", "import_modules",
+    "lockstep_draws", "import_modules", "unroll_steps",
 )
 
 

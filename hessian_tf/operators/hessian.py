@@ -830,8 +830,9 @@ class HessianOperator:
             if not self.automatic_method:
                 raise ValueError(
                     f"--method=forward_over_backward: forward mode does not run through this "
-                    f"model ({failure}); use --method=reverse_over_reverse (or auto), or for "
-                    "Keras recurrent layers --unroll_steps at least the sequences' length."
+                    f"model ({failure}); use --method=reverse_over_reverse (or auto), or, for "
+                    "Keras recurrent layers over sequences longer than --unroll_steps, a "
+                    "larger --unroll_steps."
                 ) from error
             self.forward_mode_failure = failure
             logging.info("Forward mode does not run through this model (%s): reverse over "

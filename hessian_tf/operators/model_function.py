@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 from typing import Sequence
 
 import keras
@@ -116,6 +117,12 @@ class KerasModelFunction:
         # Recurrent layers unrolled over sequences of at most this many steps
         # (operators/recurrent.py): the same function, at about half the product's cost
         # on the digits LSTM and GRU, and forward mode runs through it. 0: never.
+        if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, numbers.Integral) \
+                or unroll_steps < 0:
+            raise ValueError(
+                f"--unroll_steps={unroll_steps!r}: pass an integer number of time steps >= 1, "
+                "or 0 to keep recurrent layers in their loop."
+            )
         self.unroll_steps = int(unroll_steps)
 
     @property

@@ -3,7 +3,8 @@
 A Keras RNN layer (LSTM, GRU, SimpleRNN, ConvLSTM, `keras.layers.RNN` with any cell)
 runs its time steps in a `tf.while_loop` unless built with `unroll=True`. The two
 compute the same function: the same cell called on the same inputs in the same order,
-once in a loop and once written out step by step. For a product the loop costs: its
+once in a loop and once written out step by step (except where Keras's unrolled code
+masks backward sequences wrongly; those keep the loop: `unrolls`). For a product the loop costs: its
 gradient keeps every step's activations in TensorArrays, and the second
 differentiation goes through those stacks again. Forward mode does not run through it
 at all (a TypeError inside TensorFlow). Unrolled, one product of the digits LSTM and
@@ -12,8 +13,8 @@ GRU networks takes about half the time, and forward over backward runs
 
 Unrolling writes one copy of the cell per step into every graph (the forward pass, its
 gradient, the product), so tracing time grows with the length. A layer is unrolled
-only for sequences of at most `MAX_UNROLL_STEPS` steps whose length is known while
-tracing; longer ones keep the loop. The same context turns off cuDNN (`use_cudnn`) for
+only for sequences of at most `max_steps` (default `MAX_UNROLL_STEPS`) steps whose
+length is known while tracing; longer ones keep the loop. The same context turns off cuDNN (`use_cudnn`) for
 LSTM and GRU: cuDNN's kernels have a gradient but no gradient of that gradient.
 """
 
@@ -25,7 +26,7 @@ import keras
 from keras.src import tree
 
 # Sequences of at most this many steps are unrolled; benchmarks/recurrent.py measures
-# the product and the trace against the loop at 8-512 steps.
+# the product and the trace against the loop at 8-256 steps.
 MAX_UNROLL_STEPS = 64
 
 
@@ -35,22 +36,38 @@ def _time_steps(sequences) -> int | None:
     return shape[1] if len(shape) > 1 else None
 
 
+def unrolls(layer, sequences, mask, max_steps: int) -> bool:
+    """Whether `layer` runs `sequences` unrolled: at most `max_steps` known steps, and
+    not a backward masked run returning zeroed sequences. There Keras's unrolled code
+    computes another function than its loop: it zeroes the outputs, which come in
+    reversed order, with the mask in forward order (keras/src/backend/tensorflow/
+    rnn.py; every masked Bidirectional(..., return_sequences=True) is such a run)."""
+    steps = _time_steps(sequences)
+    if steps is None or steps > max_steps:
+        return False
+    return not (mask is not None and layer.go_backwards and layer.zero_output_for_mask
+                and layer.return_sequences)
+
+
 @contextlib.contextmanager
 def unrolled(model: keras.Model, max_steps: int = MAX_UNROLL_STEPS):
     """Inside: every RNN layer of `model` whose `inner_loop` is Keras's (not already
-    overridden on the instance) unrolls sequences of at most `max_steps` known steps,
-    and LSTM/GRU do not use cuDNN. Enter around the whole trace, in the cross-replica
-    context (as model_function.batch_norm_in_train_mode): replicas traced in threads
-    only set the same attributes to the same values, and only the exit restores them."""
+    overridden on the instance) unrolls the sequences `unrolls` accepts, and LSTM and
+    GRU do not use cuDNN. Each call sets `unroll` for itself only (RNN.call refuses
+    sequences of unknown length while `unroll` is set). Enter around the whole trace,
+    in the cross-replica context (as model_function.batch_norm_in_train_mode);
+    MirroredStrategy runs its replicas' traces one thread at a time."""
     layers = [layer for layer in model._flatten_layers()
               if isinstance(layer, keras.layers.RNN) and "inner_loop" not in vars(layer)]
     saved = [(layer.unroll, getattr(layer, "use_cudnn", None)) for layer in layers]
     for layer in layers:
-        def inner_loop(sequences, *args, _layer=layer, _original=layer.inner_loop,
-                       _unroll=layer.unroll, **kwargs):
-            steps = _time_steps(sequences)
-            _layer.unroll = _unroll or (steps is not None and steps <= max_steps)
-            return _original(sequences, *args, **kwargs)
+        def inner_loop(sequences, initial_state, mask, training=False, *, _layer=layer,
+                       _original=layer.inner_loop, _unroll=layer.unroll):
+            _layer.unroll = _unroll or unrolls(_layer, sequences, mask, max_steps)
+            try:
+                return _original(sequences, initial_state, mask, training=training)
+            finally:
+                _layer.unroll = _unroll
 
         layer.inner_loop = inner_loop
         if hasattr(layer, "use_cudnn"):

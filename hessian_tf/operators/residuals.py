@@ -62,10 +62,10 @@ def split(product: Callable, input_specs: Sequence[tf.TensorSpec],
             feeds=residuals + [inputs[i] for i in passed] + [vector], fetches=output))
     except KeyError as error:  # how pruning fails at a tensor inside a while loop
         raise ValueError(
-            "--cache_residuals: this model's product cannot be split at its residuals (a "
-            f"loop in the model, e.g. Keras's LSTM or GRU over sequences longer than "
-            f"--unroll_steps: {error!r:.120}); leave the cache off, or unroll the layers "
-            "with --unroll_steps at least the sequences' length."
+            "--cache_residuals: this model's product cannot be split at its residuals, "
+            "inside a loop of the model (Keras's LSTM or GRU over sequences longer than "
+            "--unroll_steps, say); leave the cache off, or pass an --unroll_steps of at "
+            f"least the sequences' length (pruning failed: {error!r:.120})."
         ) from error
 
     def residuals_of(*arguments) -> list:

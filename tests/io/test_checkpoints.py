@@ -81,3 +81,25 @@ def test_rows_of_finished_draws_are_deleted_once_a_checkpoint_counts_them(tmp_pa
         np.testing.assert_array_equal(copy.basis, original.basis)
     saver.save(SLQState(draw=7, lanczos=None, completed=later.completed, num_products=40))
     assert os.listdir(rows) == []
+
+
+def test_fingerprint_ignores_operational_options_only():
+    from hessian_tf import config as config_lib
+
+    x, y = np.ones((3, 2)), np.arange(3)
+    variables = [np.ones(4)]
+
+    def of(**changes):
+        config = config_lib.default_config().to_dict()
+        config.update(changes)
+        return checkpoints.fingerprint(config, variables, x, y)
+
+    base = of()
+    # The same function, unrolled or looped: a run resumes across it (and runs
+    # checkpointed before the option existed, whose configs lack it, resume too).
+    assert of(unroll_steps=0) == of(unroll_steps=200) == base
+    without = config_lib.default_config().to_dict()
+    del without["unroll_steps"]
+    assert checkpoints.fingerprint(without, variables, x, y) == base
+    assert of(lockstep_draws=3) == base
+    assert of(lanczos_steps=91) != base and of(method="forward_over_backward") != base

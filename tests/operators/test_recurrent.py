@@ -32,6 +32,13 @@ def recurrent_net(kind: str, steps: int = STEPS, dtype="float64", **options):
         x = layers.SimpleRNN(3, go_backwards=True, dtype=dtype, **options)(x)
     elif kind == "bidirectional":
         x = layers.Bidirectional(layers.LSTM(2, dtype=dtype, **options), dtype=dtype)(x)
+    elif kind == "masked_bidirectional_sequences":
+        # Backward, masked, zeroed sequences: Keras's unrolled code is another function
+        # here, so the layer keeps its loop (recurrent.unrolls).
+        x = layers.Masking(0.0, dtype=dtype)(x)
+        x = layers.Bidirectional(layers.LSTM(2, return_sequences=True, dtype=dtype,
+                                             **options), dtype=dtype)(x)
+        x = layers.GlobalAveragePooling1D(dtype=dtype)(x)
     elif kind == "masked_stacked":
         x = layers.Masking(0.0, dtype=dtype)(x)
         x = layers.GRU(3, return_sequences=True, dtype=dtype, **options)(x)
@@ -78,18 +85,24 @@ def operator_loops(method: str, batch_size: int, strategy) -> int:
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru_sequences", "simple_backwards",
-                                  "bidirectional", "masked_stacked"])
+                                  "bidirectional", "masked_bidirectional_sequences",
+                                  "masked_stacked"])
 def test_unrolled_products_are_the_hessian_of_keras_loop(kind):
     model = recurrent_net(kind)
     x, y = data()
     expected = reference_hessian(model, x, y)  # Keras's own call: the loop
     vectors = np.random.default_rng(2).standard_normal((2, expected.shape[0]))
+    looped = kind == "masked_bidirectional_sequences"  # its backward layer
     for method in ("forward_over_backward", "reverse_over_reverse"):
         operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
                                              batch_size=BATCH_SIZE, method=method)
+        if looped and method == "forward_over_backward":
+            with pytest.raises(ValueError, match="forward mode does not run through"):
+                operator.matmat(vectors)
+            continue
         np.testing.assert_allclose(operator.matmat(vectors), vectors @ expected.T,
                                    rtol=1e-9, atol=1e-11)
-        assert loops_in_product_graph(operator) == 0
+        assert (loops_in_product_graph(operator) > 0) == looped
 
 
 def test_only_short_known_sequences_are_unrolled_and_the_layers_are_restored():
@@ -181,3 +194,33 @@ def test_mirrored_replicas_trace_the_unrolled_layers_alike():
     np.testing.assert_allclose(mirrored.matmat(vectors), single.matmat(vectors),
                                rtol=1e-10, atol=1e-12)
     assert loops_in_product_graph(mirrored) == loops_in_product_graph(single) == 0
+
+
+def test_a_layer_called_on_known_and_unknown_lengths():
+    # unroll is set for each call alone: RNN.call refuses an unknown length while it is set.
+    keras.utils.set_random_seed(0)
+    lstm = keras.layers.LSTM(2, dtype="float64")
+    short = keras.Input((STEPS, FEATURES), dtype="float64")
+    model = keras.Model(short, keras.layers.Dense(3, dtype="float64")(lstm(short)))
+    x, _ = data()
+
+    @tf.function(input_signature=[tf.TensorSpec([None, STEPS, FEATURES], tf.float64),
+                                  tf.TensorSpec([None, None, FEATURES], tf.float64)])
+    def both(known, unknown):
+        return lstm(known) + lstm(unknown)
+
+    with recurrent.unrolled(model):
+        traced = both.get_concrete_function()
+        assert lstm.unroll is False
+    expected = 2 * lstm(x).numpy()
+    np.testing.assert_allclose(traced(x, x).numpy(), expected, rtol=1e-12)
+    loops = sum(node.op in LOOPS for _, node in graph_nodes(traced.graph.as_graph_def()))
+    assert loops == 1  # the unknown length's
+
+
+def test_unroll_steps_is_an_integer_of_at_least_zero():
+    model = recurrent_net("lstm")
+    for bad in (-1, 8.5, True, "8"):
+        with pytest.raises(ValueError, match=rf"^--unroll_steps={bad!r}: pass an integer"):
+            operators.KerasModelFunction(model, unroll_steps=bad)
+    assert operators.KerasModelFunction(model, unroll_steps=np.int64(8)).unroll_steps == 8
