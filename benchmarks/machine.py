@@ -33,3 +33,21 @@ def best_of(function, repeats: int) -> float:
         function()
         seconds.append(time.perf_counter() - start)
     return min(seconds)
+
+
+def measure_rows(header, cases, measure) -> list:
+    """`measure(*case)` for each case (a row of strings), each row printed as it comes
+    between the load averages at the start and the end, then all as a Markdown table
+    under `header`; returns the rows."""
+    print(f"Start: {load_average()}", flush=True)
+    rows = []
+    for case in cases:
+        rows.append(measure(*case))
+        print("  ".join(rows[-1]), flush=True)
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|---|" + "--:|" * (len(header) - 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"End: {load_average()}")
+    return rows

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from core import SHORT, interleaved_timings  # noqa: E402  (benchmarks/core.py)
-from machine import load_average  # noqa: E402  (benchmarks/machine.py)
+from machine import measure_rows  # noqa: E402  (benchmarks/machine.py)
 import example_networks  # noqa: E402
 from hessian_tf.distribute import automatic_cpu_threads, cpu_threads  # noqa: E402
 
@@ -106,17 +106,8 @@ def main(argv: list[str]) -> int:
               "example_networks.py on it first", file=sys.stderr)
         return 2
     automatic_cpu_threads("default")  # as hessian-spectrum sets them
-    print(f"Start: {load_average()}; TensorFlow threads {cpu_threads()}", flush=True)
-    rows = []
-    for name in names:
-        rows.append(measure(name, args.directory, args.rounds))
-        print("  ".join(rows[-1]), flush=True)
-    print()
-    print("| " + " | ".join(HEADER) + " |")
-    print("|---|" + "--:|" * (len(HEADER) - 1))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print(f"End: {load_average()}")
+    print(f"TensorFlow threads {cpu_threads()}")
+    measure_rows(HEADER, [(name, args.directory, args.rounds) for name in names], measure)
     return 0
 
 

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from core import interleaved_timings  # noqa: E402  (benchmarks/core.py)
-from machine import load_average  # noqa: E402  (benchmarks/machine.py)
+from machine import measure_rows  # noqa: E402  (benchmarks/machine.py)
 from hessian_tf.distribute import automatic_cpu_threads, cpu_threads  # noqa: E402
 
 CELLS = ("lstm", "gru", "simple")
@@ -102,18 +102,9 @@ def main(argv: list[str]) -> int:
               "(at least 1) is wrong", file=sys.stderr)
         return 2
     automatic_cpu_threads("default")  # as hessian-spectrum sets them
-    print(f"Start: {load_average()}; TensorFlow threads {cpu_threads()}", flush=True)
-    rows = []
-    for cell in cells:
-        for length in steps:
-            rows.append(measure(cell, length, args.rounds))
-            print("  ".join(rows[-1]), flush=True)
-    print()
-    print("| " + " | ".join(HEADER) + " |")
-    print("|---|" + "--:|" * (len(HEADER) - 1))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print(f"End: {load_average()}")
+    print(f"TensorFlow threads {cpu_threads()}")
+    measure_rows(HEADER, [(cell, length, args.rounds) for cell in cells for length in steps],
+                 measure)
     return 0
 
 
