@@ -148,7 +148,8 @@ def _in_float64(model_function, x):
         x = x.astype(np.float64)
     return KerasModelFunction(cast_model(model_function.model, "float64"),
                               fold_batch_norm=model_function.fold_batch_norm,
-                              unroll_steps=model_function.unroll_steps), x
+                              unroll_steps=model_function.unroll_steps,
+                              per_channel_group_norm=model_function.per_channel_group_norm), x
 
 
 def _dry_run(config, operator, model_function, x, y, stream) -> dict:
