@@ -8,6 +8,9 @@ from typing import Optional
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _GRAPH_EXECUTION = "Graph execution error:"
+# What TensorFlow writes between that line and the op's message: where the node was
+# defined, its frames, or that they are unavailable.
+_FRAME = re.compile(r'^(Detected at node .*|File ".*", line \d+, in .*|<stack traces unavailable>)$')
 _RAISED = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): ")
 
 
@@ -18,10 +21,8 @@ def first_line(error: BaseException, limit: Optional[int] = 200, fallback: str =
     defined): the first line of the op's own message after those frames."""
     lines = [line.strip() for line in str(error).strip().splitlines()]
     if lines and lines[0] == _GRAPH_EXECUTION:
-        frames = [i for i, line in enumerate(lines)
-                  if line.startswith(("File ", "Detected at node"))]
-        after = [line for line in lines[frames[-1] + 1 if frames else 1:] if line]
-        lines = after or lines
+        message = [line for line in lines[1:] if line and not _FRAME.match(line)]
+        lines = message or lines
     if not lines:
         return fallback
     return lines[0] if limit is None else lines[0][:limit]

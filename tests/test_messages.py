@@ -39,13 +39,31 @@ def test_first_line_of_an_op_failing_inside_a_tf_function_is_the_ops_message():
         with tf.control_dependencies([tf.debugging.Assert(False, ["the ops own text"])]):
             return tf.identity(x)
 
+    def raising(x):
+        raise ValueError("raised in Python")
+
+    @tf.function
+    def python(x):  # its message holds a Python traceback, frames and source lines
+        return tf.py_function(raising, [x], tf.float32)
+
+    @tf.function
+    def read(path):  # a message that starts "File "
+        return tf.io.read_file(path)
+
     errors = []
-    for function, argument in ((ones, tf.constant(10**6)), (failing, tf.constant(1.0))):
+    for function, argument in ((ones, tf.constant(10**6)), (failing, tf.constant(1.0)),
+                               (python, tf.constant(1.0)), (read, tf.constant("nofs://x"))):
         try:
             function(argument)
         except tf.errors.OpError as error:
             errors.append(error)
-    oom, assertion = errors
+    oom, assertion, python_error, read_error = errors
+    assert first_line(python_error) == "ValueError: raised in Python"
+    assert first_line(read_error).startswith("File system scheme 'nofs' not implemented")
+    unavailable = tf.errors.InternalError(None, None, (
+        "Graph execution error:\n\nDetected at node A defined at (most recent call last):"
+        "\n<stack traces unavailable>\n\nthe op's message\n\t [[{{node A}}]]"))
+    assert first_line(unavailable) == "the op's message"
     assert str(oom).startswith("Graph execution error:")  # what the line must skip
     assert first_line(oom).startswith("OOM when allocating tensor with shape[1000000,1000000]")
     assert first_line(assertion) == "assertion failed: [the ops own text]"

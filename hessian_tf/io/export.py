@@ -70,6 +70,7 @@ def export_for_spectrum(
             "export_for_spectrum: the Keras model is not built; call it on a batch "
             "(or build it with an input shape) before exporting it."
         )
+    unroll_steps = recurrent.check_steps(unroll_steps, "export_for_spectrum: unroll_steps")
     spec = _input_spec(model, input_signature)
     trainable = [_backing_variable(v) for v in model.trainable_variables]
     non_trainable = [_backing_variable(v) for v in model.non_trainable_variables]

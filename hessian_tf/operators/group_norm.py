@@ -14,15 +14,17 @@ reductions and broadcasts. The same statistics, per channel:
 Every group has the same number of positions and channels, so the mean of the
 per-channel means over a group is the group's mean, and likewise for the variance:
 the same function of the same parameters (rounding apart), and so the same Hessian.
-P is a small constant matrix; the reductions run over the positions alone and the
-broadcasts are plain ones over positions. On the digits residual CNN with
+P is a constant matrix (up to MAX_MATRIX_CHANNELS channels; beyond, a reshape into
+groups, a mean and a broadcast back); the reductions run over the positions alone and
+the broadcasts are plain ones over positions. On the digits residual CNN with
 GroupNormalization(4) after each of its five 16-channel convolutions, a full-data
-product by forward over backward took ~0.8 of the time with Keras's layer
-(benchmarks/group_norm.py).
+product took 0.76 (reverse over reverse) and 0.80 (forward over backward) of the time
+with Keras's layer (benchmarks/group_norm.py).
 
-Rewritten only where it is the same function: Keras's own GroupNormalization `call`,
-normalising the last axis, computing in its variables' dtype (mixed precision casts
-inside Keras's layer), and not overridden on the instance.
+Rewritten only where it is the same function: Keras's own GroupNormalization class
+(not a subclass, which may change the helpers its `call` runs), normalising the last
+axis, computing in its variables' dtype (mixed precision casts inside Keras's layer),
+and not overridden on the instance.
 """
 
 from __future__ import annotations
@@ -37,11 +39,32 @@ import tensorflow as tf
 def _rewritable(layer) -> bool:
     spec = getattr(layer, "input_spec", None)
     rank = getattr(spec, "ndim", None)
-    return (isinstance(layer, keras.layers.GroupNormalization)
-            and type(layer).call is keras.layers.GroupNormalization.call
+    # Keras's own class: a subclass may change any of the helpers its call runs.
+    return (type(layer) is keras.layers.GroupNormalization
             and "call" not in vars(layer) and layer.built and rank is not None
             and layer.axis in (-1, rank - 1)
             and layer.compute_dtype == layer.variable_dtype in ("float32", "float64"))
+
+
+# Channels up to which the group average is a product with a constant C×C matrix (the
+# measured form; 256 KiB in float32 at this bound); beyond, a reshape into groups, a
+# mean and a broadcast back, whose constant does not grow as C².
+MAX_MATRIX_CHANNELS = 256
+
+
+def _group_average(channels: int, groups: int, dtype):
+    """[B, C] → [B, C]: each channel's entry replaced by its group's mean."""
+    size = channels // groups
+    if channels <= MAX_MATRIX_CHANNELS:
+        matrix = tf.constant(np.kron(np.eye(groups), np.full((size, size), 1.0 / size)), dtype)
+        return lambda values: tf.matmul(values, matrix)
+
+    def average(values):
+        means = tf.reduce_mean(tf.reshape(values, [-1, groups, size]), 2, keepdims=True)
+        return tf.reshape(tf.broadcast_to(means, [tf.shape(values)[0], groups, size]),
+                          [-1, channels])
+
+    return average
 
 
 def group_norm_call(layer):
@@ -54,18 +77,15 @@ def group_norm_call(layer):
         if x.dtype.name != layer.compute_dtype:
             return original(inputs)
         channels = x.shape[-1]
-        size = channels // layer.groups
-        average = tf.constant(
-            np.kron(np.eye(layer.groups), np.full((size, size), 1.0 / size)), x.dtype)
+        average = _group_average(channels, layer.groups, x.dtype)
         positions = list(range(1, x.shape.rank - 1))
         per_channel = tf.reduce_mean(x, positions) if positions else x
-        mean = tf.matmul(per_channel, average)
+        mean = average(per_channel)
         shape = tf.concat([tf.shape(x)[:1], tf.ones([len(positions)], tf.int32),
                            [channels]], 0)
         centred = x - tf.reshape(mean, shape)
         squares = tf.square(centred)
-        variance = tf.matmul(tf.reduce_mean(squares, positions) if positions else squares,
-                             average)
+        variance = average(tf.reduce_mean(squares, positions) if positions else squares)
         scale = tf.math.rsqrt(variance + layer.epsilon)
         if layer.scale:
             scale = scale * tf.cast(layer.gamma, x.dtype)

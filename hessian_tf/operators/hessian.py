@@ -830,9 +830,9 @@ class HessianOperator:
             if not self.automatic_method:
                 raise ValueError(
                     f"--method=forward_over_backward: forward mode does not run through this "
-                    f"model ({failure}); use --method=reverse_over_reverse (or auto), or, for "
-                    "Keras recurrent layers over sequences longer than --unroll_steps, a "
-                    "larger --unroll_steps."
+                    f"model ({failure}); use --method=reverse_over_reverse (or auto). Keras "
+                    "recurrent layers run in forward mode unrolled only: over sequences of at "
+                    "most --unroll_steps steps, and not backward masked ones returning sequences."
                 ) from error
             self.forward_mode_failure = failure
             logging.info("Forward mode does not run through this model (%s): reverse over "

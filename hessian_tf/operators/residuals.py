@@ -63,9 +63,10 @@ def split(product: Callable, input_specs: Sequence[tf.TensorSpec],
     except KeyError as error:  # how pruning fails at a tensor inside a while loop
         raise ValueError(
             "--cache_residuals: this model's product cannot be split at its residuals, "
-            "inside a loop of the model (Keras's LSTM or GRU over sequences longer than "
-            "--unroll_steps, say); leave the cache off, or pass an --unroll_steps of at "
-            f"least the sequences' length (pruning failed: {error!r:.120})."
+            "inside a loop of the model (a Keras recurrent layer over sequences longer than "
+            "--unroll_steps, or a backward masked one returning sequences, say); leave the "
+            "cache off, or pass an --unroll_steps of at least the sequences' length if "
+            f"that is the loop (pruning failed: {error!r:.120})."
         ) from error
 
     def residuals_of(*arguments) -> list:

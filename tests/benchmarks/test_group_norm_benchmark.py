@@ -25,3 +25,23 @@ def test_bad_arguments_exit_2(capsys):
     assert group_norm.main(["--rounds", "0"]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and all(e.startswith("group_norm.py: error: ") for e in errors)
+
+
+def test_a_row_times_keras_layer_against_per_channel_statistics(monkeypatch):
+    from hessian_tf import operators
+    from hessian_tf.io import datasets
+
+    options = []
+    original = operators.KerasModelFunction.__init__
+
+    def recording(self, model, **kwargs):
+        options.append(kwargs.get("per_channel_group_norm"))
+        original(self, model, **kwargs)
+
+    monkeypatch.setattr(operators.KerasModelFunction, "__init__", recording)
+    x, y = datasets.load_digits()
+    monkeypatch.setattr(datasets, "load_digits", lambda: (x[:20], y[:20]))
+    row = group_norm.measure("reverse_over_reverse", 4, 1)
+    assert options == [False, True]
+    assert row[:2] == ["reverse_over_reverse", "4"] and len(row) == len(group_norm.HEADER)
+    assert float(row[4]) > 0 and float(row[5]) <= 1e-4

@@ -69,7 +69,8 @@ def finite_difference_product(operator, model_function, vector, step=1e-5):
 @pytest.mark.parametrize("normalisation", sorted(NORMALISATIONS))
 def test_products_through_statistics_equal_differences_of_the_gradient(normalisation, method):
     bn_mode = "train" if normalisation == "batch_norm_train" else "inference"
-    model_function = operators.KerasModelFunction(net(normalisation))
+    # Keras's own GroupNormalization (its statistics by tf.nn.moments), not group_norm.py's.
+    model_function = operators.KerasModelFunction(net(normalisation), per_channel_group_norm=False)
     x, y = data()
     operator = operators.HessianOperator(model_function, x, y, batch_size=5, bn_mode=bn_mode,
                                          method=method)
@@ -82,7 +83,7 @@ def test_products_through_statistics_equal_differences_of_the_gradient(normalisa
 def test_the_stop_gradient_is_what_breaks_them(monkeypatch):
     """With tf.nn.moments as TensorFlow writes it, the same comparison fails: the
     test above measures the fix, not a tolerance."""
-    model_function = operators.KerasModelFunction(net("group_norm"))
+    model_function = operators.KerasModelFunction(net("group_norm"), per_channel_group_norm=False)
     x, y = data()
     operator = operators.HessianOperator(model_function, x, y, batch_size=5)
     vector = np.random.default_rng(2).normal(size=operator.dim)
