@@ -27,7 +27,6 @@ import numpy as np  # noqa: E402
 
 from core import interleaved_timings  # noqa: E402  (benchmarks/core.py)
 from machine import measure_rows  # noqa: E402  (benchmarks/machine.py)
-from hessian_tf.distribute import automatic_cpu_threads, cpu_threads  # noqa: E402
 
 BATCH_SIZE = 128
 METHODS = ("reverse_over_reverse", "forward_over_backward")
@@ -91,8 +90,6 @@ def main(argv: list[str]) -> int:
         print(f"group_norm.py: error: --groups={args.groups} (a divisor of 16) or "
               f"--rounds={args.rounds} (at least 1) is wrong", file=sys.stderr)
         return 2
-    automatic_cpu_threads("default")  # as hessian-spectrum sets them
-    print(f"TensorFlow threads {cpu_threads()}")
     measure_rows(HEADER, [(method, args.groups, args.rounds) for method in METHODS], measure)
     return 0
 

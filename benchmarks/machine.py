@@ -38,7 +38,12 @@ def best_of(function, repeats: int) -> float:
 def measure_rows(header, cases, measure) -> list:
     """`measure(*case)` for each case (a row of strings), each row printed as it comes
     between the load averages at the start and the end, then all as a Markdown table
-    under `header`; returns the rows."""
+    under `header`; returns the rows. TensorFlow's CPU threads are set first as
+    hessian-spectrum sets them, and printed."""
+    from hessian_tf.distribute import automatic_cpu_threads, cpu_threads
+
+    automatic_cpu_threads("default")
+    print(f"TensorFlow threads {cpu_threads()}")
     print(f"Start: {load_average()}", flush=True)
     rows = []
     for case in cases:

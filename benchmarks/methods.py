@@ -29,7 +29,6 @@ import numpy as np  # noqa: E402
 from core import SHORT, interleaved_timings  # noqa: E402  (benchmarks/core.py)
 from machine import measure_rows  # noqa: E402  (benchmarks/machine.py)
 import example_networks  # noqa: E402
-from hessian_tf.distribute import automatic_cpu_threads, cpu_threads  # noqa: E402
 
 BATCH_SIZE = 128
 
@@ -105,8 +104,6 @@ def main(argv: list[str]) -> int:
         print(f"methods.py: error: {args.directory} has no {missing[0]}.keras; run "
               "example_networks.py on it first", file=sys.stderr)
         return 2
-    automatic_cpu_threads("default")  # as hessian-spectrum sets them
-    print(f"TensorFlow threads {cpu_threads()}")
     measure_rows(HEADER, [(name, args.directory, args.rounds) for name in names], measure)
     return 0
 

@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 
 from core import interleaved_timings  # noqa: E402  (benchmarks/core.py)
 from machine import measure_rows  # noqa: E402  (benchmarks/machine.py)
-from hessian_tf.distribute import automatic_cpu_threads, cpu_threads  # noqa: E402
 
 CELLS = ("lstm", "gru", "simple")
 EXAMPLES, FEATURES, UNITS, BATCH_SIZE = 512, 8, 32, 128
@@ -101,8 +100,6 @@ def main(argv: list[str]) -> int:
               f"--steps={args.steps!r} (positive integers) or --rounds={args.rounds} "
               "(at least 1) is wrong", file=sys.stderr)
         return 2
-    automatic_cpu_threads("default")  # as hessian-spectrum sets them
-    print(f"TensorFlow threads {cpu_threads()}")
     measure_rows(HEADER, [(cell, length, args.rounds) for cell in cells for length in steps],
                  measure)
     return 0

@@ -132,7 +132,8 @@ def _default_model_function(config, x, y, output_dir):
     path = os.path.join(output_dir, "model.keras")
     results.write_files(output_dir, {"model.keras": model.save})
     logging.info("Saved the default model to %s", path)
-    return KerasModelFunction(model), flat, {"default_model_accuracy": accuracy, "model_file": path}
+    function = KerasModelFunction(model, unroll_steps=config.unroll_steps)
+    return function, flat, {"default_model_accuracy": accuracy, "model_file": path}
 
 
 def _in_float64(model_function, x):
@@ -146,10 +147,7 @@ def _in_float64(model_function, x):
         )
     if np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float64)
-    return KerasModelFunction(cast_model(model_function.model, "float64"),
-                              fold_batch_norm=model_function.fold_batch_norm,
-                              unroll_steps=model_function.unroll_steps,
-                              per_channel_group_norm=model_function.per_channel_group_norm), x
+    return model_function.with_model(cast_model(model_function.model, "float64")), x
 
 
 def _dry_run(config, operator, model_function, x, y, stream) -> dict:
@@ -365,7 +363,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
     from hessian_tf.io.datasets import load_dataset
     from hessian_tf.io.models import check_model_path, import_modules, load_model_function
     from hessian_tf.operators import (
-        HessianOperator, KerasModelFunction, NonDeterministicError, NonFiniteError)
+        HessianOperator, NonDeterministicError, NonFiniteError)
     from hessian_tf.operators import gauss_newton
     from hessian_tf.operators.subset import SubsetModelFunction
     from hessian_tf.operators.hessian import AUTO_TIMING_BATCHES
@@ -403,11 +401,10 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         logging.info("Dataset %s: x %s, y %s", config.dataset, x.shape, y.shape)
     extra = {}
     if config.model:
-        model_function = load_model_function(config.model, strategy, config.import_modules)
+        model_function = load_model_function(config.model, strategy, config.import_modules,
+                                             unroll_steps=config.unroll_steps)
     else:
         model_function, x, extra = _default_model_function(config, x, y, output_dir)
-    if isinstance(model_function, KerasModelFunction):
-        model_function.unroll_steps = config.unroll_steps
     if config.precision == "float64":
         model_function, x = _in_float64(model_function, x)
     options = dict(

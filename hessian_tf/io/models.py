@@ -50,10 +50,11 @@ def import_modules(names: str) -> None:
 
 
 def load_model_function(path: str, strategy: tf.distribute.Strategy | None = None,
-                        imported_modules: str = ""):
+                        imported_modules: str = "", **keras_options):
     """Returns a KerasModelFunction or SavedModelFunction for the model at `path`.
     `imported_modules`: the --import_modules already imported, named in the error of a
-    .keras file that still does not load.
+    .keras file that still does not load. `keras_options`: KerasModelFunction's options
+    (unroll_steps, say), for a .keras file.
 
     A SavedModel is loaded under `strategy`'s scope: its functions read their own
     variables inside each replica, so the variables must be the strategy's (one copy
@@ -101,4 +102,4 @@ def load_model_function(path: str, strategy: tf.distribute.Strategy | None = Non
             f"--model={path}: the .keras file could not be loaded "
             f"({type(error).__name__}: {first_line(error, 300)}); {fix}."
         ) from error
-    return KerasModelFunction(model)
+    return KerasModelFunction(model, **keras_options)

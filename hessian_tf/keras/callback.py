@@ -388,13 +388,6 @@ class SpectrumCallback(keras.callbacks.Callback):
                 "True or False. Fix: pass cache_residuals=True to keep each batch's "
                 "vector-free part of the product during an evaluation."
             )
-        if (isinstance(unroll_steps, bool) or not isinstance(unroll_steps, numbers.Integral)
-                or unroll_steps < 0):
-            raise ValueError(
-                f"SpectrumCallback: received unroll_steps={unroll_steps!r}; expected an "
-                "integer number of time steps >= 0. Fix: pass unroll_steps=0 to keep recurrent "
-                f"layers in their loop, or leave the default {recurrent.MAX_UNROLL_STEPS}."
-            )
         if kernel_width is not None and not kernel_width > 0:
             raise ValueError(
                 f"SpectrumCallback: received kernel_width={kernel_width!r}; expected a "
@@ -426,7 +419,7 @@ class SpectrumCallback(keras.callbacks.Callback):
         self.bulk_fraction = float(bulk_fraction)
         self.kernel_width = kernel_width
         self.lockstep_draws = lockstep_draws
-        self.unroll_steps = int(unroll_steps)
+        self.unroll_steps = recurrent.check_steps(unroll_steps, "SpectrumCallback: unroll_steps")
         self.cache_residuals = cache_residuals
         self.evaluations: list[SpectrumEvaluation] = []
         self._x, self._y = materialize(data)

@@ -4,8 +4,8 @@ A Keras RNN layer (LSTM, GRU, SimpleRNN, ConvLSTM, `keras.layers.RNN` with any c
 runs its time steps in a `tf.while_loop` unless built with `unroll=True`. The two
 compute the same function: the same cell called on the same inputs in the same order,
 once in a loop and once written out step by step (except where Keras's unrolled code
-masks backward sequences wrongly; those keep the loop: `unrolls`). For a product the loop costs: its
-gradient keeps every step's activations in TensorArrays, and the second
+masks backward sequences wrongly; those keep the loop: `unrolls`). For a product the
+loop costs: its gradient keeps every step's activations in TensorArrays, and the second
 differentiation goes through those stacks again. Forward mode does not run through it
 at all (a TypeError inside TensorFlow). Unrolled, one product of the digits LSTM and
 GRU networks takes about half the time, and forward over backward runs
@@ -14,8 +14,9 @@ GRU networks takes about half the time, and forward over backward runs
 Unrolling writes one copy of the cell per step into every graph (the forward pass, its
 gradient, the product), so tracing time grows with the length. A layer is unrolled
 only for sequences of at most `max_steps` (default `MAX_UNROLL_STEPS`) steps whose
-length is known while tracing; longer ones keep the loop. The same context turns off cuDNN (`use_cudnn`) for
-LSTM and GRU: cuDNN's kernels have a gradient but no gradient of that gradient.
+length is known while tracing; longer ones keep the loop. The same context turns off
+cuDNN (`use_cudnn`) for LSTM and GRU: cuDNN's kernels have a gradient but no gradient
+of that gradient.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def check_steps(unroll_steps, name: str = "--unroll_steps") -> int:
     if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, numbers.Integral) \
             or unroll_steps < 0:
         raise ValueError(
-            f"{name}={unroll_steps!r}: pass an integer number of time steps >= 1, or 0 "
-            "to keep recurrent layers in their loop."
+            f"{name}={unroll_steps!r}: expected an integer number of time steps >= 0. "
+            f"Fix: pass at least the sequences' length (default {MAX_UNROLL_STEPS}), or 0 to "
+            "keep recurrent layers in their loop."
         )
     return int(unroll_steps)
 

@@ -54,6 +54,18 @@ def test_keras_file_loads_with_the_same_parameters(saved):
     assert float(regularization) == 0.0
 
 
+def test_keras_options_reach_the_function_and_its_copies(saved):
+    directory, model, _ = saved
+    function = load_model_function(str(directory / "model.keras"), unroll_steps=3,
+                                   fold_batch_norm=False)
+    assert (function.unroll_steps, function.fold_batch_norm) == (3, False)
+    copy = function.with_model(model)
+    assert copy.model is model
+    assert (copy.unroll_steps, copy.fold_batch_norm, copy.per_channel_group_norm) == (3, False, True)
+    with pytest.raises(ValueError, match="--unroll_steps=-1"):
+        load_model_function(str(directory / "model.keras"), unroll_steps=-1)
+
+
 def test_saved_model_directory_loads(saved):
     directory, model, x = saved
     function = load_model_function(str(directory / "exported"))
