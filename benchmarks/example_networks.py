@@ -6,9 +6,13 @@ residual_ln.keras (a residual block, then LayerNormalization and two concatenate
 transpose_crop.keras (a strided convolution, Conv2DTranspose back up, concatenated,
 cropped), and three that read an image's 8 rows as a sequence of 8 tokens:
 attention_seq.keras (a pre-LayerNorm transformer block, self-attention and an MLP),
-lstm_seq.keras and gru_conv1d_seq.keras (a GRU, then strided and causal Conv1D); with
-digits_img.npz (x: 8×8×1 images, x/16; y: labels), digits_flat.npz (x: the 64 pixels) and
-digits_seq.npz (x: 8×8, rows as tokens).
+lstm_seq.keras and gru_conv1d_seq.keras (a GRU, then strided and causal Conv1D); and
+embedding_tokens.keras, a text classifier's shape on the 64 pixels as tokens (their
+intensities 0-16 as words): Embedding, Conv1D, global max pooling; and binary_parity.keras,
+a CNN of one logit telling odd digits from even (binary cross-entropy). With
+digits_img.npz (x: 8×8×1 images, x/16; y: labels), digits_flat.npz (x: the 64 pixels),
+digits_seq.npz (x: 8×8, rows as tokens), digits_tokens.npz (x: 64 int32 tokens) and
+digits_parity.npz (the images; y: 1 for an odd digit).
 Each network is trained 3 epochs with Adam (batch 64, seed 0), so BN has moving statistics
 of its own.
 
@@ -30,7 +34,8 @@ import numpy as np  # noqa: E402
 NETWORKS = {"conv_pool_bn": "digits_img", "mlp_bn_gelu": "digits_flat",
             "functional_elu_avgpool": "digits_img", "residual_ln": "digits_img",
             "transpose_crop": "digits_img", "attention_seq": "digits_seq",
-            "lstm_seq": "digits_seq", "gru_conv1d_seq": "digits_seq"}
+            "lstm_seq": "digits_seq", "gru_conv1d_seq": "digits_seq",
+            "embedding_tokens": "digits_tokens", "binary_parity": "digits_parity"}
 
 
 def build(name: str):
@@ -46,6 +51,14 @@ def build(name: str):
         return keras.Sequential([
             keras.Input((64,)), layers.Dense(64), layers.BatchNormalization(),
             layers.Activation("gelu"), layers.Dropout(0.2), layers.Dense(10)])
+    if name == "binary_parity":
+        return keras.Sequential([
+            keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(2),
+            layers.Flatten(), layers.Dense(32, activation="relu"), layers.Dense(1)])
+    if name == "embedding_tokens":
+        inputs = keras.Input((64,), dtype="int32")
+        h = layers.Conv1D(32, 5, activation="relu")(layers.Embedding(17, 16)(inputs))
+        return keras.Model(inputs, layers.Dense(10)(layers.GlobalMaxPooling1D()(h)))
     if name.endswith("_seq"):
         return build_sequence_model(name)
     inputs = keras.Input((8, 8, 1))
@@ -109,16 +122,21 @@ def main(argv: list[str]) -> int:
     digits = load_digits()
     flat = (digits.data / 16).astype(np.float32)
     data = {"digits_img": flat.reshape(-1, 8, 8, 1), "digits_flat": flat,
-            "digits_seq": flat.reshape(-1, 8, 8)}
+            "digits_seq": flat.reshape(-1, 8, 8), "digits_tokens": digits.data.astype(np.int32)}
     y = digits.target.astype(np.int32)
+    labels = {name: y for name in data}
+    data["digits_parity"], labels["digits_parity"] = data["digits_img"], y % 2
     for name, x in data.items():
-        np.savez(os.path.join(out_dir, f"{name}.npz"), x=x, y=y)
+        np.savez(os.path.join(out_dir, f"{name}.npz"), x=x, y=labels[name])
     keras.utils.set_random_seed(0)
     for name, data_name in NETWORKS.items():
         model = build(name)
-        model.compile(optimizer="adam",
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(data[data_name], y, epochs=3, batch_size=64, verbose=0)
+        binary = data_name == "digits_parity"
+        model.compile(optimizer="adam", loss=(
+            keras.losses.BinaryCrossentropy(from_logits=True) if binary
+            else keras.losses.SparseCategoricalCrossentropy(from_logits=True)))
+        model.fit(data[data_name], labels[data_name].reshape(-1, 1) if binary else y,
+                  epochs=3, batch_size=64, verbose=0)
         path = os.path.join(out_dir, f"{name}.keras")
         model.save(path)
         params = sum(int(np.prod(w.shape)) for w in model.trainable_weights)

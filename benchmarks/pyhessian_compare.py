@@ -34,7 +34,9 @@ LayerNormalization, GroupNormalization, MultiHeadAttention as torch's
 nn.MultiheadAttention, LSTM and GRU as torch's nn.LSTM and nn.GRU, activation layers,
 valid pooling, global pooling, ZeroPadding2D, Cropping2D, UpSampling2D, Flatten, Add and
 the other merges, Concatenate, and dropout, noise and random augmentation as the
-identity; see `twin_step`); the data are arrays x and y (integer labels). Images are
+identity; see `twin_step`); the data are arrays x and y (integer labels; 0/1 for a model
+of one logit, compared by binary cross-entropy, `--loss=binary_crossentropy` on our
+side). Embedding layers read integer x (tokens) as torch's nn.Embedding. Images are
 NCHW in the twin, sequences (batch, length, features) as in Keras (Conv1D transposes
 around torch's convolution).
 
@@ -225,6 +227,9 @@ class Workload:
     y: np.ndarray
     batch_size: int
     lanczos_steps: int
+    # One logit (a binary classifier): binary cross-entropy of logits on 0/1 labels on
+    # both sides (torch's BCEWithLogitsLoss); else the cross-entropy of class logits.
+    binary: bool = False
 
 
 def calibrate_batch_norm(keras_model, x: np.ndarray, seed: int) -> None:
@@ -373,16 +378,26 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
                       f"{expected}; reshape x to (N, {', '.join(map(str, expected))}) "
                       "or pass the model for these inputs.")
     classes = model.output_shape[-1]
-    if y.min() < 0 or y.max() >= classes:
+    binary = classes == 1  # one logit: labels 0 and 1
+    if binary and getattr(getattr(model.layers[-1], "activation", None), "__name__", "") == "sigmoid":
+        raise Failure(f"--model={model_path}: its last layer applies a sigmoid; both sides take "
+                      "the binary cross-entropy of logits: save it with activation=None there.")
+    if y.min() < 0 or y.max() >= max(classes, 2):
         raise Failure(f"--data={data_path}: labels range over [{y.min():g}, {y.max():g}], but "
-                      f"--model has {classes} outputs; labels must lie in [0, {classes - 1}].")
+                      f"--model has {classes} outputs; labels must lie in "
+                      f"[0, {max(classes - 1, 1)}]" + (" (binary cross-entropy of its one logit)."
+                                                       if binary else "."))
     try:  # a layer the twin cannot mirror is refused before any install
         twin_graph(model)
     except Failure as failure:
         raise Failure(f"--model={model_path}: {failure}") from failure
     name = os.path.splitext(os.path.basename(model_path))[0]
-    return Workload(name, model, x.astype(np.float32), y.astype(np.int32),
-                    min(batch_size, x.shape[0]), lanczos_steps or 90)
+    tokens = str(model.inputs[0].dtype) in ("int32", "int64")  # an Embedding's input
+    if tokens and not np.issubdtype(x.dtype, np.integer):
+        raise Failure(f"--data={data_path}: x of dtype {x.dtype}, but --model takes integer "
+                      "inputs (tokens); save x as integers.")
+    return Workload(name, model, x.astype(np.int32 if tokens else np.float32), y.astype(np.int32),
+                    min(batch_size, x.shape[0]), lanczos_steps or 90, binary)
 
 
 # ------------------------------------------------------------------------------ the twin
@@ -480,6 +495,15 @@ def check_twin_layer(layer) -> None:
                           "query, key and value features all equal num_heads × key_dim, "
                           "value_dim = key_dim, with biases, without output_shape, gate or "
                           "sliding window.")
+    elif isinstance(layer, keras.layers.Embedding):
+        if layer.mask_zero or getattr(layer, "lora_enabled", False) or \
+                getattr(layer, "quantization_mode", None):
+            raise Failure(f"twin: Embedding {layer.name} must be torch's nn.Embedding: "
+                          "without mask_zero (a mask the later layers would read), LoRA "
+                          "or quantization.")
+        if layer.input.dtype not in ("int32", "int64"):
+            raise Failure(f"twin: Embedding {layer.name} must read the model's integer "
+                          f"input (keras.Input(..., dtype='int32')), not {layer.input.dtype}.")
     elif isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
         kind = type(layer).__name__
         cell = layer.cell
@@ -520,7 +544,7 @@ TWIN_MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
 # Layers with weights the twin mirrors, each by one torch module.
 TWIN_MODULES = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose",
                 "Dense", "BatchNormalization", "LayerNormalization", "GroupNormalization",
-                "MultiHeadAttention", "LSTM", "GRU")
+                "MultiHeadAttention", "LSTM", "GRU", "Embedding")
 SUPPORTED_LAYERS = (
     ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, "
     "MaxPooling2D, AveragePooling2D, GlobalAveragePooling1D/2D, GlobalMaxPooling1D/2D, "
@@ -848,6 +872,8 @@ def torch_twin(keras_model):
             modules[layer.name] = norm(layer.gamma.shape[0], eps=layer.epsilon)
         elif isinstance(layer, keras.layers.LayerNormalization):
             modules[layer.name] = ChannelsLastLayerNorm(layer.gamma.shape[0], eps=layer.epsilon)
+        elif isinstance(layer, keras.layers.Embedding):
+            modules[layer.name] = nn.Embedding(layer.input_dim, layer.output_dim)
         elif isinstance(layer, keras.layers.Dense):
             modules[layer.name] = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.use_bias)
         elif layer.weights:
@@ -934,6 +960,8 @@ def torch_twin(keras_model):
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             put(module.weight, numpy_of(layer.gamma))
             put(module.bias, numpy_of(layer.beta))
+        elif isinstance(module, nn.Embedding):  # [vocabulary, features] in both
+            put(module.weight, numpy_of(layer.embeddings))
         else:
             put(module.weight, numpy_of(layer.kernel).T)
             if layer.use_bias:
@@ -993,7 +1021,25 @@ def torch_twin(keras_model):
 
 
 def to_torch_inputs(x: np.ndarray) -> np.ndarray:
+    """Images NHWC → NCHW; integer inputs (an Embedding's tokens) as torch's int64."""
+    if np.issubdtype(x.dtype, np.integer):
+        return x.astype(np.int64)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.ndim == 4 else x
+
+
+def torch_criterion(workload: Workload):
+    import torch
+
+    return torch.nn.BCEWithLogitsLoss() if workload.binary else torch.nn.CrossEntropyLoss()
+
+
+def torch_targets(workload: Workload):
+    """Class indices (int64), or for one logit 0/1 labels as float [N, 1]."""
+    import torch
+
+    if workload.binary:
+        return torch.from_numpy(workload.y.astype(np.float32).reshape(-1, 1))
+    return torch.from_numpy(workload.y).long()
 
 
 def check_twin(workload: Workload, twin, num_params: int) -> tuple[bool, str]:
@@ -1003,14 +1049,16 @@ def check_twin(workload: Workload, twin, num_params: int) -> tuple[bool, str]:
 
     keras_params = int(sum(np.prod(v.shape) for v in workload.keras_model.trainable_variables))
     keras_logits = workload.keras_model.predict(workload.x, batch_size=workload.batch_size, verbose=0)
-    keras_criterion = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    keras_loss = float(keras_criterion(workload.y, keras_logits))
+    keras_criterion = (keras.losses.BinaryCrossentropy(from_logits=True) if workload.binary
+                       else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    keras_loss = float(keras_criterion(workload.y.reshape(len(workload.y), -1) if workload.binary
+                                       else workload.y, keras_logits))
     twin.eval()
     inputs = torch.from_numpy(to_torch_inputs(workload.x))
     try:
         with torch.no_grad():
             torch_logits = torch.cat([twin(batch) for batch in torch.split(inputs, workload.batch_size)])
-            torch_loss = float(torch.nn.CrossEntropyLoss()(torch_logits, torch.from_numpy(workload.y).long()))
+            torch_loss = float(torch_criterion(workload)(torch_logits, torch_targets(workload)))
     except RuntimeError as error:  # a twin that does not compute (shapes, dtypes)
         return False, f"twin check: the twin's forward failed ({first_line(error, 300)}): FAILED"
     torch_logits = torch_logits.numpy()
@@ -1064,7 +1112,8 @@ def run_ours(workload: Workload, directory: str, threads: int, extra_flags: list
     command = spectrum_command() + [
         f"--model={model_path}", f"--dataset=npz:{data_path}", f"--batch_size={workload.batch_size}",
         f"--lanczos_steps={workload.lanczos_steps}", "--num_draws=1", "--bn_mode=inference",
-        f"--output_dir={output_dir}", *extra_flags,
+        f"--output_dir={output_dir}",
+        *(["--loss=binary_crossentropy"] if workload.binary else []), *extra_flags,
     ]
     env = spectrum_environment()
     if threads != usable_cores():
@@ -1120,10 +1169,10 @@ def run_pyhessian(workload: Workload, import_seconds: float, seed: int = 0):
 
     started = time.perf_counter()
     dataset = torch.utils.data.TensorDataset(
-        torch.from_numpy(to_torch_inputs(workload.x)), torch.from_numpy(workload.y).long()
+        torch.from_numpy(to_torch_inputs(workload.x)), torch_targets(workload)
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=workload.batch_size, shuffle=False)
-    computer = hessian(twin, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=False)
+    computer = hessian(twin, torch_criterion(workload), dataloader=loader, cuda=False)
     # Time stamps of the products: the first Lanczos step apart, and the products' share.
     product_ends: list[float] = []
     product_seconds: list[float] = []

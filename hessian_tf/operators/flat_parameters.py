@@ -24,5 +24,14 @@ def unflatten(vector: tf.Tensor, like: Sequence[tf.Tensor]) -> list[tf.Tensor]:
     return [tf.cast(tf.reshape(p, t.shape), t.dtype) for p, t in zip(parts, like)]
 
 
+def dense(gradients: Sequence) -> list:
+    """Gradients with respect to the parameters as dense tensors. A gather's gradient
+    (an Embedding's, say) comes as a tf.IndexedSlices, which forward mode cannot
+    differentiate (an AttributeError inside TensorFlow) and which is summed into a
+    dense vector anyway; None (no path) stays None."""
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+            for g in gradients]
+
+
 def num_parameters(tensors: Sequence[tf.Tensor]) -> int:
     return int(sum(np.prod(t.shape) for t in tensors))

@@ -46,10 +46,13 @@ METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
 AUTO_TIMING_BATCHES = 4
 AUTO_TIMING_RUNS = 5
 AUTO_MARGIN = 0.95
-# How building a product graph by forward over backward fails where forward mode does
-# not run through the model (Keras's LSTM and GRU kept in their while loop, over
-# sequences longer than KerasModelFunction.unroll_steps: a TypeError).
-_FORWARD_MODE_FAILURES = (TypeError, ValueError, LookupError, NotImplementedError)
+# How building or running a product graph by forward over backward fails where forward
+# mode does not run through the model: in many types (Keras's LSTM and GRU kept in
+# their while loop, over sequences longer than KerasModelFunction.unroll_steps: a
+# TypeError; an Embedding's IndexedSlices gradient before flat_parameters.dense: an
+# AttributeError). Both fallbacks check that reverse over reverse runs, so a model
+# that fails both ways fails with its own error.
+_FORWARD_MODE_FAILURES = (Exception,)
 ACCUMULATIONS = ("auto", "float64", "float32")
 # What the refusals of float64 in float32 accumulation say first.
 _FLOAT32_ACCUMULATION = (
@@ -118,6 +121,26 @@ def _check_logits(outputs: np.ndarray, loss_name: str) -> None:
             "a softmax applied twice is not the training loss's; remove the final "
             "softmax (e.g. model.layers[-1].activation = keras.activations.linear, then "
             "save) so the model outputs logits."
+        )
+
+
+def _check_binary(model_function, y: np.ndarray) -> None:
+    """binary_crossentropy takes logits and targets in [0, 1]: a Keras model whose last
+    layer applies a sigmoid would be squashed twice."""
+    if y.size and (not np.issubdtype(y.dtype, np.number) or np.min(y) < 0 or np.max(y) > 1):
+        raise ValueError(
+            f"--dataset: targets of dtype {y.dtype} range outside [0, 1], but "
+            "--loss=binary_crossentropy takes 0/1 labels or probabilities; for class "
+            "indices pass --loss=sparse_categorical_crossentropy."
+        )
+    model = getattr(model_function, "model", None)
+    last = model.layers[-1] if model is not None and model.layers else None
+    if getattr(getattr(last, "activation", None), "__name__", "") == "sigmoid":
+        raise ValueError(
+            f"--model: its last layer {last.name} applies a sigmoid, but "
+            "--loss=binary_crossentropy takes logits, and the Hessian of a sigmoid "
+            "applied twice is not the training loss's; save the model with "
+            "activation=None on that layer so that it outputs logits."
         )
 
 
@@ -447,7 +470,7 @@ class HessianOperator:
             try:
                 runs[method] = function.get_concrete_function(spec)
                 self._combined(runs[method](vectors))  # the first run sets the graph up
-            except _FORWARD_MODE_FAILURES + (tf.errors.OpError,) as error:
+            except _FORWARD_MODE_FAILURES as error:
                 if method != "forward_over_backward":
                     raise
                 runs.pop(method, None)
@@ -548,8 +571,16 @@ class HessianOperator:
         outputs_shape = tuple(outputs.shape[1:])
         if self.loss_name in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
             _check_logits(np.asarray(outputs, np.float64), self.loss_name)
+        if self.loss_name == "binary_crossentropy":
+            _check_binary(self.model_function, y)
         if self.loss_name == "sparse_categorical_crossentropy":
             num_classes = outputs_shape[-1] if outputs_shape else 1
+            if num_classes == 1 and y.size and np.max(y) == 1 and np.min(y) == 0:
+                raise ValueError(
+                    "--dataset: labels 0 and 1 for a model of one output; "
+                    "--loss=sparse_categorical_crossentropy takes one logit per class (one "
+                    "output has a zero loss); pass --loss=binary_crossentropy for one logit."
+                )
             if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
                 raise ValueError(
                     f"--dataset: labels have shape {y.shape[1:]} per example, but "
@@ -606,7 +637,8 @@ class HessianOperator:
                     with tf.GradientTape() as tape:
                         tape.watch(primals)
                         objective = self._batch_objective(primals, state, x, y)
-                    gradients = tape.gradient(objective, primals, unconnected_gradients=zero)
+                    gradients = flatten_lib.dense(
+                        tape.gradient(objective, primals, unconnected_gradients=zero))
                 products.append(accumulator.jvp(gradients))
         else:
             with tf.GradientTape(persistent=len(block) > 1) as outer:
@@ -614,13 +646,14 @@ class HessianOperator:
                 with tf.GradientTape() as inner:
                     inner.watch(primals)
                     objective = self._batch_objective(primals, state, x, y)
-                gradients = inner.gradient(objective, primals, unconnected_gradients=zero)
+                gradients = flatten_lib.dense(
+                    inner.gradient(objective, primals, unconnected_gradients=zero))
                 inner_products = [
                     tf.add_n([tf.reduce_sum(g * tf.cast(t, g.dtype))
                               for g, t in zip(gradients, tangents)])
                     for tangents in block
                 ]
-            products = [outer.gradient(p, primals) for p in inner_products]
+            products = [flatten_lib.dense(outer.gradient(p, primals)) for p in inner_products]
             del outer
         if all(hv is None for hv in products[0]):
             # A silent None is how forward mode fails through loaded functions.

@@ -26,6 +26,16 @@ def categorical_crossentropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor
     return -tf.reduce_sum(tf.cast(targets, logits.dtype) * log_probabilities, axis=-1)
 
 
+def binary_crossentropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Mean over output dimensions of softplus(z) − t·z = −t log σ(z) − (1 − t) log(1 − σ(z)),
+    as Keras's binary_crossentropy(from_logits=True) averages it. targets shaped as the
+    logits, in [0, 1] (0/1 labels or probabilities). Written with softplus, not
+    `sigmoid_cross_entropy_with_logits`, whose |z| makes the gradient wrong at z = 0."""
+    targets = tf.cast(tf.reshape(targets, tf.shape(logits)), logits.dtype)
+    losses = tf.nn.softplus(logits) - targets * logits
+    return tf.reduce_mean(tf.reshape(losses, [tf.shape(losses)[0], -1]), axis=-1)
+
+
 def mean_squared_error(targets: tf.Tensor, predictions: tf.Tensor) -> tf.Tensor:
     """Mean over output dimensions of (prediction − target)², as Keras defines it."""
     difference = predictions - tf.cast(tf.reshape(targets, tf.shape(predictions)), predictions.dtype)
@@ -35,6 +45,7 @@ def mean_squared_error(targets: tf.Tensor, predictions: tf.Tensor) -> tf.Tensor:
 LOSSES: dict[str, PerExampleLoss] = {
     "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
     "categorical_crossentropy": categorical_crossentropy,
+    "binary_crossentropy": binary_crossentropy,
     "mean_squared_error": mean_squared_error,
 }
 

@@ -213,6 +213,7 @@ def test_images_transposed_convolution_and_cropping():
     (lambda h: keras.layers.GRU(4, reset_after=False)(h), "reset_after=True"),
     (lambda h: keras.layers.Conv1D(4, 3, dilation_rate=2)(h), "without dilation or groups"),
     (lambda h: keras.layers.GroupNormalization(2)(h), "of images or vectors"),
+    (lambda h: keras.layers.Embedding(9, 4)(h), "must read the model's integer input"),
     (lambda h: keras.layers.LSTM(8)(
         h, initial_state=[keras.layers.Dense(8)(keras.layers.Flatten()(h))] * 2),
      "is called on 3 tensors"),
@@ -246,6 +247,34 @@ def test_workload_from_files(tmp_path):
     np.savez(tmp_path / "gray.npz", x=rng.uniform(size=(10, 4, 4)), y=rng.integers(0, 3, 10))
     assert compare.workload_from_files(
         str(tmp_path / "image.keras"), str(tmp_path / "gray.npz"), 4, 5).x.shape == (10, 4, 4, 1)
+
+    # Tokens: an Embedding's integer inputs stay integers; real numbers are refused.
+    tokens = keras.Input((5,), dtype="int32")
+    embedded = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(7, 2)(tokens))
+    keras.Model(tokens, keras.layers.Dense(3)(embedded)).save(tmp_path / "text.keras")
+    np.savez(tmp_path / "tokens.npz", x=rng.integers(0, 7, (10, 5)), y=rng.integers(0, 3, 10))
+    assert compare.workload_from_files(
+        str(tmp_path / "text.keras"), str(tmp_path / "tokens.npz"), 4, 5).x.dtype == np.int32
+    with pytest.raises(compare.Failure, match="takes integer inputs"):
+        compare.workload_from_files(str(tmp_path / "text.keras"), str(tmp_path / "data.npz"), 4, 5)
+    masked = keras.layers.Embedding(7, 2, mask_zero=True)(tokens)
+    with pytest.raises(compare.Failure, match="without mask_zero"):
+        compare.twin_graph(keras.Model(tokens, keras.layers.Dense(3)(
+            keras.layers.GlobalAveragePooling1D()(masked))))
+
+    # One logit: 0/1 labels, binary cross-entropy on both sides; a final sigmoid refused.
+    keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)]).save(tmp_path / "binary.keras")
+    np.savez(tmp_path / "coin.npz", x=x, y=rng.integers(0, 2, 10))
+    assert compare.workload_from_files(
+        str(tmp_path / "binary.keras"), str(tmp_path / "coin.npz"), 4, 5).binary
+    assert not compare.workload_from_files(
+        str(tmp_path / "net.keras"), str(tmp_path / "coin.npz"), 4, 5).binary
+    with pytest.raises(compare.Failure, match=re.escape("labels must lie in [0, 1] (binary")):
+        compare.workload_from_files(str(tmp_path / "binary.keras"), str(tmp_path / "data.npz"), 4, 5)
+    keras.Sequential([keras.Input((5,)), keras.layers.Dense(1, activation="sigmoid")]).save(
+        tmp_path / "sigmoid.keras")
+    with pytest.raises(compare.Failure, match="last layer applies a sigmoid"):
+        compare.workload_from_files(str(tmp_path / "sigmoid.keras"), str(tmp_path / "coin.npz"), 4, 5)
 
     np.savez(tmp_path / "soft.npz", x=x, y=rng.uniform(size=10))
     with pytest.raises(compare.Failure, match="not integer class labels"):
@@ -296,7 +325,8 @@ def test_bad_input_is_one_line_before_any_install(args, message):
 # Steps of each example network's twin (layers of one step each; Dropout is none).
 STEPS_OF_EXAMPLES = {"conv_pool_bn": 7, "mlp_bn_gelu": 4, "functional_elu_avgpool": 6,
                      "residual_ln": 18, "transpose_crop": 8, "attention_seq": 10,
-                     "lstm_seq": 2, "gru_conv1d_seq": 5}
+                     "lstm_seq": 2, "gru_conv1d_seq": 5, "embedding_tokens": 4,
+                     "binary_parity": 5}
 
 
 def test_example_networks_are_accepted(tmp_path):
@@ -305,5 +335,5 @@ def test_example_networks_are_accepted(tmp_path):
     for name, data in example_networks.NETWORKS.items():
         workload = compare.workload_from_files(
             str(tmp_path / f"{name}.keras"), str(tmp_path / f"{data}.npz"), 128, None)
-        assert len(workload.x) == 1797
+        assert len(workload.x) == 1797 and workload.binary == (data == "digits_parity")
         assert len(compare.twin_graph(workload.keras_model)[0]) == STEPS_OF_EXAMPLES[name]

@@ -156,6 +156,35 @@ def test_forward_mode_failing_at_run_time_is_not_chosen(monkeypatch):
                                rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("error", [AttributeError, RuntimeError])
+def test_forward_mode_failing_in_any_type_falls_back_or_is_refused(monkeypatch, error):
+    # TensorFlow's forward mode fails in many types (an AttributeError through an
+    # Embedding's IndexedSlices gradient, say); reverse over reverse decides.
+    original = hessian_lib.HessianOperator._batch_products
+    broken = {"forward_over_backward"}
+
+    def failing(self, primals, state, block, x, y, method=None):
+        if (method or self.method) in broken:
+            raise error("no forward mode here")
+        return original(self, primals, state, block, x, y, method=method)
+
+    monkeypatch.setattr(hessian_lib.HessianOperator, "_batch_products", failing)
+    x, y = tiny_data()
+    model_function = operators.KerasModelFunction(tiny_model())
+    auto = operators.HessianOperator(model_function, x, y, batch_size=4)
+    assert auto.choose_method(1) == "reverse_over_reverse"
+    assert "no forward mode here" in auto.forward_mode_failure
+    vector = np.ones(auto.dim)
+    assert np.all(np.isfinite(auto.matvec(vector)))
+    forward = operators.HessianOperator(model_function, x, y, batch_size=4,
+                                        method="forward_over_backward")
+    with pytest.raises(ValueError, match="forward mode does not run through this model"):
+        forward.matvec(vector)
+    broken.add("reverse_over_reverse")  # both fail: the model's own error
+    with pytest.raises(error, match="no forward mode here"):
+        operators.HessianOperator(model_function, x, y, batch_size=4).choose_method(1)
+
+
 def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
     x, y = lstm_data()
     # Kept in its while loop (unrolled, forward mode runs: test_recurrent.py).
