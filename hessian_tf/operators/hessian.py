@@ -46,6 +46,11 @@ METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
 AUTO_TIMING_BATCHES = 4
 AUTO_TIMING_RUNS = 5
 AUTO_MARGIN = 0.95
+# The product graph takes the number of each replica's batches to run as an argument:
+# the products pass this (all of them), and method='auto' times the same graph on its
+# first AUTO_TIMING_BATCHES, then keeps the faster method's trace for the products
+# (one trace fewer at start-up: about 15 s on ResNet-32 on 2 CPU cores).
+ALL_BATCHES = np.iinfo(np.int32).max
 # How building or running a product graph by forward over backward fails where forward
 # mode does not run through the model: in many types (Keras's LSTM and GRU kept in
 # their while loop, over sequences longer than KerasModelFunction.unroll_steps: a
@@ -378,6 +383,7 @@ class HessianOperator:
         self._place_data(x, y)
         # No input signature: the block size k must be static (one trace per k).
         self._product_function = tf.function(self._product_graph)
+        self._all_batches = tf.constant(ALL_BATCHES, tf.int32)
         self._product_traces = {}  # k -> the concrete function of blocks of k vectors
         self._loss_gradient_function = tf.function(self._loss_gradient_graph)
         if self._device_dtype != tf.float64:
@@ -424,10 +430,13 @@ class HessianOperator:
             self._method_to_time = False
             return self.method
         self._method_to_time = False
-        self.method_seconds = self._time_methods(block_size)
+        self.method_seconds, traces = self._time_methods(block_size)
         forward, reverse = (self.method_seconds[name] for name in METHODS[1:])
         self.method = ("forward_over_backward" if forward is not None
                        and forward <= AUTO_MARGIN * reverse else "reverse_over_reverse")
+        if self.method in traces:  # the timed graph is the product graph: kept
+            self._product_traces[block_size] = traces[self.method]
+            self.num_traces += 1
         return self.method
 
     @property
@@ -451,10 +460,11 @@ class HessianOperator:
         self._method_to_time = False
         self.method = method
 
-    def _time_methods(self, block_size: int) -> dict:
-        """{method: median seconds of its product graph over the first
+    def _time_methods(self, block_size: int) -> tuple[dict, dict]:
+        """({method: median seconds of its product graph over the first
         AUTO_TIMING_BATCHES batches of each replica, for a block of `block_size`
-        random unit vectors}. The graph the products then run, cut short: one batch
+        random unit vectors}, {method: that graph's trace, for the methods that ran}).
+        The graph the products then run, cut short by its argument: one batch
         timed in its own function misjudged it (a BN gelu MLP on the digits, batch 128,
         forward over backward against reverse over reverse: 0.86 against 0.84 ms for
         one batch, 9.3 against 6.2 ms for the data's 15; README.md, Speed)."""
@@ -462,14 +472,14 @@ class HessianOperator:
         vectors = rng.standard_normal((block_size, self.dim))
         vectors = tf.constant(vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
                               self._device_dtype)
-        spec = tf.TensorSpec([block_size, self.dim], self._device_dtype)
+        spec = self._product_spec(block_size)
+        limit = tf.constant(AUTO_TIMING_BATCHES, tf.int32)
         runs = {}
         for method in METHODS[1:]:
-            function = tf.function(functools.partial(
-                self._products_over_batches, method=method, max_batches=AUTO_TIMING_BATCHES))
+            function = tf.function(functools.partial(self._method_graph, method=method))
             try:
-                runs[method] = function.get_concrete_function(spec)
-                self._combined(runs[method](vectors))  # the first run sets the graph up
+                runs[method] = function.get_concrete_function(*spec)
+                self._combined(runs[method](vectors, limit))  # the first run sets the graph up
             except _FORWARD_MODE_FAILURES as error:
                 if method != "forward_over_backward":
                     raise
@@ -479,10 +489,10 @@ class HessianOperator:
         for _ in range(AUTO_TIMING_RUNS):
             for method, run in runs.items():
                 started = time.perf_counter()
-                self._combined(run(vectors))  # on the host: also for asynchronous devices
+                self._combined(run(vectors, limit))  # on the host: also for asynchronous devices
                 seconds[method].append(time.perf_counter() - started)
         return {method: float(np.median(seconds[method])) if method in runs else None
-                for method in METHODS[1:]}
+                for method in METHODS[1:]}, runs
 
     def _first_nonfinite_batch(self, vector) -> str:
         """", first in batch b (examples i-j)" for the first batch whose loss (or,
@@ -735,11 +745,21 @@ class HessianOperator:
             args=(per_replica,))
         return self.strategy.experimental_local_results(reduced)[0]
 
-    def _product_graph(self, vectors):
+    def _product_graph(self, vectors, max_batches):
         """vectors [k, dim] (device dtype) → the accumulator of their summed products
-        [terms, k·dim], one data pass."""
+        [terms, k·dim], one data pass over each replica's first `max_batches` batches
+        (a scalar int32 tensor; the products pass ALL_BATCHES)."""
         self.num_traces += 1  # runs only while tracing
-        return self._products_over_batches(vectors)
+        return self._products_over_batches(vectors, max_batches=max_batches)
+
+    def _method_graph(self, vectors, max_batches, *, method: str):
+        """`_product_graph` by `method`, not counted: the graphs method='auto' times."""
+        return self._products_over_batches(vectors, method=method, max_batches=max_batches)
+
+    def _product_spec(self, size: int) -> tuple:
+        """The product graph's arguments for blocks of `size` vectors."""
+        return (tf.TensorSpec([size, self.dim], self._device_dtype),
+                tf.TensorSpec([], tf.int32))
 
     def _products_over_batches(self, vectors, method=None, max_batches=None):
         """`_product_graph` by `method` (default: the operator's) over each replica's
@@ -805,7 +825,7 @@ class HessianOperator:
             products = self._products_from_residuals(vectors)
         else:
             accumulator = self._product_trace(vectors.shape[0])(
-                tf.constant(vectors, dtype=self._device_dtype))
+                tf.constant(vectors, dtype=self._device_dtype), self._all_batches)
             products = self._combined(accumulator).reshape(vectors.shape) / self.num_examples
         self.product_seconds += time.perf_counter() - start
         self.num_products += vectors.shape[0]
@@ -829,16 +849,16 @@ class HessianOperator:
         m = 90; ad hoc)."""
         trace = self._product_traces.get(size)
         if trace is None:
-            spec = tf.TensorSpec([size, self.dim], self._device_dtype)
+            spec = self._product_spec(size)
 
             def build():
-                return self._product_function.get_concrete_function(spec)
+                return self._product_function.get_concrete_function(*spec)
 
             trace = self._forward_mode_or_fallback(build, spec)
             self._product_traces[size] = trace
         return trace
 
-    def _forward_mode_or_fallback(self, build: Callable, spec: tf.TensorSpec):
+    def _forward_mode_or_fallback(self, build: Callable, spec: tuple):
         """build() (a trace of the products by the operator's method); where forward over
         backward does not build through the model but reverse over reverse does:
         under method='auto' (GGN's is forward mode) the products switch to reverse over
@@ -853,8 +873,8 @@ class HessianOperator:
             reverse_builds = True
             try:  # the same model by reverse over reverse: else the error is not the mode's
                 tf.function(functools.partial(
-                    self._products_over_batches, method="reverse_over_reverse",
-                )).get_concrete_function(spec)
+                    self._method_graph, method="reverse_over_reverse",
+                )).get_concrete_function(*spec)
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 reverse_builds = False
             if not reverse_builds:
@@ -929,7 +949,7 @@ class HessianOperator:
                     specs = [tf.TensorSpec((size,) + a.shape[1:], a.dtype) for a in (self._x, self._y)]
                     splits[size] = self._forward_mode_or_fallback(
                         lambda: residuals_lib.split(*self.flat_batch_product(*specs)),
-                        tf.TensorSpec([1, self.dim], self._device_dtype))
+                        self._product_spec(1))
 
         method = self.method
         build_splits()

@@ -36,8 +36,7 @@ def test_float32_accumulation_has_no_float64_on_the_device(kind, num_devices, da
     vector = np.random.default_rng(0).standard_normal(operator.dim)
     operator.matvec(vector)
     operator.loss_and_gradient()
-    product = operator._product_function.get_concrete_function(
-        tf.TensorSpec([1, operator.dim], tf.float32))
+    product = operator._product_trace(1)
     gradient = operator._loss_gradient_function.get_concrete_function()
     assert operator._product_function.experimental_get_tracing_count() == 1
     assert hessian.nodes_of_dtype(product, tf.float64) == []
@@ -50,8 +49,7 @@ def test_float32_accumulation_has_no_float64_on_the_device(kind, num_devices, da
     default = make_operator(kind, "auto", num_devices)
     assert default.accumulation == "float64"
     default.matvec(vector)
-    assert hessian.nodes_of_dtype(default._product_function.get_concrete_function(
-        tf.TensorSpec([1, default.dim], tf.float64)), tf.float64)
+    assert hessian.nodes_of_dtype(default._product_trace(1), tf.float64)
 
 
 @pytest.mark.parametrize("kind, num_devices, bn_mode", [
@@ -175,8 +173,7 @@ def test_gauss_newton_and_fisher_in_float32_accumulation(name):
             accumulation=accumulation)
         for accumulation in ("float32", "float64")
     }
-    assert hessian.nodes_of_dtype(built["float32"]._product_function.get_concrete_function(
-        tf.TensorSpec([1, built["float32"].dim], tf.float32)), tf.float64) == []
+    assert hessian.nodes_of_dtype(built["float32"]._product_trace(1), tf.float64) == []
     block = np.random.default_rng(2).standard_normal((2, built["float64"].dim))
     expected = built["float64"].matmat(block)
     np.testing.assert_allclose(built["float32"].matmat(block), expected,

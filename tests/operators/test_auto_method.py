@@ -43,11 +43,13 @@ def test_auto_times_both_methods_and_keeps_the_products():
     expected = ("forward_over_backward" if forward <= hessian_lib.AUTO_MARGIN * reverse
                 else "reverse_over_reverse")
     assert auto.method == expected
-    assert auto.num_traces == 1  # the timing graphs are not the product graph
+    # The faster method's timed graph (cut short by its argument) is the product graph.
+    assert auto.num_traces == 1 and auto._product_function.experimental_get_tracing_count() == 0
     fixed = operators.HessianOperator(model_function, x, y, batch_size=4, method=auto.method)
     np.testing.assert_allclose(product, fixed.matvec(vector), rtol=1e-12, atol=1e-14)
     auto.matvec(vector)
     assert auto.num_traces == 1 and fixed.method_seconds is None
+    assert auto._product_function.experimental_get_tracing_count() == 0
     # Chosen once: a later call times nothing again.
     seconds = auto.method_seconds
     assert auto.choose_method(3) == auto.method and auto.method_seconds is seconds
@@ -78,7 +80,7 @@ def test_the_choice_follows_the_timings(monkeypatch, forward, reverse, chosen):
 
     def fake(block_size):
         timed.append(block_size)
-        return {"forward_over_backward": forward, "reverse_over_reverse": reverse}
+        return {"forward_over_backward": forward, "reverse_over_reverse": reverse}, {}
 
     monkeypatch.setattr(operator, "_time_methods", fake)
     assert operator.choose_method(3) == chosen
@@ -186,14 +188,14 @@ def test_forward_mode_failing_in_any_type_falls_back_or_is_refused(monkeypatch, 
 
 
 def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
-    x, y = lstm_data()
+    x, y = lstm_data()  # two batches of 5: one trace per graph
     # Kept in its while loop (unrolled, forward mode runs: test_recurrent.py).
     model_function = operators.KerasModelFunction(lstm_model(), unroll_steps=0)
     vector = np.random.default_rng(3).standard_normal(model_function_dim(model_function))
     reverse = operators.HessianOperator(
-        model_function, x, y, batch_size=4, method="reverse_over_reverse").matvec(vector)
+        model_function, x, y, batch_size=5, method="reverse_over_reverse").matvec(vector)
 
-    auto = operators.HessianOperator(model_function, x, y, batch_size=4)
+    auto = operators.HessianOperator(model_function, x, y, batch_size=5)
     assert auto.choose_method(1) == "reverse_over_reverse"
     np.testing.assert_allclose(auto.matvec(vector), reverse, rtol=1e-10, atol=1e-12)
     assert auto.method_seconds["forward_over_backward"] is None
@@ -202,16 +204,16 @@ def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
     assert "LSTM" in auto.forward_mode_failure
 
     asked = operators.HessianOperator(
-        model_function, x, y, batch_size=4, method="forward_over_backward")
+        model_function, x, y, batch_size=5, method="forward_over_backward")
     with pytest.raises(ValueError, match=r"^--method=forward_over_backward: forward mode "
                        r"does not run through this model \(TypeError: .*LSTM.*\); use "
                        r"--method=reverse_over_reverse"):
         asked.matvec(vector)
 
     # The Gauss-Newton operator's automatic forward mode falls back as well.
-    ggn = gauss_newton.make_operator("ggn", model_function, x, y, batch_size=4)
+    ggn = gauss_newton.make_operator("ggn", model_function, x, y, batch_size=5)
     ggn_reverse = gauss_newton.make_operator(
-        "ggn", model_function, x, y, batch_size=4, method="reverse_over_reverse")
+        "ggn", model_function, x, y, batch_size=5, method="reverse_over_reverse")
     np.testing.assert_allclose(ggn.matvec(vector), ggn_reverse.matvec(vector),
                                rtol=1e-10, atol=1e-12)
     assert ggn.method == "reverse_over_reverse" and "LSTM" in ggn.forward_mode_failure
@@ -219,19 +221,19 @@ def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
     # Streamed data as well.
     streamed = gauss_newton.operator_class("ggn", StreamingHessianOperator)(
         model_function, array_dataset_fn(x, y, 4), num_examples=len(x), sample=(x, y),
-        batch_size=4)
+        batch_size=5)
     expected = ggn_reverse.matvec(vector)  # float32 products, another loop over the data
     np.testing.assert_allclose(streamed.matvec(vector), expected, rtol=1e-5,
                                atol=1e-6 * np.max(np.abs(expected)))
     assert streamed.method == "reverse_over_reverse"
     # The residual cache's split of a batch's product refuses it the same way (the
     # split of reverse over reverse does not run through the LSTM's loop either).
-    asked = operators.HessianOperator(model_function, x, y, batch_size=4,
+    asked = operators.HessianOperator(model_function, x, y, batch_size=5,
                                       method="forward_over_backward", cache_residuals=True)
     with pytest.raises(ValueError, match=r"^--method=forward_over_backward: forward mode"):
         asked.matvec(vector)
     # By reverse over reverse the split fails at the LSTM's loop: one line as well.
-    cached = operators.HessianOperator(model_function, x, y, batch_size=4, cache_residuals=True)
+    cached = operators.HessianOperator(model_function, x, y, batch_size=5, cache_residuals=True)
     with pytest.raises(ValueError, match=r"^--cache_residuals: this model's product cannot be "
                        r"split .*leave the cache off"):
         cached.matvec(vector)

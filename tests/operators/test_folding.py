@@ -10,7 +10,7 @@ from hessian_tf import operators
 from hessian_tf.operators import folding
 
 NUM_EXAMPLES = 7
-BATCH_SIZE = 4
+BATCH_SIZE = NUM_EXAMPLES  # one batch: one trace per graph (uneven batches: test_hessian)
 
 
 @pytest.fixture(params=["folded", "in_layer"])

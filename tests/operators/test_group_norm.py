@@ -11,7 +11,7 @@ from hessian_tf.operators import group_norm
 from hessian_tf.operators.moments import exact_moments
 from tests.operators.test_folding import reference_hessian
 
-NUM_EXAMPLES, BATCH_SIZE = 6, 4
+NUM_EXAMPLES, BATCH_SIZE = 6, 6  # one batch: one trace per graph
 
 
 def gn_net(kind: str, dtype="float64"):

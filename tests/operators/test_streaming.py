@@ -56,8 +56,7 @@ def test_streaming_equals_in_memory(num_devices, num_examples, bn_mode, pad_batc
     assert streaming._product_function.experimental_get_tracing_count() == 1
     # A while loop over an iterator, not Dataset.reduce (over the default strategy's
     # plain dataset), which optimised the product graph again at every call (~0.2 s).
-    graph = streaming._product_function.get_concrete_function(
-        tf.constant(vector[np.newaxis])).graph.as_graph_def()
+    graph = streaming._product_trace(1).graph.as_graph_def()
     op_types = {node.op for node in graph.node} | {
         node.op for function in graph.library.function for node in function.node_def}
     assert "While" in op_types or "StatelessWhile" in op_types

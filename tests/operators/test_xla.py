@@ -51,13 +51,13 @@ def test_float32_graphs_compile_under_xla(network, method, bn_mode):
     compiled_product = tf.function(operator._product_graph, jit_compile=True)
     for vectors in (block[:1], block):  # one vector, and a lockstep block
         expected = operator.matmat(vectors)
-        accumulator = compiled_product(tf.constant(vectors, tf.float32))
+        accumulator = compiled_product(tf.constant(vectors, tf.float32), operator._all_batches)
         got = operator._combined(accumulator).reshape(vectors.shape) / operator.num_examples
         np.testing.assert_allclose(got, expected, rtol=1e-5,
                                    atol=1e-5 * np.max(np.abs(expected)))
     # The graph that ran was XLA's: its HLO exists (this raises for a plain trace).
     hlo = compiled_product.experimental_get_compiler_ir(
-        tf.constant(block[:1], tf.float32))(stage="hlo")
+        tf.constant(block[:1], tf.float32), operator._all_batches)(stage="hlo")
     assert "while" in hlo
 
     loss, gradient = operator.loss_and_gradient()
