@@ -38,6 +38,12 @@ NETWORKS = {"conv_pool_bn": "digits_img", "mlp_bn_gelu": "digits_flat",
             "embedding_tokens": "digits_tokens", "binary_parity": "digits_parity"}
 
 
+def loss(name: str) -> str:
+    """hessian_tf's --loss for a network: its training loss, on logits."""
+    return ("binary_crossentropy" if NETWORKS[name] == "digits_parity"
+            else "sparse_categorical_crossentropy")
+
+
 def build(name: str):
     import keras
 

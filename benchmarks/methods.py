@@ -9,7 +9,8 @@ interleaved rounds after a traced first one, medians. `full FoB/RoR` < 1 means
 forward over backward is faster over the whole data; `right` says whether auto chose
 the faster one (within AUTO_MARGIN counts as either).
 
-Usage (about 5 minutes on 2 CPU cores):
+Usage (about 5 minutes on 2 CPU cores for the first eight networks; more with the
+embedding and binary ones):
   .venv/bin/python benchmarks/example_networks.py OUT_DIR
   .venv/bin/python benchmarks/methods.py OUT_DIR [--rounds 5] [--networks a,b]
 """
@@ -44,7 +45,8 @@ def measure(name: str, directory: str, rounds: int) -> list[str]:
     model = keras.models.load_model(os.path.join(directory, f"{name}.keras"))
     model_function = operators.KerasModelFunction(model)
 
-    auto = operators.HessianOperator(model_function, x, y, batch_size=BATCH_SIZE)
+    loss = example_networks.loss(name)
+    auto = operators.HessianOperator(model_function, x, y, batch_size=BATCH_SIZE, loss=loss)
     started = time.perf_counter()
     chosen = auto.choose_method(1)
     choice_seconds = time.perf_counter() - started
@@ -53,7 +55,7 @@ def measure(name: str, directory: str, rounds: int) -> list[str]:
     fixed = {}
     for method in hessian_lib.METHODS[1:]:
         operator = operators.HessianOperator(
-            model_function, x, y, batch_size=BATCH_SIZE, method=method)
+            model_function, x, y, batch_size=BATCH_SIZE, method=method, loss=loss)
         try:
             operator.matvec(np.ones(operator.dim))  # traces
         except ValueError as error:

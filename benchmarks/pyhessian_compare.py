@@ -501,9 +501,11 @@ def check_twin_layer(layer) -> None:
             raise Failure(f"twin: Embedding {layer.name} must be torch's nn.Embedding: "
                           "without mask_zero (a mask the later layers would read), LoRA "
                           "or quantization.")
-        if layer.input.dtype not in ("int32", "int64"):
+        if layer.input.dtype not in ("int32", "int64") or len(layer.input.shape) != 2:
             raise Failure(f"twin: Embedding {layer.name} must read the model's integer "
-                          f"input (keras.Input(..., dtype='int32')), not {layer.input.dtype}.")
+                          "input of token sequences (batch, length) (keras.Input((length,), "
+                          f"dtype='int32')), not {layer.input.dtype} of shape "
+                          f"{tuple(layer.input.shape)}.")
     elif isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
         kind = type(layer).__name__
         cell = layer.cell

@@ -99,6 +99,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the option, the value and the fix."""
     from hessian_tf.distribute import STRATEGIES, check_cpu_threads
     from hessian_tf.operators import BN_MODES, LOSSES
+    from hessian_tf.operators import recurrent
     from hessian_tf.operators.hessian import METHODS
 
     positive = ("lanczos_steps", "num_draws", "batch_size", "num_grid_points", "num_eigenpairs")
@@ -139,11 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"--checkpoint_every={config.checkpoint_every}: pass a number of products >= 1, "
             "or 0 for no checkpoints."
         )
-    if config.unroll_steps < 0:
-        raise ValueError(
-            f"--unroll_steps={config.unroll_steps}: pass a number of time steps >= 1, or 0 "
-            "to keep recurrent layers in their loop."
-        )
+    recurrent.check_steps(config.unroll_steps)  # the message KerasModelFunction gives
     if config.default_model_epochs < 0:
         raise ValueError(f"--default_model_epochs={config.default_model_epochs}: pass >= 0.")
     choices = {

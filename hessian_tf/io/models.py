@@ -54,7 +54,8 @@ def load_model_function(path: str, strategy: tf.distribute.Strategy | None = Non
     """Returns a KerasModelFunction or SavedModelFunction for the model at `path`.
     `imported_modules`: the --import_modules already imported, named in the error of a
     .keras file that still does not load. `keras_options`: KerasModelFunction's options
-    (unroll_steps, say), for a .keras file.
+    (unroll_steps, say), for a .keras file; a SavedModel's functions are fixed when it
+    is written (`export_for_spectrum` takes them there).
 
     A SavedModel is loaded under `strategy`'s scope: its functions read their own
     variables inside each replica, so the variables must be the strategy's (one copy

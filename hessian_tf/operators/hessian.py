@@ -130,14 +130,21 @@ def _check_logits(outputs: np.ndarray, loss_name: str) -> None:
 
 
 def _check_binary(model_function, y: np.ndarray) -> None:
-    """binary_crossentropy takes logits and targets in [0, 1]: a Keras model whose last
-    layer applies a sigmoid would be squashed twice."""
-    if y.size and (not np.issubdtype(y.dtype, np.number) or np.min(y) < 0 or np.max(y) > 1):
+    """binary_crossentropy takes logits and targets in [0, 1] (numbers or booleans): a
+    Keras model whose last layer applies a sigmoid would be squashed twice."""
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
         raise ValueError(
-            f"--dataset: targets of dtype {y.dtype} range outside [0, 1], but "
-            "--loss=binary_crossentropy takes 0/1 labels or probabilities; for class "
+            f"--dataset: targets of dtype {y.dtype}, but --loss=binary_crossentropy takes "
+            "0/1 labels or probabilities; save them as numbers."
+        )
+    if y.size and (np.min(y) < 0 or np.max(y) > 1):
+        raise ValueError(
+            f"--dataset: targets range over [{np.min(y):g}, {np.max(y):g}], outside [0, 1], "
+            "but --loss=binary_crossentropy takes 0/1 labels or probabilities; for class "
             "indices pass --loss=sparse_categorical_crossentropy."
         )
+    while getattr(model_function, "inner", None) is not None:  # --variables: a subset
+        model_function = model_function.inner
     model = getattr(model_function, "model", None)
     last = model.layers[-1] if model is not None and model.layers else None
     if getattr(getattr(last, "activation", None), "__name__", "") == "sigmoid":
@@ -414,7 +421,9 @@ class HessianOperator:
         """Whether method='auto' times both methods: both run (forward mode through the
         model, no residual cache, which splits one method's graph), and this process
         alone decides (no TPU, where a second program is a second compilation; not
-        several workers, whose timings could disagree and their graphs with them)."""
+        several workers, whose timings could disagree and their graphs with them).
+        Float32 accumulation is not timed either: `_check_no_float64` traces the
+        products at construction, and `times_methods` times only before any trace."""
         # TensorFlow's own test (private): without it, assume several workers.
         several_workers = getattr(self.strategy.extended, "_in_multi_worker_mode", lambda: True)()
         return (self.model_function.supports_forward_mode and not self.cache_residuals
@@ -696,19 +705,18 @@ class HessianOperator:
         return rows[0] if rows.shape[0] == 1 else np.sum(rows, axis=0)
 
     def _sum_over_batches(self, batch_fn, size: int, args: tuple,
-                          max_batches: Optional[int] = None) -> tf.Tensor:
+                          max_batches=None) -> tf.Tensor:
         """Σ over every batch of the dataset of batch_fn(x, y, *args) (a vector [size]
         of the device dtype), summed per replica, then ONE cross-replica reduction.
         Returns the accumulator (see `_accumulator`; `_combined` adds it up).
 
-        In memory: each replica loops over its own dealt batches on its device (only
-        its first `max_batches`, when given: for timing).
+        In memory: each replica loops over its own dealt batches on its device, its
+        first `max_batches` of them (an int or a scalar int32 tensor, passed to the
+        replicas as an argument; None: all).
         """
 
-        def replica_fn(data, *args):
-            batches = tf.shape(data.sizes)[0]
-            if max_batches is not None:
-                batches = tf.minimum(batches, max_batches)
+        def replica_fn(data, max_batches, *args):
+            batches = tf.minimum(tf.shape(data.sizes)[0], max_batches)
 
             def body(slot, total):
                 count = data.sizes[slot]
@@ -729,7 +737,9 @@ class HessianOperator:
             return total
 
         with self.model_function.mode_context(self.bn_mode):
-            per_replica = self.strategy.run(replica_fn, args=(self._data,) + tuple(args))
+            limit = tf.convert_to_tensor(ALL_BATCHES if max_batches is None else max_batches,
+                                         tf.int32)
+            per_replica = self.strategy.run(replica_fn, args=(self._data, limit) + tuple(args))
         return self._sum_across_replicas(per_replica)
 
     def _sum_across_replicas(self, per_replica) -> tf.Tensor:

@@ -29,8 +29,8 @@ def categorical_crossentropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor
 def binary_crossentropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     """Mean over output dimensions of softplus(z) − t·z = −t log σ(z) − (1 − t) log(1 − σ(z)),
     as Keras's binary_crossentropy(from_logits=True) averages it. targets shaped as the
-    logits, in [0, 1] (0/1 labels or probabilities). Written with softplus, not
-    `sigmoid_cross_entropy_with_logits`, whose |z| makes the gradient wrong at z = 0."""
+    logits, in [0, 1] (0/1 labels or probabilities). In closed form, softplus(z) − t·z,
+    whose derivatives σ(z) − t and σ(z)(1 − σ(z)) TensorFlow differentiates exactly."""
     targets = tf.cast(tf.reshape(targets, tf.shape(logits)), logits.dtype)
     losses = tf.nn.softplus(logits) - targets * logits
     return tf.reduce_mean(tf.reshape(losses, [tf.shape(losses)[0], -1]), axis=-1)

@@ -257,6 +257,10 @@ def test_workload_from_files(tmp_path):
         str(tmp_path / "text.keras"), str(tmp_path / "tokens.npz"), 4, 5).x.dtype == np.int32
     with pytest.raises(compare.Failure, match="takes integer inputs"):
         compare.workload_from_files(str(tmp_path / "text.keras"), str(tmp_path / "data.npz"), 4, 5)
+    grid = keras.Input((5, 5), dtype="int32")  # tokens in a grid: the twin reads sequences
+    with pytest.raises(compare.Failure, match=re.escape("of token sequences (batch, length)")):
+        compare.twin_graph(keras.Model(grid, keras.layers.Dense(3)(
+            keras.layers.Flatten()(keras.layers.Embedding(7, 2)(grid)))))
     masked = keras.layers.Embedding(7, 2, mask_zero=True)(tokens)
     with pytest.raises(compare.Failure, match="without mask_zero"):
         compare.twin_graph(keras.Model(tokens, keras.layers.Dense(3)(

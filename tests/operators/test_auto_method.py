@@ -55,6 +55,31 @@ def test_auto_times_both_methods_and_keeps_the_products():
     assert auto.choose_method(3) == auto.method and auto.method_seconds is seconds
 
 
+@pytest.mark.parametrize("margin, chosen", [(1e9, "forward_over_backward"),
+                                            (0.0, "reverse_over_reverse")])
+def test_the_chosen_methods_timed_graph_is_the_one_kept(monkeypatch, margin, chosen):
+    # The two methods agree to rounding, so the products cannot tell which graph was
+    # kept: the kept trace must be the chosen method's own.
+    monkeypatch.setattr(hessian_lib, "AUTO_MARGIN", margin)
+    timed = hessian_lib.HessianOperator._time_methods
+    traces = {}
+
+    def recording(self, block_size):
+        seconds, runs = timed(self, block_size)
+        traces.update(runs)
+        return seconds, runs
+
+    monkeypatch.setattr(hessian_lib.HessianOperator, "_time_methods", recording)
+    x, y = tiny_data()
+    auto = operators.HessianOperator(operators.KerasModelFunction(tiny_model()), x, y,
+                                     batch_size=4)
+    assert auto.choose_method(2) == chosen
+    assert set(traces) == set(hessian_lib.METHODS[1:])
+    assert auto._product_trace(2) is traces[chosen]
+    assert auto._product_trace(1) is not traces[chosen]  # another block size: traced anew
+    assert auto.num_traces == 2
+
+
 def test_without_choose_method_auto_is_reverse_over_reverse():
     x, y = tiny_data()
     operator = operators.HessianOperator(
@@ -220,7 +245,7 @@ def test_forward_mode_through_an_lstm_falls_back_or_is_refused():
     assert ggn.num_traces == 1  # the failed trace of forward mode is not counted
     # Streamed data as well.
     streamed = gauss_newton.operator_class("ggn", StreamingHessianOperator)(
-        model_function, array_dataset_fn(x, y, 4), num_examples=len(x), sample=(x, y),
+        model_function, array_dataset_fn(x, y, 5), num_examples=len(x), sample=(x, y),
         batch_size=5)
     expected = ggn_reverse.matvec(vector)  # float32 products, another loop over the data
     np.testing.assert_allclose(streamed.matvec(vector), expected, rtol=1e-5,

@@ -2,6 +2,8 @@
 models). The loss equals Keras's from logits, its gradient is right at z = 0, products
 and the GGN equal dense float64 references, and misuse is refused in one line."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import tensorflow as tf
 
 from hessian_tf import operators
 from hessian_tf.operators import gauss_newton, losses
+from hessian_tf.operators.subset import SubsetModelFunction
 from tests.operators.test_gauss_newton import flat_jacobian
 
 NUM_EXAMPLES, BATCH_SIZE = 9, 4
@@ -28,7 +31,7 @@ def binary_data(outputs: int = 1):
     x = rng.standard_normal((NUM_EXAMPLES, 4))
     y = rng.integers(0, 2, (NUM_EXAMPLES, outputs)).astype(np.float64)
     y[0] = 0.3  # a soft target
-    return x, (y[:, 0].astype(np.int64) if outputs == 1 else y)
+    return x, (y[:, 0] if outputs == 1 else y)
 
 
 def keras_loss(model, x, y):
@@ -87,16 +90,33 @@ def test_ggn_is_the_jacobians_around_the_sigmoid_curvature():
                                rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("model, y, loss, message", [
-    (binary_net(activation="sigmoid"), None, "binary_crossentropy",
+def test_boolean_labels_are_zero_and_one():
+    model_function = operators.KerasModelFunction(binary_net())
+    x, _ = binary_data()
+    labels = np.arange(NUM_EXAMPLES) % 3 == 0
+    products = [operators.HessianOperator(model_function, x, y, batch_size=BATCH_SIZE,
+                                          loss="binary_crossentropy").matvec(np.ones(19))
+                for y in (labels, labels.astype(np.float64))]
+    np.testing.assert_array_equal(products[0], products[1])
+
+
+@pytest.mark.parametrize("activation, y, loss, subset, message", [
+    ("sigmoid", None, "binary_crossentropy", False,
      "applies a sigmoid, but --loss=binary_crossentropy takes logits"),
-    (binary_net(), np.arange(NUM_EXAMPLES) % 3, "binary_crossentropy",
-     "range outside [0, 1]"),
-    (binary_net(), np.arange(NUM_EXAMPLES) % 2, "sparse_categorical_crossentropy",
+    ("sigmoid", None, "binary_crossentropy", True,  # --variables: the subset's model
+     "applies a sigmoid, but --loss=binary_crossentropy takes logits"),
+    (None, np.arange(NUM_EXAMPLES) % 3, "binary_crossentropy", False,
+     "targets range over [0, 2], outside [0, 1]"),
+    (None, np.array(["a"] * NUM_EXAMPLES), "binary_crossentropy", False,
+     "targets of dtype <U1, but --loss=binary_crossentropy takes 0/1 labels"),
+    (None, np.arange(NUM_EXAMPLES) % 2, "sparse_categorical_crossentropy", False,
      "pass --loss=binary_crossentropy for one logit"),
 ])
-def test_misuse_is_refused_with_the_fix(model, y, loss, message):
+def test_misuse_is_refused_with_the_fix(activation, y, loss, subset, message):
     x, labels = binary_data()
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        operators.HessianOperator(operators.KerasModelFunction(model), x,
-                                  labels if y is None else y, batch_size=BATCH_SIZE, loss=loss)
+    model_function = operators.KerasModelFunction(binary_net(activation=activation))
+    if subset:
+        model_function = SubsetModelFunction(model_function, "kernel")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        operators.HessianOperator(model_function, x, labels if y is None else y,
+                                  batch_size=BATCH_SIZE, loss=loss)
