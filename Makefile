@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python setup.py
 install: $(VENV)/.installed
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 spectrum: install
 	$(BIN)/hessian-spectrum --output_dir=$(OUTPUT_DIR)

@@ -23,7 +23,7 @@ setuptools.setup(
         "scikit-learn",  # only for the embedded digits data
         "threadpoolctl",  # one BLAS thread for the Lanczos algebra
     ],
-    extras_require={"test": ["pytest", "pyyaml"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "pyyaml"]},
     entry_points={
         "console_scripts": [
             "hessian-spectrum=hessian_tf.bin.spectrum:run",
