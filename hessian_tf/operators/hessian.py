@@ -49,7 +49,8 @@ AUTO_MARGIN = 0.95
 # The product graph takes the number of each replica's batches to run as an argument:
 # the products pass this (all of them), and method='auto' times the same graph on its
 # first AUTO_TIMING_BATCHES, then keeps the faster method's trace for the products
-# (one trace fewer at start-up: about 15 s on ResNet-32 on 2 CPU cores).
+# (one second-order trace fewer at start-up: 13-14 s on the smoke config's width-4
+# ResNet-32 on 2 CPU cores, one run).
 ALL_BATCHES = np.iinfo(np.int32).max
 # How building or running a product graph by forward over backward fails where forward
 # mode does not run through the model: in many types (Keras's LSTM and GRU kept in
