@@ -284,7 +284,9 @@ class Preempted(Exception):
 
 
 def _variable_values(model_function) -> list[np.ndarray]:
-    model_function = getattr(model_function, "inner", model_function)  # a variable subset
+    from hessian_tf.operators.subset import base_function
+
+    model_function = base_function(model_function)  # under variable subsets
     model = getattr(model_function, "model", None)
     if model is not None:
         return [np.asarray(v.numpy()) for v in model.weights]

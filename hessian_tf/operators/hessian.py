@@ -144,9 +144,9 @@ def _check_binary(model_function, y: np.ndarray) -> None:
             "but --loss=binary_crossentropy takes 0/1 labels or probabilities; for class "
             "indices pass --loss=sparse_categorical_crossentropy."
         )
-    while getattr(model_function, "inner", None) is not None:  # --variables: a subset
-        model_function = model_function.inner
-    model = getattr(model_function, "model", None)
+    from hessian_tf.operators.subset import base_function
+
+    model = getattr(base_function(model_function), "model", None)  # under --variables
     last = model.layers[-1] if model is not None and model.layers else None
     if getattr(getattr(last, "activation", None), "__name__", "") == "sigmoid":
         raise ValueError(

@@ -24,6 +24,14 @@ import tensorflow as tf
 MAX_LISTED_PATHS = 40
 
 
+def base_function(model_function):
+    """The model function under any variable subsets (SubsetModelFunction wraps one in
+    `inner`, possibly another subset): the one that holds the model itself."""
+    while getattr(model_function, "inner", None) is not None:
+        model_function = model_function.inner
+    return model_function
+
+
 def variable_paths(model_function) -> list[str]:
     """The path of each trainable variable of `model_function`, in θ's order."""
     paths = getattr(model_function, "paths", None)
