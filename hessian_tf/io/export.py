@@ -70,6 +70,7 @@ def export_for_spectrum(
             "export_for_spectrum: the Keras model is not built; call it on a batch "
             "(or build it with an input shape) before exporting it."
         )
+    model_function_lib.check_one_input_and_output(model, "export_for_spectrum")
     unroll_steps = recurrent.check_steps(unroll_steps, "export_for_spectrum: unroll_steps")
     spec = _input_spec(model, input_signature)
     trainable = [_backing_variable(v) for v in model.trainable_variables]
@@ -165,11 +166,6 @@ def _input_spec(model: keras.Model, input_signature) -> tf.TensorSpec:
         raise ValueError(
             "export_for_spectrum: the model has no known input shape (a subclassed "
             "model?); pass input_signature=[tf.TensorSpec([None, ...], dtype)]."
-        )
-    if len(inputs) != 1:
-        raise ValueError(
-            f"export_for_spectrum: the model has {len(inputs)} inputs; hessian_tf "
-            "needs a model with one input tensor."
         )
     shape = [None] + list(inputs[0].shape[1:])
     return tf.TensorSpec(shape, tf.as_dtype(inputs[0].dtype), name="x")

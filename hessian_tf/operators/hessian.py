@@ -35,7 +35,7 @@ from hessian_tf.messages import first_line, traced_error
 from hessian_tf.operators import flat_parameters as flatten_lib
 from hessian_tf.operators import losses as losses_lib
 from hessian_tf.operators.graphs import graph_nodes
-from hessian_tf.operators.model_function import check_bn_mode
+from hessian_tf.operators.model_function import ModelStructureError, check_bn_mode
 
 METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
 # method='auto' times both methods' product graphs over the first AUTO_TIMING_BATCHES
@@ -576,6 +576,8 @@ class HessianOperator:
                     tf.constant(sample),
                     bn_mode="inference",
                 )
+        except ModelStructureError:
+            raise
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
             # Keras may print the whole input array after " [[".
             first = first_line(error, None, type(error).__name__).split(" [[")[0][:300]

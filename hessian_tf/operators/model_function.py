@@ -88,6 +88,29 @@ def batch_norm_in_train_mode(model: keras.Model):
             del layer.call
 
 
+class ModelStructureError(ValueError):
+    """The model is not a function of one input tensor to one output tensor."""
+
+
+def check_one_input_and_output(model: keras.Model, where: str = "--model") -> None:
+    """Refuses a functional or Sequential model of several inputs or outputs, in one
+    line that says what to do. A subclassed model has no symbolic inputs or outputs
+    and is checked when it is first called (KerasModelFunction.__call__)."""
+    inputs = getattr(model, "inputs", None) or []
+    outputs = getattr(model, "outputs", None) or []
+    if len(inputs) > 1:
+        shapes = ", ".join(f"{t.name} {tuple(t.shape[1:])}" for t in inputs)
+        raise ModelStructureError(
+            f"{where}: the model takes {len(inputs)} inputs ({shapes}), but hessian_tf "
+            "feeds one input array (the dataset's x); build a model of one input that "
+            "holds them all (e.g. concatenated, split again by slicing layers inside).")
+    if len(outputs) > 1:
+        raise ModelStructureError(
+            f"{where}: the model has {len(outputs)} outputs, but hessian_tf needs one "
+            "output tensor for its loss; pass the model of the output whose loss you "
+            "study, e.g. keras.Model(model.inputs, model.outputs[0]).")
+
+
 class KerasModelFunction:
     """outputs = f(θ, x) for a Keras 3 model, pure in θ."""
 
@@ -104,6 +127,7 @@ class KerasModelFunction:
                 "--model: the Keras model is not built; call it on a batch (or build "
                 "it with an input shape) before computing its spectrum."
             )
+        check_one_input_and_output(model)
         self.model = model
         # The tf.Variables behind Keras variables: ForwardAccumulator and tapes
         # reject Keras 3 variables themselves.
@@ -181,9 +205,10 @@ class KerasModelFunction:
             list(primals), list(state), x, return_losses=True, **self._call_options
         )
         if isinstance(outputs, (list, tuple, dict)):
-            raise ValueError(
-                "--model: the model has several outputs; hessian_tf needs a model "
-                "with one output tensor."
+            raise ModelStructureError(
+                "--model: the model has several outputs, but hessian_tf needs one "
+                "output tensor for its loss; pass a model of the output whose loss "
+                "you study."
             )
         regularization = tf.add_n(losses) if losses else tf.zeros([], outputs.dtype)
         return outputs, tf.cast(regularization, outputs.dtype)

@@ -142,6 +142,10 @@ def bad_inputs(directory):
         "one-hot labels": ([model, f"--dataset=npz:{directory / 'onehot.npz'}"],
                            "--loss=categorical_crossentropy"),
         "softmax outputs": ([f"--model={directory / 'softmax.keras'}", data], "remove the final softmax"),
+        "two inputs": ([f"--model={directory / 'two_inputs.keras'}", data],
+                       "--model: the model takes 2 inputs"),
+        "two outputs": ([f"--model={directory / 'two_outputs.keras'}", data],
+                        "--model: the model has 2 outputs"),
         "negative unroll": ([model, data, "--unroll_steps=-1"], "--unroll_steps=-1"),
         "cache with stream": ([model, "--dataset=tfds:mnist", "--stream", "--cache_residuals"],
                               "--cache_residuals: not with --stream"),
@@ -164,6 +168,10 @@ def bad_files(small_model):
     broken = keras.models.clone_model(model)
     broken.layers[0].kernel.assign(np.full((4, 5), np.nan, np.float32))
     broken.save(str(directory / "nan.keras"))
+    first, second = keras.Input((4,)), keras.Input((4,))
+    keras.Model([first, second], keras.layers.Add()([first, second])).save(
+        str(directory / "two_inputs.keras"))
+    keras.Model(first, [model(first), model(first)]).save(str(directory / "two_outputs.keras"))
     return directory
 
 

@@ -237,3 +237,39 @@ def test_a_module_that_exits_at_import_is_one_line(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match=r"'exits_at_import' could not be imported \(SystemExit"):
         import_modules("exits_at_import")
+
+
+def test_several_inputs_or_outputs_are_refused_before_any_data_is_read():
+    """A functional model of two inputs or two outputs: one line naming --model, its
+    shapes and the fix, when the function is built (not a shape error from the data)."""
+    first, second = keras.Input((8, 8, 1)), keras.Input((3,))
+    merged = keras.layers.Concatenate()([keras.layers.Flatten()(first), second])
+    with pytest.raises(ValueError, match=r"^--model: the model takes 2 inputs \(\S+ \(8, 8, 1\), "
+                                         r"\S+ \(3,\)\).*slicing layers"):
+        KerasModelFunction(keras.Model([first, second], keras.layers.Dense(2)(merged)))
+    inputs = keras.Input((4,))
+    heads = [keras.layers.Dense(3)(inputs), keras.layers.Dense(1)(inputs)]
+    with pytest.raises(ValueError, match=r"^--model: the model has 2 outputs.*"
+                                         r"keras\.Model\(model\.inputs, model\.outputs\[0\]\)"):
+        KerasModelFunction(keras.Model(inputs, heads))
+
+
+def test_a_subclassed_model_of_two_outputs_is_refused_as_a_model_not_as_data():
+    """Its outputs are only known once called: the fit check must not report it as
+    inputs that do not fit (--dataset), as it did."""
+    from hessian_tf import operators
+
+    class TwoHeads(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = keras.layers.Dense(3), keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.first(x), self.second(x)
+
+    model = TwoHeads()
+    model(np.zeros((1, 4), np.float32))
+    x = np.ones((6, 4), np.float32)
+    with pytest.raises(ValueError, match=r"^--model: the model has several outputs"):
+        operators.HessianOperator(KerasModelFunction(model), x, np.zeros(6, np.int64),
+                                  batch_size=3)
