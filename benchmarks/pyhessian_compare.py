@@ -550,7 +550,8 @@ TWIN_MODULES = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2
 SUPPORTED_LAYERS = (
     ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, "
     "MaxPooling2D, AveragePooling2D, GlobalAveragePooling1D/2D, GlobalMaxPooling1D/2D, "
-    "ZeroPadding2D, Cropping2D, UpSampling2D (nearest), Flatten, " + ", ".join(TWIN_MERGES)
+    "ZeroPadding2D, Cropping2D, UpSampling2D (nearest), Flatten, Reshape, Permute, "
+    + ", ".join(TWIN_MERGES)
     + ", Concatenate and, as the identity at inference, dropout, noise and random "
     "augmentation layers")
 
@@ -561,7 +562,8 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     layer with weights, one of TWIN_MODULES, its activation included; value: the
     layer's name), "activation" (name), "leaky_relu" (slope),
     "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
-    top, bottom)), "crop" ((top, bottom, left, right)), "upsample" ((rows, columns)), a
+    top, bottom)), "crop" ((top, bottom, left, right)), "upsample" ((rows, columns)),
+    "reshape" (Keras's target_shape), "permute" (Keras's dims, from 1), a
     merge of TWIN_MERGES, "concatenate" (torch axis) or "identity". `call` is the
     node's arguments (keras.src.ops.symbolic_arguments.SymbolicArguments), read for
     MultiHeadAttention: query, value and key by position, no mask."""
@@ -589,6 +591,10 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
         if layer.data_format != "channels_last":
             raise Failure(f"twin: Flatten {layer.name} must be channels_last.")
         return "flatten", None
+    if isinstance(layer, keras.layers.Reshape):
+        return "reshape", tuple(int(size) for size in layer.target_shape)
+    if isinstance(layer, keras.layers.Permute):
+        return "permute", tuple(int(axis) for axis in layer.dims)
     if isinstance(layer, keras.layers.Activation):
         return "activation", activation_name(layer)
     if isinstance(layer, keras.layers.ReLU):
@@ -1012,6 +1018,11 @@ def torch_twin(keras_model):
                     x = torch.cat(args, dim=value)
                 elif kind in merges:
                     x = merges[kind](args)
+                elif kind in ("reshape", "permute"):  # on Keras's layout, images NHWC
+                    x = x.permute(0, 2, 3, 1) if x.ndim == 4 else x
+                    x = (x.reshape(x.shape[0], *value) if kind == "reshape"
+                         else x.permute(0, *value))
+                    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x
                 else:  # flatten; Keras flattens channels-last images: H, W, C
                     x = (x.permute(0, 2, 3, 1) if x.ndim == 4 else x).flatten(1)
                 values[out] = x
@@ -1252,7 +1263,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "one output; skip connections allowed) of Conv1D, Conv2D (also depthwise, "
                         "separable, transposed), Dense, BN, Layer/GroupNormalization, "
                         "MultiHeadAttention, LSTM, GRU, activations, pooling, padding, "
-                        "cropping, Flatten, Dropout, merges and Concatenate; needs --data")
+                        "cropping, upsampling, Flatten, Reshape, Permute, Dropout, merges and "
+                        "Concatenate; needs --data")
     parser.add_argument("--data", default=None,
                         help="with --model: an .npz with arrays x (inputs) and y (integer labels)")
     parser.add_argument("--batch_size", type=int, default=None,

@@ -73,6 +73,13 @@ def lockstep_group(config, dim: int) -> int:
     )
 
 
+def block_products(config, group: int) -> int:
+    """The products of blocks of `group` vectors that a job runs over the whole data:
+    the Lanczos steps of each lockstep group of draws, and the determinism check's."""
+    groups = -(-config.num_draws // group)
+    return groups * config.lanczos_steps + int(bool(config.check_determinism))
+
+
 # Sleeps, then reports and kills the job; killed itself when the block ends in time.
 _WATCHDOG = """
 import os, signal, sys, time
@@ -168,8 +175,11 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         cache_residuals=config.cache_residuals, accumulation=operator.accumulation,
     )
     group = lockstep_group(config, operator.dim)
+    replicas = operator.strategy.num_replicas_in_sync
+    batches = -(-operator.num_examples // config.batch_size)
     if operator.times_methods:  # --method=auto as the job would, here on this one batch
-        one_batch.choose_method(group)
+        # (whose products stand for the whole data's batches per replica)
+        one_batch.choose_method(group, block_products(config, group) * -(-batches // replicas))
     else:  # the job's method (streamed data, several workers: not timed)
         one_batch.use_method(operator.method)
     vector = np.ones(one_batch.dim) / np.sqrt(one_batch.dim)
@@ -177,11 +187,8 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     started = time.perf_counter()
     one_batch.matvec(vector)
     batch_seconds = time.perf_counter() - started
-    replicas = operator.strategy.num_replicas_in_sync
-    batches = -(-operator.num_examples // config.batch_size)
     products = config.num_draws * config.lanczos_steps + group * int(bool(config.check_determinism))
-    groups = -(-config.num_draws // group)
-    passes = groups * config.lanczos_steps + int(bool(config.check_determinism)) + 1  # + gradient
+    passes = block_products(config, group) + 1  # + gradient
     basis_bytes = group * config.lanczos_steps * operator.dim * basis_dtype(config).itemsize
     # An upper bound: a block of k products in lockstep costs less than k products.
     seconds = batch_seconds * -(-batches // replicas) * (products + 1)
@@ -458,19 +465,28 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         # arithmetic.
         operator.use_method(checkpointer.restored_method)
     else:
-        # --method=auto: the faster over the first batches, for blocks of `group` vectors.
-        operator.choose_method(group)
+        # --method=auto: the faster over the first batches, for blocks of `group` vectors
+        # (forward mode not timed where its set-up would cost more than it could save).
+        operator.choose_method(group, block_products(config, group))
     checkpointer.method_of = lambda: operator.method
     if operator.method_seconds:
         forward = operator.method_seconds["forward_over_backward"]
-        logging.info(
-            "--method=auto: reverse over reverse %.4g s, forward over backward %s (medians "
-            "of products of blocks of %d vector(s) over %d batch(es)); --method fixes one",
-            operator.method_seconds["reverse_over_reverse"],
-            f"{forward:.4g} s" if forward is not None
-            else f"does not run through this model ({operator.forward_mode_failure})",
-            group, min(AUTO_TIMING_BATCHES, operator.batches_per_replica),
-        )
+        timed = (f"products of blocks of {group} vector(s) over "
+                 f"{min(AUTO_TIMING_BATCHES, operator.batches_per_replica)} batch(es)")
+        if operator.forward_mode_untimed:
+            logging.info(
+                "--method=auto: reverse over reverse %.4g s (one run of %s); forward over "
+                "backward %s; --method fixes one",
+                operator.method_seconds["reverse_over_reverse"], timed,
+                operator.forward_mode_untimed)
+        else:
+            logging.info(
+                "--method=auto: reverse over reverse %.4g s, forward over backward %s "
+                "(medians of %s); --method fixes one",
+                operator.method_seconds["reverse_over_reverse"],
+                f"{forward:.4g} s" if forward is not None
+                else f"does not run through this model ({operator.forward_mode_failure})",
+                timed)
     logging.info(
         "Hessian of the mean %s over %d examples: %d parameters, %s products, %d replicas, "
         "sums in %s",
@@ -521,8 +537,9 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         ),
         "method": operator.method,
         # --method=auto: {method: median seconds of its products over the first batches
-        # (None: did not run)}; else null
+        # (None: did not run, or not timed)}; else null. method_note: why one is None.
         "method_seconds": operator.method_seconds,
+        "method_note": operator.forward_mode_untimed or operator.forward_mode_failure,
         "precision": config.precision,
         "accumulation": operator.accumulation,
         "loss": loss,

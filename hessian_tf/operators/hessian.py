@@ -39,13 +39,25 @@ from hessian_tf.operators.model_function import ModelStructureError, check_bn_mo
 
 METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
 # method='auto' times both methods' product graphs over the first AUTO_TIMING_BATCHES
-# batches of each replica (after a run of each that sets it up: AUTO_TIMING_RUNS
-# alternating runs, medians) and takes forward over backward only when its median is
-# at most AUTO_MARGIN of reverse over reverse's; within the margin the shared passes of
-# lockstep blocks and the method that SavedModels need win.
+# batches of each replica (after a run of each that sets it up: one timed run of each,
+# then AUTO_TIMING_RUNS alternating runs; medians of the 6) and takes forward over
+# backward only when its median is at most AUTO_MARGIN of reverse over reverse's;
+# within the margin the shared passes of lockstep blocks and the method that
+# SavedModels need win.
 AUTO_TIMING_BATCHES = 4
 AUTO_TIMING_RUNS = 5
 AUTO_MARGIN = 0.95
+# Reverse over reverse is set up (traced, run once) and timed first. When the caller
+# says how many block products the job will run, forward over backward is timed only
+# if it could save more than that set-up time, taking that it saves at most this
+# fraction of reverse over reverse's time. Measured: 0.81-1.20 of it on the eight
+# example networks (README.md, Speed), 0.79-0.84 on a small ViT, about 0.64 on a
+# GroupNormalization CNN (before group_norm.py): the largest saving, 36%. Its own
+# set-up took 1.25-1.5 times reverse over reverse's on three small networks (ViT,
+# separable-convolution and BN CNNs on the digits; one run each), so the rule errs
+# towards timing. Skipped, it spares a trace that the products could not repay (the
+# default MLP's whole job, 1.8 s for each set-up on those CNNs).
+FORWARD_MODE_MOST_SAVING = 0.4
 # The product graph takes the number of each replica's batches to run as an argument:
 # the products pass this (all of them), and method='auto' times the same graph on its
 # first AUTO_TIMING_BATCHES, then keeps the faster method's trace for the products
@@ -386,6 +398,7 @@ class HessianOperator:
         self.residual_bytes = 0
         self.method_seconds = None  # {method: seconds (None: did not run)}, once timed
         self.forward_mode_failure = ""  # why forward over backward did not run, if not
+        self.forward_mode_untimed = ""  # why it was not timed (a short job), if not
         self._method_to_time = self._method_to_time and self._can_time_methods()
         self._check_fit(x, y)
         self._place_data(x, y)
@@ -430,17 +443,21 @@ class HessianOperator:
         return (self.model_function.supports_forward_mode and not self.cache_residuals
                 and not is_tpu_strategy(self.strategy) and not several_workers)
 
-    def choose_method(self, block_size: int = 1) -> str:
+    def choose_method(self, block_size: int = 1, num_products: int | None = None) -> str:
         """For method='auto', before the first product (once; later calls, and calls
         for other methods or where the methods are not timed, change nothing): times
         both methods' products of blocks of `block_size` vectors (the lockstep size of
         the products to come) over the first batches and keeps the faster, AUTO_MARGIN
-        in favour of reverse over reverse. Returns the method."""
+        in favour of reverse over reverse. Given `num_products`, the number of such
+        block products the caller will run over the whole data, forward over backward
+        is not timed (nor chosen) where it could not save its own set-up time
+        (FORWARD_MODE_MOST_SAVING; `forward_mode_untimed` says why). Returns the
+        method."""
         if not self.times_methods:
             self._method_to_time = False
             return self.method
         self._method_to_time = False
-        self.method_seconds, traces = self._time_methods(block_size)
+        self.method_seconds, traces = self._time_methods(block_size, num_products)
         forward, reverse = (self.method_seconds[name] for name in METHODS[1:])
         self.method = ("forward_over_backward" if forward is not None
                        and forward <= AUTO_MARGIN * reverse else "reverse_over_reverse")
@@ -470,10 +487,13 @@ class HessianOperator:
         self._method_to_time = False
         self.method = method
 
-    def _time_methods(self, block_size: int) -> tuple[dict, dict]:
+    def _time_methods(self, block_size: int, num_products: int | None = None
+                      ) -> tuple[dict, dict]:
         """({method: median seconds of its product graph over the first
         AUTO_TIMING_BATCHES batches of each replica, for a block of `block_size`
         random unit vectors}, {method: that graph's trace, for the methods that ran}).
+        Reverse over reverse first; forward over backward is left out (None) where
+        `num_products` block products over the whole data could not repay its set-up.
         The graph the products then run, cut short by its argument: one batch
         timed in its own function misjudged it (a BN gelu MLP on the digits, batch 128,
         forward over backward against reverse over reverse: 0.86 against 0.84 ms for
@@ -485,8 +505,15 @@ class HessianOperator:
         spec = self._product_spec(block_size)
         limit = tf.constant(AUTO_TIMING_BATCHES, tf.int32)
         runs = {}
-        for method in METHODS[1:]:
+        seconds = {}
+        for method in ("reverse_over_reverse", "forward_over_backward"):
+            if method == "forward_over_backward" and num_products is not None:
+                self.forward_mode_untimed = self._forward_mode_untimed(
+                    num_products, set_up, seconds["reverse_over_reverse"][0])
+                if self.forward_mode_untimed:
+                    break
             function = tf.function(functools.partial(self._method_graph, method=method))
+            started = time.perf_counter()
             try:
                 runs[method] = function.get_concrete_function(*spec)
                 self._combined(runs[method](vectors, limit))  # the first run sets the graph up
@@ -495,14 +522,33 @@ class HessianOperator:
                     raise
                 runs.pop(method, None)
                 self.forward_mode_failure = traced_error(error)
-        seconds = {method: [] for method in runs}
+                break
+            set_up = time.perf_counter() - started
+            started = time.perf_counter()
+            self._combined(runs[method](vectors, limit))
+            seconds[method] = [time.perf_counter() - started]
+        if len(runs) == 1:
+            return {"reverse_over_reverse": seconds["reverse_over_reverse"][0],
+                    "forward_over_backward": None}, runs
         for _ in range(AUTO_TIMING_RUNS):
             for method, run in runs.items():
                 started = time.perf_counter()
                 self._combined(run(vectors, limit))  # on the host: also for asynchronous devices
                 seconds[method].append(time.perf_counter() - started)
-        return {method: float(np.median(seconds[method])) if method in runs else None
-                for method in METHODS[1:]}, runs
+        return {method: float(np.median(seconds[method])) for method in METHODS[1:]}, runs
+
+    def _forward_mode_untimed(self, num_products: int, set_up: float, seconds: float) -> str:
+        """Why forward over backward is not worth timing, or "": reverse over reverse
+        took `set_up` seconds to trace and run once, and `seconds` for its product over
+        the first batches."""
+        timed_batches = min(AUTO_TIMING_BATCHES, self.batches_per_replica)
+        products = seconds * self.batches_per_replica / timed_batches * num_products
+        if FORWARD_MODE_MOST_SAVING * products >= set_up:
+            return ""
+        return (f"not timed: {num_products} products take about {products:.3g} s by "
+                f"reverse over reverse, of which forward over backward could save at "
+                f"most {FORWARD_MODE_MOST_SAVING:.0%}, less than the {set_up:.3g} s that "
+                "setting it up would take (as it took reverse over reverse)")
 
     def _first_nonfinite_batch(self, vector) -> str:
         """", first in batch b (examples i-j)" for the first batch whose loss (or,

@@ -134,7 +134,7 @@ def test_models_the_twin_cannot_mirror_are_refused():
     (keras.layers.Conv2DTranspose(2, 3, dilation_rate=2), "Conv2DTranspose conv2d_transpose"),
     (keras.layers.Conv2DTranspose(2, 2, strides=3), "with kernel_size ≥ strides"),
     (keras.layers.Cropping2D((1, 0), data_format="channels_first"), "must be channels_last"),
-    (keras.layers.Reshape((64, 1)), "(Reshape) is not supported"),
+    (keras.layers.PReLU(), "(PReLU) is not supported"),
     (keras.layers.UpSampling2D(2, interpolation="bilinear"), "interpolation='nearest'"),
     (keras.layers.ZeroPadding2D(1, data_format="channels_first"), "must be channels_last"),
     (keras.layers.MaxPooling2D(2, padding="same"), "must use padding='valid'"),
@@ -341,3 +341,19 @@ def test_example_networks_are_accepted(tmp_path):
             str(tmp_path / f"{name}.keras"), str(tmp_path / f"{data}.npz"), 128, None)
         assert len(workload.x) == 1797 and workload.binary == (data == "digits_parity")
         assert len(compare.twin_graph(workload.keras_model)[0]) == STEPS_OF_EXAMPLES[name]
+
+
+def test_patches_by_reshape_and_permute_are_steps_with_keras_arguments():
+    """A ViT-style patch embedding: the twin reshapes and permutes on Keras's layout
+    (images NHWC), with Keras's target shape and 1-based dims."""
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 1))
+    h = layers.Reshape((4, 2, 4, 2), name="split")(inputs)
+    h = layers.Permute((1, 3, 2, 4), name="order")(h)
+    h = layers.Reshape((16, -1), name="patches")(h)
+    h = layers.GlobalAveragePooling1D(name="mean")(layers.Dense(6, name="embed")(h))
+    model = keras.Model(inputs, layers.Dense(3, name="logits")(h))
+    assert compare.twin_graph(model) == ([
+        ("reshape", (4, 2, 4, 2), (0,), 1), ("permute", (1, 3, 2, 4), (1,), 2),
+        ("reshape", (16, -1), (2,), 3), ("module", "embed", (3,), 4),
+        ("global", "average", (4,), 5), ("module", "logits", (5,), 6)], 6)

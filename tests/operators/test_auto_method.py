@@ -4,6 +4,8 @@ timed) reverse over reverse. Forward mode that does not run through a model (Ker
 LSTM kept in its loop, today) falls back to reverse over reverse, or is refused in one
 line when asked for."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -64,8 +66,8 @@ def test_the_chosen_methods_timed_graph_is_the_one_kept(monkeypatch, margin, cho
     timed = hessian_lib.HessianOperator._time_methods
     traces = {}
 
-    def recording(self, block_size):
-        seconds, runs = timed(self, block_size)
+    def recording(self, block_size, num_products=None):
+        seconds, runs = timed(self, block_size, num_products)
         traces.update(runs)
         return seconds, runs
 
@@ -103,7 +105,7 @@ def test_the_choice_follows_the_timings(monkeypatch, forward, reverse, chosen):
         operators.KerasModelFunction(tiny_model()), x, y, batch_size=4)
     timed = []
 
-    def fake(block_size):
+    def fake(block_size, num_products=None):
         timed.append(block_size)
         return {"forward_over_backward": forward, "reverse_over_reverse": reverse}, {}
 
@@ -272,11 +274,13 @@ def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_p
     blocks = []
     timed = hessian_lib.HessianOperator._time_methods
 
-    def recording(self, block_size):
+    def recording(self, block_size, num_products=None):
         blocks.append(block_size)
-        return timed(self, block_size)
+        return timed(self, block_size, num_products)
 
     monkeypatch.setattr(hessian_lib.HessianOperator, "_time_methods", recording)
+    # Time forward mode also for these jobs of a few milliseconds (the next test: not).
+    monkeypatch.setattr(hessian_lib, "FORWARD_MODE_MOST_SAVING", float("inf"))
     x, y = lstm_data()  # 3 steps
     lstm_model().save(str(tmp_path / "lstm.keras"))
     tiny_model(dtype="float32").save(str(tmp_path / "tiny.keras"))
@@ -299,8 +303,40 @@ def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_p
                                 unroll_steps=2))
     assert lstm["method"] == "reverse_over_reverse" and lstm["config"]["unroll_steps"] == 2
     assert lstm["method_seconds"]["forward_over_backward"] is None
+    assert "TypeError" in lstm["method_note"]
     # Unrolled (the default length covers them), forward mode runs and is timed.
     unrolled = job.run(small_config(
         tmp_path / "unrolled", model=str(tmp_path / "lstm.keras"),
         dataset=f"npz:{tmp_path / 'lstm.npz'}", batch_size=4))
     assert unrolled["method_seconds"]["forward_over_backward"] > 0
+
+
+def test_forward_mode_is_timed_only_where_it_could_repay_its_set_up():
+    x, y = tiny_data()  # 3 batches of 4
+    model_function = operators.KerasModelFunction(tiny_model())
+    short = operators.HessianOperator(model_function, x, y, batch_size=4)
+    # One product of a few milliseconds cannot repay a trace: reverse over reverse,
+    # timed, its trace kept for the products.
+    assert short.choose_method(2, num_products=1) == "reverse_over_reverse"
+    assert short.method_seconds["forward_over_backward"] is None
+    assert short.method_seconds["reverse_over_reverse"] > 0
+    assert re.match(r"not timed: 1 products take about \S+ s by reverse over reverse, of "
+                    r"which forward over backward could save at most 40%, less than the "
+                    r"\S+ s that setting it up", short.forward_mode_untimed)
+    assert short.forward_mode_failure == "" and short.num_traces == 1
+    short.matmat(np.ones((2, short.dim)))
+    assert short.num_traces == 1  # the timed trace
+    long = operators.HessianOperator(model_function, x, y, batch_size=4)
+    long.choose_method(2, num_products=10**9)
+    assert long.method_seconds["forward_over_backward"] > 0 and not long.forward_mode_untimed
+
+
+@pytest.mark.parametrize("set_up, timed", [(0.39, True), (0.41, False)])
+def test_the_set_up_bound_scales_the_timed_batches_to_the_whole_data(set_up, timed):
+    x, y = tiny_data()  # 3 batches of 4
+    operator = operators.HessianOperator(operators.KerasModelFunction(tiny_model()), x, y,
+                                         batch_size=2)  # 6 batches, 4 of them timed
+    assert operator.batches_per_replica == 6
+    # 0.1 s for 4 batches: 0.15 s per product, 1.0 s for 20/3 products; at most 40% saved.
+    reason = operator._forward_mode_untimed(20 / 3, set_up, 0.1)
+    assert (reason == "") == timed
