@@ -8,8 +8,12 @@ cropped), and three that read an image's 8 rows as a sequence of 8 tokens:
 attention_seq.keras (a pre-LayerNorm transformer block, self-attention and an MLP),
 lstm_seq.keras and gru_conv1d_seq.keras (a GRU, then strided and causal Conv1D); and
 embedding_tokens.keras, a text classifier's shape on the 64 pixels as tokens (their
-intensities 0-16 as words): Embedding, Conv1D, global max pooling; and binary_parity.keras,
-a CNN of one logit telling odd digits from even (binary cross-entropy). With
+intensities 0-16 as words): Embedding, Conv1D, global max pooling; binary_parity.keras,
+a CNN of one logit telling odd digits from even (binary cross-entropy); patches_vit.keras,
+a ViT's shape: 2×2 patches cut by Reshape and Permute, a linear embedding, a pre-LayerNorm
+transformer block (self-attention, a gelu MLP), mean pooling; and separable_dropout.keras:
+SeparableConv2D and DepthwiseConv2D (gelu) with L2 weight penalties, Dropout, global average
+pooling. With
 digits_img.npz (x: 8×8×1 images, x/16; y: labels), digits_flat.npz (x: the 64 pixels),
 digits_seq.npz (x: 8×8, rows as tokens), digits_tokens.npz (x: 64 int32 tokens) and
 digits_parity.npz (the images; y: 1 for an odd digit).
@@ -35,7 +39,8 @@ NETWORKS = {"conv_pool_bn": "digits_img", "mlp_bn_gelu": "digits_flat",
             "functional_elu_avgpool": "digits_img", "residual_ln": "digits_img",
             "transpose_crop": "digits_img", "attention_seq": "digits_seq",
             "lstm_seq": "digits_seq", "gru_conv1d_seq": "digits_seq",
-            "embedding_tokens": "digits_tokens", "binary_parity": "digits_parity"}
+            "embedding_tokens": "digits_tokens", "binary_parity": "digits_parity",
+            "patches_vit": "digits_img", "separable_dropout": "digits_img"}
 
 
 def loss(name: str) -> str:
@@ -68,6 +73,22 @@ def build(name: str):
     if name.endswith("_seq"):
         return build_sequence_model(name)
     inputs = keras.Input((8, 8, 1))
+    if name == "patches_vit":
+        h = layers.Reshape((4, 2, 4, 2))(inputs)  # (patch row, row in it, patch column, ...)
+        h = layers.Reshape((16, 4))(layers.Permute((1, 3, 2, 4))(h))  # 16 patches of 2×2
+        h = layers.Dense(16)(h)
+        a = layers.LayerNormalization()(h)
+        h = layers.Add()([h, layers.MultiHeadAttention(num_heads=2, key_dim=8)(a, a)])
+        f = layers.Dense(32, activation="gelu")(layers.LayerNormalization()(h))
+        h = layers.Add()([h, layers.Dense(16)(f)])
+        return keras.Model(inputs, layers.Dense(10)(layers.GlobalAveragePooling1D()(h)))
+    if name == "separable_dropout":
+        l2 = keras.regularizers.l2(1e-3)
+        h = layers.SeparableConv2D(8, 3, padding="same", activation="relu",
+                                   depthwise_regularizer=l2, pointwise_regularizer=l2)(inputs)
+        h = layers.DepthwiseConv2D(3, padding="same", activation="gelu")(h)
+        h = layers.GlobalAveragePooling2D()(layers.Dropout(0.3)(h))
+        return keras.Model(inputs, layers.Dense(10, kernel_regularizer=l2)(h))
     if name == "transpose_crop":
         h = layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
         down = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(h)

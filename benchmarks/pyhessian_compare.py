@@ -393,6 +393,9 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
         raise Failure(f"--model={model_path}: {failure}") from failure
     name = os.path.splitext(os.path.basename(model_path))[0]
     tokens = str(model.inputs[0].dtype) in ("int32", "int64")  # an Embedding's input
+    if tokens and len(model.inputs[0].shape) == 4:  # the twin's 4-D tensors are NCHW
+        raise Failure(f"--model={model_path}: integer images {tuple(model.inputs[0].shape[1:])}; "
+                      "the twin takes integer inputs as token sequences (batch, length).")
     if tokens and not np.issubdtype(x.dtype, np.integer):
         raise Failure(f"--data={data_path}: x of dtype {x.dtype}, but --model takes integer "
                       "inputs (tokens); save x as integers.")

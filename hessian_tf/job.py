@@ -475,7 +475,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
                  f"{min(AUTO_TIMING_BATCHES, operator.batches_per_replica)} batch(es)")
         if operator.forward_mode_untimed:
             logging.info(
-                "--method=auto: reverse over reverse %.4g s (one run of %s); forward over "
+                "--method=auto: reverse over reverse %.4g s (median of %s); forward over "
                 "backward %s; --method fixes one",
                 operator.method_seconds["reverse_over_reverse"], timed,
                 operator.forward_mode_untimed)
@@ -539,7 +539,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         # --method=auto: {method: median seconds of its products over the first batches
         # (None: did not run, or not timed)}; else null. method_note: why one is None.
         "method_seconds": operator.method_seconds,
-        "method_note": operator.forward_mode_untimed or operator.forward_mode_failure,
+        "method_note": operator.forward_mode_untimed or operator.forward_mode_failure or None,
         "precision": config.precision,
         "accumulation": operator.accumulation,
         "loss": loss,

@@ -97,6 +97,7 @@ def export_for_spectrum(
                 x,
                 **call_options,
             )
+        outputs = model_function_lib.one_output(outputs)
         if isinstance(outputs, (list, tuple, dict)):
             raise ValueError(
                 "export_for_spectrum: the model has several outputs; hessian_tf "

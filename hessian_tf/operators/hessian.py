@@ -506,6 +506,7 @@ class HessianOperator:
         limit = tf.constant(AUTO_TIMING_BATCHES, tf.int32)
         runs = {}
         seconds = {}
+        set_up = None  # reverse over reverse's, which runs first (and must run)
         for method in ("reverse_over_reverse", "forward_over_backward"):
             if method == "forward_over_backward" and num_products is not None:
                 self.forward_mode_untimed = self._forward_mode_untimed(
@@ -527,15 +528,13 @@ class HessianOperator:
             started = time.perf_counter()
             self._combined(runs[method](vectors, limit))
             seconds[method] = [time.perf_counter() - started]
-        if len(runs) == 1:
-            return {"reverse_over_reverse": seconds["reverse_over_reverse"][0],
-                    "forward_over_backward": None}, runs
         for _ in range(AUTO_TIMING_RUNS):
             for method, run in runs.items():
                 started = time.perf_counter()
                 self._combined(run(vectors, limit))  # on the host: also for asynchronous devices
                 seconds[method].append(time.perf_counter() - started)
-        return {method: float(np.median(seconds[method])) for method in METHODS[1:]}, runs
+        return {method: float(np.median(seconds[method])) if method in runs else None
+                for method in METHODS[1:]}, runs
 
     def _forward_mode_untimed(self, num_products: int, set_up: float, seconds: float) -> str:
         """Why forward over backward is not worth timing, or "": reverse over reverse
@@ -545,7 +544,7 @@ class HessianOperator:
         products = seconds * self.batches_per_replica / timed_batches * num_products
         if FORWARD_MODE_MOST_SAVING * products >= set_up:
             return ""
-        return (f"not timed: {num_products} products take about {products:.3g} s by "
+        return (f"not timed: the job's products ({num_products}) take about {products:.3g} s by "
                 f"reverse over reverse, of which forward over backward could save at "
                 f"most {FORWARD_MODE_MOST_SAVING:.0%}, less than the {set_up:.3g} s that "
                 "setting it up would take (as it took reverse over reverse)")

@@ -96,8 +96,10 @@ def check_one_input_and_output(model: keras.Model, where: str = "--model") -> No
     """Refuses a functional or Sequential model of several inputs or outputs, in one
     line that says what to do. A subclassed model has no symbolic inputs or outputs
     and is checked when it is first called (KerasModelFunction.__call__)."""
-    inputs = getattr(model, "inputs", None) or []
-    outputs = getattr(model, "outputs", None) or []
+    try:
+        inputs, outputs = model.inputs or [], model.outputs or []
+    except (AttributeError, ValueError):  # not built from symbolic inputs
+        return
     if len(inputs) > 1:
         shapes = ", ".join(f"{t.name} {tuple(t.shape[1:])}" for t in inputs)
         raise ModelStructureError(
@@ -109,6 +111,16 @@ def check_one_input_and_output(model: keras.Model, where: str = "--model") -> No
             f"{where}: the model has {len(outputs)} outputs, but hessian_tf needs one "
             "output tensor for its loss; pass the model of the output whose loss you "
             "study, e.g. keras.Model(model.inputs, model.outputs[0]).")
+
+
+def one_output(outputs):
+    """A model's one output also when it comes in a list, tuple or dict of one (e.g.
+    keras.Model(inputs, [logits])); anything else as it is."""
+    if isinstance(outputs, dict) and len(outputs) == 1:
+        return next(iter(outputs.values()))
+    if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+        return outputs[0]
+    return outputs
 
 
 class KerasModelFunction:
@@ -204,6 +216,7 @@ class KerasModelFunction:
         outputs, _, losses = self.model.stateless_call(
             list(primals), list(state), x, return_losses=True, **self._call_options
         )
+        outputs = one_output(outputs)
         if isinstance(outputs, (list, tuple, dict)):
             raise ModelStructureError(
                 "--model: the model has several outputs, but hessian_tf needs one "

@@ -306,6 +306,14 @@ def test_workload_from_files(tmp_path):
     with pytest.raises(compare.Failure, match=r"^--model=.*remove the final softmax"):
         compare.workload_from_files(str(tmp_path / "probabilities.keras"),
                                     str(tmp_path / "data.npz"), 4, 5)
+    # Integer images: the twin would reshape them as NCHW.
+    keras.Sequential([keras.Input((2, 2, 1), dtype="int32"), keras.layers.Reshape((4,)),
+                      keras.layers.Embedding(5, 2), keras.layers.Flatten(),
+                      keras.layers.Dense(3)]).save(tmp_path / "int_images.keras")
+    np.savez(tmp_path / "int_images.npz", x=np.zeros((4, 2, 2, 1), np.int32), y=np.arange(4) % 3)
+    with pytest.raises(compare.Failure, match=r"^--model=.*integer images \(2, 2, 1\)"):
+        compare.workload_from_files(str(tmp_path / "int_images.keras"),
+                                    str(tmp_path / "int_images.npz"), 4, 5)
 
 
 def run_script(*args):
@@ -330,7 +338,7 @@ def test_bad_input_is_one_line_before_any_install(args, message):
 STEPS_OF_EXAMPLES = {"conv_pool_bn": 7, "mlp_bn_gelu": 4, "functional_elu_avgpool": 6,
                      "residual_ln": 18, "transpose_crop": 8, "attention_seq": 10,
                      "lstm_seq": 2, "gru_conv1d_seq": 5, "embedding_tokens": 4,
-                     "binary_parity": 5}
+                     "binary_parity": 5, "patches_vit": 13, "separable_dropout": 4}
 
 
 def test_example_networks_are_accepted(tmp_path):

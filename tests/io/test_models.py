@@ -254,6 +254,23 @@ def test_several_inputs_or_outputs_are_refused_before_any_data_is_read():
         KerasModelFunction(keras.Model(inputs, heads))
 
 
+def test_one_output_in_a_list_or_dict_is_the_output():
+    """keras.Model(inputs, [logits]) or {name: logits}: one output, as the tensor's own."""
+    from hessian_tf import operators
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,))
+    logits = keras.layers.Dense(3)(keras.layers.Dense(5, activation="tanh")(inputs))
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    y = np.arange(6) % 3
+    vector = np.random.default_rng(1).standard_normal(43)
+    products = [operators.HessianOperator(KerasModelFunction(keras.Model(inputs, outputs)), x,
+                                          y, batch_size=3).matvec(vector)
+                for outputs in (logits, [logits], {"logits": logits})]
+    np.testing.assert_array_equal(products[1], products[0])
+    np.testing.assert_array_equal(products[2], products[0])
+
+
 def test_a_subclassed_model_of_two_outputs_is_refused_as_a_model_not_as_data():
     """Its outputs are only known once called: the fit check must not report it as
     inputs that do not fit (--dataset), as it did."""

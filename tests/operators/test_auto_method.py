@@ -1,6 +1,7 @@
 """method='auto': choose_method times both product methods on the first batches (the
-product graph cut short) and keeps the faster; without it (and where the methods are not
-timed) reverse over reverse. Forward mode that does not run through a model (Keras's
+product graph cut short) and keeps the faster, unless the caller's products could not
+repay forward mode's set-up; without it (and where the methods are not timed) reverse
+over reverse. Forward mode that does not run through a model (Keras's
 LSTM kept in its loop, today) falls back to reverse over reverse, or is refused in one
 line when asked for."""
 
@@ -320,7 +321,7 @@ def test_forward_mode_is_timed_only_where_it_could_repay_its_set_up():
     assert short.choose_method(2, num_products=1) == "reverse_over_reverse"
     assert short.method_seconds["forward_over_backward"] is None
     assert short.method_seconds["reverse_over_reverse"] > 0
-    assert re.match(r"not timed: 1 products take about \S+ s by reverse over reverse, of "
+    assert re.match(r"not timed: the job's products \(1\) take about \S+ s by reverse over reverse, of "
                     r"which forward over backward could save at most 40%, less than the "
                     r"\S+ s that setting it up", short.forward_mode_untimed)
     assert short.forward_mode_failure == "" and short.num_traces == 1
@@ -340,3 +341,29 @@ def test_the_set_up_bound_scales_the_timed_batches_to_the_whole_data(set_up, tim
     # 0.1 s for 4 batches: 0.15 s per product, 1.0 s for 20/3 products; at most 40% saved.
     reason = operator._forward_mode_untimed(20 / 3, set_up, 0.1)
     assert (reason == "") == timed
+
+
+def test_the_job_and_its_dry_run_tell_choose_method_their_products(tmp_path, monkeypatch):
+    calls = []
+    choose = hessian_lib.HessianOperator.choose_method
+
+    def recording(self, block_size=1, num_products=None):
+        calls.append((block_size, num_products))
+        return choose(self, block_size, num_products)
+
+    monkeypatch.setattr(hessian_lib.HessianOperator, "choose_method", recording)
+    tiny_model(dtype="float32").save(str(tmp_path / "tiny.keras"))
+    x, y = tiny_data(np.float32)  # 12 examples: 3 batches of 4
+    np.savez(tmp_path / "tiny.npz", x=x, y=y)
+    options = dict(model=str(tmp_path / "tiny.keras"), dataset=f"npz:{tmp_path / 'tiny.npz'}",
+                   batch_size=4, num_draws=2, lockstep_draws=2)  # 5 Lanczos steps
+    summary = job.run(small_config(tmp_path / "run", **options))
+    # One lockstep group of 2: 5 block products and the determinism check's.
+    assert calls == [(2, 6)]
+    # Milliseconds of products cannot repay a second trace: forward mode is not timed.
+    assert summary["method"] == "reverse_over_reverse"
+    assert summary["method_seconds"]["forward_over_backward"] is None
+    assert summary["method_note"].startswith("not timed: the job's products (6) take about")
+    # The dry run's operator holds one batch: its products stand for the data's 3.
+    job.run(small_config(tmp_path / "dry", dry_run=True, **options))
+    assert calls[-1] == (2, 18)
