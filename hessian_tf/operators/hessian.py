@@ -39,9 +39,10 @@ from hessian_tf.operators.model_function import ModelStructureError, check_bn_mo
 
 METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
 # method='auto' times both methods' product graphs over the first AUTO_TIMING_BATCHES
-# batches of each replica (after a run of each that sets it up: one timed run of each,
-# then AUTO_TIMING_RUNS alternating runs; medians of the 6) and takes forward over
-# backward only when its median is at most AUTO_MARGIN of reverse over reverse's;
+# batches of each replica (after a run of each that sets it up: AUTO_ESTIMATE_RUNS
+# timed runs of reverse over reverse and one of forward over backward, then
+# AUTO_TIMING_RUNS alternating runs; medians of all of each method's) and takes forward
+# over backward only when its median is at most AUTO_MARGIN of reverse over reverse's;
 # within the margin the shared passes of lockstep blocks and the method that
 # SavedModels need win.
 AUTO_TIMING_BATCHES = 4
@@ -49,15 +50,23 @@ AUTO_TIMING_RUNS = 5
 AUTO_MARGIN = 0.95
 # Reverse over reverse is set up (traced, run once) and timed first. When the caller
 # says how many block products the job will run, forward over backward is timed only
-# if it could save more than that set-up time, taking that it saves at most this
-# fraction of reverse over reverse's time. Measured: 0.81-1.20 of it on the eight
-# example networks (README.md, Speed), 0.79-0.84 on a small ViT, about 0.64 on a
-# GroupNormalization CNN (before group_norm.py): the largest saving, 36%. Its own
-# set-up took 1.25-1.5 times reverse over reverse's on three small networks (ViT,
-# separable-convolution and BN CNNs on the digits; one run each), so the rule errs
-# towards timing. Skipped, it spares a trace that the products could not repay (the
-# default MLP's whole job, 1.8 s for each set-up on those CNNs).
+# if it could save more than its own set-up time, taking that
+# - it saves at most FORWARD_MODE_MOST_SAVING of reverse over reverse's time. Measured:
+#   it took 0.81-1.20 of it on the eight example networks (README.md, Speed), 0.73-0.84
+#   on a small ViT, about 0.64 on a GroupNormalization CNN (before group_norm.py): the
+#   largest saving, 36%;
+# - its set-up takes FORWARD_MODE_SET_UP_RATIO times reverse over reverse's: 1.25-1.6 on
+#   four small networks of the digits (ViT, separable-convolution and BN CNNs; one run
+#   each), 12.4 against 7.8 s on the ViT;
+# - the products run at the fastest of AUTO_ESTIMATE_RUNS runs of reverse over reverse
+#   after its set-up (the first runs are 1.5-4 times slower than the later ones on those
+#   networks).
+# Each errs towards timing. Skipped, forward mode's set-up is spared where the products
+# could not repay it (the patches ViT of benchmarks/example_networks.py: about 12 s of
+# set-up for about 2 s saved).
 FORWARD_MODE_MOST_SAVING = 0.4
+FORWARD_MODE_SET_UP_RATIO = 1.25
+AUTO_ESTIMATE_RUNS = 3
 # The product graph takes the number of each replica's batches to run as an argument:
 # the products pass this (all of them), and method='auto' times the same graph on its
 # first AUTO_TIMING_BATCHES, then keeps the faster method's trace for the products
@@ -510,7 +519,7 @@ class HessianOperator:
         for method in ("reverse_over_reverse", "forward_over_backward"):
             if method == "forward_over_backward" and num_products is not None:
                 self.forward_mode_untimed = self._forward_mode_untimed(
-                    num_products, set_up, seconds["reverse_over_reverse"][0])
+                    num_products, set_up, min(seconds["reverse_over_reverse"]))
                 if self.forward_mode_untimed:
                     break
             function = tf.function(functools.partial(self._method_graph, method=method))
@@ -525,9 +534,11 @@ class HessianOperator:
                 self.forward_mode_failure = traced_error(error)
                 break
             set_up = time.perf_counter() - started
-            started = time.perf_counter()
-            self._combined(runs[method](vectors, limit))
-            seconds[method] = [time.perf_counter() - started]
+            seconds[method] = []
+            for _ in range(AUTO_ESTIMATE_RUNS if method == "reverse_over_reverse" else 1):
+                started = time.perf_counter()
+                self._combined(runs[method](vectors, limit))
+                seconds[method].append(time.perf_counter() - started)
         for _ in range(AUTO_TIMING_RUNS):
             for method, run in runs.items():
                 started = time.perf_counter()
@@ -542,12 +553,14 @@ class HessianOperator:
         the first batches."""
         timed_batches = min(AUTO_TIMING_BATCHES, self.batches_per_replica)
         products = seconds * self.batches_per_replica / timed_batches * num_products
-        if FORWARD_MODE_MOST_SAVING * products >= set_up:
+        forward_set_up = FORWARD_MODE_SET_UP_RATIO * set_up
+        if FORWARD_MODE_MOST_SAVING * products >= forward_set_up:
             return ""
         return (f"not timed: the job's products ({num_products}) take about {products:.3g} s by "
                 f"reverse over reverse, of which forward over backward could save at "
-                f"most {FORWARD_MODE_MOST_SAVING:.0%}, less than the {set_up:.3g} s that "
-                "setting it up would take (as it took reverse over reverse)")
+                f"most {FORWARD_MODE_MOST_SAVING:.0%}, less than the {forward_set_up:.3g} s "
+                f"that setting it up would take ({FORWARD_MODE_SET_UP_RATIO:g} times "
+                "reverse over reverse's)")
 
     def _first_nonfinite_batch(self, vector) -> str:
         """", first in batch b (examples i-j)" for the first batch whose loss (or,
