@@ -76,12 +76,7 @@ def build(name: str):
     if name == "patches_vit":
         h = layers.Reshape((4, 2, 4, 2))(inputs)  # (patch row, row in it, patch column, ...)
         h = layers.Reshape((16, 4))(layers.Permute((1, 3, 2, 4))(h))  # 16 patches of 2×2
-        h = layers.Dense(16)(h)
-        a = layers.LayerNormalization()(h)
-        h = layers.Add()([h, layers.MultiHeadAttention(num_heads=2, key_dim=8)(a, a)])
-        f = layers.Dense(32, activation="gelu")(layers.LayerNormalization()(h))
-        h = layers.Add()([h, layers.Dense(16)(f)])
-        return keras.Model(inputs, layers.Dense(10)(layers.GlobalAveragePooling1D()(h)))
+        return keras.Model(inputs, transformer_logits(h, width=16, key_dim=8))
     if name == "separable_dropout":
         l2 = keras.regularizers.l2(1e-3)
         h = layers.SeparableConv2D(8, 3, padding="same", activation="relu",
@@ -116,18 +111,27 @@ def build(name: str):
     return keras.Model(inputs, layers.Dense(10)(h))
 
 
+def transformer_logits(tokens, *, width: int, key_dim: int):
+    """10 logits of a sequence of tokens: a Dense embedding of `width`, one pre-LayerNorm
+    transformer block (2-head self-attention, a gelu MLP of 2 × width), mean pooling."""
+    import keras
+
+    layers = keras.layers
+    h = layers.Dense(width)(tokens)
+    a = layers.LayerNormalization()(h)
+    h = layers.Add()([h, layers.MultiHeadAttention(num_heads=2, key_dim=key_dim)(a, a)])
+    f = layers.Dense(2 * width, activation="gelu")(layers.LayerNormalization()(h))
+    h = layers.Add()([h, layers.Dense(width)(f)])
+    return layers.Dense(10)(layers.GlobalAveragePooling1D()(h))
+
+
 def build_sequence_model(name: str):
     import keras
 
     layers = keras.layers
     inputs = keras.Input((8, 8))  # 8 tokens (an image's rows) of 8 features
     if name == "attention_seq":
-        h = layers.Dense(32)(inputs)
-        a = layers.LayerNormalization()(h)
-        h = layers.Add()([h, layers.MultiHeadAttention(num_heads=2, key_dim=16)(a, a)])
-        f = layers.Dense(64, activation="gelu")(layers.LayerNormalization()(h))
-        h = layers.Add()([h, layers.Dense(32)(f)])
-        return keras.Model(inputs, layers.Dense(10)(layers.GlobalAveragePooling1D()(h)))
+        return keras.Model(inputs, transformer_logits(inputs, width=32, key_dim=16))
     if name == "lstm_seq":
         return keras.Model(inputs, layers.Dense(10)(layers.LSTM(32)(inputs)))
     # gru_conv1d_seq
