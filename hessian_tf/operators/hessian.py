@@ -52,7 +52,7 @@ AUTO_MARGIN = 0.95
 # says how many block products the job will run, forward over backward is timed only
 # if it could save more than its own set-up time, taking that
 # - it saves at most FORWARD_MODE_MOST_SAVING of reverse over reverse's time. Measured:
-#   it took 0.81-1.20 of it on the eight example networks (README.md, Speed), 0.73-0.84
+#   it took 0.81-1.20 of it on the eight example networks (README.md, Speed), 0.72-0.84
 #   on a small ViT, about 0.64 on a GroupNormalization CNN (before group_norm.py): the
 #   largest saving, 36%;
 # - its set-up takes FORWARD_MODE_SET_UP_RATIO times reverse over reverse's: 1.25-1.6 on
@@ -62,8 +62,8 @@ AUTO_MARGIN = 0.95
 #   after its set-up (the first runs are 1.5-4 times slower than the later ones on those
 #   networks).
 # Each errs towards timing. Skipped, forward mode's set-up is spared where the products
-# could not repay it (the patches ViT of benchmarks/example_networks.py: about 12 s of
-# set-up for about 2 s saved).
+# could not repay it (the patches ViT of benchmarks/example_networks.py, one draw of
+# m = 90: about 12 s of set-up for about 3 s saved).
 FORWARD_MODE_MOST_SAVING = 0.4
 FORWARD_MODE_SET_UP_RATIO = 1.25
 AUTO_ESTIMATE_RUNS = 3
@@ -405,7 +405,7 @@ class HessianOperator:
         self._cached_values = None  # the parameters and state the cache was built from
         self._splits = {}  # batch size -> residuals.split of its product, traced once
         self.residual_bytes = 0
-        self.method_seconds = None  # {method: seconds (None: did not run)}, once timed
+        self.method_seconds = None  # {method: seconds (None: not run or not timed)}, once timed
         self.forward_mode_failure = ""  # why forward over backward did not run, if not
         self.forward_mode_untimed = ""  # why it was not timed (a short job), if not
         self._method_to_time = self._method_to_time and self._can_time_methods()
