@@ -56,7 +56,8 @@ _HELP = {
     "bn_mode": "inference: BN uses moving statistics; train: statistics of each batch.",
     "method": "Products by forward_over_backward or reverse_over_reverse; auto: for the "
     "Hessian, the faster of the two over the first 4 batches, timed at start-up (Keras "
-    "models on in-memory data, one worker, no TPU, no --cache_residuals; else reverse over "
+    "models on in-memory data, one worker, no TPU, no --cache_residuals; forward mode only "
+    "where the job's products could repay its set-up, see method_note; else reverse over "
     "reverse; a resumed run keeps its checkpoint's); for ggn and fisher, forward mode; "
     "reverse over reverse where forward mode does not run (Keras LSTM, GRU over sequences "
     "longer than --unroll_steps).",

@@ -287,8 +287,9 @@ class HessianOperator:
         the first product: it times both on the first batches and keeps the faster
         (neither is faster on every network: README.md, Speed), where both can run and
         the timing is this process's alone (a Keras model, in-memory data, no residual
-        cache, neither a TPU nor several workers). hessian-spectrum and the Keras
-        callback call it.
+        cache, neither a TPU nor several workers); given the number of products to
+        come, forward mode only where they could repay its set-up. hessian-spectrum
+        (with that number) and the Keras callback (without) call it.
       accumulation: how replicas sum their batches: 'float64', or 'float32' with
         compensated summation and no float64 tensor in the product graphs (for
         devices without float64: TPUs); 'auto': float32 under a TPUStrategy,
