@@ -989,6 +989,10 @@ def torch_twin(keras_model):
               "maximum": lambda ts: functools.reduce(torch.maximum, ts),
               "minimum": lambda ts: functools.reduce(torch.minimum, ts)}
 
+    def keras_layout(x):
+        """The twin's tensor in Keras's layout: images NCHW → NHWC, other ranks as they are."""
+        return x.permute(0, 2, 3, 1) if x.ndim == 4 else x
+
     class Twin(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1022,12 +1026,12 @@ def torch_twin(keras_model):
                 elif kind in merges:
                     x = merges[kind](args)
                 elif kind in ("reshape", "permute"):  # on Keras's layout, images NHWC
-                    x = x.permute(0, 2, 3, 1) if x.ndim == 4 else x
+                    x = keras_layout(x)
                     x = (x.reshape(x.shape[0], *value) if kind == "reshape"
                          else x.permute(0, *value))
-                    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x
+                    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x  # back to NCHW
                 else:  # flatten; Keras flattens channels-last images: H, W, C
-                    x = (x.permute(0, 2, 3, 1) if x.ndim == 4 else x).flatten(1)
+                    x = keras_layout(x).flatten(1)
                 values[out] = x
             return values[output]
 

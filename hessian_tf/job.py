@@ -177,9 +177,10 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     group = lockstep_group(config, operator.dim)
     replicas = operator.strategy.num_replicas_in_sync
     batches = -(-operator.num_examples // config.batch_size)
+    batches_per_replica = -(-batches // replicas)
     if operator.times_methods:  # --method=auto as the job would, here on this one batch
         # (whose products stand for the whole data's batches per replica)
-        one_batch.choose_method(group, block_products(config, group) * -(-batches // replicas))
+        one_batch.choose_method(group, block_products(config, group) * batches_per_replica)
     else:  # the job's method (streamed data, several workers: not timed)
         one_batch.use_method(operator.method)
     vector = np.ones(one_batch.dim) / np.sqrt(one_batch.dim)
@@ -191,7 +192,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     passes = block_products(config, group) + 1  # + gradient
     basis_bytes = group * config.lanczos_steps * operator.dim * basis_dtype(config).itemsize
     # An upper bound: a block of k products in lockstep costs less than k products.
-    seconds = batch_seconds * -(-batches // replicas) * (products + 1)
+    seconds = batch_seconds * batches_per_replica * (products + 1)
     cost = {
         "num_params": operator.dim,
         "num_examples": operator.num_examples,
@@ -471,22 +472,14 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
     checkpointer.method_of = lambda: operator.method
     if operator.method_seconds:
         forward = operator.method_seconds["forward_over_backward"]
-        timed = (f"products of blocks of {group} vector(s) over "
-                 f"{min(AUTO_TIMING_BATCHES, operator.batches_per_replica)} batch(es)")
-        if operator.forward_mode_untimed:
-            logging.info(
-                "--method=auto: reverse over reverse %.4g s (median of %s); forward over "
-                "backward %s; --method fixes one",
-                operator.method_seconds["reverse_over_reverse"], timed,
-                operator.forward_mode_untimed)
-        else:
-            logging.info(
-                "--method=auto: reverse over reverse %.4g s, forward over backward %s "
-                "(medians of %s); --method fixes one",
-                operator.method_seconds["reverse_over_reverse"],
-                f"{forward:.4g} s" if forward is not None
-                else f"does not run through this model ({operator.forward_mode_failure})",
-                timed)
+        logging.info(
+            "--method=auto: reverse over reverse %.4g s, forward over backward %s; medians "
+            "of products of blocks of %d vector(s) over %d batch(es); --method fixes one",
+            operator.method_seconds["reverse_over_reverse"],
+            f"{forward:.4g} s" if forward is not None else operator.forward_mode_untimed
+            or f"does not run through this model ({operator.forward_mode_failure})",
+            group, min(AUTO_TIMING_BATCHES, operator.batches_per_replica),
+        )
     logging.info(
         "Hessian of the mean %s over %d examples: %d parameters, %s products, %d replicas, "
         "sums in %s",

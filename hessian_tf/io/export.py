@@ -97,13 +97,7 @@ def export_for_spectrum(
                 x,
                 **call_options,
             )
-        outputs = model_function_lib.one_output(outputs)
-        if isinstance(outputs, (list, tuple, dict)):
-            raise ValueError(
-                "export_for_spectrum: the model has several outputs; hessian_tf "
-                "needs a model with one output tensor."
-            )
-        return outputs
+        return model_function_lib.single_output(outputs, "export_for_spectrum")
 
     def serve(x):
         return outputs_of(x)

@@ -113,13 +113,18 @@ def check_one_input_and_output(model: keras.Model, where: str = "--model") -> No
             "study, e.g. keras.Model(model.inputs, model.outputs[0]).")
 
 
-def one_output(outputs):
-    """A model's one output also when it comes in a list, tuple or dict of one (e.g.
-    keras.Model(inputs, [logits])); anything else as it is."""
+def single_output(outputs, where: str = "--model"):
+    """A model's one output tensor, also when it comes in a list, tuple or dict of one
+    (e.g. keras.Model(inputs, [logits])); several outputs (a subclassed model's, known
+    only once called) raise ModelStructureError."""
     if isinstance(outputs, dict) and len(outputs) == 1:
         return next(iter(outputs.values()))
     if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
         return outputs[0]
+    if isinstance(outputs, (list, tuple, dict)):
+        raise ModelStructureError(
+            f"{where}: the model has several outputs, but hessian_tf needs one output "
+            "tensor for its loss; pass a model of the output whose loss you study.")
     return outputs
 
 
@@ -216,13 +221,7 @@ class KerasModelFunction:
         outputs, _, losses = self.model.stateless_call(
             list(primals), list(state), x, return_losses=True, **self._call_options
         )
-        outputs = one_output(outputs)
-        if isinstance(outputs, (list, tuple, dict)):
-            raise ModelStructureError(
-                "--model: the model has several outputs, but hessian_tf needs one "
-                "output tensor for its loss; pass a model of the output whose loss "
-                "you study."
-            )
+        outputs = single_output(outputs)
         regularization = tf.add_n(losses) if losses else tf.zeros([], outputs.dtype)
         return outputs, tf.cast(regularization, outputs.dtype)
 
