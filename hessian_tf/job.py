@@ -471,12 +471,18 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         operator.choose_method(group, block_products(config, group))
     checkpointer.method_of = lambda: operator.method
     if operator.method_seconds:
-        forward = operator.method_seconds["forward_over_backward"]
+        def timed(method):
+            runs = operator.method_runs[method]
+            return (f"{operator.method_seconds[method]:.4g} s "
+                    f"({runs} timed run{'' if runs == 1 else 's'})")
+
         logging.info(
-            "--method=auto: reverse over reverse %.4g s, forward over backward %s; medians "
+            "--method=auto: reverse over reverse %s, forward over backward %s; medians "
             "of products of blocks of %d vector(s) over %d batch(es); --method fixes one",
-            operator.method_seconds["reverse_over_reverse"],
-            f"{forward:.4g} s" if forward is not None else operator.forward_mode_untimed
+            timed("reverse_over_reverse"),
+            timed("forward_over_backward")
+            if operator.method_seconds["forward_over_backward"] is not None
+            else operator.forward_mode_untimed
             or f"does not run through this model ({operator.forward_mode_failure})",
             group, min(AUTO_TIMING_BATCHES, operator.batches_per_replica),
         )

@@ -38,10 +38,11 @@ from hessian_tf.operators.graphs import graph_nodes
 from hessian_tf.operators.model_function import ModelStructureError, check_bn_mode
 
 METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
+FORWARD, REVERSE = METHODS[1:]
 # method='auto' times both methods' product graphs over the first AUTO_TIMING_BATCHES
-# batches of each replica (after a run of each that sets it up: AUTO_ESTIMATE_RUNS
-# timed runs of reverse over reverse and one of forward over backward, then
-# AUTO_TIMING_RUNS alternating runs; medians of all of each method's) and takes forward
+# batches of each replica (after a run of each that sets it up: up to AUTO_ESTIMATE_RUNS
+# timed runs of reverse over reverse and one of forward over backward, then up to
+# AUTO_TIMING_RUNS alternating runs of both; medians of all of each method's) and takes forward
 # over backward only when its median is at most AUTO_MARGIN of reverse over reverse's;
 # within the margin the shared passes of lockstep blocks and the method that
 # SavedModels need win.
@@ -60,13 +61,23 @@ AUTO_MARGIN = 0.95
 #   each), 12.4 against 7.8 s on the ViT;
 # - the products run at the fastest of AUTO_ESTIMATE_RUNS runs of reverse over reverse
 #   after its set-up (the first runs are 1.5-4 times slower than the later ones on those
-#   networks).
+#   networks);
+# - timing it also costs AUTO_RUNS_TO_TIME_FORWARD_MODE timed runs: its own, and one
+#   alternating round of both methods.
 # Each errs towards timing. Skipped, forward mode's set-up is spared where the products
 # could not repay it (the patches ViT of benchmarks/example_networks.py, one draw of
 # m = 90: about 12 s of set-up for about 3 s saved).
+# Given the number of products, the timed runs (after each method's set-up) stop once
+# they have taken AUTO_TIMING_SHARE of the products' time, but each method set up runs
+# once, and both once more side by side: where the timed batches are all the data (a
+# few batches of a large model) a timed run is a whole product. A short job of an
+# ImageNet ResNet-18 (64 images in batches of 32, m = 5: 6 products of 7.4 s) spent
+# 133 s timing 16 runs of both methods; now 1.
 FORWARD_MODE_MOST_SAVING = 0.4
 FORWARD_MODE_SET_UP_RATIO = 1.25
+AUTO_RUNS_TO_TIME_FORWARD_MODE = 3
 AUTO_ESTIMATE_RUNS = 3
+AUTO_TIMING_SHARE = 0.05
 # The product graph takes the number of each replica's batches to run as an argument:
 # the products pass this (all of them), and method='auto' times the same graph on its
 # first AUTO_TIMING_BATCHES, then keeps the faster method's trace for the products
@@ -407,6 +418,7 @@ class HessianOperator:
         self._splits = {}  # batch size -> residuals.split of its product, traced once
         self.residual_bytes = 0
         self.method_seconds = None  # {method: seconds (None: not run or not timed)}, once timed
+        self.method_runs = None  # {method: how many timed runs its seconds are the median of}
         self.forward_mode_failure = ""  # why forward over backward did not run, if not
         self.forward_mode_untimed = ""  # why it was not timed (a short job), if not
         self._method_to_time = self._method_to_time and self._can_time_methods()
@@ -503,7 +515,9 @@ class HessianOperator:
         AUTO_TIMING_BATCHES batches of each replica, for a block of `block_size`
         random unit vectors}, {method: that graph's trace, for the methods that ran}).
         Reverse over reverse first; forward over backward is left out (None) where
-        `num_products` block products over the whole data could not repay its set-up.
+        `num_products` block products over the whole data could not repay its set-up
+        and timing, and given `num_products` the timed runs are cut to
+        AUTO_TIMING_SHARE of those products' time (see AUTO_TIMING_SHARE).
         The graph the products then run, cut short by its argument: one batch
         timed in its own function misjudged it (a BN gelu MLP on the digits, batch 128,
         forward over backward against reverse over reverse: 0.86 against 0.84 ms for
@@ -516,11 +530,26 @@ class HessianOperator:
         limit = tf.constant(AUTO_TIMING_BATCHES, tf.int32)
         runs = {}
         seconds = {}
+
+        def timed(method):
+            started = time.perf_counter()
+            self._combined(runs[method](vectors, limit))  # on the host: also for asynchronous devices
+            seconds[method].append(time.perf_counter() - started)
+
+        def within_budget(more: float = 0.0) -> bool:
+            """Whether the timed runs so far, and `more` seconds of them, fit in
+            AUTO_TIMING_SHARE of the job's products (always without a count)."""
+            if num_products is None:
+                return True
+            spent = sum(sum(runs_seconds) for runs_seconds in seconds.values())
+            products = self._products_seconds(num_products, min(seconds[REVERSE]))
+            return spent + more <= AUTO_TIMING_SHARE * products
+
         set_up = None  # reverse over reverse's, which runs first (and must run)
-        for method in ("reverse_over_reverse", "forward_over_backward"):
-            if method == "forward_over_backward" and num_products is not None:
+        for method in (REVERSE, FORWARD):
+            if method == FORWARD and num_products is not None:
                 self.forward_mode_untimed = self._forward_mode_untimed(
-                    num_products, set_up, min(seconds["reverse_over_reverse"]))
+                    num_products, set_up, min(seconds[REVERSE]))
                 if self.forward_mode_untimed:
                     break
             function = tf.function(functools.partial(self._method_graph, method=method))
@@ -529,39 +558,46 @@ class HessianOperator:
                 runs[method] = function.get_concrete_function(*spec)
                 self._combined(runs[method](vectors, limit))  # the first run sets the graph up
             except _FORWARD_MODE_FAILURES as error:
-                if method != "forward_over_backward":
+                if method != FORWARD:
                     raise
                 runs.pop(method, None)
                 self.forward_mode_failure = traced_error(error)
                 break
             set_up = time.perf_counter() - started
             seconds[method] = []
-            for _ in range(AUTO_ESTIMATE_RUNS if method == "reverse_over_reverse" else 1):
-                started = time.perf_counter()
-                self._combined(runs[method](vectors, limit))
-                seconds[method].append(time.perf_counter() - started)
-        for _ in range(AUTO_TIMING_RUNS):
-            for method, run in runs.items():
-                started = time.perf_counter()
-                self._combined(run(vectors, limit))  # on the host: also for asynchronous devices
-                seconds[method].append(time.perf_counter() - started)
+            timed(method)
+            while method == REVERSE and len(seconds[method]) < AUTO_ESTIMATE_RUNS and within_budget():
+                timed(method)
+        if len(runs) == 2:  # side by side, so that load from elsewhere slows both alike
+            for round_ in range(AUTO_TIMING_RUNS):
+                if round_ and not within_budget(seconds[REVERSE][-1] + seconds[FORWARD][-1]):
+                    break
+                for method in runs:
+                    timed(method)
+        self.method_runs = {method: len(seconds.get(method, ())) for method in METHODS[1:]}
         return {method: float(np.median(seconds[method])) if method in runs else None
                 for method in METHODS[1:]}, runs
+
+    def _products_seconds(self, num_products: int, seconds: float) -> float:
+        """The time of `num_products` products over the whole data, from `seconds` for
+        one over the first AUTO_TIMING_BATCHES batches of each replica."""
+        timed_batches = min(AUTO_TIMING_BATCHES, self.batches_per_replica)
+        return seconds * self.batches_per_replica / timed_batches * num_products
 
     def _forward_mode_untimed(self, num_products: int, set_up: float, seconds: float) -> str:
         """Why forward over backward is not worth timing, or "": reverse over reverse
         took `set_up` seconds to trace and run once, and `seconds` for its product over
         the first batches."""
-        timed_batches = min(AUTO_TIMING_BATCHES, self.batches_per_replica)
-        products = seconds * self.batches_per_replica / timed_batches * num_products
-        forward_set_up = FORWARD_MODE_SET_UP_RATIO * set_up
-        if FORWARD_MODE_MOST_SAVING * products >= forward_set_up:
+        products = self._products_seconds(num_products, seconds)
+        cost = FORWARD_MODE_SET_UP_RATIO * set_up + AUTO_RUNS_TO_TIME_FORWARD_MODE * seconds
+        if FORWARD_MODE_MOST_SAVING * products >= cost:
             return ""
         return (f"not timed: the job's products ({num_products}) take about {products:.3g} s by "
                 f"reverse over reverse, of which forward over backward could save at "
-                f"most {FORWARD_MODE_MOST_SAVING:.0%}, less than the {forward_set_up:.3g} s "
-                f"that setting it up would take ({FORWARD_MODE_SET_UP_RATIO:g} times "
-                "reverse over reverse's)")
+                f"most {FORWARD_MODE_MOST_SAVING:.0%}, less than the {cost:.3g} s "
+                f"that setting it up and timing it would take ({FORWARD_MODE_SET_UP_RATIO:g} "
+                f"times reverse over reverse's set-up, and {AUTO_RUNS_TO_TIME_FORWARD_MODE} "
+                "timed runs)")
 
     def _first_nonfinite_batch(self, vector) -> str:
         """", first in batch b (examples i-j)" for the first batch whose loss (or,

@@ -323,24 +323,62 @@ def test_forward_mode_is_timed_only_where_it_could_repay_its_set_up():
     assert short.method_seconds["reverse_over_reverse"] > 0
     assert re.match(r"not timed: the job's products \(1\) take about \S+ s by reverse over reverse, of "
                     r"which forward over backward could save at most 40%, less than the "
-                    r"\S+ s that setting it up would take \(1.25 times reverse over "
-                    r"reverse's\)$", short.forward_mode_untimed)
+                    r"\S+ s that setting it up and timing it would take \(1.25 times reverse "
+                    r"over reverse's set-up, and 3 timed runs\)$", short.forward_mode_untimed)
+    # Its milliseconds of timing already exceed 5% of the job's one product: one run.
+    assert short.method_runs == {"forward_over_backward": 0, "reverse_over_reverse": 1}
     assert short.forward_mode_failure == "" and short.num_traces == 1
     short.matmat(np.ones((2, short.dim)))
     assert short.num_traces == 1  # the timed trace
     long = operators.HessianOperator(model_function, x, y, batch_size=4)
     long.choose_method(2, num_products=10**9)
     assert long.method_seconds["forward_over_backward"] > 0 and not long.forward_mode_untimed
+    assert long.method_runs == {"forward_over_backward": 6, "reverse_over_reverse": 8}
 
 
-@pytest.mark.parametrize("set_up, timed", [(0.31, True), (0.33, False)])
+class _Clock:
+    """A perf_counter that advances one second per call: every set-up and timed run
+    takes one second."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("num_products, reverse_runs, forward_runs", [
+    (10, 1, 0),     # 4 s of products: forward mode would save at most 1.6 s of its 4.25 s
+    (20, 3, 2),     # 1 s may be timed: 2 estimates, forward mode's run, one round
+    (100, 4, 2),    # 5 s: 3 estimates, forward mode's, one round (a second would make 8 s)
+    (200, 6, 4),    # 10 s: 3 estimates, forward mode's, three rounds
+    (None, 8, 6),   # no count: 3 estimates, forward mode's, AUTO_TIMING_RUNS rounds
+])
+def test_the_timed_runs_take_a_share_of_the_jobs_products(
+        monkeypatch, num_products, reverse_runs, forward_runs):
+    x, y = tiny_data()  # 3 batches of 4, all of them timed: a timed run is a product
+    monkeypatch.setattr(hessian_lib, "time", _Clock())
+    operator = operators.HessianOperator(operators.KerasModelFunction(tiny_model()), x, y,
+                                         batch_size=4)
+    operator.choose_method(1, num_products=num_products)
+    assert operator.method_runs == {"forward_over_backward": forward_runs,
+                                    "reverse_over_reverse": reverse_runs}
+    assert (operator.method_seconds["forward_over_backward"] is None) == (forward_runs == 0)
+    if forward_runs == 0:
+        assert "less than the 4.25 s that setting it up and timing it" in (
+            operator.forward_mode_untimed)
+
+
+@pytest.mark.parametrize("set_up, timed", [(0.079, True), (0.081, False)])
 def test_the_set_up_bound_scales_the_timed_batches_to_the_whole_data(set_up, timed):
     x, y = tiny_data()  # 3 batches of 4
     operator = operators.HessianOperator(operators.KerasModelFunction(tiny_model()), x, y,
                                          batch_size=2)  # 6 batches, 4 of them timed
     assert operator.batches_per_replica == 6
-    # 0.1 s for 4 batches: 0.15 s per product, 1.0 s for 20/3 products; at most 40% saved,
-    # against forward mode's set-up, 1.25 times reverse over reverse's.
+    # 0.1 s for 4 batches: 0.15 s per product, 1.0 s for 20/3 products; at most 0.4 s
+    # saved, against forward mode's set-up, 1.25 times reverse over reverse's, and 3 timed
+    # runs of 0.1 s: the bound is a set-up of 0.08 s.
     reason = operator._forward_mode_untimed(20 / 3, set_up, 0.1)
     assert (reason == "") == timed
 
