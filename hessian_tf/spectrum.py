@@ -65,6 +65,16 @@ def start_vector(dim: int, seed: int, draw: int) -> np.ndarray:
     return np.random.default_rng([seed, draw]).standard_normal(dim) / np.sqrt(dim)
 
 
+def first_block(dim: int, *, num_draws: int, seed: int, lockstep: int,
+                basis_dtype=np.float64) -> np.ndarray:
+    """The vectors [k, dim] float64 that a new `stochastic_lanczos_quadrature` run of
+    these arguments multiplies first (through its `first_product`): its first lockstep
+    group's start vectors, as its Lanczos bases hold them."""
+    draws = range(min(group_size(num_draws, lockstep), num_draws))
+    return np.stack([linalg.first_vector(start_vector(dim, seed, draw), basis_dtype)
+                     for draw in draws])
+
+
 class SLQState(NamedTuple):
     """Everything needed to continue an SLQ run: what a checkpoint holds.
 

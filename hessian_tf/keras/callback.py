@@ -509,9 +509,13 @@ class SpectrumCallback(keras.callbacks.Callback):
         group = spectrum_lib.lockstep_group(
             self.num_draws, self.lanczos_steps, operator.dim, lockstep=self.lockstep_draws)
         try:
-            # method='auto': timed at the first evaluation, kept for the others.
+            # method='auto': timed at the first evaluation, kept for the others (on the
+            # first block, whose determinism check its timed runs can then be).
             if operator.times_methods:
-                operator.choose_method(group)
+                operator.choose_method(group, vectors=None if first_product is None else
+                                       spectrum_lib.first_block(
+                                           operator.dim, num_draws=self.num_draws,
+                                           seed=self.seed, lockstep=group))
                 logging.info("SpectrumCallback: method='auto' chose %s products (median "
                              "seconds over the first batches: %s%s)", operator.method,
                              operator.method_seconds,

@@ -80,15 +80,9 @@ def lanczos_init(
             f"lanczos_steps={lanczos_steps}: Lanczos needs at least one step; "
             "pass lanczos_steps >= 1."
         )
-    start_vector = np.asarray(start_vector, dtype=np.float64).reshape(-1)
-    norm = np.linalg.norm(start_vector)
-    if not np.isfinite(norm) or norm == 0.0:
-        raise ValueError(
-            f"start_vector has norm {norm}: Lanczos needs a finite, non-zero start "
-            "vector."
-        )
-    basis = np.zeros((lanczos_steps, start_vector.size), dtype=basis_dtype)
-    basis[0] = start_vector / norm
+    first = first_vector(start_vector)
+    basis = np.zeros((lanczos_steps, first.size), dtype=basis_dtype)
+    basis[0] = first
     return LanczosState(
         basis=basis,
         alphas=np.zeros(lanczos_steps),
@@ -96,6 +90,21 @@ def lanczos_init(
         num_steps=0,
         exhausted=False,
     )
+
+
+def first_vector(start_vector: np.ndarray, basis_dtype=None) -> np.ndarray:
+    """The first Lanczos vector [dim] float64 of a finite, non-zero start vector: the
+    start vector normalised, rounded to `basis_dtype` if given (as the basis holds it,
+    so that `current_vector` of a new state returns it)."""
+    start_vector = np.asarray(start_vector, dtype=np.float64).reshape(-1)
+    norm = np.linalg.norm(start_vector)
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError(
+            f"start_vector has norm {norm}: Lanczos needs a finite, non-zero start "
+            "vector."
+        )
+    first = start_vector / norm
+    return first if basis_dtype is None else first.astype(basis_dtype).astype(np.float64)
 
 
 def current_vector(state: LanczosState) -> np.ndarray:

@@ -419,6 +419,9 @@ class HessianOperator:
         self.residual_bytes = 0
         self.method_seconds = None  # {method: seconds (None: not run or not timed)}, once timed
         self.method_runs = None  # {method: how many timed runs its seconds are the median of}
+        # choose_method's (vectors, first products, largest difference, seconds of two
+        # runs) for check_determinism, once.
+        self._timed_products = None
         self.forward_mode_failure = ""  # why forward over backward did not run, if not
         self.forward_mode_untimed = ""  # why it was not timed (a short job), if not
         self._method_to_time = self._method_to_time and self._can_time_methods()
@@ -465,7 +468,8 @@ class HessianOperator:
         return (self.model_function.supports_forward_mode and not self.cache_residuals
                 and not is_tpu_strategy(self.strategy) and not several_workers)
 
-    def choose_method(self, block_size: int = 1, num_products: int | None = None) -> str:
+    def choose_method(self, block_size: int = 1, num_products: int | None = None,
+                      vectors: np.ndarray | None = None) -> str:
         """For method='auto', before the first product (once; later calls, and calls
         for other methods or where the methods are not timed, change nothing): times
         both methods' products of blocks of `block_size` vectors (the lockstep size of
@@ -473,19 +477,35 @@ class HessianOperator:
         in favour of reverse over reverse. Given `num_products`, the number of such
         block products the caller will run over the whole data, forward over backward
         is not timed (nor chosen) where it could not save its own set-up time
-        (FORWARD_MODE_MOST_SAVING; `forward_mode_untimed` says why). Returns the
-        method."""
+        (FORWARD_MODE_MOST_SAVING; `forward_mode_untimed` says why).
+
+        `vectors` [block_size, dim] float64: the block the caller will multiply first,
+        through `check_determinism`. Where the timed batches are all the data (at most
+        AUTO_TIMING_BATCHES per replica), the methods are timed on it, and the chosen
+        method's timed runs (two or more) are that check's products: the first is
+        returned, the others must equal it. Returns the method."""
         if not self.times_methods:
             self._method_to_time = False
             return self.method
         self._method_to_time = False
-        self.method_seconds, traces = self._time_methods(block_size, num_products)
+        if vectors is not None:
+            vectors = np.asarray(vectors, dtype=np.float64)
+            if vectors.shape != (block_size, self.dim):
+                raise ValueError(
+                    f"choose_method: vectors have shape {vectors.shape}; pass the first "
+                    f"block, [{block_size}, {self.dim}].")
+            if self.batches_per_replica > AUTO_TIMING_BATCHES:
+                vectors = None  # the timed runs are not products over the data
+        self.method_seconds, traces, products = self._time_methods(
+            block_size, num_products, vectors)
         forward, reverse = (self.method_seconds[name] for name in METHODS[1:])
         self.method = ("forward_over_backward" if forward is not None
                        and forward <= AUTO_MARGIN * reverse else "reverse_over_reverse")
         if self.method in traces:  # the timed graph is the product graph: kept
             self._product_traces[block_size] = traces[self.method]
             self.num_traces += 1
+        if vectors is not None and self.method in products:
+            self._timed_products = (vectors,) + products[self.method]
         return self.method
 
     @property
@@ -509,11 +529,14 @@ class HessianOperator:
         self._method_to_time = False
         self.method = method
 
-    def _time_methods(self, block_size: int, num_products: int | None = None
-                      ) -> tuple[dict, dict]:
+    def _time_methods(self, block_size: int, num_products: int | None = None,
+                      vectors: np.ndarray | None = None) -> tuple[dict, dict, dict]:
         """({method: median seconds of its product graph over the first
         AUTO_TIMING_BATCHES batches of each replica, for a block of `block_size`
-        random unit vectors}, {method: that graph's trace, for the methods that ran}).
+        random unit vectors, or `vectors`}, {method: that graph's trace, for the
+        methods that ran}, {method: (its first run's products as matmat returns them,
+        the largest difference of a later run's from them, the seconds of its first two
+        runs)}, given `vectors`).
         Reverse over reverse first; forward over backward is left out (None) where
         `num_products` block products over the whole data could not repay its set-up
         and timing, and given `num_products` the timed runs are cut to
@@ -522,19 +545,37 @@ class HessianOperator:
         timed in its own function misjudged it (a BN gelu MLP on the digits, batch 128,
         forward over backward against reverse over reverse: 0.86 against 0.84 ms for
         one batch, 9.3 against 6.2 ms for the data's 15; README.md, Speed)."""
-        rng = np.random.default_rng(0)
-        vectors = rng.standard_normal((block_size, self.dim))
-        vectors = tf.constant(vectors / np.linalg.norm(vectors, axis=1, keepdims=True),
-                              self._device_dtype)
+        keep = vectors is not None
+        if not keep:
+            vectors = np.random.default_rng(0).standard_normal((block_size, self.dim))
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        shape = vectors.shape
+        vectors = tf.constant(vectors, self._device_dtype)
         spec = self._product_spec(block_size)
         limit = tf.constant(AUTO_TIMING_BATCHES, tf.int32)
         runs = {}
         seconds = {}
+        products = {}  # given vectors: see the docstring
+
+        def run(method) -> float:
+            """Runs `method`'s graph once; its seconds."""
+            started = time.perf_counter()
+            # On the host: also for asynchronous devices.
+            combined = self._combined(runs[method](vectors, limit))
+            elapsed = time.perf_counter() - started
+            if keep:
+                result = self._mean_products(combined, shape)
+                if method not in products:
+                    products[method] = (result, 0.0, (elapsed,))
+                else:
+                    first, difference, first_seconds = products[method]
+                    gap = float(np.max(np.abs(first - result)))
+                    difference = max(difference, gap if np.isfinite(gap) else np.inf)
+                    products[method] = (first, difference, first_seconds + (elapsed,))
+            return elapsed
 
         def timed(method):
-            started = time.perf_counter()
-            self._combined(runs[method](vectors, limit))  # on the host: also for asynchronous devices
-            seconds[method].append(time.perf_counter() - started)
+            seconds[method].append(run(method))
 
         def within_budget(more: float = 0.0) -> bool:
             """Whether the timed runs so far, and `more` seconds of them, fit in
@@ -556,14 +597,14 @@ class HessianOperator:
             started = time.perf_counter()
             try:
                 runs[method] = function.get_concrete_function(*spec)
-                self._combined(runs[method](vectors, limit))  # the first run sets the graph up
+                traced = time.perf_counter() - started
+                set_up = traced + run(method)  # the first run sets the graph up
             except _FORWARD_MODE_FAILURES as error:
                 if method != FORWARD:
                     raise
                 runs.pop(method, None)
                 self.forward_mode_failure = traced_error(error)
                 break
-            set_up = time.perf_counter() - started
             seconds[method] = []
             timed(method)
             while method == REVERSE and len(seconds[method]) < AUTO_ESTIMATE_RUNS and within_budget():
@@ -575,8 +616,10 @@ class HessianOperator:
                 for method in runs:
                     timed(method)
         self.method_runs = {method: len(seconds.get(method, ())) for method in METHODS[1:]}
-        return {method: float(np.median(seconds[method])) if method in runs else None
-                for method in METHODS[1:]}, runs
+        return ({method: float(np.median(seconds[method])) if method in runs else None
+                 for method in METHODS[1:]}, runs,
+                {method: (first, difference, sum(first_seconds[:2]))
+                 for method, (first, difference, first_seconds) in products.items()})
 
     def _products_seconds(self, num_products: int, seconds: float) -> float:
         """The time of `num_products` products over the whole data, from `seconds` for
@@ -934,7 +977,7 @@ class HessianOperator:
         else:
             accumulator = self._product_trace(vectors.shape[0])(
                 tf.constant(vectors, dtype=self._device_dtype), self._all_batches)
-            products = self._combined(accumulator).reshape(vectors.shape) / self.num_examples
+            products = self._mean_products(self._combined(accumulator), vectors.shape)
         self.product_seconds += time.perf_counter() - start
         self.num_products += vectors.shape[0]
         finite = np.all(np.isfinite(products), axis=1)
@@ -948,6 +991,10 @@ class HessianOperator:
                 row=row,
             )
         return products
+
+    def _mean_products(self, combined: np.ndarray, shape: tuple) -> np.ndarray:
+        """The products of the mean loss's Hessian, [k, dim], from the combined sums."""
+        return combined.reshape(shape) / self.num_examples
 
     def _product_trace(self, size: int):
         """The product graph's concrete function for blocks of `size` vectors, traced at
@@ -1105,17 +1152,29 @@ class HessianOperator:
         (measured). Dropout, shuffling or augmentation change a product by far more,
         so the default tolerance is 1e-4 for products below float64 and 1e-10 in
         float64. Returns the first product: the check costs one extra product (block).
+        Where `choose_method` timed these very vectors over the whole data, the chosen
+        method's timed runs are the check (the first is returned, every other must
+        equal it), at no product of its own.
         """
         if relative_tolerance is None:
             float64 = all(v.dtype == tf.float64 for v in self.model_function.variables)
             relative_tolerance = 1e-10 if float64 else 1e-4
         vectors = np.asarray(vectors, dtype=np.float64)
-        product = self.matvec if vectors.ndim == 1 else self.matmat
-        first = product(vectors)
-        # Cached residuals would hold the first pass's randomness for the second too.
-        self.drop_residuals()
-        second = product(vectors)
-        difference = float(np.max(np.abs(first - second)))
+        timed, self._timed_products = self._timed_products, None  # used once
+        if (timed is not None and vectors.shape[-1:] == (self.dim,)
+                and np.array_equal(timed[0], vectors.reshape(-1, self.dim))
+                and np.all(np.isfinite(timed[1]))):  # else matmat says where
+            _, first, difference, seconds = timed
+            first = first.reshape(vectors.shape)
+            self.num_products += 2 * timed[0].shape[0]
+            self.product_seconds += seconds
+        else:
+            product = self.matvec if vectors.ndim == 1 else self.matmat
+            first = product(vectors)
+            # Cached residuals would hold the first pass's randomness for the second too.
+            self.drop_residuals()
+            second = product(vectors)
+            difference = float(np.max(np.abs(first - second)))
         scale = float(np.max(np.abs(first)))
         if difference > relative_tolerance * max(scale, np.finfo(np.float64).tiny):
             raise NonDeterministicError(

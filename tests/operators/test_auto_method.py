@@ -67,10 +67,10 @@ def test_the_chosen_methods_timed_graph_is_the_one_kept(monkeypatch, margin, cho
     timed = hessian_lib.HessianOperator._time_methods
     traces = {}
 
-    def recording(self, block_size, num_products=None):
-        seconds, runs = timed(self, block_size, num_products)
+    def recording(self, block_size, num_products=None, vectors=None):
+        seconds, runs, products = timed(self, block_size, num_products, vectors)
         traces.update(runs)
-        return seconds, runs
+        return seconds, runs, products
 
     monkeypatch.setattr(hessian_lib.HessianOperator, "_time_methods", recording)
     x, y = tiny_data()
@@ -106,9 +106,9 @@ def test_the_choice_follows_the_timings(monkeypatch, forward, reverse, chosen):
         operators.KerasModelFunction(tiny_model()), x, y, batch_size=4)
     timed = []
 
-    def fake(block_size, num_products=None):
+    def fake(block_size, num_products=None, vectors=None):
         timed.append(block_size)
-        return {"forward_over_backward": forward, "reverse_over_reverse": reverse}, {}
+        return {"forward_over_backward": forward, "reverse_over_reverse": reverse}, {}, {}
 
     monkeypatch.setattr(operator, "_time_methods", fake)
     assert operator.choose_method(3) == chosen
@@ -275,9 +275,9 @@ def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_p
     blocks = []
     timed = hessian_lib.HessianOperator._time_methods
 
-    def recording(self, block_size, num_products=None):
+    def recording(self, block_size, num_products=None, vectors=None):
         blocks.append(block_size)
-        return timed(self, block_size, num_products)
+        return timed(self, block_size, num_products, vectors)
 
     monkeypatch.setattr(hessian_lib.HessianOperator, "_time_methods", recording)
     # Time forward mode also for these jobs of a few milliseconds (the next test: not).
@@ -337,8 +337,8 @@ def test_forward_mode_is_timed_only_where_it_could_repay_its_set_up():
 
 
 class _Clock:
-    """A perf_counter that advances one second per call: every set-up and timed run
-    takes one second."""
+    """A perf_counter that advances one second per call: a trace takes one second, and
+    so does every run (a set-up two)."""
 
     def __init__(self):
         self.now = 0.0
@@ -349,7 +349,7 @@ class _Clock:
 
 
 @pytest.mark.parametrize("num_products, reverse_runs, forward_runs", [
-    (10, 1, 0),     # 4 s of products: forward mode would save at most 1.6 s of its 4.25 s
+    (10, 1, 0),     # 10 s of products: forward mode would save at most 4 s of its 5.5 s
     (20, 3, 2),     # 1 s may be timed: 2 estimates, forward mode's run, one round
     (100, 4, 2),    # 5 s: 3 estimates, forward mode's, one round (a second would make 8 s)
     (200, 6, 4),    # 10 s: 3 estimates, forward mode's, three rounds
@@ -366,7 +366,7 @@ def test_the_timed_runs_take_a_share_of_the_jobs_products(
                                     "reverse_over_reverse": reverse_runs}
     assert (operator.method_seconds["forward_over_backward"] is None) == (forward_runs == 0)
     if forward_runs == 0:
-        assert "less than the 4.25 s that setting it up and timing it" in (
+        assert "less than the 5.5 s that setting it up and timing it" in (
             operator.forward_mode_untimed)
 
 
@@ -387,9 +387,9 @@ def test_the_job_and_its_dry_run_tell_choose_method_their_products(tmp_path, mon
     calls = []
     choose = hessian_lib.HessianOperator.choose_method
 
-    def recording(self, block_size=1, num_products=None):
+    def recording(self, block_size=1, num_products=None, vectors=None):
         calls.append((block_size, num_products))
-        return choose(self, block_size, num_products)
+        return choose(self, block_size, num_products, vectors)
 
     monkeypatch.setattr(hessian_lib.HessianOperator, "choose_method", recording)
     tiny_model(dtype="float32").save(str(tmp_path / "tiny.keras"))
@@ -407,3 +407,89 @@ def test_the_job_and_its_dry_run_tell_choose_method_their_products(tmp_path, mon
     # The dry run's operator holds one batch: its products stand for the data's 3.
     job.run(small_config(tmp_path / "dry", dry_run=True, **options))
     assert calls[-1] == (2, 18)
+
+
+def _counting_matmat(monkeypatch):
+    """Counts HessianOperator.matmat calls (every product outside the timing)."""
+    calls = []
+    matmat = hessian_lib.HessianOperator.matmat
+
+    def counting(self, vectors):
+        calls.append(np.shape(vectors))
+        return matmat(self, vectors)
+
+    monkeypatch.setattr(hessian_lib.HessianOperator, "matmat", counting)
+    return calls
+
+
+@pytest.mark.parametrize("margin", [1e-9, 1e9])  # reverse over reverse, forward over backward
+def test_the_timed_runs_of_the_first_block_are_the_determinism_check(monkeypatch, margin):
+    monkeypatch.setattr(hessian_lib, "AUTO_MARGIN", margin)
+    x, y = tiny_data()  # 3 batches of 4: the timed batches are all the data
+    model_function = operators.KerasModelFunction(tiny_model())
+    auto = operators.HessianOperator(model_function, x, y, batch_size=4)
+    vectors = np.random.default_rng(3).standard_normal((2, auto.dim))
+    chosen = auto.choose_method(2, vectors=vectors)
+    calls = _counting_matmat(monkeypatch)
+    product = auto.check_determinism(vectors)
+    assert calls == [] and auto.num_products == 4  # the two timed blocks, counted
+    fixed = operators.HessianOperator(model_function, x, y, batch_size=4, method=chosen)
+    np.testing.assert_array_equal(product, fixed.matmat(vectors))  # the same graph's sums
+    # Used once: a second check multiplies.
+    auto.check_determinism(vectors)
+    assert len(calls) == 3 and auto.num_products == 8
+
+
+def test_the_timed_runs_check_only_their_own_vectors_over_all_the_data(monkeypatch):
+    x, y = tiny_data()
+    model_function = operators.KerasModelFunction(tiny_model())
+    other = operators.HessianOperator(model_function, x, y, batch_size=4)
+    vectors = np.random.default_rng(3).standard_normal((1, other.dim))
+    calls = _counting_matmat(monkeypatch)
+    other.choose_method(1, vectors=vectors)
+    other.check_determinism(vectors[0] * 2)  # not the timed vector: two products
+    assert len(calls) == 2
+    # 6 batches, 4 timed: the timed runs are not products; two products.
+    more = operators.HessianOperator(model_function, x, y, batch_size=2)
+    more.choose_method(1, vectors=vectors)
+    assert more._timed_products is None
+    more.check_determinism(vectors[0])
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match=r"choose_method: vectors have shape \(1, \d+\); pass "
+                                         r"the first block, \[2, \d+\]"):
+        operators.HessianOperator(model_function, x, y, batch_size=4).choose_method(
+            2, vectors=vectors)
+
+
+def test_noise_in_the_timed_runs_fails_the_check(monkeypatch):
+    from tests.operators.test_hessian import NoisyLayer
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                              NoisyLayer(), keras.layers.Dense(3)])
+    x, y = tiny_data(np.float32)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y, batch_size=4)
+    vectors = np.ones((1, operator.dim))
+    operator.choose_method(1, vectors=vectors)
+    calls = _counting_matmat(monkeypatch)
+    with pytest.raises(operators.NonDeterministicError, match="dropout"):
+        operator.check_determinism(vectors)
+    assert calls == []
+
+
+@pytest.mark.parametrize("basis", ["float64", "float32"])
+def test_the_job_takes_its_first_products_from_the_timing(tmp_path, monkeypatch, basis):
+    tiny_model(dtype="float32").save(str(tmp_path / "tiny.keras"))
+    x, y = tiny_data(np.float32)  # 12 examples: 3 batches of 4
+    np.savez(tmp_path / "tiny.npz", x=x, y=y)
+    options = dict(model=str(tmp_path / "tiny.keras"), dataset=f"npz:{tmp_path / 'tiny.npz'}",
+                   batch_size=4, num_draws=2, lockstep_draws=2, basis_dtype=basis)
+    calls = _counting_matmat(monkeypatch)
+    auto = job.run(small_config(tmp_path / "auto", **options))
+    # 5 steps of blocks of 2; the first block's products (the check's two) were timed.
+    assert calls == [(2, auto["num_params"])] * 4
+    assert auto["num_hvps_this_session"] == 12
+    fixed = job.run(small_config(tmp_path / "fixed", method=auto["method"], **options))
+    assert len(calls) == 4 + 6
+    a, b = (np.load(tmp_path / run / "spectrum.npz") for run in ("auto", "fixed"))
+    for name in ("alphas", "betas", "nodes", "weights"):
+        np.testing.assert_array_equal(a[name], b[name])
