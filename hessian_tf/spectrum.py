@@ -68,11 +68,21 @@ def start_vector(dim: int, seed: int, draw: int) -> np.ndarray:
 def first_block(dim: int, *, num_draws: int, seed: int, lockstep: int,
                 basis_dtype=np.float64) -> np.ndarray:
     """The vectors [k, dim] float64 that a new `stochastic_lanczos_quadrature` run of
-    these arguments multiplies first (through its `first_product`): its first lockstep
-    group's start vectors, as its Lanczos bases hold them."""
+    these arguments multiplies first (through its `first_product`), bit for bit: its
+    first lockstep group's start vectors, as its Lanczos bases hold them (normalised
+    on the run's one BLAS thread: a threaded norm rounds differently)."""
     draws = range(min(group_size(num_draws, lockstep), num_draws))
-    return np.stack([linalg.first_vector(start_vector(dim, seed, draw), basis_dtype)
-                     for draw in draws])
+    with _one_blas_thread():
+        return np.stack([linalg.first_vector(start_vector(dim, seed, draw), basis_dtype)
+                         for draw in draws])
+
+
+def _one_blas_thread():
+    """The host's BLAS on one thread, as SLQ runs: the reorthogonalisation is small BLAS
+    work between large products; with more than one BLAS thread it stalls whenever
+    another process holds a core (measured: 2 ms → 45 ms per step on 2 cores), and one
+    thread is never slower."""
+    return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
 class SLQState(NamedTuple):
@@ -140,10 +150,7 @@ def stochastic_lanczos_quadrature(
         raise ValueError(f"--lockstep_draws={lockstep}: pass at least 1.")
     if matmat is None:
         matmat = lambda vectors: np.stack([matvec(v) for v in vectors])  # noqa: E731
-    # The reorthogonalisation is small BLAS work between large products: with more
-    # than one BLAS thread it stalls whenever another process holds a core
-    # (measured: 2 ms → 45 ms per step on 2 cores), and one thread is never slower.
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+    with _one_blas_thread():
         return _slq(
             dim, lanczos_steps=lanczos_steps, num_draws=num_draws, seed=seed,
             kernel_width=kernel_width, num_grid_points=num_grid_points,

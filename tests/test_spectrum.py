@@ -1,6 +1,7 @@
 """SLQ driver diagnostics."""
 
 import numpy as np
+import pytest
 
 from hessian_tf import linalg
 from hessian_tf import spectrum as spectrum_lib
@@ -75,3 +76,26 @@ def test_a_non_finite_product_names_its_draw_and_the_step_it_was_for():
         spectrum_lib.stochastic_lanczos_quadrature(
             None, 20, lanczos_steps=3, num_draws=6, lockstep=3, matmat=matmat)
     assert raised.value.row == 1
+
+
+class _FirstBlock(Exception):
+    """Stops a run at its first product."""
+
+
+@pytest.mark.parametrize("basis_dtype", [np.float64, np.float32])
+def test_first_block_is_what_a_run_multiplies_first(basis_dtype):
+    # Long enough for a threaded BLAS norm: the run normalises on one BLAS thread.
+    dim = 3_000_000
+    seen = []
+
+    def first_product(vectors):
+        seen.append(vectors.copy())
+        raise _FirstBlock
+
+    with pytest.raises(_FirstBlock):
+        spectrum_lib.stochastic_lanczos_quadrature(
+            None, dim, lanczos_steps=2, num_draws=3, seed=5, first_product=first_product,
+            matmat=lambda vectors: vectors, lockstep=2, basis_dtype=basis_dtype)
+    first = spectrum_lib.first_block(dim, num_draws=3, seed=5, lockstep=2, basis_dtype=basis_dtype)
+    assert first.shape == (2, dim) and first.dtype == np.float64
+    np.testing.assert_array_equal(first, seen[0])
