@@ -469,12 +469,14 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         # --method=auto: the faster over the first batches, for blocks of `group` vectors
         # (forward mode not timed where its set-up would cost more than it could save),
         # timed on the first block where those batches are all the data: its timed
-        # runs are then the determinism check's products.
+        # runs are then the determinism check's products (a resumed run has no check).
         first = spectrum_lib.first_block(
             operator.dim, num_draws=config.num_draws, seed=config.seed, lockstep=group,
             basis_dtype=basis_dtype(config),
-        ) if operator.times_methods and config.check_determinism else None
+        ) if (operator.times_methods and operator.timed_runs_are_products
+              and config.check_determinism and resumed is None) else None
         operator.choose_method(group, block_products(config, group), first)
+        del first
     checkpointer.method_of = lambda: operator.method
     if operator.method_seconds:
         def timed(method):

@@ -512,10 +512,11 @@ class SpectrumCallback(keras.callbacks.Callback):
             # method='auto': timed at the first evaluation, kept for the others (on the
             # first block, whose determinism check its timed runs can then be).
             if operator.times_methods:
-                operator.choose_method(group, vectors=None if first_product is None else
-                                       spectrum_lib.first_block(
-                                           operator.dim, num_draws=self.num_draws,
-                                           seed=self.seed, lockstep=group))
+                first = spectrum_lib.first_block(
+                    operator.dim, num_draws=self.num_draws, seed=self.seed, lockstep=group,
+                ) if first_product is not None and operator.timed_runs_are_products else None
+                operator.choose_method(group, vectors=first)
+                del first
                 logging.info("SpectrumCallback: method='auto' chose %s products (median "
                              "seconds over the first batches: %s%s)", operator.method,
                              operator.method_seconds,

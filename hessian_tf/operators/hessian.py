@@ -59,20 +59,21 @@ AUTO_MARGIN = 0.95
 # - its set-up takes FORWARD_MODE_SET_UP_RATIO times reverse over reverse's: 1.25-1.6 on
 #   four small networks of the digits (ViT, separable-convolution and BN CNNs; one run
 #   each), 12.4 against 7.8 s on the ViT;
-# - the products run at the fastest of AUTO_ESTIMATE_RUNS runs of reverse over reverse
-#   after its set-up (the first runs are 1.5-4 times slower than the later ones on those
-#   networks);
+# - the products run at the fastest of up to AUTO_ESTIMATE_RUNS runs of reverse over
+#   reverse after its set-up (the first runs are 1.5-4 times slower than the later ones
+#   on those networks);
 # - timing it also costs AUTO_RUNS_TO_TIME_FORWARD_MODE timed runs: its own, and one
 #   alternating round of both methods.
 # Each errs towards timing. Skipped, forward mode's set-up is spared where the products
 # could not repay it (the patches ViT of benchmarks/example_networks.py, one draw of
 # m = 90: about 12 s of set-up for about 3 s saved).
-# Given the number of products, the timed runs (after each method's set-up) stop once
-# they have taken AUTO_TIMING_SHARE of the products' time, but each method set up runs
-# once, and both once more side by side: where the timed batches are all the data (a
-# few batches of a large model) a timed run is a whole product. A short job of an
-# ImageNet ResNet-18 (64 images in batches of 32, m = 5: 6 products of 7.4 s) spent
-# 133 s timing 16 runs of both methods; now 1.
+# Given the number of products, a timed run (after each method's set-up) starts only
+# while the timed runs would stay within AUTO_TIMING_SHARE of the products' time, but
+# each method set up runs once, and both once more side by side: where the timed batches
+# are all the data (a few batches of a large model) a timed run is a whole product. A
+# short job of an ImageNet ResNet-18 (64 images in batches of 32, m = 5: 6 products of
+# 7.4 s) spent 133 s in 16 runs of both methods; now in reverse over reverse's set-up run
+# and one timed run, which are also the determinism check's two products.
 FORWARD_MODE_MOST_SAVING = 0.4
 FORWARD_MODE_SET_UP_RATIO = 1.25
 AUTO_RUNS_TO_TIME_FORWARD_MODE = 3
@@ -420,7 +421,7 @@ class HessianOperator:
         self.method_seconds = None  # {method: seconds (None: not run or not timed)}, once timed
         self.method_runs = None  # {method: how many timed runs its seconds are the median of}
         # choose_method's (vectors, first products, largest difference, seconds of two
-        # runs) for check_determinism, once.
+        # runs, the model's values) for check_determinism, until a product runs.
         self._timed_products = None
         self.forward_mode_failure = ""  # why forward over backward did not run, if not
         self.forward_mode_untimed = ""  # why it was not timed (a short job), if not
@@ -494,8 +495,8 @@ class HessianOperator:
                 raise ValueError(
                     f"choose_method: vectors have shape {vectors.shape}; pass the first "
                     f"block, [{block_size}, {self.dim}].")
-            if self.batches_per_replica > AUTO_TIMING_BATCHES:
-                vectors = None  # the timed runs are not products over the data
+            if not self.timed_runs_are_products:
+                vectors = None
         self.method_seconds, traces, products = self._time_methods(
             block_size, num_products, vectors)
         forward, reverse = (self.method_seconds[name] for name in METHODS[1:])
@@ -505,8 +506,14 @@ class HessianOperator:
             self._product_traces[block_size] = traces[self.method]
             self.num_traces += 1
         if vectors is not None and self.method in products:
-            self._timed_products = (vectors,) + products[self.method]
+            self._timed_products = (vectors,) + products[self.method] + (self._model_values(),)
         return self.method
+
+    @property
+    def timed_runs_are_products(self) -> bool:
+        """Whether `choose_method`'s timed runs are products over all the data (at most
+        AUTO_TIMING_BATCHES batches per replica), so that its `vectors` are worth passing."""
+        return self.batches_per_replica <= AUTO_TIMING_BATCHES
 
     @property
     def times_methods(self) -> bool:
@@ -535,8 +542,8 @@ class HessianOperator:
         AUTO_TIMING_BATCHES batches of each replica, for a block of `block_size`
         random unit vectors, or `vectors`}, {method: that graph's trace, for the
         methods that ran}, {method: (its first run's products as matmat returns them,
-        the largest difference of a later run's from them, the seconds of its first two
-        runs)}, given `vectors`).
+        the largest difference of a later run's from them (NaN or inf where one was not
+        finite), the seconds of two runs)}, given `vectors`).
         Reverse over reverse first; forward over backward is left out (None) where
         `num_products` block products over the whole data could not repay its set-up
         and timing, and given `num_products` the timed runs are cut to
@@ -566,25 +573,25 @@ class HessianOperator:
             if keep:
                 result = self._mean_products(combined, shape)
                 if method not in products:
-                    products[method] = (result, 0.0, (elapsed,))
+                    products[method] = (result, 0.0)
                 else:
-                    first, difference, first_seconds = products[method]
-                    gap = float(np.max(np.abs(first - result)))
-                    difference = max(difference, gap if np.isfinite(gap) else np.inf)
-                    products[method] = (first, difference, first_seconds + (elapsed,))
+                    first, difference = products[method]
+                    gap = float(np.max(np.abs(first - result)))  # NaN: not reused
+                    products[method] = (first, max(difference, gap) if np.isfinite(gap)
+                                        else gap)
             return elapsed
 
         def timed(method):
             seconds[method].append(run(method))
 
-        def within_budget(more: float = 0.0) -> bool:
+        def within_budget(more: float) -> bool:
             """Whether the timed runs so far, and `more` seconds of them, fit in
             AUTO_TIMING_SHARE of the job's products (always without a count)."""
             if num_products is None:
                 return True
             spent = sum(sum(runs_seconds) for runs_seconds in seconds.values())
-            products = self._products_seconds(num_products, min(seconds[REVERSE]))
-            return spent + more <= AUTO_TIMING_SHARE * products
+            job = self._products_seconds(num_products, min(seconds[REVERSE]))
+            return spent + more <= AUTO_TIMING_SHARE * job
 
         set_up = None  # reverse over reverse's, which runs first (and must run)
         for method in (REVERSE, FORWARD):
@@ -607,7 +614,8 @@ class HessianOperator:
                 break
             seconds[method] = []
             timed(method)
-            while method == REVERSE and len(seconds[method]) < AUTO_ESTIMATE_RUNS and within_budget():
+            while (method == REVERSE and len(seconds[method]) < AUTO_ESTIMATE_RUNS
+                   and within_budget(seconds[method][-1])):
                 timed(method)
         if len(runs) == 2:  # side by side, so that load from elsewhere slows both alike
             for round_ in range(AUTO_TIMING_RUNS):
@@ -616,10 +624,10 @@ class HessianOperator:
                 for method in runs:
                     timed(method)
         self.method_runs = {method: len(seconds.get(method, ())) for method in METHODS[1:]}
-        return ({method: float(np.median(seconds[method])) if method in runs else None
-                 for method in METHODS[1:]}, runs,
-                {method: (first, difference, sum(first_seconds[:2]))
-                 for method, (first, difference, first_seconds) in products.items()})
+        medians = {method: float(np.median(seconds[method])) if method in runs else None
+                   for method in METHODS[1:]}
+        return medians, runs, {method: (first, difference, 2 * medians[method])
+                               for method, (first, difference) in products.items()}
 
     def _products_seconds(self, num_products: int, seconds: float) -> float:
         """The time of `num_products` products over the whole data, from `seconds` for
@@ -971,6 +979,7 @@ class HessianOperator:
             raise ValueError(
                 f"vectors have shape {vectors.shape}; pass [k, {self.dim}] with k >= 1."
             )
+        self._timed_products = None  # a product ran first: they are not the check's
         start = time.perf_counter()
         if self.cache_residuals:
             products = self._products_from_residuals(vectors)
@@ -1052,10 +1061,8 @@ class HessianOperator:
     def _products_from_residuals(self, vectors: np.ndarray) -> np.ndarray:
         """H V from each batch's cached residuals (built at the first call, from the
         parameters then), one vector and one batch at a time, summed in float64."""
-        values = [t.numpy() for t in self.model_function.primals() + self.model_function.state()]
-        if self._cache is not None and not all(
-            np.array_equal(a, b) for a, b in zip(values, self._cached_values)
-        ):
+        values = self._model_values()
+        if self._cache is not None and not self._same_model(values, self._cached_values):
             self.drop_residuals()  # the model changed since: residuals of the old one
         if self._cache is None:
             self._cache = self._build_cache()
@@ -1066,6 +1073,14 @@ class HessianOperator:
             for from_residuals, arguments in self._cache:
                 products[row] += from_residuals(*arguments, vector).numpy()
         return products / self.num_examples
+
+    def _model_values(self) -> list:
+        """The parameters' and state's values now (numpy copies)."""
+        return [t.numpy() for t in self.model_function.primals() + self.model_function.state()]
+
+    def _same_model(self, values: list, then: list) -> bool:
+        """Whether the model's `values` are those of `then` (from `_model_values`)."""
+        return all(np.array_equal(a, b) for a, b in zip(values, then))
 
     def flat_batch_product(self, x_spec: tf.TensorSpec, y_spec: tf.TensorSpec):
         """(product, input specs, vector spec): product(*primals, *state, x, y, vector)
@@ -1163,8 +1178,10 @@ class HessianOperator:
         timed, self._timed_products = self._timed_products, None  # used once
         if (timed is not None and vectors.shape[-1:] == (self.dim,)
                 and np.array_equal(timed[0], vectors.reshape(-1, self.dim))
-                and np.all(np.isfinite(timed[1]))):  # else matmat says where
-            _, first, difference, seconds = timed
+                # Else matmat says where a product is not finite.
+                and np.all(np.isfinite(timed[1])) and np.isfinite(timed[2])
+                and self._same_model(self._model_values(), timed[4])):  # not trained since
+            _, first, difference, seconds, _ = timed
             first = first.reshape(vectors.shape)
             self.num_products += 2 * timed[0].shape[0]
             self.product_seconds += seconds

@@ -350,7 +350,7 @@ class _Clock:
 
 @pytest.mark.parametrize("num_products, reverse_runs, forward_runs", [
     (10, 1, 0),     # 10 s of products: forward mode would save at most 4 s of its 5.5 s
-    (20, 3, 2),     # 1 s may be timed: 2 estimates, forward mode's run, one round
+    (20, 2, 2),     # 1 s may be timed: 1 estimate, forward mode's run, one round
     (100, 4, 2),    # 5 s: 3 estimates, forward mode's, one round (a second would make 8 s)
     (200, 6, 4),    # 10 s: 3 estimates, forward mode's, three rounds
     (None, 8, 6),   # no count: 3 estimates, forward mode's, AUTO_TIMING_RUNS rounds
@@ -455,6 +455,21 @@ def test_the_timed_runs_check_only_their_own_vectors_over_all_the_data(monkeypat
     assert more._timed_products is None
     more.check_determinism(vectors[0])
     assert len(calls) == 4
+    # A product ran since the timing: the next is not the first; two products.
+    ran = operators.HessianOperator(model_function, x, y, batch_size=4)
+    ran.choose_method(1, vectors=vectors)
+    ran.matmat(vectors)
+    ran.check_determinism(vectors)
+    assert len(calls) == 7
+    # The model changed since the timing (a callback's model trains): two products.
+    changed = operators.HessianOperator(model_function, x, y, batch_size=4)
+    changed.choose_method(1, vectors=vectors)
+    kernel = model_function.variables[0]
+    kernel.assign(kernel * 1.5)
+    product = changed.check_determinism(vectors)
+    assert len(calls) == 9
+    fixed = operators.HessianOperator(model_function, x, y, batch_size=4, method=changed.method)
+    np.testing.assert_array_equal(product, fixed.matmat(vectors))
     with pytest.raises(ValueError, match=r"choose_method: vectors have shape \(1, \d+\); pass "
                                          r"the first block, \[2, \d+\]"):
         operators.HessianOperator(model_function, x, y, batch_size=4).choose_method(
