@@ -148,6 +148,15 @@ class _ReplicaData(NamedTuple):
     sizes: tf.Tensor  # [batches_per_replica] examples in each batch (0 = padding)
 
 
+class _TimedProducts(NamedTuple):
+    """method='auto''s timed runs of the first block, for `check_determinism`."""
+    vectors: np.ndarray  # [k, dim] float64, the block timed
+    first: np.ndarray  # [k, dim] the chosen method's first run, as matmat returns it
+    difference: float  # the largest of a later run's from `first` (NaN or inf: not finite)
+    seconds: float  # two runs' seconds
+    model_values: list  # the parameters' and state's values then (`_model_values`)
+
+
 def _check_logits(outputs: np.ndarray, loss_name: str) -> None:
     """Cross-entropies take logits: outputs that are probabilities (non-negative,
     each row summing to 1, as after a softmax) would be normalised twice."""
@@ -420,8 +429,7 @@ class HessianOperator:
         self.residual_bytes = 0
         self.method_seconds = None  # {method: seconds (None: not run or not timed)}, once timed
         self.method_runs = None  # {method: how many timed runs its seconds are the median of}
-        # choose_method's (vectors, first products, largest difference, seconds of two
-        # runs, the model's values) for check_determinism, until a product runs.
+        # choose_method's _TimedProducts for check_determinism, until a product runs.
         self._timed_products = None
         self.forward_mode_failure = ""  # why forward over backward did not run, if not
         self.forward_mode_untimed = ""  # why it was not timed (a short job), if not
@@ -506,7 +514,8 @@ class HessianOperator:
             self._product_traces[block_size] = traces[self.method]
             self.num_traces += 1
         if vectors is not None and self.method in products:
-            self._timed_products = (vectors,) + products[self.method] + (self._model_values(),)
+            self._timed_products = _TimedProducts(
+                vectors, *products[self.method], self._model_values())
         return self.method
 
     @property
@@ -1177,14 +1186,14 @@ class HessianOperator:
         vectors = np.asarray(vectors, dtype=np.float64)
         timed, self._timed_products = self._timed_products, None  # used once
         if (timed is not None and vectors.shape[-1:] == (self.dim,)
-                and np.array_equal(timed[0], vectors.reshape(-1, self.dim))
+                and np.array_equal(timed.vectors, vectors.reshape(-1, self.dim))
                 # Else matmat says where a product is not finite.
-                and np.all(np.isfinite(timed[1])) and np.isfinite(timed[2])
-                and self._same_model(self._model_values(), timed[4])):  # not trained since
-            _, first, difference, seconds, _ = timed
-            first = first.reshape(vectors.shape)
-            self.num_products += 2 * timed[0].shape[0]
-            self.product_seconds += seconds
+                and np.all(np.isfinite(timed.first)) and np.isfinite(timed.difference)
+                # Nor trained since.
+                and self._same_model(self._model_values(), timed.model_values)):
+            first, difference = timed.first.reshape(vectors.shape), timed.difference
+            self.num_products += 2 * timed.vectors.shape[0]
+            self.product_seconds += timed.seconds
         else:
             product = self.matvec if vectors.ndim == 1 else self.matmat
             first = product(vectors)
