@@ -563,7 +563,7 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     """(kind, value) of the twin's step for one call of a Keras layer; raises Failure
     naming a layer (or a setting of it) the twin cannot mirror. Kinds: "module" (a
     layer with weights, one of TWIN_MODULES, its activation included; value: the
-    layer's name), "activation" (name), "leaky_relu" (slope),
+    layer's name), "activation" (name), "leaky_relu" (slope), "clamp" (ReLU's max_value),
     "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
     top, bottom)), "crop" ((top, bottom, left, right)), "upsample" ((rows, columns)),
     "reshape" (Keras's target_shape), "permute" (Keras's dims, from 1), a
@@ -601,10 +601,11 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     if isinstance(layer, keras.layers.Activation):
         return "activation", activation_name(layer)
     if isinstance(layer, keras.layers.ReLU):
-        if not (layer.max_value is None and float(layer.negative_slope) == 0.0
-                and float(layer.threshold) == 0.0):
-            raise Failure(f"twin: ReLU {layer.name} has max_value, negative_slope or "
-                          "threshold set; only the plain ReLU is supported.")
+        if not (float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0):
+            raise Failure(f"twin: ReLU {layer.name} has negative_slope or threshold set; "
+                          "only ReLU and ReLU with max_value (e.g. ReLU6) are supported.")
+        if layer.max_value is not None:  # MobileNet's ReLU(6.)
+            return "clamp", float(layer.max_value)
         return "activation", "relu"
     if isinstance(layer, keras.layers.LeakyReLU):
         return "leaky_relu", float(layer.negative_slope)
@@ -1009,6 +1010,8 @@ def torch_twin(keras_model):
                     x = functions[value](x)
                 elif kind == "leaky_relu":
                     x = F.leaky_relu(x, value)
+                elif kind == "clamp":  # ReLU(max_value), e.g. ReLU6 as torch's nn.ReLU6
+                    x = torch.clamp(x, 0.0, value)
                 elif kind == "pool":
                     x = pools[value[0]](x, value[1], value[2])
                 elif kind == "global":  # images NCHW; sequences (batch, length, features)

@@ -355,7 +355,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     config_lib.validate(config)
     created = results.check_writable(config.output_dir)
     try:
-        summary = _run(config, started)
+        with contextlib.ExitStack() as contexts:
+            summary = _run(config, started, contexts)
     except BaseException:
         results.remove_empty_directories(created)
         raise
@@ -364,12 +365,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
     return summary
 
 
-def _run(config: ml_collections.ConfigDict, started: float) -> dict:
+def _run(config: ml_collections.ConfigDict, started: float,
+         contexts: contextlib.ExitStack) -> dict:
     output_dir = config.output_dir
 
     # Imported here so that strategy creation (and logical CPU devices) come before
     # anything else touches TensorFlow's devices.
-    from hessian_tf.distribute import cpu_threads, is_chief, make_strategy
+    from hessian_tf.distribute import cpu_threads, graph_optimization, is_chief, make_strategy
     from hessian_tf.io.datasets import load_dataset
     from hessian_tf.io.models import check_model_path, import_modules, load_model_function
     from hessian_tf.operators import (
@@ -393,6 +395,9 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
             inter_op_threads=config.inter_op_threads,
         )
     chief = is_chief(strategy)
+    # Grappler's set-up of the job's functions, once TensorFlow's threads are set.
+    light_graphs = contexts.enter_context(
+        graph_optimization(config.graph_optimization, tpu=config.strategy == "tpu"))
     if config.model:
         check_model_path(config.model)  # before the data, which can take long to load
         import_modules(config.import_modules)
@@ -574,6 +579,7 @@ def _run(config: ml_collections.ConfigDict, started: float) -> dict:
         "lockstep_draws": group,
         "residual_bytes": getattr(operator, "residual_bytes", 0),
         "cpu_threads": cpu_threads(),
+        "graph_optimization": "light" if light_graphs else "full",
         "seconds": None,  # filled in just before writing
         "config": config.to_dict(),
         **analyses,

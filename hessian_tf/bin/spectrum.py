@@ -80,6 +80,9 @@ _HELP = {
     "intra_op_threads": "TensorFlow CPU threads per op (0: automatic, 1 on a host of at most "
     "2 cores without GPU or TPU, else TensorFlow's choice).",
     "inter_op_threads": "TensorFlow CPU ops run at once (0: TensorFlow's choice).",
+    "graph_optimization": "Grappler's set-up of the job's graphs: light (one round, no memory "
+    "or layout optimiser: deep graphs set up in about half the time), full (TensorFlow's), "
+    "or auto (light on a host without GPU or TPU, else full).",
     "tpu": "TPU name or address, with --strategy=tpu.",
     "worker_timeout": "multi_worker: seconds to wait for all workers, and for any all-reduce.",
     "checkpoint_every": "Checkpoint the Lanczos state every N products (0: never); re-run to resume.",

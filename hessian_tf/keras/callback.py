@@ -40,7 +40,7 @@ from tensorflow.core.framework import summary_pb2
 
 from hessian_tf import plotting
 from hessian_tf import spectrum as spectrum_lib
-from hessian_tf.distribute import is_chief
+from hessian_tf.distribute import GRAPH_OPTIMIZATIONS, graph_optimization, is_chief
 from hessian_tf.io import results
 from hessian_tf.operators import hessian as hessian_lib
 from hessian_tf.operators import losses as losses_lib
@@ -118,6 +118,15 @@ class Schedule:
     def due_after_epoch(self, epoch: int) -> bool:
         """True at the end of epoch `epoch` (0-based, as Keras counts)."""
         return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+
+    def planned_evaluations(self, epochs: Optional[int], steps: Optional[int]) -> Optional[int]:
+        """Evaluations in a `fit` of `epochs` epochs of `steps` steps (Keras's
+        `callback.params`), the one before training included; None where unknown."""
+        if not epochs:
+            return None
+        if self.every_n_epochs is not None:
+            return 1 + epochs // self.every_n_epochs
+        return 1 + epochs * steps // self.every_n_steps if steps else None
 
 
 # ------------------------------------------------------------------- bulk edge
@@ -322,6 +331,14 @@ class SpectrumCallback(keras.callbacks.Callback):
         products over sequences of at most this many steps, 0: never (the same
         function as their loop, about half the product time; see
         hessian_tf/operators/recurrent.py).
+      graph_optimization: Grappler's set-up of the callback's graphs (each set up at
+        its first run; the training's own graphs are untouched): 'light' (one round,
+        no memory or layout optimiser: deep graphs set up in about half the time),
+        'full' (TensorFlow's), or 'auto' (light on a host without GPU or TPU).
+
+    method='auto' times the methods within a share of the products of the fit's
+    evaluations, counted from the epochs and steps Keras gives the callback (without
+    a count where Keras does not know the steps).
 
     Attributes:
       evaluations: a SpectrumEvaluation per evaluation, in order.
@@ -347,6 +364,7 @@ class SpectrumCallback(keras.callbacks.Callback):
         lockstep_draws: int = 0,
         cache_residuals: bool = False,
         unroll_steps: int = recurrent.MAX_UNROLL_STEPS,
+        graph_optimization: str = "auto",
     ):
         super().__init__()
         self.schedule = Schedule(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs)
@@ -388,6 +406,12 @@ class SpectrumCallback(keras.callbacks.Callback):
                 "True or False. Fix: pass cache_residuals=True to keep each batch's "
                 "vector-free part of the product during an evaluation."
             )
+        if graph_optimization not in GRAPH_OPTIMIZATIONS:
+            raise ValueError(
+                f"SpectrumCallback: received graph_optimization={graph_optimization!r}; "
+                f"expected one of {GRAPH_OPTIMIZATIONS}. Fix: leave graph_optimization='auto' "
+                "(light on a host without GPU or TPU), or pass 'full' for TensorFlow's."
+            )
         if kernel_width is not None and not kernel_width > 0:
             raise ValueError(
                 f"SpectrumCallback: received kernel_width={kernel_width!r}; expected a "
@@ -421,6 +445,7 @@ class SpectrumCallback(keras.callbacks.Callback):
         self.lockstep_draws = lockstep_draws
         self.unroll_steps = recurrent.check_steps(unroll_steps, "SpectrumCallback: unroll_steps")
         self.cache_residuals = cache_residuals
+        self.graph_optimization = graph_optimization
         self.evaluations: list[SpectrumEvaluation] = []
         self._x, self._y = materialize(data)
         self._operator: Optional[hessian_lib.HessianOperator] = None
@@ -452,6 +477,16 @@ class SpectrumCallback(keras.callbacks.Callback):
             self._writer = None
 
     # ---------------------------------------------------------------- helpers
+
+    def _planned_products(self, group: int) -> Optional[int]:
+        """Block products of `group` vectors over the whole data in the fit's
+        evaluations (the determinism check's included), or None where Keras does not
+        say how many epochs and steps the fit has."""
+        params = getattr(self, "params", None) or {}
+        evaluations = self.schedule.planned_evaluations(params.get("epochs"), params.get("steps"))
+        if evaluations is None:
+            return None
+        return evaluations * -(-self.num_draws // group) * self.lanczos_steps + 1
 
     def _global_step(self) -> int:
         """The optimizer's update count: the step Keras' TensorBoard callback uses."""
@@ -508,37 +543,43 @@ class SpectrumCallback(keras.callbacks.Callback):
         first_product = None if self._determinism_checked else operator.check_determinism
         group = spectrum_lib.lockstep_group(
             self.num_draws, self.lanczos_steps, operator.dim, lockstep=self.lockstep_draws)
-        try:
-            # method='auto': timed at the first evaluation, kept for the others (on the
-            # first block, whose determinism check its timed runs can then be).
-            if operator.times_methods:
-                first = spectrum_lib.first_block(
-                    operator.dim, num_draws=self.num_draws, seed=self.seed, lockstep=group,
-                ) if first_product is not None and operator.timed_runs_are_products else None
-                operator.choose_method(group, vectors=first)
-                del first
-                logging.info("SpectrumCallback: method='auto' chose %s products (median "
-                             "seconds over the first batches: %s%s)", operator.method,
-                             operator.method_seconds,
-                             f"; {operator.forward_mode_failure}"
-                             if operator.forward_mode_failure else "")
-            spectrum = spectrum_lib.stochastic_lanczos_quadrature(
-                operator.matvec,
-                operator.dim,
-                lanczos_steps=self.lanczos_steps,
-                num_draws=self.num_draws,
-                seed=self.seed,
-                kernel_width=self.kernel_width,
-                first_product=first_product,
-                matmat=operator.matmat,
-                lockstep=group,
-            )
-        except (hessian_lib.NonDeterministicError, hessian_lib.NonFiniteError) as error:
-            raise type(error)(f"SpectrumCallback at training step {step}: {error}") from error
-        except ValueError as error:  # e.g. the residual cache does not fit in memory
-            raise ValueError(f"SpectrumCallback at training step {step}: {error}") from error
-        finally:
-            operator.drop_residuals()  # training never holds the cache
+        # Grappler's set-up of the graphs first run here (ours; the training's keep
+        # their own).
+        with graph_optimization(self.graph_optimization,
+                                tpu=hessian_lib.is_tpu_strategy(operator.strategy)):
+            try:
+                # method='auto': timed at the first evaluation, kept for the others (on the
+                # first block, whose determinism check its timed runs can then be), within
+                # a share of the products the fit's evaluations will run, where Keras says
+                # how many steps and epochs there are.
+                if operator.times_methods:
+                    first = spectrum_lib.first_block(
+                        operator.dim, num_draws=self.num_draws, seed=self.seed, lockstep=group,
+                    ) if first_product is not None and operator.timed_runs_are_products else None
+                    operator.choose_method(group, self._planned_products(group), vectors=first)
+                    del first
+                    logging.info("SpectrumCallback: method='auto' chose %s products (median "
+                                 "seconds over the first batches: %s%s)", operator.method,
+                                 operator.method_seconds,
+                                 f"; {operator.forward_mode_failure}"
+                                 if operator.forward_mode_failure else "")
+                spectrum = spectrum_lib.stochastic_lanczos_quadrature(
+                    operator.matvec,
+                    operator.dim,
+                    lanczos_steps=self.lanczos_steps,
+                    num_draws=self.num_draws,
+                    seed=self.seed,
+                    kernel_width=self.kernel_width,
+                    first_product=first_product,
+                    matmat=operator.matmat,
+                    lockstep=group,
+                )
+            except (hessian_lib.NonDeterministicError, hessian_lib.NonFiniteError) as error:
+                raise type(error)(f"SpectrumCallback at training step {step}: {error}") from error
+            except ValueError as error:  # e.g. the residual cache does not fit in memory
+                raise ValueError(f"SpectrumCallback at training step {step}: {error}") from error
+            finally:
+                operator.drop_residuals()  # training never holds the cache
         self._determinism_checked = True
         self._last_step = step
         edge = bulk_edge(

@@ -31,6 +31,7 @@ def chain_model():
     h = keras.layers.Dense(6, name="hidden")(h)
     h = keras.layers.Activation("gelu")(h)
     h = keras.layers.Dense(4, activation="leaky_relu", name="hidden2")(h)
+    h = keras.layers.ReLU(max_value=6.0, name="relu6")(h)  # MobileNet's
     return keras.Model(inputs, keras.layers.Dense(3, name="logits")(h))
 
 
@@ -41,7 +42,7 @@ def test_steps_of_a_chain():
         ("module", "bn", (2,), 3), ("leaky_relu", pytest.approx(0.2), (3,), 4),
         ("flatten", None, (4,), 5), ("module", "hidden", (5,), 6),
         ("activation", "gelu", (6,), 7), ("module", "hidden2", (7,), 8),
-        ("module", "logits", (8,), 9)], 9)
+        ("clamp", 6.0, (8,), 9), ("module", "logits", (9,), 10)], 10)
 
 
 def residual_model():
@@ -139,7 +140,7 @@ def test_models_the_twin_cannot_mirror_are_refused():
     (keras.layers.ZeroPadding2D(1, data_format="channels_first"), "must be channels_last"),
     (keras.layers.MaxPooling2D(2, padding="same"), "must use padding='valid'"),
     (keras.layers.Activation("softmax"), "activation 'softmax'"),
-    (keras.layers.ReLU(max_value=6.0), "only the plain ReLU"),
+    (keras.layers.ReLU(negative_slope=0.1), "ReLU with max_value (e.g. ReLU6)"),
     (keras.layers.Conv2D(2, 3, activation="relu6"), "activation 'relu6'"),
     (keras.layers.Conv2D(2, 3, dilation_rate=2), "without dilation"),
     (keras.layers.BatchNormalization(scale=False), "with both γ and β"),

@@ -105,6 +105,7 @@ def test_schedule_needs_exactly_one_positive_period(kwargs, named, tmp_path):
     ({"cache_residuals": 1}, "cache_residuals=1"),
     ({"unroll_steps": -1}, "unroll_steps=-1"),
     ({"unroll_steps": 8.0}, "unroll_steps=8.0"),
+    ({"graph_optimization": "fast"}, "graph_optimization='fast'"),
 ])
 def test_bad_options_are_named(kwargs, named, tmp_path):
     x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)
@@ -125,6 +126,42 @@ def test_schedule_with_injected_steps():
     every_two_epochs = Schedule(every_n_epochs=2)
     assert [e for e in range(6) if every_two_epochs.due_after_epoch(e)] == [1, 3, 5]
     assert not every_two_epochs.due_after_step(4, 3)
+
+
+def test_planned_evaluations_of_a_fit():
+    # The one before training, then one per period; unknown without epochs or steps.
+    assert Schedule(every_n_epochs=2).planned_evaluations(epochs=5, steps=None) == 3
+    assert Schedule(every_n_steps=4).planned_evaluations(epochs=2, steps=8) == 5
+    assert Schedule(every_n_steps=4).planned_evaluations(epochs=2, steps=None) is None
+    assert Schedule(every_n_epochs=1).planned_evaluations(epochs=None, steps=8) is None
+
+
+def test_auto_method_is_timed_within_the_fits_products_under_light_graphs(digits, tmp_path,
+                                                                           monkeypatch):
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    seen = []
+    choose = operators.HessianOperator.choose_method
+
+    def recording(self, block_size=1, num_products=None, vectors=None):
+        config = config_pb2.ConfigProto()
+        config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+        seen.append((num_products, config.graph_options.rewrite_options.meta_optimizer_iterations))
+        return choose(self, block_size, num_products, vectors)
+
+    monkeypatch.setattr(operators.HessianOperator, "choose_method", recording)
+    before = context.context().function_call_options
+    x, y = digits
+    callback = spectrum_callback((x, y), tmp_path, every_n_epochs=1, every_n_steps=None,
+                                 graph_optimization="light")
+    model = bn_dropout_mlp()
+    model.fit(x, y, batch_size=TRAIN_BATCH, epochs=2, verbose=0, callbacks=[callback])
+    # 3 evaluations (before training, after each epoch) of LANCZOS_STEPS products,
+    # and the determinism check's; timed in a light set-up; the training's untouched.
+    assert seen == [(3 * LANCZOS_STEPS + 1, 1)]  # RewriterConfig.ONE
+    assert context.context().function_call_options is before
+    assert len(callback.evaluations) == 3
 
 
 def test_bulk_edge_is_a_quantile_of_the_pooled_measure():
