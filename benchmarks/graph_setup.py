@@ -5,7 +5,7 @@ of later runs, over the whole data, each variant in its own process (each starts
 cold, as a job does).
 
 Workloads: `densenet121` (keras.applications.DenseNet121, untrained, 32×32×3, 10
-classes, 6,964,106 parameters; 128 of the digits upscaled, batch 64: a deep graph of
+classes, 6,964,106 trainable parameters; 128 of the digits upscaled, batch 64: a deep graph of
 121 convolutions), `resnet32` (hessian_tf.models.resnet32 on 256 random images, batch
 128), or `--model=NET.keras --data=DATA.npz [--batch_size=B]`.
 
@@ -65,11 +65,12 @@ def child(variant: str, args) -> dict:
 
     automatic_cpu_threads("default")  # as the binary sets the threads
     model, x, y, batch_size = workload_data(args)
-    result = {"params": int(model.count_params())}
+    result = {}
     with graph_optimization(variant):
         operator = operators.HessianOperator(
             operators.KerasModelFunction(model), x, y, batch_size=batch_size,
             method="reverse_over_reverse")
+        result["params"] = operator.dim
         vector = np.random.default_rng(0).standard_normal((1, operator.dim))
         vector = tf.constant(vector / np.linalg.norm(vector), operator._device_dtype)
         gradient = tf.function(operator._loss_gradient_graph)

@@ -196,7 +196,7 @@ class SLQCheckpointer:
                         f"{alphas.size} Lanczos steps, not {lanczos_steps}; pass --restart "
                         "to start over."
                     )
-                basis = np.zeros((lanczos_steps, dim), dtype=basis_dtype)
+                basis = linalg.zero_basis(lanczos_steps, dim, basis_dtype)
                 member_draw = draw + len(group)
                 for row in range(rows):
                     vector = np.load(self._row_path(member_draw, row), allow_pickle=False)

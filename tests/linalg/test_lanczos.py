@@ -295,3 +295,44 @@ def test_float32_basis_stays_orthogonal_on_a_hessian_like_spectrum():
     }
     np.testing.assert_allclose(nodes[np.float32][-10:], nodes[np.float64][-10:], rtol=1e-6)
     np.testing.assert_allclose(nodes[np.float64][-10:], np.geomspace(5, 150, 10), rtol=1e-8)
+
+
+
+def _memory_owner(array):
+    while isinstance(array, np.ndarray):
+        array = array.base
+    return array.obj if isinstance(array, memoryview) else array
+
+
+def _run_lanczos(matrix, start, dtype):
+    state = linalg.lanczos_init(start, 12, basis_dtype=dtype)
+    while not linalg.is_finished(state):
+        state = linalg.lanczos_step(state, matrix @ linalg.current_vector(state))
+    return state
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_large_basis_is_a_zero_memory_map_and_runs_as_a_small_one(dtype, monkeypatch):
+    import mmap
+
+    small = linalg.zero_basis(3, 5, dtype)
+    assert small.dtype == dtype and small.shape == (3, 5) and not small.any()
+    assert not isinstance(_memory_owner(small), mmap.mmap)
+    large = linalg.zero_basis(2, (4 << 20) // np.dtype(dtype).itemsize, dtype)
+    assert isinstance(_memory_owner(large), mmap.mmap)
+    assert large.dtype == dtype and large.flags.writeable and not large[:, ::4096].any()
+    large[1, -1] = 3.0
+    assert large[1, -1] == 3.0 and not large[0].any()
+    # The same Lanczos run, bit for bit, with its basis mapped.
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((40, 40))
+    matrix = matrix + matrix.T
+    start = rng.standard_normal(40)
+    plain = _run_lanczos(matrix, start, dtype)
+    monkeypatch.setattr(lanczos_module, "SMALL_PAGES_FROM_BYTES", 1)
+    mapped = _run_lanczos(matrix, start, dtype)
+    assert isinstance(_memory_owner(mapped.basis), mmap.mmap)
+    assert not isinstance(_memory_owner(plain.basis), mmap.mmap)
+    np.testing.assert_array_equal(mapped.alphas, plain.alphas)
+    np.testing.assert_array_equal(mapped.betas, plain.betas)
+    np.testing.assert_array_equal(mapped.basis, plain.basis)
