@@ -858,9 +858,15 @@ class HessianOperator:
 
     @staticmethod
     def _combined(accumulator: tf.Tensor) -> np.ndarray:
-        """The float64 sum that a (cross-replica) accumulator holds, on the host."""
-        rows = accumulator.numpy().astype(np.float64, copy=False)
-        return rows[0] if rows.shape[0] == 1 else np.sum(rows, axis=0)
+        """The float64 sum that a (cross-replica) accumulator holds, on the host: a new
+        array of its own (the caller may scale it in place). Adds the compensation in
+        place, as np.sum of the two rows did, without their float64 copy (on
+        ResNet-18's 11.7M parameters, 187 MB)."""
+        rows = accumulator.numpy()
+        combined = rows[0].astype(np.float64)  # a copy, also of float64 rows
+        if rows.shape[0] > 1:
+            combined += rows[1]
+        return combined
 
     def _sum_over_batches(self, batch_fn, size: int, args: tuple,
                           max_batches=None) -> tf.Tensor:
@@ -1011,8 +1017,11 @@ class HessianOperator:
         return products
 
     def _mean_products(self, combined: np.ndarray, shape: tuple) -> np.ndarray:
-        """The products of the mean loss's Hessian, [k, dim], from the combined sums."""
-        return combined.reshape(shape) / self.num_examples
+        """The products of the mean loss's Hessian, [k, dim], from the combined sums
+        (`_combined`'s array, divided in place)."""
+        combined = combined.reshape(shape)
+        combined /= self.num_examples
+        return combined
 
     def _product_trace(self, size: int):
         """The product graph's concrete function for blocks of `size` vectors, traced at
