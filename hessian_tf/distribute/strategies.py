@@ -98,7 +98,7 @@ def check_graph_optimization(mode: str) -> None:
     if mode not in GRAPH_OPTIMIZATIONS:
         raise ValueError(
             f"--graph_optimization={mode!r}: pass one of {GRAPH_OPTIMIZATIONS} (auto: light "
-            "on a host without GPU or TPU, else full).")
+            "unless a GPU is visible or --strategy=tpu, else full).")
 
 
 def light_graph_optimization(mode: str, *, tpu: bool = False) -> bool:
@@ -120,11 +120,13 @@ def graph_optimization(mode: str, *, tpu: bool = False):
 
     light: one round of Grappler's optimisers instead of two, without the memory
     optimiser (whose swapping and recomputation serve GPU memory) and the layout
-    optimiser (NCHW for GPU convolutions). On a CPU-only host of 2 cores, DenseNet-121
-    (121 layers) set up its product graph in 7.1 s instead of 12.9 s and its gradient
-    in 3.0 s instead of 5.1 s, and ResNet-18 in 8.4 s instead of 9.3 s, with products
-    as fast (benchmarks/PYHESSIAN.md). full: TensorFlow's configuration. auto: light
-    on a host without GPU or TPU (where it was measured), else full. Yields whether
+    optimiser (NCHW for GPU convolutions). On a CPU-only host of 2 cores the first run
+    of DenseNet-121's product graph (121 layers; after its trace) took 8.2 s instead of
+    14.0 s and of its gradient graph 3.7 s instead of 5.8 s; with the traces, the two
+    graphs' set-up took 0.78 of the time, ResNet-32's 0.75, with products as fast
+    (benchmarks/graph_setup.py, benchmarks/PYHESSIAN.md). full: the calling program's
+    configuration as it is (TensorFlow's, unless the caller changed it). auto: light
+    unless a GPU is visible or `tpu` (where it was measured), else full. Yields whether
     light."""
     light = light_graph_optimization(mode, tpu=tpu)
     if not light:

@@ -38,11 +38,12 @@ BASIS_SUBDIR = "basis"
 _ROW_FILE = re.compile(r"draw(\d+)_row\d+\.npy(\.tmp)?$")
 
 # Options that do not change the result: a run resumes across changes of these.
-# unroll_steps: the same function, unrolled or looped (rounding apart); and runs
-# checkpointed before the option existed resume.
+# unroll_steps and graph_optimization: the same function, unrolled or looped, set up by
+# Grappler's light or full configuration (rounding apart); and runs checkpointed
+# before the options existed resume.
 _OPERATIONAL_OPTIONS = (
     "output_dir", "checkpoint_every", "checkpoint_seconds", "restart", "worker_timeout",
-    "lockstep_draws", "import_modules", "unroll_steps",
+    "lockstep_draws", "import_modules", "unroll_steps", "graph_optimization",
 )
 
 

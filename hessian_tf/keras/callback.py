@@ -333,12 +333,14 @@ class SpectrumCallback(keras.callbacks.Callback):
         hessian_tf/operators/recurrent.py).
       graph_optimization: Grappler's set-up of the callback's graphs (each set up at
         its first run; the training's own graphs are untouched): 'light' (one round,
-        no memory or layout optimiser: deep graphs set up in about half the time),
-        'full' (TensorFlow's), or 'auto' (light on a host without GPU or TPU).
+        no memory or layout optimiser: a deep graph's first run in about 0.6 of the
+        time), 'full' (the program's configuration as it is), or 'auto' (light unless
+        a GPU is visible or the model is on a TPU).
 
     method='auto' times the methods within a share of the products of the fit's
     evaluations, counted from the epochs and steps Keras gives the callback (without
-    a count where Keras does not know the steps).
+    a count where Keras does not know the steps; a fit from a later `initial_epoch`
+    is counted from epoch 0, which only widens the share).
 
     Attributes:
       evaluations: a SpectrumEvaluation per evaluation, in order.

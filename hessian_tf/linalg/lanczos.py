@@ -201,14 +201,16 @@ _ELEMENTWISE_BLOCK = 1 << 16
 
 
 def _minus_scaled(w: np.ndarray, scale: float, row: np.ndarray) -> np.ndarray:
-    """w - scale * row, a new float64 array (the same numbers as that expression)."""
+    """w - scale * row, a new float64 array (the same numbers as that expression
+    under NumPy 2's promotion: a float32 row times a float64 scale in float64)."""
     out = np.multiply(row, -scale, dtype=np.float64)
     out += w
     return out
 
 
 def _subtract_scaled(w: np.ndarray, scale: float, row: np.ndarray) -> None:
-    """w -= scale * row, in place, a block at a time (the same numbers)."""
+    """w -= scale * row, in place, a block at a time (the same numbers as that
+    expression under NumPy 2; a float32 row is scaled in float64)."""
     for start in range(0, w.size, _ELEMENTWISE_BLOCK):
         block = slice(start, start + _ELEMENTWISE_BLOCK)
         w[block] -= scale * row[block].astype(np.float64, copy=False)

@@ -859,9 +859,10 @@ class HessianOperator:
     @staticmethod
     def _combined(accumulator: tf.Tensor) -> np.ndarray:
         """The float64 sum that a (cross-replica) accumulator holds, on the host: a new
-        array of its own (the caller may scale it in place). Adds the compensation in
-        place, as np.sum of the two rows did, without their float64 copy (on
-        ResNet-18's 11.7M parameters, 187 MB)."""
+        array of its own (the caller may scale it in place). A float32 accumulator's
+        compensation row is added in place, as np.sum of the two rows did, without
+        their float64 copy (187 MB on ResNet-18's 11.7M parameters); a float64
+        accumulator (CPU and GPU) is one row, copied."""
         rows = accumulator.numpy()
         combined = rows[0].astype(np.float64)  # a copy, also of float64 rows
         if rows.shape[0] > 1:

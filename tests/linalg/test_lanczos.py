@@ -336,3 +336,22 @@ def test_a_large_basis_is_a_zero_memory_map_and_runs_as_a_small_one(dtype, monke
     np.testing.assert_array_equal(mapped.alphas, plain.alphas)
     np.testing.assert_array_equal(mapped.betas, plain.betas)
     np.testing.assert_array_equal(mapped.basis, plain.basis)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_steps_updates_are_the_expressions_they_replace(dtype):
+    # Across several of the element-wise blocks, for float64 and float32 basis rows.
+    rng = np.random.default_rng(1)
+    size = 3 * lanczos_module._ELEMENTWISE_BLOCK + 5
+    w = rng.standard_normal(size)
+    row = rng.standard_normal(size).astype(dtype)
+    scale = float(rng.standard_normal())
+    expected = w - scale * row.astype(np.float64)
+    np.testing.assert_array_equal(lanczos_module._minus_scaled(w, scale, row.astype(np.float64)),
+                                  expected)
+    inplace = w.copy()
+    lanczos_module._subtract_scaled(inplace, scale, row)
+    np.testing.assert_array_equal(inplace, w - np.float64(scale) * row)  # betas[k - 1] * row
+    out = np.zeros(size, dtype)
+    np.divide(w, 0.37, out=out, casting="same_kind")
+    np.testing.assert_array_equal(out, (w / 0.37).astype(dtype))
