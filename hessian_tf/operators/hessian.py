@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from hessian_tf.distribute.strategies import run_once
 from hessian_tf.messages import first_line, traced_error
 from hessian_tf.operators import flat_parameters as flatten_lib
 from hessian_tf.operators import losses as losses_lib
@@ -1167,7 +1168,8 @@ class HessianOperator:
 
     def loss_and_gradient(self) -> tuple[float, np.ndarray]:
         """(L(θ), ∇L(θ)) over the whole dataset; the gradient is [dim] float64."""
-        total = self._combined(self._loss_gradient_function()) / self.num_examples
+        with run_once():  # once a job: Grappler's work would not be repaid
+            total = self._combined(self._loss_gradient_function()) / self.num_examples
         loss, gradient = float(total[0]), total[1:]
         if not np.isfinite(loss):
             raise NonFiniteError(

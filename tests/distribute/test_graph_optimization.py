@@ -150,3 +150,35 @@ def test_the_binary_reports_its_set_up_and_refuses_an_unknown_one(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--graph_optimization='fast': pass one of" in lines[0]
     assert not (tmp_path / "bad").exists()
+
+
+ONCE_LOG = """
+import sys
+import numpy as np
+import tensorflow as tf
+from hessian_tf import operators
+from hessian_tf.distribute import graph_optimization
+from hessian_tf.models import mlp
+
+x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+y = np.arange(64) % 3
+with graph_optimization(sys.argv[1]):
+    operator = operators.HessianOperator(operators.KerasModelFunction(
+        mlp(8, hidden_units=6, num_classes=3)), x, y, batch_size=16,
+        method="reverse_over_reverse")
+    operator.matvec(np.ones(operator.dim))
+    print("LOSS", operator.loss_and_gradient()[0], flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["light", "full"])
+def test_the_gradient_a_job_runs_once_is_not_optimised_in_a_light_set_up(mode):
+    env = environment()
+    env.update(TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="meta_optimizer=1")
+    result = subprocess.run([sys.executable, "-c", ONCE_LOG, mode], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LOSS" in result.stdout
+    optimised = result.stderr
+    assert "grappler item: __inference__product_graph" in optimised
+    assert ("grappler item: __inference__loss_gradient_graph" in optimised) == (mode == "full")
