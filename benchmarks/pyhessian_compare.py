@@ -32,8 +32,9 @@ output, branches and skip connections included, whose layers the twin mirrors (C
 Conv2D, DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense, BatchNormalization,
 LayerNormalization, GroupNormalization, MultiHeadAttention as torch's
 nn.MultiheadAttention, LSTM and GRU as torch's nn.LSTM and nn.GRU, activation layers,
-valid pooling, global pooling, ZeroPadding2D, Cropping2D, UpSampling2D, Flatten, Add and
-the other merges, Concatenate, and dropout, noise and random augmentation as the
+valid pooling, global pooling, ZeroPadding2D, Cropping2D, UpSampling2D, Flatten,
+Rescaling, Normalization, Add and the other merges (broadcasting within one rank),
+Concatenate, and dropout, noise and random augmentation as the
 identity; see `twin_step`); the data are arrays x and y (integer labels; 0/1 for a model
 of one logit, compared by binary cross-entropy, `--loss=binary_crossentropy` on our
 side). Embedding layers read integer x (tokens) as torch's nn.Embedding. Images are
@@ -554,9 +555,22 @@ SUPPORTED_LAYERS = (
     ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, "
     "MaxPooling2D, AveragePooling2D, GlobalAveragePooling1D/2D, GlobalMaxPooling1D/2D, "
     "ZeroPadding2D, Cropping2D, UpSampling2D (nearest), Flatten, Reshape, Permute, "
+    "Rescaling, Normalization (the last axis), "
     + ", ".join(TWIN_MERGES)
     + ", Concatenate and, as the identity at inference, dropout, noise and random "
     "augmentation layers")
+
+
+def broadcast(shapes: list[tuple]) -> bool:
+    """Whether Keras shapes (without the batch) of one rank broadcast: then so do the
+    twin's, whose images are all NCHW alike."""
+    if len({len(shape) for shape in shapes}) != 1 or any(None in shape for shape in shapes):
+        return False
+    try:
+        np.broadcast_shapes(*shapes)
+    except ValueError:
+        return False
+    return True
 
 
 def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, Any]:
@@ -564,6 +578,7 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     naming a layer (or a setting of it) the twin cannot mirror. Kinds: "module" (a
     layer with weights, one of TWIN_MODULES, its activation included; value: the
     layer's name), "activation" (name), "leaky_relu" (slope), "clamp" (ReLU's max_value),
+    "rescale" ((scale, offset)), "normalize" ((mean, max(√variance, ε))),
     "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
     top, bottom)), "crop" ((top, bottom, left, right)), "upsample" ((rows, columns)),
     "reshape" (Keras's target_shape), "permute" (Keras's dims, from 1), a
@@ -596,6 +611,20 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
         return "flatten", None
     if isinstance(layer, keras.layers.Reshape):
         return "reshape", tuple(int(size) for size in layer.target_shape)
+    if isinstance(layer, keras.layers.Rescaling):  # inputs * scale + offset
+        scale, offset = (np.asarray(value, np.float64).reshape(-1)
+                         for value in (layer.scale, layer.offset))
+        return "rescale", (tuple(scale.tolist()), tuple(offset.tolist()))
+    if isinstance(layer, keras.layers.Normalization):
+        rank = len(input_shapes[0]) + 1
+        if layer.invert or tuple(axis % rank for axis in layer.axis) != (rank - 1,):
+            raise Failure(f"twin: Normalization {layer.name} must normalise the last axis "
+                          "and not invert.")
+        mean = np.asarray(layer.mean, np.float64).reshape(-1)
+        # Keras divides by max(√variance, ε).
+        deviation = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64).reshape(-1)),
+                               keras.config.epsilon())
+        return "normalize", (tuple(mean.tolist()), tuple(deviation.tolist()))
     if isinstance(layer, keras.layers.Permute):
         return "permute", tuple(int(axis) for axis in layer.dims)
     if isinstance(layer, keras.layers.Activation):
@@ -636,10 +665,11 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
         (top, bottom), (left, right) = layer.cropping
         return "crop", (int(top), int(bottom), int(left), int(right))
     if merge or isinstance(layer, keras.layers.Concatenate):
-        if len(set(input_shapes)) != 1 and merge:
+        if merge and len(set(input_shapes)) != 1 and not broadcast(input_shapes):
             raise Failure(f"twin: {type(layer).__name__} {layer.name} takes inputs of shapes "
-                          f"{', '.join(map(str, input_shapes))}; the twin merges equal shapes "
-                          "only (no broadcasting).")
+                          f"{', '.join(map(str, input_shapes))}; the twin merges equal shapes, "
+                          "or shapes of one rank that broadcast (a squeeze-and-excitation "
+                          "block's [H, W, C] and [1, 1, C]).")
         if merge:
             return merge, None
         return "concatenate", tensor_axis(layer.axis, len(input_shapes[0]) + 1)
@@ -990,6 +1020,14 @@ def torch_twin(keras_model):
               "maximum": lambda ts: functools.reduce(torch.maximum, ts),
               "minimum": lambda ts: functools.reduce(torch.minimum, ts)}
 
+    def channel_values(values, x):
+        """A tensor of Keras's last-axis values (one: a scalar) to broadcast against x
+        (images NCHW: the channel axis)."""
+        tensor = torch.tensor(values, dtype=x.dtype)
+        if tensor.numel() == 1:
+            return tensor.reshape(())
+        return tensor.reshape(1, -1, 1, 1) if x.ndim == 4 else tensor
+
     def keras_layout(x):
         """The twin's tensor in Keras's layout: images NCHW → NHWC, other ranks as they are."""
         return x.permute(0, 2, 3, 1) if x.ndim == 4 else x
@@ -1012,6 +1050,10 @@ def torch_twin(keras_model):
                     x = F.leaky_relu(x, value)
                 elif kind == "clamp":  # ReLU(max_value), e.g. ReLU6 as torch's nn.ReLU6
                     x = torch.clamp(x, 0.0, value)
+                elif kind == "rescale":  # Keras: x * scale + offset, per last-axis entry
+                    x = x * channel_values(value[0], x) + channel_values(value[1], x)
+                elif kind == "normalize":  # Keras: (x − mean) / max(√variance, ε)
+                    x = (x - channel_values(value[0], x)) / channel_values(value[1], x)
                 elif kind == "pool":
                     x = pools[value[0]](x, value[1], value[2])
                 elif kind == "global":  # images NCHW; sequences (batch, length, features)

@@ -412,7 +412,8 @@ class SpectrumCallback(keras.callbacks.Callback):
             raise ValueError(
                 f"SpectrumCallback: received graph_optimization={graph_optimization!r}; "
                 f"expected one of {GRAPH_OPTIMIZATIONS}. Fix: leave graph_optimization='auto' "
-                "(light on a host without GPU or TPU), or pass 'full' for TensorFlow's."
+                "(light unless a GPU is visible or the model is on a TPU), or pass 'full' for "
+                "the program's own configuration."
             )
         if kernel_width is not None and not kernel_width > 0:
             raise ValueError(

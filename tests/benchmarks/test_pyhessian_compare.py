@@ -84,6 +84,29 @@ def test_steps_of_a_residual_model():
     assert by_output[output] == ("module", "logits", (sub_output,))
 
 
+def test_preprocessing_and_a_squeeze_and_excitation_block():
+    # keras.applications.EfficientNet's: Rescaling, Normalization, and channel weights
+    # [1, 1, C] multiplied onto [H, W, C] (a broadcasting merge).
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    h = layers.Rescaling(1 / 255, name="rescale")(inputs)
+    normalization = layers.Normalization(axis=-1, mean=[0.1, 0.2, 0.3],
+                                         variance=[1.0, 4.0, 0.0], name="normalize")
+    h = layers.Conv2D(4, 3, padding="same", name="conv")(normalization(h))
+    squeeze = layers.Reshape((1, 1, 4), name="squeeze")(layers.GlobalAveragePooling2D(name="gap")(h))
+    excite = layers.Conv2D(4, 1, activation="sigmoid", name="excite")(squeeze)
+    h = layers.Multiply(name="scale")([h, excite])
+    steps, output = compare.twin_graph(keras.Model(inputs, layers.Dense(3, name="logits")(
+        layers.GlobalAveragePooling2D(name="pool")(h))))
+    kinds = {step[0]: step[1] for step in steps}
+    assert kinds["rescale"] == ((pytest.approx(1 / 255),), (0.0,))
+    mean, deviation = kinds["normalize"]
+    assert mean == pytest.approx((0.1, 0.2, 0.3))
+    assert deviation == pytest.approx((1.0, 2.0, keras.config.epsilon()))  # max(√var, ε)
+    assert ("multiply", None) in [(step[0], step[1]) for step in steps]
+    assert output == len(steps)
+
+
 def test_layers_that_are_the_identity_at_inference_are_no_steps():
     layers = keras.layers
     model = keras.Sequential([
@@ -118,9 +141,12 @@ def test_symmetric_padding_before_a_valid_convolution_is_folded_into_it():
 
 def test_models_the_twin_cannot_mirror_are_refused():
     inputs = keras.Input((4,))
-    broadcast = keras.layers.Add()([keras.layers.Dense(4)(inputs), keras.layers.Dense(1)(inputs)])
-    with pytest.raises(compare.Failure, match="merges equal shapes only"):
-        compare.twin_graph(keras.Model(inputs, broadcast))
+    images = keras.Input((2, 2, 4))
+    pooled = keras.layers.GlobalAveragePooling2D()(images)
+    ranks = keras.layers.Add()([images, pooled])  # Keras expands the dims of [C]
+    with pytest.raises(compare.Failure, match="merges equal shapes, or shapes of one rank "
+                                              "that broadcast"):
+        compare.twin_graph(keras.Model(images, ranks))
     other = keras.Input((4,))
     with pytest.raises(compare.Failure, match="2 inputs and 1 outputs"):
         compare.twin_graph(keras.Model([inputs, other], keras.layers.Add()([inputs, other])))
@@ -136,6 +162,7 @@ def test_models_the_twin_cannot_mirror_are_refused():
     (keras.layers.Conv2DTranspose(2, 2, strides=3), "with kernel_size ≥ strides"),
     (keras.layers.Cropping2D((1, 0), data_format="channels_first"), "must be channels_last"),
     (keras.layers.PReLU(), "(PReLU) is not supported"),
+    (keras.layers.Normalization(axis=1, mean=0.0, variance=1.0), "must normalise the last axis"),
     (keras.layers.UpSampling2D(2, interpolation="bilinear"), "interpolation='nearest'"),
     (keras.layers.ZeroPadding2D(1, data_format="channels_first"), "must be channels_last"),
     (keras.layers.MaxPooling2D(2, padding="same"), "must use padding='valid'"),
