@@ -918,7 +918,8 @@ def torch_twin(keras_model):
             modules[layer.name] = nn.Embedding(layer.input_dim, layer.output_dim)
         elif isinstance(layer, keras.layers.Dense):
             modules[layer.name] = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.use_bias)
-        elif layer.weights:
+        elif layer.weights and not isinstance(layer, keras.layers.Normalization):
+            # (Normalization's statistics, not trained, are constants of its step.)
             raise Failure(f"twin: layer {layer.name} ({type(layer).__name__}) has weights but no twin.")
         if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense,
                               keras.layers.Conv2DTranspose) + depthwise):
