@@ -139,7 +139,10 @@ def child_main(spec: dict) -> dict:
     import tensorflow as tf
 
     from hessian_tf import operators
+    from hessian_tf.distribute import graph_optimization
 
+    # Grappler's set-up as the binary's (--graph_optimization), for the rest of the child.
+    graph_optimization(spec["graph_optimization"]).__enter__()
     rss_imports = memory_status()[0]
     model, x, y = load_workload(spec["workload"], spec["num_examples"])
     rss_model_data = memory_status()[0]
@@ -420,6 +423,8 @@ def main(argv=None) -> int:
                         choices=("auto", "forward_over_backward", "reverse_over_reverse"),
                         help="HessianOperator's product method (auto: the operator's "
                         "default, reverse over reverse, for the binary as well)")
+    parser.add_argument("--graph_optimization", default="auto", choices=("auto", "light", "full"),
+                        help="Grappler's set-up of the graphs, as hessian-spectrum's flag")
     parser.add_argument("--binary", action="store_true",
                         help="also run hessian-spectrum (f64, f32, f64 without checkpoints)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -433,11 +438,13 @@ def main(argv=None) -> int:
     num_examples = args.num_examples or (RESNET_NUM_IMAGES if args.workload == "resnet32" else 1797)
     k = args.lockstep
     common = {"workload": args.workload, "num_examples": num_examples,
-              "batch_size": args.batch_size, "lockstep": k, "method": args.method}
+              "batch_size": args.batch_size, "lockstep": k, "method": args.method,
+              "graph_optimization": args.graph_optimization}
     started = time.perf_counter()
     load_start = load_average()
     print(f"memory benchmark: {args.workload}, N={num_examples}, batch {args.batch_size}, "
-          f"m={m}, lockstep {k}, BN modes {bn_modes}")
+          f"m={m}, lockstep {k}, BN modes {bn_modes}, graph_optimization "
+          f"{args.graph_optimization}")
     print(f"platform {platform.platform()}, {os.cpu_count()} CPUs "
           f"({len(os.sched_getaffinity(0))} usable), load average at start {load_start}")
 
