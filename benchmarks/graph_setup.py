@@ -134,8 +134,8 @@ def main(argv=None) -> int:
         values = [rows[variant][key] for variant in VARIANTS]
         print(f"| {key} | " + " | ".join(f"{v:.3f}" for v in values)
               + f" | {values[1] / values[0]:.2f} |")
-    setup = {variant: sum(rows[variant][key] for key in keys if not key.endswith("_run")
-                          or key.endswith("first_run")) for variant in VARIANTS}
+    setup = {variant: sum(rows[variant][key] for key in keys
+                          if key.endswith(("_trace", "_first_run"))) for variant in VARIANTS}
     print(f"set-up (traces and first runs): full {setup['full']:.2f} s, light "
           f"{setup['light']:.2f} s ({setup['light'] / setup['full']:.2f}); at end {load_average()}")
     return 0

@@ -76,8 +76,8 @@ def lockstep_group(config, dim: int) -> int:
 def block_products(config, group: int) -> int:
     """The products of blocks of `group` vectors that a job runs over the whole data:
     the Lanczos steps of each lockstep group of draws, and the determinism check's."""
-    groups = -(-config.num_draws // group)
-    return groups * config.lanczos_steps + int(bool(config.check_determinism))
+    return (spectrum_lib.lanczos_block_products(config.num_draws, config.lanczos_steps, group)
+            + int(bool(config.check_determinism)))
 
 
 # Sleeps, then reports and kills the job; killed itself when the block ends in time.

@@ -185,6 +185,12 @@ def lockstep_group(num_draws: int, lanczos_steps: int, dim: int, *, lockstep: in
     return group_size(num_draws, fits)
 
 
+def lanczos_block_products(num_draws: int, lanczos_steps: int, group: int) -> int:
+    """Products of blocks of `group` vectors in one run: the Lanczos steps of each
+    lockstep group of draws."""
+    return -(-num_draws // group) * lanczos_steps
+
+
 def group_size(num_draws: int, lockstep: int) -> int:
     """Draws per lockstep group: the fewest groups of at most `lockstep` draws, of
     one size but the last."""

@@ -111,6 +111,10 @@ def light_graph_optimization(mode: str, *, tpu: bool = False) -> bool:
     return not tpu and not tf.config.list_physical_devices("GPU")
 
 
+# Whether this thread is inside a light `graph_optimization`.
+_LIGHT = threading.local()
+
+
 @contextlib.contextmanager
 def graph_optimization(mode: str, *, tpu: bool = False):
     """Grappler's configuration for the functions called inside, on this thread; the
@@ -148,10 +152,6 @@ def graph_optimization(mode: str, *, tpu: bool = False):
             yield True
     finally:
         _LIGHT.active = was_light
-
-
-# Whether this thread is inside a light `graph_optimization`.
-_LIGHT = threading.local()
 
 
 @contextlib.contextmanager

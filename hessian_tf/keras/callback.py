@@ -489,7 +489,8 @@ class SpectrumCallback(keras.callbacks.Callback):
         evaluations = self.schedule.planned_evaluations(params.get("epochs"), params.get("steps"))
         if evaluations is None:
             return None
-        return evaluations * -(-self.num_draws // group) * self.lanczos_steps + 1
+        return evaluations * spectrum_lib.lanczos_block_products(
+            self.num_draws, self.lanczos_steps, group) + 1
 
     def _global_step(self) -> int:
         """The optimizer's update count: the step Keras' TensorBoard callback uses."""

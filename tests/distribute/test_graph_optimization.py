@@ -19,9 +19,11 @@ from tests.processes import environment
 OPTIONS = rewriter_config_pb2.RewriterConfig
 
 
-def call_config() -> config_pb2.ConfigProto:
+def call_config(options=None) -> config_pb2.ConfigProto:
+    """The ConfigProto of function call `options` (default: this thread's now)."""
+    options = options or context.context().function_call_options
     config = config_pb2.ConfigProto()
-    config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+    config.ParseFromString(options.config_proto_serialized)
     return config
 
 
@@ -34,17 +36,11 @@ def test_light_inside_and_the_calling_programs_options_outside():
         assert rewrite.memory_optimization == OPTIONS.NO_MEM_OPT
         assert rewrite.layout_optimizer == OPTIONS.OFF
         # The rest of the calling program's configuration is kept.
-        assert call_config().allow_soft_placement == before_config(before).allow_soft_placement
+        assert call_config().allow_soft_placement == call_config(before).allow_soft_placement
     assert context.context().function_call_options is before
     with graph_optimization("full") as light:
         assert not light
         assert context.context().function_call_options is before
-
-
-def before_config(options) -> config_pb2.ConfigProto:
-    config = config_pb2.ConfigProto()
-    config.ParseFromString(options.config_proto_serialized)
-    return config
 
 
 def test_options_restored_when_the_block_raises():
@@ -89,15 +85,20 @@ f(tf.ones([4, 4]))  # the same trace outside is set up again, by TensorFlow's co
 """
 
 
-@pytest.mark.parametrize("mode, rounds, memory", [("light", 1, 0), ("full", 2, 1)])
-def test_grappler_runs_the_light_configuration_on_functions_first_run_inside(mode, rounds, memory):
-    # Grappler's own log (VLOG 1 of meta_optimizer) says which optimisers ran.
+def run_with_grappler_log(code: str, mode: str) -> subprocess.CompletedProcess:
+    """`code` run with argument `mode` in a fresh process whose stderr holds Grappler's
+    own log (VLOG 1 of meta_optimizer): which graphs it optimised, with which optimisers."""
     env = environment()
     env.update(TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="meta_optimizer=1")
-    result = subprocess.run([sys.executable, "-c", GRAPPLER_LOG, mode], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", code, mode], capture_output=True,
                             text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    log = result.stderr
+    return result
+
+
+@pytest.mark.parametrize("mode, rounds, memory", [("light", 1, 0), ("full", 2, 1)])
+def test_grappler_runs_the_light_configuration_on_functions_first_run_inside(mode, rounds, memory):
+    log = run_with_grappler_log(GRAPPLER_LOG, mode).stderr
     items = log.split("Starting optimization for grappler item")[1:]
     # Set up once inside; outside again where the configuration differs.
     assert len(items) == (2 if mode == "light" else 1)
@@ -173,11 +174,7 @@ with graph_optimization(sys.argv[1]):
 
 @pytest.mark.parametrize("mode", ["light", "full"])
 def test_the_gradient_a_job_runs_once_is_not_optimised_in_a_light_set_up(mode):
-    env = environment()
-    env.update(TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="meta_optimizer=1")
-    result = subprocess.run([sys.executable, "-c", ONCE_LOG, mode], capture_output=True,
-                            text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_with_grappler_log(ONCE_LOG, mode)
     assert "LOSS" in result.stdout
     optimised = result.stderr
     assert "grappler item: __inference__product_graph" in optimised
