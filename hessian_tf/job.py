@@ -41,18 +41,21 @@ def _format_seconds(seconds: float) -> str:
 
 def log_progress(progress: spectrum_lib.Progress) -> None:
     draws = range(progress.draw, progress.draw + progress.group_size)
+    # Both since this session started: a resumed job's earlier products took time this
+    # session did not see. The first step's time stands apart: it includes tracing, or
+    # next to nothing where its products came from --method=auto's timing.
+    rate = progress.seconds_per_product
+    speed = (f"{rate:.3f} s/product (mean after the first step)" if np.isfinite(rate)
+             else f"first step {progress.first_step_seconds:.3f} s")
     logging.info(
-        "%s/%d, Lanczos step %d/%d: alpha=%.6g beta=%.6g, %.3f s/product (mean so far, "
-        "tracing included), %s left%s",
+        "%s/%d, Lanczos step %d/%d: alpha=%.6g beta=%.6g, %s, %s left%s",
         spectrum_lib.draws_label(draws),
         progress.num_draws,
         progress.step,
         progress.lanczos_steps,
         progress.alpha,
         progress.beta,
-        # Both since this session started: a resumed job's earlier products took
-        # time this session did not see.
-        progress.seconds / max(1, progress.session_products),
+        speed,
         _format_seconds(progress.seconds_left),
         " (Krylov space exhausted: exact spectrum)" if progress.exhausted else "",
     )

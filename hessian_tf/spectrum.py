@@ -27,6 +27,17 @@ class Progress(NamedTuple):
     exhausted: bool
     group_size: int = 1  # draws advanced together (lockstep)
     session_products: int = 0  # products since this computation started (not resumed ones)
+    # The session's first step: its wall time (tracing included, or next to nothing where
+    # its products were taken from --method=auto's timing) and its products.
+    first_step_seconds: float = float("nan")
+    first_step_products: int = 0
+
+    @property
+    def seconds_per_product(self) -> float:
+        """Mean wall time of a product (and its share of the algebra) after the
+        session's first step; NaN until a later step."""
+        later = self.session_products - self.first_step_products
+        return (self.seconds - self.first_step_seconds) / later if later > 0 else float("nan")
 
 
 class Spectrum(NamedTuple):
@@ -204,6 +215,7 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
     size = group_size(num_draws, lockstep)
     session_products = 0
     first_step_end = None  # time after the session's first step (it includes tracing)
+    first_step_products = 0
     session_steps = 0
     while state.draw < num_draws:
         draw = state.draw
@@ -235,27 +247,34 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
             session_steps += 1
             if first_step_end is None:
                 first_step_end = time.perf_counter()
+                first_step_products = session_products
             lead = group[active[0]]
             if progress is not None:
                 elapsed = time.perf_counter() - started
                 remaining = (num_draws - draw - len(group)) * lanczos_steps + sum(
                     0 if s.exhausted else lanczos_steps - s.num_steps for s in group
                 )
-                progress(
-                    Progress(
-                        draw=draw,
-                        num_draws=num_draws,
-                        step=lead.num_steps,
-                        lanczos_steps=lanczos_steps,
-                        alpha=float(lead.alphas[lead.num_steps - 1]),
-                        beta=float(lead.betas[lead.num_steps - 1]),
-                        seconds=elapsed,
-                        seconds_left=elapsed / session_products * remaining,
-                        exhausted=lead.exhausted,
-                        group_size=len(group),
-                        session_products=session_products,
-                    )
+                report = Progress(
+                    draw=draw,
+                    num_draws=num_draws,
+                    step=lead.num_steps,
+                    lanczos_steps=lanczos_steps,
+                    alpha=float(lead.alphas[lead.num_steps - 1]),
+                    beta=float(lead.betas[lead.num_steps - 1]),
+                    seconds=elapsed,
+                    seconds_left=float("nan"),
+                    exhausted=lead.exhausted,
+                    group_size=len(group),
+                    session_products=session_products,
+                    first_step_seconds=first_step_end - started,
+                    first_step_products=first_step_products,
                 )
+                # After the first step, at the rate of the later ones: the first traces,
+                # or took its products from the timing for free.
+                rate = report.seconds_per_product
+                if not np.isfinite(rate):
+                    rate = elapsed / session_products
+                progress(report._replace(seconds_left=rate * remaining))
             if all(linalg.is_finished(s) for s in group):
                 state = SLQState(
                     draw=draw + len(group),

@@ -55,8 +55,32 @@ def test_progress_after_a_resume_counts_this_sessions_products(monkeypatch):
     assert [p.session_products for p in seen] == list(range(1, 14))  # 18 products - 5 done
     lines = []
     monkeypatch.setattr(job.logging, "info", lambda form, *args: lines.append(form % args))
-    job.log_progress(seen[-1]._replace(seconds=1.3))
-    assert "0.100 s/product" in lines[0]  # 1.3 s / 13 products of this session
+    job.log_progress(seen[-1]._replace(seconds=1.3, first_step_seconds=0.1))
+    assert "0.100 s/product (mean after the first step)" in lines[0]  # 1.2 s / 12 products
+    job.log_progress(seen[0]._replace(first_step_seconds=0.25))
+    assert "first step 0.250 s" in lines[1]
+
+
+def test_progress_rates_leave_out_the_first_step(monkeypatch):
+    # A fake clock: the first block takes 10 s (tracing, say), each later product 1 s.
+    clock = [0.0]
+    monkeypatch.setattr(spectrum_lib.time, "perf_counter", lambda: clock[0])
+    matrix = np.linspace(1.0, 2.0, 30)
+
+    def matmat(vectors):
+        clock[0] += 10.0 if clock[0] == 0.0 else float(len(vectors))
+        return vectors * matrix
+
+    seen = []
+    spectrum_lib.stochastic_lanczos_quadrature(
+        None, 30, lanczos_steps=5, num_draws=2, lockstep=2, matmat=matmat, progress=seen.append)
+    first, last = seen[0], seen[-1]
+    assert (first.first_step_seconds, first.first_step_products) == (10.0, 2)
+    assert np.isnan(first.seconds_per_product)
+    assert first.seconds_left == 10.0 / 2 * 8  # no later step yet: the first step's rate
+    assert [p.seconds_per_product for p in seen[1:]] == [1.0] * 4
+    assert seen[1].seconds_left == 6.0  # 6 products left at 1 s, not at 12 s / 4
+    assert last.seconds_left == 0.0
 
 
 def test_a_non_finite_product_names_its_draw_and_the_step_it_was_for():
