@@ -118,7 +118,12 @@ def main(argv=None) -> int:
                         ("--threads", args.threads)):
         if value < 1:
             parser.error(f"{flag}={value}: pass at least 1.")
+    for flag, path in (("--model", args.model), ("--data", args.data)):
+        if not os.path.isfile(path):
+            parser.error(f"{flag}={path}: no such file.")
     data = np.load(args.data)
+    if "x" not in data or "y" not in data:
+        parser.error(f"--data={args.data}: needs arrays x and y; it has {sorted(data)}.")
     x, y = data["x"][: args.batch_size], data["y"][: args.batch_size]
     print(f"{os.path.basename(args.model)}: one batch of {len(x)}; "
           f"{load_average()}")
