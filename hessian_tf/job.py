@@ -195,7 +195,12 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     passes = block_products(config, group) + 1  # + gradient
     basis_bytes = group * config.lanczos_steps * operator.dim * basis_dtype(config).itemsize
     # An upper bound: a block of k products in lockstep costs less than k products.
-    seconds = batch_seconds * batches_per_replica * (products + 1)
+    product_seconds = batch_seconds * batches_per_replica * (products + 1)
+    # The host's Lanczos algebra beside them: on large models and little data, a
+    # quarter of a run and more (DenseNet-121, 128 images, m = 90).
+    algebra = spectrum_lib.algebra_seconds(operator.dim, config.lanczos_steps,
+                                           config.num_draws, basis_dtype(config))
+    seconds = product_seconds + algebra
     cost = {
         "num_params": operator.dim,
         "num_examples": operator.num_examples,
@@ -207,6 +212,8 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         "lockstep_draws": group,
         "seconds_per_batch_product": batch_seconds,
         "method": one_batch.method,
+        "estimated_product_seconds": product_seconds,
+        "estimated_algebra_seconds": algebra,
         "estimated_seconds": seconds,
     }
     lines = [
@@ -217,7 +224,9 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         "the host; --basis_dtype=float32 halves it, --lockstep_draws=1 keeps one)",
         f"  one batch of {config.batch_size}: {batch_seconds:.3f} s per product here "
         f"({one_batch.method.replace('_', ' ')}); estimate "
-        f"{datetime.timedelta(seconds=int(seconds))} on {replicas} replica(s) of this speed",
+        f"{datetime.timedelta(seconds=int(seconds))} on {replicas} replica(s) of this speed: "
+        f"{datetime.timedelta(seconds=int(product_seconds))} of products and "
+        f"{datetime.timedelta(seconds=int(algebra))} of Lanczos algebra on this host",
     ]
     if config.cache_residuals:
         # An upper bound: every batch holds as much as the first (the last may hold less).

@@ -202,6 +202,58 @@ def lanczos_block_products(num_draws: int, lanczos_steps: int, group: int) -> in
     return -(-num_draws // group) * lanczos_steps
 
 
+# algebra_seconds times its steps on a sample basis of this many rows and entries per row
+# (64 MiB in float64): out of the caches, as a model's basis is.
+ALGEBRA_SAMPLE_ROWS = 8
+ALGEBRA_SAMPLE_ENTRIES = 1 << 20
+
+
+def algebra_seconds(dim: int, lanczos_steps: int, num_draws: int, basis_dtype=np.float64,
+                    *, repeats: int = 3) -> float:
+    """An estimate of a run's Lanczos algebra on this host: what its steps cost beside
+    the products, from `lanczos_step` timed here on a sample basis.
+
+    A step k reads the vector a few times and the k + 1 basis rows twice (full
+    reorthogonalisation), so it costs about (a + b (k + 1)) · dim; a and b come from
+    two timed steps of the sample, at k = 1 and at its last row (the best of
+    `repeats`, on one BLAS thread as the run). The run's m steps then cost
+    dim · (m a + b m (m + 1) / 2) per draw. It over-estimates: a step's cost per basis
+    row falls as the rows grow (BLAS's blocking), which a sample of few rows cannot
+    show. On DenseNet-121's 6,964,106 float64 entries, 90 steps took 39.5 s (twice, ad
+    hoc, this machine; a quarter of the run for 128 images) against estimates of
+    69-79 s; on 1,313,602 entries 20 steps 0.6 s against 0.74-0.87 s. A step that the
+    DGKS test repeats costs more than either.
+    """
+    rows = max(4, min(ALGEBRA_SAMPLE_ROWS, lanczos_steps))
+    entries = max(1, min(ALGEBRA_SAMPLE_ENTRIES, dim))
+    rng = np.random.default_rng(0)
+    state = linalg.lanczos_init(rng.standard_normal(entries), rows, basis_dtype=basis_dtype)
+    state.basis[1:] = rng.standard_normal((rows - 1, entries)) / np.sqrt(entries)
+    # A product orthogonal to the sample rows, as after a Hessian step's recurrence: the
+    # reorthogonalisation removes rounding, in one pass.
+    product = rng.standard_normal(entries)
+    for row in state.basis:
+        row = row.astype(np.float64)
+        product -= (row @ product) / (row @ row) * row
+
+    def best(step: int) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            linalg.lanczos_step(state._replace(num_steps=step), product)
+            times.append(time.perf_counter() - started)
+        return min(times) / entries
+
+    # Steps 1 and rows - 2 (2 and rows - 1 active rows; the next one written): step 0
+    # lacks the recurrence's β term, a pass over the vector that would count as rows.
+    with _one_blas_thread():
+        first, last = best(1), best(rows - 2)
+    per_row = max(0.0, (last - first) / (rows - 3)) if rows > 3 else 0.0
+    per_vector = max(0.0, first - 2 * per_row)
+    steps = lanczos_steps
+    return num_draws * dim * (steps * per_vector + per_row * steps * (steps + 1) / 2)
+
+
 def group_size(num_draws: int, lockstep: int) -> int:
     """Draws per lockstep group: the fewest groups of at most `lockstep` draws, of
     one size but the last."""

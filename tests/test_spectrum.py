@@ -123,3 +123,35 @@ def test_first_block_is_what_a_run_multiplies_first(basis_dtype):
     first = spectrum_lib.first_block(dim, num_draws=3, seed=5, lockstep=2, basis_dtype=basis_dtype)
     assert first.shape == (2, dim) and first.dtype == np.float64
     np.testing.assert_array_equal(first, seen[0])
+
+
+def test_algebra_seconds_extrapolates_two_timed_steps(monkeypatch):
+    # A fake clock in which a step with j active basis rows costs (a + b j) per entry:
+    # the estimate is then exactly dim (m a + b m (m + 1) / 2) per draw.
+    a, b = 3e-9, 1e-9
+    clock = [0.0]
+    monkeypatch.setattr(spectrum_lib.time, "perf_counter", lambda: clock[0])
+
+    def step(state, product):
+        clock[0] += (a + b * (state.num_steps + 1)) * state.basis.shape[1]
+        return state
+
+    monkeypatch.setattr(spectrum_lib.linalg, "lanczos_step", step)
+    for dim, steps, draws in ((5000, 90, 2), (3_000_000, 20, 1), (40, 3, 1)):
+        expected = draws * dim * (steps * a + b * steps * (steps + 1) / 2)
+        estimate = spectrum_lib.algebra_seconds(dim, steps, draws, np.float32)
+        assert estimate == pytest.approx(expected, rel=1e-9)
+
+
+def test_algebra_seconds_times_real_steps_on_one_blas_thread(monkeypatch):
+    seen = []
+    limits = spectrum_lib.threadpoolctl.threadpool_limits
+
+    def recording(**kwargs):
+        seen.append(kwargs)
+        return limits(**kwargs)
+
+    monkeypatch.setattr(spectrum_lib.threadpoolctl, "threadpool_limits", recording)
+    estimate = spectrum_lib.algebra_seconds(20000, 10, 1)
+    assert np.isfinite(estimate) and estimate > 0
+    assert seen == [{"limits": 1, "user_api": "blas"}]

@@ -126,7 +126,11 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys):
     assert cost["hessian_vector_products"] == 182 and cost["data_passes"] == 92
     assert cost["lanczos_basis_bytes"] == 2 * 90 * 39 * 8
     assert cost["estimated_seconds"] > 0
+    assert cost["estimated_seconds"] == (cost["estimated_product_seconds"]
+                                         + cost["estimated_algebra_seconds"])
+    assert cost["estimated_algebra_seconds"] > 0
     printed = capsys.readouterr().out
+    assert "of Lanczos algebra on this host" in printed
     assert "182 Hessian-vector products" in printed and "Lanczos bases" in printed
     assert not (tmp_path / "out").exists()  # a dry run leaves nothing behind
     sequential = job.run(spectrum_config(
