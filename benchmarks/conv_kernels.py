@@ -21,22 +21,11 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import median_seconds  # noqa: E402
+
 SHAPES = ((32, 16), (16, 32), (8, 64))  # (height = width, channels) of ResNet-32's stages
 BATCH = 128
-
-
-def median_seconds(function, repeats: int) -> float:
-    import time
-
-    import numpy as np
-
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def time_tensorflow(repeats: int) -> dict:

@@ -35,6 +35,19 @@ def best_of(function, repeats: int) -> float:
     return min(seconds)
 
 
+def median_seconds(function, repeats: int) -> float:
+    """The median wall time of `repeats` calls of `function` after one warm-up call."""
+    function()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - start)
+    seconds.sort()
+    middle = len(seconds) // 2
+    return seconds[middle] if len(seconds) % 2 else (seconds[middle - 1] + seconds[middle]) / 2
+
+
 def measure_rows(header, cases, measure) -> list:
     """`measure(*case)` for each case (a row of strings), each row printed as it comes
     between the load averages at the start and the end, then all as a Markdown table
