@@ -248,7 +248,7 @@ def algebra_seconds(dim: int, lanczos_steps: int, num_draws: int, basis_dtype=np
     # lacks the recurrence's β term, a pass over the vector that would count as rows.
     with _one_blas_thread():
         first, last = best(1), best(rows - 2)
-    per_row = max(0.0, (last - first) / (rows - 3)) if rows > 3 else 0.0
+    per_row = max(0.0, (last - first) / (rows - 3))  # rows >= 4
     per_vector = max(0.0, first - 2 * per_row)
     steps = lanczos_steps
     return num_draws * dim * (steps * per_vector + per_row * steps * (steps + 1) / 2)
