@@ -217,12 +217,13 @@ def algebra_seconds(dim: int, lanczos_steps: int, num_draws: int, basis_dtype=np
     reorthogonalisation), so it costs about (a + b (k + 1)) · dim; a and b come from
     two timed steps of the sample, at k = 1 and at its last row (the best of
     `repeats`, on one BLAS thread as the run). The run's m steps then cost
-    dim · (m a + b m (m + 1) / 2) per draw. It over-estimates: a step's cost per basis
-    row falls as the rows grow (BLAS's blocking), which a sample of few rows cannot
-    show. On DenseNet-121's 6,964,106 float64 entries, 90 steps took 39.5 s (twice, ad
-    hoc, this machine; a quarter of the run for 128 images) against estimates of
-    69-79 s; on 1,313,602 entries 20 steps 0.6 s against 0.74-0.87 s. A step that the
-    DGKS test repeats costs more than either.
+    dim · (m a + b m (m + 1) / 2) per draw. Measured against whole runs of
+    `lanczos_step` (ad hoc, this machine, one BLAS thread): DenseNet-121's 6,964,106
+    float64 entries, 90 steps, took 39.5 s (twice; a quarter of the run for 128 images)
+    against estimates of 36.6-39.5 s; a float32 basis 43.5 s against 27-38 s; 1,313,602
+    entries, 20 steps, 0.6 s against 0.48-0.53 s; the digits MLP's 16,510, 90 steps,
+    0.1 s against 0.025 s (its sample basis stays in the caches). Not an upper bound: a
+    step that the DGKS test repeats costs more.
     """
     rows = max(4, min(ALGEBRA_SAMPLE_ROWS, lanczos_steps))
     entries = max(1, min(ALGEBRA_SAMPLE_ENTRIES, dim))
@@ -237,11 +238,16 @@ def algebra_seconds(dim: int, lanczos_steps: int, num_draws: int, basis_dtype=np
         product -= (row @ product) / (row @ row) * row
 
     def best(step: int) -> float:
+        # Each call writes row step + 1 (≈ the product's direction) and the recurrence's
+        # α, β: put them back, or a later timed step would find the product in its basis
+        # and run the DGKS test's second pass.
+        saved = (state.basis[step + 1].copy(), state.alphas.copy(), state.betas.copy())
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
             linalg.lanczos_step(state._replace(num_steps=step), product)
             times.append(time.perf_counter() - started)
+            state.basis[step + 1], state.alphas[:], state.betas[:] = saved
         return min(times) / entries
 
     # Steps 1 and rows - 2 (2 and rows - 1 active rows; the next one written): step 0

@@ -1,5 +1,7 @@
 """SLQ driver diagnostics."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -155,3 +157,16 @@ def test_algebra_seconds_times_real_steps_on_one_blas_thread(monkeypatch):
     estimate = spectrum_lib.algebra_seconds(20000, 10, 1)
     assert np.isfinite(estimate) and estimate > 0
     assert seen == [{"limits": 1, "user_api": "blas"}]
+
+
+@pytest.mark.parametrize("basis_dtype", [np.float64, np.float32])
+def test_algebra_seconds_times_one_reorthogonalisation_pass_per_step(monkeypatch, basis_dtype):
+    # As a Hessian step after its recurrence: one pass; a second (DGKS) pass would mean a
+    # timed step found an earlier timed step's row, the product's direction, in its basis.
+    lanczos_module = sys.modules[spectrum_lib.linalg.lanczos_step.__module__]
+    project = lanczos_module._project
+    passes = []
+    monkeypatch.setattr(lanczos_module, "_project",
+                        lambda active, w: passes.append(active.shape[0]) or project(active, w))
+    spectrum_lib.algebra_seconds(4096, 90, 1, basis_dtype, repeats=2)
+    assert passes == [2, 2, 7, 7]  # steps 1 and 6 of 8 sample rows, each once per repeat
