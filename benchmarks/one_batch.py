@@ -25,7 +25,7 @@ network on 2 CPU cores):
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -38,16 +38,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import load_average, median_seconds  # noqa: E402
 
 
-def time_ours(model_path: str, x, y, method: str, repeats: int) -> dict:
+def time_ours(model_path: str, workload, method: str, repeats: int) -> dict:
+    """Our gradient and product on `workload`'s x and y (one batch)."""
     import keras
 
     from hessian_tf import operators
     from hessian_tf.distribute import strategies
 
-    strategies.automatic_cpu_threads("default")
     operator = operators.HessianOperator(
-        operators.KerasModelFunction(keras.models.load_model(model_path)), x, y,
-        batch_size=len(x), method=method)
+        operators.KerasModelFunction(keras.models.load_model(model_path)), workload.x,
+        workload.y, batch_size=len(workload.x), method=method,
+        loss="binary_crossentropy" if workload.binary else "sparse_categorical_crossentropy")
     vector = np.random.default_rng(0).standard_normal(operator.dim)
     vector /= np.linalg.norm(vector)
     # The gradient with Grappler's full optimisation (a job runs it once, unoptimised,
@@ -59,27 +60,22 @@ def time_ours(model_path: str, x, y, method: str, repeats: int) -> dict:
             "threads": strategies.cpu_threads()}
 
 
-def time_torch(model_path: str, x, y, repeats: int, threads: int) -> dict:
-    import keras
+def time_torch(workload, repeats: int, threads: int) -> dict:
+    """The twin's gradient and product on `workload` (one batch), after
+    `pyhessian_compare.check_twin` (raises its Failure when the twin differs)."""
     import torch
 
     import pyhessian_compare as compare
 
     torch.set_num_threads(threads)
-    keras_model = keras.models.load_model(model_path)
-    twin, num_params = compare.torch_twin(keras_model)
-    twin.eval()
-    inputs = torch.from_numpy(compare.to_torch_inputs(x))
-    targets = torch.from_numpy(y.astype(np.int64))
-    logits = keras_model(x, training=False).numpy()
-    with torch.no_grad():
-        twin_logits = twin(inputs).numpy()
-    mismatch = float(np.max(np.abs(logits - twin_logits)) / np.max(np.abs(logits)))
-    if mismatch > 1e-4:
-        raise SystemExit(f"one_batch.py: the torch twin's logits differ by {mismatch:.1e} "
-                         "of the largest; its times would not be of the same network.")
+    twin, num_params = compare.torch_twin(workload.keras_model)
+    ok, message = compare.check_twin(workload, twin, num_params)
+    if not ok:
+        raise compare.Failure(f"the PyTorch twin differs from the model: {message}")
+    inputs = torch.from_numpy(compare.to_torch_inputs(workload.x))
+    targets = compare.torch_targets(workload)
+    criterion = compare.torch_criterion(workload)
     params = [p for p in twin.parameters() if p.requires_grad]
-    criterion = torch.nn.CrossEntropyLoss()
     tangents = [torch.randn_like(p) for p in params]
 
     def gradient():
@@ -91,13 +87,18 @@ def time_torch(model_path: str, x, y, repeats: int, threads: int) -> dict:
         return torch.autograd.grad(grads, params, grad_outputs=tangents)
 
     return {"params": num_params, "gradient": median_seconds(gradient, repeats),
-            "product": median_seconds(product, repeats), "mismatch": mismatch}
+            "product": median_seconds(product, repeats), "check": message}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a .keras file with integer-label logits")
-    parser.add_argument("--data", required=True, help="an .npz with x and y")
+    import importlib.util
+
+    import pyhessian_compare as compare
+
+    parser = compare.OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="a .keras file of logits (pyhessian_compare.py's twin mirrors it)")
+    parser.add_argument("--data", required=True, help="an .npz with x and integer labels y")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--method", default="reverse_over_reverse",
                         choices=("reverse_over_reverse", "forward_over_backward"))
@@ -108,21 +109,29 @@ def main(argv=None) -> int:
                         ("--threads", args.threads)):
         if value < 1:
             parser.error(f"{flag}={value}: pass at least 1.")
-    for flag, path in (("--model", args.model), ("--data", args.data)):
-        if not os.path.isfile(path):
-            parser.error(f"{flag}={path}: no such file.")
-    data = np.load(args.data)
-    if "x" not in data or "y" not in data:
-        parser.error(f"--data={args.data}: needs arrays x and y; it has {sorted(data)}.")
-    x, y = data["x"][: args.batch_size], data["y"][: args.batch_size]
-    print(f"{os.path.basename(args.model)}: one batch of {len(x)}; "
-          f"{load_average()}")
-    ours = time_ours(args.model, x, y, args.method, args.repeats)
-    torch_side = time_torch(args.model, x, y, args.repeats, args.threads)
+    from hessian_tf.distribute import strategies
+
+    # TensorFlow's threads as the binary sets them, before anything starts TensorFlow
+    # (loading the model does; after that its pools stay as they are).
+    strategies.automatic_cpu_threads("default")
+    try:
+        if importlib.util.find_spec("torch") is None:
+            raise compare.Failure("PyTorch is not installed: `make benchmark-pyhessian` "
+                                  "installs it (with PyHessian) into .venv.")
+        workload = compare.workload_from_files(args.model, args.data, args.batch_size, None)
+        batch = dataclasses.replace(workload, x=workload.x[: args.batch_size],
+                                    y=workload.y[: args.batch_size])
+        print(f"{os.path.basename(args.model)}: one batch of {len(batch.x)}; "
+              f"{load_average()}", flush=True)
+        ours = time_ours(args.model, batch, args.method, args.repeats)
+        torch_side = time_torch(batch, args.repeats, args.threads)
+    except compare.Failure as failure:
+        print(f"one_batch.py: error: {failure}", file=sys.stderr)
+        return failure.status
     print(f"ours ({args.method}; TensorFlow threads {ours['threads']}): gradient "
           f"{ours['gradient']:.4f} s, product {ours['product']:.4f} s, "
           f"product / gradient {ours['product'] / ours['gradient']:.2f}")
-    print(f"torch ({args.threads} threads; twin logits within {torch_side['mismatch']:.1e}): "
+    print(f"torch ({args.threads} threads; {torch_side['check']}): "
           f"gradient {torch_side['gradient']:.4f} s, product {torch_side['product']:.4f} s, "
           f"product / gradient {torch_side['product'] / torch_side['gradient']:.2f}")
     print(f"ours / torch: gradient {ours['gradient'] / torch_side['gradient']:.2f}, "

@@ -1,6 +1,9 @@
 """benchmarks/one_batch.py: our side times the gradient and the product it names (torch's
-side needs torch, which CI does not install), and bad flags get one line."""
+side needs torch, which CI does not install); bad flags, files and a missing torch get
+one line."""
 
+import dataclasses
+import importlib.util
 import os
 import sys
 
@@ -12,6 +15,7 @@ BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
 import one_batch  # noqa: E402
+import pyhessian_compare as compare  # noqa: E402
 from hessian_tf import operators  # noqa: E402
 
 
@@ -37,9 +41,9 @@ def test_our_side_times_one_batchs_gradient_and_product(files, monkeypatch):
             return _method(self, *args)
 
         monkeypatch.setattr(operators.HessianOperator, name, counted)
-    arrays = np.load(data)
-    times = one_batch.time_ours(model, arrays["x"][:8], arrays["y"][:8],
-                                "forward_over_backward", repeats=2)
+    workload = compare.workload_from_files(model, data, 8, None)
+    batch = dataclasses.replace(workload, x=workload.x[:8], y=workload.y[:8])
+    times = one_batch.time_ours(model, batch, "forward_over_backward", repeats=2)
     assert times["params"] == params
     assert times["gradient"] > 0 and times["product"] > 0
     assert calls == {"matvec": 3, "loss_and_gradient": 3}  # warm-up + 2 repeats each
@@ -53,19 +57,33 @@ def test_bad_numbers_get_one_line_and_exit_2(files, flags, capsys):
         one_batch.main(["--model", model, "--data", data] + flags)
     assert raised.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert flags[0] in err[-1] and "at least 1" in err[-1]
+    assert len(err) == 1 and flags[0] in err[0] and "at least 1" in err[0]
 
 
-def test_missing_files_and_arrays_are_named(files, tmp_path, capsys):
+def test_bad_files_get_one_line_and_exit_2(files, tmp_path, capsys, monkeypatch):
+    # As if torch were installed, so that the files are checked (CI has no torch).
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "torch" else find_spec(name, *a))
     model, data, _ = files
+    np.savez(tmp_path / "other.npz", images=np.zeros((2, 5)))
+    np.savez(tmp_path / "labels.npz", x=np.zeros((2, 5), np.float32), y=np.array([0, 7]))
     for argv, said in (
         (["--model", str(tmp_path / "none.keras"), "--data", data], "--model="),
         (["--model", model, "--data", str(tmp_path / "none.npz")], "--data="),
+        (["--model", model, "--data", str(tmp_path / "other.npz")], "arrays x and y"),
+        (["--model", model, "--data", str(tmp_path / "labels.npz")], "labels range over"),
     ):
-        with pytest.raises(SystemExit):
-            one_batch.main(argv)
-        assert said in capsys.readouterr().err.strip().splitlines()[-1]
-    np.savez(tmp_path / "other.npz", images=np.zeros((2, 5)))
-    with pytest.raises(SystemExit):
-        one_batch.main(["--model", model, "--data", str(tmp_path / "other.npz")])
-    assert "needs arrays x and y" in capsys.readouterr().err
+        assert one_batch.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+
+
+def test_without_torch_it_says_how_to_install_it(files, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    model, data, _ = files
+    assert one_batch.main(["--model", model, "--data", data]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "make benchmark-pyhessian" in err[0]
