@@ -29,8 +29,8 @@ m = 5; only with --workload=resnet32-cifar or all).
 Your own network instead: `--model=NET.keras --data=DATA.npz [--batch_size=B]` (m = 90
 unless --lanczos_steps). The model is a Sequential or functional model of one input and one
 output, branches and skip connections included, whose layers the twin mirrors (Conv1D,
-Conv2D, DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense, BatchNormalization,
-LayerNormalization, GroupNormalization, MultiHeadAttention as torch's
+Conv2D, DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense, BatchNormalization
+(also of sequences), LayerNormalization, GroupNormalization, MultiHeadAttention as torch's
 nn.MultiheadAttention, LSTM and GRU as torch's nn.LSTM and nn.GRU, activation layers,
 valid pooling, global pooling, ZeroPadding2D, Cropping2D, UpSampling2D, Flatten,
 Rescaling, Normalization, Add and the other merges (broadcasting within one rank),
@@ -38,8 +38,8 @@ Concatenate, and dropout, noise and random augmentation as the
 identity; see `twin_step`); the data are arrays x and y (integer labels; 0/1 for a model
 of one logit, compared by binary cross-entropy, `--loss=binary_crossentropy` on our
 side). Embedding layers read integer x (tokens) as torch's nn.Embedding. Images are
-NCHW in the twin, sequences (batch, length, features) as in Keras (Conv1D transposes
-around torch's convolution).
+NCHW in the twin, sequences (batch, length, features) as in Keras (Conv1D, BN and
+pooling of sequences transpose around torch's).
 
 Usage (not part of CI; benchmarks/PYHESSIAN.md has a measured run):
   .venv/bin/python benchmarks/pyhessian_compare.py [--workload mlp-digits,cnn-bn|all]
@@ -446,10 +446,10 @@ def check_twin_layer(layer) -> None:
         activation_name(layer)
     elif isinstance(layer, keras.layers.BatchNormalization):
         rank = len(layer.input.shape)
-        if layer.axis not in (-1, rank - 1) or rank not in (2, 4) or not (
+        if layer.axis not in (-1, rank - 1) or rank not in (2, 3, 4) or not (
                 layer.center and layer.scale):
-            raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D or "
-                          "4-D input, with both γ and β.")
+            raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D, 3-D "
+                          "or 4-D input, with both γ and β.")
     elif isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)):
         if layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1):
             raise Failure(f"twin: {type(layer).__name__} {layer.name} must be channels_last, "
@@ -553,7 +553,7 @@ TWIN_MODULES = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2
                 "MultiHeadAttention", "LSTM", "GRU", "Embedding")
 SUPPORTED_LAYERS = (
     ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, "
-    "MaxPooling2D, AveragePooling2D, GlobalAveragePooling1D/2D, GlobalMaxPooling1D/2D, "
+    "MaxPooling1D/2D, AveragePooling1D/2D, GlobalAveragePooling1D/2D, GlobalMaxPooling1D/2D, "
     "ZeroPadding2D, Cropping2D, UpSampling2D (nearest), Flatten, Reshape, Permute, "
     "Rescaling, Normalization (the last axis), "
     + ", ".join(TWIN_MERGES)
@@ -638,11 +638,12 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
         return "activation", "relu"
     if isinstance(layer, keras.layers.LeakyReLU):
         return "leaky_relu", float(layer.negative_slope)
-    if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
+    if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+                          keras.layers.MaxPooling1D, keras.layers.AveragePooling1D)):
         if layer.padding != "valid" or layer.data_format != "channels_last":
             raise Failure(f"twin: pooling {layer.name} must use padding='valid' and "
                           "channels_last.")
-        kind = "max" if isinstance(layer, keras.layers.MaxPooling2D) else "average"
+        kind = "max" if "Max" in type(layer).__name__ else "average"
         return "pool", (kind, tuple(layer.pool_size), tuple(layer.strides))
     if isinstance(layer, (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalMaxPooling1D,
                           keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
@@ -818,6 +819,13 @@ def torch_twin(keras_model):
         def forward(self, x):
             return super().forward(self.pad(x.transpose(1, 2))).transpose(1, 2)
 
+    class SequenceBatchNorm(nn.BatchNorm1d):
+        """BN of sequences (batch, length, features): torch's BatchNorm1d normalises
+        axis 1, so transposed around it, as around the Conv1D."""
+
+        def forward(self, x):
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
     class KerasConvTranspose2d(nn.ConvTranspose2d):
         """Keras's 'same' output (input size × stride) is the full transposed
         convolution from row (kernel − stride) // 2 on: torch's padding drops the
@@ -910,7 +918,8 @@ def torch_twin(keras_model):
             modules[layer.name] = nn.GroupNorm(layer.groups, layer.gamma.shape[0],
                                                eps=layer.epsilon)
         elif isinstance(layer, keras.layers.BatchNormalization):
-            norm = nn.BatchNorm2d if len(layer.input.shape) == 4 else nn.BatchNorm1d
+            norm = {4: nn.BatchNorm2d, 3: SequenceBatchNorm}.get(len(layer.input.shape),
+                                                                 nn.BatchNorm1d)
             modules[layer.name] = norm(layer.gamma.shape[0], eps=layer.epsilon)
         elif isinstance(layer, keras.layers.LayerNormalization):
             modules[layer.name] = ChannelsLastLayerNorm(layer.gamma.shape[0], eps=layer.epsilon)
@@ -1014,6 +1023,7 @@ def torch_twin(keras_model):
         raise Failure(f"twin: parameters without a Keras value: {unassigned}.")
 
     pools = {"max": F.max_pool2d, "average": F.avg_pool2d}
+    sequence_pools = {"max": F.max_pool1d, "average": F.avg_pool1d}
     merges = {"add": lambda ts: functools.reduce(torch.add, ts),
               "subtract": lambda ts: ts[0] - ts[1],
               "multiply": lambda ts: functools.reduce(torch.mul, ts),
@@ -1055,6 +1065,9 @@ def torch_twin(keras_model):
                     x = x * channel_values(value[0], x) + channel_values(value[1], x)
                 elif kind == "normalize":  # Keras: (x − mean) / max(√variance, ε)
                     x = (x - channel_values(value[0], x)) / channel_values(value[1], x)
+                elif kind == "pool" and x.ndim == 3:  # sequences (batch, length, features)
+                    x = sequence_pools[value[0]](x.transpose(1, 2), value[1], value[2])
+                    x = x.transpose(1, 2)
                 elif kind == "pool":
                     x = pools[value[0]](x, value[1], value[2])
                 elif kind == "global":  # images NCHW; sequences (batch, length, features)

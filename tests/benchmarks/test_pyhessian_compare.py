@@ -230,6 +230,32 @@ def test_images_transposed_convolution_and_cropping():
         ("global", "average", (2,), 3), ("module", "logits", (3,), 4)], 4)
 
 
+def test_steps_of_a_conv1d_bn_network():
+    # An audio-like 1-D CNN: BN and pooling of sequences (batch, length, features).
+    layers = keras.layers
+    inputs = keras.Input((32, 1))
+    h = layers.Conv1D(4, 5, padding="same", name="conv")(inputs)
+    h = layers.BatchNormalization(name="bn")(h)
+    h = layers.MaxPooling1D(2, name="max")(layers.Activation("relu", name="relu")(h))
+    h = layers.AveragePooling1D(4, strides=2, name="mean")(h)
+    model = keras.Model(inputs, layers.Dense(3, name="logits")(
+        layers.GlobalAveragePooling1D(name="gap")(h)))
+    assert compare.twin_graph(model) == ([
+        ("module", "conv", (0,), 1), ("module", "bn", (1,), 2),
+        ("activation", "relu", (2,), 3), ("pool", ("max", (2,), (2,)), (3,), 4),
+        ("pool", ("average", (4,), (2,)), (4,), 5), ("global", "average", (5,), 6),
+        ("module", "logits", (6,), 7)], 7)
+
+
+def test_bn_of_five_dimensional_inputs_is_named():
+    inputs = keras.Input((4, 4, 4, 2))
+    h = keras.layers.BatchNormalization(name="bn3d")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+    with pytest.raises(compare.Failure, match="BN bn3d must normalise the last axis of a 2-D, "
+                                              "3-D or 4-D input"):
+        compare.twin_graph(model)
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda h: keras.layers.MultiHeadAttention(2, 4)(h, h, use_causal_mask=True),
      "without masks or other options; got 2 positional arguments and ['use_causal_mask']"),
