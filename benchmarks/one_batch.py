@@ -15,7 +15,11 @@ PyTorch twin of `pyhessian_compare.py` (checked against the Keras logits), its g
 `autograd.grad` and its product by a second `autograd.grad` through
 `create_graph=True`, as PyHessian's `hessian.dataloader_hv_product` computes it for one
 batch; torch runs on --threads intra-op threads. Each time is the median of --repeats
-calls after one warm-up.
+calls after one warm-up. Ours include what the binary does with each result (the
+per-variable results cast to float64 and joined into one vector, the host's copy of it);
+torch's return per-parameter tensors, as PyHessian's products do (its flattening is in
+its Lanczos algebra). On networks of many parameters and little arithmetic per parameter
+(a wide MLP) that difference is a large part of our gradient.
 
 Needs torch (`make benchmark-pyhessian` installs it). Command (about a minute for a small
 network on 2 CPU cores):
