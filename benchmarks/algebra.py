@@ -35,20 +35,10 @@ def best_seconds(function, repeats: int) -> float:
 
 def measure(dim: int, step: int, dtype, repeats: int, rng) -> tuple[float, float]:
     """(seconds of one lanczos_step at `step`, seconds of its two-gemv floor)."""
-    state = linalg.lanczos_init(rng.standard_normal(dim), step + 1, basis_dtype=dtype)
-    for row in range(1, step + 1):
-        vector = rng.standard_normal(dim)
-        state.basis[row] = vector / np.linalg.norm(vector)
-    state = state._replace(num_steps=step)  # betas are 0: no large component to remove
-    # As after a Hessian step's three-term recurrence, what the reorthogonalisation
-    # removes is rounding: the product is made orthogonal to the stored rows first.
-    # (A random product keeps ~k/dim of its norm² in the span of k random rows: near
-    # the float32 subtraction's threshold at small dim, which real steps never are.)
-    product = rng.standard_normal(dim)
-    for row in state.basis[: step + 1]:
-        row = row.astype(np.float64)
-        product -= (row @ product) / (row @ row) * row
-    active = state.basis[: step + 1]
+    # step + 1 rows, all active at `step` (so the step writes no row), and a product
+    # whose reorthogonalisation removes rounding only, as a Hessian step's does.
+    state, product = linalg.sample_state(step + 1, dim, dtype, rng)
+    active = state.basis
     w = product.astype(dtype)
     coefficients = (active @ w).astype(dtype)
 

@@ -42,16 +42,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import load_average, median_seconds  # noqa: E402
 
 
-def time_ours(model_path: str, workload, method: str, repeats: int) -> dict:
-    """Our gradient and product on `workload`'s x and y (one batch)."""
-    import keras
-
+def time_ours(workload, method: str, repeats: int) -> dict:
+    """Our gradient and product of `workload`'s model on its x and y (one batch)."""
     from hessian_tf import operators
     from hessian_tf.distribute import strategies
 
     operator = operators.HessianOperator(
-        operators.KerasModelFunction(keras.models.load_model(model_path)), workload.x,
-        workload.y, batch_size=len(workload.x), method=method,
+        operators.KerasModelFunction(workload.keras_model), workload.x, workload.y,
+        batch_size=len(workload.x), method=method,
         loss="binary_crossentropy" if workload.binary else "sparse_categorical_crossentropy")
     vector = np.random.default_rng(0).standard_normal(operator.dim)
     vector /= np.linalg.norm(vector)
@@ -127,7 +125,7 @@ def main(argv=None) -> int:
                                     y=workload.y[: args.batch_size])
         print(f"{os.path.basename(args.model)}: one batch of {len(batch.x)}; "
               f"{load_average()}", flush=True)
-        ours = time_ours(args.model, batch, args.method, args.repeats)
+        ours = time_ours(batch, args.method, args.repeats)
         torch_side = time_torch(batch, args.repeats, args.threads)
     except compare.Failure as failure:
         print(f"one_batch.py: error: {failure}", file=sys.stderr)

@@ -227,15 +227,7 @@ def algebra_seconds(dim: int, lanczos_steps: int, num_draws: int, basis_dtype=np
     """
     rows = max(4, min(ALGEBRA_SAMPLE_ROWS, lanczos_steps))
     entries = max(1, min(ALGEBRA_SAMPLE_ENTRIES, dim))
-    rng = np.random.default_rng(0)
-    state = linalg.lanczos_init(rng.standard_normal(entries), rows, basis_dtype=basis_dtype)
-    state.basis[1:] = rng.standard_normal((rows - 1, entries)) / np.sqrt(entries)
-    # A product orthogonal to the sample rows, as after a Hessian step's recurrence: the
-    # reorthogonalisation removes rounding, in one pass.
-    product = rng.standard_normal(entries)
-    for row in state.basis:
-        row = row.astype(np.float64)
-        product -= (row @ product) / (row @ row) * row
+    state, product = linalg.sample_state(rows, entries, basis_dtype, np.random.default_rng(0))
 
     def best(step: int) -> float:
         # Each call writes row step + 1 (≈ the product's direction) and the recurrence's

@@ -12,6 +12,7 @@ from hessian_tf.linalg.lanczos import (
     lanczos_orthogonality_loss,
     lanczos_result,
     lanczos_step,
+    sample_state,
     zero_basis,
 )
 from hessian_tf.linalg.quadrature import Quadrature, tridiagonal, tridiagonal_quadrature

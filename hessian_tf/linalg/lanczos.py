@@ -116,6 +116,24 @@ def lanczos_init(
     )
 
 
+def sample_state(rows: int, dim: int, basis_dtype, rng) -> tuple[LanczosState, np.ndarray]:
+    """A state of `rows` random unit basis rows and a product orthogonal to all of them,
+    for timing `lanczos_step` (`spectrum.algebra_seconds`, benchmarks/algebra.py): as
+    after a Hessian step's three-term recurrence (the βs are 0), a step given this
+    product runs one reorthogonalisation pass that removes rounding only. (A random
+    product keeps ~k/dim of its norm² in the span of k random rows: near the float32
+    subtraction's threshold at small dim, which real steps never are.)"""
+    state = lanczos_init(rng.standard_normal(dim), rows, basis_dtype=basis_dtype)
+    for row in range(1, rows):
+        vector = rng.standard_normal(dim)
+        state.basis[row] = vector / np.linalg.norm(vector)
+    product = rng.standard_normal(dim)
+    for row in state.basis:
+        row = row.astype(np.float64)
+        product -= (row @ product) / (row @ row) * row
+    return state, product
+
+
 def first_vector(start_vector: np.ndarray, basis_dtype=None) -> np.ndarray:
     """The first Lanczos vector [dim] float64 of a finite, non-zero start vector: the
     start vector normalised, rounded to `basis_dtype` if given (as the basis holds it,

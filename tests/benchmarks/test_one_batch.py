@@ -43,7 +43,7 @@ def test_our_side_times_one_batchs_gradient_and_product(files, monkeypatch):
         monkeypatch.setattr(operators.HessianOperator, name, counted)
     workload = compare.workload_from_files(model, data, 8, None)
     batch = dataclasses.replace(workload, x=workload.x[:8], y=workload.y[:8])
-    times = one_batch.time_ours(model, batch, "forward_over_backward", repeats=2)
+    times = one_batch.time_ours(batch, "forward_over_backward", repeats=2)
     assert times["params"] == params
     assert times["gradient"] > 0 and times["product"] > 0
     assert calls == {"matvec": 3, "loss_and_gradient": 3}  # warm-up + 2 repeats each
