@@ -35,9 +35,10 @@ nn.MultiheadAttention, LSTM and GRU as torch's nn.LSTM and nn.GRU, activation la
 valid pooling, global pooling, ZeroPadding2D, Cropping2D, UpSampling2D, Flatten,
 Rescaling, Normalization, Add and the other merges (broadcasting within one rank),
 Concatenate, and dropout, noise and random augmentation as the
-identity; see `twin_step`); the data are arrays x and y (integer labels; 0/1 for a model
-of one logit, compared by binary cross-entropy, `--loss=binary_crossentropy` on our
-side). Embedding layers read integer x (tokens) as torch's nn.Embedding. Images are
+identity; see `twin_step`); the data are arrays x and y (integer labels, one per example,
+or one per pixel or token of a segmentation model's or tagger's outputs, their loss the
+mean over positions as Keras's; 0/1 for a classifier of one logit, compared by binary
+cross-entropy, `--loss=binary_crossentropy` on our side). Embedding layers read integer x (tokens) as torch's nn.Embedding. Images are
 NCHW in the twin, sequences (batch, length, features) as in Keras (Conv1D, BN and
 pooling of sequences transpose around torch's).
 
@@ -332,7 +333,8 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
                         lanczos_steps: Optional[int]) -> Workload:
     """A user's own network and data: a `.keras` file (a model the twin mirrors, see
     `twin_graph`) and an `.npz` with arrays x and y (integer class
-    labels, for the cross-entropy of logits)."""
+    labels, one per example or per position of the outputs, for the cross-entropy of
+    logits)."""
     import keras
 
     for flag, path in (("--model", model_path), ("--data", data_path)):
@@ -356,11 +358,16 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
             x, y = data["x"], data["y"]
     except (OSError, ValueError, KeyError) as error:
         raise Failure(f"{unreadable} ({error}).") from error
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+    # One class per example, or per position of the outputs (a segmentation model's
+    # pixels, a tagger's tokens), with an optional trailing axis of 1.
+    positions = tuple(model.output_shape[1:-1])
+    if y.ndim == len(positions) + 2 and y.shape[-1] == 1:
+        y = y[..., 0]
+    if (y.ndim == 0 or tuple(y.shape[1:]) != positions or x.shape[0] != y.shape[0]
+            or x.shape[0] == 0):
+        per = f"per position {positions} of the model's outputs" if positions else "per example"
         raise Failure(f"--data={data_path}: x {x.shape} and y {y.shape}: pass one integer label "
-                      "per example and at least one example.")
+                      f"{per} and at least one example.")
     if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
         raise Failure(f"--data={data_path}: x ({x.dtype}) and y ({y.dtype}) must be numeric.")
     if not np.issubdtype(y.dtype, np.integer):
@@ -380,6 +387,10 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
                       "or pass the model for these inputs.")
     classes = model.output_shape[-1]
     binary = classes == 1  # one logit: labels 0 and 1
+    if binary and positions:
+        raise Failure(f"--model={model_path}: one logit per position {positions}; the "
+                      "comparison takes the binary cross-entropy of a classifier's one logit "
+                      "only: give the model two class logits per position.")
     if binary and getattr(getattr(model.layers[-1], "activation", None), "__name__", "") == "sigmoid":
         raise Failure(f"--model={model_path}: its last layer applies a sigmoid; both sides take "
                       "the binary cross-entropy of logits: save it with activation=None there.")
@@ -1107,9 +1118,20 @@ def to_torch_inputs(x: np.ndarray) -> np.ndarray:
 
 
 def torch_criterion(workload: Workload):
+    """The mean loss over every example (and position) as Keras's: torch's
+    CrossEntropyLoss takes classes on axis 1, where the twin's images have them (NCHW)
+    but its sequences (batch, length, classes) do not."""
     import torch
 
-    return torch.nn.BCEWithLogitsLoss() if workload.binary else torch.nn.CrossEntropyLoss()
+    if workload.binary:
+        return torch.nn.BCEWithLogitsLoss()
+
+    class CrossEntropy(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, targets):
+            return super().forward(logits.transpose(1, 2) if logits.ndim == 3 else logits,
+                                   targets)
+
+    return CrossEntropy()
 
 
 def torch_targets(workload: Workload):
@@ -1140,7 +1162,9 @@ def check_twin(workload: Workload, twin, num_params: int) -> tuple[bool, str]:
             torch_loss = float(torch_criterion(workload)(torch_logits, torch_targets(workload)))
     except RuntimeError as error:  # a twin that does not compute (shapes, dtypes)
         return False, f"twin check: the twin's forward failed ({first_line(error, 300)}): FAILED"
-    torch_logits = torch_logits.numpy()
+    # Images' logits per pixel: NCHW → Keras's NHWC.
+    torch_logits = (torch_logits.permute(0, 2, 3, 1) if torch_logits.ndim == 4
+                    else torch_logits).numpy()
     logit_error = float(np.max(np.abs(torch_logits - keras_logits)) / np.max(np.abs(keras_logits)))
     loss_error = abs(torch_loss - keras_loss) / abs(keras_loss)
     ok = keras_params == num_params and logit_error <= TWIN_RTOL and loss_error <= TWIN_RTOL

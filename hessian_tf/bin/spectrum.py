@@ -44,7 +44,8 @@ _HELP = {
     "split": "The tfds split, e.g. 'train' or 'train[:10%]'.",
     "data_dir": "The tfds data directory (a local path or a bucket).",
     "batch_size": "Examples per batch (per replica); defines BN statistics in train mode.",
-    "loss": "sparse_categorical_crossentropy (logits), categorical_crossentropy, "
+    "loss": "sparse_categorical_crossentropy (logits; a class per example, or per pixel or "
+            "token, averaged over them as Keras does), categorical_crossentropy, "
             "binary_crossentropy (logits; 0/1 targets or probabilities), mean_squared_error.",
     "regularization": "Add the model's own losses (weight regularizers) to the loss.",
     "operator": "hessian, ggn (generalised Gauss-Newton) or fisher (empirical Fisher).",

@@ -160,13 +160,13 @@ class _TimedProducts(NamedTuple):
 
 def _check_logits(outputs: np.ndarray, loss_name: str) -> None:
     """Cross-entropies take logits: outputs that are probabilities (non-negative,
-    each row summing to 1, as after a softmax) would be normalised twice."""
-    if outputs.ndim != 2 or outputs.shape[1] < 2:
+    summing to 1 over classes, as after a softmax) would be normalised twice."""
+    if outputs.ndim < 2 or outputs.shape[-1] < 2:
         return
-    if np.all(outputs >= 0) and np.allclose(outputs.sum(axis=1), 1.0, rtol=0, atol=1e-5):
+    if np.all(outputs >= 0) and np.allclose(outputs.sum(axis=-1), 1.0, rtol=0, atol=1e-5):
         raise ValueError(
-            f"--model: its outputs are probabilities (non-negative, each row sums to 1: "
-            f"a final softmax), but --loss={loss_name} takes logits, and the Hessian of "
+            f"--model: its outputs are probabilities (non-negative, summing to 1 over the "
+            f"classes: a final softmax), but --loss={loss_name} takes logits, and the Hessian of "
             "a softmax applied twice is not the training loss's; remove the final "
             "softmax (e.g. model.layers[-1].activation = keras.activations.linear, then "
             "save) so the model outputs logits."
@@ -759,12 +759,15 @@ class HessianOperator:
                     "--loss=sparse_categorical_crossentropy takes one logit per class (one "
                     "output has a zero loss); pass --loss=binary_crossentropy for one logit."
                 )
-            if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+            positions = outputs_shape[:-1]  # () for a classifier; pixels, tokens
+            if tuple(y.shape[1:]) not in (positions, positions + (1,)):
+                per = (f"one class index per position {positions} of its outputs"
+                       if positions else "one class index per example")
                 raise ValueError(
-                    f"--dataset: labels have shape {y.shape[1:]} per example, but "
-                    "--loss=sparse_categorical_crossentropy takes one class index per "
-                    "example; for one-hot or soft labels pass "
-                    "--loss=categorical_crossentropy."
+                    f"--dataset: labels have shape {y.shape[1:]} per example, but the "
+                    f"model's outputs are {outputs_shape} and "
+                    f"--loss=sparse_categorical_crossentropy takes {per}; for one-hot or "
+                    "soft labels pass --loss=categorical_crossentropy."
                 )
             if not np.issubdtype(y.dtype, np.integer):
                 if not np.all(np.equal(np.mod(y, 1), 0)):

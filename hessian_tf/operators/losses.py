@@ -14,16 +14,31 @@ PerExampleLoss = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 def sparse_categorical_crossentropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    """−log softmax(logits)[label]. labels [batch] integers, logits [batch, classes]."""
+    """−log softmax(logits)[label], averaged over an example's positions as Keras averages
+    it. logits [batch, *positions, classes]; labels [batch, *positions] integers (or with
+    a trailing axis of 1): one class per example for a classifier, one per pixel or
+    token for a segmentation or tagging model."""
     log_probabilities = tf.nn.log_softmax(logits, axis=-1)
-    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    return -tf.gather(log_probabilities, labels, axis=1, batch_dims=1)
+    if logits.shape.rank == 2:  # one class per example
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        return -tf.gather(log_probabilities, labels, axis=1, batch_dims=1)
+    batch, classes = tf.shape(logits)[0], tf.shape(logits)[-1]
+    log_probabilities = tf.reshape(log_probabilities, [batch, -1, classes])
+    labels = tf.cast(tf.reshape(labels, [batch, -1]), tf.int32)
+    return -tf.reduce_mean(
+        tf.gather(log_probabilities, labels, axis=2, batch_dims=2), axis=-1)
 
 
 def categorical_crossentropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    """−Σ_c targets_c log softmax(logits)_c. targets [batch, classes] (one-hot or soft)."""
+    """−Σ_c targets_c log softmax(logits)_c, averaged over an example's positions as Keras
+    averages it. targets shaped as the logits [batch, *positions, classes] (one-hot or
+    soft)."""
     log_probabilities = tf.nn.log_softmax(logits, axis=-1)
-    return -tf.reduce_sum(tf.cast(targets, logits.dtype) * log_probabilities, axis=-1)
+    targets = tf.cast(tf.reshape(targets, tf.shape(logits)), logits.dtype)
+    losses = -tf.reduce_sum(targets * log_probabilities, axis=-1)
+    if logits.shape.rank == 2:
+        return losses
+    return tf.reduce_mean(tf.reshape(losses, [tf.shape(losses)[0], -1]), axis=-1)
 
 
 def binary_crossentropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:

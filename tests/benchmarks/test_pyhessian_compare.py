@@ -370,6 +370,35 @@ def test_workload_from_files(tmp_path):
                                     str(tmp_path / "int_images.npz"), 4, 5)
 
 
+def test_workload_of_labels_per_position(tmp_path):
+    # A segmentation model (a class per pixel) and a tagger (a class per token).
+    rng = np.random.default_rng(1)
+    keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(3, 1)]).save(tmp_path / "seg.keras")
+    pixels = rng.integers(0, 3, (6, 4, 4))
+    for name, y in (("pixels", pixels), ("column", pixels[..., None])):
+        np.savez(tmp_path / f"{name}.npz", x=rng.uniform(size=(6, 4, 4, 1)), y=y)
+        workload = compare.workload_from_files(
+            str(tmp_path / "seg.keras"), str(tmp_path / f"{name}.npz"), 4, 5)
+        assert workload.y.shape == (6, 4, 4) and not workload.binary
+    np.savez(tmp_path / "per_image.npz", x=rng.uniform(size=(6, 4, 4, 1)), y=pixels[:, 0, 0])
+    with pytest.raises(compare.Failure, match=re.escape(
+            "pass one integer label per position (4, 4) of the model's outputs")):
+        compare.workload_from_files(str(tmp_path / "seg.keras"), str(tmp_path / "per_image.npz"),
+                                    4, 5)
+    np.savez(tmp_path / "pixel_classes.npz", x=rng.uniform(size=(6, 4, 4, 1)), y=pixels + 1)
+    with pytest.raises(compare.Failure, match=re.escape("labels must lie in [0, 2]")):
+        compare.workload_from_files(str(tmp_path / "seg.keras"),
+                                    str(tmp_path / "pixel_classes.npz"), 4, 5)
+    keras.Sequential([keras.Input((5, 2)), keras.layers.Dense(3)]).save(tmp_path / "tagger.keras")
+    np.savez(tmp_path / "tags.npz", x=rng.uniform(size=(6, 5, 2)), y=rng.integers(0, 3, (6, 5)))
+    assert compare.workload_from_files(
+        str(tmp_path / "tagger.keras"), str(tmp_path / "tags.npz"), 4, 5).y.shape == (6, 5)
+    keras.Sequential([keras.Input((5, 2)), keras.layers.Dense(1)]).save(tmp_path / "one.keras")
+    np.savez(tmp_path / "coins.npz", x=rng.uniform(size=(6, 5, 2)), y=rng.integers(0, 2, (6, 5)))
+    with pytest.raises(compare.Failure, match=re.escape("one logit per position (5,)")):
+        compare.workload_from_files(str(tmp_path / "one.keras"), str(tmp_path / "coins.npz"), 4, 5)
+
+
 def run_script(*args):
     return subprocess.run([sys.executable, os.path.join(BENCHMARKS, "pyhessian_compare.py"),
                            *args], capture_output=True, text=True, timeout=300)
