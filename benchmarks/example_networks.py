@@ -13,10 +13,16 @@ a CNN of one logit telling odd digits from even (binary cross-entropy); patches_
 a ViT's shape: 2×2 patches cut by Reshape and Permute, a linear embedding, a pre-LayerNorm
 transformer block (self-attention, a gelu MLP), mean pooling; and separable_dropout.keras:
 SeparableConv2D and DepthwiseConv2D (gelu) with L2 weight penalties, Dropout, global average
-pooling. With
+pooling. Two predict a class per position: unet_pixels.keras, a small U-Net (two
+poolings, Conv2DTranspose and UpSampling2D back up, skip connections concatenated, BN) on
+the digits at 32×32, labelling each pixel 0 (background) or 1 + the digit (ink); and
+row_tagger.keras, Conv1D and an LSTM of sequences tagging each of an image's 8 rows with
+its digit (rows holding ink) or 10. With
 digits_img.npz (x: 8×8×1 images, x/16; y: labels), digits_flat.npz (x: the 64 pixels),
 digits_seq.npz (x: 8×8, rows as tokens), digits_tokens.npz (x: 64 int32 tokens) and
-digits_parity.npz (the images; y: 1 for an odd digit).
+digits_parity.npz (the images; y: 1 for an odd digit), digits_pixels.npz (x: 32×32×1,
+each pixel repeated 4×4; y: a label per pixel) and digits_rows.npz (x: as digits_seq;
+y: a tag per row).
 Each network is trained 3 epochs with Adam (batch 64, seed 0), so BN has moving statistics
 of its own.
 
@@ -40,7 +46,8 @@ NETWORKS = {"conv_pool_bn": "digits_img", "mlp_bn_gelu": "digits_flat",
             "transpose_crop": "digits_img", "attention_seq": "digits_seq",
             "lstm_seq": "digits_seq", "gru_conv1d_seq": "digits_seq",
             "embedding_tokens": "digits_tokens", "binary_parity": "digits_parity",
-            "patches_vit": "digits_img", "separable_dropout": "digits_img"}
+            "patches_vit": "digits_img", "separable_dropout": "digits_img",
+            "unet_pixels": "digits_pixels", "row_tagger": "digits_rows"}
 
 
 def loss(name: str) -> str:
@@ -53,6 +60,8 @@ def build(name: str):
     import keras
 
     layers = keras.layers
+    if name in ("unet_pixels", "row_tagger"):
+        return build_per_position_model(name)
     if name == "conv_pool_bn":
         return keras.Sequential([
             keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(2),
@@ -141,6 +150,27 @@ def build_sequence_model(name: str):
     return keras.Model(inputs, layers.Dense(10)(layers.GlobalMaxPooling1D()(h)))
 
 
+def build_per_position_model(name: str):
+    """11 logits per position: a pixel's (unet_pixels) or a row's (row_tagger)."""
+    import keras
+
+    layers = keras.layers
+    if name == "row_tagger":
+        return keras.Sequential([
+            keras.Input((8, 8)), layers.Conv1D(32, 3, padding="same", activation="relu"),
+            layers.LSTM(48, return_sequences=True), layers.Dense(11)])
+    inputs = keras.Input((32, 32, 1))
+    c1 = layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+    c2 = layers.Conv2D(32, 3, padding="same")(layers.MaxPooling2D()(c1))
+    c2 = layers.ReLU()(layers.BatchNormalization()(c2))
+    b = layers.Conv2D(64, 3, padding="same", activation="relu")(layers.MaxPooling2D()(c2))
+    u2 = layers.Concatenate()([layers.Conv2DTranspose(32, 2, strides=2)(b), c2])
+    u2 = layers.Conv2D(32, 3, padding="same", activation="relu")(u2)
+    u1 = layers.Concatenate()([layers.UpSampling2D()(u2), c1])
+    u1 = layers.Conv2D(16, 3, padding="same", activation="relu")(u1)
+    return keras.Model(inputs, layers.Conv2D(11, 1)(u1))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: example_networks.py OUT_DIR", file=sys.stderr)
@@ -157,6 +187,15 @@ def main(argv: list[str]) -> int:
     y = digits.target.astype(np.int32)
     labels = {name: y for name in data}
     data["digits_parity"], labels["digits_parity"] = data["digits_img"], y % 2
+    # A label per pixel (0: background, 1 + the digit: ink) and per row (the digit where
+    # the row holds ink, else 10).
+    data["digits_pixels"] = np.kron(data["digits_img"][..., 0],
+                                    np.ones((4, 4), np.float32))[..., np.newaxis]
+    labels["digits_pixels"] = np.where(data["digits_pixels"][..., 0] > 0.25,
+                                       1 + y[:, None, None], 0).astype(np.int32)
+    data["digits_rows"] = data["digits_seq"]
+    labels["digits_rows"] = np.where(data["digits_seq"].sum(-1) > 1.5, y[:, None],
+                                     10).astype(np.int32)
     for name, x in data.items():
         np.savez(os.path.join(out_dir, f"{name}.npz"), x=x, y=labels[name])
     keras.utils.set_random_seed(0)
@@ -166,7 +205,7 @@ def main(argv: list[str]) -> int:
         model.compile(optimizer="adam", loss=(
             keras.losses.BinaryCrossentropy(from_logits=True) if binary
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True)))
-        model.fit(data[data_name], labels[data_name].reshape(-1, 1) if binary else y,
+        model.fit(data[data_name], labels[data_name].reshape(-1, 1) if binary else labels[data_name],
                   epochs=3, batch_size=64, verbose=0)
         path = os.path.join(out_dir, f"{name}.keras")
         model.save(path)

@@ -44,9 +44,15 @@ def test_our_side_times_one_batchs_gradient_and_product(files, monkeypatch):
     workload = compare.workload_from_files(model, data, 8, None)
     batch = dataclasses.replace(workload, x=workload.x[:8], y=workload.y[:8])
     times = one_batch.time_ours(batch, "forward_over_backward", repeats=2)
-    assert times["params"] == params
+    assert times["params"] == params and times["method"] == "forward_over_backward"
     assert times["gradient"] > 0 and times["product"] > 0
     assert calls == {"matvec": 3, "loss_and_gradient": 3}  # warm-up + 2 repeats each
+    # auto: both methods' products timed, the faster taken.
+    times = one_batch.time_ours(batch, "auto", repeats=2)
+    assert set(times["products"]) == set(one_batch.METHODS)
+    assert times["product"] == min(times["products"].values())
+    assert times["method"] == min(times["products"], key=times["products"].get)
+    assert calls == {"matvec": 9, "loss_and_gradient": 6}
 
 
 @pytest.mark.parametrize("flags", [["--batch_size", "0"], ["--repeats", "0"],

@@ -421,7 +421,8 @@ def test_bad_input_is_one_line_before_any_install(args, message):
 STEPS_OF_EXAMPLES = {"conv_pool_bn": 7, "mlp_bn_gelu": 4, "functional_elu_avgpool": 6,
                      "residual_ln": 18, "transpose_crop": 8, "attention_seq": 10,
                      "lstm_seq": 2, "gru_conv1d_seq": 5, "embedding_tokens": 4,
-                     "binary_parity": 5, "patches_vit": 13, "separable_dropout": 4}
+                     "binary_parity": 5, "patches_vit": 13, "separable_dropout": 4,
+                     "unet_pixels": 14, "row_tagger": 3}
 
 
 def test_example_networks_are_accepted(tmp_path):
