@@ -56,7 +56,8 @@ AUTO_MARGIN = 0.95
 # - it saves at most FORWARD_MODE_MOST_SAVING of reverse over reverse's time. Measured:
 #   it took 0.81-1.20 of it on the eight example networks (README.md, Speed), 0.72-0.84
 #   on a small ViT, about 0.64 on a GroupNormalization CNN (before group_norm.py): the
-#   largest saving, 36%;
+#   largest saving, 36%. A small U-Net (UpSampling2D) took 0.30 of it until Tile's second
+#   derivative was mended (tile_gradient.py), 0.78-0.79 since;
 # - its set-up takes FORWARD_MODE_SET_UP_RATIO times reverse over reverse's: 1.25-1.6 on
 #   four small networks of the digits (ViT, separable-convolution and BN CNNs; one run
 #   each), 12.4 against 7.8 s on the ViT;

@@ -1,0 +1,115 @@
+"""Tile's gradient over static axes against TensorFlow's: one full-data Hessian-vector
+product per network and method.
+
+`KerasModelFunction` differentiates `Tile` by `hessian_tf.operators.tile_gradient`
+while it traces a product; here one operator of each pair is traced with TensorFlow's
+own gradient instead. Networks (untrained, seeded, one batch of 128 of the digits):
+`unet_pixels` of benchmarks/example_networks.py (UpSampling2D, whose `ops.repeat` tiles,
+on the digits at 32×32 with a label per pixel) and `hessian_tf.models.resnet32` on the
+digits padded to 32×32×3 (its global average pooling and, in train BN mode, BN's
+statistics tile in their gradients). The two operators' products are checked against
+each other, then timed in `--rounds` interleaved rounds after a traced first one;
+medians.
+
+Command (about 3 minutes on 2 CPU cores):
+  .venv/bin/python benchmarks/tile_gradient.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from core import interleaved_timings  # noqa: E402  (benchmarks/core.py)
+from machine import measure_rows  # noqa: E402  (benchmarks/machine.py)
+
+BATCH_SIZE = 128
+TENSORFLOWS = "TensorFlow's"
+CASES = (("unet_pixels", "inference", "reverse_over_reverse"),
+         ("unet_pixels", "inference", "forward_over_backward"),
+         ("resnet32", "train", "reverse_over_reverse"),
+         ("resnet32", "inference", "reverse_over_reverse"))
+
+
+def workload(network: str, examples: int = BATCH_SIZE):
+    """(model, x, y) of `network` on the first `examples` digits."""
+    import keras
+
+    from hessian_tf import models
+    from hessian_tf.io.datasets import load_digits
+
+    import example_networks  # benchmarks/example_networks.py
+
+    x, y = load_digits()
+    images = np.kron(x[:examples].reshape(-1, 8, 8), np.ones((4, 4), np.float32))
+    keras.utils.set_random_seed(0)
+    if network == "unet_pixels":
+        labels = np.where(images > 0.25, 1 + y[:examples, None, None], 0).astype(np.int32)
+        return example_networks.build(network), images[..., np.newaxis], labels
+    return models.resnet32(), np.repeat(images[..., np.newaxis], 3, axis=-1), y[:examples]
+
+
+@contextlib.contextmanager
+def tensorflow_tile_gradient():
+    """Traces made within differentiate Tile by TensorFlow's own gradient."""
+    from hessian_tf.operators import model_function
+
+    static = model_function.static_tile_gradients
+    model_function.static_tile_gradients = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        model_function.static_tile_gradients = static
+
+
+def measure(network: str, bn_mode: str, method: str, rounds: int, examples: int = BATCH_SIZE):
+    from hessian_tf import operators
+
+    model, x, y = workload(network, examples)
+    contexts = {TENSORFLOWS: tensorflow_tile_gradient, "static": contextlib.nullcontext}
+    variants = {name: operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE, bn_mode=bn_mode,
+        method=method) for name in contexts}
+    vector = np.random.default_rng(0).standard_normal(variants["static"].dim)
+    products = {}
+    for name, context in contexts.items():
+        with context():  # the first product traces
+            products[name] = variants[name].matvec(vector)
+    error = (np.abs(products["static"] - products[TENSORFLOWS]).max()
+             / np.abs(products[TENSORFLOWS]).max())
+    if error > 1e-4:
+        raise RuntimeError(f"{network} {method}: the products differ by {error:.1e}")
+    seconds = interleaved_timings(
+        {name: functools.partial(operator.matvec, vector) for name, operator in variants.items()},
+        rounds)
+    median = {name: float(np.median(values)) for name, values in seconds.items()}
+    return [network, bn_mode, method, f"{median[TENSORFLOWS] * 1e3:.1f}",
+            f"{median['static'] * 1e3:.1f}", f"{median['static'] / median[TENSORFLOWS]:.2f}",
+            f"{error:.0e}"]
+
+
+HEADER = ("network", "BN", "method", "TensorFlow's Tile gradient ms", "static axes ms",
+          "static ÷ TensorFlow's", "max rel. diff")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        print(f"tile_gradient.py: error: --rounds={args.rounds}: pass at least 1",
+              file=sys.stderr)
+        return 2
+    measure_rows(HEADER, [(*case, args.rounds) for case in CASES], measure)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
