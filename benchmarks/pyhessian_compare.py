@@ -363,8 +363,8 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
     positions = tuple(model.output_shape[1:-1])
     if y.ndim == len(positions) + 2 and y.shape[-1] == 1:
         y = y[..., 0]
-    if (y.ndim == 0 or tuple(y.shape[1:]) != positions or x.shape[0] != y.shape[0]
-            or x.shape[0] == 0):
+    if (y.ndim != len(positions) + 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0
+            or any(p is not None and p != n for p, n in zip(positions, y.shape[1:]))):
         per = f"per position {positions} of the model's outputs" if positions else "per example"
         raise Failure(f"--data={data_path}: x {x.shape} and y {y.shape}: pass one integer label "
                       f"{per} and at least one example.")

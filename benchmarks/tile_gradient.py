@@ -1,9 +1,9 @@
 """Tile's gradient over static axes against TensorFlow's: one full-data Hessian-vector
 product per network and method.
 
-`KerasModelFunction` differentiates `Tile` by `hessian_tf.operators.tile_gradient`
-while it traces a product; here one operator of each pair is traced with TensorFlow's
-own gradient instead. Networks (untrained, seeded, one batch of 128 of the digits):
+`KerasModelFunction` differentiates `Tile` by `hessian_tf.operators.second_order`'s
+`tile_gradient` while it traces a product; here one operator of each pair is traced
+with TensorFlow's own gradients instead. Networks (untrained, seeded, one batch of 128 of the digits):
 `unet_pixels` of benchmarks/example_networks.py (UpSampling2D, whose `ops.repeat` tiles,
 on the digits at 32×32 with a label per pixel) and `hessian_tf.models.resnet32` on the
 digits padded to 32×32×3 (its global average pooling and, in train BN mode, BN's
@@ -61,12 +61,12 @@ def tensorflow_tile_gradient():
     """Traces made within differentiate Tile by TensorFlow's own gradient."""
     from hessian_tf.operators import model_function
 
-    static = model_function.static_tile_gradients
-    model_function.static_tile_gradients = contextlib.nullcontext
+    mended = model_function.second_order_gradients
+    model_function.second_order_gradients = contextlib.nullcontext
     try:
         yield
     finally:
-        model_function.static_tile_gradients = static
+        model_function.second_order_gradients = mended
 
 
 def measure(network: str, bn_mode: str, method: str, rounds: int, examples: int = BATCH_SIZE):

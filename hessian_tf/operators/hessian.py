@@ -57,7 +57,7 @@ AUTO_MARGIN = 0.95
 #   it took 0.81-1.20 of it on the eight example networks (README.md, Speed), 0.72-0.84
 #   on a small ViT, about 0.64 on a GroupNormalization CNN (before group_norm.py): the
 #   largest saving, 36%. A small U-Net (UpSampling2D) took 0.30 of it until Tile's second
-#   derivative was mended (tile_gradient.py), 0.78-0.79 since;
+#   derivative was mended (second_order.py), 0.78-0.79 since;
 # - its set-up takes FORWARD_MODE_SET_UP_RATIO times reverse over reverse's: 1.25-1.6 on
 #   four small networks of the digits (ViT, separable-convolution and BN CNNs; one run
 #   each), 12.4 against 7.8 s on the ViT;
@@ -748,6 +748,12 @@ class HessianOperator:
                 f"the model{expected} ({first}); pass data shaped as the model's input."
             ) from error
         outputs_shape = tuple(outputs.shape[1:])
+        if len(outputs_shape) > 1 and getattr(outputs, "_keras_mask", None) is not None:
+            raise ValueError(
+                f"--model: its outputs carry a Keras mask (Embedding(mask_zero=True), "
+                f"Masking), so Keras averages the loss over the unmasked positions only, "
+                f"which --loss={self.loss_name} does not (it averages every position); pass "
+                "a model whose outputs carry no mask.")
         if self.loss_name in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
             _check_logits(np.asarray(outputs, np.float64), self.loss_name)
         if self.loss_name == "binary_crossentropy":

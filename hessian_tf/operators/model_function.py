@@ -22,7 +22,7 @@ from absl import logging
 from hessian_tf.operators import folding, group_norm, recurrent
 from hessian_tf.operators.graphs import graph_nodes
 from hessian_tf.operators.moments import exact_moments
-from hessian_tf.operators.tile_gradient import static_tile_gradients
+from hessian_tf.operators.second_order import second_order_gradients
 
 BN_MODES = ("inference", "train")
 
@@ -201,7 +201,7 @@ class KerasModelFunction:
         to second order (moments.py), recurrent layers unrolled over sequences of
         at most `unroll_steps` steps (recurrent.py), and GroupNormalization by
         per-channel statistics unless per_channel_group_norm=False (group_norm.py),
-        and Tile differentiated over static axes (tile_gradient.py)."""
+        and the second derivatives of resizes and tiles mended (second_order.py)."""
         if bn_mode == "train":
             mode = batch_norm_in_train_mode(self.model)
         elif self.fold_batch_norm:
@@ -210,7 +210,7 @@ class KerasModelFunction:
             mode = contextlib.nullcontext()
         group_norm_mode = (group_norm.per_channel_statistics(self.model)
                            if self.per_channel_group_norm else contextlib.nullcontext())
-        with exact_moments(), static_tile_gradients(), \
+        with exact_moments(), second_order_gradients(), \
                 recurrent.unrolled(self.model, self.unroll_steps), group_norm_mode, mode:
             yield
 
@@ -265,11 +265,11 @@ class SavedModelFunction:
     def mode_context(self, bn_mode: str):
         """Each mode has its own saved function; the first use of one whose graph
         stops a gradient logs a warning (a saved graph cannot be traced again with
-        exact statistics, moments.py). Tile is differentiated over static axes
-        (tile_gradient.py): the saved graphs are differentiated when products are
-        traced."""
+        exact statistics, moments.py). The second derivatives of resizes and tiles
+        are mended (second_order.py): the saved graphs are differentiated when
+        products are traced."""
         if bn_mode in self._checked:
-            return static_tile_gradients()
+            return second_order_gradients()
         self._checked.add(bn_mode)
         count = self.stop_gradients(bn_mode)
         if count:
@@ -280,7 +280,7 @@ class SavedModelFunction:
                 "by hessian_tf's export_for_spectrum before version 5776e96), products miss "
                 "their second-derivative terms: pass the .keras file, or export it again "
                 "with hessian_tf.io.export_for_spectrum.", self.path, bn_mode, count)
-        return static_tile_gradients()
+        return second_order_gradients()
 
     def stop_gradients(self, bn_mode: str) -> int:
         """StopGradient nodes in the saved function of `bn_mode` and the functions it

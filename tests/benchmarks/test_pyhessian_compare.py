@@ -393,6 +393,10 @@ def test_workload_of_labels_per_position(tmp_path):
     np.savez(tmp_path / "tags.npz", x=rng.uniform(size=(6, 5, 2)), y=rng.integers(0, 3, (6, 5)))
     assert compare.workload_from_files(
         str(tmp_path / "tagger.keras"), str(tmp_path / "tags.npz"), 4, 5).y.shape == (6, 5)
+    # Sequences of any length: the labels' positions are the data's.
+    keras.Sequential([keras.Input((None, 2)), keras.layers.Dense(3)]).save(tmp_path / "any.keras")
+    assert compare.workload_from_files(
+        str(tmp_path / "any.keras"), str(tmp_path / "tags.npz"), 4, 5).y.shape == (6, 5)
     keras.Sequential([keras.Input((5, 2)), keras.layers.Dense(1)]).save(tmp_path / "one.keras")
     np.savez(tmp_path / "coins.npz", x=rng.uniform(size=(6, 5, 2)), y=rng.integers(0, 2, (6, 5)))
     with pytest.raises(compare.Failure, match=re.escape("one logit per position (5,)")):

@@ -10,7 +10,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
 import tile_gradient  # noqa: E402  (benchmarks/tile_gradient.py)
-from hessian_tf.operators import model_function, tile_gradient as static  # noqa: E402
+from hessian_tf.operators import model_function, second_order  # noqa: E402
 
 
 def test_a_row_contrasts_the_two_gradients(monkeypatch):
@@ -18,7 +18,7 @@ def test_a_row_contrasts_the_two_gradients(monkeypatch):
     original = model_function.KerasModelFunction.mode_context
 
     def recording(self, bn_mode):
-        traced_with.append(model_function.static_tile_gradients is static.static_tile_gradients)
+        traced_with.append(model_function.second_order_gradients is second_order.second_order_gradients)
         return original(self, bn_mode)
 
     monkeypatch.setattr(model_function.KerasModelFunction, "mode_context", recording)
@@ -27,7 +27,7 @@ def test_a_row_contrasts_the_two_gradients(monkeypatch):
     # gradient first, then the static axes.
     first_product = traced_with.index(False)
     assert traced_with[first_product:first_product + 2] == [False, True]
-    assert model_function.static_tile_gradients is static.static_tile_gradients
+    assert model_function.second_order_gradients is second_order.second_order_gradients
     assert row[:3] == ["unet_pixels", "inference", "reverse_over_reverse"]
     assert len(row) == len(tile_gradient.HEADER)
     assert float(row[5]) > 0 and float(row[6]) <= 1e-4

@@ -154,3 +154,15 @@ def test_a_softmax_per_pixel_is_refused():
     x, y = data(model)
     with pytest.raises(ValueError, match="outputs are probabilities"):
         operators.HessianOperator(operators.KerasModelFunction(model), x, y)
+
+
+def test_masked_positions_are_refused():
+    # Keras averages a masked tagger's loss over the unmasked tokens only.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,), dtype="int32"),
+                              keras.layers.Embedding(5, 2, mask_zero=True),
+                              keras.layers.Dense(CLASSES)])
+    x = np.array([[1, 2, 0, 0], [3, 1, 4, 0]], np.int32)
+    with pytest.raises(ValueError, match=r"^--model: its outputs carry a Keras mask"):
+        operators.HessianOperator(operators.KerasModelFunction(model), x,
+                                  np.zeros((2, 4), np.int32))

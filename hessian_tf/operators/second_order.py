@@ -1,0 +1,207 @@
+"""Second derivatives TensorFlow gets wrong or slow, mended while products are traced.
+
+TensorFlow differentiates an op by the function registered for its type. Products of
+the Hessian differentiate the gradient's own ops, and two kinds of those are mended
+here, by the registered functions being swapped within `second_order_gradients()`,
+entered around the traces of products and gradients (the model functions' mode
+contexts):
+
+- Wrong: TensorFlow declares `ResizeBilinearGrad` not differentiable, so every second
+  derivative through a bilinear resize (Keras's `UpSampling2D(interpolation=
+  "bilinear")`, `Resizing`, `ops.image.resize`) was silently zero: on a float64 network
+  with one bilinear `UpSampling2D` products by either method were off by 59% and 97% of
+  the largest entry of central differences of the exact gradient. `ResizeBicubicGrad`
+  and `ResizeNearestNeighborGrad` have no gradient (an error). A resize is linear and
+  these ops are its transpose, so their gradient is the resize itself, with the same
+  attributes (`resize_gradient_gradient`). Tapes and forward accumulators keep no
+  inputs for ResizeBilinearGrad, so the resizes' own gradients are replaced too: the
+  same ops, recorded as the linear maps they are (`_transposed`).
+- Slow: TensorFlow's gradient of `Tile` (array_grad.py) reshapes the incoming gradient
+  to 2 × rank axes, interleaving each multiple with its dimension, and sums over the
+  even axes, which it computes as a tensor at run time. Its own gradient, which reverse
+  over reverse products take, goes through `Sum`'s general gradient and becomes a
+  `Tile` of that 2 × rank shape: a 10-D tile for a 5-D one. Keras's `UpSampling2D`
+  (nearest) and `ops.repeat` tile that way, and on a small U-Net
+  (benchmarks/example_networks.py's unet_pixels, one batch of 128, 2 CPU cores) two
+  such 10-D tiles took 374 ms of a 733 ms reverse-over-reverse product (TensorFlow's
+  profiler, one ad hoc run). `tile_gradient` is the same sum over as few axes as the shapes allow when
+  they are static: the tiled axes, with the untiled axes between them merged and axes
+  of 1 dropped, summed over axes known when the graph is built; its gradient is then a
+  tile of that small rank. On that U-Net the product took 256 ms against 686 ms by
+  reverse over reverse (benchmarks/tile_gradient.py, one run). Dynamic shapes and
+  IndexedSlices gradients take TensorFlow's gradient as it is (forward accumulators
+  trace JVPs with relaxed shapes after 32 traces of an op type in a process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.eager import forwardprop, record
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import gen_image_ops
+
+# TensorFlow's registry of gradient functions, which the tapes look up by op type at
+# each differentiation (so a swap applies to traces made while it is in place).
+_REGISTRY = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
+_TYPE = "type"
+
+
+def tile_gradient(op, grad):
+    """The gradient of tf.tile(x, multiples) with respect to x (and None for the
+    multiples), as TensorFlow's, summed over static, merged axes."""
+    shape, tiled = op.inputs[0].shape, getattr(grad, "shape", None)
+    if (tiled is None or isinstance(grad, tf.IndexedSlices)
+            or not shape.is_fully_defined() or not tiled.is_fully_defined()
+            or shape.rank != tiled.rank or 0 in shape.as_list() or 0 in tiled.as_list()):
+        return _original(op, grad)
+    multiples = np.asarray(tiled.as_list()) // np.asarray(shape.as_list())
+    # A tiled axis of m·n entries is m copies of n: reshaped as [m, n], summed over m.
+    sizes, summed = [], []
+    for multiple, size in zip(multiples.tolist(), shape.as_list()):
+        if multiple > 1:
+            sizes.append(multiple)
+            summed.append(True)
+        if size > 1 or not sizes:
+            if sizes and not summed[-1]:
+                sizes[-1] *= size  # merged with the untiled axis before it
+            else:
+                sizes.append(size)
+                summed.append(False)
+    axes = [axis for axis, is_summed in enumerate(summed) if is_summed]
+    reduced = tf.reduce_sum(tf.reshape(grad, sizes), axes)
+    return [tf.reshape(reduced, shape), None]
+
+
+def _transposed(resize, transpose, grad, attributes, *args):
+    """transpose(grad, *args) (a resize's gradient op: the resize transposed), recorded
+    for tapes and forward accumulators as the linear map it is: its gradient is the
+    resize of the incoming gradient to `grad`'s size, its JVP the same transpose of the
+    tangent. (Tapes keep no inputs for TensorFlow's ops, and accumulators would take
+    ResizeBilinearGrad's JVP as zero.)"""
+    size = grad.shape[1:3]
+    size = size.as_list() if size.is_fully_defined() else tf.shape(grad)[1:3]
+    with record.stop_recording():
+        result = transpose(grad, *args, **attributes)
+
+    def backward(upstream):
+        return [tf.cast(resize(upstream, size, **attributes), grad.dtype)]
+
+    def forward(tangent):
+        return [transpose(tangent, *args, **attributes)]
+
+    record.record_operation("HessianTfTransposedResize", [result], [grad], backward, forward)
+    return result
+
+
+def _attributes(op) -> dict:
+    return {"align_corners": op.get_attr("align_corners"),
+            "half_pixel_centers": op.get_attr("half_pixel_centers")}
+
+
+_RESIZES = {"ResizeBilinearGrad": gen_image_ops.resize_bilinear,
+            "ResizeBicubicGrad": gen_image_ops.resize_bicubic,
+            "ResizeNearestNeighborGrad": gen_image_ops.resize_nearest_neighbor}
+
+
+def resize_gradient_gradient(op, grad):
+    """The gradient of a resize's gradient op with respect to its first input, the
+    gradient of the resized image: the resize of `grad` to that input's size, where
+    the op's inputs are known (graphs differentiated as graphs: a SavedModel's
+    functions); tapes and forward accumulators, which keep no inputs for
+    ResizeBilinearGrad, take the products of `_transposed` instead."""
+    if not op.inputs:
+        return [None, None]
+    first = op.inputs[0]
+    size = first.shape[1:3]
+    size = size.as_list() if size.is_fully_defined() else tf.shape(first)[1:3]
+    resized = _RESIZES[op.type](grad, size, align_corners=op.get_attr("align_corners"),
+                                half_pixel_centers=op.get_attr("half_pixel_centers"))
+    return [tf.cast(resized, first.dtype), None]
+
+
+def resize_bilinear_gradient(op, grad):
+    """TensorFlow's gradient of ResizeBilinear, differentiable (resize_gradient_gradient)."""
+    return [_transposed(gen_image_ops.resize_bilinear, gen_image_ops.resize_bilinear_grad,
+                        grad, _attributes(op), op.inputs[0]), None]
+
+
+def resize_bicubic_gradient(op, grad):
+    """TensorFlow's gradient of ResizeBicubic (none for other dtypes than float32 and
+    float64, as TensorFlow's), differentiable."""
+    if op.inputs[0].dtype not in (tf.float32, tf.float64):
+        return [None, None]
+    return [_transposed(gen_image_ops.resize_bicubic, gen_image_ops.resize_bicubic_grad,
+                        grad, _attributes(op), op.inputs[0]), None]
+
+
+def resize_nearest_neighbor_gradient(op, grad):
+    """TensorFlow's gradient of ResizeNearestNeighbor, differentiable."""
+    image = op.inputs[0]
+    size = image.shape[1:3]
+    size = size.as_list() if size.is_fully_defined() else tf.shape(image)[1:3]
+    return [_transposed(gen_image_ops.resize_nearest_neighbor,
+                        gen_image_ops.resize_nearest_neighbor_grad, grad, _attributes(op),
+                        size), None]
+
+
+# op type -> the gradient function within second_order_gradients()
+REPLACEMENTS = {"Tile": tile_gradient, "ResizeBilinear": resize_bilinear_gradient,
+                "ResizeBicubic": resize_bicubic_gradient,
+                "ResizeNearestNeighbor": resize_nearest_neighbor_gradient,
+                **{name: resize_gradient_gradient for name in _RESIZES}}
+_original = (_REGISTRY.get("Tile", {}).get(_TYPE) if _REGISTRY else None)  # TensorFlow's
+_lock = threading.Lock()
+_found = {}  # op type -> the registry's entry at the first entry, restored at the last exit
+_entries = 0  # second_order_gradients() contexts open now, in any thread
+
+
+def installed() -> bool:
+    """Whether every op type of REPLACEMENTS differentiates by its replacement now."""
+    return bool(_REGISTRY) and all(
+        _REGISTRY.get(name, {}).get(_TYPE) is function for name, function in REPLACEMENTS.items())
+
+
+def _install(install: bool) -> None:
+    for name, function in REPLACEMENTS.items():
+        if install:
+            _found[name] = _REGISTRY.get(name)
+            _REGISTRY[name] = {**(_found[name] or {}), _TYPE: function}
+        elif _found.get(name) is None:  # it had no entry: none again
+            _REGISTRY.pop(name, None)
+        else:
+            _REGISTRY[name] = _found[name]
+    # Forward accumulators trace each op's JVP once per op and shapes, for the process:
+    # traced from the other gradients, they would be reused.
+    cache = getattr(forwardprop, "_jvp_function_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
+@contextlib.contextmanager
+def second_order_gradients():
+    """Within: the op types of REPLACEMENTS differentiate by their replacements.
+    Entries may nest and overlap (in threads): installed by the first, the registry's
+    entries as found then restored when the last exits, and forward accumulators' JVPs
+    traced again on each side. The registry is the process's: another thread
+    differentiating meanwhile takes the replacements too (the same derivatives, or the
+    exact ones for resizes). Where this TensorFlow keeps its gradients elsewhere,
+    nothing changes (tests/operators/test_second_order.py checks that it installs)."""
+    global _entries
+    if not _REGISTRY or _original is None:
+        yield
+        return
+    with _lock:
+        if _entries == 0:
+            _install(True)
+        _entries += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _entries -= 1
+            if _entries == 0:
+                _install(False)

@@ -1,0 +1,187 @@
+"""Second derivatives mended while products are traced (hessian_tf/operators/
+second_order.py): Tile's gradient over static axes has the same first and second
+derivatives as TensorFlow's, without tiles of twice the rank; resizes (bilinear,
+bicubic, nearest) have exact second derivatives, where TensorFlow's were zero or
+missing; installed only inside the context; exact products through UpSampling2D and
+Resizing."""
+
+import threading
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hessian_tf import operators
+from hessian_tf.operators import second_order
+
+
+def first_and_second(x, multiples, weights):
+    """d/dx Σ w·tile(x)² and its product with x, by reverse over reverse."""
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(weights * tf.square(tf.tile(x, multiples)))
+        gradient = inner.gradient(loss, x)
+        projected = tf.reduce_sum(gradient * x)
+    return gradient, outer.gradient(projected, x)
+
+
+@pytest.mark.parametrize("shape, multiples", [
+    ((2, 3, 1, 4), (1, 2, 3, 1)),  # tiled axes between untiled ones, an axis of 1
+    ((3, 5), (4, 1)),
+    ((1, 1), (2, 3)),
+    ((4,), (1,)),  # nothing tiled
+    ((2, 1, 3, 2, 2), (1, 1, 2, 1, 1)),  # ops.repeat's expanded axis
+])
+def test_same_derivatives_as_tensorflow(shape, multiples):
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal(shape))
+    weights = tf.constant(rng.standard_normal(np.multiply(shape, multiples)))
+    function = tf.function(first_and_second)
+    expected = function(x, multiples, weights)
+    with second_order.second_order_gradients():
+        function = tf.function(first_and_second)  # traced again, inside
+        got = function(x, multiples, weights)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_second_derivative_of_a_repeat_tiles_at_its_own_rank():
+    x = tf.TensorSpec([2, 3, 4, 5], tf.float32)
+
+    def second(x):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(tf.square(tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2)))
+            projected = tf.reduce_sum(inner.gradient(loss, x))
+        return outer.gradient(projected, x)
+
+    def ranks():
+        graph = tf.function(second).get_concrete_function(x).graph
+        return [op.outputs[0].shape.rank for op in graph.get_operations() if op.type == "Tile"]
+
+    assert max(ranks()) == 10  # TensorFlow's: 2 × the 5-D tile of each repeat
+    with second_order.second_order_gradients():
+        assert max(ranks()) <= 5
+
+
+def test_installed_only_inside_and_restored_after_nesting_and_threads():
+    assert not second_order.installed()
+    entered, release = threading.Event(), threading.Event()
+
+    def hold():
+        with second_order.second_order_gradients():
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    entered.wait(10)
+    with second_order.second_order_gradients():
+        with second_order.second_order_gradients():
+            assert second_order.installed()
+        assert second_order.installed()
+    assert second_order.installed()  # the thread's context is still open
+    release.set()
+    thread.join()
+    assert not second_order.installed()
+
+
+def upsampling_model():
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((2, 2, 1), dtype="float64")
+    h = keras.layers.Conv2D(2, 1, activation="tanh", dtype="float64")(inputs)
+    h = keras.layers.UpSampling2D(dtype="float64")(h)
+    return keras.Model(inputs, keras.layers.Conv2D(3, 2, dtype="float64")(h))
+
+
+@pytest.mark.parametrize("method", ["reverse_over_reverse", "forward_over_backward"])
+def test_products_through_upsampling_are_the_dense_hessian(method):
+    model = upsampling_model()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 2, 2, 1))
+    y = rng.integers(0, 3, (5, 3, 3)).astype(np.int32)
+    variables = [v.value for v in model.trainable_variables]
+    with tf.GradientTape(persistent=True) as outer:  # TensorFlow's own Tile gradient
+        with tf.GradientTape() as inner:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                y, model(x), from_logits=True))
+        gradient = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
+    expected = tf.concat([tf.reshape(j, [gradient.shape[0], -1])
+                          for j in outer.jacobian(gradient, variables)], 1).numpy()
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                         batch_size=2, method=method)
+    np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim), expected,
+                               rtol=1e-10, atol=1e-12)
+    assert not second_order.installed()
+
+
+def resizing_model(layer):
+    """1×1 convolutions around a resize of 3×3 maps: logits per resized pixel."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((3, 3, 1), dtype="float64")
+    h = keras.layers.Conv2D(2, 1, activation="tanh", dtype="float64")(inputs)
+    return keras.Model(inputs, keras.layers.Conv2D(3, 1, dtype="float64")(layer(h)))
+
+
+RESIZES = {  # name: (layer, output size)
+    "upsampling_bilinear": (lambda: keras.layers.UpSampling2D(
+        interpolation="bilinear", dtype="float64"), 6),
+    "resizing_bilinear": (lambda: keras.layers.Resizing(5, 5, dtype="float64"), 5),
+    "resizing_bicubic": (lambda: keras.layers.Resizing(
+        5, 5, interpolation="bicubic", dtype="float64"), 5),
+    "resizing_nearest": (lambda: keras.layers.Resizing(
+        5, 5, interpolation="nearest", dtype="float64"), 5),
+}
+
+
+def resize_matrix(layer, size):
+    """The resize as a [size², 9] matrix: its images of the 9 one-pixel maps."""
+    basis = np.eye(9).reshape(9, 3, 3, 1)
+    return np.asarray(layer(basis), np.float64).reshape(9, size * size).T
+
+
+def reference_hessian_through(model, resize, x, y):
+    """The Hessian of the mean cross-entropy of `model`, its resize applied as the
+    matrix `resize` (linear, so differentiated exactly to any order)."""
+    conv_in, conv_out = (layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    variables = [tf.Variable(v.numpy()) for v in model.trainable_variables]
+    matrix = tf.constant(resize)
+    size = int(np.sqrt(resize.shape[0]))
+
+    def loss():
+        k1, b1, k2, b2 = variables
+        h = tf.tanh(tf.einsum("bhwc,cd->bhwd", x, k1[0, 0]) + b1)
+        up = tf.einsum("pq,bqd->bpd", matrix, tf.reshape(h, [len(x), 9, 2]))
+        logits = tf.reshape(tf.einsum("bpd,de->bpe", up, k2[0, 0]) + b2, [len(x), size, size, 3])
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True))
+
+    del conv_in, conv_out
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            value = loss()
+        gradient = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(value, variables)], 0)
+    return tf.concat([tf.reshape(j, [gradient.shape[0], -1])
+                      for j in outer.jacobian(gradient, variables)], 1).numpy()
+
+
+@pytest.mark.parametrize("resize", sorted(RESIZES))
+@pytest.mark.parametrize("method", ["reverse_over_reverse", "forward_over_backward"])
+def test_products_through_resizes_are_exact(resize, method):
+    make_layer, size = RESIZES[resize]
+    layer = make_layer()
+    model = resizing_model(layer)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 3, 1))
+    y = rng.integers(0, 3, (4, size, size)).astype(np.int32)
+    expected = reference_hessian_through(model, resize_matrix(layer, size), x, y)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                         batch_size=2, method=method)
+    got = operators.dense_matrix(operator.matvec, operator.dim)
+    # TensorFlow resizes in float32 whatever the input's dtype.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
