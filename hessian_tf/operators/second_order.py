@@ -27,8 +27,9 @@ contexts):
   profiler, one ad hoc run). `tile_gradient` is the same sum over as few axes as the shapes allow when
   they are static: the tiled axes, with the untiled axes between them merged and axes
   of 1 dropped, summed over axes known when the graph is built; its gradient is then a
-  tile of that small rank. On that U-Net the product took 256 ms against 686 ms by
-  reverse over reverse (benchmarks/tile_gradient.py, one run). Dynamic shapes and
+  tile of that small rank. On that U-Net the product took 322 ms against 845 ms by
+  reverse over reverse (benchmarks/tile_gradient.py, one run; 256 against 686 ms in
+  another). Dynamic shapes and
   IndexedSlices gradients take TensorFlow's gradient as it is (forward accumulators
   trace JVPs with relaxed shapes after 32 traces of an op type in a process).
 """
