@@ -17,7 +17,8 @@ pooling. Two predict a class per position: unet_pixels.keras, a small U-Net (two
 poolings, Conv2DTranspose and UpSampling2D back up, skip connections concatenated, BN) on
 the digits at 32×32, labelling each pixel 0 (background) or 1 + the digit (ink); and
 row_tagger.keras, Conv1D and an LSTM of sequences tagging each of an image's 8 rows with
-its digit (rows holding ink) or 10. With
+its digit (rows holding ink) or 10; unet_bilinear is unet_pixels with a bilinear
+UpSampling2D, whose second derivatives TensorFlow leaves out (second_order.py). With
 digits_img.npz (x: 8×8×1 images, x/16; y: labels), digits_flat.npz (x: the 64 pixels),
 digits_seq.npz (x: 8×8, rows as tokens), digits_tokens.npz (x: 64 int32 tokens) and
 digits_parity.npz (the images; y: 1 for an odd digit), digits_pixels.npz (x: 32×32×1,
@@ -47,7 +48,8 @@ NETWORKS = {"conv_pool_bn": "digits_img", "mlp_bn_gelu": "digits_flat",
             "lstm_seq": "digits_seq", "gru_conv1d_seq": "digits_seq",
             "embedding_tokens": "digits_tokens", "binary_parity": "digits_parity",
             "patches_vit": "digits_img", "separable_dropout": "digits_img",
-            "unet_pixels": "digits_pixels", "row_tagger": "digits_rows"}
+            "unet_pixels": "digits_pixels", "unet_bilinear": "digits_pixels",
+            "row_tagger": "digits_rows"}
 
 
 def loss(name: str) -> str:
@@ -60,7 +62,7 @@ def build(name: str):
     import keras
 
     layers = keras.layers
-    if name in ("unet_pixels", "row_tagger"):
+    if name in ("unet_pixels", "unet_bilinear", "row_tagger"):
         return build_per_position_model(name)
     if name == "conv_pool_bn":
         return keras.Sequential([
@@ -151,7 +153,7 @@ def build_sequence_model(name: str):
 
 
 def build_per_position_model(name: str):
-    """11 logits per position: a pixel's (unet_pixels) or a row's (row_tagger)."""
+    """11 logits per position: a pixel's (the U-Nets) or a row's (row_tagger)."""
     import keras
 
     layers = keras.layers
@@ -166,7 +168,9 @@ def build_per_position_model(name: str):
     b = layers.Conv2D(64, 3, padding="same", activation="relu")(layers.MaxPooling2D()(c2))
     u2 = layers.Concatenate()([layers.Conv2DTranspose(32, 2, strides=2)(b), c2])
     u2 = layers.Conv2D(32, 3, padding="same", activation="relu")(u2)
-    u1 = layers.Concatenate()([layers.UpSampling2D()(u2), c1])
+    upsampling = layers.UpSampling2D(
+        interpolation="bilinear" if name == "unet_bilinear" else "nearest")
+    u1 = layers.Concatenate()([upsampling(u2), c1])
     u1 = layers.Conv2D(16, 3, padding="same", activation="relu")(u1)
     return keras.Model(inputs, layers.Conv2D(11, 1)(u1))
 

@@ -565,7 +565,7 @@ TWIN_MODULES = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2
 SUPPORTED_LAYERS = (
     ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, "
     "MaxPooling1D/2D, AveragePooling1D/2D, GlobalAveragePooling1D/2D, GlobalMaxPooling1D/2D, "
-    "ZeroPadding2D, Cropping2D, UpSampling2D (nearest), Flatten, Reshape, Permute, "
+    "ZeroPadding2D, Cropping2D, UpSampling2D (nearest, bilinear), Flatten, Reshape, Permute, "
     "Rescaling, Normalization (the last axis), "
     + ", ".join(TWIN_MERGES)
     + ", Concatenate and, as the identity at inference, dropout, noise and random "
@@ -591,7 +591,7 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     layer's name), "activation" (name), "leaky_relu" (slope), "clamp" (ReLU's max_value),
     "rescale" ((scale, offset)), "normalize" ((mean, max(√variance, ε))),
     "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
-    top, bottom)), "crop" ((top, bottom, left, right)), "upsample" ((rows, columns)),
+    top, bottom)), "crop" ((top, bottom, left, right)), "upsample" (((rows, columns), interpolation)),
     "reshape" (Keras's target_shape), "permute" (Keras's dims, from 1), a
     merge of TWIN_MERGES, "concatenate" (torch axis) or "identity". `call` is the
     node's arguments (keras.src.ops.symbolic_arguments.SymbolicArguments), read for
@@ -662,10 +662,11 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
             raise Failure(f"twin: {layer.name} must have keepdims=False and channels_last.")
         return "global", ("max" if "Max" in type(layer).__name__ else "average")
     if isinstance(layer, keras.layers.UpSampling2D):
-        if layer.data_format != "channels_last" or layer.interpolation != "nearest":
+        if layer.data_format != "channels_last" or layer.interpolation not in ("nearest",
+                                                                               "bilinear"):
             raise Failure(f"twin: UpSampling2D {layer.name} must be channels_last with "
-                          "interpolation='nearest'.")
-        return "upsample", tuple(int(size) for size in layer.size)
+                          "interpolation='nearest' or 'bilinear'.")
+        return "upsample", (tuple(int(size) for size in layer.size), layer.interpolation)
     if isinstance(layer, keras.layers.ZeroPadding2D):
         if layer.data_format != "channels_last":
             raise Failure(f"twin: ZeroPadding2D {layer.name} must be channels_last.")
@@ -1089,8 +1090,11 @@ def torch_twin(keras_model):
                 elif kind == "crop":
                     top, bottom, left, right = value
                     x = x[:, :, top:x.shape[2] - bottom, left:x.shape[3] - right]
-                elif kind == "upsample":  # nn.Upsample's nearest: Keras's repeated pixels
-                    x = F.interpolate(x, scale_factor=value, mode="nearest")
+                elif kind == "upsample":  # nearest: Keras's repeated pixels; bilinear:
+                    # TensorFlow's half-pixel centres, torch's align_corners=False
+                    x = F.interpolate(x, scale_factor=value[0], mode=value[1],
+                                      **({"align_corners": False} if value[1] == "bilinear"
+                                         else {}))
                 elif kind == "concatenate":
                     x = torch.cat(args, dim=value)
                 elif kind in merges:

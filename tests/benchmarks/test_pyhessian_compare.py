@@ -114,7 +114,7 @@ def test_layers_that_are_the_identity_at_inference_are_no_steps():
         layers.GaussianNoise(0.1), layers.SpatialDropout2D(0.2), layers.UpSampling2D((2, 3)),
         layers.GaussianDropout(0.1), layers.Flatten(), layers.Dropout(0.5), layers.Dense(3)])
     assert compare.twin_graph(model) == (
-        [("upsample", (2, 3), (0,), 1), ("flatten", None, (1,), 2),
+        [("upsample", ((2, 3), "nearest"), (0,), 1), ("flatten", None, (1,), 2),
          ("module", model.layers[-1].name, (2,), 3)], 3)
 
 
@@ -163,7 +163,7 @@ def test_models_the_twin_cannot_mirror_are_refused():
     (keras.layers.Cropping2D((1, 0), data_format="channels_first"), "must be channels_last"),
     (keras.layers.PReLU(), "(PReLU) is not supported"),
     (keras.layers.Normalization(axis=1, mean=0.0, variance=1.0), "must normalise the last axis"),
-    (keras.layers.UpSampling2D(2, interpolation="bilinear"), "interpolation='nearest'"),
+    (keras.layers.UpSampling2D(2, interpolation="bicubic"), "interpolation='nearest' or 'bilinear'"),
     (keras.layers.ZeroPadding2D(1, data_format="channels_first"), "must be channels_last"),
     (keras.layers.MaxPooling2D(2, padding="same"), "must use padding='valid'"),
     (keras.layers.Activation("softmax"), "activation 'softmax'"),
@@ -426,7 +426,7 @@ STEPS_OF_EXAMPLES = {"conv_pool_bn": 7, "mlp_bn_gelu": 4, "functional_elu_avgpoo
                      "residual_ln": 18, "transpose_crop": 8, "attention_seq": 10,
                      "lstm_seq": 2, "gru_conv1d_seq": 5, "embedding_tokens": 4,
                      "binary_parity": 5, "patches_vit": 13, "separable_dropout": 4,
-                     "unet_pixels": 14, "row_tagger": 3}
+                     "unet_pixels": 14, "unet_bilinear": 14, "row_tagger": 3}
 
 
 def test_example_networks_are_accepted(tmp_path):

@@ -185,3 +185,21 @@ def test_products_through_resizes_are_exact(resize, method):
     got = operators.dense_matrix(operator.matvec, operator.dim)
     # TensorFlow resizes in float32 whatever the input's dtype.
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("method", ["reverse_over_reverse", "forward_over_backward"])
+def test_ggn_through_a_bilinear_resize(method):
+    # J v by forward mode went through the resize's JVP, which TensorFlow gave as None.
+    from hessian_tf.operators import gauss_newton
+    from tests.operators.test_per_position import reference_ggn
+
+    make_layer, size = RESIZES["upsampling_bilinear"]
+    model = resizing_model(make_layer())
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 3, 1))
+    y = rng.integers(0, 3, (4, size, size)).astype(np.int32)
+    operator = gauss_newton.GaussNewtonOperator(operators.KerasModelFunction(model), x, y,
+                                                batch_size=2, method=method)
+    expected = reference_ggn(model, x, y)
+    np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim), expected,
+                               rtol=1e-5, atol=1e-6 * np.abs(expected).max())
