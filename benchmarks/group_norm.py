@@ -17,7 +17,6 @@ Command (about 2 minutes on 2 CPU cores):
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 
@@ -25,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from core import interleaved_timings  # noqa: E402  (benchmarks/core.py)
+from core import agreeing_medians  # noqa: E402  (benchmarks/core.py)
 from machine import measure_rows  # noqa: E402  (benchmarks/machine.py)
 
 BATCH_SIZE = 128
@@ -62,16 +61,7 @@ def measure(method: str, groups: int, rounds: int) -> list[str]:
         variants[name] = operators.HessianOperator(
             operators.KerasModelFunction(model, per_channel_group_norm=per_channel), x, y,
             batch_size=BATCH_SIZE, method=method)
-    vector = np.random.default_rng(0).standard_normal(variants["Keras"].dim)
-    products = {name: operator.matvec(vector) for name, operator in variants.items()}
-    error = (np.abs(products["per-channel"] - products["Keras"]).max()
-             / np.abs(products["Keras"]).max())
-    if error > 1e-4:
-        raise RuntimeError(f"{method}: the products differ by {error:.1e}")
-    seconds = interleaved_timings(
-        {name: functools.partial(operator.matvec, vector) for name, operator in variants.items()},
-        rounds)
-    median = {name: float(np.median(values)) for name, values in seconds.items()}
+    median, error = agreeing_medians(variants, rounds, method)
     return [method, str(groups), f"{median['Keras'] * 1e3:.1f}",
             f"{median['per-channel'] * 1e3:.1f}",
             f"{median['per-channel'] / median['Keras']:.2f}", f"{error:.0e}"]

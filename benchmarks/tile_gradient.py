@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import sys
 
@@ -27,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from core import interleaved_timings  # noqa: E402  (benchmarks/core.py)
+from core import agreeing_medians  # noqa: E402  (benchmarks/core.py)
 from machine import measure_rows  # noqa: E402  (benchmarks/machine.py)
 
 BATCH_SIZE = 128
@@ -77,19 +76,9 @@ def measure(network: str, bn_mode: str, method: str, rounds: int, examples: int 
     variants = {name: operators.HessianOperator(
         operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE, bn_mode=bn_mode,
         method=method) for name in contexts}
-    vector = np.random.default_rng(0).standard_normal(variants["static"].dim)
-    products = {}
-    for name, context in contexts.items():
-        with context():  # the first product traces
-            products[name] = variants[name].matvec(vector)
-    error = (np.abs(products["static"] - products[TENSORFLOWS]).max()
-             / np.abs(products[TENSORFLOWS]).max())
-    if error > 1e-4:
-        raise RuntimeError(f"{network} {method}: the products differ by {error:.1e}")
-    seconds = interleaved_timings(
-        {name: functools.partial(operator.matvec, vector) for name, operator in variants.items()},
-        rounds)
-    median = {name: float(np.median(values)) for name, values in seconds.items()}
+    # The first product traces, each within its context.
+    median, error = agreeing_medians(variants, rounds, f"{network} {method}",
+                                     tracing_contexts=contexts)
     return [network, bn_mode, method, f"{median[TENSORFLOWS] * 1e3:.1f}",
             f"{median['static'] * 1e3:.1f}", f"{median['static'] / median[TENSORFLOWS]:.2f}",
             f"{error:.0e}"]

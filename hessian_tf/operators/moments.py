@@ -22,11 +22,10 @@ covered: `tf.compat.v1.nn.moments` and a `moments` bound by name at import time
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import tensorflow as tf
 from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
+
+from hessian_tf.operators.shared_patch import SharedPatch
 
 
 def moments(x, axes, shift=None, keepdims=False, name=None):
@@ -64,29 +63,26 @@ _PATCHES = (
     (tf.nn, "moments", moments),
     (tf.compat.v2.nn, "moments", moments),
 )
-_lock = threading.Lock()
-_entries = 0  # exact_moments() contexts open now, in any thread
 _originals = []  # (module, attribute, original) while any is open
 
 
-@contextlib.contextmanager
+def _install() -> None:
+    for module, attribute, replacement in _PATCHES:
+        _originals.append((module, attribute, getattr(module, attribute)))
+        setattr(module, attribute, replacement)
+
+
+def _remove() -> None:
+    while _originals:
+        module, attribute, original = _originals.pop()
+        setattr(module, attribute, original)
+
+
+_patch = SharedPatch(_install, _remove)
+
+
 def exact_moments():
     """Within: Keras's normalisation statistics and tf.nn.moments differentiate
     exactly to second order. Entries may nest and overlap (in threads): the patches
     are installed by the first and removed when the last exits."""
-    global _entries
-    with _lock:
-        if _entries == 0:
-            for module, attribute, replacement in _PATCHES:
-                _originals.append((module, attribute, getattr(module, attribute)))
-                setattr(module, attribute, replacement)
-        _entries += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _entries -= 1
-            if _entries == 0:
-                while _originals:
-                    module, attribute, original = _originals.pop()
-                    setattr(module, attribute, original)
+    return _patch()

@@ -40,13 +40,14 @@ contexts):
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import forwardprop, record
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import gen_image_ops
+
+from hessian_tf.operators.shared_patch import SharedPatch
 
 # TensorFlow's registry of gradient functions, which the tapes look up by op type at
 # each differentiation (so a swap applies to traces made while it is in place).
@@ -159,9 +160,7 @@ REPLACEMENTS = {"Tile": tile_gradient, "ResizeBilinear": resize_bilinear_gradien
                 "ResizeNearestNeighbor": resize_nearest_neighbor_gradient,
                 **{name: resize_gradient_gradient for name in _RESIZES}}
 _original = (_REGISTRY.get("Tile", {}).get(_TYPE) if _REGISTRY else None)  # TensorFlow's
-_lock = threading.Lock()
 _found = {}  # op type -> the registry's entry at the first entry, restored at the last exit
-_entries = 0  # second_order_gradients() contexts open now, in any thread
 
 
 def installed() -> bool:
@@ -186,7 +185,9 @@ def _install(install: bool) -> None:
         cache.clear()
 
 
-@contextlib.contextmanager
+_patch = SharedPatch(lambda: _install(True), lambda: _install(False))
+
+
 def second_order_gradients():
     """Within: the op types of REPLACEMENTS differentiate by their replacements.
     Entries may nest and overlap (in threads): installed by the first, the registry's
@@ -195,18 +196,6 @@ def second_order_gradients():
     differentiating meanwhile takes the replacements too (the same derivatives, or the
     exact ones for resizes). Where this TensorFlow keeps its gradients elsewhere,
     nothing changes (tests/operators/test_second_order.py checks that it installs)."""
-    global _entries
     if not _REGISTRY or _original is None:
-        yield
-        return
-    with _lock:
-        if _entries == 0:
-            _install(True)
-        _entries += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _entries -= 1
-            if _entries == 0:
-                _install(False)
+        return contextlib.nullcontext()
+    return _patch()
