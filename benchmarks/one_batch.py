@@ -10,7 +10,9 @@ so a ratio above ½ can be read as either side's product costing more gradients 
 order work one framework runs better) or as the two frameworks' gradients differing (the
 kernels themselves). Ours: `HessianOperator` on that batch by `--method` (auto, the
 default: both methods timed, forward over backward taken where it takes at most 0.95
-of the other's time, as the binary's --method=auto takes it; on a small U-Net reverse over reverse took 2.6 times forward over backward), with
+of the other's time, as the binary's --method=auto takes it; reverse over reverse alone
+had read a small U-Net's product as 5.7 of our gradients, where the binary's choice
+took 1.5-1.7), with
 TensorFlow's threads as the binary chooses them on this host, products under its graph
 set-up (`--graph_optimization=auto`), the gradient fully optimised; torch: the
 PyTorch twin of `pyhessian_compare.py` (checked against the Keras logits), its gradient by

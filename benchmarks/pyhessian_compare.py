@@ -38,7 +38,8 @@ Concatenate, and dropout, noise and random augmentation as the
 identity; see `twin_step`); the data are arrays x and y (integer labels, one per example,
 or one per pixel or token of a segmentation model's or tagger's outputs, their loss the
 mean over positions as Keras's; 0/1 for a classifier of one logit, compared by binary
-cross-entropy, `--loss=binary_crossentropy` on our side). Embedding layers read integer x (tokens) as torch's nn.Embedding. Images are
+cross-entropy, `--loss=binary_crossentropy` on our side). Embedding layers read integer
+x (tokens) as torch's nn.Embedding. Images are
 NCHW in the twin, sequences (batch, length, features) as in Keras (Conv1D, BN and
 pooling of sequences transpose around torch's).
 
@@ -591,7 +592,8 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     layer's name), "activation" (name), "leaky_relu" (slope), "clamp" (ReLU's max_value),
     "rescale" ((scale, offset)), "normalize" ((mean, max(√variance, ε))),
     "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
-    top, bottom)), "crop" ((top, bottom, left, right)), "upsample" (((rows, columns), interpolation)),
+    top, bottom)), "crop" ((top, bottom, left, right)), "upsample" (((rows, columns),
+    interpolation)),
     "reshape" (Keras's target_shape), "permute" (Keras's dims, from 1), a
     merge of TWIN_MERGES, "concatenate" (torch axis) or "identity". `call` is the
     node's arguments (keras.src.ops.symbolic_arguments.SymbolicArguments), read for

@@ -9,9 +9,9 @@ contexts):
 - Wrong: TensorFlow declares `ResizeBilinearGrad` not differentiable, so every second
   derivative through a bilinear resize (Keras's `UpSampling2D(interpolation=
   "bilinear")`, `Resizing`, `ops.image.resize`) was silently zero, and so was forward
-  mode's derivative of the resize itself: on a float64 network
-  with one bilinear `UpSampling2D` products by either method were off by 59% and 97% of
-  the largest entry of central differences of the exact gradient. `ResizeBicubicGrad`
+  mode's derivative of the resize itself: on a float64 network with one bilinear
+  `UpSampling2D` products by the two methods were off by 59% and 97% of the largest
+  entry of central differences of the exact gradient. `ResizeBicubicGrad`
   and `ResizeNearestNeighborGrad` have no gradient (an error). A resize is linear and
   these ops are its transpose, so their gradient is the resize itself, with the same
   attributes (`resize_gradient_gradient`). Tapes and forward accumulators keep no
@@ -27,14 +27,14 @@ contexts):
   (nearest) and `ops.repeat` tile that way, and on a small U-Net
   (benchmarks/example_networks.py's unet_pixels, one batch of 128, 2 CPU cores) two
   such 10-D tiles took 374 ms of a 733 ms reverse-over-reverse product (TensorFlow's
-  profiler, one ad hoc run). `tile_gradient` is the same sum over as few axes as the shapes allow when
-  they are static: the tiled axes, with the untiled axes between them merged and axes
-  of 1 dropped, summed over axes known when the graph is built; its gradient is then a
-  tile of that small rank. On that U-Net the product took 322 ms against 845 ms by
-  reverse over reverse (benchmarks/tile_gradient.py, one run; 256 against 686 ms in
-  another). Dynamic shapes and
-  IndexedSlices gradients take TensorFlow's gradient as it is (forward accumulators
-  trace JVPs with relaxed shapes after 32 traces of an op type in a process).
+  profiler, one ad hoc run). `tile_gradient` is the same sum over as few axes as the
+  shapes allow when they are static: the tiled axes, with the untiled axes between
+  them merged and axes of 1 dropped, summed over axes known when the graph is built;
+  its gradient is then a tile of that small rank. On that U-Net the product took
+  322 ms against 845 ms by reverse over reverse (benchmarks/tile_gradient.py, one run;
+  256 against 686 ms in another). Dynamic shapes and IndexedSlices gradients take
+  TensorFlow's gradient as it is (forward accumulators trace JVPs with relaxed shapes
+  after 32 traces of an op type in a process).
 """
 
 from __future__ import annotations
@@ -81,15 +81,19 @@ def tile_gradient(op, grad):
     return [tf.reshape(reduced, shape), None]
 
 
+def _spatial_size(images):
+    """[rows, columns] of NHWC `images`: static where known, else a tensor."""
+    size = images.shape[1:3]
+    return size.as_list() if size.is_fully_defined() else tf.shape(images)[1:3]
+
+
 def _transposed(resize, transpose, grad, attributes, *args):
     """transpose(grad, *args) (a resize's gradient op: the resize transposed), recorded
     for tapes and forward accumulators as the linear map it is: its gradient is the
     resize of the incoming gradient to `grad`'s size, its JVP the same transpose of the
     tangent. (Tapes keep no inputs for TensorFlow's ops, and accumulators would take
     ResizeBilinearGrad's JVP as zero.)"""
-    size = grad.shape[1:3]
-    size = size.as_list() if size.is_fully_defined() else tf.shape(grad)[1:3]
-    dtype = grad.dtype
+    size, dtype = _spatial_size(grad), grad.dtype
     with record.stop_recording():
         result = transpose(grad, *args, **attributes)
 
@@ -122,22 +126,19 @@ def resize_gradient_gradient(op, grad):
     if not op.inputs:
         return [None, None]
     first = op.inputs[0]
-    size = first.shape[1:3]
-    size = size.as_list() if size.is_fully_defined() else tf.shape(first)[1:3]
-    resized = _RESIZES[op.type](grad, size, align_corners=op.get_attr("align_corners"),
-                                half_pixel_centers=op.get_attr("half_pixel_centers"))
+    resized = _RESIZES[op.type](grad, _spatial_size(first), **_attributes(op))
     return [tf.cast(resized, first.dtype), None]
 
 
 def resize_bilinear_gradient(op, grad):
-    """TensorFlow's gradient of ResizeBilinear, differentiable (resize_gradient_gradient)."""
+    """TensorFlow's gradient of ResizeBilinear, recorded as a linear map (`_transposed`)."""
     return [_transposed(gen_image_ops.resize_bilinear, gen_image_ops.resize_bilinear_grad,
                         grad, _attributes(op), op.inputs[0]), None]
 
 
 def resize_bicubic_gradient(op, grad):
     """TensorFlow's gradient of ResizeBicubic (none for other dtypes than float32 and
-    float64, as TensorFlow's), differentiable."""
+    float64, as TensorFlow's), recorded as a linear map."""
     if op.inputs[0].dtype not in (tf.float32, tf.float64):
         return [None, None]
     return [_transposed(gen_image_ops.resize_bicubic, gen_image_ops.resize_bicubic_grad,
@@ -145,13 +146,10 @@ def resize_bicubic_gradient(op, grad):
 
 
 def resize_nearest_neighbor_gradient(op, grad):
-    """TensorFlow's gradient of ResizeNearestNeighbor, differentiable."""
-    image = op.inputs[0]
-    size = image.shape[1:3]
-    size = size.as_list() if size.is_fully_defined() else tf.shape(image)[1:3]
+    """TensorFlow's gradient of ResizeNearestNeighbor, recorded as a linear map."""
     return [_transposed(gen_image_ops.resize_nearest_neighbor,
                         gen_image_ops.resize_nearest_neighbor_grad, grad, _attributes(op),
-                        size), None]
+                        _spatial_size(op.inputs[0])), None]
 
 
 # op type -> the gradient function within second_order_gradients()
