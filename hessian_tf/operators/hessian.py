@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -157,6 +158,32 @@ class _TimedProducts(NamedTuple):
     difference: float  # the largest of a later run's from `first` (NaN or inf: not finite)
     seconds: float  # two runs' seconds
     model_values: list  # the parameters' and state's values then (`_model_values`)
+
+
+_NO_GRADIENT = re.compile(r"gradient registry has no entry for: (\w+)")
+
+
+def _names_missing_derivatives(method):
+    """`method` of the operator, raising TensorFlow's error for an op without a
+    gradient (a LookupError, met when a product differentiates the gradient's own ops)
+    as one ValueError that names the op."""
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except Exception as error:  # LookupError, or autograph's StagingError around it
+            match = _NO_GRADIENT.search(str(error))
+            if match is None:
+                raise
+            raise ValueError(
+                f"--model: TensorFlow has no gradient for the op {match.group(1)}, which a "
+                "Hessian product of this model differentiates (the gradient of one of its "
+                "layers' ops: e.g. ScaleAndTranslateGrad for an antialiased resize, "
+                "ResizeAreaGrad for an area resize); replace that layer with one "
+                "differentiable twice (e.g. a resize without antialiasing)."
+            ) from error
+
+    return wrapped
 
 
 def _check_logits(outputs: np.ndarray, loss_name: str) -> None:
@@ -479,6 +506,7 @@ class HessianOperator:
         return (self.model_function.supports_forward_mode and not self.cache_residuals
                 and not is_tpu_strategy(self.strategy) and not several_workers)
 
+    @_names_missing_derivatives
     def choose_method(self, block_size: int = 1, num_products: int | None = None,
                       vectors: np.ndarray | None = None) -> str:
         """For method='auto', before the first product (once; later calls, and calls
@@ -1035,6 +1063,7 @@ class HessianOperator:
         combined /= self.num_examples
         return combined
 
+    @_names_missing_derivatives
     def _product_trace(self, size: int):
         """The product graph's concrete function for blocks of `size` vectors, traced at
         its first use. Calling it skips the tf.function's argument binding and trace

@@ -18,7 +18,9 @@ contexts):
   inputs for ResizeBilinearGrad, so the resizes' own gradients are replaced too: the
   same ops, recorded as the linear maps they are (`_transposed`). Other resizes
   (antialiased ones, lanczos, area: `ScaleAndTranslate`, `ResizeArea`) are not mended;
-  their second derivatives are missing, an error.
+  their second derivatives are missing, an error that the operator names in one line.
+- Missing: `SoftsignGrad` has no gradient, so a softsign activation stopped every
+  product with a traceback; `softsign_gradient_gradient` is its derivative.
 - Slow: TensorFlow's gradient of `Tile` (array_grad.py) reshapes the incoming gradient
   to 2 × rank axes, interleaving each multiple with its dimension, and sums over the
   even axes, which it computes as a tensor at run time. Its own gradient, which reverse
@@ -152,11 +154,22 @@ def resize_nearest_neighbor_gradient(op, grad):
                         _spatial_size(op.inputs[0])), None]
 
 
+def softsign_gradient_gradient(op, grad):
+    """The gradient of SoftsignGrad(g, x) = g / (1 + |x|)², which TensorFlow lacks (a
+    softsign activation had no second derivative, an error): grad / (1 + |x|)² for g,
+    −2 grad · g · sign(x) / (1 + |x|)³ for x."""
+    gradients, features = op.inputs
+    scale = 1.0 / (1.0 + tf.abs(features))
+    return [grad * tf.square(scale),
+            -2.0 * grad * gradients * tf.sign(features) * scale * tf.square(scale)]
+
+
 # op type -> the gradient function within second_order_gradients()
 REPLACEMENTS = {"Tile": tile_gradient, "ResizeBilinear": resize_bilinear_gradient,
                 "ResizeBicubic": resize_bicubic_gradient,
                 "ResizeNearestNeighbor": resize_nearest_neighbor_gradient,
-                **{name: resize_gradient_gradient for name in _RESIZES}}
+                **{name: resize_gradient_gradient for name in _RESIZES},
+                "SoftsignGrad": softsign_gradient_gradient}
 _original = (_REGISTRY.get("Tile", {}).get(_TYPE) if _REGISTRY else None)  # TensorFlow's
 _found = {}  # op type -> the registry's entry at the first entry, restored at the last exit
 

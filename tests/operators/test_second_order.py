@@ -203,3 +203,47 @@ def test_ggn_through_a_bilinear_resize(method):
     expected = reference_ggn(model, x, y)
     np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim), expected,
                                rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("method", ["reverse_over_reverse", "forward_over_backward"])
+def test_products_through_softsign_are_exact(method):
+    # TensorFlow has no gradient for SoftsignGrad: every product failed.
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input((4,), dtype="float64"),
+                              keras.layers.Dense(3, activation="softsign", dtype="float64"),
+                              keras.layers.Dense(2, dtype="float64")])
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 4)) * 2
+    y = rng.integers(0, 2, 6).astype(np.int32)
+    variables = [tf.Variable(v.numpy()) for v in model.trainable_variables]
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            k1, b1, k2, b2 = variables
+            h = x @ k1 + b1
+            logits = (h / (1 + tf.abs(h))) @ k2 + b2  # softsign in plain ops
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True))
+        gradient = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
+    expected = tf.concat([tf.reshape(j, [gradient.shape[0], -1])
+                          for j in outer.jacobian(gradient, variables)], 1).numpy()
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                         batch_size=4, method=method)
+    np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim), expected,
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse_over_reverse"])
+def test_an_op_without_second_derivative_is_named_in_one_line(method):
+    keras.utils.set_random_seed(8)  # float32: TensorFlow's antialiased resize is float32
+    inputs = keras.Input((3, 3, 1))
+    h = keras.layers.Resizing(5, 5, antialias=True)(keras.layers.Conv2D(2, 1)(inputs))
+    model = keras.Model(inputs, keras.layers.Conv2D(3, 1)(h))
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 3, 3, 1)).astype(np.float32)
+    y = rng.integers(0, 3, (4, 5, 5)).astype(np.int32)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                         batch_size=2, method=method)
+    with pytest.raises(ValueError, match=r"^--model: TensorFlow has no gradient for the op "
+                       r"ScaleAndTranslateGrad, which a Hessian product"):
+        operator.choose_method()
+        operator.matvec(np.ones(operator.dim))
