@@ -2,8 +2,8 @@
 second_order.py): Tile's gradient over static axes has the same first and second
 derivatives as TensorFlow's, without tiles of twice the rank; resizes (bilinear,
 bicubic, nearest) have exact second derivatives, where TensorFlow's were zero or
-missing; installed only inside the context; exact products through UpSampling2D and
-Resizing."""
+missing; softsign has one; installed only inside the context; exact products through
+UpSampling2D, Resizing and softsign; an op still without one is named in one line."""
 
 import threading
 
