@@ -16,6 +16,16 @@ from hessian_tf import operators
 from hessian_tf.operators import second_order
 
 
+def dense_hessian(loss, variables):
+    """The Hessian of `loss()` in `variables`, by a jacobian of the gradient."""
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            value = loss()
+        gradient = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(value, variables)], 0)
+    return tf.concat([tf.reshape(j, [gradient.shape[0], -1])
+                      for j in outer.jacobian(gradient, variables)], 1).numpy()
+
+
 def first_and_second(x, multiples, weights):
     """d/dx Σ w·tile(x)² and its product with x, by reverse over reverse."""
     with tf.GradientTape() as outer:
@@ -105,14 +115,10 @@ def test_products_through_upsampling_are_the_dense_hessian(method):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5, 2, 2, 1))
     y = rng.integers(0, 3, (5, 3, 3)).astype(np.int32)
-    variables = [v.value for v in model.trainable_variables]
-    with tf.GradientTape(persistent=True) as outer:  # TensorFlow's own Tile gradient
-        with tf.GradientTape() as inner:
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                y, model(x), from_logits=True))
-        gradient = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
-    expected = tf.concat([tf.reshape(j, [gradient.shape[0], -1])
-                          for j in outer.jacobian(gradient, variables)], 1).numpy()
+    expected = dense_hessian(  # by TensorFlow's own Tile gradient
+        lambda: tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            y, model(x), from_logits=True)),
+        [v.value for v in model.trainable_variables])
     operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
                                          batch_size=2, method=method)
     np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim), expected,
@@ -148,7 +154,6 @@ def resize_matrix(layer, size):
 def reference_hessian_through(model, resize, x, y):
     """The Hessian of the mean cross-entropy of `model`, its resize applied as the
     matrix `resize` (linear, so differentiated exactly to any order)."""
-    conv_in, conv_out = (layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
     variables = [tf.Variable(v.numpy()) for v in model.trainable_variables]
     matrix = tf.constant(resize)
     size = int(np.sqrt(resize.shape[0]))
@@ -161,13 +166,7 @@ def reference_hessian_through(model, resize, x, y):
         return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
             y, logits, from_logits=True))
 
-    del conv_in, conv_out
-    with tf.GradientTape(persistent=True) as outer:
-        with tf.GradientTape() as inner:
-            value = loss()
-        gradient = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(value, variables)], 0)
-    return tf.concat([tf.reshape(j, [gradient.shape[0], -1])
-                      for j in outer.jacobian(gradient, variables)], 1).numpy()
+    return dense_hessian(loss, variables)
 
 
 @pytest.mark.parametrize("resize", sorted(RESIZES))
@@ -216,16 +215,15 @@ def test_products_through_softsign_are_exact(method):
     x = rng.standard_normal((6, 4)) * 2
     y = rng.integers(0, 2, 6).astype(np.int32)
     variables = [tf.Variable(v.numpy()) for v in model.trainable_variables]
-    with tf.GradientTape(persistent=True) as outer:
-        with tf.GradientTape() as inner:
-            k1, b1, k2, b2 = variables
-            h = x @ k1 + b1
-            logits = (h / (1 + tf.abs(h))) @ k2 + b2  # softsign in plain ops
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                y, logits, from_logits=True))
-        gradient = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
-    expected = tf.concat([tf.reshape(j, [gradient.shape[0], -1])
-                          for j in outer.jacobian(gradient, variables)], 1).numpy()
+
+    def loss():
+        k1, b1, k2, b2 = variables
+        h = x @ k1 + b1
+        logits = (h / (1 + tf.abs(h))) @ k2 + b2  # softsign in plain ops
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True))
+
+    expected = dense_hessian(loss, variables)
     operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
                                          batch_size=4, method=method)
     np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim), expected,
