@@ -152,6 +152,14 @@ def build_sequence_model(name: str):
     return keras.Model(inputs, layers.Dense(10)(layers.GlobalMaxPooling1D()(h)))
 
 
+def pixel_digits(images, digits):
+    """The digits at 32×32×1 (`images` [N, 8, 8] in [0, 1], each pixel repeated 4×4) and
+    a label per pixel: 0 for background, 1 + the digit for ink (above 0.25)."""
+    large = np.kron(images, np.ones((4, 4), np.float32))
+    labels = np.where(large > 0.25, 1 + np.asarray(digits)[:, None, None], 0)
+    return large[..., np.newaxis], labels.astype(np.int32)
+
+
 def build_per_position_model(name: str):
     """11 logits per position: a pixel's (the U-Nets) or a row's (row_tagger)."""
     import keras
@@ -193,10 +201,7 @@ def main(argv: list[str]) -> int:
     data["digits_parity"], labels["digits_parity"] = data["digits_img"], y % 2
     # A label per pixel (0: background, 1 + the digit: ink) and per row (the digit where
     # the row holds ink, else 10).
-    data["digits_pixels"] = np.kron(data["digits_img"][..., 0],
-                                    np.ones((4, 4), np.float32))[..., np.newaxis]
-    labels["digits_pixels"] = np.where(data["digits_pixels"][..., 0] > 0.25,
-                                       1 + y[:, None, None], 0).astype(np.int32)
+    data["digits_pixels"], labels["digits_pixels"] = pixel_digits(data["digits_seq"], y)
     data["digits_rows"] = data["digits_seq"]
     labels["digits_rows"] = np.where(data["digits_seq"].sum(-1) > 1.5, y[:, None],
                                      10).astype(np.int32)

@@ -54,7 +54,7 @@ def time_ours(workload, method: str, repeats: int) -> dict:
     auto times both methods' products and takes one as the binary's auto does."""
     from hessian_tf import operators
     from hessian_tf.distribute import strategies
-    from hessian_tf.operators.hessian import AUTO_MARGIN
+    from hessian_tf.operators.hessian import auto_method
 
     def operator_of(name):  # a method is fixed at an operator's first product
         return operators.HessianOperator(
@@ -77,10 +77,7 @@ def time_ours(workload, method: str, repeats: int) -> dict:
             operator = operator if name == methods[0] else operator_of(name)
             products[name] = median_seconds(
                 lambda operator=operator: operator.matvec(vector), repeats)
-    # As the binary's auto: forward over backward only at AUTO_MARGIN of the other's time.
-    fastest = methods[0]
-    if len(products) == 2 and products[METHODS[1]] <= AUTO_MARGIN * products[METHODS[0]]:
-        fastest = METHODS[1]
+    fastest = auto_method(products) if method == "auto" else method
     return {"params": operator.dim, "gradient": gradient, "product": products[fastest],
             "method": fastest, "products": products, "threads": strategies.cpu_threads()}
 

@@ -47,12 +47,11 @@ def workload(network: str, examples: int = BATCH_SIZE):
     import example_networks  # benchmarks/example_networks.py
 
     x, y = load_digits()
-    images = np.kron(x[:examples].reshape(-1, 8, 8), np.ones((4, 4), np.float32))
+    images, labels = example_networks.pixel_digits(x[:examples].reshape(-1, 8, 8), y[:examples])
     keras.utils.set_random_seed(0)
     if network == "unet_pixels":
-        labels = np.where(images > 0.25, 1 + y[:examples, None, None], 0).astype(np.int32)
-        return example_networks.build(network), images[..., np.newaxis], labels
-    return models.resnet32(), np.repeat(images[..., np.newaxis], 3, axis=-1), y[:examples]
+        return example_networks.build(network), images, labels
+    return models.resnet32(), np.repeat(images, 3, axis=-1), y[:examples]
 
 
 @contextlib.contextmanager

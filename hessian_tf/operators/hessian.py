@@ -160,6 +160,15 @@ class _TimedProducts(NamedTuple):
     model_values: list  # the parameters' and state's values then (`_model_values`)
 
 
+def auto_method(seconds: dict) -> str:
+    """method='auto''s choice from the methods' timed seconds {method: seconds, or None
+    where not timed}: forward over backward only at most AUTO_MARGIN of reverse over
+    reverse's time."""
+    forward = seconds.get(FORWARD)
+    faster = forward is not None and forward <= AUTO_MARGIN * seconds[REVERSE]
+    return FORWARD if faster else REVERSE
+
+
 _NO_GRADIENT = re.compile(r"gradient registry has no entry for: (\w+)")
 
 
@@ -537,9 +546,7 @@ class HessianOperator:
                 vectors = None
         self.method_seconds, traces, products = self._time_methods(
             block_size, num_products, vectors)
-        forward, reverse = (self.method_seconds[name] for name in METHODS[1:])
-        self.method = ("forward_over_backward" if forward is not None
-                       and forward <= AUTO_MARGIN * reverse else "reverse_over_reverse")
+        self.method = auto_method(self.method_seconds)
         if self.method in traces:  # the timed graph is the product graph: kept
             self._product_traces[block_size] = traces[self.method]
             self.num_traces += 1

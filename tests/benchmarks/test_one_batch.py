@@ -47,7 +47,7 @@ def test_our_side_times_one_batchs_gradient_and_product(files, monkeypatch):
     assert times["params"] == params and times["method"] == "forward_over_backward"
     assert times["gradient"] > 0 and times["product"] > 0
     assert calls == {"matvec": 3, "loss_and_gradient": 3}  # warm-up + 2 repeats each
-    # auto: both methods' products timed, the faster taken.
+    # auto: both methods' products timed, one taken as the binary's auto takes it.
     times = one_batch.time_ours(batch, "auto", repeats=2)
     assert set(times["products"]) == set(one_batch.METHODS)
     reverse, forward = (times["products"][name] for name in one_batch.METHODS)
