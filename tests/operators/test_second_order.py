@@ -2,7 +2,8 @@
 second_order.py): Tile's gradient over static axes has the same first and second
 derivatives as TensorFlow's, without tiles of twice the rank; resizes (bilinear,
 bicubic, nearest) have exact second derivatives, where TensorFlow's were zero or
-missing; softsign has one; installed only inside the context; exact products through
+missing; so do max poolings whose outputs have their inputs' size, which TensorFlow's
+kernel overwrote; softsign has one; installed only inside the context; exact products through
 UpSampling2D, Resizing and softsign; an op still without one is named in one line."""
 
 import threading
@@ -245,3 +246,96 @@ def test_an_op_without_second_derivative_is_named_in_one_line(method):
                        r"ScaleAndTranslateGrad, which a Hessian product"):
         operator.choose_method()
         operator.matvec(np.ones(operator.dim))
+
+
+def pooling_model(pooling):
+    """1×1 convolutions around a max pooling of 3×3 maps: logits per pooled pixel."""
+    keras.utils.set_random_seed(9)
+    inputs = keras.Input((3, 3, 1), dtype="float64")
+    h = keras.layers.Conv2D(2, 1, activation="tanh", dtype="float64")(inputs)
+    return keras.Model(inputs, keras.layers.Conv2D(3, 1, dtype="float64")(pooling(h)))
+
+
+def reference_hessian_pooled(model, pooling, x, y):
+    """The Hessian of the mean cross-entropy of `model` at its parameters, its max
+    pooling taken as the gather of each window's maximum there (linear in the pooled
+    maps, so differentiated exactly to any order, without TensorFlow's pooling ops)."""
+    variables = [tf.Variable(v.numpy()) for v in model.trainable_variables]
+
+    def maps(k1, b1):
+        return tf.tanh(tf.einsum("bhwc,cd->bhwd", x, k1[0, 0]) + b1)
+
+    pooled, argmax = tf.nn.max_pool_with_argmax(
+        maps(*variables[:2]), pooling.pool_size, pooling.strides, pooling.padding.upper(),
+        include_batch_in_index=True)
+
+    def loss():
+        k1, b1, k2, b2 = variables
+        h = tf.gather(tf.reshape(maps(k1, b1), [-1]), argmax)
+        logits = tf.einsum("bhwd,de->bhwe", h, k2[0, 0]) + b2
+        return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True))
+
+    return dense_hessian(loss, variables), pooled.shape[1:3]
+
+
+@pytest.mark.parametrize("pool_size, strides", [(2, 1), (3, 1), (3, 2), (1, 1)])
+@pytest.mark.parametrize("method", ["reverse_over_reverse", "forward_over_backward"])
+def test_products_through_same_max_pooling_are_exact(pool_size, strides, method):
+    # Stride 1: TensorFlow's MaxPoolGradGrad overwrote its input, products were off by
+    # 63% of the largest entry, and not symmetric.
+    pooling = keras.layers.MaxPooling2D(pool_size, strides=strides, padding="same",
+                                        dtype="float64")
+    model = pooling_model(pooling)
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((4, 3, 3, 1))
+    y = rng.integers(0, 3, (4,) + tuple(model.output_shape[1:3])).astype(np.int32)
+    expected, size = reference_hessian_pooled(model, pooling, x, y)
+    assert tuple(size) == tuple(model.output_shape[1:3])
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                         batch_size=2, method=method)
+    np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim), expected,
+                               rtol=1e-10, atol=1e-12)
+
+
+def traced_and_eager_second_derivatives(pooling, shape, dtype, signature=None):
+    """d²/dx² Σ w·pooling(tanh x)² times u, traced inside second_order_gradients()
+    (with `signature`, for shapes unknown when traced) and eagerly (where Python
+    holds every input, so TensorFlow's kernel overwrites none)."""
+    rng = np.random.default_rng(11)
+    x, u = (tf.constant(rng.standard_normal(shape), dtype) for _ in range(2))
+    w = tf.constant(rng.standard_normal(pooling(x).shape), dtype)
+
+    def second(x, u):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(w * tf.square(pooling(tf.tanh(x))))
+            projected = tf.reduce_sum(inner.gradient(loss, x) * u)
+        return outer.gradient(projected, x)
+
+    with second_order.second_order_gradients():
+        traced = tf.function(second, input_signature=signature)(x, u)
+    return traced.numpy(), second(x, u).numpy()
+
+
+@pytest.mark.parametrize("name, pooling, shape", [
+    ("3-D", lambda t: tf.nn.max_pool3d(t, 2, 1, "SAME"), (2, 3, 3, 3, 2)),
+    ("v2", lambda t: tf.raw_ops.MaxPoolV2(input=t, ksize=[1, 3, 3, 1], strides=[1, 1, 1, 1],
+                                          padding="SAME"), (2, 4, 3, 2)),
+    ("1-D", lambda t: tf.nn.max_pool1d(t, 3, 1, "SAME"), (2, 5, 2)),
+    ("valid", lambda t: tf.nn.max_pool2d(t, 2, 1, "VALID"), (2, 4, 3, 2)),
+])
+def test_traced_max_pooling_second_derivatives_equal_eager_ones(name, pooling, shape):
+    dtype = tf.float32 if name == "3-D" else tf.float64  # MaxPool3D: float32
+    traced, eager = traced_and_eager_second_derivatives(pooling, shape, dtype)
+    np.testing.assert_allclose(traced, eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
+
+
+def test_max_pooling_of_shapes_unknown_when_traced():
+    pooling = lambda t: tf.nn.max_pool2d(t, 3, 1, "SAME")  # noqa: E731
+    signature = [tf.TensorSpec([None] * 4, tf.float64)] * 2
+    traced, eager = traced_and_eager_second_derivatives(pooling, (2, 5, 4, 3), tf.float64,
+                                                        signature)
+    np.testing.assert_allclose(traced, eager, rtol=1e-12, atol=1e-12)
