@@ -339,3 +339,20 @@ def test_max_pooling_of_shapes_unknown_when_traced():
     traced, eager = traced_and_eager_second_derivatives(pooling, (2, 5, 4, 3), tf.float64,
                                                         signature)
     np.testing.assert_allclose(traced, eager, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["reverse_over_reverse", "forward_over_backward"])
+def test_ggn_through_a_same_max_pooling(method):
+    # J v by forward mode takes the pooling's JVP by the same GradGrad op: off by 55%.
+    from hessian_tf.operators import gauss_newton
+    from tests.operators.test_per_position import reference_ggn
+
+    model = pooling_model(keras.layers.MaxPooling2D(3, strides=1, padding="same",
+                                                    dtype="float64"))
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 3, 3, 1))
+    y = rng.integers(0, 3, (4, 3, 3)).astype(np.int32)
+    operator = gauss_newton.GaussNewtonOperator(operators.KerasModelFunction(model), x, y,
+                                                batch_size=2, method=method)
+    np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim),
+                               reference_ggn(model, x, y), rtol=1e-10, atol=1e-12)
