@@ -18,7 +18,11 @@ poolings, Conv2DTranspose and UpSampling2D back up, skip connections concatenate
 the digits at 32×32, labelling each pixel 0 (background) or 1 + the digit (ink); and
 row_tagger.keras, Conv1D and an LSTM of sequences tagging each of an image's 8 rows with
 its digit (rows holding ink) or 10; unet_bilinear is unet_pixels with a bilinear
-UpSampling2D, whose second derivatives TensorFlow leaves out (second_order.py). With
+UpSampling2D, whose second derivatives TensorFlow leaves out (second_order.py); and
+inception_pool.keras, two Inception blocks (1×1, 1×1 then 3×3, and 3×3 max and average
+poolings of stride 1 with "same" padding, each then 1×1, concatenated) around a 3×3 max
+pooling of stride 2, whose stride-1 max poolings TensorFlow's kernel differentiated wrong
+to second order (second_order.py). With
 digits_img.npz (x: 8×8×1 images, x/16; y: labels), digits_flat.npz (x: the 64 pixels),
 digits_seq.npz (x: 8×8, rows as tokens), digits_tokens.npz (x: 64 int32 tokens) and
 digits_parity.npz (the images; y: 1 for an odd digit), digits_pixels.npz (x: 32×32×1,
@@ -49,7 +53,7 @@ NETWORKS = {"conv_pool_bn": "digits_img", "mlp_bn_gelu": "digits_flat",
             "embedding_tokens": "digits_tokens", "binary_parity": "digits_parity",
             "patches_vit": "digits_img", "separable_dropout": "digits_img",
             "unet_pixels": "digits_pixels", "unet_bilinear": "digits_pixels",
-            "row_tagger": "digits_rows"}
+            "row_tagger": "digits_rows", "inception_pool": "digits_img"}
 
 
 def loss(name: str) -> str:
@@ -102,6 +106,12 @@ def build(name: str):
         h = layers.Cropping2D(1)(layers.Concatenate()([h, up]))
         h = layers.Conv2D(16, 3, activation="relu")(h)
         return keras.Model(inputs, layers.Dense(10)(layers.GlobalAveragePooling2D()(h)))
+    if name == "inception_pool":
+        h = layers.Conv2D(32, 3, padding="same", activation="relu")(inputs)
+        h = inception_block(h)
+        h = layers.MaxPooling2D(3, strides=2, padding="same")(h)  # GoogLeNet's: 8×8 → 4×4
+        h = layers.GlobalAveragePooling2D()(inception_block(h))
+        return keras.Model(inputs, layers.Dense(10)(h))
     if name == "residual_ln":
         h = layers.ReLU()(layers.BatchNormalization()(
             layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)))
@@ -120,6 +130,21 @@ def build(name: str):
     h = layers.LeakyReLU(0.1)(layers.AveragePooling2D(2)(h))
     h = layers.Dense(32, activation="sigmoid")(layers.Flatten()(h))
     return keras.Model(inputs, layers.Dense(10)(h))
+
+
+def inception_block(h, width: int = 16):
+    """Inception's four branches, concatenated: 1×1; 1×1 then 3×3; 3×3 max pooling and
+    3×3 average pooling of stride 1 ("same" padding), each then 1×1."""
+    import keras
+
+    layers = keras.layers
+
+    def conv(size, x):
+        return layers.Conv2D(width, size, padding="same", activation="relu")(x)
+
+    pooled = [pooling(3, strides=1, padding="same")(h)
+              for pooling in (layers.MaxPooling2D, layers.AveragePooling2D)]
+    return layers.Concatenate()([conv(1, h), conv(3, conv(1, h))] + [conv(1, p) for p in pooled])
 
 
 def transformer_logits(tokens, *, width: int, key_dim: int):

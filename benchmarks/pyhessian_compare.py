@@ -591,7 +591,8 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     layer with weights, one of TWIN_MODULES, its activation included; value: the
     layer's name), "activation" (name), "leaky_relu" (slope), "clamp" (ReLU's max_value),
     "rescale" ((scale, offset)), "normalize" ((mean, max(√variance, ε))),
-    "pool" ((kind, size, strides)), "global" (kind), "flatten", "pad" ((left, right,
+    "pool" ((kind, size, strides[, (before, after) per axis of "same" padding])),
+    "global" (kind), "flatten", "pad" ((left, right,
     top, bottom)), "crop" ((top, bottom, left, right)), "upsample" (((rows, columns),
     interpolation)),
     "reshape" (Keras's target_shape), "permute" (Keras's dims, from 1), a
@@ -653,11 +654,17 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
         return "leaky_relu", float(layer.negative_slope)
     if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
                           keras.layers.MaxPooling1D, keras.layers.AveragePooling1D)):
-        if layer.padding != "valid" or layer.data_format != "channels_last":
-            raise Failure(f"twin: pooling {layer.name} must use padding='valid' and "
-                          "channels_last.")
+        if layer.data_format != "channels_last":
+            raise Failure(f"twin: pooling {layer.name} must be channels_last.")
         kind = "max" if "Max" in type(layer).__name__ else "average"
-        return "pool", (kind, tuple(layer.pool_size), tuple(layer.strides))
+        size, strides = tuple(layer.pool_size), tuple(layer.strides)
+        if layer.padding == "valid":
+            return "pool", (kind, size, strides)
+        # "same": TensorFlow's padding of each spatial axis, the odd entry after.
+        spatial = input_shapes[0][:len(size)]
+        totals = [max((-(-int(n) // s) - 1) * s + k - int(n), 0)
+                  for n, k, s in zip(spatial, size, strides)]
+        return "pool", (kind, size, strides, tuple((t // 2, t - t // 2) for t in totals))
     if isinstance(layer, (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalMaxPooling1D,
                           keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
         if layer.keepdims or layer.data_format != "channels_last":
@@ -1038,6 +1045,19 @@ def torch_twin(keras_model):
 
     pools = {"max": F.max_pool2d, "average": F.avg_pool2d}
     sequence_pools = {"max": F.max_pool1d, "average": F.avg_pool1d}
+
+    def same_pool(functions, value, x):
+        """A pooling of channels-first x, "valid" or, with padding in `value`, "same" as
+        TensorFlow's: a max over the window's entries (padded by −∞), a mean over its
+        entries in the image (the padded window's sum over its count of real entries)."""
+        kind, size, strides = value[:3]
+        pool = functools.partial(functions[kind], kernel_size=size, stride=strides)
+        if len(value) == 3:
+            return pool(x)
+        pads = [side for before_after in reversed(value[3]) for side in before_after]
+        if kind == "max":
+            return pool(F.pad(x, pads, value=float("-inf")))
+        return pool(F.pad(x, pads)) / pool(F.pad(torch.ones_like(x[:1, :1]), pads))
     merges = {"add": lambda ts: functools.reduce(torch.add, ts),
               "subtract": lambda ts: ts[0] - ts[1],
               "multiply": lambda ts: functools.reduce(torch.mul, ts),
@@ -1080,10 +1100,9 @@ def torch_twin(keras_model):
                 elif kind == "normalize":  # Keras: (x − mean) / max(√variance, ε)
                     x = (x - channel_values(value[0], x)) / channel_values(value[1], x)
                 elif kind == "pool" and x.ndim == 3:  # sequences (batch, length, features)
-                    x = sequence_pools[value[0]](x.transpose(1, 2), value[1], value[2])
-                    x = x.transpose(1, 2)
+                    x = same_pool(sequence_pools, value, x.transpose(1, 2)).transpose(1, 2)
                 elif kind == "pool":
-                    x = pools[value[0]](x, value[1], value[2])
+                    x = same_pool(pools, value, x)
                 elif kind == "global":  # images NCHW; sequences (batch, length, features)
                     dims = (2, 3) if x.ndim == 4 else (1,)
                     x = x.amax(dim=dims) if value == "max" else x.mean(dim=dims)

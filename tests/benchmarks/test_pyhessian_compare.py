@@ -45,6 +45,25 @@ def test_steps_of_a_chain():
         ("clamp", 6.0, (8,), 9), ("module", "logits", (9,), 10)], 10)
 
 
+def test_same_poolings_carry_tensorflows_padding():
+    # TensorFlow's "same" pads (outputs − 1) · stride + window − size entries, the odd
+    # one after: 2 for 5 by 3 at stride 1; 1 for 5 by 2 at stride 2 and 3 for 5 by 4 at
+    # stride 1; 2 for a sequence of 7 by 3 at stride 2 (4 outputs).
+    inputs = keras.Input((5, 5, 1))
+    h = keras.layers.MaxPooling2D(3, strides=1, padding="same", name="max")(inputs)
+    h = keras.layers.AveragePooling2D((2, 4), strides=(2, 1), padding="same", name="avg")(h)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(
+        keras.layers.GlobalAveragePooling2D(name="gap")(h)))
+    steps, _ = compare.twin_graph(model)
+    assert steps[:2] == [("pool", ("max", (3, 3), (1, 1), ((1, 1), (1, 1))), (0,), 1),
+                         ("pool", ("average", (2, 4), (2, 1), ((0, 1), (1, 2))), (1,), 2)]
+    sequences = keras.Input((7, 2))
+    pooled = keras.layers.MaxPooling1D(3, strides=2, padding="same", name="seq")(sequences)
+    model = keras.Model(sequences, keras.layers.Dense(2, name="logits")(
+        keras.layers.GlobalMaxPooling1D(name="gmp")(pooled)))
+    assert compare.twin_graph(model)[0][0] == ("pool", ("max", (3,), (2,), ((1, 1),)), (0,), 1)
+
+
 def residual_model():
     """A residual block with a projection shortcut, a branch that is concatenated, a
     padding layer and a shared Dense layer."""
@@ -165,7 +184,7 @@ def test_models_the_twin_cannot_mirror_are_refused():
     (keras.layers.Normalization(axis=1, mean=0.0, variance=1.0), "must normalise the last axis"),
     (keras.layers.UpSampling2D(2, interpolation="bicubic"), "interpolation='nearest' or 'bilinear'"),
     (keras.layers.ZeroPadding2D(1, data_format="channels_first"), "must be channels_last"),
-    (keras.layers.MaxPooling2D(2, padding="same"), "must use padding='valid'"),
+    (keras.layers.MaxPooling2D((2, 1), data_format="channels_first"), "must be channels_last"),
     (keras.layers.Activation("softmax"), "activation 'softmax'"),
     (keras.layers.ReLU(negative_slope=0.1), "ReLU with max_value (e.g. ReLU6)"),
     (keras.layers.Conv2D(2, 3, activation="relu6"), "activation 'relu6'"),
@@ -426,7 +445,8 @@ STEPS_OF_EXAMPLES = {"conv_pool_bn": 7, "mlp_bn_gelu": 4, "functional_elu_avgpoo
                      "residual_ln": 18, "transpose_crop": 8, "attention_seq": 10,
                      "lstm_seq": 2, "gru_conv1d_seq": 5, "embedding_tokens": 4,
                      "binary_parity": 5, "patches_vit": 13, "separable_dropout": 4,
-                     "unet_pixels": 14, "unet_bilinear": 14, "row_tagger": 3}
+                     "unet_pixels": 14, "unet_bilinear": 14, "row_tagger": 3,
+                     "inception_pool": 20}
 
 
 def test_example_networks_are_accepted(tmp_path):
