@@ -106,6 +106,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from hessian_tf.operators import BN_MODES, LOSSES
     from hessian_tf.operators import recurrent
     from hessian_tf.operators.hessian import METHODS
+    from hessian_tf.operators.precision import PRECISIONS
 
     positive = ("lanczos_steps", "num_draws", "batch_size", "num_grid_points", "num_eigenpairs")
     for name in positive:
@@ -156,7 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "strategy": STRATEGIES,
         "basis_dtype": ("float64", "float32"),
         "operator": ("hessian", "ggn", "fisher"),
-        "precision": ("model", "float64"),
+        "precision": PRECISIONS,
         "preprocessing": ("scale", "imagenet"),
     }
     for name, allowed in choices.items():
@@ -183,7 +184,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"{config.dataset} --model={config.model or '(empty)'}: pass --dataset="
             "tfds:NAME and --model, or drop --stream."
         )
-    if config.stream and config.precision == "float64":
-        raise ValueError("--stream with --precision=float64 is not supported; use --precision=model.")
+    if config.stream and config.precision != "model":
+        raise ValueError(f"--stream with --precision={config.precision} is not supported; "
+                         "use --precision=model.")
     if config.tpu and config.strategy != "tpu":
         raise ValueError(f"--tpu={config.tpu} needs --strategy=tpu (got --strategy={config.strategy}).")

@@ -146,18 +146,36 @@ def _default_model_function(config, x, y, output_dir):
     return function, flat, {"default_model_accuracy": accuracy, "model_file": path}
 
 
-def _in_float64(model_function, x):
+def _in_dtype(model_function, x, dtype: str):
+    """The model function and inputs in `dtype` (--precision=float32 or float64)."""
     from hessian_tf.operators import KerasModelFunction
     from hessian_tf.operators.precision import cast_model
 
     if not isinstance(model_function, KerasModelFunction):
         raise ValueError(
-            "--precision=float64 needs a .keras model (a SavedModel's functions are "
+            f"--precision={dtype} needs a .keras model (a SavedModel's functions are "
             "fixed in their dtype); use --precision=model."
         )
     if np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float64)
-    return model_function.with_model(cast_model(model_function.model, "float64")), x
+        x = x.astype(dtype)
+    return model_function.with_model(cast_model(model_function.model, dtype)), x
+
+
+def _warn_of_half_precision(model_function) -> None:
+    """--precision=model on a model computing in float16 or bfloat16: one warning."""
+    from hessian_tf.operators import KerasModelFunction
+    from hessian_tf.operators.precision import half_precision_layers
+
+    if not isinstance(model_function, KerasModelFunction):
+        return
+    layers = half_precision_layers(model_function.model)
+    if layers:
+        logging.warning(
+            "--precision=model: %d layer(s) of the model compute in float16 or bfloat16 "
+            "(%s%s), and so do the products through them, to about 1e-3 of their size; "
+            "--precision=float32 takes them in a float32 copy (on a CPU, which emulates "
+            "half precision, also faster).", len(layers), ", ".join(layers[:3]),
+            ", ..." if len(layers) > 3 else "")
 
 
 def _dry_run(config, operator, model_function, x, y, stream) -> dict:
@@ -432,8 +450,10 @@ def _run(config: ml_collections.ConfigDict, started: float,
                                              unroll_steps=config.unroll_steps)
     else:
         model_function, x, extra = _default_model_function(config, x, y, output_dir)
-    if config.precision == "float64":
-        model_function, x = _in_float64(model_function, x)
+    if config.precision == "model":
+        _warn_of_half_precision(model_function)
+    else:
+        model_function, x = _in_dtype(model_function, x, config.precision)
     options = dict(
         batch_size=config.batch_size,
         loss=config.loss,

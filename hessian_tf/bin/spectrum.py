@@ -62,7 +62,9 @@ _HELP = {
     "reverse; a resumed run keeps its checkpoint's); for ggn and fisher, forward mode; "
     "reverse over reverse where forward mode does not run (Keras LSTM, GRU over sequences "
     "longer than --unroll_steps).",
-    "precision": "model: products in the model's dtype; float64: in a float64 copy of the model.",
+    "precision": "model: products in the model's dtype (a mixed-precision policy's compute "
+    "dtype); float32, float64: in a copy of the model in that dtype (float32: a model "
+    "trained in float16 or bfloat16, to float32's precision; on a CPU also faster).",
     "check_determinism": "Compute the first product twice and fail if they differ.",
     "cache_residuals": "Keep each batch's vector-free part of the product (forward pass, "
     "backward signals) for the whole run: faster steps for memory (one device, in-memory data).",

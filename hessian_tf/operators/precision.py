@@ -1,9 +1,13 @@
-"""A float64 copy of a Keras model, for products in float64 on any model.
+"""A copy of a Keras model in another float dtype, for products in float64 (or float32)
+on any model.
 
 Float32 products carry relative errors of about 1e-7 of ‖H‖, which bound how
 well the Ritz values can agree with exact eigenvalues. A float64 copy (same
 architecture, same weights, rebuilt from the model's config) removes that floor
-at about twice the cost on CPU. The original model is not touched.
+at about twice the cost on CPU. A float32 copy of a model trained in mixed precision
+(float16 or bfloat16 compute) takes its products to float32's precision; on a CPU, which
+emulates half precision, it is also the faster (README, "--precision"). The original
+model is not touched.
 """
 
 from __future__ import annotations
@@ -11,7 +15,17 @@ from __future__ import annotations
 import keras
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "mixed_float16", "mixed_bfloat16")
-PRECISIONS = ("model", "float64")
+PRECISIONS = ("model", "float32", "float64")
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def half_precision_layers(model: keras.Model) -> list[str]:
+    """Names of the layers of `model` (and of the models in it) that compute in float16
+    or bfloat16 (mixed-precision policies included)."""
+    return [layer.name for layer in model._flatten_layers(include_self=False)
+            if not isinstance(layer, keras.layers.InputLayer)
+            and getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None)
+            in HALF_DTYPES]
 
 
 def _retyped(config, dtype: str):

@@ -102,6 +102,31 @@ def test_more_steps_than_parameters_gives_the_exact_spectrum(
         assert np.min(np.abs(eigenvalues - node)) < tolerance * scale
 
 
+def test_a_mixed_precision_model_in_float32(small_model, tmp_path):
+    # A model trained in mixed_float16 computes in float16: --precision=model warns
+    # once; --precision=float32 takes the products in a float32 copy, exact to float32.
+    directory, model, x, y = small_model
+    mixed = keras.Sequential([keras.Input((4,)), keras.layers.Dense(
+        5, activation="tanh", dtype="mixed_float16"), keras.layers.Dense(
+            2, dtype="mixed_float16")])
+    mixed.set_weights(model.get_weights())
+    assert [layer.dtype_policy.compute_dtype for layer in mixed.layers] == ["float16"] * 2
+    mixed.save(str(tmp_path / "mixed.keras"))
+    summaries = {}
+    for precision in ("model", "float32"):
+        result = run_binary(f"--model={tmp_path / 'mixed.keras'}",
+                            f"--dataset=npz:{directory / 'data.npz'}", "--batch_size=16",
+                            f"--precision={precision}", f"--output_dir={tmp_path / precision}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        warned = ("--precision=model: 2 layer(s) of the model compute in float16 or "
+                  "bfloat16 (dense") in result.stderr
+        assert warned == (precision == "model")
+        summaries[precision] = json.loads((tmp_path / precision / "summary.json").read_text())
+    eigenvalues = np.linalg.eigvalsh(exact_hessian(model, x, y))  # the same weights
+    assert summaries["float32"]["lambda_max"] == pytest.approx(eigenvalues[-1], rel=1e-5)
+    assert summaries["model"]["lambda_max"] == pytest.approx(eigenvalues[-1], rel=1e-2)
+
+
 def test_config_file_and_flag_override(tmp_path):
     config = tmp_path / "small.py"
     config.write_text(
@@ -149,6 +174,10 @@ def bad_inputs(directory):
         "negative unroll": ([model, data, "--unroll_steps=-1"], "--unroll_steps=-1"),
         "cache with stream": ([model, "--dataset=tfds:mnist", "--stream", "--cache_residuals"],
                               "--cache_residuals: not with --stream"),
+        "float32 copy with stream": ([model, "--dataset=tfds:mnist", "--stream",
+                                      "--precision=float32"],
+                                     "--stream with --precision=float32 is not supported"),
+        "unknown precision": ([model, data, "--precision=float16"], "--precision='float16'"),
     }
 
 
