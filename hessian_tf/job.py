@@ -164,18 +164,14 @@ def _in_dtype(model_function, x, dtype: str):
 def _warn_of_half_precision(model_function) -> None:
     """--precision=model on a model computing in float16 or bfloat16: one warning."""
     from hessian_tf.operators import KerasModelFunction
-    from hessian_tf.operators.precision import half_precision_layers
+    from hessian_tf.operators.precision import half_precision_warning
 
-    if not isinstance(model_function, KerasModelFunction):
-        return
-    layers = half_precision_layers(model_function.model)
-    if layers:
-        logging.warning(
-            "--precision=model: %d layer(s) of the model compute in float16 or bfloat16 "
-            "(%s%s), and so do the products through them, to about 1e-3 of their size; "
-            "--precision=float32 takes them in a float32 copy (on a CPU, which emulates "
-            "half precision, also faster).", len(layers), ", ".join(layers[:3]),
-            ", ..." if len(layers) > 3 else "")
+    if isinstance(model_function, KerasModelFunction):
+        warning = half_precision_warning(
+            model_function.model, "--precision=model", "--precision=float32 takes them "
+            "in a float32 copy (on a CPU, which emulates half precision, also faster).")
+        if warning:
+            logging.warning("%s", warning)
 
 
 def _dry_run(config, operator, model_function, x, y, stream) -> dict:

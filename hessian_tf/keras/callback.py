@@ -45,6 +45,7 @@ from hessian_tf.io import results
 from hessian_tf.operators import hessian as hessian_lib
 from hessian_tf.operators import losses as losses_lib
 from hessian_tf.operators import model_function as model_function_lib
+from hessian_tf.operators import precision as precision_lib
 from hessian_tf.operators import recurrent
 
 # The bulk edge is the eigenvalue below which this fraction of the spectrum's mass
@@ -532,6 +533,11 @@ class SpectrumCallback(keras.callbacks.Callback):
             raise ValueError(f"SpectrumCallback: {error}") from error
         self._operator_model = model
         self._determinism_checked = False
+        warning = precision_lib.half_precision_warning(
+            model, "SpectrumCallback", "for products in float32, save the model and run "
+            "hessian-spectrum --precision=float32 on it.")
+        if warning:
+            logging.warning("%s", warning)
         logging.info(
             "SpectrumCallback: Hessian of the mean %s over %d examples, %d parameters, "
             "%d replicas, BN %s",

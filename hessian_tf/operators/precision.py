@@ -12,6 +12,8 @@ model is not touched.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import keras
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "mixed_float16", "mixed_bfloat16")
@@ -26,6 +28,19 @@ def half_precision_layers(model: keras.Model) -> list[str]:
             if not isinstance(layer, keras.layers.InputLayer)
             and getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None)
             in HALF_DTYPES]
+
+
+def half_precision_warning(model: keras.Model, where: str, fix: str) -> Optional[str]:
+    """The one-line warning for a model with layers computing in float16 or bfloat16
+    (`where`: the option or the caller; `fix`: what takes the products in float32), or
+    None."""
+    layers = half_precision_layers(model)
+    if not layers:
+        return None
+    names = ", ".join(layers[:3]) + (", ..." if len(layers) > 3 else "")
+    return (f"{where}: {len(layers)} layer(s) of the model compute in float16 or bfloat16 "
+            f"({names}), and so do the products through them (float16 keeps about 3 "
+            f"significant digits, bfloat16 about 2); {fix}")
 
 
 def _retyped(config, dtype: str):

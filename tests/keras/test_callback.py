@@ -291,6 +291,30 @@ def test_unbuilt_model_is_an_error_before_training(digits, tmp_path):
                   callbacks=[spectrum_callback((x, y), tmp_path)])
 
 
+def test_a_mixed_precision_model_is_warned_of(digits, tmp_path):
+    from absl import logging as absl_logging
+
+    x, y = digits
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)),
+                              keras.layers.Dense(8, activation="tanh", dtype="mixed_float16"),
+                              keras.layers.Dense(10, dtype="float32")])
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    warnings = []
+    handler = type("Handler", (__import__("logging").Handler,), {
+        "emit": lambda self, record: warnings.append(record.getMessage())})()
+    absl_logging.get_absl_logger().addHandler(handler)
+    try:
+        model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0, steps_per_epoch=1,
+                  callbacks=[spectrum_callback((x, y), tmp_path)])
+    finally:
+        absl_logging.get_absl_logger().removeHandler(handler)
+    expected = ("SpectrumCallback: 1 layer(s) of the model compute in float16 or bfloat16 "
+                f"({model.layers[0].name}), and so do the products")
+    assert sum(message.startswith(expected) for message in warnings) == 1
+
+
 # ------------------------------------------------------------ untouched training
 
 
