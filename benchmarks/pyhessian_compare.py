@@ -662,6 +662,10 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
             return "pool", (kind, size, strides)
         # "same": TensorFlow's padding of each spatial axis, the odd entry after.
         spatial = input_shapes[0][:len(size)]
+        if any(n is None for n in spatial):
+            raise Failure(f"twin: pooling {layer.name} has padding='same' over inputs of "
+                          f"unknown size {tuple(spatial)}; give the model's input a fixed "
+                          "size.")
         totals = [max((-(-int(n) // s) - 1) * s + k - int(n), 0)
                   for n, k, s in zip(spatial, size, strides)]
         return "pool", (kind, size, strides, tuple((t // 2, t - t // 2) for t in totals))

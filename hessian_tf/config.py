@@ -39,8 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.bn_mode = "inference"
     # Products: 'auto', 'forward_over_backward' or 'reverse_over_reverse'.
     config.method = "auto"
-    # 'model': products in the model's own dtype (float32 usually); 'float64': a
-    # float64 copy of a Keras model (about 2x slower on CPU, ~1e-15 relative error).
+    # 'model': products in the model's own dtype (float32 usually; float16 or bfloat16
+    # under a mixed-precision policy, with a warning); 'float32': a float32 copy of a
+    # Keras model; 'float64': a float64 copy (about 2x slower on CPU, ~1e-15 relative
+    # error).
     config.precision = "model"
     # Compute the part of each batch's product that does not depend on the vector
     # (forward pass, backward signals) once and keep it for the whole run: faster

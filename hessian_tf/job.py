@@ -161,15 +161,16 @@ def _in_dtype(model_function, x, dtype: str):
     return model_function.with_model(cast_model(model_function.model, dtype)), x
 
 
-def _warn_of_half_precision(model_function) -> None:
+def _warn_of_half_precision(model_function, stream: bool) -> None:
     """--precision=model on a model computing in float16 or bfloat16: one warning."""
     from hessian_tf.operators import KerasModelFunction
     from hessian_tf.operators.precision import half_precision_warning
 
     if isinstance(model_function, KerasModelFunction):
-        warning = half_precision_warning(
-            model_function.model, "--precision=model", "--precision=float32 takes them "
-            "in a float32 copy (on a CPU, which emulates half precision, also faster).")
+        fix = ("--precision=float32 takes them in a float32 copy (on a CPU, which emulates "
+               "half precision, also faster)" + (", with the data in memory (not with "
+                                                 "--stream)." if stream else "."))
+        warning = half_precision_warning(model_function.model, "--precision=model", fix)
         if warning:
             logging.warning("%s", warning)
 
@@ -447,7 +448,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
     else:
         model_function, x, extra = _default_model_function(config, x, y, output_dir)
     if config.precision == "model":
-        _warn_of_half_precision(model_function)
+        _warn_of_half_precision(model_function, config.stream)
     else:
         model_function, x = _in_dtype(model_function, x, config.precision)
     options = dict(

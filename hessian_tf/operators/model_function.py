@@ -201,7 +201,8 @@ class KerasModelFunction:
         to second order (moments.py), recurrent layers unrolled over sequences of
         at most `unroll_steps` steps (recurrent.py), and GroupNormalization by
         per-channel statistics unless per_channel_group_norm=False (group_norm.py),
-        and the second derivatives of resizes and tiles mended (second_order.py)."""
+        and the second derivatives of resizes, tiles, softsign and max poolings mended
+        (second_order.py)."""
         if bn_mode == "train":
             mode = batch_norm_in_train_mode(self.model)
         elif self.fold_batch_norm:
@@ -265,9 +266,9 @@ class SavedModelFunction:
     def mode_context(self, bn_mode: str):
         """Each mode has its own saved function; the first use of one whose graph
         stops a gradient logs a warning (a saved graph cannot be traced again with
-        exact statistics, moments.py). The second derivatives of resizes and tiles
-        are mended (second_order.py): the saved graphs are differentiated when
-        products are traced."""
+        exact statistics, moments.py). The second derivatives of resizes, tiles,
+        softsign and max poolings are mended (second_order.py): the saved graphs are
+        differentiated when products are traced."""
         if bn_mode in self._checked:
             return second_order_gradients()
         self._checked.add(bn_mode)

@@ -71,7 +71,7 @@ def cast_model(model: keras.Model, dtype: str = "float64") -> keras.Model:
     except (NotImplementedError, TypeError, ValueError) as error:
         raise ValueError(
             f"--precision={dtype}: the model cannot be rebuilt from its config "
-            f"({error}); use --precision=model or save a float64 model."
+            f"({error}); use --precision=model or save a {dtype} model."
         ) from error
     if not copy.built:
         copy.build(model.inputs[0].shape if model.inputs else None)

@@ -184,14 +184,17 @@ _MAX_POOL_GRAD_GRADS = {"MaxPoolGrad": gen_nn_ops.max_pool_grad_grad,
 
 def _same_padding(images, pooled, ksize, strides):
     """[[before, after] per axis] of a "same" pooling of `images` to `pooled`, as
-    TensorFlow pads (the odd one after): static where the shapes are, else a tensor."""
-    known = images.shape[1:-1].is_fully_defined() and pooled.shape[1:-1].is_fully_defined()
-    size = images.shape[1:-1].as_list() if known else tf.shape(images)[1:-1]
-    out = pooled.shape[1:-1].as_list() if known else tf.shape(pooled)[1:-1]
-    window, stride = np.asarray(ksize[1:-1]), np.asarray(strides[1:-1])
+    TensorFlow pads (the odd one after): static where the shapes and the window are
+    (lists of ints), else a tensor (`ksize`, `strides` may be tensors)."""
+    known = (images.shape[1:-1].is_fully_defined() and pooled.shape[1:-1].is_fully_defined()
+             and isinstance(ksize, list) and isinstance(strides, list))
     if known:
-        total = np.maximum((np.asarray(out) - 1) * stride + window - np.asarray(size), 0)
+        size, out = np.asarray(images.shape[1:-1].as_list()), np.asarray(pooled.shape[1:-1].as_list())
+        window, stride = np.asarray(ksize[1:-1]), np.asarray(strides[1:-1])
+        total = np.maximum((out - 1) * stride + window - size, 0)
         return [[0, 0]] + [[t // 2, t - t // 2] for t in total.tolist()] + [[0, 0]]
+    size, out = tf.shape(images)[1:-1], tf.shape(pooled)[1:-1]
+    window, stride = (tf.cast(tf.convert_to_tensor(v)[1:-1], size.dtype) for v in (ksize, strides))
     total = tf.maximum((out - 1) * stride + window - size, 0)
     spatial = tf.stack([total // 2, total - total // 2], 1)
     edge = tf.zeros([1, 2], spatial.dtype)
@@ -203,12 +206,19 @@ def max_pool_gradient_gradient(op, grad):
     MaxPool3DGrad): zero for the image and the pooled image, as TensorFlow's, and for
     the incoming gradient the pooling's JVP, by TensorFlow's GradGrad op given inputs
     it cannot overwrite (the module's docstring): a "same" pooling as the "valid" one of
-    the padded image, a pooling of 1×1 windows as the strided slice it is."""
+    the padded image, a pooling of 1×1 windows as the strided slice it is. A
+    MaxPoolV2 whose window is computed in the graph is padded by tensors; were that
+    window 1×1 at run time (a pooling that copies), nothing would be padded and the
+    kernel could still overwrite. NCHW (GPU kernels, which allocate their output) and
+    explicit paddings are TensorFlow's as they are."""
     images, pooled = op.inputs[0], op.inputs[1]
     grad_grad = _MAX_POOL_GRAD_GRADS[op.type]
     data_format, padding = (op.get_attr(name).decode() for name in ("data_format", "padding"))
     if op.type == "MaxPoolGradV2":
-        ksize, strides = (tf.get_static_value(t) for t in op.inputs[3:5])
+        ksize, strides = op.inputs[3], op.inputs[4]
+        static = [tf.get_static_value(t) for t in (ksize, strides)]
+        if all(value is not None for value in static):
+            ksize, strides = static
         window = {"ksize": op.inputs[3], "strides": op.inputs[4]}
         rest = [None, None]
     else:
@@ -216,10 +226,11 @@ def max_pool_gradient_gradient(op, grad):
         window = {"ksize": ksize, "strides": strides}
         rest = []
     zeros = [tf.zeros_like(images), tf.zeros_like(pooled)]
-    if ksize is not None and strides is not None and data_format in ("NHWC", "NDHWC"):
-        ksize, strides = [int(k) for k in ksize], [int(s) for s in strides]
-        if all(k == 1 for k in ksize):  # a max over one entry: a strided slice
-            return zeros + [grad[tuple(slice(None, None, s) for s in strides)]] + rest
+    if data_format in ("NHWC", "NDHWC"):
+        if not isinstance(ksize, tf.Tensor):
+            ksize, strides = [int(k) for k in ksize], [int(s) for s in strides]
+            if all(k == 1 for k in ksize):  # a max over one entry: a strided slice
+                return zeros + [grad[tuple(slice(None, None, s) for s in strides)]] + rest
         sizes = images.shape[1:], pooled.shape[1:]
         can_overwrite = not (sizes[0].is_fully_defined() and sizes[1].is_fully_defined()
                              and sizes[0].num_elements() != sizes[1].num_elements())

@@ -64,6 +64,17 @@ def test_same_poolings_carry_tensorflows_padding():
     assert compare.twin_graph(model)[0][0] == ("pool", ("max", (3,), (2,), ((1, 1),)), (0,), 1)
 
 
+def test_same_pooling_of_unknown_size_is_named():
+    inputs = keras.Input((None, None, 1))
+    h = keras.layers.MaxPooling2D(3, strides=1, padding="same", name="pool")(
+        keras.layers.Conv2D(2, 1, name="conv")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="logits")(
+        keras.layers.GlobalAveragePooling2D(name="gap")(h)))
+    with pytest.raises(compare.Failure, match=r"^twin: pooling pool has padding='same' "
+                       r"over inputs of unknown size \(None, None\)"):
+        compare.twin_graph(model)
+
+
 def residual_model():
     """A residual block with a projection shortcut, a branch that is concatenated, a
     padding layer and a shared Dense layer."""

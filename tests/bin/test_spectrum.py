@@ -178,6 +178,9 @@ def bad_inputs(directory):
                                       "--precision=float32"],
                                      "--stream with --precision=float32 is not supported"),
         "unknown precision": ([model, data, "--precision=float16"], "--precision='float16'"),
+        "float32 copy of a SavedModel": ([f"--model={directory / 'saved'}", data,
+                                          "--precision=float32"],
+                                         "--precision=float32 needs a .keras model"),
     }
 
 
@@ -201,6 +204,8 @@ def bad_files(small_model):
     keras.Model([first, second], keras.layers.Add()([first, second])).save(
         str(directory / "two_inputs.keras"))
     keras.Model(first, [model(first), model(first)]).save(str(directory / "two_outputs.keras"))
+    from hessian_tf.io import export
+    export.export_for_spectrum(model, str(directory / "saved"))
     return directory
 
 

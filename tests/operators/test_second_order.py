@@ -333,11 +333,24 @@ def test_traced_max_pooling_second_derivatives_equal_eager_ones(name, pooling, s
     np.testing.assert_allclose(traced, eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
 
 
-def test_max_pooling_of_shapes_unknown_when_traced():
-    pooling = lambda t: tf.nn.max_pool2d(t, 3, 1, "SAME")  # noqa: E731
+@pytest.mark.parametrize("window, stride", [(3, 1), (2, 1), (3, 2)])
+def test_max_pooling_of_shapes_unknown_when_traced(window, stride):
+    # Even windows and strides of 2 pad unevenly: the odd entry after.
+    pooling = lambda t: tf.nn.max_pool2d(t, window, stride, "SAME")  # noqa: E731
     signature = [tf.TensorSpec([None] * 4, tf.float64)] * 2
     traced, eager = traced_and_eager_second_derivatives(pooling, (2, 5, 4, 3), tf.float64,
                                                         signature)
+    np.testing.assert_allclose(traced, eager, rtol=1e-12, atol=1e-12)
+
+
+def test_max_pooling_of_a_window_computed_in_the_graph():
+    # MaxPoolV2 whose window and strides are tensors: padded by tensors.
+    def pooling(t):
+        ones = tf.ones([4], tf.int32) + tf.cast(tf.reduce_sum(t) * 0, tf.int32)
+        return tf.raw_ops.MaxPoolV2(input=t, ksize=ones + [0, 2, 1, 0], strides=ones,
+                                    padding="SAME")
+
+    traced, eager = traced_and_eager_second_derivatives(pooling, (2, 4, 5, 2), tf.float64)
     np.testing.assert_allclose(traced, eager, rtol=1e-12, atol=1e-12)
 
 
