@@ -405,6 +405,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
         HessianOperator, NonDeterministicError, NonFiniteError)
     from hessian_tf.operators import gauss_newton
     from hessian_tf.operators.subset import SubsetModelFunction
+    from hessian_tf.operators.precision import compute_dtypes
     from hessian_tf.operators.hessian import AUTO_TIMING_BATCHES
 
     multi_worker = config.strategy == "multi_worker"
@@ -582,6 +583,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
         "method_seconds": operator.method_seconds,
         "method_note": operator.forward_mode_untimed or operator.forward_mode_failure or None,
         "precision": config.precision,
+        # The dtypes the model's layers compute its products in (null for a SavedModel).
+        "compute_dtypes": compute_dtypes(model_function),
         "accumulation": operator.accumulation,
         "loss": loss,
         "gradient_norm": float(np.linalg.norm(gradient)),

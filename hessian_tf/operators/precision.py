@@ -30,6 +30,20 @@ def half_precision_layers(model: keras.Model) -> list[str]:
             in HALF_DTYPES]
 
 
+def compute_dtypes(model_function) -> Optional[list[str]]:
+    """The dtypes the layers of a Keras model function compute in, sorted (through a
+    subset's `inner`); None for a SavedModel's."""
+    while getattr(model_function, "inner", None) is not None:
+        model_function = model_function.inner
+    model = getattr(model_function, "model", None)
+    if not isinstance(model, keras.Model):
+        return None
+    return sorted({str(layer.dtype_policy.compute_dtype)
+                   for layer in model._flatten_layers(include_self=False)
+                   if not isinstance(layer, keras.layers.InputLayer)
+                   and getattr(layer, "dtype_policy", None) is not None})
+
+
 def half_precision_warning(model: keras.Model, where: str, fix: str) -> Optional[str]:
     """The one-line warning for a model with layers computing in float16 or bfloat16
     (`where`: the option or the caller; `fix`: what takes the products in float32), or

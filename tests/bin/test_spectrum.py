@@ -124,6 +124,8 @@ def test_a_mixed_precision_model_in_float32(small_model, tmp_path):
         summaries[precision] = json.loads((tmp_path / precision / "summary.json").read_text())
     eigenvalues = np.linalg.eigvalsh(exact_hessian(model, x, y))  # the same weights
     assert summaries["float32"]["lambda_max"] == pytest.approx(eigenvalues[-1], rel=1e-5)
+    assert summaries["model"]["compute_dtypes"] == ["float16"]
+    assert summaries["float32"]["compute_dtypes"] == ["float32"]
     assert summaries["model"]["lambda_max"] == pytest.approx(eigenvalues[-1], rel=1e-2)
 
 
