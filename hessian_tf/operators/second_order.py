@@ -26,9 +26,8 @@ contexts):
   (Inception's pooling branches, YOLO's SPPF) has outputs of its input's size, and in
   a traced product (not eagerly, where Python holds the input) the second derivative
   through it could then be zero, as the executor happened to free the input's other
-  uses first: on a float64 network with one
-  `MaxPooling2D(2, strides=1, padding="same")` products were off by 63% of the largest
-  entry of central
+  uses first: on a float64 network with one `MaxPooling2D(2, strides=1,
+  padding="same")` products were off by 63% of the largest entry of central
   differences of the exact gradient, by both methods, and not symmetric.
   `max_pool_gradient_gradient` gives the op inputs padded to the "valid" pooling of
   the same windows (the image by −∞, its gradient by zeros), which has more elements
