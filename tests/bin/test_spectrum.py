@@ -179,7 +179,6 @@ def bad_inputs(directory):
         "float32 copy with stream": ([model, "--dataset=tfds:mnist", "--stream",
                                       "--precision=float32"],
                                      "--stream with --precision=float32 is not supported"),
-        "unknown precision": ([model, data, "--precision=float16"], "--precision='float16'"),
         "float32 copy of a SavedModel": ([f"--model={directory / 'saved'}", data,
                                           "--precision=float32"],
                                          "--precision=float32 needs a .keras model"),
