@@ -16,32 +16,35 @@ from typing import Optional
 
 import keras
 
+from hessian_tf.operators.subset import base_function
+
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "mixed_float16", "mixed_bfloat16")
 PRECISIONS = ("model", "float32", "float64")
 HALF_DTYPES = ("float16", "bfloat16")
 
 
+def _layer_compute_dtypes(model: keras.Model) -> list[tuple[str, str]]:
+    """(name, compute dtype) of each layer of `model` and of the models in it, input
+    layers left out."""
+    return [(layer.name, str(layer.dtype_policy.compute_dtype))
+            for layer in model._flatten_layers(include_self=False)
+            if not isinstance(layer, keras.layers.InputLayer)
+            and getattr(layer, "dtype_policy", None) is not None]
+
+
 def half_precision_layers(model: keras.Model) -> list[str]:
     """Names of the layers of `model` (and of the models in it) that compute in float16
     or bfloat16 (mixed-precision policies included)."""
-    return [layer.name for layer in model._flatten_layers(include_self=False)
-            if not isinstance(layer, keras.layers.InputLayer)
-            and getattr(getattr(layer, "dtype_policy", None), "compute_dtype", None)
-            in HALF_DTYPES]
+    return [name for name, dtype in _layer_compute_dtypes(model) if dtype in HALF_DTYPES]
 
 
 def compute_dtypes(model_function) -> Optional[list[str]]:
-    """The dtypes the layers of a Keras model function compute in, sorted (through a
-    subset's `inner`); None for a SavedModel's."""
-    while getattr(model_function, "inner", None) is not None:
-        model_function = model_function.inner
-    model = getattr(model_function, "model", None)
+    """The dtypes the layers of a Keras model function compute in, sorted (under any
+    variable subsets); None for a SavedModel's."""
+    model = getattr(base_function(model_function), "model", None)
     if not isinstance(model, keras.Model):
         return None
-    return sorted({str(layer.dtype_policy.compute_dtype)
-                   for layer in model._flatten_layers(include_self=False)
-                   if not isinstance(layer, keras.layers.InputLayer)
-                   and getattr(layer, "dtype_policy", None) is not None})
+    return sorted({dtype for _, dtype in _layer_compute_dtypes(model)})
 
 
 def half_precision_warning(model: keras.Model, where: str, fix: str) -> Optional[str]:
