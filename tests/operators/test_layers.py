@@ -1,6 +1,7 @@
 """Products through the Keras layers a user of this field builds with, each in a small
 float64 network, by both methods, against central differences of the exact gradient
-(first derivatives only, so no second derivative of TensorFlow's is trusted): the sweep
+(the operator's own gradient, first derivatives only, so no second derivative of
+TensorFlow's is trusted; test_moments.finite_difference_product): the sweep
 that found the max pooling TensorFlow differentiated wrong (test_second_order.py).
 Layers with tests of their own (Dense, Conv2D, BN, LN, GN, LSTM, GRU, Embedding,
 resizes, max pooling, softsign) are not repeated here."""
@@ -8,43 +9,12 @@ resizes, max pooling, softsign) are not repeated here."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from hessian_tf import operators
+from tests.operators.test_moments import finite_difference_product
 
 F = "float64"
 L = keras.layers
-
-
-def central_differences(model, x, y, regularization, step=1e-5):
-    """H by central differences of the gradient of the mean cross-entropy (+ the
-    model's own losses with `regularization`), taken by one tape at θ ± step·eᵢ."""
-    variables = [v.value for v in model.trainable_variables]
-    state = [tf.convert_to_tensor(v) for v in model.non_trainable_variables]
-    shapes = [v.shape for v in variables]
-    sizes = [int(np.prod(shape)) for shape in shapes]
-    theta = np.concatenate([v.numpy().ravel() for v in variables])
-
-    def gradient(point):
-        parts = [tf.constant(p.reshape(s)) for p, s in
-                 zip(np.split(point, np.cumsum(sizes)[:-1]), shapes)]
-        with tf.GradientTape() as tape:
-            tape.watch(parts)
-            outputs, _, losses = model.stateless_call(parts, state, x, return_losses=True,
-                                                      training=False)
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                y, outputs, from_logits=True))
-            if regularization and losses:
-                loss += tf.add_n(losses)
-        return np.concatenate([tf.convert_to_tensor(g).numpy().ravel()
-                               for g in tape.gradient(loss, parts)])
-
-    columns = []
-    for i in range(theta.size):
-        shift = np.zeros_like(theta)
-        shift[i] = step
-        columns.append((gradient(theta + shift) - gradient(theta - shift)) / (2 * step))
-    return np.stack(columns, 1)
 
 
 def chain(input_shape, *layers, dtype=F):
@@ -154,11 +124,14 @@ def test_products_equal_central_differences(name):
     x = rng.standard_normal((4,) + input_shape)
     logits_shape = model(x).shape
     y = rng.integers(0, logits_shape[-1], (4,) + tuple(logits_shape[1:-1])).astype(np.int32)
-    expected = central_differences(model, x, y, regularization)
+    expected = None
     for method in ["reverse_over_reverse", "forward_over_backward"]:
-        operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
-                                             batch_size=2, method=method,
+        function = operators.KerasModelFunction(model)
+        operator = operators.HessianOperator(function, x, y, batch_size=2, method=method,
                                              regularization=regularization)
+        if expected is None:  # by the operator's exact gradient, first derivatives only
+            expected = np.stack([finite_difference_product(operator, function, column)
+                                 for column in np.eye(operator.dim)], 1)
         got = operators.dense_matrix(operator.matvec, operator.dim)
         # Central differences of a float64 gradient: ~1e-10 of the largest entry here.
         np.testing.assert_allclose(got, expected, rtol=0,
