@@ -22,11 +22,14 @@ UpSampling2D, whose second derivatives TensorFlow leaves out (second_order.py); 
 inception_pool.keras, two Inception blocks (1×1, 1×1 then 3×3, and 3×3 max and average
 poolings of stride 1 with "same" padding, each then 1×1, concatenated) around a 3×3 max
 pooling of stride 2, whose stride-1 max poolings TensorFlow's kernel differentiated wrong
-to second order (second_order.py). With
+to second order (second_order.py); convnext_blocks.keras and resnext_blocks.keras, grouped
+convolutions (ConvNeXt's depthwise 7×7 and ResNeXt's 8 channels per group) on the digits
+at 32×32, which Keras compiles by XLA and hessian_tf computes without (grouped_conv.py). With
 digits_img.npz (x: 8×8×1 images, x/16; y: labels), digits_flat.npz (x: the 64 pixels),
 digits_seq.npz (x: 8×8, rows as tokens), digits_tokens.npz (x: 64 int32 tokens) and
 digits_parity.npz (the images; y: 1 for an odd digit), digits_pixels.npz (x: 32×32×1,
-each pixel repeated 4×4; y: a label per pixel) and digits_rows.npz (x: as digits_seq;
+each pixel repeated 4×4; y: a label per pixel), digits_img32.npz (the same images; y:
+labels) and digits_rows.npz (x: as digits_seq;
 y: a tag per row).
 Each network is trained 3 epochs with Adam (batch 64, seed 0), so BN has moving statistics
 of its own.
@@ -53,7 +56,8 @@ NETWORKS = {"conv_pool_bn": "digits_img", "mlp_bn_gelu": "digits_flat",
             "embedding_tokens": "digits_tokens", "binary_parity": "digits_parity",
             "patches_vit": "digits_img", "separable_dropout": "digits_img",
             "unet_pixels": "digits_pixels", "unet_bilinear": "digits_pixels",
-            "row_tagger": "digits_rows", "inception_pool": "digits_img"}
+            "row_tagger": "digits_rows", "inception_pool": "digits_img",
+            "convnext_blocks": "digits_img32", "resnext_blocks": "digits_img32"}
 
 
 def loss(name: str) -> str:
@@ -87,6 +91,8 @@ def build(name: str):
         return keras.Model(inputs, layers.Dense(10)(layers.GlobalMaxPooling1D()(h)))
     if name.endswith("_seq"):
         return build_sequence_model(name)
+    if name.endswith("_blocks"):
+        return build_grouped_model(name)
     inputs = keras.Input((8, 8, 1))
     if name == "patches_vit":
         h = layers.Reshape((4, 2, 4, 2))(inputs)  # (patch row, row in it, patch column, ...)
@@ -177,6 +183,32 @@ def build_sequence_model(name: str):
     return keras.Model(inputs, layers.Dense(10)(layers.GlobalMaxPooling1D()(h)))
 
 
+def build_grouped_model(name: str):
+    """Grouped convolutions on the digits at 32×32 (64 channels). convnext_blocks:
+    ConvNeXt's shape, a 4×4 stride-4 stem and LayerNormalization, then two blocks of a
+    7×7 depthwise `Conv2D(groups=channels)`, LayerNormalization, a gelu MLP of pointwise
+    Dense layers (×4) and a residual add. resnext_blocks: a stride-2 3×3 stem, then
+    ResNeXt's bottleneck: 1×1, a 3×3 `Conv2D(groups=8)` (8 channels per group), 1×1 and
+    BN, a residual add."""
+    import keras
+
+    layers = keras.layers
+    inputs = keras.Input((32, 32, 1))
+    if name == "convnext_blocks":
+        h = layers.LayerNormalization(epsilon=1e-6)(layers.Conv2D(64, 4, strides=4)(inputs))
+        for _ in range(2):
+            r = layers.Conv2D(64, 7, padding="same", groups=64)(h)
+            r = layers.Dense(256, activation="gelu")(layers.LayerNormalization(epsilon=1e-6)(r))
+            h = layers.Add()([h, layers.Dense(64)(r)])
+    else:  # resnext_blocks
+        h = layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(inputs)
+        r = layers.Conv2D(64, 1, activation="relu")(h)
+        r = layers.Conv2D(64, 3, padding="same", groups=8, activation="relu")(r)
+        r = layers.BatchNormalization()(layers.Conv2D(64, 1)(r))
+        h = layers.ReLU()(layers.Add()([h, r]))
+    return keras.Model(inputs, layers.Dense(10)(layers.GlobalAveragePooling2D()(h)))
+
+
 def pixel_digits(images, digits):
     """The digits at 32×32×1 (`images` [N, 8, 8] in [0, 1], each pixel repeated 4×4) and
     a label per pixel: 0 for background, 1 + the digit for ink (above 0.25)."""
@@ -217,6 +249,8 @@ def main(argv: list[str]) -> int:
     import keras
     from sklearn.datasets import load_digits
 
+    from hessian_tf.operators.grouped_conv import grouped_convolutions
+
     digits = load_digits()
     flat = (digits.data / 16).astype(np.float32)
     data = {"digits_img": flat.reshape(-1, 8, 8, 1), "digits_flat": flat,
@@ -227,6 +261,7 @@ def main(argv: list[str]) -> int:
     # A label per pixel (0: background, 1 + the digit: ink) and per row (the digit where
     # the row holds ink, else 10).
     data["digits_pixels"], labels["digits_pixels"] = pixel_digits(data["digits_seq"], y)
+    data["digits_img32"], labels["digits_img32"] = data["digits_pixels"], y
     data["digits_rows"] = data["digits_seq"]
     labels["digits_rows"] = np.where(data["digits_seq"].sum(-1) > 1.5, y[:, None],
                                      10).astype(np.int32)
@@ -239,8 +274,12 @@ def main(argv: list[str]) -> int:
         model.compile(optimizer="adam", loss=(
             keras.losses.BinaryCrossentropy(from_logits=True) if binary
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True)))
-        model.fit(data[data_name], labels[data_name].reshape(-1, 1) if binary else labels[data_name],
-                  epochs=3, batch_size=64, verbose=0)
+        # Keras compiles grouped convolutions by XLA, slow on a CPU: trained by
+        # hessian_tf's (grouped_conv.py), the same convolutions.
+        with grouped_convolutions():
+            model.fit(data[data_name],
+                      labels[data_name].reshape(-1, 1) if binary else labels[data_name],
+                      epochs=3, batch_size=64, verbose=0)
         path = os.path.join(out_dir, f"{name}.keras")
         model.save(path)
         params = sum(int(np.prod(w.shape)) for w in model.trainable_weights)

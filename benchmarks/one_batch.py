@@ -25,6 +25,12 @@ torch's return per-parameter tensors, as PyHessian's products do (its flattening
 its Lanczos algebra). On networks of many parameters and little arithmetic per parameter
 (a wide MLP) that difference is a large part of our gradient.
 
+The two Hessians are also compared on that batch without mapping one parameter vector
+onto the other: with g the gradient, ‖g‖, the Rayleigh quotient gᵀHg / ‖g‖² and
+‖Hg‖ / ‖g‖ do not depend on how each framework orders and lays out its parameters. They
+are printed with their relative differences, and a difference above 1e-3 is an error
+(exit status 1): the twin's logits can agree while its Hessian does not.
+
 Needs torch (`make benchmark-pyhessian` installs it). Command (about a minute for a small
 network on 2 CPU cores):
   .venv/bin/python benchmarks/one_batch.py --model=NET.keras --data=DATA.npz
@@ -47,6 +53,16 @@ from machine import load_average, median_seconds  # noqa: E402
 
 
 METHODS = ("reverse_over_reverse", "forward_over_backward")
+AGREEMENT = 1e-3  # the largest relative difference of the invariants below
+
+
+def invariants(gradient: np.ndarray, product: np.ndarray) -> dict:
+    """Numbers of one Hessian that no ordering or layout of its parameters changes,
+    from g and Hg: ‖g‖, gᵀHg / ‖g‖², ‖Hg‖ / ‖g‖."""
+    gradient, product = (np.asarray(t, np.float64) for t in (gradient, product))
+    norm = float(np.linalg.norm(gradient))
+    return {"|g|": norm, "g'Hg/|g|^2": float(gradient @ product) / norm ** 2,
+            "|Hg|/|g|": float(np.linalg.norm(product)) / norm}
 
 
 def time_ours(workload, method: str, repeats: int) -> dict:
@@ -78,8 +94,10 @@ def time_ours(workload, method: str, repeats: int) -> dict:
             products[name] = median_seconds(
                 lambda operator=operator: operator.matvec(vector), repeats)
     fastest = auto_method(products) if method == "auto" else method
+    _, g = operator.loss_and_gradient()
     return {"params": operator.dim, "gradient": gradient, "product": products[fastest],
-            "method": fastest, "products": products, "threads": strategies.cpu_threads()}
+            "method": fastest, "products": products, "threads": strategies.cpu_threads(),
+            "invariants": invariants(g, operator.matvec(g))}
 
 
 def time_torch(workload, repeats: int, threads: int) -> dict:
@@ -108,8 +126,15 @@ def time_torch(workload, repeats: int, threads: int) -> dict:
                                     create_graph=True)
         return torch.autograd.grad(grads, params, grad_outputs=tangents)
 
+    grads = torch.autograd.grad(criterion(twin(inputs), targets), params, create_graph=True)
+    hg = torch.autograd.grad(grads, params, grad_outputs=[g.detach() for g in grads])
+
+    def flat(tensors):
+        return np.concatenate([t.detach().double().reshape(-1).numpy() for t in tensors])
+
     return {"params": num_params, "gradient": median_seconds(gradient, repeats),
-            "product": median_seconds(product, repeats), "check": message}
+            "product": median_seconds(product, repeats), "check": message,
+            "invariants": invariants(flat(grads), flat(hg))}
 
 
 def main(argv=None) -> int:
@@ -160,6 +185,18 @@ def main(argv=None) -> int:
           f"product / gradient {torch_side['product'] / torch_side['gradient']:.2f}")
     print(f"ours / torch: gradient {ours['gradient'] / torch_side['gradient']:.2f}, "
           f"product {ours['product'] / torch_side['product']:.2f}")
+    worst = 0.0
+    for name, value in ours["invariants"].items():
+        other = torch_side["invariants"][name]
+        difference = abs(value - other) / max(abs(value), abs(other), 1e-30)
+        worst = max(worst, difference)
+        print(f"{name}: ours {value:.8g}, torch {other:.8g} (relative difference "
+              f"{difference:.1e})")
+    if worst > AGREEMENT:
+        print(f"one_batch.py: error: the two Hessians differ on this batch (relative "
+              f"difference {worst:.1e} > {AGREEMENT:g}); the twin's logits agree but its "
+              "Hessian does not", file=sys.stderr)
+        return 1
     return 0
 
 

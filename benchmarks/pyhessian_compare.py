@@ -29,10 +29,11 @@ m = 5; only with --workload=resnet32-cifar or all).
 Your own network instead: `--model=NET.keras --data=DATA.npz [--batch_size=B]` (m = 90
 unless --lanczos_steps). The model is a Sequential or functional model of one input and one
 output, branches and skip connections included, whose layers the twin mirrors (Conv1D,
-Conv2D, DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense, BatchNormalization
-(also of sequences), LayerNormalization, GroupNormalization, MultiHeadAttention as torch's
-nn.MultiheadAttention, LSTM and GRU as torch's nn.LSTM and nn.GRU, activation layers,
-valid pooling, global pooling, ZeroPadding2D, Cropping2D, UpSampling2D, Flatten,
+Conv2D (grouped too), DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense (also on
+images' channels), BatchNormalization (also of sequences), LayerNormalization,
+GroupNormalization, MultiHeadAttention as torch's nn.MultiheadAttention, LSTM and GRU as
+torch's nn.LSTM and nn.GRU, activation layers (hard sigmoid and hard swish as torch's),
+pooling, global pooling (keepdims too), ZeroPadding2D, Cropping2D, UpSampling2D, Flatten,
 Rescaling, Normalization, Add and the other merges (broadcasting within one rank),
 Concatenate, and dropout, noise and random augmentation as the
 identity; see `twin_step`); the data are arrays x and y (integer labels, one per example,
@@ -85,7 +86,7 @@ DEFAULT_STEPS = {"mlp-digits": 90, "cnn-digits": 90, "cnn-bn": 20, "resnet32-cif
 TWIN_RTOL = 1e-4  # logits (relative to max |logit|) and mean loss
 # Activations the twin mirrors (Keras names; torch functions in torch_twin).
 TWIN_ACTIVATIONS = ("linear", "tanh", "relu", "sigmoid", "elu", "gelu", "silu", "swish",
-                    "softplus", "leaky_relu")
+                    "softplus", "leaky_relu", "hard_sigmoid", "hard_silu", "hard_swish")
 LAMBDA_MAX_WARN = 1e-3  # relative difference of λmax above which a warning is printed
 BUSY_CORES = 0.1  # others' cores on either side above which a ratio is marked ‡
 
@@ -445,16 +446,15 @@ def check_twin_layer(layer) -> None:
     that it runs before any install)."""
     import keras
 
-    if isinstance(layer, keras.layers.Conv2D):
-        plain = tuple(layer.dilation_rate) == (1, 1) and layer.groups == 1
-        if layer.data_format != "channels_last" or not plain:
-            raise Failure(f"twin: Conv2D {layer.name} must be channels_last, without dilation "
-                          "or groups.")
+    if isinstance(layer, keras.layers.Conv2D):  # groups too, as torch's nn.Conv2d's
+        if layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1):
+            raise Failure(f"twin: Conv2D {layer.name} must be channels_last, without "
+                          "dilation.")
         activation_name(layer)
     elif isinstance(layer, keras.layers.Dense):
-        if len(layer.input.shape) > 3:  # torch's images are channels-first
+        if len(layer.input.shape) > 4:  # images: on their channels (ConvNeXt's pointwise)
             raise Failure(f"twin: Dense {layer.name} takes a {len(layer.input.shape)}-D input; "
-                          "flatten or pool images before a Dense layer.")
+                          "the twin's Dense takes vectors, sequences or images.")
         activation_name(layer)
     elif isinstance(layer, keras.layers.BatchNormalization):
         rank = len(layer.input.shape)
@@ -592,7 +592,7 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     layer's name), "activation" (name), "leaky_relu" (slope), "clamp" (ReLU's max_value),
     "rescale" ((scale, offset)), "normalize" ((mean, max(√variance, ε))),
     "pool" ((kind, size, strides[, (before, after) per axis of "same" padding])),
-    "global" (kind), "flatten", "pad" ((left, right,
+    "global" ((kind, keepdims)), "flatten", "pad" ((left, right,
     top, bottom)), "crop" ((top, bottom, left, right)), "upsample" (((rows, columns),
     interpolation)),
     "reshape" (Keras's target_shape), "permute" (Keras's dims, from 1), a
@@ -671,9 +671,10 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
         return "pool", (kind, size, strides, tuple((t // 2, t - t // 2) for t in totals))
     if isinstance(layer, (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalMaxPooling1D,
                           keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
-        if layer.keepdims or layer.data_format != "channels_last":
-            raise Failure(f"twin: {layer.name} must have keepdims=False and channels_last.")
-        return "global", ("max" if "Max" in type(layer).__name__ else "average")
+        if layer.data_format != "channels_last":
+            raise Failure(f"twin: {layer.name} must be channels_last.")
+        return "global", ("max" if "Max" in type(layer).__name__ else "average",
+                          bool(layer.keepdims))
     if isinstance(layer, keras.layers.UpSampling2D):
         if layer.data_format != "channels_last" or layer.interpolation not in ("nearest",
                                                                                "bilinear"):
@@ -889,20 +890,30 @@ def torch_twin(keras_model):
             outputs, _ = self.rnn(x)
             return outputs if self.return_sequences else outputs[:, -1]
 
-    class ChannelsLastLayerNorm(nn.LayerNorm):
-        """Keras normalises an image's channels, its last axis: NCHW → NHWC and back."""
+    class ChannelsLast:
+        """Keras's layer acts on an image's channels, its last axis: NCHW → NHWC and
+        back around the torch module's forward."""
 
         def forward(self, x):
             if x.ndim != 4:
                 return super().forward(x)
             return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
+    class ChannelsLastLayerNorm(ChannelsLast, nn.LayerNorm):
+        pass
+
+    class ChannelsLastLinear(ChannelsLast, nn.Linear):  # Dense on images: pointwise
+        pass
+
     # One entry per name of TWIN_ACTIVATIONS, which activation_name checks against.
     functions = {"linear": lambda t: t, "tanh": torch.tanh, "relu": torch.relu,
                  "sigmoid": torch.sigmoid, "elu": F.elu, "gelu": F.gelu, "silu": F.silu,
                  "swish": F.silu, "softplus": F.softplus,
                  # keras.activations.leaky_relu's default slope
-                 "leaky_relu": lambda t: F.leaky_relu(t, 0.2)}
+                 "leaky_relu": lambda t: F.leaky_relu(t, 0.2),
+                 # Keras 3's: relu6(x + 3) / 6, and x times it (MobileNetV3's)
+                 "hard_sigmoid": F.hardsigmoid, "hard_silu": F.hardswish,
+                 "hard_swish": F.hardswish}
 
     steps, folded = fold_paddings(keras_model, steps, output)
 
@@ -911,9 +922,11 @@ def torch_twin(keras_model):
     depthwise = (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
     for layer in keras_model.layers:
         if isinstance(layer, keras.layers.Conv2D):
+            # A grouped kernel [h, w, C / groups, filters] is torch's grouped weight
+            # [filters, C / groups, h, w] transposed, as an ungrouped one.
             modules[layer.name] = KerasConv2d(
-                layer, folded.get(layer.name), in_channels=layer.kernel.shape[2],
-                out_channels=layer.filters, bias=layer.use_bias)
+                layer, folded.get(layer.name), in_channels=layer.kernel.shape[2] * layer.groups,
+                out_channels=layer.filters, groups=layer.groups, bias=layer.use_bias)
         elif isinstance(layer, keras.layers.Conv1D):
             modules[layer.name] = KerasConv1d(layer)
         elif isinstance(layer, keras.layers.Conv2DTranspose):
@@ -951,7 +964,8 @@ def torch_twin(keras_model):
         elif isinstance(layer, keras.layers.Embedding):
             modules[layer.name] = nn.Embedding(layer.input_dim, layer.output_dim)
         elif isinstance(layer, keras.layers.Dense):
-            modules[layer.name] = nn.Linear(layer.kernel.shape[0], layer.units, bias=layer.use_bias)
+            modules[layer.name] = ChannelsLastLinear(layer.kernel.shape[0], layer.units,
+                                                     bias=layer.use_bias)
         elif layer.weights and not isinstance(layer, keras.layers.Normalization):
             # (Normalization's statistics, not trained, are constants of its step.)
             raise Failure(f"twin: layer {layer.name} ({type(layer).__name__}) has weights but no twin.")
@@ -1109,7 +1123,8 @@ def torch_twin(keras_model):
                     x = same_pool(pools, value, x)
                 elif kind == "global":  # images NCHW; sequences (batch, length, features)
                     dims = (2, 3) if x.ndim == 4 else (1,)
-                    x = x.amax(dim=dims) if value == "max" else x.mean(dim=dims)
+                    reduce = torch.amax if value[0] == "max" else torch.mean
+                    x = reduce(x, dim=dims, keepdim=value[1])
                 elif kind == "pad":
                     x = F.pad(x, value)
                 elif kind == "crop":

@@ -46,7 +46,9 @@ def test_our_side_times_one_batchs_gradient_and_product(files, monkeypatch):
     times = one_batch.time_ours(batch, "forward_over_backward", repeats=2)
     assert times["params"] == params and times["method"] == "forward_over_backward"
     assert times["gradient"] > 0 and times["product"] > 0
-    assert calls == {"matvec": 3, "loss_and_gradient": 3}  # warm-up + 2 repeats each
+    # Warm-up + 2 repeats each, then g and Hg for the invariants.
+    assert calls == {"matvec": 4, "loss_and_gradient": 4}
+    assert set(times["invariants"]) == {"|g|", "g'Hg/|g|^2", "|Hg|/|g|"}
     # auto: both methods' products timed, one taken as the binary's auto takes it.
     times = one_batch.time_ours(batch, "auto", repeats=2)
     assert set(times["products"]) == set(one_batch.METHODS)
@@ -54,7 +56,20 @@ def test_our_side_times_one_batchs_gradient_and_product(files, monkeypatch):
     assert times["method"] == ("forward_over_backward" if forward <= 0.95 * reverse
                                else "reverse_over_reverse")
     assert times["product"] == times["products"][times["method"]]
-    assert calls == {"matvec": 9, "loss_and_gradient": 6}
+    assert calls == {"matvec": 11, "loss_and_gradient": 8}
+
+
+def test_invariants_do_not_depend_on_the_parameters_order():
+    hessian = np.array([[2.0, 1.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, -1.0]])
+    g = np.array([1.0, 2.0, 2.0])
+    got = one_batch.invariants(g, hessian @ g)
+    assert got["|g|"] == pytest.approx(3.0)
+    # Hg = [4, 7, −2], gᵀHg = 4 + 14 − 4.
+    assert got["g'Hg/|g|^2"] == pytest.approx(14 / 9)
+    assert got["|Hg|/|g|"] == pytest.approx(np.sqrt(16 + 49 + 4) / 3)
+    order = [2, 0, 1]  # another framework's layout: the same numbers
+    permuted = one_batch.invariants(g[order], (hessian[order][:, order]) @ g[order])
+    assert permuted == pytest.approx(got)
 
 
 @pytest.mark.parametrize("flags", [["--batch_size", "0"], ["--repeats", "0"],

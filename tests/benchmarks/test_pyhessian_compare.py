@@ -137,6 +137,29 @@ def test_preprocessing_and_a_squeeze_and_excitation_block():
     assert output == len(steps)
 
 
+def test_grouped_convolutions_pointwise_dense_and_hard_activations():
+    # ConvNeXt's depthwise Conv2D(groups=channels) and Dense on an image's channels;
+    # MobileNetV3's squeeze-and-excitation: global pooling with keepdims, hard sigmoid,
+    # hard swish.
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 4))
+    h = layers.Conv2D(4, 3, padding="same", groups=4, name="depthwise")(inputs)
+    h = layers.Conv2D(8, 3, padding="same", groups=2, name="grouped")(h)
+    h = layers.Dense(8, activation="hard_silu", name="pointwise")(h)
+    squeeze = layers.GlobalAveragePooling2D(keepdims=True, name="squeeze")(h)
+    excite = layers.Conv2D(8, 1, activation="hard_sigmoid", name="excite")(squeeze)
+    h = layers.Multiply(name="scale")([h, excite])
+    steps, _ = compare.twin_graph(keras.Model(inputs, layers.Dense(3, name="logits")(
+        layers.GlobalAveragePooling2D(name="pool")(h))))
+    assert [(kind, value) for kind, value, _, _ in steps] == [
+        ("module", "depthwise"), ("module", "grouped"), ("module", "pointwise"),
+        ("global", ("average", True)), ("module", "excite"), ("multiply", None),
+        ("global", ("average", False)), ("module", "logits")]
+    deep = keras.Sequential([keras.Input((2, 2, 2, 3)), layers.Dense(2)])
+    with pytest.raises(compare.Failure, match="takes a 5-D input"):
+        compare.twin_graph(deep)
+
+
 def test_layers_that_are_the_identity_at_inference_are_no_steps():
     layers = keras.layers
     model = keras.Sequential([
@@ -206,7 +229,6 @@ def test_models_the_twin_cannot_mirror_are_refused():
     (keras.layers.DepthwiseConv2D(3, dilation_rate=2), "DepthwiseConv2D depthwise_conv"),
     (keras.layers.SeparableConv2D(2, 3, activation="relu6"), "activation 'relu6'"),
     (keras.layers.GroupNormalization(1, center=False), "groups of the last axis of images or vectors, with both"),
-    (keras.layers.Dense(2), "flatten or pool images before a Dense"),
     (keras.layers.Flatten(data_format="channels_first"), "Flatten flatten_cf must be"),
 ])
 def test_layers_the_twin_cannot_mirror_are_named(layer, message):
@@ -245,7 +267,7 @@ def test_steps_of_a_sequence_model():
     assert by_name["key"][0] == (add,)
     assert by_name["cross"][0] == (add, add, by_name["key"][1])  # query, value, key
     assert by_name["gru"][0] == (by_name["cross"][1],)
-    assert ("global", "max", (by_name["lstm"][1],)) in [step[:3] for step in steps]
+    assert ("global", ("max", False), (by_name["lstm"][1],)) in [step[:3] for step in steps]
     assert output == by_name["logits"][1]
 
 
@@ -257,7 +279,7 @@ def test_images_transposed_convolution_and_cropping():
     model = keras.Model(inputs, layers.Dense(3, name="logits")(layers.GlobalAveragePooling2D()(h)))
     assert compare.twin_graph(model) == ([
         ("module", "up", (0,), 1), ("crop", (1, 2, 3, 0), (1,), 2),
-        ("global", "average", (2,), 3), ("module", "logits", (3,), 4)], 4)
+        ("global", ("average", False), (2,), 3), ("module", "logits", (3,), 4)], 4)
 
 
 def test_steps_of_a_conv1d_bn_network():
@@ -273,7 +295,7 @@ def test_steps_of_a_conv1d_bn_network():
     assert compare.twin_graph(model) == ([
         ("module", "conv", (0,), 1), ("module", "bn", (1,), 2),
         ("activation", "relu", (2,), 3), ("pool", ("max", (2,), (2,)), (3,), 4),
-        ("pool", ("average", (4,), (2,)), (4,), 5), ("global", "average", (5,), 6),
+        ("pool", ("average", (4,), (2,)), (4,), 5), ("global", ("average", False), (5,), 6),
         ("module", "logits", (6,), 7)], 7)
 
 
@@ -457,7 +479,7 @@ STEPS_OF_EXAMPLES = {"conv_pool_bn": 7, "mlp_bn_gelu": 4, "functional_elu_avgpoo
                      "lstm_seq": 2, "gru_conv1d_seq": 5, "embedding_tokens": 4,
                      "binary_parity": 5, "patches_vit": 13, "separable_dropout": 4,
                      "unet_pixels": 14, "unet_bilinear": 14, "row_tagger": 3,
-                     "inception_pool": 20}
+                     "inception_pool": 20, "convnext_blocks": 14, "resnext_blocks": 9}
 
 
 def test_example_networks_are_accepted(tmp_path):
@@ -483,4 +505,4 @@ def test_patches_by_reshape_and_permute_are_steps_with_keras_arguments():
     assert compare.twin_graph(model) == ([
         ("reshape", (4, 2, 4, 2), (0,), 1), ("permute", (1, 3, 2, 4), (1,), 2),
         ("reshape", (16, -1), (2,), 3), ("module", "embed", (3,), 4),
-        ("global", "average", (4,), 5), ("module", "logits", (5,), 6)], 6)
+        ("global", ("average", False), (4,), 5), ("module", "logits", (5,), 6)], 6)

@@ -80,6 +80,13 @@ CASES = {  # name: (build, input shape per example, --regularization)
                          (3, 1), False),
     "conv3d_transpose": (conv(3, layer(L.Conv3DTranspose, 2, 2, strides=2))((2, 2, 2, 1)),
                          (2, 2, 2, 1), False),
+    # Grouped convolutions, computed without XLA while products are traced
+    # (grouped_conv.py): one input channel per group (ConvNeXt's) and two.
+    "conv2d_groups_depthwise": (conv(2, layer(L.Conv2D, 4, 2, groups=2, activation="tanh"))(
+        (3, 3, 1)), (3, 3, 1), False),
+    "conv2d_groups_split": (chain((3, 3, 1), layer(L.Conv2D, 4, 1, activation="tanh"),
+                                  layer(L.Conv2D, 4, 2, groups=2, activation="tanh"),
+                                  layer(L.Conv2D, 3, 1)), (3, 3, 1), False),
     "depthwise_conv2d_strided": (conv(2, layer(L.DepthwiseConv2D, 3, strides=2,
                                                padding="same", activation="tanh"))((5, 5, 2)),
                                  (5, 5, 2), False),
