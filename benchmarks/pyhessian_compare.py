@@ -35,8 +35,8 @@ GroupNormalization, MultiHeadAttention as torch's nn.MultiheadAttention, LSTM an
 torch's nn.LSTM and nn.GRU, activation layers (hard sigmoid and hard swish as torch's),
 pooling, global pooling (keepdims too), ZeroPadding2D, Cropping2D, UpSampling2D, Flatten,
 Rescaling, Normalization, Add and the other merges (broadcasting within one rank),
-Concatenate, and dropout, noise and random augmentation as the
-identity; see `twin_step`); the data are arrays x and y (integer labels, one per example,
+Concatenate, `keras.ops` arithmetic of a tensor and a number (MobileNetV3's hard sigmoid),
+and dropout, noise and random augmentation as the identity; see `twin_step`); the data are arrays x and y (integer labels, one per example,
 or one per pixel or token of a segmentation model's or tagger's outputs, their loss the
 mean over positions as Keras's; 0/1 for a classifier of one logit, compared by binary
 cross-entropy, `--loss=binary_crossentropy` on our side). Embedding layers read integer
@@ -596,7 +596,7 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     top, bottom)), "crop" ((top, bottom, left, right)), "upsample" (((rows, columns),
     interpolation)),
     "reshape" (Keras's target_shape), "permute" (Keras's dims, from 1), a
-    merge of TWIN_MERGES, "concatenate" (torch axis) or "identity". `call` is the
+    merge of TWIN_MERGES, "scalar" (a keras.ops call: `scalar_step`), "concatenate" (torch axis) or "identity". `call` is the
     node's arguments (keras.src.ops.symbolic_arguments.SymbolicArguments), read for
     MultiHeadAttention: query, value and key by position, no mask."""
     import keras
@@ -704,6 +704,29 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
                   f"--model may use {SUPPORTED_LAYERS} layers.")
 
 
+# keras.ops arithmetic between a tensor and a number the twin mirrors (MobileNetV3's hard
+# sigmoid, ReLU6(x + 3) * (1 / 6)): Keras's operation class → the step's operator.
+SCALAR_OPERATIONS = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
+                     "Divide": "divide", "TrueDivide": "divide"}
+
+
+def scalar_step(operation, arguments) -> Optional[tuple[str, Any]]:
+    """("scalar", (operator, number, tensor first)) for a keras.ops call of
+    SCALAR_OPERATIONS on one tensor and one number; else None."""
+    import keras
+
+    operator = SCALAR_OPERATIONS.get(type(operation).__name__)
+    args = tuple(arguments.args) if arguments is not None else ()
+    if (operator is None or type(operation).__module__ != "keras.src.ops.numpy"
+            or len(args) != 2 or arguments.kwargs):
+        return None
+    tensors = [isinstance(a, keras.KerasTensor) for a in args]
+    number = args[tensors.index(False)] if tensors.count(True) == 1 else None
+    if not isinstance(number, (int, float)) or isinstance(number, bool):
+        return None
+    return "scalar", (operator, float(number), tensors[0])
+
+
 def twin_graph(keras_model) -> tuple[list[tuple[str, Any, tuple[int, ...], int]], int]:
     """The twin's forward: (steps, output). Each step is (kind, value, inputs, output)
     (see `twin_step`) over numbered tensors, 0 being the model's input, in an order
@@ -729,9 +752,17 @@ def twin_graph(keras_model) -> tuple[list[tuple[str, Any, tuple[int, ...], int]]
             layer = node.operation
             if isinstance(layer, keras.layers.InputLayer):
                 continue
-            if not isinstance(layer, keras.layers.Layer):  # e.g. a keras.ops call
-                raise Failure(f"twin: operation {layer.name} ({type(layer).__name__}) is not "
-                              f"a layer the twin mirrors; use {SUPPORTED_LAYERS} layers.")
+            if not isinstance(layer, keras.layers.Layer):  # a keras.ops call
+                step = scalar_step(layer, node.arguments)
+                if step is None:
+                    raise Failure(f"twin: operation {layer.name} ({type(layer).__name__}) is "
+                                  "not a layer the twin mirrors; use "
+                                  f"{SUPPORTED_LAYERS} layers.")
+                inputs = tuple(numbers[id(t)] for t in node.input_tensors)
+                numbers[id(node.output_tensors[0])] = count
+                steps.append((*step, inputs, count))
+                count += 1
+                continue
             if len(node.output_tensors) != 1:
                 raise Failure(f"twin: layer {layer.name} has {len(node.output_tensors)} "
                               "outputs; the twin mirrors layers of one output.")
@@ -1083,6 +1114,9 @@ def torch_twin(keras_model):
               "maximum": lambda ts: functools.reduce(torch.maximum, ts),
               "minimum": lambda ts: functools.reduce(torch.minimum, ts)}
 
+    arithmetic = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b,
+                  "multiply": lambda a, b: a * b, "divide": lambda a, b: a / b}
+
     def channel_values(values, x):
         """A tensor of Keras's last-axis values (one: a scalar) to broadcast against x
         (images NCHW: the channel axis)."""
@@ -1137,6 +1171,9 @@ def torch_twin(keras_model):
                                          else {}))
                 elif kind == "concatenate":
                     x = torch.cat(args, dim=value)
+                elif kind == "scalar":  # a keras.ops call of a tensor and a number
+                    name, number, tensor_first = value
+                    x = arithmetic[name](*((x, number) if tensor_first else (number, x)))
                 elif kind in merges:
                     x = merges[kind](args)
                 elif kind in ("reshape", "permute"):  # on Keras's layout, images NHWC

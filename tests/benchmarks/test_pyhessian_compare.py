@@ -160,6 +160,23 @@ def test_grouped_convolutions_pointwise_dense_and_hard_activations():
         compare.twin_graph(deep)
 
 
+def test_arithmetic_of_a_tensor_and_a_number_is_a_step():
+    # MobileNetV3's hard sigmoid: ReLU6(x + 3) * (1 / 6), by keras.ops between layers.
+    layers = keras.layers
+    inputs = keras.Input((4,))
+    h = layers.Dense(4, name="dense")(inputs)
+    h = layers.ReLU(6.0, name="relu6")(h + 3.0) * (1.0 / 6.0)
+    h = 2.0 - h
+    steps, output = compare.twin_graph(keras.Model(inputs, layers.Dense(3, name="logits")(h)))
+    assert [(kind, value) for kind, value, _, _ in steps] == [
+        ("module", "dense"), ("scalar", ("add", 3.0, True)), ("clamp", 6.0),
+        ("scalar", ("multiply", pytest.approx(1 / 6), True)),
+        ("scalar", ("subtract", 2.0, False)), ("module", "logits")]
+    assert output == len(steps)
+    with pytest.raises(compare.Failure, match=r"operation .* is not a layer the twin mirrors"):
+        compare.twin_graph(keras.Model(inputs, keras.ops.add(inputs, keras.ops.ones((4,)))))
+
+
 def test_layers_that_are_the_identity_at_inference_are_no_steps():
     layers = keras.layers
     model = keras.Sequential([
