@@ -43,7 +43,7 @@ import threadpoolctl  # noqa: E402  (installed with scikit-learn)
 from hessian_tf import linalg, operators  # noqa: E402
 from hessian_tf.distribute import automatic_cpu_threads, configure_cpu_threads  # noqa: E402
 from flops import graph_flops  # noqa: E402  (benchmarks/flops.py)
-from machine import cpu_name, load_average  # noqa: E402  (benchmarks/machine.py)
+from machine import cpu_name, load_average, measure_rows  # noqa: E402  (benchmarks/machine.py)
 from hessian_tf.io.datasets import load_digits  # noqa: E402
 from hessian_tf.models.mlp import mlp  # noqa: E402
 from hessian_tf.models.resnet import resnet32  # noqa: E402
@@ -169,6 +169,35 @@ def agreeing_medians(variants: dict, rounds: int, what: str, *, tracing_contexts
         {name: functools.partial(operator.matvec, vector) for name, operator in variants.items()},
         rounds)
     return {name: float(np.median(values)) for name, values in seconds.items()}, error
+
+
+@contextlib.contextmanager
+def switched_off(name: str):
+    """Traces made within: `KerasModelFunction.mode_context` enters a null context where
+    it enters `name`, a mending of hessian_tf's imported by model_function (e.g.
+    second_order_gradients), for a benchmark's contrast with TensorFlow's or Keras's own."""
+    from hessian_tf.operators import model_function
+
+    mending = getattr(model_function, name)
+    setattr(model_function, name, contextlib.nullcontext)
+    try:
+        yield
+    finally:
+        setattr(model_function, name, mending)
+
+
+def rounds_main(argv: list[str], *, script: str, description: str, header, cases, measure,
+                rounds: int) -> int:
+    """The main of a benchmark whose one flag is --rounds (default `rounds`): a row
+    `measure(*case, rounds)` for each case (measure_rows). 2 and one line for --rounds < 1."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        print(f"{script}: error: --rounds={args.rounds}: pass at least 1", file=sys.stderr)
+        return 2
+    measure_rows(header, [(*case, args.rounds) for case in cases], measure)
+    return 0
 
 
 def batch_functions(operator: operators.HessianOperator, x, y):

@@ -15,15 +15,14 @@ Command (about 5 minutes on 2 CPU cores):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import functools
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from core import agreeing_medians  # noqa: E402  (benchmarks/core.py)
-from machine import measure_rows  # noqa: E402  (benchmarks/machine.py)
+from core import agreeing_medians, rounds_main, switched_off  # noqa: E402  (benchmarks/core.py)
 
 BATCH_SIZE = 128
 KERAS = "Keras's (XLA)"
@@ -31,17 +30,8 @@ CASES = tuple((network, method) for network in ("convnext_blocks", "resnext_bloc
               for method in ("reverse_over_reverse", "forward_over_backward"))
 
 
-@contextlib.contextmanager
-def keras_grouped_convolutions():
-    """Traces made within compute grouped convolutions as Keras does (XLA)."""
-    from hessian_tf.operators import model_function
-
-    ours = model_function.grouped_convolutions
-    model_function.grouped_convolutions = contextlib.nullcontext
-    try:
-        yield
-    finally:
-        model_function.grouped_convolutions = ours
+# Traces made within compute grouped convolutions as Keras does (XLA).
+keras_grouped_convolutions = functools.partial(switched_off, "grouped_convolutions")
 
 
 def measure(network: str, method: str, rounds: int, examples: int = BATCH_SIZE):
@@ -72,15 +62,8 @@ HEADER = ("network", "params", "method", "Keras's grouped conv (XLA) ms",
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        print(f"grouped_conv.py: error: --rounds={args.rounds}: pass at least 1",
-              file=sys.stderr)
-        return 2
-    measure_rows(HEADER, [(*case, args.rounds) for case in CASES], measure)
-    return 0
+    return rounds_main(argv, script="grouped_conv.py", description=__doc__.splitlines()[0],
+                       header=HEADER, cases=CASES, measure=measure, rounds=3)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ Command (about 3 minutes on 2 CPU cores):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import functools
 import os
 import sys
 
@@ -26,8 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from core import agreeing_medians  # noqa: E402  (benchmarks/core.py)
-from machine import measure_rows  # noqa: E402  (benchmarks/machine.py)
+from core import agreeing_medians, rounds_main, switched_off  # noqa: E402  (benchmarks/core.py)
 
 BATCH_SIZE = 128
 TENSORFLOWS = "TensorFlow's"
@@ -54,17 +53,8 @@ def workload(network: str, examples: int = BATCH_SIZE):
     return models.resnet32(), np.repeat(images, 3, axis=-1), y[:examples]
 
 
-@contextlib.contextmanager
-def tensorflow_tile_gradient():
-    """Traces made within differentiate Tile by TensorFlow's own gradient."""
-    from hessian_tf.operators import model_function
-
-    mended = model_function.second_order_gradients
-    model_function.second_order_gradients = contextlib.nullcontext
-    try:
-        yield
-    finally:
-        model_function.second_order_gradients = mended
+# Traces made within differentiate Tile by TensorFlow's own gradient.
+tensorflow_tile_gradient = functools.partial(switched_off, "second_order_gradients")
 
 
 def measure(network: str, bn_mode: str, method: str, rounds: int, examples: int = BATCH_SIZE):
@@ -88,15 +78,8 @@ HEADER = ("network", "BN", "method", "TensorFlow's Tile gradient ms", "static ax
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        print(f"tile_gradient.py: error: --rounds={args.rounds}: pass at least 1",
-              file=sys.stderr)
-        return 2
-    measure_rows(HEADER, [(*case, args.rounds) for case in CASES], measure)
-    return 0
+    return rounds_main(argv, script="tile_gradient.py", description=__doc__.splitlines()[0],
+                       header=HEADER, cases=CASES, measure=measure, rounds=5)
 
 
 if __name__ == "__main__":

@@ -9,24 +9,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 
 import grouped_conv  # noqa: E402  (benchmarks/grouped_conv.py)
 from hessian_tf.operators import grouped_conv as ours  # noqa: E402
-from hessian_tf.operators import model_function  # noqa: E402
+from tests.benchmarks.contrast import MendingRecorder  # noqa: E402
 
 
 def test_a_row_contrasts_the_two_convolutions(monkeypatch):
-    traced_with = []
-    original = model_function.KerasModelFunction.mode_context
-
-    def recording(self, bn_mode):
-        traced_with.append(model_function.grouped_convolutions is ours.grouped_convolutions)
-        return original(self, bn_mode)
-
-    monkeypatch.setattr(model_function.KerasModelFunction, "mode_context", recording)
+    recorder = MendingRecorder(monkeypatch, "grouped_convolutions", ours.grouped_convolutions)
     row = grouped_conv.measure("convnext_blocks", "reverse_over_reverse", 1, examples=8)
-    # Built (each checks its model in the mode context), then traced: Keras's first,
-    # then ours.
-    first_product = traced_with.index(False)
-    assert traced_with[first_product:first_product + 2] == [False, True]
-    assert model_function.grouped_convolutions is ours.grouped_convolutions
+    recorder.check_contrast()  # Keras's first, then ours
     assert row[0] == "convnext_blocks" and row[2] == "reverse_over_reverse"
     assert len(row) == len(grouped_conv.HEADER)
     assert float(row[5]) > 0 and float(row[6]) <= 1e-4

@@ -10,24 +10,15 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
 import tile_gradient  # noqa: E402  (benchmarks/tile_gradient.py)
-from hessian_tf.operators import model_function, second_order  # noqa: E402
+from hessian_tf.operators import second_order  # noqa: E402
+from tests.benchmarks.contrast import MendingRecorder  # noqa: E402
 
 
 def test_a_row_contrasts_the_two_gradients(monkeypatch):
-    traced_with = []
-    original = model_function.KerasModelFunction.mode_context
-
-    def recording(self, bn_mode):
-        traced_with.append(model_function.second_order_gradients is second_order.second_order_gradients)
-        return original(self, bn_mode)
-
-    monkeypatch.setattr(model_function.KerasModelFunction, "mode_context", recording)
+    recorder = MendingRecorder(monkeypatch, "second_order_gradients",
+                               second_order.second_order_gradients)
     row = tile_gradient.measure("unet_pixels", "inference", "reverse_over_reverse", 1, examples=8)
-    # Built (each checks its model in the mode context), then traced: TensorFlow's
-    # gradient first, then the static axes.
-    first_product = traced_with.index(False)
-    assert traced_with[first_product:first_product + 2] == [False, True]
-    assert model_function.second_order_gradients is second_order.second_order_gradients
+    recorder.check_contrast()  # TensorFlow's gradient first, then the static axes
     assert row[:3] == ["unet_pixels", "inference", "reverse_over_reverse"]
     assert len(row) == len(tile_gradient.HEADER)
     assert float(row[5]) > 0 and float(row[6]) <= 1e-4
