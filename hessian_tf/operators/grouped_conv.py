@@ -5,18 +5,17 @@ Keras's TensorFlow backend computes every grouped convolution (`Conv1D`/`2D`/`3D
 convolution kernels have no groups. ConvNeXt (`keras.applications.ConvNeXt*`) writes its
 7×7 depthwise convolutions that way, as `Conv2D(channels, 7, groups=channels)`, and
 ResNeXt- and RegNet-style blocks group 3×3 convolutions. XLA's CPU code for them and
-their derivatives is slow, and its second derivatives slower still:
+their derivatives is slow, and its second derivatives slower still. A full-data product
+of 128 of the digits at 32×32 (`benchmarks/grouped_conv.py`, one run, 2 CPU cores) took
+150 against 2,224 ms by reverse over reverse on a ConvNeXt-shaped network
+(`example_networks.py`'s `convnext_blocks`) and 96 against 7,575 ms on a ResNeXt-shaped
+one (`resnext_blocks`, 8 channels per group); on `keras.applications.ConvNeXtTiny` at
+32×32, one batch of 128, a product took 1.7 against 16.0 s (ad hoc).
 
-- ConvNeXt-Tiny, one batch of 128 32×32 images, one thread per op on 2 CPU cores
-  (ad hoc runs): a gradient took 5.4 s, against 0.64 s with its convolutions computed
-  as below; a product by reverse over reverse 16.0 s against 1.7 s.
-- Two `Conv2D(128, 3, groups=32)` on 16×16×128 maps, batch 64: a product took 58 s
-  against 0.08 s (groups=8: 15 s against 0.05 s).
-
-`benchmarks/grouped_conv.py` times both. `grouped_convolutions()`, entered around the
+On a host whose devices are all CPUs, `grouped_convolutions()`, entered around the
 traces of products and gradients (the Keras model function's mode context) and of the
 functions `export_for_spectrum` saves, replaces Keras's backend `conv` for grouped
-convolutions only:
+convolutions only (GPUs and TPUs keep Keras's path: not measured there):
 
 - one input channel per group (depthwise, `filters / channels` outputs per channel),
   1-D or 2-D: Keras's own `depthwise_conv` (`tf.nn.depthwise_conv2d`), the kernel
@@ -67,13 +66,19 @@ def groups_of(inputs, kernel, data_format=None):
     return groups if filters % groups == 0 else None
 
 
+def _cpu_only() -> bool:
+    """Whether TensorFlow sees only CPU devices (no GPU, no TPU), where the replacement
+    was measured."""
+    return all(device.device_type == "CPU" for device in tf.config.list_logical_devices())
+
+
 def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
     """Keras's backend `conv` (same arguments, same values); grouped convolutions without
-    XLA."""
+    XLA on a CPU-only host."""
     inputs, kernel = tf.convert_to_tensor(inputs), tf.convert_to_tensor(kernel)
     groups = groups_of(inputs, kernel, data_format)
     rank = len(inputs.shape)
-    if groups is None or padding.lower() not in ("valid", "same"):
+    if groups is None or padding.lower() not in ("valid", "same") or not _cpu_only():
         return _keras_conv(inputs, kernel, strides, padding, data_format, dilation_rate)
     if kernel.shape[-2] == 1 and rank in (3, 4):  # depthwise
         channels, filters = groups, kernel.shape[-1]

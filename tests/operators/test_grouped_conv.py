@@ -25,7 +25,8 @@ CASES = {  # name: (rank, input shape per example, Conv keyword arguments)
                                             padding="same")),
     "split_1d": (1, (9, 6), dict(filters=3, kernel_size=3, groups=3)),
     "split_3d": (3, (4, 5, 3, 4), dict(filters=4, kernel_size=2, groups=2)),
-    "depthwise_3d": (3, (4, 5, 3, 2), dict(filters=2, kernel_size=2, groups=2)),
+    # One channel per group in 3-D: split too (Keras's depthwise_conv is 1-D and 2-D).
+    "one_channel_per_group_3d": (3, (4, 5, 3, 2), dict(filters=2, kernel_size=2, groups=2)),
     "split_2d_channels_first": (2, (4, 6, 5), dict(filters=6, kernel_size=3, groups=2,
                                                    data_format="channels_first")),
 }
@@ -72,11 +73,18 @@ def test_traces_call_no_xla(groups):
 def test_ungrouped_and_dynamic_channels_keep_keras_path():
     x = tf.zeros((1, 5, 5, 3))
     assert grouped_conv.groups_of(x, tf.zeros((3, 3, 3, 4))) is None
-    unknown = tf.TensorSpec((None, 5, 5, None))
+    kernel = tf.zeros((3, 3, 1, 4))
 
-    @tf.function(input_signature=[unknown])
-    def groups(x):
-        assert grouped_conv.groups_of(x, tf.zeros((3, 3, 1, 4))) is None
-        return x
+    def convolve(x):
+        return grouped_conv.conv(x, kernel)
 
-    groups.get_concrete_function()
+    with grouped_conv.grouped_convolutions():  # channels unknown: Keras's XLA call
+        assert _compiled_calls(convolve, tf.TensorSpec((None, 5, 5, None))) > 0
+        assert _compiled_calls(convolve, tf.TensorSpec((None, 5, 5, 4))) == 0
+
+
+def test_hosts_with_accelerators_keep_keras_path(monkeypatch):
+    monkeypatch.setattr(grouped_conv, "_cpu_only", lambda: False)  # as on a GPU host
+    x = tf.TensorSpec((2, 5, 5, 4))
+    with grouped_conv.grouped_convolutions():
+        assert _compiled_calls(lambda x: grouped_conv.conv(x, tf.zeros((3, 3, 1, 4))), x) > 0
