@@ -28,15 +28,18 @@ m = 5; only with --workload=resnet32-cifar or all).
 
 Your own network instead: `--model=NET.keras --data=DATA.npz [--batch_size=B]` (m = 90
 unless --lanczos_steps). The model is a Sequential or functional model of one input and one
-output, branches and skip connections included, whose layers the twin mirrors (Conv1D,
+output (keras.applications' EfficientNet, MobileNetV2/V3, ResNet-V2 and ConvNeXt among
+them), branches and skip connections included, whose layers the twin mirrors (Conv1D,
 Conv2D (grouped too), DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense (also on
 images' channels), BatchNormalization (also of sequences), LayerNormalization,
 GroupNormalization, MultiHeadAttention as torch's nn.MultiheadAttention, LSTM and GRU as
 torch's nn.LSTM and nn.GRU, activation layers (hard sigmoid and hard swish as torch's),
 pooling, global pooling (keepdims too), ZeroPadding2D, Cropping2D, UpSampling2D, Flatten,
 Rescaling, Normalization, Add and the other merges (broadcasting within one rank),
-Concatenate, `keras.ops` arithmetic of a tensor and a number (MobileNetV3's hard sigmoid),
-and dropout, noise and random augmentation as the identity; see `twin_step`); the data are arrays x and y (integer labels, one per example,
+Concatenate, `keras.ops` arithmetic of a tensor and a number (MobileNetV3's hard sigmoid)
+or of two tensors (+, -, *), keras.applications.convnext's LayerScale, nested Sequential
+and functional models (ConvNeXt's stem), and dropout, noise, stochastic depth and random
+augmentation as the identity; see `twin_step`); the data are arrays x and y (integer labels, one per example,
 or one per pixel or token of a segmentation model's or tagger's outputs, their loss the
 mean over positions as Keras's; 0/1 for a classifier of one logit, compared by binary
 cross-entropy, `--loss=binary_crossentropy` on our side). Embedding layers read integer
@@ -522,6 +525,10 @@ def check_twin_layer(layer) -> None:
                           "input of token sequences (batch, length) (keras.Input((length,), "
                           f"dtype='int32')), not {layer.input.dtype} of shape "
                           f"{tuple(layer.input.shape)}.")
+    elif type(layer).__name__ == "LayerScale":
+        if type(layer).__module__ != "keras.src.applications.convnext":
+            raise Failure(f"twin: LayerScale {layer.name} is not keras.applications.convnext's "
+                          "(x times a vector γ of the last axis); the twin mirrors that one.")
     elif isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
         kind = type(layer).__name__
         cell = layer.cell
@@ -549,11 +556,13 @@ def _inference_identities() -> tuple:
     import keras
 
     layers = keras.layers
+    from keras.src.applications.convnext import StochasticDepth  # ConvNeXt's drop path
+
     return (layers.Dropout, layers.SpatialDropout1D, layers.SpatialDropout2D,
             layers.GaussianDropout, layers.GaussianNoise, layers.AlphaDropout,
             layers.ActivityRegularization, layers.RandomFlip, layers.RandomTranslation,
             layers.RandomRotation, layers.RandomZoom, layers.RandomContrast,
-            layers.RandomBrightness)
+            layers.RandomBrightness, StochasticDepth)
 
 
 # Merging layers the twin mirrors: Keras class name → the twin's step kind.
@@ -562,15 +571,17 @@ TWIN_MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
 # Layers with weights the twin mirrors, each by one torch module.
 TWIN_MODULES = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose",
                 "Dense", "BatchNormalization", "LayerNormalization", "GroupNormalization",
-                "MultiHeadAttention", "LSTM", "GRU", "Embedding")
+                "MultiHeadAttention", "LSTM", "GRU", "Embedding",
+                "LayerScale")  # keras.applications.convnext's: x times a vector γ
 SUPPORTED_LAYERS = (
     ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, "
     "MaxPooling1D/2D, AveragePooling1D/2D, GlobalAveragePooling1D/2D, GlobalMaxPooling1D/2D, "
     "ZeroPadding2D, Cropping2D, UpSampling2D (nearest, bilinear), Flatten, Reshape, Permute, "
     "Rescaling, Normalization (the last axis), "
     + ", ".join(TWIN_MERGES)
-    + ", Concatenate and, as the identity at inference, dropout, noise and random "
-    "augmentation layers")
+    + ", Concatenate, keras.ops +, -, * (and / by a number) and, as the identity at "
+    "inference, dropout, noise, stochastic depth and random augmentation layers, in nested "
+    "Sequential or functional models too")
 
 
 def broadcast(shapes: list[tuple]) -> bool:
@@ -704,15 +715,17 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
                   f"--model may use {SUPPORTED_LAYERS} layers.")
 
 
-# keras.ops arithmetic between a tensor and a number the twin mirrors (MobileNetV3's hard
-# sigmoid, ReLU6(x + 3) * (1 / 6)): Keras's operation class → the step's operator.
+# keras.ops arithmetic between layers the twin mirrors: of a tensor and a number
+# (MobileNetV3's hard sigmoid, ReLU6(x + 3) * (1 / 6)), and of two tensors as the merges
+# (ConvNeXt's residual `inputs + x`). Keras's operation class → the step's operator.
 SCALAR_OPERATIONS = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
                      "Divide": "divide", "TrueDivide": "divide"}
 
 
-def scalar_step(operation, arguments) -> Optional[tuple[str, Any]]:
-    """("scalar", (operator, number, tensor first)) for a keras.ops call of
-    SCALAR_OPERATIONS on one tensor and one number; else None."""
+def operation_step(operation, arguments) -> Optional[tuple[str, Any]]:
+    """The step of a keras.ops call of SCALAR_OPERATIONS: ("scalar", (operator, number,
+    tensor first)) on one tensor and one number; (operator, None), a merge, on two
+    tensors of equal shapes or shapes that `broadcast` (not a division); else None."""
     import keras
 
     operator = SCALAR_OPERATIONS.get(type(operation).__name__)
@@ -721,6 +734,10 @@ def scalar_step(operation, arguments) -> Optional[tuple[str, Any]]:
             or len(args) != 2 or arguments.kwargs):
         return None
     tensors = [isinstance(a, keras.KerasTensor) for a in args]
+    if all(tensors):
+        shapes = [tuple(a.shape[1:]) for a in args]
+        fits = len(set(shapes)) == 1 or broadcast(shapes)
+        return (operator, None) if fits and operator != "divide" else None
     number = args[tensors.index(False)] if tensors.count(True) == 1 else None
     if not isinstance(number, (int, float)) or isinstance(number, bool):
         return None
@@ -736,46 +753,69 @@ def twin_graph(keras_model) -> tuple[list[tuple[str, Any, tuple[int, ...], int]]
     Raises Failure naming the first layer it cannot mirror."""
     import keras
 
-    graph = keras_model._functional if isinstance(keras_model, keras.Sequential) else keras_model
-    nodes_by_depth = getattr(graph, "_nodes_by_depth", None)
-    if nodes_by_depth is None:
-        raise Failure("twin: the model has no graph of layers; build it with keras.Input "
-                      "(a Sequential model needs its input shape).")
-    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-        raise Failure(f"twin: the model has {len(graph.inputs)} inputs and "
-                      f"{len(graph.outputs)} outputs; the twin takes one of each.")
-    numbers = {id(graph.inputs[0]): 0}
-    count = 1
-    steps = []
-    for depth in sorted(nodes_by_depth, reverse=True):  # a node's inputs are deeper
-        for node in nodes_by_depth[depth]:
-            layer = node.operation
-            if isinstance(layer, keras.layers.InputLayer):
-                continue
-            if not isinstance(layer, keras.layers.Layer):  # a keras.ops call
-                step = scalar_step(layer, node.arguments)
-                if step is None:
-                    raise Failure(f"twin: operation {layer.name} ({type(layer).__name__}) is "
-                                  "not a layer the twin mirrors; use "
-                                  f"{SUPPORTED_LAYERS} layers.")
+    steps: list = []
+
+    def walk(model, input_number: int) -> int:
+        """Appends the steps of `model`'s graph read from tensor `input_number`; returns
+        the number of its output. A nested model's steps are walked in place."""
+        graph = model._functional if isinstance(model, keras.Sequential) else model
+        nodes_by_depth = getattr(graph, "_nodes_by_depth", None)
+        if nodes_by_depth is None:
+            raise Failure(f"twin: the model {model.name} has no graph of layers; build it "
+                          "with keras.Input (a Sequential model needs its input shape).")
+        if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+            raise Failure(f"twin: the model has {len(graph.inputs)} inputs and "
+                          f"{len(graph.outputs)} outputs; the twin takes one of each.")
+        numbers = {id(graph.inputs[0]): input_number}
+        for depth in sorted(nodes_by_depth, reverse=True):  # a node's inputs are deeper
+            for node in nodes_by_depth[depth]:
+                layer = node.operation
+                if isinstance(layer, keras.layers.InputLayer):
+                    continue
+                if len(node.output_tensors) != 1:
+                    raise Failure(f"twin: layer {layer.name} has {len(node.output_tensors)} "
+                                  "outputs; the twin mirrors layers of one output.")
                 inputs = tuple(numbers[id(t)] for t in node.input_tensors)
-                numbers[id(node.output_tensors[0])] = count
-                steps.append((*step, inputs, count))
-                count += 1
-                continue
-            if len(node.output_tensors) != 1:
-                raise Failure(f"twin: layer {layer.name} has {len(node.output_tensors)} "
-                              "outputs; the twin mirrors layers of one output.")
-            inputs = tuple(numbers[id(t)] for t in node.input_tensors)
-            kind, value = twin_step(layer, [tuple(t.shape[1:]) for t in node.input_tensors],
-                                    node.arguments)
-            if kind == "identity":
-                numbers[id(node.output_tensors[0])] = inputs[0]
-                continue
-            numbers[id(node.output_tensors[0])] = count
-            steps.append((kind, value, inputs, count))
-            count += 1
-    return steps, numbers[id(graph.outputs[0])]
+                if isinstance(layer, keras.Model):
+                    if len(inputs) != 1:
+                        raise Failure(f"twin: the nested model {layer.name} is called on "
+                                      f"{len(inputs)} tensors; the twin takes one.")
+                    numbers[id(node.output_tensors[0])] = walk(layer, inputs[0])
+                    continue
+                if not isinstance(layer, keras.layers.Layer):  # a keras.ops call
+                    step = operation_step(layer, node.arguments)
+                    if step is None:
+                        raise Failure(f"twin: operation {layer.name} ({type(layer).__name__})"
+                                      " is not a layer the twin mirrors; use "
+                                      f"{SUPPORTED_LAYERS} layers.")
+                    kind, value = step
+                else:
+                    kind, value = twin_step(
+                        layer, [tuple(t.shape[1:]) for t in node.input_tensors], node.arguments)
+                if kind == "identity":
+                    numbers[id(node.output_tensors[0])] = inputs[0]
+                    continue
+                numbers[id(node.output_tensors[0])] = len(steps) + 1
+                steps.append((kind, value, inputs, len(steps) + 1))
+        return numbers[id(graph.outputs[0])]
+
+    output = walk(keras_model, 0)
+    return steps, output
+
+
+def flat_layers(keras_model) -> dict[str, Any]:
+    """{name: layer} of the model's layers, those of nested models included (a nested
+    model itself is no entry); two layers of one name are a Failure."""
+    import keras
+
+    layers: dict[str, Any] = {}
+    for layer in keras_model.layers:
+        inner = flat_layers(layer) if isinstance(layer, keras.Model) else {layer.name: layer}
+        for name, found in inner.items():
+            if layers.setdefault(name, found) is not found:
+                raise Failure(f"twin: two layers are named {name!r}; the twin names its "
+                              "modules by the Keras layers' names.")
+    return layers
 
 
 def fold_paddings(keras_model, steps: list, output: int) -> tuple[list, dict[str, tuple[int, int]]]:
@@ -785,6 +825,7 @@ def fold_paddings(keras_model, steps: list, output: int) -> tuple[list, dict[str
     width) padding}."""
     import keras
 
+    layers = flat_layers(keras_model)
     producers = {out: (kind, value, inputs) for kind, value, inputs, out in steps}
     readers = [i for _, _, inputs, _ in steps for i in inputs]
     calls = [value for kind, value, _, _ in steps if kind == "module"]
@@ -792,7 +833,7 @@ def fold_paddings(keras_model, steps: list, output: int) -> tuple[list, dict[str
     folded: dict[str, tuple[int, int]] = {}
     for index, (kind, value, inputs, out) in enumerate(steps):
         producer = producers.get(inputs[0]) if kind == "module" else None
-        layer = keras_model.get_layer(value) if producer else None
+        layer = layers[value] if producer else None
         if (producer and producer[0] == "pad" and isinstance(layer, keras.layers.Conv2D)
                 and layer.padding == "valid" and calls.count(value) == 1
                 and readers.count(inputs[0]) == 1 and inputs[0] != output):
@@ -936,6 +977,17 @@ def torch_twin(keras_model):
     class ChannelsLastLinear(ChannelsLast, nn.Linear):  # Dense on images: pointwise
         pass
 
+    class ChannelScale(nn.Module):
+        """ConvNeXt's LayerScale: x times γ, a vector of Keras's last axis (an image's
+        channels, axis 1 in the twin)."""
+
+        def __init__(self, channels: int):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(channels))
+
+        def forward(self, x):
+            return x * (self.weight.reshape(1, -1, 1, 1) if x.ndim == 4 else self.weight)
+
     # One entry per name of TWIN_ACTIVATIONS, which activation_name checks against.
     functions = {"linear": lambda t: t, "tanh": torch.tanh, "relu": torch.relu,
                  "sigmoid": torch.sigmoid, "elu": F.elu, "gelu": F.gelu, "silu": F.silu,
@@ -951,7 +1003,8 @@ def torch_twin(keras_model):
     modules = nn.ModuleDict()
     activations: dict[str, Callable] = {}
     depthwise = (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
-    for layer in keras_model.layers:
+    layers = flat_layers(keras_model)
+    for layer in layers.values():
         if isinstance(layer, keras.layers.Conv2D):
             # A grouped kernel [h, w, C / groups, filters] is torch's grouped weight
             # [filters, C / groups, h, w] transposed, as an ungrouped one.
@@ -994,6 +1047,8 @@ def torch_twin(keras_model):
             modules[layer.name] = ChannelsLastLayerNorm(layer.gamma.shape[0], eps=layer.epsilon)
         elif isinstance(layer, keras.layers.Embedding):
             modules[layer.name] = nn.Embedding(layer.input_dim, layer.output_dim)
+        elif type(layer).__name__ == "LayerScale":  # checked: keras.applications.convnext's
+            modules[layer.name] = ChannelScale(layer.gamma.shape[0])
         elif isinstance(layer, keras.layers.Dense):
             modules[layer.name] = ChannelsLastLinear(layer.kernel.shape[0], layer.units,
                                                      bias=layer.use_bias)
@@ -1027,7 +1082,7 @@ def torch_twin(keras_model):
         return np.concatenate([np.split(array, len(order), axis=-1)[i] for i in order], axis=-1)
 
     for name, module in modules.items():
-        layer = keras_model.get_layer(name)
+        layer = layers[name]
         if isinstance(layer, keras.layers.MultiHeadAttention):
             width = layer.num_heads * layer.key_dim
             parts = (layer._query_dense, layer._key_dense, layer._value_dense)
@@ -1084,6 +1139,8 @@ def torch_twin(keras_model):
             put(module.bias, numpy_of(layer.beta))
         elif isinstance(module, nn.Embedding):  # [vocabulary, features] in both
             put(module.weight, numpy_of(layer.embeddings))
+        elif isinstance(module, ChannelScale):
+            put(module.weight, numpy_of(layer.gamma))
         else:
             put(module.weight, numpy_of(layer.kernel).T)
             if layer.use_bias:
