@@ -1264,7 +1264,10 @@ class HessianOperator:
             raise NonDeterministicError(
                 f"two products of the same vector differ by {difference:.3g} (scale "
                 f"{scale:.3g}): the operator is not a fixed matrix. Turn off shuffling, "
-                "dropout and data augmentation in the model and the dataset."
+                "dropout and data augmentation in the model and the dataset; if none is "
+                "on, a TensorFlow kernel of one of the model's layers differs from run to "
+                "run or overwrites its inputs (as stride-1 max pooling's second derivative "
+                "did until hessian_tf mended it): report the model's layers."
             )
         return first
 
