@@ -210,8 +210,10 @@ def max_pool_gradient_gradient(op, grad):
     the padded image, a pooling of 1×1 windows as the strided slice it is. A
     MaxPoolV2 whose window is computed in the graph is padded by tensors; were that
     window 1×1 at run time (a pooling that copies), nothing would be padded and the
-    kernel could still overwrite. NCHW (GPU kernels, which allocate their output) and
-    explicit paddings are TensorFlow's as they are."""
+    kernel could still overwrite. Explicit paddings, which TensorFlow's GradGrad ops do
+    not take (a ValueError at every second derivative), become the "valid" pooling of
+    the padded image in any layout. NCHW poolings are otherwise TensorFlow's as they are
+    (GPU kernels, which allocate their output)."""
     images, pooled = op.inputs[0], op.inputs[1]
     grad_grad = _MAX_POOL_GRAD_GRADS[op.type]
     data_format, padding = (op.get_attr(name).decode() for name in ("data_format", "padding"))
@@ -227,6 +229,11 @@ def max_pool_gradient_gradient(op, grad):
         window = {"ksize": ksize, "strides": strides}
         rest = []
     zeros = [tf.zeros_like(images), tf.zeros_like(pooled)]
+    if padding == "EXPLICIT":  # [before, after] per axis, in the layout's order
+        paddings = np.reshape(op.get_attr("explicit_paddings"), [-1, 2]).tolist()
+        images = tf.pad(images, paddings, constant_values=float("-inf"))
+        grad = tf.pad(grad, paddings)
+        padding = "VALID"
     if data_format in ("NHWC", "NDHWC"):
         if not isinstance(ksize, tf.Tensor):
             ksize, strides = [int(k) for k in ksize], [int(s) for s in strides]
