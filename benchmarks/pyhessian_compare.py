@@ -461,10 +461,9 @@ def check_twin_layer(layer) -> None:
         activation_name(layer)
     elif isinstance(layer, keras.layers.BatchNormalization):
         rank = len(layer.input.shape)
-        if layer.axis not in (-1, rank - 1) or rank not in (2, 3, 4) or not (
-                layer.center and layer.scale):
+        if layer.axis not in (-1, rank - 1) or rank not in (2, 3, 4):
             raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D, 3-D "
-                          "or 4-D input, with both γ and β.")
+                          "or 4-D input.")
     elif isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)):
         if layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1):
             raise Failure(f"twin: {type(layer).__name__} {layer.name} must be channels_last, "
@@ -474,15 +473,15 @@ def check_twin_layer(layer) -> None:
         rank = len(layer.input.shape)
         # torch's GroupNorm takes axis 1 as the channels: the last axis of an image
         # (NCHW in the twin) or of a vector, not of a sequence (batch, length, features).
-        if layer.axis not in (-1, rank - 1) or not (layer.center and layer.scale) or rank == 3:
+        if layer.axis not in (-1, rank - 1) or rank == 3:
             raise Failure(f"twin: GroupNormalization {layer.name} must normalise groups of "
-                          "the last axis of images or vectors, with both γ and β.")
+                          "the last axis of images or vectors.")
     elif isinstance(layer, keras.layers.LayerNormalization):
         rank = len(layer.input.shape)
         axes = [axis % rank for axis in layer.axis]
-        if axes != [rank - 1] or not (layer.center and layer.scale) or layer.rms_scaling:
+        if axes != [rank - 1] or layer.rms_scaling:
             raise Failure(f"twin: LayerNormalization {layer.name} must normalise the last "
-                          "axis only, with both γ and β and without rms_scaling.")
+                          "axis only, without rms_scaling.")
     elif isinstance(layer, keras.layers.Conv1D):
         plain = tuple(layer.dilation_rate) == (1,) and layer.groups == 1
         if layer.data_format != "channels_last" or not plain:
@@ -1037,14 +1036,14 @@ def torch_twin(keras_model):
                             groups=channels, bias=False),
                 nn.Conv2d(channels * multiplier, layer.filters, 1, bias=layer.use_bias))
         elif isinstance(layer, keras.layers.GroupNormalization):
-            modules[layer.name] = nn.GroupNorm(layer.groups, layer.gamma.shape[0],
+            modules[layer.name] = nn.GroupNorm(layer.groups, layer.input.shape[-1],
                                                eps=layer.epsilon)
         elif isinstance(layer, keras.layers.BatchNormalization):
             norm = {4: nn.BatchNorm2d, 3: SequenceBatchNorm}.get(len(layer.input.shape),
                                                                  nn.BatchNorm1d)
-            modules[layer.name] = norm(layer.gamma.shape[0], eps=layer.epsilon)
+            modules[layer.name] = norm(layer.moving_mean.shape[0], eps=layer.epsilon)
         elif isinstance(layer, keras.layers.LayerNormalization):
-            modules[layer.name] = ChannelsLastLayerNorm(layer.gamma.shape[0], eps=layer.epsilon)
+            modules[layer.name] = ChannelsLastLayerNorm(layer.input.shape[-1], eps=layer.epsilon)
         elif isinstance(layer, keras.layers.Embedding):
             modules[layer.name] = nn.Embedding(layer.input_dim, layer.output_dim)
         elif type(layer).__name__ == "LayerScale":  # checked: keras.applications.convnext's
@@ -1129,14 +1128,20 @@ def torch_twin(keras_model):
             if layer.use_bias:
                 put((module[1] if isinstance(module, nn.Sequential) else module).bias,
                     numpy_of(layer.bias))
-        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            put(module.weight, numpy_of(layer.gamma))
-            put(module.bias, numpy_of(layer.beta))
-            put(module.running_mean, numpy_of(layer.moving_mean))
-            put(module.running_var, numpy_of(layer.moving_variance))
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-            put(module.weight, numpy_of(layer.gamma))
-            put(module.bias, numpy_of(layer.beta))
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+            # γ and β; where Keras has none (scale=False, center=False: Inception's BN),
+            # 1 and 0 held fixed, which PyHessian leaves out as it takes the parameters
+            # that require gradients.
+            for parameter, value, fixed in ((module.weight, layer.gamma, 1.0),
+                                            (module.bias, layer.beta, 0.0)):
+                if value is None:
+                    parameter.requires_grad_(False)
+                    put(parameter, np.full(tuple(parameter.shape), fixed))
+                else:
+                    put(parameter, numpy_of(value))
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                put(module.running_mean, numpy_of(layer.moving_mean))
+                put(module.running_var, numpy_of(layer.moving_variance))
         elif isinstance(module, nn.Embedding):  # [vocabulary, features] in both
             put(module.weight, numpy_of(layer.embeddings))
         elif isinstance(module, ChannelScale):

@@ -199,6 +199,19 @@ def test_a_layer_scale_not_convnexts_is_named():
         compare.twin_graph(keras.Model(inputs, LayerScale(name="mine")(inputs)))
 
 
+def test_normalisations_without_scale_or_centre_are_modules():
+    # InceptionV3's BN has no γ (scale=False): the twin holds its weight at 1, frozen.
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input((4, 4, 8)), layers.BatchNormalization(scale=False, name="bn"),
+        layers.LayerNormalization(center=False, name="ln"),
+        layers.GroupNormalization(2, scale=False, center=False, name="gn"),
+        layers.GlobalAveragePooling2D(name="pool"), layers.Dense(3, name="logits")])
+    steps, _ = compare.twin_graph(model)
+    assert [(kind, value) for kind, value, _, _ in steps][:3] == [
+        ("module", "bn"), ("module", "ln"), ("module", "gn")]
+
+
 def test_arithmetic_of_a_tensor_and_a_number_is_a_step():
     # MobileNetV3's hard sigmoid: ReLU6(x + 3) * (1 / 6), by keras.ops between layers.
     layers = keras.layers
@@ -278,12 +291,11 @@ def test_models_the_twin_cannot_mirror_are_refused():
     (keras.layers.ReLU(negative_slope=0.1), "ReLU with max_value (e.g. ReLU6)"),
     (keras.layers.Conv2D(2, 3, activation="relu6"), "activation 'relu6'"),
     (keras.layers.Conv2D(2, 3, dilation_rate=2), "without dilation"),
-    (keras.layers.BatchNormalization(scale=False), "with both γ and β"),
-    (keras.layers.LayerNormalization(center=False), "with both γ and β and without"),
+    (keras.layers.LayerNormalization(rms_scaling=True), "without rms_scaling"),
     (keras.layers.LayerNormalization(axis=(1, 2, 3)), "the last axis only"),
     (keras.layers.DepthwiseConv2D(3, dilation_rate=2), "DepthwiseConv2D depthwise_conv"),
     (keras.layers.SeparableConv2D(2, 3, activation="relu6"), "activation 'relu6'"),
-    (keras.layers.GroupNormalization(1, center=False), "groups of the last axis of images or vectors, with both"),
+    (keras.layers.GroupNormalization(1, axis=1), "groups of the last axis of images or vectors"),
     (keras.layers.Flatten(data_format="channels_first"), "Flatten flatten_cf must be"),
 ])
 def test_layers_the_twin_cannot_mirror_are_named(layer, message):
