@@ -579,8 +579,8 @@ SUPPORTED_LAYERS = (
     "Rescaling, Normalization (the last axis), "
     + ", ".join(TWIN_MERGES)
     + ", Concatenate, keras.ops +, -, * (and / by a number) and, as the identity at "
-    "inference, dropout, noise, stochastic depth and random augmentation layers, in nested "
-    "Sequential or functional models too")
+    "inference, dropout, noise, stochastic depth and random augmentation layers, "
+    "InceptionResNetV2's CustomScaleLayer, in nested Sequential or functional models too")
 
 
 def broadcast(shapes: list[tuple]) -> bool:
@@ -606,7 +606,8 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     top, bottom)), "crop" ((top, bottom, left, right)), "upsample" (((rows, columns),
     interpolation)),
     "reshape" (Keras's target_shape), "permute" (Keras's dims, from 1), a
-    merge of TWIN_MERGES, "scalar" (a keras.ops call: `scalar_step`), "concatenate" (torch axis) or "identity". `call` is the
+    merge of TWIN_MERGES, "scalar" (a keras.ops call: `operation_step`), "scaled_add"
+    (InceptionResNetV2's CustomScaleLayer: its scale), "concatenate" (torch axis) or "identity". `call` is the
     node's arguments (keras.src.ops.symbolic_arguments.SymbolicArguments), read for
     MultiHeadAttention: query, value and key by position, no mask."""
     import keras
@@ -629,6 +630,12 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
                           "twin mirrors it on its one input.")
         check_twin_layer(layer)
         return "module", layer.name
+    if type(layer).__name__ == "CustomScaleLayer":  # InceptionResNetV2's a + b·scale
+        if (type(layer).__module__ != "keras.src.applications.inception_resnet_v2"
+                or len(input_shapes) != 2 or len(set(input_shapes)) != 1):
+            raise Failure(f"twin: CustomScaleLayer {layer.name} must be keras.applications."
+                          "inception_resnet_v2's, on two tensors of one shape.")
+        return "scaled_add", float(layer.scale)
     if isinstance(layer, keras.layers.Flatten):
         if layer.data_format != "channels_last":
             raise Failure(f"twin: Flatten {layer.name} must be channels_last.")
@@ -1233,6 +1240,8 @@ def torch_twin(keras_model):
                                          else {}))
                 elif kind == "concatenate":
                     x = torch.cat(args, dim=value)
+                elif kind == "scaled_add":  # InceptionResNetV2's residual a + b·scale
+                    x = args[0] + args[1] * value
                 elif kind == "scalar":  # a keras.ops call of a tensor and a number
                     name, number, tensor_first = value
                     x = arithmetic[name](*((x, number) if tensor_first else (number, x)))

@@ -189,6 +189,18 @@ def test_convnext_nested_models_layer_scale_and_stochastic_depth():
         "pool", "logits"}
 
 
+def test_inception_resnet_scaled_residual_is_a_step():
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    layers = keras.layers
+    inputs = keras.Input((4, 4, 2))
+    branch = layers.Conv2D(2, 1, name="branch")(inputs)
+    h = CustomScaleLayer(0.17, name="residual")([inputs, branch])
+    steps, _ = compare.twin_graph(keras.Model(inputs, layers.Dense(3, name="logits")(
+        layers.GlobalAveragePooling2D(name="pool")(h))))
+    assert ("scaled_add", pytest.approx(0.17), (0, 1)) in [step[:3] for step in steps]
+
+
 def test_a_layer_scale_not_convnexts_is_named():
     class LayerScale(keras.layers.Layer):  # a user's own, of other arithmetic
         def call(self, x):
