@@ -983,6 +983,11 @@ def torch_twin(keras_model):
     class ChannelsLastLinear(ChannelsLast, nn.Linear):  # Dense on images: pointwise
         pass
 
+    def along_channels(tensor, x):
+        """A vector of Keras's last axis, to broadcast against x (images NCHW: along
+        axis 1)."""
+        return tensor.reshape(1, -1, 1, 1) if x.ndim == 4 else tensor
+
     class ChannelScale(nn.Module):
         """ConvNeXt's LayerScale: x times γ, a vector of Keras's last axis (an image's
         channels, axis 1 in the twin)."""
@@ -992,7 +997,7 @@ def torch_twin(keras_model):
             self.weight = nn.Parameter(torch.ones(channels))
 
         def forward(self, x):
-            return x * (self.weight.reshape(1, -1, 1, 1) if x.ndim == 4 else self.weight)
+            return x * along_channels(self.weight, x)
 
     # One entry per name of TWIN_ACTIVATIONS, which activation_name checks against.
     functions = {"linear": lambda t: t, "tanh": torch.tanh, "relu": torch.relu,
@@ -1190,9 +1195,7 @@ def torch_twin(keras_model):
         """A tensor of Keras's last-axis values (one: a scalar) to broadcast against x
         (images NCHW: the channel axis)."""
         tensor = torch.tensor(values, dtype=x.dtype)
-        if tensor.numel() == 1:
-            return tensor.reshape(())
-        return tensor.reshape(1, -1, 1, 1) if x.ndim == 4 else tensor
+        return tensor.reshape(()) if tensor.numel() == 1 else along_channels(tensor, x)
 
     def keras_layout(x):
         """The twin's tensor in Keras's layout: images NCHW → NHWC, other ranks as they are."""
