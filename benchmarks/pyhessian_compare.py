@@ -583,9 +583,11 @@ SUPPORTED_LAYERS = (
     "InceptionResNetV2's CustomScaleLayer, in nested Sequential or functional models too")
 
 
-def broadcast(shapes: list[tuple]) -> bool:
-    """Whether Keras shapes (without the batch) of one rank broadcast: then so do the
-    twin's, whose images are all NCHW alike."""
+def mergeable(shapes: list[tuple]) -> bool:
+    """Whether Keras shapes (without the batch) are equal, or of one rank and broadcast:
+    then so do the twin's, whose images are all NCHW alike."""
+    if len(set(shapes)) == 1:
+        return True
     if len({len(shape) for shape in shapes}) != 1 or any(None in shape for shape in shapes):
         return False
     try:
@@ -709,7 +711,7 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
         (top, bottom), (left, right) = layer.cropping
         return "crop", (int(top), int(bottom), int(left), int(right))
     if merge or isinstance(layer, keras.layers.Concatenate):
-        if merge and len(set(input_shapes)) != 1 and not broadcast(input_shapes):
+        if merge and not mergeable(input_shapes):
             raise Failure(f"twin: {type(layer).__name__} {layer.name} takes inputs of shapes "
                           f"{', '.join(map(str, input_shapes))}; the twin merges equal shapes, "
                           "or shapes of one rank that broadcast (a squeeze-and-excitation "
@@ -731,7 +733,7 @@ SCALAR_OPERATIONS = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply
 def operation_step(operation, arguments) -> Optional[tuple[str, Any]]:
     """The step of a keras.ops call of SCALAR_OPERATIONS: ("scalar", (operator, number,
     tensor first)) on one tensor and one number; (operator, None), a merge, on two
-    tensors of equal shapes or shapes that `broadcast` (not a division); else None."""
+    `mergeable` tensors (not a division); else None."""
     import keras
 
     operator = SCALAR_OPERATIONS.get(type(operation).__name__)
@@ -741,8 +743,7 @@ def operation_step(operation, arguments) -> Optional[tuple[str, Any]]:
         return None
     tensors = [isinstance(a, keras.KerasTensor) for a in args]
     if all(tensors):
-        shapes = [tuple(a.shape[1:]) for a in args]
-        fits = len(set(shapes)) == 1 or broadcast(shapes)
+        fits = mergeable([tuple(a.shape[1:]) for a in args])
         return (operator, None) if fits and operator != "divide" else None
     number = args[tensors.index(False)] if tensors.count(True) == 1 else None
     if not isinstance(number, (int, float)) or isinstance(number, bool):
