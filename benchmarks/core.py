@@ -148,22 +148,23 @@ def interleaved_timings(
     return seconds
 
 
-def agreeing_medians(variants: dict, rounds: int, what: str, *, tracing_contexts=None):
-    """Two operators of the same Hessian, `variants` {name: operator}: each one's first
+def agreeing_medians(variants: dict, rounds: int, what: str, *, tracing_contexts=None,
+                     tolerance: float = 1e-4):
+    """Operators of the same Hessian, `variants` {name: operator}: each one's first
     product of one vector (traced within its context of `tracing_contexts`, if any),
-    their largest difference relative to the first's largest entry (a RuntimeError
-    naming `what` above 1e-4), then the medians of `rounds` interleaved timed products.
-    Returns ({name: median seconds}, the difference)."""
+    the largest difference of the others' from the first's, relative to its largest
+    entry (a RuntimeError naming `what` above `tolerance`), then the medians of `rounds`
+    interleaved timed products. Returns ({name: median seconds}, the difference)."""
     reference = next(iter(variants.values()))
     vector = np.random.default_rng(0).standard_normal(reference.dim)
     products = {}
     for name, operator in variants.items():
         with (tracing_contexts or {}).get(name, contextlib.nullcontext)():
             products[name] = operator.matvec(vector)
-    reference_product, other_product = products.values()
-    error = float(np.abs(other_product - reference_product).max()
-                  / np.abs(reference_product).max())
-    if error > 1e-4:
+    reference_product, *other_products = products.values()
+    error = max(float(np.abs(other - reference_product).max()) for other in other_products
+                ) / float(np.abs(reference_product).max())
+    if error > tolerance:
         raise RuntimeError(f"{what}: the products differ by {error:.1e}")
     seconds = interleaved_timings(
         {name: functools.partial(operator.matvec, vector) for name, operator in variants.items()},

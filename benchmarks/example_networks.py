@@ -24,7 +24,7 @@ poolings of stride 1 with "same" padding, each then 1×1, concatenated) around a
 pooling of stride 2, whose stride-1 max poolings TensorFlow's kernel differentiated wrong
 to second order (second_order.py); convnext_blocks.keras and resnext_blocks.keras, grouped
 convolutions (ConvNeXt's depthwise 7×7 and ResNeXt's 8 channels per group) on the digits
-at 32×32, which Keras compiles by XLA and hessian_tf computes without (grouped_conv.py). With
+at 32×32, which Keras compiles by XLA and hessian_tf computes without (convolutions.py). With
 digits_img.npz (x: 8×8×1 images, x/16; y: labels), digits_flat.npz (x: the 64 pixels),
 digits_seq.npz (x: 8×8, rows as tokens), digits_tokens.npz (x: 64 int32 tokens) and
 digits_parity.npz (the images; y: 1 for an odd digit), digits_pixels.npz (x: 32×32×1,
@@ -249,7 +249,7 @@ def main(argv: list[str]) -> int:
     import keras
     from sklearn.datasets import load_digits
 
-    from hessian_tf.operators.grouped_conv import grouped_convolutions
+    from hessian_tf.operators.convolutions import grouped_convolutions
 
     digits = load_digits()
     flat = (digits.data / 16).astype(np.float32)
@@ -275,7 +275,7 @@ def main(argv: list[str]) -> int:
             keras.losses.BinaryCrossentropy(from_logits=True) if binary
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True)))
         # Keras compiles grouped convolutions by XLA, slow on a CPU: trained by
-        # hessian_tf's (grouped_conv.py), the same convolutions.
+        # hessian_tf's (convolutions.py), the same convolutions.
         with grouped_convolutions():
             model.fit(data[data_name],
                       labels[data_name].reshape(-1, 1) if binary else labels[data_name],

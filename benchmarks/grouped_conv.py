@@ -1,4 +1,4 @@
-"""Grouped convolutions without XLA (hessian_tf.operators.grouped_conv) against Keras's
+"""Grouped convolutions without XLA (hessian_tf.operators.convolutions) against Keras's
 own, compiled by XLA: one full-data Hessian-vector product per network and method.
 
 `KerasModelFunction` computes Keras's grouped convolutions as depthwise or split

@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
 import grouped_conv  # noqa: E402  (benchmarks/grouped_conv.py)
-from hessian_tf.operators import grouped_conv as ours  # noqa: E402
+from hessian_tf.operators import convolutions as ours  # noqa: E402
 from tests.benchmarks.contrast import MendingRecorder  # noqa: E402
 
 

@@ -81,12 +81,18 @@ CASES = {  # name: (build, input shape per example, --regularization)
     "conv3d_transpose": (conv(3, layer(L.Conv3DTranspose, 2, 2, strides=2))((2, 2, 2, 1)),
                          (2, 2, 2, 1), False),
     # Grouped convolutions, computed without XLA while products are traced
-    # (grouped_conv.py): one input channel per group (ConvNeXt's) and two.
+    # (convolutions.py): one input channel per group (ConvNeXt's) and two.
     "conv2d_groups_depthwise": (conv(2, layer(L.Conv2D, 4, 2, groups=2, activation="tanh"))(
         (3, 3, 1)), (3, 3, 1), False),
     "conv2d_groups_split": (chain((3, 3, 1), layer(L.Conv2D, 4, 1, activation="tanh"),
                                   layer(L.Conv2D, 4, 2, groups=2, activation="tanh"),
                                   layer(L.Conv2D, 3, 1)), (3, 3, 1), False),
+    # Pointwise convolutions, matrix products while products are traced
+    # (convolutions.py): a 1×1 and a dilated 3×3 on a 1×1 map.
+    "conv2d_pointwise": (chain((3, 3, 1), layer(L.Conv2D, 3, 1, activation="tanh"),
+                               layer(L.Conv2D, 2, 3, activation="tanh"),
+                               layer(L.Conv2D, 3, 3, dilation_rate=2, padding="same")),
+                         (3, 3, 1), False),
     "depthwise_conv2d_strided": (conv(2, layer(L.DepthwiseConv2D, 3, strides=2,
                                                padding="same", activation="tanh"))((5, 5, 2)),
                                  (5, 5, 2), False),

@@ -1,0 +1,164 @@
+"""Pointwise convolutions as matrix products (hessian_tf.operators.convolutions) against
+TensorFlow's convolutions: one Hessian-vector product per network.
+
+`KerasModelFunction` computes a convolution whose window is 1×1 without strides (or that
+sees a 1×1 map with "same" padding) as the matrix product it is while it traces a
+product; here one operator of each pair is traced with TensorFlow's convolution
+instead. Networks (seeded, untrained, inference-mode BN as the binary's default; one
+batch of the digits, each 8×8 image repeated to the size and to 3 channels):
+
+- `resnet50v2_32`: `keras.applications.ResNet50V2` at 32×32 (its last stage on 1×1 maps),
+  batch 128;
+- `densenet121_32`: `keras.applications.DenseNet121` at 32×32 (1×1 bottlenecks and
+  transitions), batch 128;
+- `mobilenetv2_32`: `keras.applications.MobileNetV2(alpha=0.35)` at 32×32 (1×1 expansions
+  and projections), batch 128;
+- `resnet32_cifar`: hessian_tf's ResNet-32 at 32×32, batch 128, and `resnet18_224`: its
+  ImageNet ResNet-18 at 224×224, batch 32. Their only 1×1 convolutions are strided
+  shortcuts, which keep TensorFlow's convolution (as matrix products they took 1.05
+  and 1.02 of its time here in a first run; ad hoc, 1.2–2.1 on one layer): the two
+  variants are the same graph, and their ratio is the timing's noise.
+
+Each variant runs in a process of its own, twice, alternating (TensorFlow's, ours,
+TensorFlow's, ours): its first product (traced; reverse over reverse, the method
+`--method=auto` chose on these), then `--rounds` timed ones; medians of the two
+processes' timings. Timed in one process, interleaved, the two variants' ratio on
+ResNet50-V2 moved between 0.80 and 1.09 in three runs, while in processes of their own
+each variant's times agreed to 4% (ad hoc). The products are checked against each other
+(to 1e-3 of the largest entry: on ResNet50-V2 they differ by 2.5e-4 in float32, where an
+activation near zero takes the side its rounding gives it; built in float64 its two
+products agree to 1.4e-15, ad hoc).
+
+Command (about 9 minutes on 2 CPU cores):
+  .venv/bin/python benchmarks/pointwise_conv.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from core import rounds_main, switched_off  # noqa: E402  (benchmarks/core.py)
+
+CASES = (("resnet50v2_32", 128), ("densenet121_32", 128), ("mobilenetv2_32", 128),
+         ("resnet32_cifar", 128), ("resnet18_224", 32))
+TENSORFLOW = "TensorFlow's conv"
+OURS = "matrix products"
+
+# Traces made within compute pointwise convolutions by TensorFlow's convolution.
+tensorflow_convolutions = functools.partial(switched_off, "pointwise_convolutions")
+
+
+def build(network: str, size: int):
+    import keras
+
+    from hessian_tf.models import resnet
+
+    applications = {"resnet50v2": keras.applications.ResNet50V2,
+                    "densenet121": keras.applications.DenseNet121,
+                    "mobilenetv2": functools.partial(keras.applications.MobileNetV2,
+                                                     alpha=0.35)}
+    name = network.rsplit("_", 1)[0]
+    if name in applications:
+        return applications[name](weights=None, input_shape=(size, size, 3), classes=10,
+                                  classifier_activation=None)
+    builder = resnet.resnet32 if name == "resnet32" else resnet.resnet18
+    return builder(input_shape=(size, size, 3), num_classes=10)
+
+
+def images(size: int, examples: int):
+    """The first `examples` digits, each pixel repeated to size×size, 3 channels."""
+    import numpy as np
+
+    from hessian_tf.io.datasets import load_digits
+
+    x, y = load_digits()
+    x = x[:examples].reshape(-1, 8, 8)
+    x = np.repeat(np.repeat(x, -(-size // 8), 1), -(-size // 8), 2)[:, :size, :size]
+    return np.repeat(x[..., np.newaxis], 3, -1), y[:examples]
+
+
+def time_variant(network: str, batch_size: int, variant: str, rounds: int, examples: int,
+                 size: int, out: str) -> None:
+    """In a process of its own: the variant's first product of one vector (traced) and
+    the seconds of `rounds` more, saved to `out` (.npz: product, seconds, params)."""
+    import time
+
+    import keras
+    import numpy as np
+
+    from hessian_tf import operators
+    from hessian_tf.distribute import automatic_cpu_threads
+
+    automatic_cpu_threads("default")  # as hessian-spectrum sets them
+    x, y = images(size, examples)
+    keras.utils.set_random_seed(0)
+    model = build(network, size)
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=batch_size,
+        method="reverse_over_reverse")
+    vector = np.random.default_rng(0).standard_normal(operator.dim)
+    with (tensorflow_convolutions if variant == TENSORFLOW else contextlib.nullcontext)():
+        product = operator.matvec(vector)
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        operator.matvec(vector)
+        seconds.append(time.perf_counter() - start)
+    np.savez(out, product=product, seconds=seconds, params=model.count_params())
+
+
+def measure(network: str, batch_size: int, rounds: int, examples: int = 0, size: int = 0,
+            alternations: int = 2):
+    import numpy as np
+
+    size = size or (224 if network.endswith("_224") else 32)
+    runs = {TENSORFLOW: [], OURS: []}
+    with tempfile.TemporaryDirectory() as directory:
+        for alternation in range(alternations):
+            for variant in runs:
+                out = os.path.join(directory, f"{alternation}-{list(runs).index(variant)}.npz")
+                done = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), "--child", network,
+                     str(batch_size), variant, str(rounds), str(examples or batch_size),
+                     str(size), out], capture_output=True, text=True)
+                if done.returncode != 0:
+                    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                    raise RuntimeError(f"{network}, {variant}: the process failed: {last}")
+                with np.load(out) as saved:
+                    runs[variant].append({key: saved[key] for key in saved.files})
+    reference = runs[TENSORFLOW][0]["product"]
+    error = max(float(np.abs(run["product"] - reference).max())
+                for variant_runs in runs.values() for run in variant_runs
+                ) / float(np.abs(reference).max())
+    if error > 1e-3:
+        raise RuntimeError(f"{network}: the products differ by {error:.1e}")
+    median = {variant: float(np.median(np.concatenate([run["seconds"] for run in variant_runs])))
+              for variant, variant_runs in runs.items()}
+    return [network, f"{int(runs[OURS][0]['params']):,}", str(batch_size),
+            f"{median[TENSORFLOW] * 1e3:.1f}", f"{median[OURS] * 1e3:.1f}",
+            f"{median[OURS] / median[TENSORFLOW]:.3f}", f"{error:.0e}"]
+
+
+HEADER = ("network", "params", "batch", "TensorFlow's conv ms", "matrix products ms",
+          "ours ÷ TensorFlow's", "max rel. diff")
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        network, batch_size, variant, rounds, examples, size, out = argv[1:]
+        time_variant(network, int(batch_size), variant, int(rounds), int(examples), int(size),
+                     out)
+        return 0
+    return rounds_main(argv, script="pointwise_conv.py", description=__doc__.splitlines()[0],
+                       header=HEADER, cases=CASES, measure=measure, rounds=5)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,206 @@
+"""Convolutions computed by other TensorFlow ops on CPU-only hosts: grouped ones
+without XLA, pointwise ones as matrix products.
+
+**Grouped convolutions.** Keras's TensorFlow backend computes every grouped convolution
+(`Conv1D`/`2D`/`3D` with `groups` > 1) in a function compiled by XLA
+(`jit_compile=True`), since TensorFlow's convolution kernels have no groups. ConvNeXt
+(`keras.applications.ConvNeXt*`) writes its 7×7 depthwise convolutions that way, as
+`Conv2D(channels, 7, groups=channels)`, and ResNeXt- and RegNet-style blocks group
+3×3 convolutions. XLA's CPU code for them and their derivatives is slow, and its second
+derivatives slower still. A full-data product of 128 of the digits at 32×32
+(`benchmarks/grouped_conv.py`, one run, 2 CPU cores) took 150 against 2,224 ms by
+reverse over reverse on a ConvNeXt-shaped network (`example_networks.py`'s
+`convnext_blocks`) and 96 against 7,575 ms on a ResNeXt-shaped one (`resnext_blocks`, 8
+channels per group); on `keras.applications.ConvNeXtTiny` at 32×32, one batch of 128,
+a product took 1.7 against 16.0 s (ad hoc). Within `grouped_convolutions()`:
+
+- one input channel per group (depthwise, `filters / channels` outputs per channel),
+  1-D or 2-D: Keras's own `depthwise_conv` (`tf.nn.depthwise_conv2d`), the kernel
+  reshaped from [*window, 1, filters] to [*window, channels, filters / channels]
+  (output channel c·m + k reads input channel c in both);
+- otherwise: the inputs and the kernel's outputs split into the groups, one
+  convolution each, the results concatenated (channels last; channels-first inputs
+  are transposed around it). Of the formulations by ordinary ops timed with many
+  groups (`benchmarks/grouped_conv_formulations.py`: up to 46 groups), the split was
+  the fastest.
+
+**Pointwise convolutions.** TensorFlow's CPU convolutions (oneDNN) are slower than its
+matrix products on a convolution that is one: computed as a matrix product, a
+Hessian-vector product through a 1×1 convolution took 0.37 of the convolution's time on
+1×1 maps, 0.85–0.93 on 2×2 to 16×16 maps and as much (1.03) on 32×32 (ad hoc, one
+thread, batch 128, reverse over reverse). With strides, the subsampling's derivatives
+cost more than that saves (1.2–2.1 times the convolution's time, ad hoc), so strided
+1×1 convolutions keep TensorFlow's. Within
+`pointwise_convolutions()`, a convolution of channels-last float32 or float64 inputs by
+a kernel whose window is 1 in every axis, without strides, or, with "same" padding, of
+inputs whose every spatial axis is 1 (where only one tap of the window reads an input),
+is that matrix product at each position. Full-data products took 0.85–0.92 of the time
+on networks with many such convolutions (ResNet50-V2, DenseNet121 and MobileNetV2 at
+32×32, `benchmarks/pointwise_conv.py`, one run).
+
+Both are entered around the traces of products and gradients (the Keras model
+function's mode context) and of the functions `export_for_spectrum` saves, and replace
+Keras's backend `conv` only on a host whose devices are all CPUs (GPUs and TPUs keep
+Keras's path: not measured there). The values are the convolutions'
+(tests/operators/test_convolutions.py), and so are the derivatives: only TensorFlow's
+ordinary convolution and matrix-product ops are differentiated.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import tensorflow as tf
+from keras.src import backend as keras_backend
+from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
+
+from hessian_tf.operators.shared_patch import SharedPatch
+
+if not all(hasattr(keras_tensorflow_nn, name) for name in ("conv", "depthwise_conv")):
+    raise ImportError(
+        "hessian_tf: this Keras has no keras.src.backend.tensorflow.nn.conv or "
+        "depthwise_conv, through which hessian_tf computes grouped convolutions without "
+        "XLA (hessian_tf/operators/convolutions.py); install the Keras that TensorFlow "
+        "2.21 installs (3.15), or update convolutions.py and its tests."
+    )
+
+_keras_conv = keras_tensorflow_nn.conv
+
+
+def _as_tuple(value):
+    """Keras's depthwise_conv joins tuples; layers pass lists."""
+    return value if isinstance(value, int) or value is None else tuple(value)
+
+
+def groups_of(inputs, kernel, data_format=None):
+    """The number of groups of a convolution of `inputs` by `kernel` [*window,
+    channels / groups, filters], when it is static and more than one; else None."""
+    data_format = keras_backend.standardize_data_format(data_format)
+    channels = inputs.shape[-1 if data_format == "channels_last" else 1]
+    per_group, filters = kernel.shape[-2], kernel.shape[-1]
+    if (channels is None or per_group is None or filters is None or per_group >= channels
+            or channels % per_group):
+        return None
+    groups = channels // per_group
+    return groups if filters % groups == 0 else None
+
+
+def _cpu_only() -> bool:
+    """Whether TensorFlow sees only CPU devices (no GPU, no TPU), where the replacements
+    were measured."""
+    return all(device.device_type == "CPU" for device in tf.config.list_logical_devices())
+
+
+def _per_axis(value, rank: int) -> tuple:
+    return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+def pointwise_matrix(inputs, kernel, strides=1, padding="valid", data_format=None,
+                     dilation_rate=1):
+    """(inputs, the [channels, filters] matrix) when the convolution of `inputs` by
+    `kernel` is a matrix product at each position of channels-last float32 or float64
+    inputs, and computed as one: a 1×1 window without strides, or "same" padding on
+    1×1 maps; else None."""
+    if keras_backend.standardize_data_format(data_format) != "channels_last":
+        return None
+    window = tuple(kernel.shape[:-2])
+    rank = len(window)
+    if (inputs.dtype not in (tf.float32, tf.float64) or len(inputs.shape) != rank + 2
+            or None in kernel.shape or kernel.shape[-2] != inputs.shape[-1]):
+        return None
+    strides, dilations = _per_axis(strides, rank), _per_axis(dilation_rate, rank)
+    if any(s != 1 for s in strides) and any(d != 1 for d in dilations):
+        return None  # refused by TensorFlow's convolution: keep its error
+    if all(k == 1 for k in window):
+        # Strided, the subsampling's derivatives cost more than the convolution saves.
+        if any(s != 1 for s in strides):
+            return None
+        return inputs, tf.reshape(kernel, kernel.shape[-2:])
+    if padding.lower() != "same" or any(n != 1 for n in inputs.shape[1:-1]):
+        return None
+    # One output position; along each axis "same" pads (k - 1)·d // 2 before the input,
+    # so the tap at that offset reads it (none does if it falls between taps).
+    taps = []
+    for k, d in zip(window, dilations):
+        before = (k - 1) * d // 2
+        if before % d:
+            return None
+        taps.append(before // d)
+    return inputs, kernel[tuple(taps)]
+
+
+def _at_each_position(inputs, matrix):
+    filters = matrix.shape[-1]
+    shape = tf.shape(inputs)
+    outputs = tf.reshape(tf.matmul(tf.reshape(inputs, (-1, matrix.shape[0])), matrix),
+                         tf.concat([shape[:-1], [filters]], 0))
+    outputs.set_shape(inputs.shape[:-1].concatenate([filters]))
+    return outputs
+
+
+def _grouped(inputs, kernel, groups, strides, padding, data_format, dilation_rate):
+    rank = len(inputs.shape)
+    if kernel.shape[-2] == 1 and rank in (3, 4):  # depthwise
+        channels, filters = groups, kernel.shape[-1]
+        depthwise = tf.reshape(kernel, tuple(kernel.shape[:-2]) + (channels, filters // channels))
+        return keras_tensorflow_nn.depthwise_conv(
+            inputs, depthwise, _as_tuple(strides), padding, data_format,
+            _as_tuple(dilation_rate))
+    channels_first = keras_backend.standardize_data_format(data_format) == "channels_first"
+    if channels_first:
+        inputs = tf.transpose(inputs, [0, *range(2, rank), 1])
+    outputs = tf.concat([
+        tf.nn.convolution(part, part_kernel, strides, padding.upper(), dilations=dilation_rate)
+        for part, part_kernel in zip(tf.split(inputs, groups, axis=-1),
+                                     tf.split(kernel, groups, axis=-1))], axis=-1)
+    if channels_first:
+        outputs = tf.transpose(outputs, [0, rank - 1, *range(1, rank - 1)])
+    return outputs
+
+
+# Which replacements are entered ("grouped", "pointwise"); `conv` is Keras's backend
+# conv while any is.
+_active: set = set()
+_active_lock = threading.Lock()
+
+
+def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+    """Keras's backend `conv` (same arguments, same values); on a CPU-only host, grouped
+    convolutions without XLA and pointwise ones as matrix products, as entered."""
+    inputs, kernel = tf.convert_to_tensor(inputs), tf.convert_to_tensor(kernel)
+    active = set(_active)
+    if active and _cpu_only():
+        groups = groups_of(inputs, kernel, data_format) if "grouped" in active else None
+        if groups is not None and padding.lower() in ("valid", "same"):
+            return _grouped(inputs, kernel, groups, strides, padding, data_format,
+                            dilation_rate)
+        if "pointwise" in active:
+            pointwise = pointwise_matrix(inputs, kernel, strides, padding, data_format,
+                                         dilation_rate)
+            if pointwise is not None:
+                return _at_each_position(*pointwise)
+    return _keras_conv(inputs, kernel, strides, padding, data_format, dilation_rate)
+
+
+def _switch(name: str, on: bool) -> None:
+    with _active_lock:
+        (_active.add if on else _active.discard)(name)
+        keras_tensorflow_nn.conv = conv if _active else _keras_conv
+
+
+_grouped_patch = SharedPatch(lambda: _switch("grouped", True), lambda: _switch("grouped", False))
+_pointwise_patch = SharedPatch(lambda: _switch("pointwise", True),
+                               lambda: _switch("pointwise", False))
+
+
+def grouped_convolutions():
+    """Within: Keras's grouped convolutions run without XLA (as depthwise or split
+    convolutions) on a CPU-only host. Entries may nest and overlap (in threads), as
+    moments.exact_moments'."""
+    return _grouped_patch()
+
+
+def pointwise_convolutions():
+    """Within: Keras's convolutions that are a matrix product at each position run as
+    one (pointwise_matrix) on a CPU-only host. Entries may nest and overlap."""
+    return _pointwise_patch()

@@ -1,0 +1,173 @@
+"""Convolutions by other ops (convolutions.py). Grouped ones without XLA: the same values
+as Keras's own (XLA-compiled) grouped convolutions, and no XLA-compiled function in the
+traces. Pointwise ones as matrix products: the same values as Keras's convolutions, and
+no convolution op in the traces. Their products against central differences are in
+test_layers.py."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hessian_tf.operators import convolutions
+
+CONVS = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}
+CASES = {  # name: (rank, input shape per example, Conv keyword arguments)
+    "depthwise_2d_multiplier_2": (2, (7, 6, 3), dict(filters=6, kernel_size=3, groups=3,
+                                                     padding="same")),
+    "depthwise_2d_strided": (2, (7, 6, 3), dict(filters=3, kernel_size=(3, 2), groups=3,
+                                                strides=2)),
+    "depthwise_2d_dilated": (2, (7, 6, 3), dict(filters=3, kernel_size=3, groups=3,
+                                                dilation_rate=2, padding="same")),
+    "depthwise_1d_causal": (1, (9, 3), dict(filters=6, kernel_size=3, groups=3,
+                                            padding="causal")),
+    "depthwise_2d_channels_first": (2, (2, 7, 6), dict(filters=4, kernel_size=3, groups=2,
+                                                       data_format="channels_first")),
+    "split_2d_strided": (2, (7, 6, 4), dict(filters=6, kernel_size=3, groups=2, strides=2,
+                                            padding="same")),
+    "split_1d": (1, (9, 6), dict(filters=3, kernel_size=3, groups=3)),
+    "split_3d": (3, (4, 5, 3, 4), dict(filters=4, kernel_size=2, groups=2)),
+    # One channel per group in 3-D: split too (Keras's depthwise_conv is 1-D and 2-D).
+    "one_channel_per_group_3d": (3, (4, 5, 3, 2), dict(filters=2, kernel_size=2, groups=2)),
+    "split_2d_channels_first": (2, (4, 6, 5), dict(filters=6, kernel_size=3, groups=2,
+                                                   data_format="channels_first")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_values_equal_keras_grouped_convolution(name):
+    rank, shape, kwargs = CASES[name]
+    keras.utils.set_random_seed(0)
+    layer = CONVS[rank](dtype="float64", **kwargs)
+    x = np.random.default_rng(1).standard_normal((2,) + shape)
+    expected = layer(x).numpy()  # Keras's XLA-compiled grouped convolution
+    with convolutions.grouped_convolutions():
+        got = layer(x).numpy()
+    assert convolutions.groups_of(tf.constant(x), layer.kernel, kwargs.get("data_format"))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def _compiled_calls(function, *args) -> int:
+    """Ops of the gradient graph of `function` that call a function compiled by XLA."""
+    graph = tf.function(function).get_concrete_function(*args).graph
+    return sum(1 for op in graph.get_operations()
+               if "_XlaMustCompile" in op.node_def.attr
+               and op.node_def.attr["_XlaMustCompile"].b)
+
+
+@pytest.mark.parametrize("groups", [4, 2])  # depthwise, split
+def test_traces_call_no_xla(groups):
+    inputs = keras.Input((6, 6, 4))
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3, groups=groups)(inputs))
+    x = tf.random.normal((2, 6, 6, 4))
+
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    assert _compiled_calls(gradient, x) > 0  # Keras's own path: the test can fail
+    with convolutions.grouped_convolutions():
+        assert _compiled_calls(gradient, x) == 0
+    assert _compiled_calls(gradient, x) > 0  # restored on exit
+
+
+def test_ungrouped_and_dynamic_channels_keep_keras_path():
+    x = tf.zeros((1, 5, 5, 3))
+    assert convolutions.groups_of(x, tf.zeros((3, 3, 3, 4))) is None
+    kernel = tf.zeros((3, 3, 1, 4))
+
+    def convolve(x):
+        return convolutions.conv(x, kernel)
+
+    with convolutions.grouped_convolutions():  # channels unknown: Keras's XLA call
+        assert _compiled_calls(convolve, tf.TensorSpec((None, 5, 5, None))) > 0
+        assert _compiled_calls(convolve, tf.TensorSpec((None, 5, 5, 4))) == 0
+
+
+def test_hosts_with_accelerators_keep_keras_path(monkeypatch):
+    monkeypatch.setattr(convolutions, "_cpu_only", lambda: False)  # as on a GPU host
+    x = tf.TensorSpec((2, 5, 5, 4))
+    with convolutions.grouped_convolutions():
+        assert _compiled_calls(lambda x: convolutions.conv(x, tf.zeros((3, 3, 1, 4))), x) > 0
+
+
+POINTWISE_CASES = {  # name: (rank, input shape per example, Conv keyword arguments)
+    "1x1": (2, (5, 4, 3), dict(filters=4, kernel_size=1)),
+    "1x1_dilated": (2, (5, 4, 3), dict(filters=4, kernel_size=1, dilation_rate=2)),
+    "1d_1": (1, (7, 3), dict(filters=2, kernel_size=1)),
+    "3d_1x1x1": (3, (3, 4, 5, 2), dict(filters=3, kernel_size=1, padding="same")),
+    "3x3_same_on_1x1_map": (2, (1, 1, 3), dict(filters=4, kernel_size=3, padding="same")),
+    "3x3_same_strided_on_1x1_map": (2, (1, 1, 3), dict(filters=4, kernel_size=3, strides=2,
+                                                       padding="same")),
+    "3x3_same_dilated_on_1x1_map": (2, (1, 1, 3), dict(filters=4, kernel_size=3,
+                                                       dilation_rate=2, padding="same")),
+    "4x2_same_on_1x1_map": (2, (1, 1, 3), dict(filters=4, kernel_size=(4, 2), padding="same")),
+    "1d_5_same_on_1_position": (1, (1, 3), dict(filters=2, kernel_size=5, padding="same")),
+}
+NOT_POINTWISE = {  # kept on Keras's path, the values as they were
+    "1x1_strided": (2, (5, 4, 3), dict(filters=4, kernel_size=1, strides=(3, 2),
+                                       padding="same")),
+    "2x2_same_dilated_on_1x1_map": (2, (1, 1, 3), dict(filters=4, kernel_size=2,
+                                                       dilation_rate=2, padding="same")),
+    "3x3_same_on_2x1_map": (2, (2, 1, 3), dict(filters=4, kernel_size=3, padding="same")),
+    "3x3": (2, (5, 4, 3), dict(filters=4, kernel_size=3)),
+}
+
+
+def _conv_ops(function, *args) -> list[str]:
+    graph = tf.function(function).get_concrete_function(*args).graph
+    return [op.type for op in graph.get_operations() if "Conv" in op.type]
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE_CASES) + sorted(NOT_POINTWISE))
+def test_pointwise_values_and_graphs(name):
+    rank, shape, kwargs = {**POINTWISE_CASES, **NOT_POINTWISE}[name]
+    keras.utils.set_random_seed(0)
+    layer = CONVS[rank](dtype="float64", **kwargs)
+    x = np.random.default_rng(1).standard_normal((2,) + shape)
+    expected = layer(x).numpy()  # Keras's convolution
+    assert _conv_ops(layer, tf.constant(x))  # the test can fail
+    with convolutions.pointwise_convolutions():
+        got = layer(x).numpy()
+        conv_ops = _conv_ops(layer, tf.constant(x))
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    assert (conv_ops == []) == (name in POINTWISE_CASES), conv_ops
+    assert _conv_ops(layer, tf.constant(x))  # restored on exit
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_pointwise_keeps_static_shapes_and_dtypes(batch):
+    kernel = tf.constant(np.ones((1, 1, 3, 5), np.float32))
+
+    def convolve(x):
+        outputs = convolutions.conv(x, kernel)
+        assert outputs.shape.as_list() == [batch, 5, None, 5]
+        return outputs
+
+    with convolutions.pointwise_convolutions():
+        assert _conv_ops(convolve, tf.TensorSpec((batch, 5, None, 3))) == []
+        # float16 and bfloat16 (mixed precision) keep TensorFlow's convolution.
+        assert convolutions.pointwise_matrix(tf.zeros((1, 2, 2, 3), tf.float16),
+                                             tf.zeros((1, 1, 3, 5), tf.float16)) is None
+
+
+def test_pointwise_and_grouped_switch_independently():
+    x = tf.TensorSpec((2, 5, 5, 4))
+    grouped, pointwise = tf.zeros((3, 3, 1, 4)), tf.zeros((1, 1, 4, 4))
+    with convolutions.pointwise_convolutions():
+        assert _compiled_calls(lambda x: convolutions.conv(x, grouped), x) > 0
+        assert _conv_ops(lambda x: convolutions.conv(x, pointwise), x) == []
+        with convolutions.grouped_convolutions():
+            assert _compiled_calls(lambda x: convolutions.conv(x, grouped), x) == 0
+        assert _compiled_calls(lambda x: convolutions.conv(x, grouped), x) > 0
+    with convolutions.grouped_convolutions():
+        assert _conv_ops(lambda x: convolutions.conv(x, pointwise), x) != []
+
+
+def test_pointwise_hosts_with_accelerators_keep_keras_path(monkeypatch):
+    monkeypatch.setattr(convolutions, "_cpu_only", lambda: False)  # as on a GPU host
+    with convolutions.pointwise_convolutions():
+        assert _conv_ops(lambda x: convolutions.conv(x, tf.zeros((1, 1, 4, 4))),
+                         tf.TensorSpec((2, 5, 5, 4))) != []
