@@ -148,6 +148,17 @@ def interleaved_timings(
     return seconds
 
 
+def products_difference(products: list, what: str, tolerance: float = 1e-4) -> float:
+    """The largest difference of `products[1:]` from `products[0]`, relative to its
+    largest entry; a RuntimeError naming `what` above `tolerance`."""
+    reference, *others = products
+    error = max(float(np.abs(other - reference).max()) for other in others
+                ) / float(np.abs(reference).max())
+    if error > tolerance:
+        raise RuntimeError(f"{what}: the products differ by {error:.1e}")
+    return error
+
+
 def agreeing_medians(variants: dict, rounds: int, what: str, *, tracing_contexts=None,
                      tolerance: float = 1e-4):
     """Operators of the same Hessian, `variants` {name: operator}: each one's first
@@ -161,11 +172,7 @@ def agreeing_medians(variants: dict, rounds: int, what: str, *, tracing_contexts
     for name, operator in variants.items():
         with (tracing_contexts or {}).get(name, contextlib.nullcontext)():
             products[name] = operator.matvec(vector)
-    reference_product, *other_products = products.values()
-    error = max(float(np.abs(other - reference_product).max()) for other in other_products
-                ) / float(np.abs(reference_product).max())
-    if error > tolerance:
-        raise RuntimeError(f"{what}: the products differ by {error:.1e}")
+    error = products_difference(list(products.values()), what, tolerance)
     seconds = interleaved_timings(
         {name: functools.partial(operator.matvec, vector) for name, operator in variants.items()},
         rounds)

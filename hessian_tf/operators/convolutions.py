@@ -28,15 +28,16 @@ a product took 1.7 against 16.0 s (ad hoc). Within `grouped_convolutions()`:
 matrix products on a convolution that is one: computed as a matrix product, a
 Hessian-vector product through a 1×1 convolution took 0.37 of the convolution's time on
 1×1 maps, 0.85–0.93 on 2×2 to 16×16 maps and as much (1.03) on 32×32 (ad hoc, one
-thread, batch 128, reverse over reverse). With strides, the subsampling's derivatives
+thread, batch 128, reverse over reverse); 0.82–1.02 on ImageNet networks' 14×14 to
+112×112 maps (batch 32). With strides, the subsampling's derivatives
 cost more than that saves (1.2–2.1 times the convolution's time, ad hoc), so strided
 1×1 convolutions keep TensorFlow's. Within
 `pointwise_convolutions()`, a convolution of channels-last float32 or float64 inputs by
 a kernel whose window is 1 in every axis, without strides, or, with "same" padding, of
 inputs whose every spatial axis is 1 (where only one tap of the window reads an input),
-is that matrix product at each position. Full-data products took 0.85–0.92 of the time
+is that matrix product at each position. Full-data products took 0.82–0.92 of the time
 on networks with many such convolutions (ResNet50-V2, DenseNet121 and MobileNetV2 at
-32×32, `benchmarks/pointwise_conv.py`, one run).
+32×32, `benchmarks/pointwise_conv.py`, two runs).
 
 Both are entered around the traces of products and gradients (the Keras model
 function's mode context) and of the functions `export_for_spectrum` saves, and replace
@@ -99,8 +100,8 @@ def pointwise_matrix(inputs, kernel, strides=1, padding="valid", data_format=Non
                      dilation_rate=1):
     """(inputs, the [channels, filters] matrix) when the convolution of `inputs` by
     `kernel` is a matrix product at each position of channels-last float32 or float64
-    inputs, and computed as one: a 1×1 window without strides, or "same" padding on
-    1×1 maps; else None."""
+    inputs, and computed as one: a 1×1 window without strides (or on 1×1 maps), or
+    "same" padding on 1×1 maps; else None."""
     if keras_backend.standardize_data_format(data_format) != "channels_last":
         return None
     window = tuple(kernel.shape[:-2])
@@ -109,14 +110,16 @@ def pointwise_matrix(inputs, kernel, strides=1, padding="valid", data_format=Non
             or None in kernel.shape or kernel.shape[-2] != inputs.shape[-1]):
         return None
     strides, dilations = _per_axis(strides, rank), _per_axis(dilation_rate, rank)
-    if any(s != 1 for s in strides) and any(d != 1 for d in dilations):
+    if (kernel.dtype != inputs.dtype or padding.lower() not in ("valid", "same")
+            or any(s != 1 for s in strides) and any(d != 1 for d in dilations)):
         return None  # refused by TensorFlow's convolution: keep its error
+    single_position = all(n == 1 for n in inputs.shape[1:-1])
     if all(k == 1 for k in window):
         # Strided, the subsampling's derivatives cost more than the convolution saves.
-        if any(s != 1 for s in strides):
+        if any(s != 1 for s in strides) and not single_position:
             return None
         return inputs, tf.reshape(kernel, kernel.shape[-2:])
-    if padding.lower() != "same" or any(n != 1 for n in inputs.shape[1:-1]):
+    if padding.lower() != "same" or not single_position:
         return None
     # One output position; along each axis "same" pads (k - 1)·d // 2 before the input,
     # so the tap at that offset reads it (none does if it falls between taps).

@@ -12,19 +12,25 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 
 import pointwise_conv  # noqa: E402  (benchmarks/pointwise_conv.py)
 from hessian_tf.operators import convolutions as ours  # noqa: E402
-from tests.benchmarks.contrast import MendingRecorder  # noqa: E402
+from hessian_tf.operators import model_function  # noqa: E402
 
 
 def test_variants_trace_the_two_convolutions(monkeypatch, tmp_path):
-    recorder = MendingRecorder(monkeypatch, "pointwise_convolutions",
-                               ours.pointwise_convolutions)
-    saved = {}
+    matrix_products = []
+    at_each_position = ours._at_each_position
+    monkeypatch.setattr(ours, "_at_each_position", lambda *args: matrix_products.append(
+        args) or at_each_position(*args))
+    saved, counts = {}, {}
     for variant in (pointwise_conv.TENSORFLOW, pointwise_conv.OURS):
         out = str(tmp_path / f"{len(saved)}.npz")
-        pointwise_conv.time_variant("resnet32_cifar", 4, variant, 2, 4, 16, out)
+        pointwise_conv.time_variant("mobilenetv2_32", 4, variant, 2, 4, 32, out)
+        counts[variant] = len(matrix_products)
         with np.load(out) as values:
             saved[variant] = {key: values[key] for key in values.files}
-    recorder.check_contrast()  # TensorFlow's first, then ours
+    # MobileNetV2's 1×1 convolutions: matrix products in our variant's traces only,
+    # and the mending restored after TensorFlow's.
+    assert counts[pointwise_conv.TENSORFLOW] == 0 < counts[pointwise_conv.OURS]
+    assert model_function.pointwise_convolutions is ours.pointwise_convolutions
     for values in saved.values():
         assert len(values["seconds"]) == 2 and min(values["seconds"]) > 0
     np.testing.assert_allclose(saved[pointwise_conv.OURS]["product"],

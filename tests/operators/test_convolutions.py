@@ -85,13 +85,6 @@ def test_ungrouped_and_dynamic_channels_keep_keras_path():
         assert _compiled_calls(convolve, tf.TensorSpec((None, 5, 5, 4))) == 0
 
 
-def test_hosts_with_accelerators_keep_keras_path(monkeypatch):
-    monkeypatch.setattr(convolutions, "_cpu_only", lambda: False)  # as on a GPU host
-    x = tf.TensorSpec((2, 5, 5, 4))
-    with convolutions.grouped_convolutions():
-        assert _compiled_calls(lambda x: convolutions.conv(x, tf.zeros((3, 3, 1, 4))), x) > 0
-
-
 POINTWISE_CASES = {  # name: (rank, input shape per example, Conv keyword arguments)
     "1x1": (2, (5, 4, 3), dict(filters=4, kernel_size=1)),
     "1x1_dilated": (2, (5, 4, 3), dict(filters=4, kernel_size=1, dilation_rate=2)),
@@ -104,6 +97,11 @@ POINTWISE_CASES = {  # name: (rank, input shape per example, Conv keyword argume
                                                        dilation_rate=2, padding="same")),
     "4x2_same_on_1x1_map": (2, (1, 1, 3), dict(filters=4, kernel_size=(4, 2), padding="same")),
     "1d_5_same_on_1_position": (1, (1, 3), dict(filters=2, kernel_size=5, padding="same")),
+    "1d_3_same_dilated_on_1_position": (1, (1, 3), dict(filters=2, kernel_size=3,
+                                                        dilation_rate=3, padding="same")),
+    "3d_3x3x3_same_on_1x1x1_map": (3, (1, 1, 1, 2), dict(filters=3, kernel_size=3,
+                                                         padding="same")),
+    "1x1_strided_on_1x1_map": (2, (1, 1, 3), dict(filters=4, kernel_size=1, strides=2)),
 }
 NOT_POINTWISE = {  # kept on Keras's path, the values as they were
     "1x1_strided": (2, (5, 4, 3), dict(filters=4, kernel_size=1, strides=(3, 2),
@@ -166,8 +164,25 @@ def test_pointwise_and_grouped_switch_independently():
         assert _conv_ops(lambda x: convolutions.conv(x, pointwise), x) != []
 
 
-def test_pointwise_hosts_with_accelerators_keep_keras_path(monkeypatch):
+@pytest.mark.parametrize("patch", ["grouped", "pointwise"])
+def test_hosts_with_accelerators_keep_keras_path(monkeypatch, patch):
     monkeypatch.setattr(convolutions, "_cpu_only", lambda: False)  # as on a GPU host
-    with convolutions.pointwise_convolutions():
-        assert _conv_ops(lambda x: convolutions.conv(x, tf.zeros((1, 1, 4, 4))),
-                         tf.TensorSpec((2, 5, 5, 4))) != []
+    x = tf.TensorSpec((2, 5, 5, 4))
+    with getattr(convolutions, f"{patch}_convolutions")():
+        if patch == "grouped":  # Keras's XLA call
+            assert _compiled_calls(lambda x: convolutions.conv(x, tf.zeros((3, 3, 1, 4))), x) > 0
+        else:  # TensorFlow's convolution
+            assert _conv_ops(lambda x: convolutions.conv(x, tf.zeros((1, 1, 4, 4))), x) != []
+
+
+def test_exits_in_any_order_restore_keras_conv():
+    from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
+
+    pointwise, grouped = convolutions.pointwise_convolutions(), convolutions.grouped_convolutions()
+    pointwise.__enter__()
+    grouped.__enter__()
+    pointwise.__exit__(None, None, None)  # out of nesting order
+    assert keras_tensorflow_nn.conv is convolutions.conv
+    assert convolutions._active == {"grouped"}
+    grouped.__exit__(None, None, None)
+    assert keras_tensorflow_nn.conv is convolutions._keras_conv and not convolutions._active
