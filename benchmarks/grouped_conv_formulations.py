@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -74,22 +75,15 @@ def block_diagonal(inputs, kernel, groups, padding):
                         1, padding)
 
 
-@contextlib.contextmanager
 def formulation(grouped):
     """Traces made within compute grouped 2-D convolutions (stride 1, channels last) as
     `grouped(inputs, kernel, groups, padding)`, in place of hessian_tf's split."""
     from hessian_tf.operators import convolutions
 
-    split = convolutions._grouped
-
     def replacement(inputs, kernel, groups, strides, padding, data_format, dilation_rate):
         return grouped(inputs, kernel, groups, padding.upper())
 
-    convolutions._grouped = replacement
-    try:
-        yield
-    finally:
-        convolutions._grouped = split
+    return mock.patch.object(convolutions, "_grouped", replacement)
 
 
 TRACING_CONTEXTS = {

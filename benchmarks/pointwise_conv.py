@@ -122,8 +122,8 @@ def measure(network: str, batch_size: int, rounds: int, examples: int = 0, size:
     runs = {TENSORFLOW: [], OURS: []}
     with tempfile.TemporaryDirectory() as directory:
         for alternation in range(alternations):
-            for variant in runs:
-                out = os.path.join(directory, f"{alternation}-{list(runs).index(variant)}.npz")
+            for index, variant in enumerate(runs):
+                out = os.path.join(directory, f"{alternation}-{index}.npz")
                 done = subprocess.run(
                     [sys.executable, os.path.abspath(__file__), "--child", network,
                      str(batch_size), variant, str(rounds), str(examples or batch_size),

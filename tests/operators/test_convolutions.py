@@ -47,10 +47,14 @@ def test_values_equal_keras_grouped_convolution(name):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
 
 
+def _traced_ops(function, *args) -> list:
+    """The ops of the graph of `function` traced for `args`."""
+    return tf.function(function).get_concrete_function(*args).graph.get_operations()
+
+
 def _compiled_calls(function, *args) -> int:
     """Ops of the gradient graph of `function` that call a function compiled by XLA."""
-    graph = tf.function(function).get_concrete_function(*args).graph
-    return sum(1 for op in graph.get_operations()
+    return sum(1 for op in _traced_ops(function, *args)
                if "_XlaMustCompile" in op.node_def.attr
                and op.node_def.attr["_XlaMustCompile"].b)
 
@@ -114,8 +118,7 @@ NOT_POINTWISE = {  # kept on Keras's path, the values as they were
 
 
 def _conv_ops(function, *args) -> list[str]:
-    graph = tf.function(function).get_concrete_function(*args).graph
-    return [op.type for op in graph.get_operations() if "Conv" in op.type]
+    return [op.type for op in _traced_ops(function, *args) if "Conv" in op.type]
 
 
 @pytest.mark.parametrize("name", sorted(POINTWISE_CASES) + sorted(NOT_POINTWISE))
