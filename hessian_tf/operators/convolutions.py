@@ -24,33 +24,47 @@ a product took 1.7 against 16.0 s (ad hoc). Within `grouped_convolutions()`:
   groups (`benchmarks/grouped_conv_formulations.py`: up to 46 groups), the split was
   the fastest.
 
-**Pointwise convolutions.** TensorFlow's CPU convolutions (oneDNN) are slower than its
-matrix products on a convolution that is one: computed as a matrix product, a
-Hessian-vector product through a 1×1 convolution took 0.37 of the convolution's time on
-1×1 maps, 0.85–0.93 on 2×2 to 16×16 maps and as much (1.03) on 32×32 (ad hoc, one
-thread, batch 128, reverse over reverse); 0.82–1.02 on ImageNet networks' 14×14 to
-112×112 maps (batch 32). With strides, the subsampling's derivatives
+**Pointwise convolutions and small maps.** TensorFlow's CPU convolutions (oneDNN) are
+slower than its matrix products on a convolution that is one: computed as a matrix
+product, a Hessian-vector product through a 1×1 convolution took 0.37 of the
+convolution's time on 1×1 maps, 0.85–0.93 on 2×2 to 16×16 maps and as much (1.03) on
+32×32 (ad hoc, one thread, batch 128, reverse over reverse); 0.82–1.02 on ImageNet
+networks' 14×14 to 112×112 maps (batch 32). With strides, the subsampling's derivatives
 cost more than that saves (1.2–2.1 times the convolution's time, ad hoc), so strided
-1×1 convolutions keep TensorFlow's. Within
-`pointwise_convolutions()`, a convolution of channels-last float32 or float64 inputs by
-a kernel whose window is 1 in every axis, without strides, or, with "same" padding, of
-inputs whose every spatial axis is 1 (where only one tap of the window reads an input),
-is that matrix product at each position. Full-data products took 0.82–0.92 of the time
-on networks with many such convolutions (ResNet50-V2, DenseNet121 and MobileNetV2 at
-32×32, `benchmarks/pointwise_conv.py`, two runs).
+1×1 convolutions keep TensorFlow's. Within `pointwise_convolutions()`:
+
+- a convolution of channels-last float32 or float64 inputs by a 1×1 window without
+  strides is that matrix product at each position (`pointwise_matrix`);
+- a convolution each of whose output positions reads every input position read (a
+  3×3 window over a 1×1 or 2×2 map, any window with one output position: ImageNet
+  networks at 32×32 end on such maps) is one matrix product of the inputs read,
+  flattened, by a matrix whose blocks are taps of the kernel (`small_map_matrix`).
+  Positions that only a zero padding fills are left out: "same" padding, and a
+  `ZeroPadding*D` (or any `tf.pad` with zeros) traced just before a "valid"
+  convolution, as ResNet-V2 pads. Through one 3×3 convolution of 128 inputs (ad hoc,
+  one thread, reverse over reverse), a product took 0.08 of the convolution's time on a
+  zero-padded 1×1 map of 512 channels, 0.42 on a zero-padded 2×2 map of 256 and 0.62
+  with "same" padding there; on 3×3 maps, where the corners do not read each other and
+  the matrix is 81/49 the convolution's multiplications, 1.55: such convolutions keep
+  TensorFlow's.
+
+Full-data products took 0.57 of the time on ResNet50-V2 at 32×32, 0.85–0.91 on
+DenseNet121 and MobileNetV2 (`benchmarks/pointwise_conv.py`).
 
 Both are entered around the traces of products and gradients (the Keras model
 function's mode context) and of the functions `export_for_spectrum` saves, and replace
 Keras's backend `conv` only on a host whose devices are all CPUs (GPUs and TPUs keep
 Keras's path: not measured there). The values are the convolutions'
 (tests/operators/test_convolutions.py), and so are the derivatives: only TensorFlow's
-ordinary convolution and matrix-product ops are differentiated.
+ordinary convolution, matrix-product, gather, transpose and reshape ops are differentiated
+(tests/operators/test_layers.py checks products against central differences).
 """
 
 from __future__ import annotations
 
 import threading
 
+import numpy as np
 import tensorflow as tf
 from keras.src import backend as keras_backend
 from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
@@ -98,38 +112,118 @@ def _per_axis(value, rank: int) -> tuple:
 
 def pointwise_matrix(inputs, kernel, strides=1, padding="valid", data_format=None,
                      dilation_rate=1):
-    """(inputs, the [channels, filters] matrix) when the convolution of `inputs` by
-    `kernel` is a matrix product at each position of channels-last float32 or float64
-    inputs, and computed as one: a 1×1 window without strides (or on 1×1 maps), or
-    "same" padding on 1×1 maps; else None."""
+    """(inputs, the [channels, filters] matrix) when the convolution of channels-last
+    float32 or float64 inputs by `kernel` has a 1×1 window and no strides, so that it
+    is a matrix product at each position; else None."""
+    del padding, dilation_rate  # neither changes a 1×1 window without strides
+    if keras_backend.standardize_data_format(data_format) != "channels_last":
+        return None
+    window = tuple(kernel.shape[:-2])
+    if (inputs.dtype not in (tf.float32, tf.float64) or kernel.dtype != inputs.dtype
+            or len(inputs.shape) != len(window) + 2 or None in kernel.shape
+            or kernel.shape[-2] != inputs.shape[-1] or any(k != 1 for k in window)
+            or any(s != 1 for s in _per_axis(strides, len(window)))):
+        # Strided on larger maps than 1×1, the subsampling's derivatives cost more
+        # than the convolution saves.
+        return None
+    return inputs, tf.reshape(kernel, kernel.shape[-2:])
+
+
+def _zero_padded(inputs):
+    """(the tensor, its padding before each spatial axis) when `inputs` is traced as a
+    zero padding (`tf.pad` with zeros: `ZeroPadding*D`, `keras.ops.pad`) of the spatial
+    axes of a tensor of static spatial shape; else (inputs, zeros)."""
+    rank = len(inputs.shape) - 2
+    unpadded = inputs, (0,) * rank
+    try:
+        op = inputs.op  # symbolic tensors only
+    except AttributeError:
+        return unpadded
+    if op.type not in ("Pad", "PadV2"):
+        return unpadded
+    paddings = tf.get_static_value(op.inputs[1])
+    if (paddings is None or paddings.shape != (rank + 2, 2) or paddings[0].any()
+            or paddings[-1].any() or (paddings < 0).any()):
+        return unpadded
+    if op.type == "PadV2":
+        value = tf.get_static_value(op.inputs[2])
+        if value is None or value != 0:
+            return unpadded
+    source = op.inputs[0]
+    if source.shape.rank != rank + 2 or None in source.shape[1:]:
+        return unpadded
+    return source, tuple(int(before) for before in paddings[1:-1, 0])
+
+
+def small_map_matrix(inputs, kernel, strides=1, padding="valid", data_format=None,
+                     dilation_rate=1):
+    """(the inputs read, [batch, positions read · channels], the matrix
+    [positions read · channels, output positions · filters] of the convolution, the
+    output's spatial shape) when every output position of the convolution of
+    channels-last float32 or float64 inputs of static spatial shape reads every input
+    position that any reads: a window over a map no larger than it, as a 3×3 window
+    over a 1×1 or 2×2 map, or any window with one output position. The matrix's blocks
+    are taps of the kernel, and has as many entries as the convolution multiplies
+    without its padding. Input positions read only as a zero padding (`_zero_padded`,
+    before a "valid" convolution; "same" padding) are left out. Else None."""
     if keras_backend.standardize_data_format(data_format) != "channels_last":
         return None
     window = tuple(kernel.shape[:-2])
     rank = len(window)
-    if (inputs.dtype not in (tf.float32, tf.float64) or len(inputs.shape) != rank + 2
-            or None in kernel.shape or kernel.shape[-2] != inputs.shape[-1]):
+    if (inputs.dtype not in (tf.float32, tf.float64) or kernel.dtype != inputs.dtype
+            or len(inputs.shape) != rank + 2 or None in kernel.shape
+            or None in inputs.shape[1:] or kernel.shape[-2] != inputs.shape[-1]):
         return None
     strides, dilations = _per_axis(strides, rank), _per_axis(dilation_rate, rank)
-    if (kernel.dtype != inputs.dtype or padding.lower() not in ("valid", "same")
-            or any(s != 1 for s in strides) and any(d != 1 for d in dilations)):
+    if any(s != 1 for s in strides) and any(d != 1 for d in dilations):
         return None  # refused by TensorFlow's convolution: keep its error
-    single_position = all(n == 1 for n in inputs.shape[1:-1])
-    if all(k == 1 for k in window):
-        # Strided, the subsampling's derivatives cost more than the convolution saves.
-        if any(s != 1 for s in strides) and not single_position:
+    sizes = tuple(inputs.shape[1:-1])
+    spans = [(k - 1) * d + 1 for k, d in zip(window, dilations)]
+    if padding.lower() == "valid":
+        if any(n < span for n, span in zip(sizes, spans)):
             return None
-        return inputs, tf.reshape(kernel, kernel.shape[-2:])
-    if padding.lower() != "same" or not single_position:
+        outputs = [(n - span) // s + 1 for n, span, s in zip(sizes, spans, strides)]
+        source, before = _zero_padded(inputs)
+    elif padding.lower() == "same":  # TensorFlow's rule: the odd one after
+        outputs = [-(-n // s) for n, s in zip(sizes, strides)]
+        before = [max((o - 1) * s + span - n, 0) // 2
+                  for n, o, s, span in zip(sizes, outputs, strides, spans)]
+        source = inputs
+    else:
         return None
-    # One output position; along each axis "same" pads (k - 1)·d // 2 before the input,
-    # so the tap at that offset reads it (none does if it falls between taps).
-    taps = []
-    for k, d in zip(window, dilations):
-        before = (k - 1) * d // 2
-        if before % d:
-            return None
-        taps.append(before // d)
-    return inputs, kernel[tuple(taps)]
+    # tap_of[input position, output position]: the tap (row-major over the window)
+    # through which the output reads the input, or -1.
+    tap_of = np.zeros((1, 1), np.int64)
+    for k, d, s, pad, n, o in zip(window, dilations, strides, before, source.shape[1:-1],
+                                  outputs):
+        along = np.full((n, o), -1)
+        for out in range(o):
+            for t in range(k):
+                position = out * s + t * d - pad
+                if 0 <= position < n:
+                    along[position, out] = t
+        combined = tap_of[:, np.newaxis, :, np.newaxis] * k + along[np.newaxis, :, np.newaxis]
+        combined[(tap_of[:, np.newaxis, :, np.newaxis] < 0) | (along[np.newaxis, :, np.newaxis] < 0)] = -1
+        tap_of = combined.reshape(tap_of.shape[0] * n, tap_of.shape[1] * o)
+    read = np.flatnonzero((tap_of >= 0).any(axis=1))
+    tap_of = tap_of[read]
+    if not len(read) or (tap_of < 0).any():
+        return None  # some output does not read some input position read
+    channels, filters = kernel.shape[-2:]
+    flat_kernel = tf.reshape(kernel, (int(np.prod(window)), channels, filters))
+    matrix = tf.reshape(tf.transpose(tf.gather(flat_kernel, tap_of), [0, 2, 1, 3]),
+                        (len(read) * channels, tap_of.shape[1] * filters))
+    flat = tf.reshape(source, (-1, int(np.prod(source.shape[1:-1])), channels))
+    if len(read) < flat.shape[1]:
+        flat = tf.gather(flat, read, axis=1)
+    return tf.reshape(flat, (-1, len(read) * channels)), matrix, tuple(outputs)
+
+
+def _through_matrix(operand, matrix, spatial):
+    outputs = tf.matmul(operand, matrix)
+    outputs = tf.reshape(outputs, (-1, *spatial, matrix.shape[-1] // int(np.prod(spatial))))
+    outputs.set_shape([operand.shape[0], *spatial, outputs.shape[-1]])
+    return outputs
 
 
 def _at_each_position(inputs, matrix):
@@ -169,7 +263,8 @@ _active_lock = threading.Lock()
 
 def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
     """Keras's backend `conv` (same arguments, same values); on a CPU-only host, grouped
-    convolutions without XLA and pointwise ones as matrix products, as entered."""
+    convolutions without XLA, and pointwise ones and those of small maps as matrix
+    products, as entered."""
     inputs, kernel = tf.convert_to_tensor(inputs), tf.convert_to_tensor(kernel)
     active = set(_active)
     if active and _cpu_only():
@@ -182,6 +277,10 @@ def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_
                                          dilation_rate)
             if pointwise is not None:
                 return _at_each_position(*pointwise)
+            small = small_map_matrix(inputs, kernel, strides, padding, data_format,
+                                     dilation_rate)
+            if small is not None:
+                return _through_matrix(*small)
     return _keras_conv(inputs, kernel, strides, padding, data_format, dilation_rate)
 
 
@@ -204,6 +303,7 @@ def grouped_convolutions():
 
 
 def pointwise_convolutions():
-    """Within: Keras's convolutions that are a matrix product at each position run as
-    one (pointwise_matrix) on a CPU-only host. Entries may nest and overlap."""
+    """Within: Keras's convolutions that are a matrix product at each position
+    (`pointwise_matrix`) or of small maps (`small_map_matrix`) run as matrix products on
+    a CPU-only host. Entries may nest and overlap."""
     return _pointwise_patch()

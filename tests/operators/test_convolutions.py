@@ -106,14 +106,37 @@ POINTWISE_CASES = {  # name: (rank, input shape per example, Conv keyword argume
     "3d_3x3x3_same_on_1x1x1_map": (3, (1, 1, 1, 2), dict(filters=3, kernel_size=3,
                                                          padding="same")),
     "1x1_strided_on_1x1_map": (2, (1, 1, 3), dict(filters=4, kernel_size=1, strides=2)),
+    # "valid" with one output position: one matrix product over the window.
+    "3x3_valid_on_3x3_map": (2, (3, 3, 3), dict(filters=4, kernel_size=3)),
+    "3x2_valid_strided_on_4x3_map": (2, (4, 3, 3), dict(filters=4, kernel_size=(3, 2),
+                                                        strides=2)),
+    "1d_3_valid_dilated_on_5_positions": (1, (5, 2), dict(filters=3, kernel_size=3,
+                                                          dilation_rate=2)),
+    "3d_2x2x2_valid_on_2x2x2_map": (3, (2, 2, 2, 2), dict(filters=3, kernel_size=2)),
+    # Small maps: every output position reads every input position.
+    "3x3_same_on_2x1_map": (2, (2, 1, 3), dict(filters=4, kernel_size=3, padding="same")),
+    "3x3_same_on_2x2_map": (2, (2, 2, 3), dict(filters=4, kernel_size=3, padding="same")),
+    "3x3_same_strided_on_2x2_map": (2, (2, 2, 3), dict(filters=4, kernel_size=3, strides=2,
+                                                       padding="same")),
+    "1d_5_same_on_2_positions": (1, (2, 2), dict(filters=3, kernel_size=5, padding="same")),
+    "3d_3x3x3_same_on_2x1x2_map": (3, (2, 1, 2, 2), dict(filters=3, kernel_size=3,
+                                                         padding="same")),
 }
 NOT_POINTWISE = {  # kept on Keras's path, the values as they were
     "1x1_strided": (2, (5, 4, 3), dict(filters=4, kernel_size=1, strides=(3, 2),
                                        padding="same")),
     "2x2_same_dilated_on_1x1_map": (2, (1, 1, 3), dict(filters=4, kernel_size=2,
                                                        dilation_rate=2, padding="same")),
-    "3x3_same_on_2x1_map": (2, (2, 1, 3), dict(filters=4, kernel_size=3, padding="same")),
+    "3x3_same_on_4x3_map": (2, (4, 3, 3), dict(filters=4, kernel_size=3, padding="same")),
     "3x3": (2, (5, 4, 3), dict(filters=4, kernel_size=3)),
+    # Some output position does not read some input position: TensorFlow's.
+    "3x3_valid_on_4x3_map": (2, (4, 3, 3), dict(filters=4, kernel_size=3)),
+    "3x3_same_on_3x3_map": (2, (3, 3, 3), dict(filters=4, kernel_size=3, padding="same")),
+    "2x2_same_on_2x2_map": (2, (2, 2, 3), dict(filters=4, kernel_size=2, padding="same")),
+    "3x3_same_strided_on_3x2_map": (2, (3, 2, 3), dict(filters=4, kernel_size=3, strides=2,
+                                                       padding="same")),
+    "1d_3_same_dilated_on_3_positions": (1, (3, 2), dict(filters=3, kernel_size=3,
+                                                         dilation_rate=2, padding="same")),
 }
 
 
@@ -136,6 +159,52 @@ def test_pointwise_values_and_graphs(name):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
     assert (conv_ops == []) == (name in POINTWISE_CASES), conv_ops
     assert _conv_ops(layer, tf.constant(x))  # restored on exit
+
+
+# name: (input shape per example, paddings of the spatial axes, pad value, Conv keyword
+# arguments, input positions read, padding left out (None: TensorFlow's convolution)).
+PADDED_CASES = {
+    # ResNet50-V2 at 32×32: ZeroPadding2D(1) and a "valid" 3×3 on 1×1 and 2×2 maps.
+    "3x3_on_padded_1x1_map": ((1, 1, 3), ((1, 1), (1, 1)), 0, dict(kernel_size=3), 1),
+    "3x3_on_padded_2x2_map": ((2, 2, 3), ((1, 1), (1, 1)), 0, dict(kernel_size=3), 4),
+    "3x3_strided_on_padded_2x2_map": ((2, 2, 3), ((1, 1), (1, 1)), 0,
+                                      dict(kernel_size=3, strides=2), 4),
+    "4x3_asymmetric_padding": ((2, 1, 3), ((0, 2), (1, 1)), 0, dict(kernel_size=(4, 3)), 2),
+    "3x3_dilated_on_padded_1x2_map": ((1, 2, 3), ((2, 2), (2, 1)), 0,
+                                      dict(kernel_size=3, dilation_rate=2), 1),
+    "1d_3_on_padded_1_position": ((1, 3), ((1, 1),), 0, dict(kernel_size=3), 1),
+    "3d_3x3x3_on_padded_1x1x1_map": ((1, 1, 1, 2), ((1, 1),) * 3, 0, dict(kernel_size=3), 1),
+    # A padding by a non-zero value is read as the inputs are.
+    "3x3_on_1x1_map_padded_by_ones": ((1, 1, 3), ((1, 1), (1, 1)), 1.0,
+                                      dict(kernel_size=3), 9),
+    # Every tap reads padding: TensorFlow's convolution.
+    "1d_2_strided_reading_padding_only": ((1, 3), ((2, 0),), 0,
+                                          dict(kernel_size=2, strides=2), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PADDED_CASES))
+def test_valid_convolutions_of_zero_padded_small_maps_leave_the_padding_out(name):
+    shape, spatial_paddings, value, kwargs, read = PADDED_CASES[name]
+    rank = len(shape) - 1
+    keras.utils.set_random_seed(0)
+    layer = CONVS[rank](filters=5, dtype="float64", **kwargs)
+    paddings = [[0, 0], *map(list, spatial_paddings), [0, 0]]
+
+    def convolve(x):
+        return layer(tf.pad(x, paddings, constant_values=tf.constant(value, tf.float64)))
+
+    x = tf.constant(np.random.default_rng(1).standard_normal((2,) + shape))
+    expected = convolve(x).numpy()  # Keras's convolution (eagerly)
+    with convolutions.pointwise_convolutions():
+        got = tf.function(convolve)(x).numpy()
+        ops = _traced_ops(convolve, x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    conv_ops = [op.type for op in ops if "Conv" in op.type]
+    assert (conv_ops == []) == (read is not None), conv_ops
+    if read is not None:
+        depths = [op.inputs[1].shape[0] for op in ops if op.type == "MatMul"]
+        assert depths == [read * shape[-1]]
 
 
 @pytest.mark.parametrize("batch", [None, 2])

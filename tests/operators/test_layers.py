@@ -88,11 +88,20 @@ CASES = {  # name: (build, input shape per example, --regularization)
                                   layer(L.Conv2D, 4, 2, groups=2, activation="tanh"),
                                   layer(L.Conv2D, 3, 1)), (3, 3, 1), False),
     # Pointwise convolutions, matrix products while products are traced
-    # (convolutions.py): a 1×1 and a dilated 3×3 on a 1×1 map.
+    # (convolutions.py): a 1×1, a "valid" 3×3 on a 3×3 map, a dilated 3×3 on a 1×1 map
+    # and a "valid" 3×3 on a zero-padded 1×1 map (one tap).
     "conv2d_pointwise": (chain((3, 3, 1), layer(L.Conv2D, 3, 1, activation="tanh"),
                                layer(L.Conv2D, 2, 3, activation="tanh"),
-                               layer(L.Conv2D, 3, 3, dilation_rate=2, padding="same")),
+                               layer(L.Conv2D, 3, 3, dilation_rate=2, padding="same",
+                                     activation="tanh"),
+                               layer(L.ZeroPadding2D, 1), layer(L.Conv2D, 2, 3)),
                          (3, 3, 1), False),
+    # Small maps, one matrix product each: a "valid" 3×3 on a zero-padded 2×2 map and a
+    # "same" 3×3 on a 2×2 map.
+    "conv2d_small_maps": (chain((2, 2, 1), layer(L.ZeroPadding2D, 1),
+                                layer(L.Conv2D, 3, 3, activation="tanh"),
+                                layer(L.Conv2D, 2, 3, padding="same", activation="tanh"),
+                                layer(L.Flatten), dense(3)), (2, 2, 1), False),
     "depthwise_conv2d_strided": (conv(2, layer(L.DepthwiseConv2D, 3, strides=2,
                                                padding="same", activation="tanh"))((5, 5, 2)),
                                  (5, 5, 2), False),
