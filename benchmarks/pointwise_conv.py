@@ -1,20 +1,24 @@
-"""Pointwise convolutions as matrix products (hessian_tf.operators.convolutions) against
-TensorFlow's convolutions: one Hessian-vector product per network.
+"""Pointwise convolutions and small maps as matrix products
+(hessian_tf.operators.convolutions) against TensorFlow's convolutions: one
+Hessian-vector product per network.
 
-`KerasModelFunction` computes a convolution whose window is 1×1 without strides (or that
-sees a 1×1 map with "same" padding) as the matrix product it is while it traces a
-product; here one operator of each pair is traced with TensorFlow's convolution
-instead. Networks (seeded, untrained, inference-mode BN as the binary's default; one
-batch of the digits, each 8×8 image repeated to the size and to 3 channels):
+`KerasModelFunction` computes a convolution whose window is 1×1 without strides as the
+matrix product at each position it is, and one each of whose output positions reads
+every input position read (a 3×3 window over a 1×1 or 2×2 map, zero padding left out)
+as one matrix product, while it traces a product; here one operator of each pair is
+traced with TensorFlow's convolution instead. Networks (seeded, untrained,
+inference-mode BN as the binary's default; one batch of the digits, each 8×8 image
+repeated to the size and to 3 channels):
 
 - `resnet50v2_32`: `keras.applications.ResNet50V2` at 32×32 (1×1 convolutions on maps of
-  8×8 down to 1×1), batch 128. At 224×224 (batch 16) its float32 products by the two
-  differ by 1.6e-3 of the largest entry, more than the check below allows, and by
-  2.3e-15 in float64 (ad hoc): rounding decides the side of activations near zero, as
-  at 32×32. It is not a row here; one layer's products at its map sizes took 0.82–1.02
-  of the convolution's time as matrix products (hessian_tf/operators/convolutions.py);
+  8×8 down to 1×1; zero-padded 3×3 ones on 2×2 and 1×1 maps), batch 128. At 224×224
+  (batch 16; no maps smaller than 7×7) its float32 products by the two differ by
+  1.6e-3 of the largest entry, more than the check below allows, and by 2.3e-15 in
+  float64 (ad hoc): rounding decides the side of activations near zero, as at 32×32.
+  It is not a row here; one layer's products at its map sizes took 0.82–1.02 of the
+  convolution's time as matrix products (hessian_tf/operators/convolutions.py);
 - `densenet121_32`: `keras.applications.DenseNet121` at 32×32 (1×1 bottlenecks and
-  transitions), batch 128;
+  transitions; "same" 3×3 convolutions on 2×2 and 1×1 maps), batch 128;
 - `mobilenetv2_32`: `keras.applications.MobileNetV2(alpha=0.35)` at 32×32 (1×1 expansions
   and projections), batch 128;
 - `resnet32_cifar`: hessian_tf's ResNet-32 at 32×32, batch 128, and `resnet18_224`: its
@@ -33,7 +37,7 @@ each variant's times agreed to 4% (ad hoc). The products are checked against eac
 activation near zero takes the side its rounding gives it; built in float64 its two
 products agree to 1.4e-15, ad hoc).
 
-Command (about 9 minutes on 2 CPU cores):
+Command (about 10 minutes on 2 CPU cores):
   .venv/bin/python benchmarks/pointwise_conv.py [--rounds 5]
 """
 

@@ -191,9 +191,10 @@ def small_map_matrix(inputs, kernel, strides=1, padding="valid", data_format=Non
         source = inputs
     else:
         return None
-    # tap_of[input position, output position]: the tap (row-major over the window)
-    # through which the output reads the input, or -1.
-    tap_of = np.zeros((1, 1), np.int64)
+    # tap_of[input position read, output position]: the tap (row-major over the
+    # window) through which the output reads the input. Every output reads every
+    # position read exactly when it does so along each axis.
+    tap_of, read = np.zeros((1, 1), np.int64), np.zeros(1, np.int64)
     for k, d, s, pad, n, o in zip(window, dilations, strides, before, source.shape[1:-1],
                                   outputs):
         along = np.full((n, o), -1)
@@ -202,13 +203,14 @@ def small_map_matrix(inputs, kernel, strides=1, padding="valid", data_format=Non
                 position = out * s + t * d - pad
                 if 0 <= position < n:
                     along[position, out] = t
-        combined = tap_of[:, np.newaxis, :, np.newaxis] * k + along[np.newaxis, :, np.newaxis]
-        combined[(tap_of[:, np.newaxis, :, np.newaxis] < 0) | (along[np.newaxis, :, np.newaxis] < 0)] = -1
-        tap_of = combined.reshape(tap_of.shape[0] * n, tap_of.shape[1] * o)
-    read = np.flatnonzero((tap_of >= 0).any(axis=1))
-    tap_of = tap_of[read]
-    if not len(read) or (tap_of < 0).any():
-        return None  # some output does not read some input position read
+        read_along = np.flatnonzero((along >= 0).any(axis=1))
+        along = along[read_along]
+        if not len(read_along) or (along < 0).any():
+            return None  # some output does not read some input position read
+        # Positions and outputs row-major over the axes so far, then this one.
+        tap_of = (tap_of[:, np.newaxis, :, np.newaxis] * k
+                  + along[np.newaxis, :, np.newaxis]).reshape(len(read) * len(read_along), -1)
+        read = (read[:, np.newaxis] * n + read_along).reshape(-1)
     channels, filters = kernel.shape[-2:]
     flat_kernel = tf.reshape(kernel, (int(np.prod(window)), channels, filters))
     matrix = tf.reshape(tf.transpose(tf.gather(flat_kernel, tap_of), [0, 2, 1, 3]),

@@ -120,3 +120,16 @@ def test_group_size_splits_draws_evenly(num_draws, lockstep, expected):
 def test_bad_lockstep_is_one_clear_error():
     with pytest.raises(ValueError, match="--lockstep_draws=0"):
         spectrum_lib.stochastic_lanczos_quadrature(lambda v: v, 3, lanczos_steps=2, lockstep=0)
+
+
+def test_product_and_gradient_graphs_are_traced_without_autograph():
+    # hessian.py's graphs use TensorFlow's control flow; AutoGraph's conversion of
+    # hessian_tf's functions only cost set-up time (2.6 s of ResNet50-V2's 20 s).
+    x, y = tiny_data()
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(tiny_model()), x, y, batch_size=4)
+    product = operator.matvec(np.ones(operator.dim))
+    _, gradient = operator.loss_and_gradient()
+    assert product.shape == gradient.shape == (operator.dim,)
+    for function in (operator._product_function, operator._loss_gradient_function):
+        assert function._autograph is False
