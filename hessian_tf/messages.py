@@ -32,12 +32,19 @@ def traced_error(error: BaseException, limit: int = 200) -> str:
     """One line for an error raised while TensorFlow traced a function: its text starts
     "in user code:" and the frames, and ends with the error raised inside ("TypeError:
     ..." and, from Keras, the message on the next line). That last error (with the
-    message's next line), else `first_line`."""
+    message's next line); an error raised as it is (traced without AutoGraph) reads
+    the same: its type, its first line and the next. Else (no text, or an op that
+    failed when run) `first_line`."""
     lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines()]
     raised = [i for i, line in enumerate(lines) if _RAISED.match(line)]
-    if not raised:
-        return first_line(error, limit)
-    start = raised[-1]
+    if raised:
+        start = raised[-1]
+    else:
+        lines = [line for line in lines if line]
+        if not lines or lines[0] == _GRAPH_EXECUTION:  # an op failed when run
+            return first_line(error, limit)
+        lines[0] = f"{type(error).__name__}: {lines[0]}"
+        start = 0
     following = next((line for line in lines[start + 1:] if line), "")
     text = lines[start]
     if following and not following.startswith(("Arguments received", "File ")):

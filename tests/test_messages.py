@@ -23,8 +23,17 @@ def test_traced_error_names_the_error_raised_inside():
         "`dtype` variant is not compatible.")
     assert traced_error(ValueError("in user code:\n\n    ValueError: bad shape\n")) == (
         "ValueError: bad shape")
-    assert traced_error(ValueError("plain message\nmore")) == "plain message"
     assert len(traced_error(TypeError(text), 20)) == 20
+    # Raised as it is (traced without AutoGraph): the same line.
+    keras_text = ("Exception encountered when calling LSTM.call().\n\n"
+                  "\x1b[1m`dtype` variant is not compatible.\x1b[0m\n\n"
+                  "Arguments received by LSTM.call():\n  • x=1\n")
+    assert traced_error(TypeError(keras_text)) == traced_error(TypeError(text))
+    assert traced_error(ValueError("plain message\n\nmore")) == "ValueError: plain message more"
+    assert traced_error(ValueError("")) == ""
+    run_time = ValueError("Graph execution error:\n\nDetected at node A defined at:\n"
+                          "<stack traces unavailable>\nassertion failed: [x]\n")
+    assert traced_error(run_time) == "assertion failed: [x]"
 
 
 def test_first_line_of_an_op_failing_inside_a_tf_function_is_the_ops_message():

@@ -31,7 +31,8 @@ convolution's time on 1×1 maps, 0.85–0.93 on 2×2 to 16×16 maps and as much 
 32×32 (ad hoc, one thread, batch 128, reverse over reverse); 0.82–1.02 on ImageNet
 networks' 14×14 to 112×112 maps (batch 32). With strides, the subsampling's derivatives
 cost more than that saves (1.2–2.1 times the convolution's time, ad hoc), so strided
-1×1 convolutions keep TensorFlow's. Within `pointwise_convolutions()`:
+1×1 convolutions with more than one output position keep TensorFlow's. Within
+`pointwise_convolutions()`:
 
 - a convolution of channels-last float32 or float64 inputs by a 1×1 window without
   strides is that matrix product at each position (`pointwise_matrix`);
@@ -123,8 +124,8 @@ def pointwise_matrix(inputs, kernel, strides=1, padding="valid", data_format=Non
             or len(inputs.shape) != len(window) + 2 or None in kernel.shape
             or kernel.shape[-2] != inputs.shape[-1] or any(k != 1 for k in window)
             or any(s != 1 for s in _per_axis(strides, len(window)))):
-        # Strided on larger maps than 1×1, the subsampling's derivatives cost more
-        # than the convolution saves.
+        # Strided, the subsampling's derivatives cost more than the convolution saves
+        # (one output position: small_map_matrix).
         return None
     return inputs, tf.reshape(kernel, kernel.shape[-2:])
 
@@ -161,8 +162,8 @@ def small_map_matrix(inputs, kernel, strides=1, padding="valid", data_format=Non
     [positions read · channels, output positions · filters] of the convolution, the
     output's spatial shape) when every output position of the convolution of
     channels-last float32 or float64 inputs of static spatial shape reads every input
-    position that any reads: a window over a map no larger than it, as a 3×3 window
-    over a 1×1 or 2×2 map, or any window with one output position. The matrix's blocks
+    position that any reads: a 3×3 window over a 1×1 or 2×2 map (not a 3×3 map, whose
+    corners do not read each other), or any window with one output position. The matrix's blocks
     are taps of the kernel, and has as many entries as the convolution multiplies
     without its padding. Input positions read only as a zero padding (`_zero_padded`,
     before a "valid" convolution; "same" padding) are left out. Else None."""
@@ -197,6 +198,10 @@ def small_map_matrix(inputs, kernel, strides=1, padding="valid", data_format=Non
     tap_of, read = np.zeros((1, 1), np.int64), np.zeros(1, np.int64)
     for k, d, s, pad, n, o in zip(window, dilations, strides, before, source.shape[1:-1],
                                   outputs):
+        if (o - 1) * s >= (k - 1) * d + 1:
+            # The first and last outputs' windows are apart: both read the same
+            # positions only if neither reads any. (It also keeps n and o small below.)
+            return None
         along = np.full((n, o), -1)
         for out in range(o):
             for t in range(k):

@@ -263,15 +263,6 @@ def deal_batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_replicas: in
     return shards
 
 
-def _graph_function(python_function, **kwargs):
-    """tf.function without AutoGraph: the product and gradient graphs are written in
-    TensorFlow's control flow (tf.while_loop, tf.switch_case), and a model's own code
-    runs unconverted either way (Keras's Model.__call__ is not converted, so neither is
-    what it calls). Converting hessian_tf's 17 functions took 2.6 s of the 20 s set-up
-    of ResNet50-V2's first product (cProfile, one run)."""
-    return tf.function(python_function, autograph=False, **kwargs)
-
-
 def batch_value(batch_fn, x, y, count, args: tuple, *, size: int,
                 static_sizes: Sequence[int], dynamic: bool, dtype=tf.float64) -> tf.Tensor:
     """batch_fn on the first `count` examples of (x, y), a vector [size] of `dtype`.
@@ -484,10 +475,10 @@ class HessianOperator:
         self._check_fit(x, y)
         self._place_data(x, y)
         # No input signature: the block size k must be static (one trace per k).
-        self._product_function = _graph_function(self._product_graph)
+        self._product_function = self._graph_function(self._product_graph)
         self._all_batches = tf.constant(ALL_BATCHES, tf.int32)
         self._product_traces = {}  # k -> the concrete function of blocks of k vectors
-        self._loss_gradient_function = _graph_function(self._loss_gradient_graph)
+        self._loss_gradient_function = self._graph_function(self._loss_gradient_graph)
         if self._device_dtype != tf.float64:
             self._check_no_float64()
 
@@ -506,6 +497,18 @@ class HessianOperator:
                     f"{len(found)} node(s), e.g. {', '.join(found[:3])}; make the model, "
                     "its inputs and its state float32."
                 )
+
+    # The product and gradient graphs are traced without AutoGraph: they are written in
+    # TensorFlow's control flow (tf.while_loop, tf.switch_case), and a model's own code
+    # runs unconverted either way (Keras's Model.__call__ is not converted, so neither
+    # is what it calls). Converting hessian_tf's 17 functions took 2.6 s of the 20 s
+    # set-up of ResNet50-V2's first product (cProfile, one run). Subclasses whose
+    # graphs loop in Python over a tf.data iterator (streaming.py) set it True.
+    autograph = False
+
+    def _graph_function(self, python_function, **kwargs):
+        """tf.function of this operator's graphs (`autograph`)."""
+        return tf.function(python_function, autograph=self.autograph, **kwargs)
 
     @staticmethod
     def _auto_method(model_function) -> str:
@@ -655,7 +658,7 @@ class HessianOperator:
                     num_products, set_up, min(seconds[REVERSE]))
                 if self.forward_mode_untimed:
                     break
-            function = _graph_function(functools.partial(self._method_graph, method=method))
+            function = self._graph_function(functools.partial(self._method_graph, method=method))
             started = time.perf_counter()
             try:
                 runs[method] = function.get_concrete_function(*spec)
@@ -717,7 +720,7 @@ class HessianOperator:
         tangents = None if vector is None else flatten_lib.unflatten(
             tf.constant(vector, dtype), primals)
 
-        @functools.partial(_graph_function, reduce_retracing=True)
+        @functools.partial(self._graph_function, reduce_retracing=True)
         def batch_values(x, y):
             with self.model_function.mode_context(self.bn_mode):
                 values = [tf.reshape(tf.cast(self._batch_objective(primals, state, x, y), dtype), [1])]
@@ -1111,7 +1114,7 @@ class HessianOperator:
             self.num_traces = traces  # the failed trace is no trace of the products
             reverse_builds = True
             try:  # the same model by reverse over reverse: else the error is not the mode's
-                _graph_function(functools.partial(
+                self._graph_function(functools.partial(
                     self._method_graph, method="reverse_over_reverse",
                 )).get_concrete_function(*spec)
             except Exception:  # noqa: BLE001 - the original error is the one to report
@@ -1130,7 +1133,7 @@ class HessianOperator:
             logging.info("Forward mode does not run through this model (%s): reverse over "
                          "reverse products", failure)
             self.method = "reverse_over_reverse"
-            self._product_function = _graph_function(self._product_graph)
+            self._product_function = self._graph_function(self._product_graph)
             return build()
 
     def _products_from_residuals(self, vectors: np.ndarray) -> np.ndarray:

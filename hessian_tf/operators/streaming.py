@@ -38,6 +38,10 @@ class StreamingHessianOperator(HessianOperator):
       Other options as for HessianOperator.
     """
 
+    # The products loop over the data in Python (`for batch in iter(...)`), which
+    # AutoGraph writes as a while loop: traced without it, the loop would unroll.
+    autograph = True
+
     def __init__(
         self,
         model_function,

@@ -258,3 +258,10 @@ def test_exits_in_any_order_restore_keras_conv():
     assert convolutions._active == {"grouped"}
     grouped.__exit__(None, None, None)
     assert keras_tensorflow_nn.conv is convolutions._keras_conv and not convolutions._active
+
+
+def test_long_maps_are_refused_before_any_table_of_positions():
+    # Without the first check, the table of 10^5 × 10^5 positions is 80 GB.
+    long = tf.zeros((1, 100_000, 1))
+    for padding in ("same", "valid"):
+        assert convolutions.small_map_matrix(long, tf.zeros((3, 1, 1)), padding=padding) is None
