@@ -49,8 +49,8 @@ cost more than that saves (1.2–2.1 times the convolution's time, ad hoc), so s
   the matrix is 81/49 the convolution's multiplications, 1.55: such convolutions keep
   TensorFlow's.
 
-Full-data products took 0.57 of the time on ResNet50-V2 at 32×32, 0.85–0.91 on
-DenseNet121 and MobileNetV2 (`benchmarks/pointwise_conv.py`).
+Full-data products took 0.53–0.57 of the time on ResNet50-V2 at 32×32 (two runs),
+0.86–0.91 on DenseNet121 and MobileNetV2 (`benchmarks/pointwise_conv.py`).
 
 Both are entered around the traces of products and gradients (the Keras model
 function's mode context) and of the functions `export_for_spectrum` saves, and replace
@@ -117,17 +117,26 @@ def pointwise_matrix(inputs, kernel, strides=1, padding="valid", data_format=Non
     float32 or float64 inputs by `kernel` has a 1×1 window and no strides, so that it
     is a matrix product at each position; else None."""
     del padding, dilation_rate  # neither changes a 1×1 window without strides
-    if keras_backend.standardize_data_format(data_format) != "channels_last":
-        return None
-    window = tuple(kernel.shape[:-2])
-    if (inputs.dtype not in (tf.float32, tf.float64) or kernel.dtype != inputs.dtype
-            or len(inputs.shape) != len(window) + 2 or None in kernel.shape
-            or kernel.shape[-2] != inputs.shape[-1] or any(k != 1 for k in window)
+    window = _matrix_window(inputs, kernel, data_format)
+    if (window is None or any(k != 1 for k in window)
             or any(s != 1 for s in _per_axis(strides, len(window)))):
         # Strided, the subsampling's derivatives cost more than the convolution saves
         # (one output position: small_map_matrix).
         return None
     return inputs, tf.reshape(kernel, kernel.shape[-2:])
+
+
+def _matrix_window(inputs, kernel, data_format):
+    """The kernel's window when a convolution of `inputs` by `kernel` can be written as
+    matrix products: channels-last float32 or float64 inputs, a kernel of the same
+    dtype and static shape, the inputs' channels its input channels; else None."""
+    window = tuple(kernel.shape[:-2])
+    if (keras_backend.standardize_data_format(data_format) != "channels_last"
+            or inputs.dtype not in (tf.float32, tf.float64) or kernel.dtype != inputs.dtype
+            or len(inputs.shape) != len(window) + 2 or None in kernel.shape
+            or kernel.shape[-2] != inputs.shape[-1]):
+        return None
+    return window
 
 
 def _zero_padded(inputs):
@@ -163,18 +172,14 @@ def small_map_matrix(inputs, kernel, strides=1, padding="valid", data_format=Non
     output's spatial shape) when every output position of the convolution of
     channels-last float32 or float64 inputs of static spatial shape reads every input
     position that any reads: a 3×3 window over a 1×1 or 2×2 map (not a 3×3 map, whose
-    corners do not read each other), or any window with one output position. The matrix's blocks
-    are taps of the kernel, and has as many entries as the convolution multiplies
-    without its padding. Input positions read only as a zero padding (`_zero_padded`,
+    corners do not read each other), or any window with one output position. The
+    matrix's blocks are taps of the kernel; it has as many entries as the convolution
+    multiplies without its padding. Input positions read only as a zero padding (`_zero_padded`,
     before a "valid" convolution; "same" padding) are left out. Else None."""
-    if keras_backend.standardize_data_format(data_format) != "channels_last":
+    window = _matrix_window(inputs, kernel, data_format)
+    if window is None or None in inputs.shape[1:]:
         return None
-    window = tuple(kernel.shape[:-2])
     rank = len(window)
-    if (inputs.dtype not in (tf.float32, tf.float64) or kernel.dtype != inputs.dtype
-            or len(inputs.shape) != rank + 2 or None in kernel.shape
-            or None in inputs.shape[1:] or kernel.shape[-2] != inputs.shape[-1]):
-        return None
     strides, dilations = _per_axis(strides, rank), _per_axis(dilation_rate, rank)
     if any(s != 1 for s in strides) and any(d != 1 for d in dilations):
         return None  # refused by TensorFlow's convolution: keep its error

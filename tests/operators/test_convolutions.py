@@ -140,8 +140,12 @@ NOT_POINTWISE = {  # kept on Keras's path, the values as they were
 }
 
 
+def _conv_types(ops) -> list[str]:
+    return [op.type for op in ops if "Conv" in op.type]
+
+
 def _conv_ops(function, *args) -> list[str]:
-    return [op.type for op in _traced_ops(function, *args) if "Conv" in op.type]
+    return _conv_types(_traced_ops(function, *args))
 
 
 @pytest.mark.parametrize("name", sorted(POINTWISE_CASES) + sorted(NOT_POINTWISE))
@@ -162,7 +166,8 @@ def test_pointwise_values_and_graphs(name):
 
 
 # name: (input shape per example, paddings of the spatial axes, pad value, Conv keyword
-# arguments, input positions read, padding left out (None: TensorFlow's convolution)).
+# arguments, input positions read with the zero padding left out (None: TensorFlow's
+# convolution)).
 PADDED_CASES = {
     # ResNet50-V2 at 32×32: ZeroPadding2D(1) and a "valid" 3×3 on 1×1 and 2×2 maps.
     "3x3_on_padded_1x1_map": ((1, 1, 3), ((1, 1), (1, 1)), 0, dict(kernel_size=3), 1),
@@ -200,7 +205,7 @@ def test_valid_convolutions_of_zero_padded_small_maps_leave_the_padding_out(name
         got = tf.function(convolve)(x).numpy()
         ops = _traced_ops(convolve, x)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
-    conv_ops = [op.type for op in ops if "Conv" in op.type]
+    conv_ops = _conv_types(ops)
     assert (conv_ops == []) == (read is not None), conv_ops
     if read is not None:
         depths = [op.inputs[1].shape[0] for op in ops if op.type == "MatMul"]
