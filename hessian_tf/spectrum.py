@@ -276,7 +276,7 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
         while not all(linalg.is_finished(s) for s in group):
             # Draws whose Krylov space is exhausted leave the block.
             active = [i for i, s in enumerate(group) if not linalg.is_finished(s)]
-            vectors = np.stack([linalg.current_vector(group[i]) for i in active])
+            vectors = linalg.current_vectors(group[i] for i in active)
             use_first = first_product is not None and state.num_products == 0
             try:
                 products = (first_product if use_first else matmat)(vectors)

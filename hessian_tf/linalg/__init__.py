@@ -5,6 +5,7 @@ from hessian_tf.linalg.lanczos import (
     LanczosResult,
     LanczosState,
     current_vector,
+    current_vectors,
     first_vector,
     is_finished,
     lanczos,

@@ -626,10 +626,10 @@ class HessianOperator:
             """Runs `method`'s graph once; its seconds."""
             started = time.perf_counter()
             # On the host: also for asynchronous devices.
-            combined = self._combined(runs[method](vectors, limit))
+            rows = np.asarray(runs[method](vectors, limit))
             elapsed = time.perf_counter() - started
             if keep:
-                result = self._mean_products(combined, shape)
+                result = self._mean_products(rows, shape)
                 if method not in products:
                     products[method] = (result, 0.0)
                 else:
@@ -915,16 +915,21 @@ class HessianOperator:
         return tf.stack(compensated_add(accumulator[0], accumulator[1], value))
 
     @staticmethod
-    def _combined(accumulator: tf.Tensor) -> np.ndarray:
-        """The float64 sum that a (cross-replica) accumulator holds, on the host: a new
-        array of its own (the caller may scale it in place). A float32 accumulator's
-        compensation row is added in place, as np.sum of the two rows did, without
-        their float64 copy (187 MB on ResNet-18's 11.7M parameters); a float64
-        accumulator (CPU and GPU) is one row, copied."""
-        rows = accumulator.numpy()
-        combined = rows[0].astype(np.float64)  # a copy, also of float64 rows
-        if rows.shape[0] > 1:
-            combined += rows[1]
+    def _combined(accumulator, divisor: float = 1.0) -> np.ndarray:
+        """The float64 sum that a (cross-replica) accumulator holds (a tensor, or its
+        array on the host), divided by `divisor`, on the host: a new array of its own (the caller may scale it in
+        place). The accumulator is read where TensorFlow holds it (no copy such as
+        `.numpy()` makes). A float64 accumulator (CPU and GPU) is one row, divided into
+        the new array in one pass (the same numbers as a copy divided in place); a
+        float32 accumulator's compensation row is added to its float64 conversion in
+        place, as np.sum of the two rows did, without their float64 copy (187 MB on
+        ResNet-18's 11.7M parameters), then divided."""
+        rows = np.asarray(accumulator)
+        if rows.shape[0] == 1:
+            return np.divide(rows[0], divisor, dtype=np.float64)
+        combined = rows[0].astype(np.float64)
+        combined += rows[1]
+        combined /= divisor
         return combined
 
     def _sum_over_batches(self, batch_fn, size: int, args: tuple,
@@ -1060,7 +1065,7 @@ class HessianOperator:
         else:
             accumulator = self._product_trace(vectors.shape[0])(
                 tf.constant(vectors, dtype=self._device_dtype), self._all_batches)
-            products = self._mean_products(self._combined(accumulator), vectors.shape)
+            products = self._mean_products(accumulator, vectors.shape)
         self.product_seconds += time.perf_counter() - start
         self.num_products += vectors.shape[0]
         finite = np.all(np.isfinite(products), axis=1)
@@ -1075,12 +1080,10 @@ class HessianOperator:
             )
         return products
 
-    def _mean_products(self, combined: np.ndarray, shape: tuple) -> np.ndarray:
-        """The products of the mean loss's Hessian, [k, dim], from the combined sums
-        (`_combined`'s array, divided in place)."""
-        combined = combined.reshape(shape)
-        combined /= self.num_examples
-        return combined
+    def _mean_products(self, accumulator, shape: tuple) -> np.ndarray:
+        """The products of the mean loss's Hessian, [k, dim], a new array, from the
+        accumulator of their sums (`_combined`)."""
+        return self._combined(accumulator, self.num_examples).reshape(shape)
 
     @_names_missing_derivatives
     def _product_trace(self, size: int):
@@ -1227,7 +1230,7 @@ class HessianOperator:
     def loss_and_gradient(self) -> tuple[float, np.ndarray]:
         """(L(θ), ∇L(θ)) over the whole dataset; the gradient is [dim] float64."""
         with run_once():  # once a job: Grappler's work would not be repaid
-            total = self._combined(self._loss_gradient_function()) / self.num_examples
+            total = self._combined(self._loss_gradient_function(), self.num_examples)
         loss, gradient = float(total[0]), total[1:]
         if not np.isfinite(loss):
             raise NonFiniteError(

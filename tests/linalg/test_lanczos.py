@@ -346,12 +346,43 @@ def test_the_steps_updates_are_the_expressions_they_replace(dtype):
     w = rng.standard_normal(size)
     row = rng.standard_normal(size).astype(dtype)
     scale = float(rng.standard_normal())
-    expected = w - scale * row.astype(np.float64)
-    np.testing.assert_array_equal(lanczos_module._minus_scaled(w, scale, row.astype(np.float64)),
-                                  expected)
-    inplace = w.copy()
-    lanczos_module._subtract_scaled(inplace, scale, row)
-    np.testing.assert_array_equal(inplace, w - np.float64(scale) * row)  # betas[k - 1] * row
+    q = rng.standard_normal(size).astype(dtype)
+    beta = float(rng.standard_normal())
+    # The first step: no previous row.
+    np.testing.assert_array_equal(lanczos_module._recurrence(w, scale, q, 0.0, None),
+                                  w - scale * q.astype(np.float64))
+    np.testing.assert_array_equal(lanczos_module._recurrence(w, scale, q, beta, row),
+                                  (w - scale * q.astype(np.float64)) - np.float64(beta) * row)
     out = np.zeros(size, dtype)
     np.divide(w, 0.37, out=out, casting="same_kind")
     np.testing.assert_array_equal(out, (w / 0.37).astype(dtype))
+
+
+def test_the_float64_subtraction_by_blocks_is_the_whole_product():
+    rng = np.random.default_rng(2)
+    size = 2 * lanczos_module._ELEMENTWISE_BLOCK + 7
+    active = rng.standard_normal((5, size))
+    coefficients = rng.standard_normal(5)
+    w = rng.standard_normal(size)
+    expected = w - active.T @ coefficients
+    lanczos_module._subtract(active, coefficients, w)
+    np.testing.assert_allclose(w, expected, rtol=0, atol=1e-13 * np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_current_vectors_are_the_current_vectors_in_one_block(dtype):
+    rng = np.random.default_rng(3)
+    matrix = rng.standard_normal((30, 30))
+    matrix = matrix + matrix.T
+    states = [linalg.lanczos_init(rng.standard_normal(30), 6, basis_dtype=dtype) for _ in range(3)]
+    states[1] = linalg.lanczos_step(states[1], matrix @ linalg.current_vector(states[1]))
+    block = linalg.current_vectors(states)
+    assert block.dtype == np.float64 and block.shape == (3, 30)
+    for row, state in zip(block, states):
+        np.testing.assert_array_equal(row, linalg.current_vector(state))
+    one = linalg.current_vectors(states[1:2])
+    np.testing.assert_array_equal(one[0], linalg.current_vector(states[1]))
+    if dtype == np.float64:  # a view of the basis row, which the caller cannot write
+        assert np.shares_memory(one, states[1].basis) and not one.flags.writeable
+    else:
+        assert not np.shares_memory(one, states[1].basis)
