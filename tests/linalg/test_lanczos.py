@@ -349,9 +349,10 @@ def test_the_steps_updates_are_the_expressions_they_replace(dtype):
     q = rng.standard_normal(size).astype(dtype)
     beta = float(rng.standard_normal())
     # The first step: no previous row.
-    np.testing.assert_array_equal(lanczos_module._recurrence(w, scale, q, 0.0, None),
-                                  w - scale * q.astype(np.float64))
-    np.testing.assert_array_equal(lanczos_module._recurrence(w, scale, q, beta, row),
+    out = np.empty(size)
+    assert lanczos_module._recurrence(w, scale, q, 0.0, None, out) is out
+    np.testing.assert_array_equal(out, w - scale * q.astype(np.float64))
+    np.testing.assert_array_equal(lanczos_module._recurrence(w, scale, q, beta, row, out),
                                   (w - scale * q.astype(np.float64)) - np.float64(beta) * row)
     out = np.zeros(size, dtype)
     np.divide(w, 0.37, out=out, casting="same_kind")
