@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from typing import Callable, NamedTuple, Optional
@@ -88,6 +89,14 @@ def first_block(dim: int, *, num_draws: int, seed: int, lockstep: int,
                          for draw in draws])
 
 
+def _takes_out(function) -> bool:
+    """Whether `function` takes an `out` keyword argument."""
+    try:
+        return "out" in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # no signature (a builtin)
+        return False
+
+
 def _one_blas_thread():
     """The host's BLAS on one thread, as SLQ runs: the reorthogonalisation is small BLAS
     work between large products; with more than one BLAS thread it stalls whenever
@@ -139,7 +148,9 @@ def stochastic_lanczos_quadrature(
       first_product: used instead of the product for the very first block (e.g.
         a determinism check that computes it twice); takes and returns [k, dim].
       matmat: the products of a block [k, dim] → [k, dim] at once (one data pass
-        for k draws); default: `matvec` row by row.
+        for k draws); default: `matvec` row by row. A matmat with an `out` keyword
+        (`HessianOperator.matmat`) is given the same array at every step to write
+        the products into, instead of a new one each time.
       lockstep: advance up to this many draws together, one block of products per
         step. The draws are split into as few groups as lockstep allows, all of one
         size but the last (8 draws at lockstep 6: 4 and 4; 10 at lockstep 4: 4, 4
@@ -263,6 +274,10 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
          first_product, progress, basis_dtype, state, after_step, matmat, lockstep):
     started = time.perf_counter()
     size = group_size(num_draws, lockstep)
+    # The products' array, reused from step to step where matmat takes `out`: a new
+    # one takes its pages from the OS at every step.
+    reused = _takes_out(matmat)
+    products_out = None
     session_products = 0
     first_step_end = None  # time after the session's first step (it includes tracing)
     first_step_products = 0
@@ -279,7 +294,14 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
             vectors = linalg.current_vectors(group[i] for i in active)
             use_first = first_product is not None and state.num_products == 0
             try:
-                products = (first_product if use_first else matmat)(vectors)
+                if use_first:
+                    products = first_product(vectors)
+                elif reused:
+                    if products_out is None or products_out.shape[0] < len(active):
+                        products_out = np.empty((len(active), dim))
+                    products = matmat(vectors, out=products_out[: len(active)])
+                else:
+                    products = matmat(vectors)
             except NonFiniteError as error:
                 members = active if error.row is None else [active[error.row]]
                 steps = group[members[0]].num_steps

@@ -170,3 +170,27 @@ def test_algebra_seconds_times_one_reorthogonalisation_pass_per_step(monkeypatch
                         lambda active, w: passes.append(active.shape[0]) or project(active, w))
     spectrum_lib.algebra_seconds(4096, 90, 1, basis_dtype, repeats=2)
     assert passes == [2, 2, 7, 7]  # steps 1 and 6 of 8 sample rows, each once per repeat
+
+
+def test_a_matmat_taking_out_writes_every_step_into_one_array():
+    rng = np.random.default_rng(4)
+    matrix = rng.standard_normal((40, 40))
+    matrix = matrix + matrix.T
+    outs = []
+
+    def matmat(vectors, out=None):
+        outs.append(out)
+        np.matmul(vectors, matrix, out=out)
+        return out
+
+    def plain(vectors):
+        return vectors @ matrix
+
+    options = dict(lanczos_steps=12, num_draws=3, seed=0, lockstep=2)
+    reused = spectrum_lib.stochastic_lanczos_quadrature(None, 40, matmat=matmat, **options)
+    fresh = spectrum_lib.stochastic_lanczos_quadrature(None, 40, matmat=plain, **options)
+    # Groups of 2 and 1 draws: one array, its first rows for the smaller block.
+    assert len(outs) == 24 and len({id(o.base if o.base is not None else o) for o in outs}) == 1
+    assert [o.shape[0] for o in outs] == [2] * 12 + [1] * 12
+    np.testing.assert_array_equal(reused.nodes, fresh.nodes)
+    np.testing.assert_array_equal(reused.weights, fresh.weights)

@@ -178,3 +178,23 @@ def test_gauss_newton_and_fisher_in_float32_accumulation(name):
     expected = built["float64"].matmat(block)
     np.testing.assert_allclose(built["float32"].matmat(block), expected,
                                rtol=1e-6, atol=1e-6 * np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("accumulation, cache_residuals", [
+    ("float64", False), ("float32", False), ("float64", True)])
+def test_products_written_into_out_are_the_products(accumulation, cache_residuals):
+    model = tiny_model(dtype="float32")
+    x, y = tiny_data(np.float32)
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE,
+        accumulation=accumulation, cache_residuals=cache_residuals)
+    vectors = np.random.default_rng(0).standard_normal((2, operator.dim))
+    expected = operator.matmat(vectors)
+    out = np.full_like(expected, np.nan)
+    got = operator.matmat(vectors, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, expected)
+    for bad in (np.empty((1, operator.dim)), np.empty((2, operator.dim), np.float32),
+                np.empty((operator.dim, 2)).T):
+        with pytest.raises(ValueError, match="out: an array of shape"):
+            operator.matmat(vectors, out=bad)
