@@ -6,8 +6,9 @@ vector handed to TensorFlow, the products read back and averaged, and `lanczos_s
 (the three-term recurrence, full reorthogonalisation, the new basis row, whose pages
 the OS gives at that step). On ResNet-sized models that is a tenth of a step.
 
-For each output width W: `product ms`, the median of 7 `HessianOperator.matvec`s
-(their host work included); `step ms`, the best of 2 SLQ runs of m steps
+For each output width W: `product ms`, the median of 7 `HessianOperator.matmat`s of
+one vector (their host work included, into one reused array where matmat takes `out=`,
+as the SLQ driver then calls it); `step ms`, the best of 2 SLQ runs of m steps
 (`Spectrum.seconds_per_step`, one draw, the job's `matmat`); `beside ms`, the
 difference. λmax is printed so that runs of two checkouts can be compared.
 
@@ -19,6 +20,7 @@ Two checkouts: PYTHONPATH=OTHER_CHECKOUT .venv/bin/python benchmarks/host_step.p
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -52,10 +54,14 @@ def measure(outputs: int, lanczos_steps: int) -> tuple[int, float, float, float]
     from hessian_tf.distribute import graph_optimization
 
     operator = operator_of(outputs)
-    vector = np.random.default_rng(1).standard_normal(operator.dim)
+    vectors = np.random.default_rng(1).standard_normal((1, operator.dim))
+    # As the driver calls it: into one array where it can (a new array's pages would
+    # count in the product here and not in the step).
+    takes_out = "out" in inspect.signature(operator.matmat).parameters  # older checkouts: no
+    reused = {"out": np.empty_like(vectors)} if takes_out else {}
     with graph_optimization("auto"):
-        operator.matvec(vector)  # traced
-        product = median_seconds(lambda: operator.matvec(vector), 7)
+        operator.matmat(vectors, **reused)  # traced
+        product = median_seconds(lambda: operator.matmat(vectors, **reused), 7)
         runs = [spectrum.stochastic_lanczos_quadrature(
             operator.matvec, operator.dim, lanczos_steps=lanczos_steps, num_draws=1, seed=0,
             matmat=operator.matmat) for _ in range(2)]

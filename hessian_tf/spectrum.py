@@ -143,7 +143,8 @@ def stochastic_lanczos_quadrature(
     """Runs `num_draws` Lanczos draws of `lanczos_steps` steps and smooths them.
 
     Args:
-      matvec: float64 [dim] → [dim], a symmetric operator.
+      matvec: float64 [dim] → [dim], a symmetric operator. The vectors it, matmat
+        and first_product are given may be read-only views of the Lanczos basis.
       dim: its dimension.
       first_product: used instead of the product for the very first block (e.g.
         a determinism check that computes it twice); takes and returns [k, dim].

@@ -55,6 +55,8 @@ def zero_basis(rows: int, dim: int, dtype=np.float64) -> np.ndarray:
     size = rows * dim * dtype.itemsize
     if size < SMALL_PAGES_FROM_BYTES:
         return np.zeros((rows, dim), dtype=dtype)
+    if not hasattr(mmap, "MAP_PRIVATE"):  # no such maps on this OS (Windows): NumPy's
+        return np.zeros((rows, dim), dtype=dtype)
     memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         memory.madvise(mmap.MADV_NOHUGEPAGE)

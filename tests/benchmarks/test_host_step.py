@@ -1,5 +1,5 @@
-"""benchmarks/host_step.py: one row per width, the step at least its product's share,
-and bad flags refused in one line."""
+"""benchmarks/host_step.py: one row per width, of the model it says, with the columns
+it says, and bad flags refused in one line."""
 
 import os
 import sys
@@ -20,7 +20,25 @@ def test_prints_one_row_per_width(capsys):
     for row in rows:
         product, step, beside = (float(value) for value in row[1:4])
         assert product > 0 and step > 0
-        assert beside == pytest.approx(step - product, abs=0.11)
+        assert beside == pytest.approx(step - product, abs=0.11)  # the column it says
+        assert float(row[4]) > 0  # λmax of a cross-entropy's Hessian at a tanh layer
+
+
+def test_times_the_product_as_the_driver_calls_it(monkeypatch):
+    calls = []
+    matmat = host_step.operator_of(3).matmat.__func__
+
+    def recorded(self, vectors, out=None):
+        calls.append(out)
+        return matmat(self, vectors, out=out)
+
+    from hessian_tf import operators
+    monkeypatch.setattr(operators.HessianOperator, "matmat", recorded)
+    host_step.measure(3, 3)
+    # The trace, the 8 timed products (a warm-up and 7) and the 2 SLQ runs' 3 steps each
+    # all write into arrays they are given.
+    assert len(calls) == 1 + 8 + 2 * 3
+    assert all(out is not None for out in calls)
 
 
 @pytest.mark.parametrize("argv", [["--outputs", "3x"], ["--outputs", "0"],
