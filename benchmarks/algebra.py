@@ -25,7 +25,7 @@ import numpy as np
 import threadpoolctl
 
 from hessian_tf import linalg
-from machine import best_of, load_average  # noqa: E402  (benchmarks/machine.py)
+from machine import best_of, load_average, positive_integers  # noqa: E402  (benchmarks/machine.py)
 
 
 def best_seconds(function, repeats: int) -> float:
@@ -60,13 +60,10 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, default=90, help="the step k timed (default 90)")
     parser.add_argument("--repeats", type=int, default=5, help="best of N (default 5)")
     args = parser.parse_args(argv)
-    try:
-        dims = [int(d) for d in args.dims.split(",")]
-    except ValueError:
-        print(f"--dims={args.dims!r}: pass comma-separated integers, e.g. 16510,466906.",
-              file=sys.stderr)
+    dims = positive_integers("dims", args.dims, "16510,466906")
+    if dims is None:
         return 2
-    if min(dims) < 1 or args.step < 1 or args.repeats < 1:
+    if args.step < 1 or args.repeats < 1:
         print(f"--dims={args.dims}, --step={args.step}, --repeats={args.repeats}: "
               "each must be at least 1.", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from machine import load_average, median_seconds  # noqa: E402  (benchmarks/machine.py)
+from machine import load_average, median_seconds, positive_integers  # noqa: E402  (benchmarks/machine.py)
 
 EXAMPLES = 8
 
@@ -76,16 +76,12 @@ def main(argv=None) -> int:
                              "and 23.5M parameters, DenseNet-121's and ResNet50-V2's sizes)")
     parser.add_argument("--lanczos_steps", type=int, default=10, help="m (default 10)")
     args = parser.parse_args(argv)
-    try:
-        widths = [int(w) for w in args.outputs.split(",")]
-    except ValueError:
-        print(f"--outputs={args.outputs!r}: pass comma-separated integers, e.g. 3400,11400.",
-              file=sys.stderr)
+    widths = positive_integers("outputs", args.outputs, "3400,11400")
+    if widths is None:
         return 2
-    if min(widths) < 1 or args.lanczos_steps < 2:
-        print(f"--outputs={args.outputs}, --lanczos_steps={args.lanczos_steps}: widths must "
-              "be at least 1 and m at least 2 (a step after the first is timed).",
-              file=sys.stderr)
+    if args.lanczos_steps < 2:
+        print(f"--lanczos_steps={args.lanczos_steps}: pass at least 2 (a step after the "
+              "first is timed).", file=sys.stderr)
         return 2
     from hessian_tf.distribute import automatic_cpu_threads
 

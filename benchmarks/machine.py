@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 
 
@@ -23,6 +24,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return name
+
+
+def positive_integers(flag: str, text: str, example: str):
+    """The comma-separated positive integers of `--flag=text`, or None after one line on
+    stderr saying what to pass (e.g. `example`)."""
+    try:
+        values = [int(value) for value in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        print(f"--{flag}={text!r}: pass comma-separated positive integers, e.g. {example}.",
+              file=sys.stderr)
+        return None
+    return values
 
 
 def best_of(function, repeats: int) -> float:
