@@ -28,7 +28,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from machine import load_average, median_seconds, positive_integers  # noqa: E402  (benchmarks/machine.py)
+# benchmarks/machine.py
+from machine import load_average, median_seconds, positive_integers  # noqa: E402
 
 EXAMPLES = 8
 

@@ -915,16 +915,17 @@ class HessianOperator:
         return tf.stack(compensated_add(accumulator[0], accumulator[1], value))
 
     @staticmethod
-    def _combined(accumulator, divisor: float = 1.0, out: Optional[np.ndarray] = None) -> np.ndarray:
+    def _combined(accumulator, divisor: float = 1.0,
+                  out: Optional[np.ndarray] = None) -> np.ndarray:
         """The float64 sum that a (cross-replica) accumulator holds (a tensor, or its
-        array on the host), divided by `divisor`, on the host: a new array of its own (the caller may scale it in
-        place). The accumulator is read where TensorFlow holds it (no copy such as
-        `.numpy()` makes). A float64 accumulator (CPU and GPU) is one row, divided into
-        the new array in one pass (the same numbers as a copy divided in place); a
-        float32 accumulator's compensation row is added to its float64 conversion in
-        place, as np.sum of the two rows did, without their float64 copy (187 MB on
-        ResNet-18's 11.7M parameters), then divided. `out`: a float64 array of the
-        sum's size to write it into instead (returned)."""
+        array on the host), divided by `divisor`, on the host: a new array of its own
+        (the caller may scale it in place), or `out` (a float64 array of the sum's
+        size) written and returned. The accumulator is read where TensorFlow holds it
+        (no copy such as `.numpy()` makes). A float64 accumulator (CPU and GPU) is one
+        row, divided into the result in one pass (the same numbers as a copy divided
+        in place); a float32 accumulator's compensation row is added to its float64
+        conversion in place, as np.sum of the two rows did, without their float64
+        copy (187 MB on ResNet-18's 11.7M parameters), then divided."""
         rows = np.asarray(accumulator)
         if rows.shape[0] == 1:
             return np.divide(rows[0], divisor, out=out, dtype=np.float64)

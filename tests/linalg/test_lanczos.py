@@ -387,3 +387,22 @@ def test_current_vectors_are_the_current_vectors_in_one_block(dtype):
         assert np.shares_memory(one, states[1].basis) and not one.flags.writeable
     else:
         assert not np.shares_memory(one, states[1].basis)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_rows_past_a_breakdown_stay_zero(dtype, mapped, monkeypatch):
+    # The next vector is built in its basis row (float64): a breakdown must leave that
+    # row zero, as rows past the last vector are.
+    if mapped:
+        monkeypatch.setattr(lanczos_module, "SMALL_PAGES_FROM_BYTES", 1)
+    matrix, _ = matrix_with_eigenvalues([1.0, 2.0, 2.0, 2.0, 7.0, 7.0], seed=2)
+    state = linalg.lanczos_init(np.random.default_rng(5).standard_normal(6), 6, basis_dtype=dtype)
+    while not linalg.is_finished(state):
+        state = linalg.lanczos_step(state, matrix @ linalg.current_vector(state))
+    steps = state.num_steps  # 3 distinct eigenvalues; a float32 basis's rounding runs on
+    assert state.exhausted and steps == (3 if dtype == np.float64 else steps) < 6
+    assert not np.any(state.basis[steps:])
+    basis = state.basis[:steps].astype(np.float64)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(steps),
+                               atol=1e-12 if dtype == np.float64 else 1e-6)
