@@ -39,7 +39,6 @@ Command (about 10 minutes on 2 CPU cores, 15 with --binary; MEMORY.md in this di
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -226,12 +225,13 @@ def run_slq(spec: dict, matmat, dim: int, meter: Meter, rss_ready: int) -> dict:
     (lanczos_step); `finish` is after the last step (results, density)."""
     import numpy as np
 
-    from hessian_tf.spectrum import stochastic_lanczos_quadrature
+    from hessian_tf.spectrum import _takes_out, stochastic_lanczos_quadrature
 
     steps, current = [], {}
 
-    # As the job's driver calls the operator: into one reused array where it takes out=.
-    takes_out = "out" in inspect.signature(matmat).parameters
+    # As the job's driver calls the operator (its own test): into one reused array
+    # where it takes out=.
+    takes_out = _takes_out(matmat)
 
     def measured_matmat(vectors, out=None):
         current["prep"] = meter.end()
