@@ -127,6 +127,30 @@ def test_first_block_is_what_a_run_multiplies_first(basis_dtype):
     np.testing.assert_array_equal(first, seen[0])
 
 
+@pytest.mark.parametrize("basis_dtype", [np.float64, np.float32])
+def test_start_vectors_drawn_in_place_are_the_plain_expressions(basis_dtype):
+    # first_block and the run draw and normalise each vector in its own row; the
+    # numbers are those of the plain expressions, new arrays at each step (as before
+    # the rows were written in place), on one BLAS thread as the run normalises.
+    dim, seed = 3_000_000, 7
+    with spectrum_lib._one_blas_thread():
+        plain = []
+        for draw in range(2):
+            vector = np.random.default_rng([seed, draw]).standard_normal(dim) / np.sqrt(dim)
+            vector = vector / np.linalg.norm(vector)
+            plain.append(vector.astype(basis_dtype).astype(np.float64))
+        state = spectrum_lib._initial_state(dim, seed, 1, 3, basis_dtype)
+    drawn = np.zeros(dim)
+    assert spectrum_lib.start_vector(dim, seed, 1, out=drawn) is drawn
+    np.testing.assert_array_equal(drawn, spectrum_lib.start_vector(dim, seed, 1))
+    first = spectrum_lib.first_block(dim, num_draws=2, seed=seed, lockstep=2,
+                                     basis_dtype=basis_dtype)
+    np.testing.assert_array_equal(first, np.stack(plain))
+    assert state.basis.dtype == basis_dtype and state.basis.shape == (3, dim)
+    np.testing.assert_array_equal(state.basis[0].astype(np.float64), plain[1])
+    assert not state.basis[1:].any()
+
+
 def test_algebra_seconds_extrapolates_two_timed_steps(monkeypatch):
     # A fake clock in which a step with j active basis rows costs (a + b j) per entry:
     # the estimate is then exactly dim (m a + b m (m + 1) / 2) per draw.

@@ -621,6 +621,9 @@ class HessianOperator:
         runs = {}
         seconds = {}
         products = {}  # given vectors: see the docstring
+        # A later run's products and their differences from the first run's, in one
+        # array: vector-sized temporaries each take fresh memory from the OS.
+        later = []
 
         def run(method) -> float:
             """Runs `method`'s graph once; its seconds."""
@@ -629,12 +632,15 @@ class HessianOperator:
             rows = np.asarray(runs[method](vectors, limit))
             elapsed = time.perf_counter() - started
             if keep:
-                result = self._mean_products(rows, shape)
                 if method not in products:
-                    products[method] = (result, 0.0)
+                    products[method] = (self._mean_products(rows, shape), 0.0)
                 else:
                     first, difference = products[method]
-                    gap = float(np.max(np.abs(first - result)))  # NaN: not reused
+                    if not later:
+                        later.append(np.empty(shape))
+                    result = self._mean_products(rows, shape, later[0])
+                    gap = float(np.max(np.abs(np.subtract(first, result, out=result),
+                                              out=result)))  # NaN: not reused
                     products[method] = (first, max(difference, gap) if np.isfinite(gap)
                                         else gap)
             return elapsed

@@ -138,6 +138,33 @@ def test_zero_start_vector():
         linalg.lanczos(lambda v: v, np.zeros(3), 2)
 
 
+def test_first_vector_out_and_a_basis_given_to_lanczos_init():
+    rng = np.random.default_rng(3)
+    start = rng.standard_normal(1000) * 1e3
+    expected = start / np.linalg.norm(start)
+    into = np.empty(1000)
+    assert linalg.first_vector(start, out=into) is into
+    np.testing.assert_array_equal(into, expected)
+    np.testing.assert_array_equal(linalg.first_vector(start), expected)
+    np.testing.assert_array_equal(linalg.first_vector(start, np.float32),
+                                  expected.astype(np.float32).astype(np.float64))
+    for dtype in (np.float64, np.float32):
+        plain = linalg.lanczos_init(start, 4, basis_dtype=dtype)
+        basis = linalg.zero_basis(4, 1000, dtype)
+        if dtype == np.float64:  # the start vector in the basis's first row
+            basis[0] = start
+            given = linalg.lanczos_init(basis[0], 4, basis_dtype=dtype, basis=basis)
+        else:
+            given = linalg.lanczos_init(start, 4, basis_dtype=dtype, basis=basis)
+        assert given.basis is basis
+        np.testing.assert_array_equal(given.basis, plain.basis)
+        np.testing.assert_array_equal(plain.basis[0], expected.astype(dtype))
+    for shape, dtype in (((3, 1000), np.float64), ((4, 999), np.float64),
+                         ((4, 1000), np.float32)):
+        with pytest.raises(ValueError, match=r"^basis of shape .*pass zero_basis"):
+            linalg.lanczos_init(start, 4, basis=np.zeros(shape, dtype))
+
+
 def test_density_integrates_to_one_and_averages_draws():
     nodes = [np.array([-1.0, 0.0, 3.0]), np.array([0.5, 2.0])]
     weights = [np.array([0.2, 0.5, 0.3]), np.array([0.6, 0.4])]
