@@ -1,6 +1,8 @@
 """SLQ driver diagnostics."""
 
+import resource
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -149,6 +151,73 @@ def test_start_vectors_drawn_in_place_are_the_plain_expressions(basis_dtype):
     assert state.basis.dtype == basis_dtype and state.basis.shape == (3, dim)
     np.testing.assert_array_equal(state.basis[0].astype(np.float64), plain[1])
     assert not state.basis[1:].any()
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def test_the_next_rows_pages_are_taken_while_the_product_runs(monkeypatch):
+    # 600,000 float64 entries: rows of 4.8 MB, above PAGED_ROWS_FROM_BYTES.
+    dim, steps = 600_000, 4
+    diagonal = np.linspace(-1.0, 3.0, dim)
+    taken = threading.Event()
+    threads = []
+    take_pages = spectrum_lib._take_pages
+
+    def recorded(rows):
+        threads.append(threading.current_thread())
+        assert all(not row.any() for row in rows)  # zero rows, the next step's
+        take_pages(rows)
+        taken.set()
+
+    calls = []
+
+    def matmat(vectors):
+        # The thread runs while the product does (but at the last step, which writes
+        # no row); the step comes after its join.
+        calls.append(len(calls))
+        if len(calls) < steps:
+            assert taken.wait(timeout=60)
+            taken.clear()
+        return vectors * diagonal
+
+    def run():
+        return spectrum_lib.stochastic_lanczos_quadrature(
+            None, dim, lanczos_steps=steps, num_draws=2, lockstep=2, seed=1, matmat=matmat)
+
+    monkeypatch.setattr(spectrum_lib, "_take_pages", recorded)
+    paged = run()
+    # Each step but the last writes a new row of each draw.
+    assert len(threads) == steps - 1
+    assert all(t is not threading.main_thread() and not t.is_alive() for t in threads)
+    monkeypatch.setattr(spectrum_lib, "PAGED_ROWS_FROM_BYTES", 1 << 62)
+
+    def unpaged_matmat(vectors):
+        return vectors * diagonal
+
+    plain = spectrum_lib.stochastic_lanczos_quadrature(
+        None, dim, lanczos_steps=steps, num_draws=2, lockstep=2, seed=1, matmat=unpaged_matmat)
+    assert len(threads) == steps - 1  # none for rows below the size
+    np.testing.assert_array_equal(paged.nodes, plain.nodes)
+    np.testing.assert_array_equal(paged.weights, plain.weights)
+    np.testing.assert_array_equal(paged.alphas, plain.alphas)
+
+
+def test_taking_a_rows_pages_leaves_it_zero_and_its_writes_without_page_faults():
+    pages = 4096
+    basis = linalg.zero_basis(3, pages * 4096 // 8 + 3)  # mapped, its pages not yet taken
+    row = basis[1]
+    spectrum_lib._take_pages([row])
+    assert not basis.any()
+    before = _minor_faults()
+    row[:] = 1.0
+    after_taken = _minor_faults() - before
+    before = _minor_faults()
+    basis[2] = 1.0  # a row whose pages were not taken
+    not_taken = _minor_faults() - before
+    assert not_taken >= pages // 2  # the count sees this row's pages
+    assert after_taken <= pages // 100
 
 
 def test_algebra_seconds_extrapolates_two_timed_steps(monkeypatch):

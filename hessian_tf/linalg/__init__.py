@@ -13,6 +13,7 @@ from hessian_tf.linalg.lanczos import (
     lanczos_orthogonality_loss,
     lanczos_result,
     lanczos_step,
+    next_row,
     sample_state,
     zero_basis,
 )

@@ -206,6 +206,14 @@ def current_vectors(states) -> np.ndarray:
     return vectors
 
 
+def next_row(state: LanczosState) -> Optional[np.ndarray]:
+    """The basis row that the state's next `lanczos_step` writes (zero until then), or
+    None where that step writes none (its last, or a finished state)."""
+    if state.exhausted or state.num_steps + 1 >= state.basis.shape[0]:
+        return None
+    return state.basis[state.num_steps + 1]
+
+
 def is_finished(state: LanczosState) -> bool:
     return state.exhausted or state.num_steps >= state.alphas.size
 

@@ -165,6 +165,24 @@ def test_first_vector_out_and_a_basis_given_to_lanczos_init():
             linalg.lanczos_init(start, 4, basis=np.zeros(shape, dtype))
 
 
+def test_next_row_is_the_row_the_next_step_writes():
+    diagonal = np.array([1.0, 2.0, 3.0, 4.0])
+    state = linalg.lanczos_init(np.ones(4), 3)
+    written = []
+    while linalg.next_row(state) is not None:
+        row = linalg.next_row(state)
+        assert not row.any()
+        state = linalg.lanczos_step(state, diagonal * linalg.current_vector(state))
+        written.append(row.any())
+    assert written == [True, True] and state.num_steps == 2  # the last step writes none
+    # Two eigenvalues: the Krylov space is exhausted after two steps of four.
+    exhausted = linalg.lanczos_init(np.ones(4), 4)
+    for _ in range(2):
+        exhausted = linalg.lanczos_step(
+            exhausted, np.array([1.0, 1.0, 2.0, 2.0]) * linalg.current_vector(exhausted))
+    assert exhausted.exhausted and linalg.next_row(exhausted) is None
+
+
 def test_density_integrates_to_one_and_averages_draws():
     nodes = [np.array([-1.0, 0.0, 3.0]), np.array([0.5, 2.0])]
     weights = [np.array([0.2, 0.5, 0.3]), np.array([0.6, 0.4])]
