@@ -220,6 +220,44 @@ def test_taking_a_rows_pages_leaves_it_zero_and_its_writes_without_page_faults()
     assert after_taken <= pages // 100
 
 
+def _blas_threads() -> set:
+    return {info["num_threads"] for info in spectrum_lib.threadpoolctl.threadpool_info()
+            if info["user_api"] == "blas"}
+
+
+def test_large_steps_run_their_blas_on_all_cores_and_draws_in_lockstep_as_alone(monkeypatch):
+    monkeypatch.setattr(spectrum_lib.host, "usable_cores", lambda: 2)
+    dim, steps = 20_000, 6
+    diagonal = np.linspace(-2.0, 5.0, dim)
+    # The active basis of step k is (k + 1) rows of 160,000 bytes: threaded from k = 2.
+    monkeypatch.setattr(spectrum_lib, "THREADED_STEPS_FROM_BYTES", 3 * dim * 8)
+    seen = []
+    step = linalg.lanczos_step
+
+    def recorded(state, product):
+        seen.append((state.num_steps, _blas_threads()))
+        return step(state, product)
+
+    monkeypatch.setattr(spectrum_lib.linalg, "lanczos_step", recorded)
+
+    def run(**options):
+        return spectrum_lib.stochastic_lanczos_quadrature(
+            None, dim, lanczos_steps=steps, seed=2, matmat=lambda v: v * diagonal, **options)
+
+    before = _blas_threads()
+    together = run(num_draws=2, lockstep=2)
+    assert seen == [(k, {1} if k < 2 else {2}) for k in range(steps) for _ in range(2)]
+    assert _blas_threads() == before  # the run's limits undone
+    alone = run(num_draws=2, lockstep=1)
+    np.testing.assert_array_equal(together.alphas, alone.alphas)
+    np.testing.assert_array_equal(together.nodes, alone.nodes)
+    np.testing.assert_array_equal(together.weights, alone.weights)
+    seen.clear()
+    monkeypatch.setattr(spectrum_lib.host, "usable_cores", lambda: 1)
+    run(num_draws=1)
+    assert seen and all(threads == {1} for _, threads in seen)
+
+
 def test_algebra_seconds_extrapolates_two_timed_steps(monkeypatch):
     # A fake clock in which a step with j active basis rows costs (a + b j) per entry:
     # the estimate is then exactly dim (m a + b m (m + 1) / 2) per draw.
