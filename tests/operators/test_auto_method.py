@@ -323,8 +323,10 @@ def test_forward_mode_is_timed_only_where_it_could_repay_its_set_up():
     assert short.method_seconds["reverse_over_reverse"] > 0
     assert re.match(r"not timed: the job's products \(1\) take about \S+ s by reverse over reverse, of "
                     r"which forward over backward could save at most 40%, less than the "
-                    r"\S+ s that setting it up and timing it would take \(1.25 times reverse "
-                    r"over reverse's set-up, and 3 timed runs\)$", short.forward_mode_untimed)
+                    r"\S+ s that setting it up and timing it would take \("
+                    + re.escape(f"{hessian_lib.FORWARD_MODE_SET_UP_RATIO:g}")
+                    + r" times reverse over reverse's set-up, and 3 timed runs\)$",
+                    short.forward_mode_untimed)
     # Its milliseconds of timing already exceed 5% of the job's one product: one run.
     assert short.method_runs == {"forward_over_backward": 0, "reverse_over_reverse": 1}
     assert short.forward_mode_failure == "" and short.num_traces == 1
@@ -349,7 +351,7 @@ class _Clock:
 
 
 @pytest.mark.parametrize("num_products, reverse_runs, forward_runs", [
-    (10, 1, 0),     # 10 s of products: forward mode would save at most 4 s of its 5.5 s
+    (10, 1, 0),     # 10 s of products: forward mode would save at most 4 s of its 7 s
     (20, 2, 2),     # 1 s may be timed: 1 estimate, forward mode's run, one round
     (100, 4, 2),    # 5 s: 3 estimates, forward mode's, one round (a second would make 8 s)
     (200, 6, 4),    # 10 s: 3 estimates, forward mode's, three rounds
@@ -366,19 +368,23 @@ def test_the_timed_runs_take_a_share_of_the_jobs_products(
                                     "reverse_over_reverse": reverse_runs}
     assert (operator.method_seconds["forward_over_backward"] is None) == (forward_runs == 0)
     if forward_runs == 0:
-        assert "less than the 5.5 s that setting it up and timing it" in (
+        # A set-up of 2 s (a trace and a run) times the ratio, and 3 timed runs of 1 s.
+        cost = 2 * hessian_lib.FORWARD_MODE_SET_UP_RATIO + 3
+        assert cost == 7.0
+        assert f"less than the {cost:g} s that setting it up and timing it" in (
             operator.forward_mode_untimed)
 
 
-@pytest.mark.parametrize("set_up, timed", [(0.079, True), (0.081, False)])
+@pytest.mark.parametrize("set_up, timed", [(0.049, True), (0.051, False)])
 def test_the_set_up_bound_scales_the_timed_batches_to_the_whole_data(set_up, timed):
     x, y = tiny_data()  # 3 batches of 4
     operator = operators.HessianOperator(operators.KerasModelFunction(tiny_model()), x, y,
                                          batch_size=2)  # 6 batches, 4 of them timed
     assert operator.batches_per_replica == 6
     # 0.1 s for 4 batches: 0.15 s per product, 1.0 s for 20/3 products; at most 0.4 s
-    # saved, against forward mode's set-up, 1.25 times reverse over reverse's, and 3 timed
-    # runs of 0.1 s: the bound is a set-up of 0.08 s.
+    # saved, against forward mode's set-up, 2 times reverse over reverse's, and 3 timed
+    # runs of 0.1 s: the bound is a set-up of 0.05 s.
+    assert hessian_lib.FORWARD_MODE_SET_UP_RATIO == 2.0
     reason = operator._forward_mode_untimed(20 / 3, set_up, 0.1)
     assert (reason == "") == timed
 
