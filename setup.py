@@ -21,7 +21,7 @@ setuptools.setup(
         "ml-collections",
         "matplotlib",
         "scikit-learn",  # only for the embedded digits data
-        "threadpoolctl",  # one BLAS thread for the Lanczos algebra
+        "threadpoolctl>=3",  # the Lanczos algebra's BLAS threads (ThreadpoolController)
     ],
     extras_require={"test": ["pytest", "pytest-xdist", "pyyaml"]},
     entry_points={

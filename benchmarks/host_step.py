@@ -3,8 +3,10 @@
 A Dense model (64 inputs → Dense(2048, tanh) → Dense(W)) on 8 examples: its products
 touch every parameter but cost little, so what a step adds to its product shows: the
 vector handed to TensorFlow, the products read back and averaged, and `lanczos_step`
-(the three-term recurrence, full reorthogonalisation, the new basis row, whose pages
-the OS gives at that step). On ResNet-sized models that is a tenth of a step.
+(the three-term recurrence, full reorthogonalisation, the new basis row's pages, which
+the OS gives at its first write; from 4 MiB rows on, since 2026-12-01, a thread takes
+them while the product runs, and this product is short). On ResNet-sized models that
+was a tenth of a step.
 
 For each output width W: `product ms`, the median of 7 `HessianOperator.matmat`s of
 one vector (their host work included, into one reused array where matmat takes `out=`,

@@ -91,8 +91,8 @@ def first_block(dim: int, *, num_draws: int, seed: int, lockstep: int,
     first lockstep group's start vectors, as its Lanczos bases hold them (normalised
     on the run's one BLAS thread: a threaded norm rounds differently). Each is drawn
     and normalised in its own row, in memory mapped as a basis is (`zero_basis`):
-    the temporaries this replaced took 1.9 s of a new process at ResNet50-V2's 23.5M
-    parameters, against 0.33 s once the OS had given that memory once (ad hoc)."""
+    the temporaries this replaced took 1.8 s of a new process at ResNet50-V2's 23.5M
+    parameters; it takes 0.33 s (ad hoc, two runs each)."""
     draws = range(min(group_size(num_draws, lockstep), num_draws))
     block = linalg.zero_basis(len(draws), dim)
     with _one_blas_thread():
@@ -129,29 +129,38 @@ def _one_blas_thread():
 
 
 # A Lanczos step whose active basis (the rows its reorthogonalisation reads, twice) is
-# this large runs its BLAS on all the process's cores (`_step_threads`).
+# this large runs its BLAS on more threads (`_step_threads`).
 THREADED_STEPS_FROM_BYTES = 64 << 20
 
 _BLAS = []  # the host's BLAS libraries (threadpoolctl's controller), found once
 
 
-def _step_threads(state: linalg.LanczosState):
-    """The BLAS threads for `state`'s next Lanczos step: all the process's cores where
-    its active basis is from THREADED_STEPS_FROM_BYTES on, else the run's one thread.
+def _large_step_threads(limits) -> int:
+    """The BLAS threads for a run's large steps: as many as its BLAS had before the run
+    limited it to one (so OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or a caller's own
+    limit still hold), at most the process's usable cores."""
+    before = [threads for threads in limits.get_original_num_threads().values() if threads]
+    return max(1, min([host.usable_cores(), *before]))
+
+
+def _step_threads(state: linalg.LanczosState, threads: int):
+    """The BLAS threads for `state`'s next Lanczos step: `threads` (`_large_step_threads`)
+    where its active basis is from THREADED_STEPS_FROM_BYTES on, else the run's one.
     Such a step reads gigabytes, with the device (or the CPU's TensorFlow threads)
     idle between products; a one-thread pass does not fill the memory's bandwidth.
     `lanczos_step` alone on 2 cores, float64 (ad hoc, best of 3, one thread against
     two): 7M entries, 45 rows 251 against 152 ms, 89 rows 487 against 353 ms; 2M
-    entries, 45 rows 85 against 63 ms; 466,906 entries, 89 rows 42 against 28 ms.
-    Decided per state, so a lockstep group's steps run as a single draw's would
-    (the same numbers); a thread count rounds the projections its own way."""
-    cores = host.usable_cores()
+    entries, 45 rows 85 against 63 ms; 466,906 entries, 89 rows 42 against 28 ms
+    (measured on 2 cores only). Decided per state, so a lockstep group's steps run as
+    a single draw's would (the same numbers); the thread count rounds the projections
+    its own way, so a run resumed where it differs continues within rounding of the
+    run it resumes, not bit for bit."""
     active = (state.num_steps + 1) * state.basis.shape[1] * state.basis.itemsize
-    if cores < 2 or active < THREADED_STEPS_FROM_BYTES:
+    if threads < 2 or active < THREADED_STEPS_FROM_BYTES:
         return contextlib.nullcontext()
     if not _BLAS:
         _BLAS.append(threadpoolctl.ThreadpoolController())
-    return _BLAS[0].limit(limits=cores, user_api="blas")
+    return _BLAS[0].limit(limits=threads, user_api="blas")
 
 
 # Basis rows from this size on have their memory pages taken while the product runs
@@ -164,7 +173,7 @@ def _rows_paged(states):
     """While the product runs: the memory pages of the basis rows that the states' next
     Lanczos steps write, taken from the OS by a thread of their own. A row's pages
     are taken when the row is first written; on ResNet50-V2's 23.5M parameters that
-    took the three-term recurrence from about 40 ms to 100-500 ms per step (the OS's
+    took the three-term recurrence from about 40 ms to 93-525 ms per step (the OS's
     time, growing as a process takes more memory; ad hoc, this machine's VM). The
     product's ops release Python's lock and rarely hold both cores (ResNet50-V2's
     about 1.8 of 2), so the pages come nearly free there. The rows are zero, as
@@ -257,13 +266,14 @@ def stochastic_lanczos_quadrature(
         raise ValueError(f"--lockstep_draws={lockstep}: pass at least 1.")
     if matmat is None:
         matmat = lambda vectors: np.stack([matvec(v) for v in vectors])  # noqa: E731
-    with _one_blas_thread():
+    with _one_blas_thread() as limits:
         return _slq(
             dim, lanczos_steps=lanczos_steps, num_draws=num_draws, seed=seed,
             kernel_width=kernel_width, num_grid_points=num_grid_points,
             first_product=first_product, progress=progress, basis_dtype=basis_dtype,
             state=initial_state or SLQState(draw=0, lanczos=None, completed=(), num_products=0),
             after_step=after_step, matmat=matmat, lockstep=lockstep,
+            step_threads=_large_step_threads(limits),
         )
 
 
@@ -358,7 +368,8 @@ def group_size(num_draws: int, lockstep: int) -> int:
 
 
 def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
-         first_product, progress, basis_dtype, state, after_step, matmat, lockstep):
+         first_product, progress, basis_dtype, state, after_step, matmat, lockstep,
+         step_threads=1):
     started = time.perf_counter()
     size = group_size(num_draws, lockstep)
     # The products' array, reused from step to step where matmat takes `out`: a new
@@ -401,7 +412,7 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
             session_products += len(active)
             group = list(group)
             for row, i in enumerate(active):
-                with _step_threads(group[i]):
+                with _step_threads(group[i], step_threads):
                     group[i] = linalg.lanczos_step(group[i], products[row])
             group = tuple(group)
             state = state._replace(lanczos=group, num_products=state.num_products + len(active))

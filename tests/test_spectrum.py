@@ -1,8 +1,9 @@
 """SLQ driver diagnostics."""
 
-import resource
+import mmap
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -154,7 +155,10 @@ def test_start_vectors_drawn_in_place_are_the_plain_expressions(basis_dtype):
 
 
 def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    """This thread's minor page faults (the process's where the OS counts no thread's)."""
+    resource = pytest.importorskip("resource")  # Unix: getrusage
+    who = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+    return resource.getrusage(who).ru_minflt
 
 
 def test_the_next_rows_pages_are_taken_while_the_product_runs(monkeypatch):
@@ -162,35 +166,51 @@ def test_the_next_rows_pages_are_taken_while_the_product_runs(monkeypatch):
     dim, steps = 600_000, 4
     diagonal = np.linspace(-1.0, 3.0, dim)
     taken = threading.Event()
-    threads = []
+    threads, failures, alive_at_step = [], [], []
     take_pages = spectrum_lib._take_pages
 
     def recorded(rows):
         threads.append(threading.current_thread())
-        assert all(not row.any() for row in rows)  # zero rows, the next step's
-        take_pages(rows)
-        taken.set()
+        try:
+            if any(row.any() for row in rows):
+                failures.append("a row to take was not zero")
+            take_pages(rows)
+        except Exception as error:  # noqa: BLE001 (reported by the test's thread)
+            failures.append(repr(error))
+        finally:
+            taken.set()
+        time.sleep(0.2)  # still running when the product returns: the step must wait
 
     calls = []
 
     def matmat(vectors):
         # The thread runs while the product does (but at the last step, which writes
-        # no row); the step comes after its join.
+        # no row).
         calls.append(len(calls))
         if len(calls) < steps:
             assert taken.wait(timeout=60)
             taken.clear()
         return vectors * diagonal
 
+    step = linalg.lanczos_step
+
+    def checked_step(state, product):
+        alive_at_step.append(any(t.is_alive() for t in threads))
+        return step(state, product)
+
     def run():
         return spectrum_lib.stochastic_lanczos_quadrature(
             None, dim, lanczos_steps=steps, num_draws=2, lockstep=2, seed=1, matmat=matmat)
 
     monkeypatch.setattr(spectrum_lib, "_take_pages", recorded)
+    monkeypatch.setattr(spectrum_lib.linalg, "lanczos_step", checked_step)
     paged = run()
-    # Each step but the last writes a new row of each draw.
-    assert len(threads) == steps - 1
-    assert all(t is not threading.main_thread() and not t.is_alive() for t in threads)
+    assert failures == []
+    # Each step but the last writes a new row of each draw; every step came after the
+    # thread's join.
+    assert len(threads) == steps - 1 and len(alive_at_step) == 2 * steps
+    assert not any(alive_at_step)
+    assert all(t is not threading.main_thread() for t in threads)
     monkeypatch.setattr(spectrum_lib, "PAGED_ROWS_FROM_BYTES", 1 << 62)
 
     def unpaged_matmat(vectors):
@@ -206,15 +226,16 @@ def test_the_next_rows_pages_are_taken_while_the_product_runs(monkeypatch):
 
 def test_taking_a_rows_pages_leaves_it_zero_and_its_writes_without_page_faults():
     pages = 4096
-    basis = linalg.zero_basis(3, pages * 4096 // 8 + 3)  # mapped, its pages not yet taken
+    # Mapped (its pages not yet taken), rows a few entries longer than whole pages.
+    basis = linalg.zero_basis(3, pages * mmap.PAGESIZE // 8 + 3)
     row = basis[1]
     spectrum_lib._take_pages([row])
-    assert not basis.any()
+    assert not row.any()
     before = _minor_faults()
     row[:] = 1.0
     after_taken = _minor_faults() - before
     before = _minor_faults()
-    basis[2] = 1.0  # a row whose pages were not taken
+    basis[2] = 1.0  # a row whose pages were not taken (nor read)
     not_taken = _minor_faults() - before
     assert not_taken >= pages // 2  # the count sees this row's pages
     assert after_taken <= pages // 100
@@ -225,7 +246,10 @@ def _blas_threads() -> set:
             if info["user_api"] == "blas"}
 
 
-def test_large_steps_run_their_blas_on_all_cores_and_draws_in_lockstep_as_alone(monkeypatch):
+def test_large_steps_run_their_blas_on_more_threads_and_draws_in_lockstep_as_alone(
+        monkeypatch):
+    if not _blas_threads():
+        pytest.skip("threadpoolctl finds no BLAS library in this NumPy")
     monkeypatch.setattr(spectrum_lib.host, "usable_cores", lambda: 2)
     dim, steps = 20_000, 6
     diagonal = np.linspace(-2.0, 5.0, dim)
@@ -240,22 +264,26 @@ def test_large_steps_run_their_blas_on_all_cores_and_draws_in_lockstep_as_alone(
 
     monkeypatch.setattr(spectrum_lib.linalg, "lanczos_step", recorded)
 
-    def run(**options):
-        return spectrum_lib.stochastic_lanczos_quadrature(
-            None, dim, lanczos_steps=steps, seed=2, matmat=lambda v: v * diagonal, **options)
+    def run(blas_threads, **options):
+        # The BLAS's own setting (OMP_NUM_THREADS, or a caller's limit) bounds the steps'.
+        with spectrum_lib.threadpoolctl.threadpool_limits(blas_threads, user_api="blas"):
+            return spectrum_lib.stochastic_lanczos_quadrature(
+                None, dim, lanczos_steps=steps, seed=2, matmat=lambda v: v * diagonal,
+                **options)
 
     before = _blas_threads()
-    together = run(num_draws=2, lockstep=2)
+    together = run(4, num_draws=2, lockstep=2)  # at most the 2 usable cores
     assert seen == [(k, {1} if k < 2 else {2}) for k in range(steps) for _ in range(2)]
     assert _blas_threads() == before  # the run's limits undone
-    alone = run(num_draws=2, lockstep=1)
+    alone = run(4, num_draws=2, lockstep=1)
     np.testing.assert_array_equal(together.alphas, alone.alphas)
     np.testing.assert_array_equal(together.nodes, alone.nodes)
     np.testing.assert_array_equal(together.weights, alone.weights)
-    seen.clear()
-    monkeypatch.setattr(spectrum_lib.host, "usable_cores", lambda: 1)
-    run(num_draws=1)
-    assert seen and all(threads == {1} for _, threads in seen)
+    for blas_threads, cores in ((1, 2), (4, 1)):
+        seen.clear()
+        monkeypatch.setattr(spectrum_lib.host, "usable_cores", lambda: cores)
+        run(blas_threads, num_draws=1)
+        assert seen and all(threads == {1} for _, threads in seen)
 
 
 def test_algebra_seconds_extrapolates_two_timed_steps(monkeypatch):

@@ -171,6 +171,11 @@ def first_vector(start_vector: np.ndarray, basis_dtype=None,
     float64 [dim] array, which may be `start_vector` itself) if given, else a new
     array; the same numbers either way."""
     start_vector = np.asarray(start_vector, dtype=np.float64).reshape(-1)
+    if out is not None and out.dtype != np.float64:
+        raise ValueError(
+            f"out has dtype {out.dtype}: first_vector writes the float64 vector; pass a "
+            "float64 array (a float32 basis row takes its rounding by assignment)."
+        )
     norm = np.linalg.norm(start_vector)
     if not np.isfinite(norm) or norm == 0.0:
         raise ValueError(
