@@ -323,7 +323,7 @@ def algebra_seconds(dim: int, lanczos_steps: int, num_draws: int, basis_dtype=np
     reorthogonalisation), so it costs about (a + b (k + 1)) · dim; a and b come from
     two timed steps of the sample, at k = 1 and at its last row (the best of
     `repeats`, on one BLAS thread, as the run's small steps; a run's steps from
-    THREADED_STEPS_FROM_BYTES on use all cores, and took 0.6-0.75 of this on 2 cores, so
+    THREADED_STEPS_FROM_BYTES on use more threads, 0.6-0.75 of this time on 2 cores, so
     the estimate is high for large models' later steps). The run's m steps then cost
     dim · (m a + b m (m + 1) / 2) per draw. Measured against whole runs of
     `lanczos_step` (ad hoc, this machine, one BLAS thread): DenseNet-121's 6,964,106

@@ -72,9 +72,10 @@ AUTO_MARGIN = 0.95
 #   on those networks);
 # - timing it also costs AUTO_RUNS_TO_TIME_FORWARD_MODE timed runs: its own, and one
 #   alternating round of both methods.
-# The bound and the first runs err towards timing. Skipped, forward mode's set-up is spared where the products
-# could not repay it (the patches ViT of benchmarks/example_networks.py, one draw of
-# m = 90: about 12 s of set-up for about 3 s saved).
+# The bound and the first runs err towards timing. Skipped, forward mode's set-up is
+# spared where the products could not repay it (the patches ViT of
+# benchmarks/example_networks.py, one draw of m = 90: about 12 s of set-up for about 3 s
+# saved).
 # Given the number of products, a timed run (after each method's set-up) starts only
 # while the timed runs would stay within AUTO_TIMING_SHARE of the products' time, but
 # each method set up runs once, and both once more side by side: where the timed batches
