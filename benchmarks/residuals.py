@@ -31,6 +31,7 @@ import tensorflow as tf  # noqa: E402
 
 from core import load_workload  # noqa: E402  (benchmarks/core.py)
 from hessian_tf import operators  # noqa: E402
+from hessian_tf.operators import flat_parameters as flatten_lib  # noqa: E402
 from hessian_tf.operators import residuals as residuals_lib  # noqa: E402
 from machine import best_of, load_average  # noqa: E402  (benchmarks/machine.py)
 
@@ -38,8 +39,15 @@ from machine import best_of, load_average  # noqa: E402  (benchmarks/machine.py)
 def split_product(operator, x, y):
     """(full, split): the one-batch product as one function, and split at its
     residuals as `--cache_residuals` splits it."""
-    product, specs, vector_spec = operator.flat_batch_product(
+    parts, specs, _ = operator.batch_product_function(
         tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype))
+    primals = operator.model_function.primals()
+
+    def product(*arguments):  # the vector split and the products joined, as each step does
+        inputs, vector = arguments[:-1], arguments[-1]
+        return flatten_lib.flatten(parts(*inputs, *flatten_lib.unflatten(vector, primals)))
+
+    vector_spec = tf.TensorSpec([operator.dim], tf.float64)
     full = tf.function(tf.compat.v1.wrap_function(product, specs + [vector_spec]))
     return full, residuals_lib.split(product, specs, vector_spec)
 

@@ -335,6 +335,30 @@ def residual_cache_budget() -> int:
     return host_memory_bytes() // 4
 
 
+def _cached_product(cache: list, primals: Sequence) -> Callable[[tf.Tensor], tf.Tensor]:
+    """vector [dim] float64 → Σ over the batches of their products from cached residuals
+    (`cache`: [(from_residuals, its arguments)] per batch; from_residuals(*arguments,
+    *tangents) gives one float64 product per variable), in batch order, in one graph. The
+    vector is split into `primals`' tangents once and the sums joined once: on the digits'
+    wide MLP (4.3M parameters, 7 batches) 0.53 s per product against 0.59 s splitting and
+    joining per batch and 0.65–0.69 s calling each batch and adding on the host (ad hoc).
+    Each batch's product waits for the sums before it, so one batch's temporaries are
+    live at a time, as in the uncached products' loop."""
+
+    @tf.function(autograph=False)
+    def summed(vector):
+        tangents = flatten_lib.unflatten(vector, primals)
+        totals = None
+        for from_residuals, arguments in cache:
+            with tf.control_dependencies(totals or []):
+                products = list(from_residuals(*arguments, *tangents))
+            totals = products if totals is None else [
+                total + product for total, product in zip(totals, products)]
+        return flatten_lib.flatten(totals)
+
+    return summed
+
+
 class HessianOperator:
     """v ↦ H v for the Hessian of the mean loss of `model_function` over (x, y).
 
@@ -467,7 +491,7 @@ class HessianOperator:
                 "replicas; the cache is for one device. Leave it off, or use one device."
             )
         self.cache_residuals = bool(cache_residuals)
-        self._cache = None  # [(from_residuals, its arguments)] per batch, once built
+        self._cache = None  # vector -> Σ of the batches' products, once built
         self._cached_values = None  # the parameters and state the cache was built from
         self._splits = {}  # batch size -> residuals.split of its product, traced once
         self.residual_bytes = 0
@@ -1092,10 +1116,7 @@ class HessianOperator:
         self._timed_products = None  # a product ran first: they are not the check's
         start = time.perf_counter()
         if self.cache_residuals:
-            products = self._products_from_residuals(vectors)
-            if out is not None:
-                out[...] = products
-                products = out
+            products = self._products_from_residuals(vectors, out)
         else:
             accumulator = self._product_trace(vectors.shape[0])(
                 tf.constant(vectors, dtype=self._device_dtype), self._all_batches)
@@ -1177,21 +1198,21 @@ class HessianOperator:
             self._product_function = self._graph_function(self._product_graph)
             return build()
 
-    def _products_from_residuals(self, vectors: np.ndarray) -> np.ndarray:
+    def _products_from_residuals(self, vectors: np.ndarray,
+                                 out: Optional[np.ndarray] = None) -> np.ndarray:
         """H V from each batch's cached residuals (built at the first call, from the
-        parameters then), one vector and one batch at a time, summed in float64."""
+        parameters then), one vector at a time, summed in float64 over the batches in
+        batch order by one graph (`_cached_product`); into `out` if given."""
         values = self._model_values()
         if self._cache is not None and not self._same_model(values, self._cached_values):
             self.drop_residuals()  # the model changed since: residuals of the old one
         if self._cache is None:
             self._cache = self._build_cache()
             self._cached_values = values
-        products = np.zeros_like(vectors)
+        products = np.empty_like(vectors) if out is None else out
         for row, vector in enumerate(vectors):
-            vector = tf.constant(vector)
-            for from_residuals, arguments in self._cache:
-                products[row] += from_residuals(*arguments, vector).numpy()
-        return products / self.num_examples
+            np.divide(self._cache(tf.constant(vector)), self.num_examples, out=products[row])
+        return products
 
     def _model_values(self) -> list:
         """The parameters' and state's values now (numpy copies)."""
@@ -1201,22 +1222,24 @@ class HessianOperator:
         """Whether the model's `values` are those of `then` (from `_model_values`)."""
         return all(np.array_equal(a, b) for a, b in zip(values, then))
 
-    def flat_batch_product(self, x_spec: tf.TensorSpec, y_spec: tf.TensorSpec):
-        """(product, input specs, vector spec): product(*primals, *state, x, y, vector)
-        is one batch's flat float64 product, a pure function of its arguments (what
-        `residuals.split` splits)."""
+    def batch_product_function(self, x_spec: tf.TensorSpec, y_spec: tf.TensorSpec):
+        """(product, input specs, tangent specs): product(*primals, *state, x, y,
+        *tangents) is one batch's product, float64 tensors shaped like the primals (one
+        tangent each), a pure function of its arguments (what `residuals.split` splits).
+        The vector's split into tangents and the products' join into one vector are left
+        to the caller, which does them once per product, not once per batch."""
         primals, state = self.model_function.primals(), self.model_function.state()
         count = len(primals) + len(state)
 
         def product(*arguments):
             p, s = list(arguments[: len(primals)]), list(arguments[len(primals): count])
-            x, y, vector = arguments[count:]
+            x, y = arguments[count: count + 2]
             with self.model_function.mode_context(self.bn_mode):
-                tangents = flatten_lib.unflatten(vector, p)
-                return flatten_lib.flatten(self._batch_product(p, s, tangents, x, y))
+                return [tf.cast(hv, tf.float64) for hv in self._batch_product(
+                    p, s, list(arguments[count + 2:]), x, y)]
 
         specs = [tf.TensorSpec(t.shape, t.dtype) for t in primals + state] + [x_spec, y_spec]
-        return product, specs, tf.TensorSpec([self.dim], tf.float64)
+        return product, specs, [tf.TensorSpec(t.shape, t.dtype) for t in primals]
 
     def drop_residuals(self) -> None:
         """Frees the cached residuals (if any); the next product recomputes them from
@@ -1237,7 +1260,7 @@ class HessianOperator:
                 if size not in splits:
                     specs = [tf.TensorSpec((size,) + a.shape[1:], a.dtype) for a in (self._x, self._y)]
                     splits[size] = self._forward_mode_or_fallback(
-                        lambda: residuals_lib.split(*self.flat_batch_product(*specs)),
+                        lambda: residuals_lib.split(*self.batch_product_function(*specs)),
                         self._product_spec(1))
 
         method = self.method
@@ -1263,7 +1286,7 @@ class HessianOperator:
             inputs = list(primals) + list(state) + [tf.constant(x), tf.constant(y)]
             arguments = split.residuals_of(*inputs) + [inputs[i] for i in split.passed]
             cache.append((split.from_residuals, arguments))
-        return cache
+        return _cached_product(cache, self.model_function.primals())
 
     def loss_and_gradient(self) -> tuple[float, np.ndarray]:
         """(L(θ), ∇L(θ)) over the whole dataset; the gradient is [dim] float64."""

@@ -18,31 +18,36 @@ import tensorflow as tf
 
 
 class SplitProduct(NamedTuple):
-    """product(*inputs, vector) == from_residuals(*residuals_of(*inputs), *[inputs[i]
-    for i in passed], vector), where `inputs` are the product's arguments before the
-    vector."""
+    """product(*inputs, *vectors) == from_residuals(*residuals_of(*inputs), *[inputs[i]
+    for i in passed], *vectors), where `inputs` are the product's arguments before the
+    vectors (one vector, or a vector's parts: a tangent per variable)."""
 
     residuals_of: Callable  # returns a list of tensors
-    from_residuals: Callable
+    from_residuals: Callable  # returns what the product returns: a tensor, or a list
     passed: tuple  # indices of inputs that the second function takes as they are
     residual_bytes: int  # memory of one call's residuals
 
 
 def split(product: Callable, input_specs: Sequence[tf.TensorSpec],
-          vector_spec: tf.TensorSpec) -> SplitProduct:
-    """Splits `product(*inputs, vector)` (one output tensor) at its residuals."""
-    wrapped = tf.compat.v1.wrap_function(product, list(input_specs) + [vector_spec])
-    arguments = wrapped.inputs[: len(input_specs) + 1]
-    inputs, vector, output = arguments[:-1], arguments[-1], wrapped.outputs[0]
+          vector_specs: tf.TensorSpec | Sequence[tf.TensorSpec]) -> SplitProduct:
+    """Splits `product(*inputs, *vectors)` (a tensor, or a list of tensors) at its
+    residuals: the tensors that do not depend on the vectors but feed what does."""
+    vector_specs = ([vector_specs] if isinstance(vector_specs, tf.TensorSpec)
+                    else list(vector_specs))
+    wrapped = tf.compat.v1.wrap_function(product, list(input_specs) + vector_specs)
+    arguments = wrapped.inputs[: len(input_specs) + len(vector_specs)]
+    inputs, vectors = arguments[: len(input_specs)], arguments[len(input_specs):]
+    outputs = wrapped.outputs
     consumers = {}
     for op in wrapped.graph.get_operations():
         for tensor in op.inputs:
             consumers.setdefault(tensor.op, []).append(op)
         for control in op.control_inputs:
             consumers.setdefault(control, []).append(op)
-    depends = _reachable([vector.op], lambda op: consumers.get(op, ()))
+    depends = _reachable([vector.op for vector in vectors], lambda op: consumers.get(op, ()))
     needed = _reachable(
-        [output.op], lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
+        [output.op for output in outputs],
+        lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
     boundary, seen = [], set()
     for op in wrapped.graph.get_operations():  # graph order: deterministic
         if op in needed and op in depends:
@@ -56,10 +61,11 @@ def split(product: Callable, input_specs: Sequence[tf.TensorSpec],
     passed = tuple(index[t.ref()] for t in boundary if t.ref() in index)
     if not residuals:
         raise ValueError("the product has no vector-free part to cache.")
+    fetches = outputs if isinstance(wrapped.structured_outputs, (list, tuple)) else outputs[0]
     try:
         compute_residuals = tf.function(wrapped.prune(feeds=list(inputs), fetches=residuals))
         from_residuals = tf.function(wrapped.prune(
-            feeds=residuals + [inputs[i] for i in passed] + [vector], fetches=output))
+            feeds=residuals + [inputs[i] for i in passed] + list(vectors), fetches=fetches))
     except KeyError as error:  # how pruning fails at a tensor inside a while loop
         raise ValueError(
             "--cache_residuals: this model's product cannot be split at its residuals, "
