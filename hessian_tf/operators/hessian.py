@@ -1235,8 +1235,8 @@ class HessianOperator:
             p, s = list(arguments[: len(primals)]), list(arguments[len(primals): count])
             x, y = arguments[count: count + 2]
             with self.model_function.mode_context(self.bn_mode):
-                return [tf.cast(hv, tf.float64) for hv in self._batch_product(
-                    p, s, list(arguments[count + 2:]), x, y)]
+                return [tf.cast(hv, tf.float64) for hv in flatten_lib.dense(
+                    self._batch_product(p, s, list(arguments[count + 2:]), x, y))]
 
         specs = [tf.TensorSpec(t.shape, t.dtype) for t in primals + state] + [x_spec, y_spec]
         return product, specs, [tf.TensorSpec(t.shape, t.dtype) for t in primals]

@@ -48,11 +48,15 @@ def split(product: Callable, input_specs: Sequence[tf.TensorSpec],
     needed = _reachable(
         [output.op for output in outputs],
         lambda op: [t.op for t in op.inputs] + list(op.control_inputs))
+    # What reads no argument nor capture (constants, and tensors made of them: the ones a
+    # sum's gradient tiles to a variable's shape, an activation's zeros) is recomputed
+    # from its constants with the product, not kept for every batch.
+    fed = _reachable([t.op for t in wrapped.inputs], lambda op: consumers.get(op, ()))
     boundary, seen = [], set()
     for op in wrapped.graph.get_operations():  # graph order: deterministic
         if op in needed and op in depends:
             for tensor in op.inputs:
-                if (tensor.op not in depends and tensor.op.type != "Const"
+                if (tensor.op not in depends and tensor.op in fed
                         and tensor.ref() not in seen):
                     seen.add(tensor.ref())
                     boundary.append(tensor)

@@ -153,3 +153,27 @@ def test_cached_products_sum_the_batches_in_order_in_one_graph():
 
     for before, after in zip(calls, calls[1:]):
         assert before in upstream(after)
+
+
+def test_tensors_made_of_constants_alone_are_recomputed_not_kept():
+    # A tensor that reads no argument (the ones a sum's gradient tiles to a variable's
+    # shape, an activation's zeros) is not a residual: kept for every batch it would
+    # hold memory for nothing. Only exp(x) is.
+    from hessian_tf.operators import residuals as residuals_lib
+
+    size = 1000
+
+    def product(x, vector):
+        ones = tf.tile(tf.constant([1.0], tf.float64), [size])
+        return ones * vector * tf.exp(x)
+
+    spec = tf.TensorSpec([size], tf.float64)
+    split = residuals_lib.split(product, [spec], spec)
+    assert split.residual_bytes == size * 8
+    x = tf.constant(np.linspace(-1.0, 1.0, size))
+    vector = tf.constant(np.random.default_rng(5).standard_normal(size))
+    residuals = split.residuals_of(x)
+    assert len(residuals) == 1
+    np.testing.assert_allclose(residuals[0].numpy(), np.exp(x.numpy()), rtol=1e-15)
+    got = split.from_residuals(*residuals, *[[x][i] for i in split.passed], vector)
+    np.testing.assert_allclose(got.numpy(), product(x, vector).numpy(), rtol=1e-15)
