@@ -158,3 +158,48 @@ def test_tensors_made_of_constants_alone_are_recomputed_not_kept():
     np.testing.assert_allclose(residuals[0].numpy(), np.exp(x.numpy()), rtol=1e-15)
     got = split.from_residuals(*residuals, *[[x][i] for i in split.passed], vector)
     np.testing.assert_allclose(got.numpy(), product(x, vector).numpy(), rtol=1e-15)
+
+
+def test_a_random_draw_stays_the_one_drawn_with_the_residuals():
+    # A stateful op reads no argument, but drawing it again at each product would change
+    # the operator from step to step: its draw is a residual, not recomputed.
+    from hessian_tf.operators import residuals as residuals_lib
+
+    size = 1000
+
+    def product(x, vector):
+        mask = tf.random.uniform([size], dtype=tf.float64)
+        return mask * vector * tf.exp(x)
+
+    spec = tf.TensorSpec([size], tf.float64)
+    split = residuals_lib.split(product, [spec], spec)
+    assert split.residual_bytes == 2 * size * 8
+    x = tf.constant(np.linspace(-1.0, 1.0, size))
+    residuals = split.residuals_of(x)
+    ones = tf.ones([size], tf.float64)
+    first = split.from_residuals(*residuals, ones).numpy()
+    np.testing.assert_array_equal(split.from_residuals(*residuals, ones).numpy(), first)
+    mask = [r.numpy() for r in residuals if not np.allclose(r.numpy(), np.exp(x.numpy()))]
+    assert len(mask) == 1
+    np.testing.assert_allclose(first, mask[0] * np.exp(x.numpy()), rtol=1e-15)
+
+
+def test_a_product_output_without_a_path_from_the_vector_is_refused():
+    from hessian_tf.operators import residuals as residuals_lib
+
+    spec = tf.TensorSpec([4], tf.float64)
+    with pytest.raises(ValueError, match="output 1 .* does not depend on the vector"):
+        residuals_lib.split(lambda x, vector: [vector * tf.exp(x), 2.0 * x], [spec], spec)
+
+
+def test_cached_products_of_a_model_with_one_variable():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
+    x = np.random.default_rng(6).standard_normal((10, 3))
+    y = np.arange(10) % 2
+    common = dict(batch_size=4)
+    ordinary = operators.HessianOperator(operators.KerasModelFunction(model), x, y, **common)
+    cached = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                       cache_residuals=True, **common)
+    block = np.random.default_rng(7).standard_normal((2, ordinary.dim))
+    np.testing.assert_allclose(cached.matmat(block), ordinary.matmat(block), rtol=1e-10,
+                               atol=1e-12 * np.max(np.abs(ordinary.matmat(block))))
