@@ -1294,8 +1294,7 @@ class HessianOperator:
             inputs = list(primals) + list(state) + [tf.constant(x), tf.constant(y)]
             arguments = split.residuals_of(*inputs) + [inputs[i] for i in split.passed]
             cache.append((split.from_residuals, arguments))
-        return _cached_product(cache, [tf.TensorSpec(t.shape, t.dtype)
-                                       for t in self.model_function.primals()])
+        return _cached_product(cache, [tf.TensorSpec(t.shape, t.dtype) for t in primals])
 
     def loss_and_gradient(self) -> tuple[float, np.ndarray]:
         """(L(θ), ∇L(θ)) over the whole dataset; the gradient is [dim] float64."""
