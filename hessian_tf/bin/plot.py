@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags
 
 from hessian_tf import plotting
-from hessian_tf.bin import error_line, flags_parser
+from hessian_tf.bin import error_line, flags_parser, skip_final_collection
 from hessian_tf.io import results
 from hessian_tf.linalg import bootstrap, density
 
@@ -281,6 +281,7 @@ def main(argv):
 
 def run():
     """Console-script entry point."""
+    skip_final_collection()
     app.run(lambda argv: sys.exit(main(argv)),
             flags_parser=flags_parser(_PROGRAM, __name__, __doc__))
 

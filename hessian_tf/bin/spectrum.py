@@ -16,7 +16,8 @@ import sys
 
 
 from hessian_tf.bin import (
-    error_line, flags_parser, import_tensorflow_quietly, job_error_message)
+    error_line, flags_parser, import_tensorflow_quietly, job_error_message,
+    skip_final_collection)
 
 tf = import_tensorflow_quietly()
 
@@ -146,6 +147,7 @@ def main(argv):
 
 def run():
     """Console-script entry point."""
+    skip_final_collection()
     logging.set_verbosity(logging.INFO)
     app.run(lambda argv: sys.exit(main(argv)),
             flags_parser=flags_parser(_PROGRAM, __name__, __doc__))

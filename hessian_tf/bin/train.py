@@ -14,7 +14,8 @@ Bad input: one line on stderr, exit status 2.
 import sys
 
 
-from hessian_tf.bin import error_line, flags_parser, import_tensorflow_quietly
+from hessian_tf.bin import (
+    error_line, flags_parser, import_tensorflow_quietly, skip_final_collection)
 
 tf = import_tensorflow_quietly()
 
@@ -54,6 +55,7 @@ def main(argv) -> int:
 
 def run():
     """Console-script entry point."""
+    skip_final_collection()
     logging.set_verbosity(logging.INFO)
     app.run(lambda argv: sys.exit(main(argv)),
             flags_parser=flags_parser(_PROGRAM, __name__, __doc__))

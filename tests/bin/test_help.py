@@ -39,3 +39,23 @@ def test_bad_flags_are_one_line_and_exit_2(arguments, expected):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("hessian-spectrum: error: "), result.stderr
     assert expected in lines[0]
+
+
+@pytest.mark.parametrize("module", ["plot", "spectrum", "train"])
+def test_programs_spare_their_exit_pythons_final_collection(module):
+    # Python's last collection took about 1 s of each run after TensorFlow's import;
+    # each program's entry point registers gc.freeze to run at exit instead.
+    script = "\n".join([
+        "import atexit, gc, sys",
+        f"from hessian_tf.bin import {module} as program",
+        "registered = []",
+        "atexit.register = lambda function, *a, **k: registered.append(function) or function",
+        f"sys.argv = ['{module}', '--help']",
+        "try:",
+        "    program.run()",
+        "except SystemExit as exit:",
+        "    print('exit', exit.code, 'freeze', gc.freeze in registered, file=sys.stderr)",
+    ])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert "exit 0 freeze True" in result.stderr, result.stderr[-2000:]
