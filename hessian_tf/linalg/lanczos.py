@@ -32,6 +32,10 @@ REORTHOGONALIZATION_THRESHOLD = 1 / np.sqrt(2)
 # Bases from this size on are mapped from the OS in small pages (`zero_basis`); NumPy
 # advises huge pages for arrays from 4 MiB on.
 SMALL_PAGES_FROM_BYTES = 4 << 20
+# Such a basis's rows start at multiples of this many bytes, the alignment TensorFlow's
+# CPU kernels require of a tensor's memory (Eigen's largest), so that a row can be a
+# product's input without a copy (`HessianOperator.matmat`).
+ROW_ALIGNMENT_BYTES = 64
 
 
 def zero_basis(rows: int, dim: int, dtype=np.float64) -> np.ndarray:
@@ -50,19 +54,24 @@ def zero_basis(rows: int, dim: int, dtype=np.float64) -> np.ndarray:
     default) is the OS's shared memory, whose pages cost more to take. Writing a new
     row of 7,000,000 float64 took 23.5 ms against 34 ms shared (eight rows each, ad
     hoc, this machine; 4.3 ms once its pages are taken). Huge pages are refused
-    for it, also where the OS would give them unasked."""
+    for it, also where the OS would give them unasked.
+
+    Its rows start at multiples of ROW_ALIGNMENT_BYTES (the map at a page), each
+    padded to that length where its entries are not (the array is then not
+    C-contiguous; each row is, and NumPy's BLAS takes the rows' stride as they are)."""
     dtype = np.dtype(dtype)
     size = rows * dim * dtype.itemsize
     if size < SMALL_PAGES_FROM_BYTES:
         return np.zeros((rows, dim), dtype=dtype)
     if not hasattr(mmap, "MAP_PRIVATE"):  # no such maps on this OS (Windows): NumPy's
         return np.zeros((rows, dim), dtype=dtype)
-    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    stride = -(-dim * dtype.itemsize // ROW_ALIGNMENT_BYTES) * ROW_ALIGNMENT_BYTES
+    memory = mmap.mmap(-1, rows * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         memory.madvise(mmap.MADV_NOHUGEPAGE)
     except (AttributeError, OSError):  # no such advice on this OS: its pages as they come
         pass
-    return np.frombuffer(memory, dtype=dtype).reshape(rows, dim)
+    return np.ndarray((rows, dim), dtype=dtype, buffer=memory, strides=(stride, dtype.itemsize))
 
 
 class LanczosState(NamedTuple):

@@ -368,15 +368,19 @@ def test_a_large_basis_is_a_zero_memory_map_and_runs_as_a_small_one(dtype, monke
     assert large.dtype == dtype and large.flags.writeable and not large[:, ::4096].any()
     large[1, -1] = 3.0
     assert large[1, -1] == 3.0 and not large[0].any()
-    # The same Lanczos run, bit for bit, with its basis mapped.
+    # The same Lanczos run, bit for bit, with its basis mapped: rows of 41 entries,
+    # whose starts are padded to ROW_ALIGNMENT_BYTES.
     rng = np.random.default_rng(0)
-    matrix = rng.standard_normal((40, 40))
+    matrix = rng.standard_normal((41, 41))
     matrix = matrix + matrix.T
-    start = rng.standard_normal(40)
+    start = rng.standard_normal(41)
     plain = _run_lanczos(matrix, start, dtype)
     monkeypatch.setattr(lanczos_module, "SMALL_PAGES_FROM_BYTES", 1)
     mapped = _run_lanczos(matrix, start, dtype)
     assert isinstance(_memory_owner(mapped.basis), mmap.mmap)
+    assert not mapped.basis.flags.c_contiguous  # padded
+    assert all(row.ctypes.data % lanczos_module.ROW_ALIGNMENT_BYTES == 0
+               for row in mapped.basis)
     assert not isinstance(_memory_owner(plain.basis), mmap.mmap)
     np.testing.assert_array_equal(mapped.alphas, plain.alphas)
     np.testing.assert_array_equal(mapped.betas, plain.betas)

@@ -368,3 +368,55 @@ def test_targets_of_another_shape_are_refused_with_the_fix():
                        r"do not match the model's outputs \(4,\); pass targets of that shape"):
         operators.HessianOperator(operators.KerasModelFunction(model), x,
                                   np.zeros((6, 2), np.float32), loss="mean_squared_error")
+
+
+def _aligned(size, offset=0):
+    """A float64 array of `size` at `offset` entries from a ROW_ALIGNMENT_BYTES boundary."""
+    alignment = hessian.ROW_ALIGNMENT_BYTES // 8
+    memory = np.zeros(size + 2 * alignment)
+    start = (-memory.ctypes.data // 8) % alignment + offset
+    return memory[start:start + size]
+
+
+def test_host_tensor_shares_aligned_float64_memory_and_copies_the_rest():
+    source = _aligned(4099)
+    source[:] = np.arange(4099.0)
+    readonly = source[np.newaxis]
+    readonly.flags.writeable = False  # as a basis row's view comes (current_vectors)
+    shared = hessian.host_tensor(readonly, tf.float64)
+    np.testing.assert_array_equal(shared.numpy(), readonly)
+    source[7] = -1.0  # seen through the tensor: its memory is the array's
+    assert shared.numpy()[0, 7] == -1.0
+    for array, dtype in [(_aligned(4099, offset=1)[np.newaxis], tf.float64),  # not aligned
+                         (_aligned(4100)[np.newaxis, ::2], tf.float64),  # not contiguous
+                         (_aligned(4099)[np.newaxis], tf.float32),  # converted
+                         (np.frombuffer(bytes(8 * 4096), np.float64)[np.newaxis], tf.float64)]:
+        array_copy = hessian.host_tensor(array, dtype)
+        assert array_copy.dtype == dtype
+        np.testing.assert_array_equal(array_copy.numpy(), array.astype(dtype.as_numpy_dtype))
+        if array.flags.writeable:
+            array[0, 0] = 5.0
+            assert array_copy.numpy()[0, 0] != 5.0
+
+
+@pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
+def test_products_of_an_aligned_row_read_it_in_place_and_leave_it_unchanged(method, monkeypatch):
+    model = tiny_model()  # float64 through: its products may reuse no input's memory
+    x, y = tiny_data()
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE, method=method)
+    imported = []
+    from_dlpack = tf.experimental.dlpack.from_dlpack
+    monkeypatch.setattr(tf.experimental.dlpack, "from_dlpack",
+                        lambda capsule: imported.append(capsule) or from_dlpack(capsule))
+    row = _aligned(operator.dim)
+    row[:] = np.random.default_rng(1).standard_normal(operator.dim)
+    kept = row.copy()
+    in_place = operator.matmat(row[np.newaxis])
+    assert len(imported) == 1
+    misaligned = _aligned(operator.dim, offset=1)
+    misaligned[:] = row
+    copied = operator.matmat(misaligned[np.newaxis])
+    assert len(imported) == 1
+    np.testing.assert_array_equal(in_place, copied)
+    np.testing.assert_array_equal(row, kept)
