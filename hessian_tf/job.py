@@ -496,6 +496,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
             spectrum_lib.draws_label(draws), step, resumed.num_products, checkpointer.latest(),
         )
     group = lockstep_group(config, operator.dim)
+    start = None  # a new run's state, where its first block is drawn before the run
     if resumed is not None and checkpointer.restored_method and operator.times_methods:
         # --method=auto: the method this run began with, so that it continues the same
         # arithmetic.
@@ -505,11 +506,14 @@ def _run(config: ml_collections.ConfigDict, started: float,
         # (forward mode not timed where its set-up would cost more than it could save),
         # timed on the first block where those batches are all the data: its timed
         # runs are then the determinism check's products (a resumed run has no check).
-        first = spectrum_lib.first_block(
-            operator.dim, num_draws=config.num_draws, seed=config.seed, lockstep=group,
-            basis_dtype=basis_dtype(config),
+        # The run then starts from the state whose first block the methods were timed
+        # on (its start vectors drawn once).
+        start = spectrum_lib.new_state(
+            operator.dim, lanczos_steps=config.lanczos_steps, num_draws=config.num_draws,
+            seed=config.seed, lockstep=group, basis_dtype=basis_dtype(config),
         ) if (operator.times_methods and operator.timed_runs_are_products
               and config.check_determinism and resumed is None) else None
+        first = spectrum_lib.first_block(start) if start is not None else None
         operator.choose_method(group, block_products(config, group), first)
         del first
     checkpointer.method_of = lambda: operator.method
@@ -555,7 +559,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
                 first_product=operator.check_determinism if config.check_determinism else None,
                 progress=log_progress,
                 basis_dtype=basis_dtype(config),
-                initial_state=resumed,
+                initial_state=resumed if resumed is not None else start,
                 after_step=after_step,
                 matmat=operator.matmat,
                 lockstep=group,

@@ -125,9 +125,44 @@ def test_first_block_is_what_a_run_multiplies_first(basis_dtype):
         spectrum_lib.stochastic_lanczos_quadrature(
             None, dim, lanczos_steps=2, num_draws=3, seed=5, first_product=first_product,
             matmat=lambda vectors: vectors, lockstep=2, basis_dtype=basis_dtype)
-    first = spectrum_lib.first_block(dim, num_draws=3, seed=5, lockstep=2, basis_dtype=basis_dtype)
+    start = spectrum_lib.new_state(dim, lanczos_steps=2, num_draws=3, seed=5, lockstep=2,
+                                   basis_dtype=basis_dtype)
+    first = spectrum_lib.first_block(start)
     assert first.shape == (2, dim) and first.dtype == np.float64
     np.testing.assert_array_equal(first, seen[0])
+
+
+@pytest.mark.parametrize("basis_dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("lockstep", [1, 2])
+def test_a_run_from_new_state_draws_its_first_group_once_and_equals_a_new_run(
+        basis_dtype, lockstep, monkeypatch):
+    dim = 5_000
+    diagonal = np.linspace(-1.0, 3.0, dim)
+    arguments = dict(lanczos_steps=6, num_draws=3, seed=2, lockstep=lockstep,
+                     basis_dtype=basis_dtype)
+    plain = spectrum_lib.stochastic_lanczos_quadrature(
+        None, dim, matmat=lambda vectors: vectors * diagonal, **arguments)
+    start = spectrum_lib.new_state(dim, **arguments)
+    first = spectrum_lib.first_block(start).copy()
+    seen = []
+    drawn = []
+    start_vector = spectrum_lib.start_vector
+    monkeypatch.setattr(spectrum_lib, "start_vector",
+                        lambda *args, **kwargs: drawn.append(args) or start_vector(*args, **kwargs))
+
+    def first_product(vectors):
+        seen.append(vectors.copy())
+        return vectors * diagonal
+
+    resumed = spectrum_lib.stochastic_lanczos_quadrature(
+        None, dim, matmat=lambda vectors: vectors * diagonal, first_product=first_product,
+        initial_state=start, **arguments)
+    np.testing.assert_array_equal(seen[0], first)
+    # Only the draws after the first group are drawn in the run.
+    assert [args[2] for args in drawn] == list(range(lockstep, 3))
+    np.testing.assert_array_equal(resumed.nodes, plain.nodes)
+    np.testing.assert_array_equal(resumed.weights, plain.weights)
+    assert resumed.num_products == plain.num_products
 
 
 @pytest.mark.parametrize("basis_dtype", [np.float64, np.float32])
@@ -146,8 +181,8 @@ def test_start_vectors_drawn_in_place_are_the_plain_expressions(basis_dtype):
     drawn = np.zeros(dim)
     assert spectrum_lib.start_vector(dim, seed, 1, out=drawn) is drawn
     np.testing.assert_array_equal(drawn, spectrum_lib.start_vector(dim, seed, 1))
-    first = spectrum_lib.first_block(dim, num_draws=2, seed=seed, lockstep=2,
-                                     basis_dtype=basis_dtype)
+    first = spectrum_lib.first_block(spectrum_lib.new_state(
+        dim, lanczos_steps=3, num_draws=2, seed=seed, lockstep=2, basis_dtype=basis_dtype))
     np.testing.assert_array_equal(first, np.stack(plain))
     assert state.basis.dtype == basis_dtype and state.basis.shape == (3, dim)
     np.testing.assert_array_equal(state.basis[0].astype(np.float64), plain[1])

@@ -35,11 +35,13 @@ def skip_final_collection():
     that walk took 0.9-1.1 s of each run (a job of 17 s on the wide MLP of
     benchmarks/PYHESSIAN.md, and a trivial `tf.function` program alike; ad hoc),
     against 0.04-0.15 s frozen. Registered by each binary's `run`, `gc.freeze()` runs
-    as an exit handler and takes the objects there are then out of that collection.
-    The program's files and logs are closed by then, the other exit handlers
-    (TensorFlow's, logging's flush) still run, and reference counting still frees
-    what it frees; only finalisers of reference cycles are skipped, whose memory the
-    OS takes back with the process."""
+    as an exit handler (before those registered earlier, TensorFlow's, absl's and
+    logging's, which still run) and takes every object there is then out of that
+    collection: objects still alive at exit, or in reference cycles, are not
+    finalised (a file left open and unflushed by code loaded with --import_modules
+    would lose what it buffered). hessian_tf writes, flushes and closes its own files
+    explicitly (results, checkpoints, summaries; logging flushes every record), and
+    TensorFlow's context is still torn down at exit."""
     atexit.register(gc.freeze)
 
 

@@ -562,10 +562,14 @@ class SpectrumCallback(keras.callbacks.Callback):
                 # first block, whose determinism check its timed runs can then be), within
                 # a share of the products the fit's evaluations will run, where Keras says
                 # how many steps and epochs there are.
+                # The run then starts from the state whose first block they were timed on.
+                start = None
                 if operator.times_methods:
-                    first = spectrum_lib.first_block(
-                        operator.dim, num_draws=self.num_draws, seed=self.seed, lockstep=group,
+                    start = spectrum_lib.new_state(
+                        operator.dim, lanczos_steps=self.lanczos_steps, num_draws=self.num_draws,
+                        seed=self.seed, lockstep=group,
                     ) if first_product is not None and operator.timed_runs_are_products else None
+                    first = spectrum_lib.first_block(start) if start is not None else None
                     operator.choose_method(group, self._planned_products(group), vectors=first)
                     del first
                     logging.info("SpectrumCallback: method='auto' chose %s products (median "
@@ -583,6 +587,7 @@ class SpectrumCallback(keras.callbacks.Callback):
                     first_product=first_product,
                     matmat=operator.matmat,
                     lockstep=group,
+                    initial_state=start,
                 )
             except (hessian_lib.NonDeterministicError, hessian_lib.NonFiniteError) as error:
                 raise type(error)(f"SpectrumCallback at training step {step}: {error}") from error

@@ -58,13 +58,13 @@ def zero_basis(rows: int, dim: int, dtype=np.float64) -> np.ndarray:
 
     Its rows start at multiples of ROW_ALIGNMENT_BYTES (the map at a page), each
     padded to that length where its entries are not (the array is then not
-    C-contiguous; each row is, and NumPy's BLAS takes the rows' stride as they are)."""
+    C-contiguous; each row is, and NumPy's BLAS takes the rows' stride as they are).
+    A smaller basis is NumPy's memory, laid out the same way."""
     dtype = np.dtype(dtype)
     size = rows * dim * dtype.itemsize
-    if size < SMALL_PAGES_FROM_BYTES:
-        return np.zeros((rows, dim), dtype=dtype)
-    if not hasattr(mmap, "MAP_PRIVATE"):  # no such maps on this OS (Windows): NumPy's
-        return np.zeros((rows, dim), dtype=dtype)
+    if size < SMALL_PAGES_FROM_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
+        # (No such maps on Windows: NumPy's memory there too.)
+        return aligned_array(rows, dim, dtype, padded=True)
     stride = -(-dim * dtype.itemsize // ROW_ALIGNMENT_BYTES) * ROW_ALIGNMENT_BYTES
     memory = mmap.mmap(-1, rows * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
@@ -72,6 +72,18 @@ def zero_basis(rows: int, dim: int, dtype=np.float64) -> np.ndarray:
     except (AttributeError, OSError):  # no such advice on this OS: its pages as they come
         pass
     return np.ndarray((rows, dim), dtype=dtype, buffer=memory, strides=(stride, dtype.itemsize))
+
+
+def aligned_array(rows: int, dim: int, dtype=np.float64, *, padded: bool = False) -> np.ndarray:
+    """A zero [rows, dim] array of NumPy's memory that starts at a multiple of
+    ROW_ALIGNMENT_BYTES, C-contiguous; or, `padded`, each of whose rows starts at one
+    (the rows padded, the array then not C-contiguous)."""
+    dtype = np.dtype(dtype)
+    per = ROW_ALIGNMENT_BYTES // dtype.itemsize
+    width = -(-dim // per) * per if padded else dim
+    flat = np.zeros(rows * width + per, dtype)
+    start = (-flat.ctypes.data % ROW_ALIGNMENT_BYTES) // dtype.itemsize
+    return flat[start:start + rows * width].reshape(rows, width)[:, :dim]
 
 
 class LanczosState(NamedTuple):
@@ -208,13 +220,14 @@ def current_vectors(states) -> np.ndarray:
     others are copied once into one new array (converted from a float32 basis). Each
     copy of a vector is a pass over memory as long as a step's three-term recurrence;
     on DenseNet-121's 6,964,106 parameters the two copies this replaced (a row's
-    float64 copy, then `np.stack`) took about 15 ms of a step."""
+    float64 copy, then `np.stack`) took about 15 ms of a step. Either starts at a
+    multiple of ROW_ALIGNMENT_BYTES, as a product reads it in place (`zero_basis`)."""
     states = list(states)
     if len(states) == 1 and states[0].basis.dtype == np.float64:
         view = states[0].basis[states[0].num_steps][np.newaxis]
         view.flags.writeable = False
         return view
-    vectors = np.empty((len(states), states[0].basis.shape[1]))
+    vectors = aligned_array(len(states), states[0].basis.shape[1])
     for row, state in enumerate(states):
         vectors[row] = state.basis[state.num_steps]
     return vectors

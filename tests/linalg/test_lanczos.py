@@ -363,6 +363,7 @@ def test_a_large_basis_is_a_zero_memory_map_and_runs_as_a_small_one(dtype, monke
     small = linalg.zero_basis(3, 5, dtype)
     assert small.dtype == dtype and small.shape == (3, 5) and not small.any()
     assert not isinstance(_memory_owner(small), mmap.mmap)
+    assert all(row.ctypes.data % lanczos_module.ROW_ALIGNMENT_BYTES == 0 for row in small)
     large = linalg.zero_basis(2, (4 << 20) // np.dtype(dtype).itemsize, dtype)
     assert isinstance(_memory_owner(large), mmap.mmap)
     assert large.dtype == dtype and large.flags.writeable and not large[:, ::4096].any()
@@ -455,3 +456,17 @@ def test_rows_past_a_breakdown_stay_zero(dtype, mapped, monkeypatch):
     basis = state.basis[:steps].astype(np.float64)
     np.testing.assert_allclose(basis @ basis.T, np.eye(steps),
                                atol=1e-12 if dtype == np.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype, count", [(np.float64, 1), (np.float64, 3), (np.float32, 1)])
+def test_the_vectors_a_product_reads_start_aligned(dtype, count):
+    # As TensorFlow's kernels need to read them in place (HessianOperator.matmat).
+    rng = np.random.default_rng(0)
+    states = [linalg.lanczos_init(rng.standard_normal(1001), 4, basis_dtype=dtype)
+              for _ in range(count)]
+    vectors = linalg.current_vectors(states)
+    assert vectors.shape == (count, 1001) and vectors.dtype == np.float64
+    assert vectors.flags.c_contiguous
+    assert vectors.ctypes.data % lanczos_module.ROW_ALIGNMENT_BYTES == 0
+    for row, state in zip(vectors, states):
+        np.testing.assert_array_equal(row, state.basis[0].astype(np.float64))

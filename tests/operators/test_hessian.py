@@ -420,3 +420,40 @@ def test_products_of_an_aligned_row_read_it_in_place_and_leave_it_unchanged(meth
     assert len(imported) == 1
     np.testing.assert_array_equal(in_place, copied)
     np.testing.assert_array_equal(row, kept)
+
+
+def test_a_basis_row_through_stride_1_max_pooling_is_left_unchanged(monkeypatch):
+    # Stride-1 "same" max pooling's second derivative is the kernel known to write into
+    # an input's memory (second_order.py); a product reads a basis row in place.
+    import importlib
+
+    from hessian_tf import linalg
+    lanczos_module = importlib.import_module("hessian_tf.linalg.lanczos")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6, 6, 2), dtype="float64"),
+        keras.layers.Conv2D(3, 3, padding="same", activation="tanh", dtype="float64"),
+        keras.layers.MaxPooling2D(2, strides=1, padding="same", dtype="float64"),
+        keras.layers.Flatten(dtype="float64"),
+        keras.layers.Dense(3, dtype="float64")])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((NUM_EXAMPLES, 6, 6, 2))
+    y = rng.integers(0, 3, NUM_EXAMPLES).astype(np.int32)
+    monkeypatch.setattr(lanczos_module, "SMALL_PAGES_FROM_BYTES", 1)  # a mapped basis
+    imported = []
+    from_dlpack = tf.experimental.dlpack.from_dlpack
+    monkeypatch.setattr(tf.experimental.dlpack, "from_dlpack",
+                        lambda capsule: imported.append(capsule) or from_dlpack(capsule))
+    for method in ("forward_over_backward", "reverse_over_reverse"):
+        operator = operators.HessianOperator(
+            operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZE, method=method)
+        state = linalg.lanczos_init(rng.standard_normal(operator.dim), 3)
+        row = linalg.current_vectors([state])
+        kept = np.array(row)
+        shared = len(imported)
+        in_place = operator.matmat(row)
+        assert len(imported) == shared + 1  # read in place
+        np.testing.assert_array_equal(row, kept)
+        misaligned = _aligned(operator.dim, offset=1)
+        misaligned[:] = kept[0]
+        np.testing.assert_array_equal(in_place, operator.matmat(misaligned[np.newaxis]))
