@@ -32,9 +32,9 @@ REORTHOGONALIZATION_THRESHOLD = 1 / np.sqrt(2)
 # Bases from this size on are mapped from the OS in small pages (`zero_basis`); NumPy
 # advises huge pages for arrays from 4 MiB on.
 SMALL_PAGES_FROM_BYTES = 4 << 20
-# Such a basis's rows start at multiples of this many bytes, the alignment TensorFlow's
-# CPU kernels require of a tensor's memory (Eigen's largest), so that a row can be a
-# product's input without a copy (`HessianOperator.matmat`).
+# A basis's rows (`zero_basis`, mapped or not) start at multiples of this many bytes,
+# the alignment TensorFlow's CPU kernels require of a tensor's memory (Eigen's largest),
+# so that a row can be a product's input without a copy (`hessian.host_tensor`).
 ROW_ALIGNMENT_BYTES = 64
 
 
