@@ -65,7 +65,7 @@ def zero_basis(rows: int, dim: int, dtype=np.float64) -> np.ndarray:
     if size < SMALL_PAGES_FROM_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
         # (No such maps on Windows: NumPy's memory there too.)
         return aligned_array(rows, dim, dtype, padded=True)
-    stride = -(-dim * dtype.itemsize // ROW_ALIGNMENT_BYTES) * ROW_ALIGNMENT_BYTES
+    stride = _padded_width(dim, dtype) * dtype.itemsize
     memory = mmap.mmap(-1, rows * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         memory.madvise(mmap.MADV_NOHUGEPAGE)
@@ -79,11 +79,16 @@ def aligned_array(rows: int, dim: int, dtype=np.float64, *, padded: bool = False
     ROW_ALIGNMENT_BYTES, C-contiguous; or, `padded`, each of whose rows starts at one
     (the rows padded, the array then not C-contiguous)."""
     dtype = np.dtype(dtype)
-    per = ROW_ALIGNMENT_BYTES // dtype.itemsize
-    width = -(-dim // per) * per if padded else dim
-    flat = np.zeros(rows * width + per, dtype)
+    width = _padded_width(dim, dtype) if padded else dim
+    flat = np.zeros(rows * width + ROW_ALIGNMENT_BYTES // dtype.itemsize, dtype)
     start = (-flat.ctypes.data % ROW_ALIGNMENT_BYTES) // dtype.itemsize
     return flat[start:start + rows * width].reshape(rows, width)[:, :dim]
+
+
+def _padded_width(dim: int, dtype: np.dtype) -> int:
+    """Entries per row of `dtype` when rows of `dim` start ROW_ALIGNMENT_BYTES apart."""
+    per = ROW_ALIGNMENT_BYTES // dtype.itemsize
+    return -(-dim // per) * per
 
 
 class LanczosState(NamedTuple):

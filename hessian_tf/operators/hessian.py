@@ -160,8 +160,9 @@ def host_tensor(array: np.ndarray, dtype: tf.DType) -> tf.Tensor:
             # DLPack exports writeable arrays only; the view is not written.
             view.flags.writeable = True
         except ValueError:  # memory that is read-only at its source: copied
-            return tf.constant(array, dtype=dtype)
-        return tf.experimental.dlpack.from_dlpack(view.__dlpack__())
+            pass
+        else:
+            return tf.experimental.dlpack.from_dlpack(view.__dlpack__())
     return tf.constant(array, dtype=dtype)
 
 
@@ -680,7 +681,7 @@ class HessianOperator:
             vectors = np.random.default_rng(0).standard_normal((block_size, self.dim))
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         shape = vectors.shape
-        vectors = tf.constant(vectors, self._device_dtype)
+        vectors = host_tensor(vectors, self._device_dtype)  # as matmat's products read it
         spec = self._product_spec(block_size)
         limit = tf.constant(AUTO_TIMING_BATCHES, tf.int32)
         runs = {}

@@ -372,10 +372,9 @@ def test_targets_of_another_shape_are_refused_with_the_fix():
 
 def _aligned(size, offset=0):
     """A float64 array of `size` at `offset` entries from a ROW_ALIGNMENT_BYTES boundary."""
-    alignment = hessian.ROW_ALIGNMENT_BYTES // 8
-    memory = np.zeros(size + 2 * alignment)
-    start = (-memory.ctypes.data // 8) % alignment + offset
-    return memory[start:start + size]
+    from hessian_tf.linalg.lanczos import aligned_array
+
+    return aligned_array(1, size + offset)[0, offset:]
 
 
 def test_host_tensor_shares_aligned_float64_memory_and_copies_the_rest():
