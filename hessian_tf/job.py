@@ -76,11 +76,18 @@ def lockstep_group(config, dim: int) -> int:
     )
 
 
-def block_products(config, group: int) -> int:
+def check_products(config, operator) -> int:
+    """The products over the whole data (blocks, or vectors) that the determinism check
+    adds to the Lanczos steps': one where it multiplies the first block twice over
+    the whole data, else none (two runs over the first batches)."""
+    return int(bool(config.check_determinism) and operator.whole_determinism_check)
+
+
+def block_products(config, group: int, operator) -> int:
     """The products of blocks of `group` vectors that a job runs over the whole data:
     the Lanczos steps of each lockstep group of draws, and the determinism check's."""
     return (spectrum_lib.lanczos_block_products(config.num_draws, config.lanczos_steps, group)
-            + int(bool(config.check_determinism)))
+            + check_products(config, operator))
 
 
 # Sleeps, then reports and kills the job; killed itself when the block ends in time.
@@ -198,7 +205,8 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     batches_per_replica = -(-batches // replicas)
     if operator.times_methods:  # --method=auto as the job would, here on this one batch
         # (whose products stand for the whole data's batches per replica)
-        one_batch.choose_method(group, block_products(config, group) * batches_per_replica)
+        one_batch.choose_method(
+            group, block_products(config, group, operator) * batches_per_replica)
     else:  # the job's method (streamed data, several workers: not timed)
         one_batch.use_method(operator.method)
     vector = np.ones(one_batch.dim) / np.sqrt(one_batch.dim)
@@ -206,8 +214,8 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     started = time.perf_counter()
     one_batch.matvec(vector)
     batch_seconds = time.perf_counter() - started
-    products = config.num_draws * config.lanczos_steps + group * int(bool(config.check_determinism))
-    passes = block_products(config, group) + 1  # + gradient
+    products = config.num_draws * config.lanczos_steps + group * check_products(config, operator)
+    passes = block_products(config, group, operator) + 1  # + gradient
     basis_bytes = group * config.lanczos_steps * operator.dim * basis_dtype(config).itemsize
     # An upper bound: a block of k products in lockstep costs less than k products.
     product_seconds = batch_seconds * batches_per_replica * (products + 1)
@@ -504,17 +512,17 @@ def _run(config: ml_collections.ConfigDict, started: float,
     else:
         # --method=auto: the faster over the first batches, for blocks of `group` vectors
         # (forward mode not timed where its set-up would cost more than it could save),
-        # timed on the first block where those batches are all the data: its timed
-        # runs are then the determinism check's products (a resumed run has no check).
-        # The run then starts from the state whose first block the methods were timed
-        # on (its start vectors drawn once).
+        # timed on the first block: its timed runs are then the determinism check's
+        # (a resumed run has no check), and its products where those batches are all
+        # the data. The run then starts from the state whose first block the methods
+        # were timed on (its start vectors drawn once).
         start = spectrum_lib.new_state(
             operator.dim, lanczos_steps=config.lanczos_steps, num_draws=config.num_draws,
             seed=config.seed, lockstep=group, basis_dtype=basis_dtype(config),
-        ) if (operator.times_methods and operator.timed_runs_are_products
-              and config.check_determinism and resumed is None) else None
+        ) if (operator.times_methods and config.check_determinism
+              and resumed is None) else None
         first = spectrum_lib.first_block(start) if start is not None else None
-        operator.choose_method(group, block_products(config, group), first)
+        operator.choose_method(group, block_products(config, group, operator), first)
         del first
     checkpointer.method_of = lambda: operator.method
     if operator.method_seconds:
@@ -603,9 +611,10 @@ def _run(config: ml_collections.ConfigDict, started: float,
         "lanczos_steps_completed": spectrum.num_steps.tolist(),
         "krylov_exhausted": spectrum.exhausted.tolist(),
         "orthogonality_loss": spectrum.orthogonality_loss,
-        # Across sessions of a resumed job; the determinism check costs one more.
-        "num_hvps": spectrum.num_products
-        + group * int(bool(config.check_determinism)),
+        # Over the whole data, across sessions of a resumed job; the determinism check
+        # costs one more where it runs over the whole data (else two runs over its
+        # first batches, not counted).
+        "num_hvps": spectrum.num_products + group * check_products(config, operator),
         "num_hvps_this_session": operator.num_products,
         "product_seconds": operator.product_seconds,
         "lanczos_seconds": spectrum.seconds,

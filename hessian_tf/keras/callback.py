@@ -491,7 +491,8 @@ class SpectrumCallback(keras.callbacks.Callback):
         if evaluations is None:
             return None
         return evaluations * spectrum_lib.lanczos_block_products(
-            self.num_draws, self.lanczos_steps, group) + 1
+            self.num_draws, self.lanczos_steps, group) + int(
+                self._operator.whole_determinism_check)
 
     def _global_step(self) -> int:
         """The optimizer's update count: the step Keras' TensorBoard callback uses."""
@@ -568,7 +569,7 @@ class SpectrumCallback(keras.callbacks.Callback):
                     start = spectrum_lib.new_state(
                         operator.dim, lanczos_steps=self.lanczos_steps, num_draws=self.num_draws,
                         seed=self.seed, lockstep=group,
-                    ) if first_product is not None and operator.timed_runs_are_products else None
+                    ) if first_product is not None else None
                     first = spectrum_lib.first_block(start) if start is not None else None
                     operator.choose_method(group, self._planned_products(group), vectors=first)
                     del first

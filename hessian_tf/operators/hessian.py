@@ -606,10 +606,11 @@ class HessianOperator:
         (FORWARD_MODE_MOST_SAVING; `forward_mode_untimed` says why).
 
         `vectors` [block_size, dim] float64: the block the caller will multiply first,
-        through `check_determinism`. Where the timed batches are all the data (at most
-        AUTO_TIMING_BATCHES per replica), the methods are timed on it, and the chosen
-        method's timed runs (two or more) are that check's products: the first is
-        returned, the others must equal it. Returns the method."""
+        through `check_determinism`: the methods are timed on it, and the chosen
+        method's timed runs (two or more) are that check's runs (the others must equal
+        the first); where the timed batches are all the data (at most
+        AUTO_TIMING_BATCHES per replica), the check returns the first as its product.
+        Returns the method."""
         if not self.times_methods:
             self._method_to_time = False
             return self.method
@@ -620,8 +621,6 @@ class HessianOperator:
                 raise ValueError(
                     f"choose_method: vectors have shape {vectors.shape}; pass the first "
                     f"block, [{block_size}, {self.dim}].")
-            if not self.timed_runs_are_products:
-                vectors = None
         self.method_seconds, traces, products = self._time_methods(
             block_size, num_products, vectors)
         self.method = auto_method(self.method_seconds)
@@ -636,7 +635,8 @@ class HessianOperator:
     @property
     def timed_runs_are_products(self) -> bool:
         """Whether `choose_method`'s timed runs are products over all the data (at most
-        AUTO_TIMING_BATCHES batches per replica), so that its `vectors` are worth passing."""
+        AUTO_TIMING_BATCHES batches per replica), so that the first run of its
+        `vectors` can be `check_determinism`'s product."""
         return self.batches_per_replica <= AUTO_TIMING_BATCHES
 
     @property
@@ -1337,23 +1337,41 @@ class HessianOperator:
             )
         return loss, gradient
 
+    @property
+    def whole_determinism_check(self) -> bool:
+        """Whether `check_determinism` multiplies its vectors twice over the whole data
+        (at most AUTO_TIMING_BATCHES batches per replica, streamed data, or cached
+        residuals), the first product being the run's; else it compares two runs over
+        the first batches, and the run's first product is one more."""
+        return (self.cache_residuals or self.batches_per_replica is None
+                or self.timed_runs_are_products)
+
     def check_determinism(self, vectors: np.ndarray, *, relative_tolerance: Optional[float] = None):
         """Computes H v ([dim]) or H V ([k, dim]) twice and raises
-        NonDeterministicError if they differ by more than rounding.
+        NonDeterministicError if they differ by more than rounding. Returns the first
+        product.
 
         Multithreaded float32 kernels (convolution gradients) do not sum in a fixed
         order: two products of ResNet-32 differ by up to ~1e-6 of their largest entry
-        (measured). Dropout, shuffling or augmentation change a product by far more,
-        so the default tolerance is 1e-4 for products below float64 and 1e-10 in
-        float64. Returns the first product: the check costs one extra product (block).
-        Where `choose_method` timed these very vectors over the whole data, the chosen
-        method's timed runs are the check (the first is returned, every other must
-        equal it), at no product of its own.
+        (measured). Dropout, random augmentation layers or a kernel that overwrites its
+        input change a product by far more, so the default tolerance is 1e-4 for
+        products below float64 and 1e-10 in float64.
+
+        Where the data in memory are more than AUTO_TIMING_BATCHES batches per replica
+        (`whole_determinism_check` False), the two runs cover only the first batches
+        (AUTO_TIMING_BATCHES, or fewer than half the batches where there are fewer than
+        twice as many: less than a product together), then the returned product runs:
+        the check costs those two runs, not a product. Where `choose_method` timed these very
+        vectors, the chosen method's timed runs are the check (the first compared with
+        every other) at no run of its own; where they covered the whole data, their
+        first is returned.
         """
         if relative_tolerance is None:
             float64 = all(v.dtype == tf.float64 for v in self.model_function.variables)
             relative_tolerance = 1e-10 if float64 else 1e-4
         vectors = np.asarray(vectors, dtype=np.float64)
+        product = self.matvec if vectors.ndim == 1 else self.matmat
+        first = None  # the product returned, where the check's runs give it
         timed, self._timed_products = self._timed_products, None  # used once
         if (timed is not None and vectors.shape[-1:] == (self.dim,)
                 and np.array_equal(timed.vectors, vectors.reshape(-1, self.dim))
@@ -1361,18 +1379,26 @@ class HessianOperator:
                 and np.all(np.isfinite(timed.first)) and np.isfinite(timed.difference)
                 # Nor trained since.
                 and self._same_model(self._model_values(), timed.model_values)):
-            first, difference = timed.first.reshape(vectors.shape), timed.difference
-            self.num_products += 2 * timed.vectors.shape[0]
-            self.product_seconds += timed.seconds
-        else:
-            product = self.matvec if vectors.ndim == 1 else self.matmat
-            first = product(vectors)
+            sample, difference = timed.first, timed.difference
+            if self.timed_runs_are_products:
+                first = timed.first.reshape(vectors.shape)
+                self.num_products += 2 * timed.vectors.shape[0]
+                self.product_seconds += timed.seconds
+        elif self.whole_determinism_check:
+            first = sample = product(vectors)
             # Cached residuals would hold the first pass's randomness for the second too.
             self.drop_residuals()
-            second = product(vectors)
-            difference = float(np.max(np.abs(first - second)))
-        scale = float(np.max(np.abs(first)))
-        if difference > relative_tolerance * max(scale, np.finfo(np.float64).tiny):
+            difference = float(np.max(np.abs(first - product(vectors))))
+        else:
+            block = vectors.reshape(-1, self.dim)
+            batches = min(AUTO_TIMING_BATCHES, (self.batches_per_replica - 1) // 2)
+            sample = self._products_over_first_batches(block, batches)
+            difference = float(np.max(np.abs(
+                sample - self._products_over_first_batches(block, batches))))
+            if not np.isfinite(difference):
+                first = product(vectors)  # says where a product is not finite
+        scale = float(np.max(np.abs(sample)))
+        if not difference <= relative_tolerance * max(scale, np.finfo(np.float64).tiny):
             raise NonDeterministicError(
                 f"two products of the same vector differ by {difference:.3g} (scale "
                 f"{scale:.3g}): the operator is not a fixed matrix. Turn off shuffling, "
@@ -1381,8 +1407,14 @@ class HessianOperator:
                 "run or overwrites its inputs (as stride-1 max pooling's second derivative "
                 "did until hessian_tf mended it): report the model's layers."
             )
-        return first
+        return product(vectors) if first is None else first
 
+    def _products_over_first_batches(self, vectors: np.ndarray, batches: int) -> np.ndarray:
+        """The product graph's sums of H_b V over each replica's first `batches` batches,
+        divided by the number of examples, [k, dim]: not products of H (not counted)."""
+        accumulator = self._product_trace(vectors.shape[0])(
+            host_tensor(vectors, self._device_dtype), tf.constant(batches, tf.int32))
+        return self._mean_products(accumulator, vectors.shape)
 
 def dense_matrix(matvec: Callable[[np.ndarray], np.ndarray], dim: int) -> np.ndarray:
     """The dense matrix of a matvec, column by column (for tests and tiny models)."""

@@ -428,6 +428,19 @@ def _counting_matmat(monkeypatch):
     return calls
 
 
+def _counting_first_batches(monkeypatch):
+    """Counts the determinism check's runs over the first batches (their batch counts)."""
+    calls = []
+    runs = hessian_lib.HessianOperator._products_over_first_batches
+
+    def counting(self, vectors, batches):
+        calls.append(batches)
+        return runs(self, vectors, batches)
+
+    monkeypatch.setattr(hessian_lib.HessianOperator, "_products_over_first_batches", counting)
+    return calls
+
+
 @pytest.mark.parametrize("margin", [1e-9, 1e9])  # reverse over reverse, forward over backward
 def test_the_timed_runs_of_the_first_block_are_the_determinism_check(monkeypatch, margin):
     monkeypatch.setattr(hessian_lib, "AUTO_MARGIN", margin)
@@ -455,12 +468,14 @@ def test_the_timed_runs_check_only_their_own_vectors_over_all_the_data(monkeypat
     other.choose_method(1, vectors=vectors)
     other.check_determinism(vectors[0] * 2)  # not the timed vector: two products
     assert len(calls) == 2
-    # 6 batches, 4 timed: the timed runs are not products; two products.
+    # 6 batches, 4 timed: the timed runs are the check but not products; one product.
     more = operators.HessianOperator(model_function, x, y, batch_size=2)
     more.choose_method(1, vectors=vectors)
-    assert more._timed_products is None
-    more.check_determinism(vectors[0])
-    assert len(calls) == 4
+    first_batches = _counting_first_batches(monkeypatch)
+    product = more.check_determinism(vectors[0])
+    assert len(calls) == 3 and first_batches == [] and more.num_products == 1
+    fixed = operators.HessianOperator(model_function, x, y, batch_size=2, method=more.method)
+    np.testing.assert_array_equal(product, fixed.matvec(vectors[0]))
     # A product ran since the timing: the next is not the first; two products.
     ran = operators.HessianOperator(model_function, x, y, batch_size=4)
     ran.choose_method(1, vectors=vectors)

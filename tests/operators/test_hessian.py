@@ -293,6 +293,65 @@ def test_deterministic_operator_passes_the_check(cache_residuals):
     assert product.shape == (operator.dim,) and operator.num_products == 2
 
 
+def _counting_runs(monkeypatch):
+    """Counts products (matmat calls) and the check's runs over the first batches."""
+    calls = {"products": 0, "first_batches": []}
+    matmat = hessian.HessianOperator.matmat
+    runs = hessian.HessianOperator._products_over_first_batches
+
+    def counting_matmat(self, vectors, out=None):
+        calls["products"] += 1
+        return matmat(self, vectors, out)
+
+    def counting_runs(self, vectors, batches):
+        calls["first_batches"].append(batches)
+        return runs(self, vectors, batches)
+
+    monkeypatch.setattr(hessian.HessianOperator, "matmat", counting_matmat)
+    monkeypatch.setattr(hessian.HessianOperator, "_products_over_first_batches", counting_runs)
+    return calls
+
+
+# 11 batches: two runs over the first 4; 6 batches: over the first 2 (less than a
+# product together); 3 batches: two products over all of them.
+@pytest.mark.parametrize("batch_size, runs", [(1, [4, 4]), (2, [2, 2]), (4, [])])
+def test_determinism_check_over_the_first_batches(monkeypatch, batch_size, runs):
+    model_function = operators.KerasModelFunction(tiny_model(batch_norm=False))
+    x, y = tiny_data()
+    operator = operators.HessianOperator(model_function, x, y, batch_size=batch_size,
+                                         method="reverse_over_reverse")
+    vectors = np.random.default_rng(5).standard_normal((2, operator.dim))
+    calls = _counting_runs(monkeypatch)
+    product = operator.check_determinism(vectors)
+    assert calls["first_batches"] == runs
+    assert calls["products"] == operator.num_products // 2 == (1 if runs else 2)
+    assert operator.whole_determinism_check == (not runs)
+    np.testing.assert_array_equal(product, operator.matmat(vectors))
+
+
+def test_determinism_check_over_the_first_batches_finds_noise_before_the_product(monkeypatch):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                              NoisyLayer(), keras.layers.Dense(3)])
+    x, y = tiny_data(np.float32)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                         batch_size=1)
+    calls = _counting_runs(monkeypatch)
+    with pytest.raises(operators.NonDeterministicError, match="dropout"):
+        operator.check_determinism(np.ones(operator.dim))
+    assert calls == {"products": 0, "first_batches": [4, 4]}
+
+
+def test_determinism_check_over_the_first_batches_names_a_non_finite_batch():
+    model = tiny_model(batch_norm=False)
+    x, y = tiny_data()
+    x = x.copy()
+    x[1, 2] = np.nan  # example 1 is batch 1, among the first 4 of 11
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y, batch_size=1)
+    with pytest.raises(operators.NonFiniteError, match=r"first in batch 1 \(examples 1-1\)"):
+        operator.check_determinism(np.ones(operator.dim))
+
+
 def test_labels_out_of_range():
     model = tiny_model()
     x, y = tiny_data()

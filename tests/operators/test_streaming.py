@@ -120,10 +120,10 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys):
         tmp_path / "out", model=str(tmp_path / "model.keras"),
         dataset=f"npz:{tmp_path / 'data.npz'}", batch_size=4, lanczos_steps=90, num_draws=2,
         dry_run=True))
-    # Two draws in lockstep: 90 blocks of 2 products, the determinism check's second
-    # block, and the gradient pass.
+    # Two draws in lockstep: 90 blocks of 2 products and the gradient pass; the
+    # determinism check runs over the first 2 of the 6 batches, no product of its own.
     assert cost["lockstep_draws"] == 2
-    assert cost["hessian_vector_products"] == 182 and cost["data_passes"] == 92
+    assert cost["hessian_vector_products"] == 180 and cost["data_passes"] == 91
     assert cost["lanczos_basis_bytes"] == 2 * 90 * 39 * 8
     assert cost["estimated_seconds"] > 0
     assert cost["estimated_seconds"] == (cost["estimated_product_seconds"]
@@ -131,14 +131,20 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys):
     assert cost["estimated_algebra_seconds"] > 0
     printed = capsys.readouterr().out
     assert "of Lanczos algebra on this host" in printed
-    assert "182 Hessian-vector products" in printed and "Lanczos bases" in printed
+    assert "180 Hessian-vector products" in printed and "Lanczos bases" in printed
     assert not (tmp_path / "out").exists()  # a dry run leaves nothing behind
     sequential = job.run(spectrum_config(
         tmp_path / "out", model=str(tmp_path / "model.keras"),
         dataset=f"npz:{tmp_path / 'data.npz'}", batch_size=4, lanczos_steps=90, num_draws=2,
         lockstep_draws=1, dry_run=True))
-    assert sequential["hessian_vector_products"] == 181 and sequential["data_passes"] == 182
+    assert sequential["hessian_vector_products"] == 180 and sequential["data_passes"] == 181
     assert sequential["lanczos_basis_bytes"] == 90 * 39 * 8
+    # 3 batches: the check multiplies the first block twice over the data, one block more.
+    whole = job.run(spectrum_config(
+        tmp_path / "out", model=str(tmp_path / "model.keras"),
+        dataset=f"npz:{tmp_path / 'data.npz'}", batch_size=8, lanczos_steps=90, num_draws=2,
+        dry_run=True))
+    assert whole["hessian_vector_products"] == 182 and whole["data_passes"] == 92
 
 
 def test_dry_run_prints_what_the_residual_cache_would_hold(tmp_path, capsys, monkeypatch):
