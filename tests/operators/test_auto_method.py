@@ -498,10 +498,8 @@ def test_the_timed_runs_check_only_their_own_vectors_over_all_the_data(monkeypat
 
 
 def test_noise_in_the_timed_runs_fails_the_check(monkeypatch):
-    from tests.operators.test_hessian import NoisyLayer
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
-                              NoisyLayer(), keras.layers.Dense(3)])
+    from tests.operators.test_hessian import noisy_model
+    model = noisy_model()
     x, y = tiny_data(np.float32)
     operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y, batch_size=4)
     vectors = np.ones((1, operator.dim))

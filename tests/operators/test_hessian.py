@@ -270,12 +270,17 @@ class NoisyLayer(keras.layers.Layer):
         return inputs + tf.random.normal(tf.shape(inputs), dtype=inputs.dtype)
 
 
+def noisy_model():
+    """A tiny MLP whose products differ from run to run (noise added to an activation)."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                             NoisyLayer(), keras.layers.Dense(3)])
+
+
 # With cached residuals, the noise of the first pass would be kept for the second.
 @pytest.mark.parametrize("cache_residuals", [False, True])
 def test_determinism_check_names_the_cause(cache_residuals):
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
-                              NoisyLayer(), keras.layers.Dense(3)])
+    model = noisy_model()
     x, y = tiny_data(np.float32)
     operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
                                          cache_residuals=cache_residuals)
@@ -330,9 +335,7 @@ def test_determinism_check_over_the_first_batches(monkeypatch, batch_size, runs)
 
 
 def test_determinism_check_over_the_first_batches_finds_noise_before_the_product(monkeypatch):
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
-                              NoisyLayer(), keras.layers.Dense(3)])
+    model = noisy_model()
     x, y = tiny_data(np.float32)
     operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
                                          batch_size=1)
