@@ -54,7 +54,8 @@ class Spectrum(NamedTuple):
       residual_norms: [num_draws] β after the last step; exhausted: [num_draws];
       orthogonality_loss: max over draws of max |Q Qᵀ − I|;
       density: the smoothed density; statistics: SpectrumStatistics;
-      num_products: products used (including the determinism check); seconds;
+      num_products: the Lanczos steps' products (a determinism check's returned
+        product is the first; its other runs are not counted); seconds;
       seconds_per_step: wall time of a Lanczos step (one block of products and the
         algebra) after the first, which includes tracing; NaN after one step.
     """

@@ -66,8 +66,8 @@ _HELP = {
     "precision": "model: products in the model's dtype (a mixed-precision policy's compute "
     "dtype); float32, float64: in a copy of the model in that dtype (float32: a model "
     "trained in float16 or bfloat16, to float32's precision; on a CPU also faster).",
-    "check_determinism": "Compute the first product twice (over the first 4 batches per "
-    "replica, where there are more) and fail if they differ.",
+    "check_determinism": "Compute the first product twice and fail if they differ (where "
+    "the data in memory are more than 4 batches per replica, over only the first few).",
     "cache_residuals": "Keep each batch's vector-free part of the product (forward pass, "
     "backward signals) for the whole run: faster steps for memory (one device, in-memory data).",
     "unroll_steps": "Unroll Keras recurrent layers (LSTM, GRU, ...) in the products over "

@@ -704,9 +704,8 @@ class HessianOperator:
                     first, difference = products[method]
                     if not later:
                         later.append(np.empty(shape))
-                    result = self._mean_products(rows, shape, later[0])
-                    gap = float(np.max(np.abs(np.subtract(first, result, out=result),
-                                              out=result)))  # NaN: not reused
+                    gap = _largest_difference(  # NaN: not reused
+                        first, self._mean_products(rows, shape, later[0]))
                     products[method] = (first, max(difference, gap) if np.isfinite(gap)
                                         else gap)
             return elapsed
@@ -1347,9 +1346,9 @@ class HessianOperator:
                 or self.timed_runs_are_products)
 
     def check_determinism(self, vectors: np.ndarray, *, relative_tolerance: Optional[float] = None):
-        """Computes H v ([dim]) or H V ([k, dim]) twice and raises
-        NonDeterministicError if they differ by more than rounding. Returns the first
-        product.
+        """Computes H v ([dim]) or H V ([k, dim]) twice (or over the first batches
+        only, below) and raises NonDeterministicError if the two differ by more than
+        rounding. Returns the product H v (H V).
 
         Multithreaded float32 kernels (convolution gradients) do not sum in a fixed
         order: two products of ResNet-32 differ by up to ~1e-6 of their largest entry
@@ -1359,12 +1358,13 @@ class HessianOperator:
 
         Where the data in memory are more than AUTO_TIMING_BATCHES batches per replica
         (`whole_determinism_check` False), the two runs cover only the first batches
-        (AUTO_TIMING_BATCHES, or fewer than half the batches where there are fewer than
-        twice as many: less than a product together), then the returned product runs:
-        the check costs those two runs, not a product. Where `choose_method` timed these very
-        vectors, the chosen method's timed runs are the check (the first compared with
-        every other) at no run of its own; where they covered the whole data, their
-        first is returned.
+        (AUTO_TIMING_BATCHES of them, or fewer than half the batches where there are at
+        most twice as many: less than a product together), then the returned product
+        runs: the check costs those two runs, not a product. Non-determinism that shows
+        only in later batches (a fault of the last, uneven batch's own trace, say) then
+        goes unseen. Where `choose_method` timed these very vectors, the chosen method's
+        timed runs are the check (the first compared with every other) at no run of its
+        own; where they covered the whole data, their first is returned.
         """
         if relative_tolerance is None:
             float64 = all(v.dtype == tf.float64 for v in self.model_function.variables)
@@ -1379,25 +1379,27 @@ class HessianOperator:
                 and np.all(np.isfinite(timed.first)) and np.isfinite(timed.difference)
                 # Nor trained since.
                 and self._same_model(self._model_values(), timed.model_values)):
-            sample, difference = timed.first, timed.difference
+            scale, difference = float(np.max(np.abs(timed.first))), timed.difference
             if self.timed_runs_are_products:
                 first = timed.first.reshape(vectors.shape)
                 self.num_products += 2 * timed.vectors.shape[0]
                 self.product_seconds += timed.seconds
         elif self.whole_determinism_check:
-            first = sample = product(vectors)
+            first = product(vectors)
+            scale = float(np.max(np.abs(first)))
             # Cached residuals would hold the first pass's randomness for the second too.
             self.drop_residuals()
-            difference = float(np.max(np.abs(first - product(vectors))))
+            difference = _largest_difference(first, product(vectors))
         else:
             block = vectors.reshape(-1, self.dim)
             batches = min(AUTO_TIMING_BATCHES, (self.batches_per_replica - 1) // 2)
             sample = self._products_over_first_batches(block, batches)
-            difference = float(np.max(np.abs(
-                sample - self._products_over_first_batches(block, batches))))
+            scale = float(np.max(np.abs(sample)))
+            difference = _largest_difference(
+                sample, self._products_over_first_batches(block, batches))
+            del sample  # before the product
             if not np.isfinite(difference):
                 first = product(vectors)  # says where a product is not finite
-        scale = float(np.max(np.abs(sample)))
         if not difference <= relative_tolerance * max(scale, np.finfo(np.float64).tiny):
             raise NonDeterministicError(
                 f"two products of the same vector differ by {difference:.3g} (scale "
@@ -1415,6 +1417,12 @@ class HessianOperator:
         accumulator = self._product_trace(vectors.shape[0])(
             host_tensor(vectors, self._device_dtype), tf.constant(batches, tf.int32))
         return self._mean_products(accumulator, vectors.shape)
+
+def _largest_difference(first: np.ndarray, second: np.ndarray) -> float:
+    """max |first - second| (NaN or inf where either is not finite), computed in
+    `second`'s memory (which it overwrites) rather than in vector-sized temporaries."""
+    return float(np.max(np.abs(np.subtract(first, second, out=second), out=second)))
+
 
 def dense_matrix(matvec: Callable[[np.ndarray], np.ndarray], dim: int) -> np.ndarray:
     """The dense matrix of a matvec, column by column (for tests and tiny models)."""

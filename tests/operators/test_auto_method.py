@@ -16,7 +16,7 @@ from hessian_tf import job, operators
 from hessian_tf.operators import gauss_newton
 from hessian_tf.operators import hessian as hessian_lib
 from hessian_tf.operators.streaming import StreamingHessianOperator, array_dataset_fn
-from tests.operators.test_hessian import tiny_data, tiny_model
+from tests.operators.test_hessian import _counting_runs, tiny_data, tiny_model
 from tests.test_job_formats import small_config
 
 
@@ -428,19 +428,6 @@ def _counting_matmat(monkeypatch):
     return calls
 
 
-def _counting_first_batches(monkeypatch):
-    """Counts the determinism check's runs over the first batches (their batch counts)."""
-    calls = []
-    runs = hessian_lib.HessianOperator._products_over_first_batches
-
-    def counting(self, vectors, batches):
-        calls.append(batches)
-        return runs(self, vectors, batches)
-
-    monkeypatch.setattr(hessian_lib.HessianOperator, "_products_over_first_batches", counting)
-    return calls
-
-
 @pytest.mark.parametrize("margin", [1e-9, 1e9])  # reverse over reverse, forward over backward
 def test_the_timed_runs_of_the_first_block_are_the_determinism_check(monkeypatch, margin):
     monkeypatch.setattr(hessian_lib, "AUTO_MARGIN", margin)
@@ -471,9 +458,9 @@ def test_the_timed_runs_check_only_their_own_vectors_over_all_the_data(monkeypat
     # 6 batches, 4 timed: the timed runs are the check but not products; one product.
     more = operators.HessianOperator(model_function, x, y, batch_size=2)
     more.choose_method(1, vectors=vectors)
-    first_batches = _counting_first_batches(monkeypatch)
+    runs = _counting_runs(monkeypatch)
     product = more.check_determinism(vectors[0])
-    assert len(calls) == 3 and first_batches == [] and more.num_products == 1
+    assert len(calls) == 3 and runs["first_batches"] == [] and more.num_products == 1
     fixed = operators.HessianOperator(model_function, x, y, batch_size=2, method=more.method)
     np.testing.assert_array_equal(product, fixed.matvec(vectors[0]))
     # A product ran since the timing: the next is not the first; two products.
@@ -497,33 +484,48 @@ def test_the_timed_runs_check_only_their_own_vectors_over_all_the_data(monkeypat
             2, vectors=vectors)
 
 
-def test_noise_in_the_timed_runs_fails_the_check(monkeypatch):
+@pytest.mark.parametrize("batch_size", [4, 2])  # 3 batches, all timed; 6, 4 of them timed
+def test_noise_in_the_timed_runs_fails_the_check(monkeypatch, batch_size):
     from tests.operators.test_hessian import noisy_model
     model = noisy_model()
     x, y = tiny_data(np.float32)
-    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y, batch_size=4)
+    operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                         batch_size=batch_size)
     vectors = np.ones((1, operator.dim))
     operator.choose_method(1, vectors=vectors)
-    calls = _counting_matmat(monkeypatch)
+    runs = _counting_runs(monkeypatch)
     with pytest.raises(operators.NonDeterministicError, match="dropout"):
         operator.check_determinism(vectors)
-    assert calls == []
+    assert runs == {"products": 0, "first_batches": []}
 
 
+# 3 batches of 4: the timed runs are the check's two products; 6 batches of 2: the timed
+# runs (over the first 4) are the check, and the first block's product runs after it.
+@pytest.mark.parametrize("batch_size", [4, 2])
 @pytest.mark.parametrize("basis", ["float64", "float32"])
-def test_the_job_takes_its_first_products_from_the_timing(tmp_path, monkeypatch, basis):
+def test_the_job_takes_its_first_products_from_the_timing(tmp_path, monkeypatch, basis,
+                                                          batch_size):
     tiny_model(dtype="float32").save(str(tmp_path / "tiny.keras"))
-    x, y = tiny_data(np.float32)  # 12 examples: 3 batches of 4
+    x, y = tiny_data(np.float32)  # 12 examples
     np.savez(tmp_path / "tiny.npz", x=x, y=y)
     options = dict(model=str(tmp_path / "tiny.keras"), dataset=f"npz:{tmp_path / 'tiny.npz'}",
-                   batch_size=4, num_draws=2, lockstep_draws=2, basis_dtype=basis)
+                   batch_size=batch_size, num_draws=2, lockstep_draws=2, basis_dtype=basis)
     calls = _counting_matmat(monkeypatch)
+    runs = _counting_runs(monkeypatch)
     auto = job.run(small_config(tmp_path / "auto", **options))
-    # 5 steps of blocks of 2; the first block's products (the check's two) were timed.
-    assert calls == [(2, auto["num_params"])] * 4
-    assert auto["num_hvps_this_session"] == 12
+    whole = batch_size == 4
+    # 5 steps of blocks of 2, the first block's from the timing where it is whole.
+    assert calls == [(2, auto["num_params"])] * (4 if whole else 5)
+    assert runs["first_batches"] == []  # the timed runs were the check
+    assert auto["num_hvps_this_session"] == (12 if whole else 10)
+    # The job's products that forward mode's bound counted: the check's only if whole.
+    assert auto["method_note"].startswith(
+        f"not timed: the job's products ({6 if whole else 5}) take about")
     fixed = job.run(small_config(tmp_path / "fixed", method=auto["method"], **options))
-    assert len(calls) == 4 + 6
+    if whole:
+        assert len(calls) == 4 + 6
+    else:  # two runs over the first 2 of the 6 batches, then 5 block products
+        assert len(calls) == 5 + 5 and runs["first_batches"] == [2, 2]
     a, b = (np.load(tmp_path / run / "spectrum.npz") for run in ("auto", "fixed"))
     for name in ("alphas", "betas", "nodes", "weights"):
         np.testing.assert_array_equal(a[name], b[name])

@@ -304,9 +304,9 @@ def _counting_runs(monkeypatch):
     matmat = hessian.HessianOperator.matmat
     runs = hessian.HessianOperator._products_over_first_batches
 
-    def counting_matmat(self, vectors, out=None):
+    def counting_matmat(self, vectors, *args, **kwargs):
         calls["products"] += 1
-        return matmat(self, vectors, out)
+        return matmat(self, vectors, *args, **kwargs)
 
     def counting_runs(self, vectors, batches):
         calls["first_batches"].append(batches)
