@@ -1418,6 +1418,7 @@ class HessianOperator:
             host_tensor(vectors, self._device_dtype), tf.constant(batches, tf.int32))
         return self._mean_products(accumulator, vectors.shape)
 
+
 def _largest_difference(first: np.ndarray, second: np.ndarray) -> float:
     """max |first - second| (NaN or inf where either is not finite), computed in
     `second`'s memory (which it overwrites) rather than in vector-sized temporaries."""
