@@ -93,10 +93,9 @@ def new_state(dim: int, *, lanczos_steps: int, num_draws: int, seed: int, lockst
     thread as the run normalises. The run then multiplies `first_block(state)` first
     and does not draw the vectors again: drawn twice, they took 1.2 s each time at
     InceptionResNet-V2's 54.3M parameters (cProfile, ad hoc)."""
-    draws = range(min(group_size(num_draws, lockstep), num_draws))
     with _one_blas_thread():
-        group = tuple(_initial_state(dim, seed, draw, lanczos_steps, basis_dtype)
-                      for draw in draws)
+        group = _new_group(dim, seed, 0, group_size(num_draws, lockstep), num_draws,
+                           lanczos_steps, basis_dtype)
     return SLQState(draw=0, lanczos=group, completed=(), num_products=0)
 
 
@@ -105,6 +104,14 @@ def first_block(state: SLQState) -> np.ndarray:
     first (through its `first_product`), bit for bit: a read-only view of the basis
     row for one draw of a float64 basis, else a copy."""
     return linalg.current_vectors(state.lanczos)
+
+
+def _new_group(dim: int, seed: int, draw: int, size: int, num_draws: int,
+               lanczos_steps: int, basis_dtype) -> tuple:
+    """The Lanczos states, before their first step, of the lockstep group of at most
+    `size` draws that starts at `draw` (of `num_draws`)."""
+    return tuple(_initial_state(dim, seed, d, lanczos_steps, basis_dtype)
+                 for d in range(draw, min(draw + size, num_draws)))
 
 
 def _initial_state(dim: int, seed: int, draw: int, lanczos_steps: int,
@@ -387,10 +394,8 @@ def _slq(dim, *, lanczos_steps, num_draws, seed, kernel_width, num_grid_points,
     session_steps = 0
     while state.draw < num_draws:
         draw = state.draw
-        group = state.lanczos or tuple(
-            _initial_state(dim, seed, d, lanczos_steps, basis_dtype)
-            for d in range(draw, min(draw + size, num_draws))
-        )
+        group = state.lanczos or _new_group(
+            dim, seed, draw, size, num_draws, lanczos_steps, basis_dtype)
         while not all(linalg.is_finished(s) for s in group):
             # Draws whose Krylov space is exhausted leave the block.
             active = [i for i, s in enumerate(group) if not linalg.is_finished(s)]

@@ -1153,9 +1153,7 @@ class HessianOperator:
         if self.cache_residuals:
             products = self._products_from_residuals(vectors, out)
         else:
-            accumulator = self._product_trace(vectors.shape[0])(
-                host_tensor(vectors, self._device_dtype), self._all_batches)
-            products = self._mean_products(accumulator, vectors.shape, out)
+            products = self._graph_products(vectors, self._all_batches, out)
         self.product_seconds += time.perf_counter() - start
         self.num_products += vectors.shape[0]
         finite = np.all(np.isfinite(products), axis=1)
@@ -1169,6 +1167,15 @@ class HessianOperator:
                 row=row,
             )
         return products
+
+    def _graph_products(self, vectors: np.ndarray, max_batches: tf.Tensor,
+                        out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The product graph's run on `vectors` [k, dim] float64 (read in place where
+        `host_tensor` can) over each replica's first `max_batches` batches, its sums
+        divided by the number of examples (`_mean_products`; into `out` if given)."""
+        accumulator = self._product_trace(vectors.shape[0])(
+            host_tensor(vectors, self._device_dtype), max_batches)
+        return self._mean_products(accumulator, vectors.shape, out)
 
     def _mean_products(self, accumulator, shape: tuple,
                        out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -1414,9 +1421,7 @@ class HessianOperator:
     def _products_over_first_batches(self, vectors: np.ndarray, batches: int) -> np.ndarray:
         """The product graph's sums of H_b V over each replica's first `batches` batches,
         divided by the number of examples, [k, dim]: not products of H (not counted)."""
-        accumulator = self._product_trace(vectors.shape[0])(
-            host_tensor(vectors, self._device_dtype), tf.constant(batches, tf.int32))
-        return self._mean_products(accumulator, vectors.shape)
+        return self._graph_products(vectors, tf.constant(batches, tf.int32))
 
 
 def _largest_difference(first: np.ndarray, second: np.ndarray) -> float:
