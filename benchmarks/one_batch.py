@@ -77,7 +77,7 @@ def time_ours(workload, method: str, repeats: int) -> dict:
         return operators.HessianOperator(
             operators.KerasModelFunction(workload.keras_model), workload.x, workload.y,
             batch_size=len(workload.x), method=name,
-            loss="binary_crossentropy" if workload.binary else "sparse_categorical_crossentropy")
+            loss=workload.loss)
 
     methods = METHODS if method == "auto" else (method,)
     operator = operator_of(methods[0])
@@ -145,8 +145,11 @@ def main(argv=None) -> int:
     parser = compare.OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="a .keras file of logits (pyhessian_compare.py's twin mirrors it)")
-    parser.add_argument("--data", required=True, help="an .npz with x and integer labels y")
+    parser.add_argument("--data", required=True, help="an .npz with x and integer labels y (real targets with "
+                        "--loss=mean_squared_error)")
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--loss", default="auto", choices=("auto", "mean_squared_error"),
+                        help="as pyhessian_compare.py's --loss")
     parser.add_argument("--method", default="auto", choices=("auto", *METHODS),
                         help="auto: both timed, one taken as the binary's auto takes it")
     parser.add_argument("--repeats", type=int, default=5)
@@ -165,7 +168,8 @@ def main(argv=None) -> int:
         if importlib.util.find_spec("torch") is None:
             raise compare.Failure("PyTorch is not installed: `make benchmark-pyhessian` "
                                   "installs it (with PyHessian) into .venv.")
-        workload = compare.workload_from_files(args.model, args.data, args.batch_size, None)
+        workload = compare.workload_from_files(args.model, args.data, args.batch_size, None,
+                                               args.loss)
         batch = dataclasses.replace(workload, x=workload.x[: args.batch_size],
                                     y=workload.y[: args.batch_size])
         print(f"{os.path.basename(args.model)}: one batch of {len(batch.x)}; "

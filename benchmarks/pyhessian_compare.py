@@ -42,14 +42,16 @@ and functional models (ConvNeXt's stem), and dropout, noise, stochastic depth an
 augmentation as the identity; see `twin_step`); the data are arrays x and y (integer labels, one per example,
 or one per pixel or token of a segmentation model's or tagger's outputs, their loss the
 mean over positions as Keras's; 0/1 for a classifier of one logit, compared by binary
-cross-entropy, `--loss=binary_crossentropy` on our side). Embedding layers read integer
+cross-entropy, `--loss=binary_crossentropy` on our side; with `--loss=mean_squared_error`,
+a regression's real targets shaped as the outputs, compared by the mean squared error,
+torch's MSELoss, which averages over every output as Keras does). Embedding layers read integer
 x (tokens) as torch's nn.Embedding. Images are
 NCHW in the twin, sequences (batch, length, features) as in Keras (Conv1D, BN and
 pooling of sequences transpose around torch's).
 
 Usage (not part of CI; benchmarks/PYHESSIAN.md has a measured run):
   .venv/bin/python benchmarks/pyhessian_compare.py [--workload mlp-digits,cnn-bn|all]
-      [--model NET.keras --data DATA.npz [--batch_size B]]
+      [--model NET.keras --data DATA.npz [--batch_size B] [--loss mean_squared_error]]
       [--lanczos_steps M] [--threads N] [--no_install] [--keep_dir] [--our_flags=...]
 
 Exit status: 0 when every workload ran and its twin matched; 1 when a twin check failed;
@@ -234,9 +236,24 @@ class Workload:
     y: np.ndarray
     batch_size: int
     lanczos_steps: int
-    # One logit (a binary classifier): binary cross-entropy of logits on 0/1 labels on
-    # both sides (torch's BCEWithLogitsLoss); else the cross-entropy of class logits.
-    binary: bool = False
+    # hessian-spectrum's --loss, one of LOSSES: the cross-entropy of class logits; for one
+    # logit (a binary classifier) binary cross-entropy of logits on 0/1 labels (torch's
+    # BCEWithLogitsLoss); or the squared error of a regression's outputs (torch's MSELoss:
+    # the mean over every output, as Keras's mean over an example's outputs, then examples).
+    loss: str = "sparse_categorical_crossentropy"
+
+    @property
+    def binary(self) -> bool:
+        return self.loss == "binary_crossentropy"
+
+    @property
+    def regression(self) -> bool:
+        return self.loss == "mean_squared_error"
+
+
+# Losses of both sides; --loss=auto takes binary cross-entropy for a model of one logit,
+# else the cross-entropy of class logits.
+LOSSES = ("sparse_categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
 
 
 def calibrate_batch_norm(keras_model, x: np.ndarray, seed: int) -> None:
@@ -335,12 +352,17 @@ def build_workload(name: str, lanczos_steps: Optional[int]) -> Workload:
 
 
 def workload_from_files(model_path: str, data_path: str, batch_size: int,
-                        lanczos_steps: Optional[int]) -> Workload:
+                        lanczos_steps: Optional[int], loss: str = "auto") -> Workload:
     """A user's own network and data: a `.keras` file (a model the twin mirrors, see
-    `twin_graph`) and an `.npz` with arrays x and y (integer class
+    `twin_graph`) and an `.npz` with arrays x and y: for `loss` auto, integer class
     labels, one per example or per position of the outputs, for the cross-entropy of
-    logits)."""
+    logits (binary for one logit); for mean_squared_error, real targets shaped as the
+    model's outputs."""
     import keras
+
+    if loss not in ("auto", "mean_squared_error"):
+        raise Failure(f"--loss={loss}: pass auto (the cross-entropy of logits) or "
+                      "mean_squared_error.")
 
     for flag, path in (("--model", model_path), ("--data", data_path)):
         if not os.path.isfile(path):
@@ -363,22 +385,37 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
             x, y = data["x"], data["y"]
     except (OSError, ValueError, KeyError) as error:
         raise Failure(f"{unreadable} ({error}).") from error
-    # One class per example, or per position of the outputs (a segmentation model's
-    # pixels, a tagger's tokens), with an optional trailing axis of 1.
-    positions = tuple(model.output_shape[1:-1])
-    if y.ndim == len(positions) + 2 and y.shape[-1] == 1:
-        y = y[..., 0]
-    if (y.ndim != len(positions) + 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0
-            or any(p is not None and p != n for p, n in zip(positions, y.shape[1:]))):
-        per = f"per position {positions} of the model's outputs" if positions else "per example"
-        raise Failure(f"--data={data_path}: x {x.shape} and y {y.shape}: pass one integer label "
-                      f"{per} and at least one example.")
+    if loss == "mean_squared_error":
+        # Targets shaped as the outputs, (N,) for one output as Keras takes them.
+        outputs = tuple(model.output_shape[1:])
+        if y.ndim == len(outputs) and outputs[-1] == 1:
+            y = y[..., np.newaxis]
+        if (y.ndim != len(outputs) + 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0
+                or any(o is not None and o != n for o, n in zip(outputs, y.shape[1:]))):
+            raise Failure(f"--data={data_path}: x {x.shape} and y {y.shape}: pass targets "
+                          f"shaped as the model's outputs {outputs} for each example, and "
+                          "at least one example.")
+    else:
+        # One class per example, or per position of the outputs (a segmentation model's
+        # pixels, a tagger's tokens), with an optional trailing axis of 1.
+        positions = tuple(model.output_shape[1:-1])
+        if y.ndim == len(positions) + 2 and y.shape[-1] == 1:
+            y = y[..., 0]
+        if (y.ndim != len(positions) + 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0
+                or any(p is not None and p != n for p, n in zip(positions, y.shape[1:]))):
+            per = f"per position {positions} of the model's outputs" if positions else "per example"
+            raise Failure(f"--data={data_path}: x {x.shape} and y {y.shape}: pass one integer "
+                          f"label {per} and at least one example.")
     if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
         raise Failure(f"--data={data_path}: x ({x.dtype}) and y ({y.dtype}) must be numeric.")
-    if not np.issubdtype(y.dtype, np.integer):
+    if loss == "mean_squared_error":
+        if not np.all(np.isfinite(y)):
+            raise Failure(f"--data={data_path}: y holds NaN or infinite targets.")
+    elif not np.issubdtype(y.dtype, np.integer):
         if not np.all(np.equal(np.mod(y, 1), 0)):
             raise Failure(f"--data={data_path}: y of dtype {y.dtype} is not integer class labels; "
-                          "both sides use the cross-entropy of logits with class indices.")
+                          "both sides use the cross-entropy of logits with class indices (for a "
+                          "regression's targets pass --loss=mean_squared_error).")
     expected = tuple(model.input_shape[1:])
     # As Keras (and so hessian-spectrum) does: a trailing axis of size 1 is added or dropped.
     if x.ndim == len(expected) and expected and expected[-1] == 1:
@@ -390,20 +427,23 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
         raise Failure(f"--data={data_path}: inputs of shape {x.shape[1:]}, but --model takes "
                       f"{expected}; reshape x to (N, {', '.join(map(str, expected))}) "
                       "or pass the model for these inputs.")
-    classes = model.output_shape[-1]
-    binary = classes == 1  # one logit: labels 0 and 1
-    if binary and positions:
-        raise Failure(f"--model={model_path}: one logit per position {positions}; the "
-                      "comparison takes the binary cross-entropy of a classifier's one logit "
-                      "only: give the model two class logits per position.")
-    if binary and getattr(getattr(model.layers[-1], "activation", None), "__name__", "") == "sigmoid":
-        raise Failure(f"--model={model_path}: its last layer applies a sigmoid; both sides take "
-                      "the binary cross-entropy of logits: save it with activation=None there.")
-    if y.min() < 0 or y.max() >= max(classes, 2):
-        raise Failure(f"--data={data_path}: labels range over [{y.min():g}, {y.max():g}], but "
-                      f"--model has {classes} outputs; labels must lie in "
-                      f"[0, {max(classes - 1, 1)}]" + (" (binary cross-entropy of its one logit)."
-                                                       if binary else "."))
+    if loss == "auto":
+        classes = model.output_shape[-1]
+        binary = classes == 1  # one logit: labels 0 and 1
+        loss = "binary_crossentropy" if binary else "sparse_categorical_crossentropy"
+        if binary and positions:
+            raise Failure(f"--model={model_path}: one logit per position {positions}; the "
+                          "comparison takes the binary cross-entropy of a classifier's one "
+                          "logit only: give the model two class logits per position.")
+        if binary and getattr(getattr(model.layers[-1], "activation", None), "__name__", "") == "sigmoid":
+            raise Failure(f"--model={model_path}: its last layer applies a sigmoid; both sides "
+                          "take the binary cross-entropy of logits: save it with "
+                          "activation=None there.")
+        if y.min() < 0 or y.max() >= max(classes, 2):
+            raise Failure(f"--data={data_path}: labels range over [{y.min():g}, {y.max():g}], "
+                          f"but --model has {classes} outputs; labels must lie in "
+                          f"[0, {max(classes - 1, 1)}]"
+                          + (" (binary cross-entropy of its one logit)." if binary else "."))
     try:  # a layer the twin cannot mirror is refused before any install
         twin_graph(model)
     except Failure as failure:
@@ -416,8 +456,9 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
     if tokens and not np.issubdtype(x.dtype, np.integer):
         raise Failure(f"--data={data_path}: x of dtype {x.dtype}, but --model takes integer "
                       "inputs (tokens); save x as integers.")
-    return Workload(name, model, x.astype(np.int32 if tokens else np.float32), y.astype(np.int32),
-                    min(batch_size, x.shape[0]), lanczos_steps or 90, binary)
+    return Workload(name, model, x.astype(np.int32 if tokens else np.float32),
+                    y.astype(np.float32 if loss == "mean_squared_error" else np.int32),
+                    min(batch_size, x.shape[0]), lanczos_steps or 90, loss)
 
 
 # ------------------------------------------------------------------------------ the twin
@@ -1281,6 +1322,8 @@ def torch_criterion(workload: Workload):
 
     if workload.binary:
         return torch.nn.BCEWithLogitsLoss()
+    if workload.regression:
+        return torch.nn.MSELoss()
 
     class CrossEntropy(torch.nn.CrossEntropyLoss):
         def forward(self, logits, targets):
@@ -1291,11 +1334,15 @@ def torch_criterion(workload: Workload):
 
 
 def torch_targets(workload: Workload):
-    """Class indices (int64), or for one logit 0/1 labels as float [N, 1]."""
+    """Class indices (int64); for one logit 0/1 labels as float [N, 1]; a regression's
+    targets as the twin's outputs (images' NCHW)."""
     import torch
 
     if workload.binary:
         return torch.from_numpy(workload.y.astype(np.float32).reshape(-1, 1))
+    if workload.regression:
+        return torch.from_numpy(np.ascontiguousarray(
+            workload.y.transpose(0, 3, 1, 2) if workload.y.ndim == 4 else workload.y))
     return torch.from_numpy(workload.y).long()
 
 
@@ -1307,6 +1354,7 @@ def check_twin(workload: Workload, twin, num_params: int) -> tuple[bool, str]:
     keras_params = int(sum(np.prod(v.shape) for v in workload.keras_model.trainable_variables))
     keras_logits = workload.keras_model.predict(workload.x, batch_size=workload.batch_size, verbose=0)
     keras_criterion = (keras.losses.BinaryCrossentropy(from_logits=True) if workload.binary
+                       else keras.losses.MeanSquaredError() if workload.regression
                        else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     keras_loss = float(keras_criterion(workload.y.reshape(len(workload.y), -1) if workload.binary
                                        else workload.y, keras_logits))
@@ -1372,7 +1420,7 @@ def run_ours(workload: Workload, directory: str, threads: int, extra_flags: list
         f"--model={model_path}", f"--dataset=npz:{data_path}", f"--batch_size={workload.batch_size}",
         f"--lanczos_steps={workload.lanczos_steps}", "--num_draws=1", "--bn_mode=inference",
         f"--output_dir={output_dir}",
-        *(["--loss=binary_crossentropy"] if workload.binary else []), *extra_flags,
+        *([f"--loss={workload.loss}"] if workload.loss != LOSSES[0] else []), *extra_flags,
     ]
     env = spectrum_environment()
     if threads != usable_cores():
@@ -1512,7 +1560,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "cropping, upsampling, Flatten, Reshape, Permute, Dropout, merges and "
                         "Concatenate; needs --data")
     parser.add_argument("--data", default=None,
-                        help="with --model: an .npz with arrays x (inputs) and y (integer labels)")
+                        help="with --model: an .npz with arrays x (inputs) and y (integer labels; "
+                        "real targets with --loss=mean_squared_error)")
+    parser.add_argument("--loss", default="auto", choices=("auto", "mean_squared_error"),
+                        help="with --model: auto, the cross-entropy of class logits (binary for "
+                        "a model of one logit, with 0/1 labels); mean_squared_error, a "
+                        "regression's (y real, shaped as the outputs)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="with --model: batch size of both sides (default: 128)")
     parser.add_argument("--lanczos_steps", type=int, default=None,
@@ -1542,6 +1595,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if args.batch_size is not None:
             parser.error(f"--batch_size={args.batch_size} goes with --model; the workloads "
                          "have their own batch sizes")
+        if args.loss != "auto":
+            parser.error(f"--loss={args.loss} goes with --model; the workloads have their own "
+                         "losses")
         workload = args.workload or ",".join(DEFAULT_WORKLOADS)
         names = (WORKLOADS if workload == "all"
                  else tuple(n.strip() for n in workload.split(",") if n.strip()))
@@ -1580,8 +1636,8 @@ def main(argv: list[str]) -> int:
 
     import_tensorflow_quietly()
     # A user's own files are checked before anything is installed or timed.
-    own = (workload_from_files(args.model, args.data, args.batch_size, args.lanczos_steps)
-           if args.model else None)
+    own = (workload_from_files(args.model, args.data, args.batch_size, args.lanczos_steps,
+                               args.loss) if args.model else None)
     ensure_peer(args.no_install)
 
     import_seconds = import_peer()  # counted in PyHessian's wall time

@@ -110,3 +110,25 @@ def test_without_torch_it_says_how_to_install_it(files, capsys, monkeypatch):
     assert one_batch.main(["--model", model, "--data", data]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "make benchmark-pyhessian" in err[0]
+
+
+def test_a_regression_takes_the_squared_error(tmp_path):
+    # A linear model's mean squared error: g = 2/N Σ r_i z_i, H = 2/N Σ z_i z_iᵀ with
+    # z_i = [x_i; 1] and r_i the residual; the invariants of our side are these.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.save(tmp_path / "linear.keras")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    y = rng.standard_normal(8).astype(np.float32)
+    np.savez(tmp_path / "targets.npz", x=x, y=y)
+    workload = compare.workload_from_files(str(tmp_path / "linear.keras"),
+                                           str(tmp_path / "targets.npz"), 8, None,
+                                           "mean_squared_error")
+    assert workload.loss == "mean_squared_error" and workload.y.shape == (8, 1)
+    z = np.concatenate([x, np.ones((8, 1), np.float32)], axis=1).astype(np.float64)
+    kernel, bias = (np.asarray(v, np.float64) for v in model.get_weights())
+    residuals = (x @ kernel + bias)[:, 0] - y
+    gradient = 2 / 8 * z.T @ residuals
+    hessian = 2 / 8 * z.T @ z
+    got = one_batch.time_ours(workload, "reverse_over_reverse", repeats=1)["invariants"]
+    assert got == pytest.approx(one_batch.invariants(gradient, hessian @ gradient), rel=1e-5)

@@ -534,6 +534,43 @@ def test_workload_of_labels_per_position(tmp_path):
         compare.workload_from_files(str(tmp_path / "one.keras"), str(tmp_path / "coins.npz"), 4, 5)
 
 
+def test_workload_of_a_regression(tmp_path):
+    # --loss=mean_squared_error: real targets shaped as the outputs, (N,) for one output.
+    rng = np.random.default_rng(3)
+    keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)]).save(tmp_path / "reg.keras")
+    x = rng.standard_normal((10, 5))
+    np.savez(tmp_path / "real.npz", x=x, y=rng.standard_normal(10))
+    workload = compare.workload_from_files(str(tmp_path / "reg.keras"),
+                                           str(tmp_path / "real.npz"), 4, 5, "mean_squared_error")
+    assert workload.regression and not workload.binary
+    assert workload.y.shape == (10, 1) and workload.y.dtype == np.float32
+    # By default real targets are refused, with the flag that takes them.
+    with pytest.raises(compare.Failure, match=re.escape("pass --loss=mean_squared_error")):
+        compare.workload_from_files(str(tmp_path / "reg.keras"), str(tmp_path / "real.npz"), 4, 5)
+    # An autoencoder's targets: images shaped as its outputs, with or without the last axis.
+    keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(1, 3, padding="same")]).save(
+        tmp_path / "ae.keras")
+    images = rng.uniform(size=(6, 4, 4, 1))
+    for name, y in (("images", images), ("gray", images[..., 0])):
+        np.savez(tmp_path / f"{name}.npz", x=images, y=y)
+        assert compare.workload_from_files(
+            str(tmp_path / "ae.keras"), str(tmp_path / f"{name}.npz"), 4, 5,
+            "mean_squared_error").y.shape == (6, 4, 4, 1)
+    bad = {
+        "two.npz": (dict(x=x, y=rng.standard_normal((10, 2))), "shaped as the model's outputs (1,)"),
+        "few.npz": (dict(x=x, y=rng.standard_normal(9)), "shaped as the model's outputs (1,)"),
+        "nan.npz": (dict(x=x, y=np.full(10, np.nan)), "NaN or infinite targets"),
+    }
+    for name, (arrays, message) in bad.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(compare.Failure, match=re.escape(message)):
+            compare.workload_from_files(str(tmp_path / "reg.keras"), str(tmp_path / name), 4, 5,
+                                        "mean_squared_error")
+    with pytest.raises(compare.Failure, match=re.escape("--loss=hinge: pass auto")):
+        compare.workload_from_files(str(tmp_path / "reg.keras"), str(tmp_path / "real.npz"), 4, 5,
+                                    "hinge")
+
+
 def run_script(*args):
     return subprocess.run([sys.executable, os.path.join(BENCHMARKS, "pyhessian_compare.py"),
                            *args], capture_output=True, text=True, timeout=300)
@@ -544,6 +581,7 @@ def run_script(*args):
     (["--model=net.keras", "--data=d.npz", "--workload=mlp-digits"], "pass one or the other"),
     (["--model=missing.keras", "--data=d.npz", "--no_install"], "--model=missing.keras: no such file"),
     (["--batch_size=64"], "--batch_size=64 goes with --model"),
+    (["--loss=mean_squared_error"], "--loss=mean_squared_error goes with --model"),
 ])
 def test_bad_input_is_one_line_before_any_install(args, message):
     result = run_script(*args)
