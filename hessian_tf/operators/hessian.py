@@ -898,7 +898,8 @@ class HessianOperator:
                 if not np.all(np.equal(np.mod(y, 1), 0)):
                     raise ValueError(
                         f"--dataset: labels of dtype {y.dtype} are not integers; "
-                        "sparse_categorical_crossentropy needs class indices."
+                        "sparse_categorical_crossentropy needs class indices; for a "
+                        "regression's real targets pass --loss=mean_squared_error."
                     )
             low, high = int(np.min(y)), int(np.max(y))
             if low < 0 or high >= num_classes:

@@ -362,6 +362,17 @@ def test_labels_out_of_range():
         operators.HessianOperator(operators.KerasModelFunction(model), x, np.where(y == 2, 7, y))
 
 
+def test_real_targets_for_class_indices_name_the_regression_loss():
+    model = tiny_model()
+    x, y = tiny_data()
+    with pytest.raises(ValueError, match=r"float32 are not integers.*"
+                       r"pass --loss=mean_squared_error"):
+        operators.HessianOperator(operators.KerasModelFunction(model), x,
+                                  y.astype(np.float32) + 0.5)
+    # Integral values of a real dtype are class indices.
+    operators.HessianOperator(operators.KerasModelFunction(model), x, y.astype(np.float32))
+
+
 def test_inputs_that_do_not_fit():
     model = tiny_model()
     with pytest.raises(ValueError, match="do not fit"):
