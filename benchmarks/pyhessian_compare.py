@@ -30,10 +30,10 @@ Your own network instead: `--model=NET.keras --data=DATA.npz [--batch_size=B]` (
 unless --lanczos_steps). The model is a Sequential or functional model of one input and one
 output (keras.applications' EfficientNet, MobileNetV2/V3, ResNet-V2 and ConvNeXt among
 them), branches and skip connections included, whose layers the twin mirrors (Conv1D,
-Conv2D (grouped too), DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense (also on
+Conv2D (grouped and dilated too), DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense (also on
 images' channels), BatchNormalization (also of sequences), LayerNormalization,
-GroupNormalization, MultiHeadAttention as torch's nn.MultiheadAttention, LSTM and GRU as
-torch's nn.LSTM and nn.GRU, activation layers (hard sigmoid and hard swish as torch's),
+GroupNormalization, MultiHeadAttention as torch's nn.MultiheadAttention, LSTM, GRU and
+SimpleRNN as torch's nn.LSTM, nn.GRU and nn.RNN, also in Bidirectional, activation layers (hard sigmoid and hard swish as torch's),
 pooling, global pooling (keepdims too), ZeroPadding2D, Cropping2D, UpSampling2D, Flatten,
 Rescaling, Normalization, Add and the other merges (broadcasting within one rank),
 Concatenate, `keras.ops` arithmetic of a tensor and a number (MobileNetV3's hard sigmoid)
@@ -486,14 +486,13 @@ def activation_name(layer) -> str:
 
 def check_twin_layer(layer) -> None:
     """Raises Failure for a layer with weights (a convolution, Dense, a normalisation,
-    MultiHeadAttention, LSTM or GRU) in a setting the twin cannot mirror (torch-free, so
+    MultiHeadAttention, a recurrent layer) in a setting the twin cannot mirror (torch-free, so
     that it runs before any install)."""
     import keras
 
-    if isinstance(layer, keras.layers.Conv2D):  # groups too, as torch's nn.Conv2d's
-        if layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1):
-            raise Failure(f"twin: Conv2D {layer.name} must be channels_last, without "
-                          "dilation.")
+    if isinstance(layer, keras.layers.Conv2D):  # groups and dilation too, as torch's
+        if layer.data_format != "channels_last":
+            raise Failure(f"twin: Conv2D {layer.name} must be channels_last.")
         activation_name(layer)
     elif isinstance(layer, keras.layers.Dense):
         if len(layer.input.shape) > 4:  # images: on their channels (ConvNeXt's pointwise)
@@ -506,9 +505,8 @@ def check_twin_layer(layer) -> None:
             raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D, 3-D "
                           "or 4-D input.")
     elif isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)):
-        if layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1):
-            raise Failure(f"twin: {type(layer).__name__} {layer.name} must be channels_last, "
-                          "without dilation.")
+        if layer.data_format != "channels_last":
+            raise Failure(f"twin: {type(layer).__name__} {layer.name} must be channels_last.")
         activation_name(layer)
     elif isinstance(layer, keras.layers.GroupNormalization):
         rank = len(layer.input.shape)
@@ -523,11 +521,9 @@ def check_twin_layer(layer) -> None:
         if axes != [rank - 1] or layer.rms_scaling:
             raise Failure(f"twin: LayerNormalization {layer.name} must normalise the last "
                           "axis only, without rms_scaling.")
-    elif isinstance(layer, keras.layers.Conv1D):
-        plain = tuple(layer.dilation_rate) == (1,) and layer.groups == 1
-        if layer.data_format != "channels_last" or not plain:
-            raise Failure(f"twin: Conv1D {layer.name} must be channels_last, without dilation "
-                          "or groups.")
+    elif isinstance(layer, keras.layers.Conv1D):  # dilation too, as torch's nn.Conv1d's
+        if layer.data_format != "channels_last" or layer.groups != 1:
+            raise Failure(f"twin: Conv1D {layer.name} must be channels_last, without groups.")
         activation_name(layer)
     elif isinstance(layer, keras.layers.Conv2DTranspose):
         small = any(k < s for k, s in zip(layer.kernel_size, layer.strides))
@@ -569,18 +565,55 @@ def check_twin_layer(layer) -> None:
         if type(layer).__module__ != "keras.src.applications.convnext":
             raise Failure(f"twin: LayerScale {layer.name} is not keras.applications.convnext's "
                           "(x times a vector γ of the last axis); the twin mirrors that one.")
-    elif isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
-        kind = type(layer).__name__
-        cell = layer.cell
-        plain = (getattr(cell.activation, "__name__", "") == "tanh"
+    elif isinstance(layer, recurrent_types()):
+        check_recurrent_layer(layer)
+    elif isinstance(layer, keras.layers.Bidirectional):
+        forward, backward = layer.forward_layer, layer.backward_layer
+        if (not isinstance(forward, recurrent_types()) or type(backward) is not type(forward)
+                or backward.units != forward.units or not backward.go_backwards
+                or layer.merge_mode not in BIDIRECTIONAL_MERGES or layer.return_state):
+            raise Failure(f"twin: Bidirectional {layer.name} must wrap an LSTM, GRU or "
+                          "SimpleRNN (torch's bidirectional=True), its backward layer the "
+                          f"same, merge_mode one of {', '.join(BIDIRECTIONAL_MERGES)}, "
+                          "without return_state.")
+        check_recurrent_layer(forward, backward=False)
+        check_recurrent_layer(backward, backward=True)
+
+
+# Recurrent layers the twin mirrors (torch's nn.LSTM, nn.GRU, nn.RNN), alone or in a
+# Bidirectional wrapper, whose merges of the two directions' outputs it mirrors too.
+RECURRENT_NAMES = ("LSTM", "GRU", "SimpleRNN")
+BIDIRECTIONAL_MERGES = ("concat", "sum", "mul", "ave")
+
+
+def recurrent_types() -> tuple:
+    """The Keras classes of RECURRENT_NAMES."""
+    import keras
+
+    return tuple(getattr(keras.layers, name) for name in RECURRENT_NAMES)
+
+
+def check_recurrent_layer(layer, backward: bool = False) -> None:
+    """Raises Failure for an LSTM, GRU or SimpleRNN that is not torch's nn.LSTM, nn.GRU
+    or nn.RNN (`backward`: the reversed half of a Bidirectional, which goes backwards)."""
+    kind = type(layer).__name__
+    cell = layer.cell
+    activation = getattr(cell.activation, "__name__", "")
+    if kind == "SimpleRNN":
+        plain = activation in ("tanh", "relu")
+        settings = "tanh or relu activation"
+    else:
+        plain = (activation == "tanh"
                  and getattr(cell.recurrent_activation, "__name__", "") == "sigmoid"
-                 and cell.use_bias and not layer.go_backwards and not layer.stateful
-                 and not layer.return_state and getattr(cell, "reset_after", True))
-        if not plain:
-            raise Failure(f"twin: {kind} {layer.name} must be torch's nn.{kind}: tanh and "
-                          "sigmoid activations, with biases"
-                          + (", reset_after=True" if kind == "GRU" else "")
-                          + ", not go_backwards, stateful or return_state.")
+                 and getattr(cell, "reset_after", True))
+        settings = "tanh and sigmoid activations" + (", reset_after=True" if kind == "GRU" else "")
+    plain = (plain and cell.use_bias and layer.go_backwards == backward and not layer.stateful
+             and not layer.return_state)
+    if not plain:
+        torch_name = "RNN" if kind == "SimpleRNN" else kind
+        raise Failure(f"twin: {kind} {layer.name} must be torch's nn.{torch_name}: {settings}, "
+                      "with biases, not go_backwards (but in Bidirectional), stateful or "
+                      "return_state.")
 
 
 def tensor_axis(axis: int, rank: int) -> int:
@@ -611,7 +644,7 @@ TWIN_MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
 # Layers with weights the twin mirrors, each by one torch module.
 TWIN_MODULES = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose",
                 "Dense", "BatchNormalization", "LayerNormalization", "GroupNormalization",
-                "MultiHeadAttention", "LSTM", "GRU", "Embedding",
+                "MultiHeadAttention", *RECURRENT_NAMES, "Bidirectional", "Embedding",
                 "LayerScale")  # keras.applications.convnext's: x times a vector γ
 SUPPORTED_LAYERS = (
     ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, "
@@ -905,11 +938,16 @@ def torch_twin(keras_model):
 
     steps, output = twin_graph(keras_model)  # refuses what it cannot mirror, first
 
+    def span(kernel_size, dilation):
+        """A dilated kernel's extent along each axis."""
+        return [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+
     class KerasPadding:
         """Keras's padding for a torch convolution (1-D or 2-D), by torch's own padding
         (as a PyTorch user writes it) wherever that pads the same: Keras's 'same' puts an
         odd pixel at the end (bottom/right), and 'causal' pads the start only, which only
-        a separate F.pad can (one more op each way)."""
+        a separate F.pad can (one more op each way). A dilated kernel pads as one of its
+        span, (kernel − 1) · dilation + 1."""
 
         def keras_padding(self, layer, padding=None):
             rank = len(layer.kernel_size)
@@ -926,7 +964,8 @@ def torch_twin(keras_model):
                 if not self.dynamic:
                     [sizes] = calls
                     pairs = [same_padding(size, kernel, stride) for size, kernel, stride
-                             in zip(sizes, layer.kernel_size, layer.strides)]
+                             in zip(sizes, span(layer.kernel_size, layer.dilation_rate),
+                                    layer.strides)]
                     if all(first == last for first, last in pairs):
                         padding = tuple(first for first, _ in pairs)
                     else:  # F.pad's order: the last axis first
@@ -936,7 +975,8 @@ def torch_twin(keras_model):
         def pad(self, x):
             if self.dynamic:
                 pairs = [same_padding(size, kernel, stride) for size, kernel, stride
-                         in zip(x.shape[2:], self.kernel_size, self.stride)]
+                         in zip(x.shape[2:], span(self.kernel_size, self.dilation),
+                                self.stride)]
                 x = F.pad(x, tuple(p for pair in reversed(pairs) for p in pair))
             elif self.asymmetric:
                 x = F.pad(x, self.asymmetric)
@@ -947,8 +987,8 @@ def torch_twin(keras_model):
                      bias=True):
             padding = self.keras_padding(layer, padding)
             super().__init__(in_channels, out_channels, tuple(layer.kernel_size),
-                             stride=tuple(layer.strides), padding=padding, groups=groups,
-                             bias=bias)
+                             stride=tuple(layer.strides), padding=padding,
+                             dilation=tuple(layer.dilation_rate), groups=groups, bias=bias)
 
         def forward(self, x):
             return super().forward(self.pad(x))
@@ -960,7 +1000,8 @@ def torch_twin(keras_model):
         def __init__(self, layer):
             padding = self.keras_padding(layer)
             super().__init__(layer.kernel.shape[1], layer.filters, tuple(layer.kernel_size),
-                             stride=tuple(layer.strides), padding=padding, bias=layer.use_bias)
+                             stride=tuple(layer.strides), padding=padding,
+                             dilation=tuple(layer.dilation_rate), bias=layer.use_bias)
 
         def forward(self, x):
             return super().forward(self.pad(x.transpose(1, 2))).transpose(1, 2)
@@ -999,16 +1040,31 @@ def torch_twin(keras_model):
             return super().forward(query, value if key is None else key, value)[0]
 
     class KerasRecurrent(nn.Module):
-        """nn.LSTM or nn.GRU on (batch, length, features); Keras's output: the last
-        step's state, or every step's with return_sequences."""
+        """nn.LSTM, nn.GRU or nn.RNN on (batch, length, features); Keras's output: the
+        last step's state, or every step's with return_sequences. Bidirectional (`merge`
+        one of BIDIRECTIONAL_MERGES): torch's outputs hold the forward direction's
+        features, then the backward's, both in time order as Keras's with
+        return_sequences; the backward direction's last state is its output at the first
+        step."""
 
-        def __init__(self, rnn, return_sequences: bool):
+        def __init__(self, rnn, return_sequences: bool, merge: Optional[str] = None):
             super().__init__()
-            self.rnn, self.return_sequences = rnn, return_sequences
+            self.rnn, self.return_sequences, self.merge = rnn, return_sequences, merge
 
         def forward(self, x):
             outputs, _ = self.rnn(x)
-            return outputs if self.return_sequences else outputs[:, -1]
+            if self.merge is None:
+                return outputs if self.return_sequences else outputs[:, -1]
+            forward, backward = torch.split(outputs, self.rnn.hidden_size, dim=-1)
+            if not self.return_sequences:
+                forward, backward = forward[:, -1], backward[:, 0]
+            if self.merge == "concat":
+                return torch.cat([forward, backward], dim=-1)
+            if self.merge == "sum":
+                return forward + backward
+            if self.merge == "mul":
+                return forward * backward
+            return (forward + backward) / 2  # ave
 
     class ChannelsLast:
         """Keras's layer acts on an image's channels, its last axis: NCHW → NHWC and
@@ -1071,13 +1127,22 @@ def torch_twin(keras_model):
         elif isinstance(layer, keras.layers.MultiHeadAttention):
             modules[layer.name] = KerasAttention(
                 layer.num_heads * layer.key_dim, layer.num_heads, batch_first=True)
-        elif isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
-            rnn = nn.LSTM if isinstance(layer, keras.layers.LSTM) else nn.GRU
+        elif isinstance(layer, recurrent_types() + (keras.layers.Bidirectional,)):
+            bidirectional = isinstance(layer, keras.layers.Bidirectional)
+            inner = layer.forward_layer if bidirectional else layer
+            if isinstance(inner, keras.layers.SimpleRNN):
+                rnn = functools.partial(
+                    nn.RNN, nonlinearity=getattr(inner.cell.activation, "__name__", ""))
+            else:
+                rnn = nn.LSTM if isinstance(inner, keras.layers.LSTM) else nn.GRU
             modules[layer.name] = KerasRecurrent(
-                rnn(layer.cell.kernel.shape[0], layer.units, batch_first=True),
-                layer.return_sequences)
-            if rnn is nn.LSTM:  # Keras's LSTM has one bias, torch's two: the second is 0
-                modules[layer.name].rnn.bias_hh_l0.requires_grad_(False)
+                rnn(inner.cell.kernel.shape[0], inner.units, batch_first=True,
+                    bidirectional=bidirectional),
+                inner.return_sequences, layer.merge_mode if bidirectional else None)
+            if not isinstance(inner, keras.layers.GRU):
+                # Keras's LSTM and SimpleRNN have one bias, torch's two: the second is 0.
+                for suffix in ("", "_reverse") if bidirectional else ("",):
+                    getattr(modules[layer.name].rnn, "bias_hh_l0" + suffix).requires_grad_(False)
         elif isinstance(layer, keras.layers.DepthwiseConv2D):
             channels, multiplier = layer.kernel.shape[2:]
             modules[layer.name] = KerasConv2d(
@@ -1146,20 +1211,25 @@ def torch_twin(keras_model):
             put(module.out_proj.weight, numpy_of(layer._output_dense.kernel).reshape(width, width).T)
             put(module.out_proj.bias, numpy_of(layer._output_dense.bias))
             continue
-        if isinstance(layer, (keras.layers.LSTM, keras.layers.GRU)):
+        if isinstance(layer, recurrent_types() + (keras.layers.Bidirectional,)):
             # Gates: Keras's LSTM i, f, c, o = torch's i, f, g, o; Keras's GRU z, r, h,
-            # torch's r, z, n. GRU's bias is [input; recurrent], as torch's two.
-            order = (0, 1, 2, 3) if isinstance(layer, keras.layers.LSTM) else (1, 0, 2)
-            cell, rnn = layer.cell, module.rnn
-            put(rnn.weight_ih_l0, gates(numpy_of(cell.kernel), order).T)
-            put(rnn.weight_hh_l0, gates(numpy_of(cell.recurrent_kernel), order).T)
-            bias = numpy_of(cell.bias)
-            if bias.ndim == 1:
-                put(rnn.bias_ih_l0, gates(bias, order))
-                put(rnn.bias_hh_l0, np.zeros_like(bias))
-            else:
-                put(rnn.bias_ih_l0, gates(bias[0], order))
-                put(rnn.bias_hh_l0, gates(bias[1], order))
+            # torch's r, z, n (SimpleRNN: one). GRU's bias is [input; recurrent], as
+            # torch's two. A Bidirectional's backward layer is torch's "_reverse".
+            directions = ([(layer.forward_layer, ""), (layer.backward_layer, "_reverse")]
+                          if isinstance(layer, keras.layers.Bidirectional) else [(layer, "")])
+            for inner, suffix in directions:
+                order = {"LSTM": (0, 1, 2, 3), "GRU": (1, 0, 2)}.get(type(inner).__name__, (0,))
+                cell, rnn = inner.cell, module.rnn
+                put(getattr(rnn, "weight_ih_l0" + suffix), gates(numpy_of(cell.kernel), order).T)
+                put(getattr(rnn, "weight_hh_l0" + suffix),
+                    gates(numpy_of(cell.recurrent_kernel), order).T)
+                bias = numpy_of(cell.bias)
+                if bias.ndim == 1:
+                    put(getattr(rnn, "bias_ih_l0" + suffix), gates(bias, order))
+                    put(getattr(rnn, "bias_hh_l0" + suffix), np.zeros_like(bias))
+                else:
+                    put(getattr(rnn, "bias_ih_l0" + suffix), gates(bias[0], order))
+                    put(getattr(rnn, "bias_hh_l0" + suffix), gates(bias[1], order))
             continue
         if isinstance(layer, keras.layers.Conv1D):
             put(module.weight, np.transpose(numpy_of(layer.kernel), (2, 1, 0)))  # WIO → OIW
@@ -1556,7 +1626,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="instead of --workload: your own network, a .keras file (one input, "
                         "one output; skip connections allowed) of Conv1D, Conv2D (also depthwise, "
                         "separable, transposed), Dense, BN, Layer/GroupNormalization, "
-                        "MultiHeadAttention, LSTM, GRU, activations, pooling, padding, "
+                        "MultiHeadAttention, LSTM, GRU, SimpleRNN, Bidirectional, activations, pooling, padding, "
                         "cropping, upsampling, Flatten, Reshape, Permute, Dropout, merges and "
                         "Concatenate; needs --data")
     parser.add_argument("--data", default=None,

@@ -302,10 +302,11 @@ def test_models_the_twin_cannot_mirror_are_refused():
     (keras.layers.Activation("softmax"), "activation 'softmax'"),
     (keras.layers.ReLU(negative_slope=0.1), "ReLU with max_value (e.g. ReLU6)"),
     (keras.layers.Conv2D(2, 3, activation="relu6"), "activation 'relu6'"),
-    (keras.layers.Conv2D(2, 3, dilation_rate=2), "without dilation"),
+    (keras.layers.Conv2D(2, 1, data_format="channels_first"), "must be channels_last"),
     (keras.layers.LayerNormalization(rms_scaling=True), "without rms_scaling"),
     (keras.layers.LayerNormalization(axis=(1, 2, 3)), "the last axis only"),
-    (keras.layers.DepthwiseConv2D(3, dilation_rate=2), "DepthwiseConv2D depthwise_conv"),
+    (keras.layers.DepthwiseConv2D(1, data_format="channels_first"),
+     "DepthwiseConv2D depthwise_conv"),
     (keras.layers.SeparableConv2D(2, 3, activation="relu6"), "activation 'relu6'"),
     (keras.layers.GroupNormalization(1, axis=1), "groups of the last axis of images or vectors"),
     (keras.layers.Flatten(data_format="channels_first"), "Flatten flatten_cf must be"),
@@ -348,6 +349,29 @@ def test_steps_of_a_sequence_model():
     assert by_name["gru"][0] == (by_name["cross"][1],)
     assert ("global", ("max", False), (by_name["lstm"][1],)) in [step[:3] for step in steps]
     assert output == by_name["logits"][1]
+
+
+def test_bidirectional_simple_recurrent_and_dilated_layers_are_modules():
+    # Each one module of the twin (torch's bidirectional nn.LSTM/GRU/RNN, nn.RNN,
+    # dilated nn.Conv1d/Conv2d), accepted before any install.
+    layers = keras.layers
+    inputs = keras.Input((8, 6))
+    h = layers.Conv1D(8, 3, dilation_rate=2, padding="causal", name="tcn")(inputs)
+    h = layers.Bidirectional(layers.GRU(4, return_sequences=True), merge_mode="sum",
+                             name="bigru")(h)
+    h = layers.SimpleRNN(5, activation="relu", return_sequences=True, name="rnn")(h)
+    h = layers.Bidirectional(layers.LSTM(3), name="bilstm")(h)
+    steps, output = compare.twin_graph(keras.Model(inputs, layers.Dense(3, name="logits")(h)))
+    assert [(kind, value) for kind, value, _, _ in steps] == [
+        ("module", name) for name in ("tcn", "bigru", "rnn", "bilstm", "logits")]
+    images = keras.Input((9, 9, 2))
+    h = layers.Conv2D(4, 3, dilation_rate=(2, 1), padding="same", name="conv")(images)
+    h = layers.DepthwiseConv2D(3, dilation_rate=2, name="depthwise")(h)
+    h = layers.SeparableConv2D(4, 3, dilation_rate=3, padding="same", name="separable")(h)
+    steps, _ = compare.twin_graph(keras.Model(images, layers.Dense(3)(
+        layers.GlobalAveragePooling2D()(h))))
+    assert [value for kind, value, _, _ in steps if kind == "module"][:3] == [
+        "conv", "depthwise", "separable"]
 
 
 def test_images_transposed_convolution_and_cropping():
@@ -396,7 +420,17 @@ def test_bn_of_five_dimensional_inputs_is_named():
     (lambda h: keras.layers.LSTM(4, go_backwards=True)(h), "not go_backwards"),
     (lambda h: keras.layers.LSTM(4, activation="relu")(h), "tanh and sigmoid"),
     (lambda h: keras.layers.GRU(4, reset_after=False)(h), "reset_after=True"),
-    (lambda h: keras.layers.Conv1D(4, 3, dilation_rate=2)(h), "without dilation or groups"),
+    (lambda h: keras.layers.Conv1D(4, 3, groups=2)(h), "without groups"),
+    (lambda h: keras.layers.SimpleRNN(4, activation="sigmoid")(h), "nn.RNN: tanh or relu"),
+    (lambda h: keras.layers.SimpleRNN(4, use_bias=False)(h), "with biases"),
+    (lambda h: keras.layers.Concatenate()(
+        keras.layers.Bidirectional(keras.layers.LSTM(4), merge_mode=None)(h)),
+     "has 2 outputs; the twin mirrors layers of one output"),
+    (lambda h: keras.layers.Bidirectional(
+        keras.layers.LSTM(4), backward_layer=keras.layers.GRU(4, go_backwards=True))(h),
+     "its backward layer the same"),
+    (lambda h: keras.layers.Bidirectional(keras.layers.GRU(4, reset_after=False))(h),
+     "reset_after=True"),
     (lambda h: keras.layers.GroupNormalization(2)(h), "of images or vectors"),
     (lambda h: keras.layers.Embedding(9, 4)(h), "must read the model's integer input"),
     (lambda h: keras.layers.LSTM(8)(
