@@ -231,6 +231,77 @@ def small_map_matrix(inputs, kernel, strides=1, padding="valid", data_format=Non
     return tf.reshape(flat, (-1, len(read) * channels)), matrix, tuple(outputs)
 
 
+def _native_dilations_run() -> bool:
+    """Whether TensorFlow's own Conv2D kernel, its two backprops and their derivatives
+    run with dilations here (probed once per process, in a graph as products run): the
+    oneDNN kernels do; the Eigen kernels (TF_ENABLE_ONEDNN_OPTS=0, CPUs oneDNN does not
+    build for) refuse dilations, which is why tf.nn.convolution dilates through
+    space-to-batch."""
+    global _native_dilations
+    with _probe_lock:
+        if _native_dilations is None:
+            @tf.function(autograph=False)
+            def second_derivatives(inputs, kernel):
+                with tf.GradientTape() as outer:
+                    outer.watch([inputs, kernel])
+                    with tf.GradientTape() as inner:
+                        inner.watch([inputs, kernel])
+                        outputs = tf.raw_ops.Conv2D(
+                            input=inputs, filter=kernel, strides=[1, 1, 1, 1],
+                            padding="SAME", dilations=[1, 2, 2, 1])
+                        loss = tf.reduce_sum(outputs * outputs)
+                    gradients = inner.gradient(loss, [inputs, kernel])
+                    total = tf.add_n([tf.reduce_sum(g * g) for g in gradients])
+                return outer.gradient(total, [inputs, kernel])
+
+            def probe():
+                global _native_dilations
+                try:
+                    with tf.device("/CPU:0"):
+                        _native_dilations = all(
+                            np.all(np.isfinite(g.numpy())) for g in second_derivatives(
+                                tf.ones((1, 5, 5, 2)), tf.ones((2, 2, 2, 3))))
+                except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+                        tf.errors.NotFoundError):
+                    _native_dilations = False
+
+            # In a thread of its own: eagerly, with tapes recording, also where this
+            # is called while a product is traced (tf.init_scope would stop the tapes).
+            thread = threading.Thread(target=probe, name="hessian_tf-dilations-probe")
+            thread.start()
+            thread.join()
+            if _native_dilations is None:  # the probe failed otherwise: not taken
+                _native_dilations = False
+        return _native_dilations
+
+
+_native_dilations = None
+_probe_lock = threading.Lock()
+
+
+def dilated_native(inputs, kernel, strides=1, padding="valid", data_format=None,
+                   dilation_rate=1):
+    """A dilated 1-D or 2-D convolution without strides of channels-last float32 inputs
+    by TensorFlow's own Conv2D kernel with its `dilations` (a 1-D one as a 2-D one of
+    height 1), where that kernel runs them (`_native_dilations_run`); else None.
+    tf.nn.convolution (Keras's path) dilates by SpaceToBatchND, the convolution and
+    BatchToSpaceND, whose derivatives are ops of their own."""
+    window = _matrix_window(inputs, kernel, data_format)
+    if (window is None or len(window) not in (1, 2) or inputs.dtype != tf.float32
+            or padding.lower() not in ("valid", "same")):
+        return None
+    dilations, strides = _per_axis(dilation_rate, len(window)), _per_axis(strides, len(window))
+    if all(d == 1 for d in dilations) or any(s != 1 for s in strides):
+        return None
+    if not _native_dilations_run():
+        return None
+    if len(window) == 1:
+        inputs, kernel, dilations = inputs[:, tf.newaxis], kernel[tf.newaxis], (1, *dilations)
+    outputs = tf.raw_ops.Conv2D(input=inputs, filter=kernel, strides=[1, 1, 1, 1],
+                                padding=padding.upper(), dilations=[1, *dilations, 1])
+    return outputs[:, 0] if len(window) == 1 else outputs
+
+
 def _through_matrix(operand, matrix, spatial):
     outputs = tf.matmul(operand, matrix)
     outputs = tf.reshape(outputs, (-1, *spatial, matrix.shape[-1] // int(np.prod(spatial))))
@@ -267,16 +338,16 @@ def _grouped(inputs, kernel, groups, strides, padding, data_format, dilation_rat
     return outputs
 
 
-# Which replacements are entered ("grouped", "pointwise"); `conv` is Keras's backend
-# conv while any is.
+# Which replacements are entered ("grouped", "pointwise", "dilated"); `conv` is Keras's
+# backend conv while any is.
 _active: set = set()
 _active_lock = threading.Lock()
 
 
 def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
     """Keras's backend `conv` (same arguments, same values); on a CPU-only host, grouped
-    convolutions without XLA, and pointwise ones and those of small maps as matrix
-    products, as entered."""
+    convolutions without XLA, pointwise ones and those of small maps as matrix
+    products, and dilated ones by TensorFlow's own dilated kernel, as entered."""
     inputs, kernel = tf.convert_to_tensor(inputs), tf.convert_to_tensor(kernel)
     active = set(_active)
     if active and _cpu_only():
@@ -293,6 +364,11 @@ def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_
                                      dilation_rate)
             if small is not None:
                 return _through_matrix(*small)
+        if "dilated" in active:
+            dilated = dilated_native(inputs, kernel, strides, padding, data_format,
+                                     dilation_rate)
+            if dilated is not None:
+                return dilated
     return _keras_conv(inputs, kernel, strides, padding, data_format, dilation_rate)
 
 
@@ -305,6 +381,7 @@ def _switch(name: str, on: bool) -> None:
 _grouped_patch = SharedPatch(lambda: _switch("grouped", True), lambda: _switch("grouped", False))
 _pointwise_patch = SharedPatch(lambda: _switch("pointwise", True),
                                lambda: _switch("pointwise", False))
+_dilated_patch = SharedPatch(lambda: _switch("dilated", True), lambda: _switch("dilated", False))
 
 
 def grouped_convolutions():
@@ -319,3 +396,11 @@ def pointwise_convolutions():
     (`pointwise_matrix`) or of small maps (`small_map_matrix`) run as matrix products on
     a CPU-only host. Entries may nest and overlap."""
     return _pointwise_patch()
+
+
+def dilated_convolutions():
+    """Within: Keras's dilated 1-D and 2-D convolutions of float32 inputs run by
+    TensorFlow's own dilated Conv2D kernel (`dilated_native`) on a CPU-only host where
+    it runs them. Not in saved functions (io/export.py), which may run where it does
+    not. Entries may nest and overlap."""
+    return _dilated_patch()

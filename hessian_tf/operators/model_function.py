@@ -21,7 +21,8 @@ from absl import logging
 
 from hessian_tf.operators import folding, group_norm, recurrent
 from hessian_tf.operators.graphs import graph_nodes
-from hessian_tf.operators.convolutions import grouped_convolutions, pointwise_convolutions
+from hessian_tf.operators.convolutions import (
+    dilated_convolutions, grouped_convolutions, pointwise_convolutions)
 from hessian_tf.operators.moments import exact_moments
 from hessian_tf.operators.second_order import second_order_gradients
 
@@ -203,8 +204,9 @@ class KerasModelFunction:
         at most `unroll_steps` steps (recurrent.py), and GroupNormalization by
         per-channel statistics unless per_channel_group_norm=False (group_norm.py),
         the second derivatives of resizes, tiles, softsign and max poolings mended
-        (second_order.py), grouped convolutions computed without XLA and pointwise
-        ones as matrix products (convolutions.py)."""
+        (second_order.py), grouped convolutions computed without XLA, pointwise
+        ones as matrix products and dilated ones by TensorFlow's dilated kernel
+        (convolutions.py)."""
         if bn_mode == "train":
             mode = batch_norm_in_train_mode(self.model)
         elif self.fold_batch_norm:
@@ -214,7 +216,7 @@ class KerasModelFunction:
         group_norm_mode = (group_norm.per_channel_statistics(self.model)
                            if self.per_channel_group_norm else contextlib.nullcontext())
         with exact_moments(), second_order_gradients(), grouped_convolutions(), \
-                pointwise_convolutions(), \
+                pointwise_convolutions(), dilated_convolutions(), \
                 recurrent.unrolled(self.model, self.unroll_steps), group_norm_mode, mode:
             yield
 

@@ -270,3 +270,117 @@ def test_long_maps_are_refused_before_any_table_of_positions():
     long = tf.zeros((1, 100_000, 1))
     for padding in ("same", "valid"):
         assert convolutions.small_map_matrix(long, tf.zeros((3, 1, 1)), padding=padding) is None
+
+
+# Dilated convolutions of float32 inputs by TensorFlow's dilated Conv2D kernel
+# (dilated_native) where the host runs it (the oneDNN kernels; tests run there):
+# name: (rank, input shape per example, Conv keyword arguments).
+DILATED_CASES = {
+    "2d_same": (2, (9, 8, 3), dict(filters=4, kernel_size=3, dilation_rate=2, padding="same")),
+    "2d_valid_per_axis": (2, (9, 8, 3), dict(filters=4, kernel_size=(3, 2),
+                                             dilation_rate=(1, 3))),
+    "1d_causal": (1, (11, 3), dict(filters=4, kernel_size=3, dilation_rate=4,
+                                   padding="causal")),
+    "1d_same": (1, (11, 3), dict(filters=2, kernel_size=2, dilation_rate=3, padding="same")),
+}
+
+
+def _space_to_batch(function, *args) -> bool:
+    return any(op.type == "SpaceToBatchND" for op in _traced_ops(function, *args))
+
+
+@pytest.mark.parametrize("name", sorted(DILATED_CASES))
+def test_dilated_values_and_graphs(name):
+    rank, shape, kwargs = DILATED_CASES[name]
+    keras.utils.set_random_seed(0)
+    layer = CONVS[rank](**kwargs)
+    x = tf.constant(np.random.default_rng(1).standard_normal((2,) + shape), tf.float32)
+    expected = layer(x).numpy()  # Keras's convolution: space-to-batch around it
+    assert _space_to_batch(layer, x)  # the test can fail
+    with convolutions.dilated_convolutions():
+        got = layer(x).numpy()
+        ops = _traced_ops(layer, x)
+    assert convolutions._native_dilations_run()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    [conv] = [op for op in ops if "Conv" in op.type]
+    assert not any(op.type == "SpaceToBatchND" for op in ops)
+    assert list(conv.get_attr("dilations"))[1:3] == (
+        [1, kwargs["dilation_rate"]] if rank == 1 else list(_pair(kwargs["dilation_rate"])))
+    assert _space_to_batch(layer, x)  # restored on exit
+
+
+def _pair(value):
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def test_dilated_kept_on_keras_path_where_not_float32_channels_last_or_not_run(monkeypatch):
+    x = tf.TensorSpec((2, 9, 8, 4))
+    keras.utils.set_random_seed(0)
+    with convolutions.dilated_convolutions():
+        # float64 (TensorFlow's dilated kernels are oneDNN's, float32), channels first.
+        assert _space_to_batch(keras.layers.Conv2D(2, 3, dilation_rate=2, dtype="float64"),
+                               tf.TensorSpec((2, 9, 8, 4), tf.float64))
+        assert _space_to_batch(keras.layers.Conv2D(2, 3, dilation_rate=2,
+                                                   data_format="channels_first"),
+                               tf.TensorSpec((2, 4, 9, 8)))
+        assert not _space_to_batch(keras.layers.Conv2D(2, 3, dilation_rate=2), x)
+        # A host whose kernels refuse dilations (TF_ENABLE_ONEDNN_OPTS=0), or with GPUs.
+        monkeypatch.setattr(convolutions, "_native_dilations", False)
+        assert _space_to_batch(keras.layers.Conv2D(2, 3, dilation_rate=2), x)
+        monkeypatch.setattr(convolutions, "_native_dilations", True)
+        monkeypatch.setattr(convolutions, "_cpu_only", lambda: False)
+        assert _space_to_batch(keras.layers.Conv2D(2, 3, dilation_rate=2), x)
+
+
+def test_refusing_kernels_are_probed_in_a_fresh_process():
+    # With oneDNN off, TensorFlow's Eigen kernels refuse dilations: the probe says so
+    # (once, from inside a trace too) and convolutions keep Keras's path.
+    import subprocess
+    import sys
+
+    code = (
+        "import keras, tensorflow as tf\n"
+        "from hessian_tf.operators import convolutions\n"
+        "layer = keras.layers.Conv2D(2, 3, dilation_rate=2)\n"
+        "with convolutions.dilated_convolutions():\n"
+        "    graph = tf.function(layer).get_concrete_function(tf.TensorSpec((1, 7, 7, 3))).graph\n"
+        "    print(convolutions._native_dilations,\n"
+        "          any(op.type == 'SpaceToBatchND' for op in graph.get_operations()))\n"
+    )
+    for onednn, expected in (("0", "False True"), ("1", "True False")):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env={**__import__("os").environ, "TF_ENABLE_ONEDNN_OPTS": onednn},
+                                timeout=300)
+        assert result.stdout.strip().splitlines()[-1] == expected, result.stderr[-2000:]
+
+
+def test_dilated_products_equal_float64_keras_path():
+    # A float32 model's products through the dilated kernel against its float64 copy's,
+    # whose convolutions keep Keras's path (space-to-batch), by both methods.
+    from hessian_tf import operators
+
+    def model(dtype):
+        keras.utils.set_random_seed(0)
+        L = keras.layers
+        inputs = keras.Input((6, 5, 2), dtype=dtype)
+        h = L.Conv2D(3, 2, dilation_rate=2, padding="same", activation="tanh", dtype=dtype)(inputs)
+        h = L.Reshape((30, 3), dtype=dtype)(h)
+        h = L.Conv1D(2, 3, dilation_rate=3, padding="causal", activation="tanh", dtype=dtype)(h)
+        h = L.GlobalAveragePooling1D(dtype=dtype)(h)
+        return keras.Model(inputs, L.Dense(3, dtype=dtype)(h))
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 6, 5, 2))
+    y = rng.integers(0, 3, 6).astype(np.int32)
+    single, reference = model("float32"), model("float64")
+    reference.set_weights([w.astype(np.float64) for w in single.get_weights()])
+    operator = operators.HessianOperator(operators.KerasModelFunction(reference), x, y,
+                                         batch_size=3)
+    exact = operators.dense_matrix(operator.matvec, operator.dim)
+    for method in ("reverse_over_reverse", "forward_over_backward"):
+        operator = operators.HessianOperator(operators.KerasModelFunction(single),
+                                             x.astype(np.float32), y, batch_size=3,
+                                             method=method)
+        got = operators.dense_matrix(operator.matvec, operator.dim)
+        np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max(),
+                                   err_msg=method)
