@@ -1,5 +1,6 @@
 """Convolutions computed by other TensorFlow ops on CPU-only hosts: grouped ones
-without XLA, pointwise ones as matrix products.
+without XLA, pointwise ones as matrix products, dilated ones by TensorFlow's dilated
+kernel.
 
 **Grouped convolutions.** Keras's TensorFlow backend computes every grouped convolution
 (`Conv1D`/`2D`/`3D` with `groups` > 1) in a function compiled by XLA
@@ -52,10 +53,25 @@ cost more than that saves (1.2–2.1 times the convolution's time, ad hoc), so s
 Full-data products took 0.53–0.57 of the time on ResNet50-V2 at 32×32 (two runs),
 0.86–0.91 on DenseNet121 and MobileNetV2 (`benchmarks/pointwise_conv.py`).
 
-Both are entered around the traces of products and gradients (the Keras model
-function's mode context) and of the functions `export_for_spectrum` saves, and replace
-Keras's backend `conv` only on a host whose devices are all CPUs (GPUs and TPUs keep
-Keras's path: not measured there). The values are the convolutions'
+**Dilated convolutions.** tf.nn.convolution (Keras's backend `conv`) dilates a
+convolution on the CPU by SpaceToBatchND, the convolution and BatchToSpaceND, whose
+derivatives are ops of their own, because TensorFlow's Eigen kernels refuse dilations.
+Its oneDNN kernels (x86 builds, TF_ENABLE_ONEDNN_OPTS on) run them, backprops and second
+derivatives included. Within `dilated_convolutions()`, where a probe run once per
+process finds them running (`_native_dilations_run`), a 2-D convolution of
+channels-last float32 inputs with dilations and without strides is TensorFlow's Conv2D
+with its `dilations` (`dilated_native`). A new user's context-module CNN (four
+`Conv2D(32, 3)` of dilation 1, 2, 4, 8 on 32×32 digits, BN, batch 128; one run each,
+`benchmarks/one_batch.py`): one batch's product 0.334 s against 0.470 s, its gradient
+0.169-0.196 s against 0.253 s (PyTorch's: 0.156 s); a full-data product 0.727 of the
+time (`benchmarks/pointwise_conv.py`). Dilated 1-D convolutions keep Keras's path: as
+2-D ones of height 1 a temporal convolutional network's product took 0.983 of the time.
+
+All three are entered around the traces of products and gradients (the Keras model
+function's mode context), the first two also around the functions
+`export_for_spectrum` saves (which may run where TensorFlow's dilated kernels do not),
+and replace Keras's backend `conv` only on a host whose devices are all CPUs (GPUs and
+TPUs keep Keras's path: not measured there). The values are the convolutions'
 (tests/operators/test_convolutions.py), and so are the derivatives: only TensorFlow's
 ordinary convolution, matrix-product, gather, transpose and reshape ops are differentiated
 (tests/operators/test_layers.py checks products against central differences).
@@ -281,13 +297,15 @@ _probe_lock = threading.Lock()
 
 def dilated_native(inputs, kernel, strides=1, padding="valid", data_format=None,
                    dilation_rate=1):
-    """A dilated 1-D or 2-D convolution without strides of channels-last float32 inputs
-    by TensorFlow's own Conv2D kernel with its `dilations` (a 1-D one as a 2-D one of
-    height 1), where that kernel runs them (`_native_dilations_run`); else None.
-    tf.nn.convolution (Keras's path) dilates by SpaceToBatchND, the convolution and
-    BatchToSpaceND, whose derivatives are ops of their own."""
+    """A dilated 2-D convolution without strides of channels-last float32 inputs by
+    TensorFlow's own Conv2D kernel with its `dilations`, where that kernel runs them
+    (`_native_dilations_run`); else None. tf.nn.convolution (Keras's path) dilates by
+    SpaceToBatchND, the convolution and BatchToSpaceND, whose derivatives are ops of
+    their own. 1-D convolutions keep it: as 2-D ones of height 1 by this kernel, a
+    temporal convolutional network's product took 0.98 of the time
+    (`benchmarks/pointwise_conv.py`)."""
     window = _matrix_window(inputs, kernel, data_format)
-    if (window is None or len(window) not in (1, 2) or inputs.dtype != tf.float32
+    if (window is None or len(window) != 2 or inputs.dtype != tf.float32
             or padding.lower() not in ("valid", "same")):
         return None
     dilations, strides = _per_axis(dilation_rate, len(window)), _per_axis(strides, len(window))
@@ -295,11 +313,8 @@ def dilated_native(inputs, kernel, strides=1, padding="valid", data_format=None,
         return None
     if not _native_dilations_run():
         return None
-    if len(window) == 1:
-        inputs, kernel, dilations = inputs[:, tf.newaxis], kernel[tf.newaxis], (1, *dilations)
-    outputs = tf.raw_ops.Conv2D(input=inputs, filter=kernel, strides=[1, 1, 1, 1],
-                                padding=padding.upper(), dilations=[1, *dilations, 1])
-    return outputs[:, 0] if len(window) == 1 else outputs
+    return tf.raw_ops.Conv2D(input=inputs, filter=kernel, strides=[1, 1, 1, 1],
+                             padding=padding.upper(), dilations=[1, *dilations, 1])
 
 
 def _through_matrix(operand, matrix, spatial):
@@ -399,7 +414,7 @@ def pointwise_convolutions():
 
 
 def dilated_convolutions():
-    """Within: Keras's dilated 1-D and 2-D convolutions of float32 inputs run by
+    """Within: Keras's dilated 2-D convolutions of float32 inputs run by
     TensorFlow's own dilated Conv2D kernel (`dilated_native`) on a CPU-only host where
     it runs them. Not in saved functions (io/export.py), which may run where it does
     not. Entries may nest and overlap."""
