@@ -333,6 +333,19 @@ def test_dilated_kept_on_keras_path_where_not_float32_channels_last_2d_or_not_ru
         assert _space_to_batch(keras.layers.Conv2D(2, 3, dilation_rate=2), x)
 
 
+def test_the_probe_refuses_a_kernel_whose_second_derivatives_differ(monkeypatch):
+    # As TensorFlow's DepthwiseConv2dNative does with dilations (ad hoc): here a Conv2D
+    # that drops them.
+    real = tf.raw_ops.Conv2D
+    monkeypatch.setattr(tf.raw_ops, "Conv2D",
+                        lambda **kwargs: real(**{**kwargs, "dilations": [1, 1, 1, 1]}))
+    monkeypatch.setattr(convolutions, "_native_dilations", None)
+    assert not convolutions._native_dilations_run()
+    monkeypatch.setattr(tf.raw_ops, "Conv2D", real)
+    monkeypatch.setattr(convolutions, "_native_dilations", None)
+    assert convolutions._native_dilations_run()
+
+
 def test_refusing_kernels_are_probed_in_a_fresh_process():
     # With oneDNN off, TensorFlow's Eigen kernels refuse dilations: the probe says so
     # (once, from inside a trace too) and convolutions keep Keras's path.
