@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="an .npz with x and integer labels y (real targets with "
                         "--loss=mean_squared_error)")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--loss", default="auto", choices=("auto", "mean_squared_error"),
+    parser.add_argument("--loss", default="auto", choices=compare.LOSS_CHOICES,
                         help="as pyhessian_compare.py's --loss")
     parser.add_argument("--method", default="auto", choices=("auto", *METHODS),
                         help="auto: both timed, one taken as the binary's auto takes it")

@@ -252,8 +252,9 @@ class Workload:
 
 
 # Losses of both sides; --loss=auto takes binary cross-entropy for a model of one logit,
-# else the cross-entropy of class logits.
+# else the cross-entropy of class logits (LOSS_CHOICES: --loss's values).
 LOSSES = ("sparse_categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
+LOSS_CHOICES = ("auto", "mean_squared_error")
 
 
 def calibrate_batch_norm(keras_model, x: np.ndarray, seed: int) -> None:
@@ -360,7 +361,7 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
     model's outputs."""
     import keras
 
-    if loss not in ("auto", "mean_squared_error"):
+    if loss not in LOSS_CHOICES:
         raise Failure(f"--loss={loss}: pass auto (the cross-entropy of logits) or "
                       "mean_squared_error.")
 
@@ -569,12 +570,14 @@ def check_twin_layer(layer) -> None:
         check_recurrent_layer(layer)
     elif isinstance(layer, keras.layers.Bidirectional):
         forward, backward = layer.forward_layer, layer.backward_layer
-        if (not isinstance(forward, recurrent_types()) or type(backward) is not type(forward)
-                or backward.units != forward.units or not backward.go_backwards
-                or layer.merge_mode not in BIDIRECTIONAL_MERGES or layer.return_state):
+        if (type(forward).__name__ not in RECURRENT_NAMES or type(backward) is not type(forward)
+                or _recurrent_settings(backward) != _recurrent_settings(forward)
+                or not backward.go_backwards or layer.merge_mode not in BIDIRECTIONAL_MERGES
+                or layer.return_state):
             raise Failure(f"twin: Bidirectional {layer.name} must wrap an LSTM, GRU or "
-                          "SimpleRNN (torch's bidirectional=True), its backward layer the "
-                          f"same, merge_mode one of {', '.join(BIDIRECTIONAL_MERGES)}, "
+                          "SimpleRNN (torch's bidirectional=True, one setting for both "
+                          "directions), its backward layer the same (units, activations, "
+                          f"biases), merge_mode one of {', '.join(BIDIRECTIONAL_MERGES)}, "
                           "without return_state.")
         check_recurrent_layer(forward, backward=False)
         check_recurrent_layer(backward, backward=True)
@@ -591,6 +594,14 @@ def recurrent_types() -> tuple:
     import keras
 
     return tuple(getattr(keras.layers, name) for name in RECURRENT_NAMES)
+
+
+def _recurrent_settings(layer) -> tuple:
+    """What torch's bidirectional layer shares between its directions."""
+    cell = layer.cell
+    return (layer.units, getattr(cell.activation, "__name__", ""),
+            getattr(getattr(cell, "recurrent_activation", None), "__name__", ""),
+            cell.use_bias, getattr(cell, "reset_after", None), layer.return_sequences)
 
 
 def check_recurrent_layer(layer, backward: bool = False) -> None:
@@ -1218,7 +1229,8 @@ def torch_twin(keras_model):
             directions = ([(layer.forward_layer, ""), (layer.backward_layer, "_reverse")]
                           if isinstance(layer, keras.layers.Bidirectional) else [(layer, "")])
             for inner, suffix in directions:
-                order = {"LSTM": (0, 1, 2, 3), "GRU": (1, 0, 2)}.get(type(inner).__name__, (0,))
+                order = ((0, 1, 2, 3) if isinstance(inner, keras.layers.LSTM)
+                         else (1, 0, 2) if isinstance(inner, keras.layers.GRU) else (0,))
                 cell, rnn = inner.cell, module.rnn
                 put(getattr(rnn, "weight_ih_l0" + suffix), gates(numpy_of(cell.kernel), order).T)
                 put(getattr(rnn, "weight_hh_l0" + suffix),
@@ -1440,7 +1452,7 @@ def check_twin(workload: Workload, twin, num_params: int) -> tuple[bool, str]:
     torch_logits = (torch_logits.permute(0, 2, 3, 1) if torch_logits.ndim == 4
                     else torch_logits).numpy()
     logit_error = float(np.max(np.abs(torch_logits - keras_logits)) / np.max(np.abs(keras_logits)))
-    loss_error = abs(torch_loss - keras_loss) / abs(keras_loss)
+    loss_error = abs(torch_loss - keras_loss) / max(abs(keras_loss), np.finfo(np.float32).tiny)
     ok = keras_params == num_params and logit_error <= TWIN_RTOL and loss_error <= TWIN_RTOL
     message = (
         f"twin check: params {keras_params:,} (Keras) vs {num_params:,} (torch); "
@@ -1632,7 +1644,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data", default=None,
                         help="with --model: an .npz with arrays x (inputs) and y (integer labels; "
                         "real targets with --loss=mean_squared_error)")
-    parser.add_argument("--loss", default="auto", choices=("auto", "mean_squared_error"),
+    parser.add_argument("--loss", default="auto", choices=LOSS_CHOICES,
                         help="with --model: auto, the cross-entropy of class logits (binary for "
                         "a model of one logit, with 0/1 labels); mean_squared_error, a "
                         "regression's (y real, shaped as the outputs)")

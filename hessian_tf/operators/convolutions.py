@@ -83,9 +83,11 @@ import threading
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from keras.src import backend as keras_backend
 from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
 
+from hessian_tf.messages import first_line
 from hessian_tf.operators.shared_patch import SharedPatch
 
 if not all(hasattr(keras_tensorflow_nn, name) for name in ("conv", "depthwise_conv")):
@@ -289,8 +291,10 @@ def _native_dilations_run() -> bool:
                         np.allclose(a.numpy(), b.numpy(), rtol=0,
                                     atol=1e-5 * np.abs(b.numpy()).max())
                         for a, b in zip(got, expected))
-                except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
-                        tf.errors.NotFoundError):
+                except Exception as error:  # refused (Eigen's kernels), or failing
+                    logging.info("hessian_tf: dilated convolutions keep Keras's path: "
+                                 "TensorFlow's dilated Conv2D failed here (%s).",
+                                 first_line(error))
                     _native_dilations = False
 
             # In a thread of its own: eagerly, with tapes recording, also where this

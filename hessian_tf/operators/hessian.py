@@ -892,7 +892,8 @@ class HessianOperator:
                     f"--dataset: labels have shape {y.shape[1:]} per example, but the "
                     f"model's outputs are {outputs_shape} and "
                     f"--loss=sparse_categorical_crossentropy takes {per}; for one-hot or "
-                    "soft labels pass --loss=categorical_crossentropy."
+                    "soft labels pass --loss=categorical_crossentropy, for a regression's "
+                    "real targets --loss=mean_squared_error."
                 )
             if not np.issubdtype(y.dtype, np.integer):
                 if not np.all(np.equal(np.mod(y, 1), 0)):

@@ -431,6 +431,9 @@ def test_bn_of_five_dimensional_inputs_is_named():
      "its backward layer the same"),
     (lambda h: keras.layers.Bidirectional(keras.layers.GRU(4, reset_after=False))(h),
      "reset_after=True"),
+    (lambda h: keras.layers.Bidirectional(keras.layers.SimpleRNN(4), backward_layer=(
+        keras.layers.SimpleRNN(4, activation="relu", go_backwards=True)))(h),
+     "one setting for both directions"),
     (lambda h: keras.layers.GroupNormalization(2)(h), "of images or vectors"),
     (lambda h: keras.layers.Embedding(9, 4)(h), "must read the model's integer input"),
     (lambda h: keras.layers.LSTM(8)(

@@ -188,6 +188,21 @@ def conv_model():
     return model
 
 
+def test_saved_functions_keep_keras_dilated_convolutions(tmp_path):
+    # TensorFlow's dilated kernel may not run where a saved model is loaded (its Eigen
+    # kernels refuse dilations): the export keeps Keras's space-to-batch.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((7, 7, 2)), keras.layers.Conv2D(3, 3, dilation_rate=2),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+    path = str(tmp_path / "dilated")
+    export_for_spectrum(model, path)
+    loaded = tf.saved_model.load(path)
+    graph = loaded.serve.get_concrete_function().graph
+    ops = {node.op for function in graph.as_graph_def().library.function
+           for node in function.node_def} | {op.type for op in graph.get_operations()}
+    assert "SpaceToBatchND" in ops
+
+
 def test_conv_model_exports_and_loads(tmp_path):
     model = conv_model()
     path = str(tmp_path / "conv")

@@ -134,7 +134,8 @@ def test_labels_that_fit_no_position_are_refused():
             r"labels have shape \(3,\) per example, but the model's outputs are \(4, 3\) and "
             r"--loss=sparse_categorical_crossentropy takes one class index per position "
             r"\(4,\) of its outputs; for one-hot or soft labels pass "
-            r"--loss=categorical_crossentropy\.")):
+            r"--loss=categorical_crossentropy, for a regression's real targets "
+            r"--loss=mean_squared_error\.")):
         operators.HessianOperator(operators.KerasModelFunction(model), x, y[:, :3])
     with pytest.raises(ValueError, match=r"labels range over \[0, 5\] but the model has 3 outputs"):
         operators.HessianOperator(operators.KerasModelFunction(model), x, np.where(y == 2, 5, y))
