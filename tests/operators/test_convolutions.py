@@ -314,12 +314,9 @@ def test_dilated_values_and_graphs(name):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     [conv] = [op for op in ops if "Conv" in op.type]
     assert not any(op.type == "SpaceToBatchND" for op in ops)
-    assert list(conv.get_attr("dilations"))[1:3] == list(_pair(kwargs["dilation_rate"]))
+    assert list(conv.get_attr("dilations"))[1:3] == list(
+        convolutions._per_axis(kwargs["dilation_rate"], 2))
     assert _space_to_batch(layer, x)  # restored on exit
-
-
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def test_dilated_kept_on_keras_path_where_not_float32_channels_last_2d_or_not_run(monkeypatch):
