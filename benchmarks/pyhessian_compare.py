@@ -30,11 +30,11 @@ Your own network instead: `--model=NET.keras --data=DATA.npz [--batch_size=B]` (
 unless --lanczos_steps). The model is a Sequential or functional model of one input and one
 output (keras.applications' EfficientNet, MobileNetV2/V3, ResNet-V2 and ConvNeXt among
 them), branches and skip connections included, whose layers the twin mirrors (Conv1D,
-Conv2D (grouped and dilated too), DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense (also on
-images' channels), BatchNormalization (also of sequences), LayerNormalization,
+Conv2D and Conv3D (grouped and dilated too), DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense (also on
+images' and volumes' channels), BatchNormalization (also of sequences), LayerNormalization,
 GroupNormalization, MultiHeadAttention as torch's nn.MultiheadAttention, LSTM, GRU and
 SimpleRNN as torch's nn.LSTM, nn.GRU and nn.RNN, also in Bidirectional, activation layers (hard sigmoid and hard swish as torch's),
-pooling, global pooling (keepdims too), ZeroPadding2D, Cropping2D, UpSampling2D, Flatten,
+pooling, global pooling (keepdims too), ZeroPadding2D/3D, Cropping2D/3D, UpSampling2D/3D, Flatten,
 Rescaling, Normalization, Add and the other merges (broadcasting within one rank),
 Concatenate, `keras.ops` arithmetic of a tensor and a number (MobileNetV3's hard sigmoid)
 or of two tensors (+, -, *), keras.applications.convnext's LayerScale, nested Sequential
@@ -46,7 +46,7 @@ cross-entropy, `--loss=binary_crossentropy` on our side; with `--loss=mean_squar
 a regression's real targets shaped as the outputs, compared by the mean squared error,
 torch's MSELoss, which averages over every output as Keras does). Embedding layers read integer
 x (tokens) as torch's nn.Embedding. Images are
-NCHW in the twin, sequences (batch, length, features) as in Keras (Conv1D, BN and
+NCHW in the twin (volumes NCDHW), sequences (batch, length, features) as in Keras (Conv1D, BN and
 pooling of sequences transpose around torch's).
 
 Usage (not part of CI; benchmarks/PYHESSIAN.md has a measured run):
@@ -451,7 +451,7 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
         raise Failure(f"--model={model_path}: {failure}") from failure
     name = os.path.splitext(os.path.basename(model_path))[0]
     tokens = str(model.inputs[0].dtype) in ("int32", "int64")  # an Embedding's input
-    if tokens and len(model.inputs[0].shape) == 4:  # the twin's 4-D tensors are NCHW
+    if tokens and len(model.inputs[0].shape) in CHANNELS_FIRST_RANKS:  # channels first
         raise Failure(f"--model={model_path}: integer images {tuple(model.inputs[0].shape[1:])}; "
                       "the twin takes integer inputs as token sequences (batch, length).")
     if tokens and not np.issubdtype(x.dtype, np.integer):
@@ -491,31 +491,32 @@ def check_twin_layer(layer) -> None:
     that it runs before any install)."""
     import keras
 
-    if isinstance(layer, keras.layers.Conv2D):  # groups and dilation too, as torch's
-        if layer.data_format != "channels_last":
-            raise Failure(f"twin: Conv2D {layer.name} must be channels_last.")
+    if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):  # groups, dilation
+        if layer.data_format != "channels_last":  # too, as torch's
+            raise Failure(f"twin: {type(layer).__name__} {layer.name} must be channels_last.")
         activation_name(layer)
     elif isinstance(layer, keras.layers.Dense):
-        if len(layer.input.shape) > 4:  # images: on their channels (ConvNeXt's pointwise)
+        if len(layer.input.shape) > 5:  # images, volumes: on their channels (ConvNeXt's)
             raise Failure(f"twin: Dense {layer.name} takes a {len(layer.input.shape)}-D input; "
-                          "the twin's Dense takes vectors, sequences or images.")
+                          "the twin's Dense takes vectors, sequences, images or volumes.")
         activation_name(layer)
     elif isinstance(layer, keras.layers.BatchNormalization):
         rank = len(layer.input.shape)
-        if layer.axis not in (-1, rank - 1) or rank not in (2, 3, 4):
-            raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D, 3-D "
-                          "or 4-D input.")
+        if layer.axis not in (-1, rank - 1) or rank not in (2, 3, 4, 5):
+            raise Failure(f"twin: BN {layer.name} must normalise the last axis of a 2-D to "
+                          "5-D input.")
     elif isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)):
         if layer.data_format != "channels_last":
             raise Failure(f"twin: {type(layer).__name__} {layer.name} must be channels_last.")
         activation_name(layer)
     elif isinstance(layer, keras.layers.GroupNormalization):
         rank = len(layer.input.shape)
-        # torch's GroupNorm takes axis 1 as the channels: the last axis of an image
-        # (NCHW in the twin) or of a vector, not of a sequence (batch, length, features).
+        # torch's GroupNorm takes axis 1 as the channels: the last axis of an image or a
+        # volume (NCHW, NCDHW in the twin) or of a vector, not of a sequence (batch,
+        # length, features).
         if layer.axis not in (-1, rank - 1) or rank == 3:
             raise Failure(f"twin: GroupNormalization {layer.name} must normalise groups of "
-                          "the last axis of images or vectors.")
+                          "the last axis of images, volumes or vectors.")
     elif isinstance(layer, keras.layers.LayerNormalization):
         rank = len(layer.input.shape)
         axes = [axis % rank for axis in layer.axis]
@@ -627,10 +628,18 @@ def check_recurrent_layer(layer, backward: bool = False) -> None:
                       "return_state.")
 
 
+# Ranks of the tensors the twin holds channels first: images (NHWC in Keras, NCHW in the
+# twin) and volumes (NDHWC, NCDHW).
+CHANNELS_FIRST_RANKS = (4, 5)
+
+
 def tensor_axis(axis: int, rank: int) -> int:
-    """The torch axis of a Keras axis: images are NHWC in Keras and NCHW in the twin."""
+    """The torch axis of a Keras axis: images and volumes are channels last in Keras and
+    channels first in the twin."""
     axis = axis % rank
-    return {1: 2, 2: 3, 3: 1, 0: 0}[axis] if rank == 4 else axis
+    if rank not in CHANNELS_FIRST_RANKS or axis == 0:
+        return axis
+    return 1 if axis == rank - 1 else axis + 1
 
 
 def _inference_identities() -> tuple:
@@ -653,14 +662,16 @@ def _inference_identities() -> tuple:
 TWIN_MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply",
                "Average": "average", "Maximum": "maximum", "Minimum": "minimum"}
 # Layers with weights the twin mirrors, each by one torch module.
-TWIN_MODULES = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose",
+TWIN_MODULES = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose",
                 "Dense", "BatchNormalization", "LayerNormalization", "GroupNormalization",
                 "MultiHeadAttention", *RECURRENT_NAMES, "Bidirectional", "Embedding",
                 "LayerScale")  # keras.applications.convnext's: x times a vector γ
 SUPPORTED_LAYERS = (
     ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, "
-    "MaxPooling1D/2D, AveragePooling1D/2D, GlobalAveragePooling1D/2D, GlobalMaxPooling1D/2D, "
-    "ZeroPadding2D, Cropping2D, UpSampling2D (nearest, bilinear), Flatten, Reshape, Permute, "
+    "MaxPooling1D/2D/3D, AveragePooling1D/2D/3D, GlobalAveragePooling1D/2D/3D, "
+    "GlobalMaxPooling1D/2D/3D, "
+    "ZeroPadding2D/3D, Cropping2D/3D, UpSampling2D (nearest, bilinear), UpSampling3D, Flatten, "
+    "Reshape, Permute, "
     "Rescaling, Normalization (the last axis), "
     + ", ".join(TWIN_MERGES)
     + ", Concatenate, keras.ops +, -, * (and / by a number) and, as the identity at "
@@ -670,7 +681,7 @@ SUPPORTED_LAYERS = (
 
 def mergeable(shapes: list[tuple]) -> bool:
     """Whether Keras shapes (without the batch) are equal, or of one rank and broadcast:
-    then so do the twin's, whose images are all NCHW alike."""
+    then so do the twin's, whose images (and volumes) are all channels first alike."""
     if len(set(shapes)) == 1:
         return True
     if len({len(shape) for shape in shapes}) != 1 or any(None in shape for shape in shapes):
@@ -690,8 +701,9 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     "rescale" ((scale, offset)), "normalize" ((mean, max(√variance, ε))),
     "pool" ((kind, size, strides[, (before, after) per axis of "same" padding])),
     "global" ((kind, keepdims)), "flatten", "pad" ((left, right,
-    top, bottom)), "crop" ((top, bottom, left, right)), "upsample" (((rows, columns),
-    interpolation)),
+    top, bottom[, front, back]): F.pad's order, the last axis first), "crop" ((top,
+    bottom, left, right), or (front, back, top, bottom, left, right) of a volume),
+    "upsample" (((rows, columns), interpolation), or ((depth, rows, columns), "nearest")),
     "reshape" (Keras's target_shape), "permute" (Keras's dims, from 1), a
     merge of TWIN_MERGES, "scalar" (a keras.ops call: `operation_step`), "scaled_add"
     (InceptionResNetV2's CustomScaleLayer: its scale), "concatenate" (torch axis) or "identity". `call` is the
@@ -757,7 +769,8 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     if isinstance(layer, keras.layers.LeakyReLU):
         return "leaky_relu", float(layer.negative_slope)
     if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
-                          keras.layers.MaxPooling1D, keras.layers.AveragePooling1D)):
+                          keras.layers.MaxPooling1D, keras.layers.AveragePooling1D,
+                          keras.layers.MaxPooling3D, keras.layers.AveragePooling3D)):
         if layer.data_format != "channels_last":
             raise Failure(f"twin: pooling {layer.name} must be channels_last.")
         kind = "max" if "Max" in type(layer).__name__ else "average"
@@ -774,7 +787,8 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
                   for n, k, s in zip(spatial, size, strides)]
         return "pool", (kind, size, strides, tuple((t // 2, t - t // 2) for t in totals))
     if isinstance(layer, (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalMaxPooling1D,
-                          keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
+                          keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
+                          keras.layers.GlobalAveragePooling3D, keras.layers.GlobalMaxPooling3D)):
         if layer.data_format != "channels_last":
             raise Failure(f"twin: {layer.name} must be channels_last.")
         return "global", ("max" if "Max" in type(layer).__name__ else "average",
@@ -785,6 +799,18 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
             raise Failure(f"twin: UpSampling2D {layer.name} must be channels_last with "
                           "interpolation='nearest' or 'bilinear'.")
         return "upsample", (tuple(int(size) for size in layer.size), layer.interpolation)
+    if isinstance(layer, keras.layers.UpSampling3D):  # repeats entries: nearest
+        if layer.data_format != "channels_last":
+            raise Failure(f"twin: UpSampling3D {layer.name} must be channels_last.")
+        return "upsample", (tuple(int(size) for size in layer.size), "nearest")
+    if isinstance(layer, keras.layers.ZeroPadding3D):
+        if layer.data_format != "channels_last":
+            raise Failure(f"twin: ZeroPadding3D {layer.name} must be channels_last.")
+        return "pad", tuple(int(side) for pair in reversed(layer.padding) for side in pair)
+    if isinstance(layer, keras.layers.Cropping3D):
+        if layer.data_format != "channels_last":
+            raise Failure(f"twin: Cropping3D {layer.name} must be channels_last.")
+        return "crop", tuple(int(side) for pair in layer.cropping for side in pair)
     if isinstance(layer, keras.layers.ZeroPadding2D):
         if layer.data_format != "channels_last":
             raise Failure(f"twin: ZeroPadding2D {layer.name} must be channels_last.")
@@ -954,7 +980,7 @@ def torch_twin(keras_model):
         return [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
 
     class KerasPadding:
-        """Keras's padding for a torch convolution (1-D or 2-D), by torch's own padding
+        """Keras's padding for a torch convolution (1-D to 3-D), by torch's own padding
         (as a PyTorch user writes it) wherever that pads the same: Keras's 'same' puts an
         odd pixel at the end (bottom/right), and 'causal' pads the start only, which only
         a separate F.pad can (one more op each way). A dilated kernel pads as one of its
@@ -1000,6 +1026,17 @@ def torch_twin(keras_model):
             super().__init__(in_channels, out_channels, tuple(layer.kernel_size),
                              stride=tuple(layer.strides), padding=padding,
                              dilation=tuple(layer.dilation_rate), groups=groups, bias=bias)
+
+        def forward(self, x):
+            return super().forward(self.pad(x))
+
+    class KerasConv3d(KerasPadding, nn.Conv3d):  # volumes NCDHW
+        def __init__(self, layer):
+            padding = self.keras_padding(layer)
+            super().__init__(layer.kernel.shape[3] * layer.groups, layer.filters,
+                             tuple(layer.kernel_size), stride=tuple(layer.strides),
+                             padding=padding, dilation=tuple(layer.dilation_rate),
+                             groups=layer.groups, bias=layer.use_bias)
 
         def forward(self, x):
             return super().forward(self.pad(x))
@@ -1078,13 +1115,13 @@ def torch_twin(keras_model):
             return (forward + backward) / 2  # ave
 
     class ChannelsLast:
-        """Keras's layer acts on an image's channels, its last axis: NCHW → NHWC and
-        back around the torch module's forward."""
+        """Keras's layer acts on an image's (or a volume's) channels, its last axis:
+        NCHW → NHWC (NCDHW → NDHWC) and back around the torch module's forward."""
 
         def forward(self, x):
-            if x.ndim != 4:
+            if x.ndim not in CHANNELS_FIRST_RANKS:
                 return super().forward(x)
-            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
     class ChannelsLastLayerNorm(ChannelsLast, nn.LayerNorm):
         pass
@@ -1093,9 +1130,11 @@ def torch_twin(keras_model):
         pass
 
     def along_channels(tensor, x):
-        """A vector of Keras's last axis, to broadcast against x (images NCHW: along
-        axis 1)."""
-        return tensor.reshape(1, -1, 1, 1) if x.ndim == 4 else tensor
+        """A vector of Keras's last axis, to broadcast against x (images NCHW, volumes
+        NCDHW: along axis 1)."""
+        if x.ndim not in CHANNELS_FIRST_RANKS:
+            return tensor
+        return tensor.reshape(1, -1, *(1,) * (x.ndim - 2))
 
     class ChannelScale(nn.Module):
         """ConvNeXt's LayerScale: x times γ, a vector of Keras's last axis (an image's
@@ -1133,6 +1172,8 @@ def torch_twin(keras_model):
                 out_channels=layer.filters, groups=layer.groups, bias=layer.use_bias)
         elif isinstance(layer, keras.layers.Conv1D):
             modules[layer.name] = KerasConv1d(layer)
+        elif isinstance(layer, keras.layers.Conv3D):
+            modules[layer.name] = KerasConv3d(layer)
         elif isinstance(layer, keras.layers.Conv2DTranspose):
             modules[layer.name] = KerasConvTranspose2d(layer)
         elif isinstance(layer, keras.layers.MultiHeadAttention):
@@ -1169,8 +1210,8 @@ def torch_twin(keras_model):
             modules[layer.name] = nn.GroupNorm(layer.groups, layer.input.shape[-1],
                                                eps=layer.epsilon)
         elif isinstance(layer, keras.layers.BatchNormalization):
-            norm = {4: nn.BatchNorm2d, 3: SequenceBatchNorm}.get(len(layer.input.shape),
-                                                                 nn.BatchNorm1d)
+            norm = {5: nn.BatchNorm3d, 4: nn.BatchNorm2d,
+                    3: SequenceBatchNorm}.get(len(layer.input.shape), nn.BatchNorm1d)
             modules[layer.name] = norm(layer.moving_mean.shape[0], eps=layer.epsilon)
         elif isinstance(layer, keras.layers.LayerNormalization):
             modules[layer.name] = ChannelsLastLayerNorm(layer.input.shape[-1], eps=layer.epsilon)
@@ -1184,8 +1225,8 @@ def torch_twin(keras_model):
         elif layer.weights and not isinstance(layer, keras.layers.Normalization):
             # (Normalization's statistics, not trained, are constants of its step.)
             raise Failure(f"twin: layer {layer.name} ({type(layer).__name__}) has weights but no twin.")
-        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense,
-                              keras.layers.Conv2DTranspose) + depthwise):
+        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                              keras.layers.Dense, keras.layers.Conv2DTranspose) + depthwise):
             activations[layer.name] = functions[activation_name(layer)]
 
     # Copy the weights, by layer name.
@@ -1248,6 +1289,11 @@ def torch_twin(keras_model):
             if layer.use_bias:
                 put(module.bias, numpy_of(layer.bias))
             continue
+        if isinstance(layer, keras.layers.Conv3D):  # DHWIO → OIDHW
+            put(module.weight, np.transpose(numpy_of(layer.kernel), (4, 3, 0, 1, 2)))
+            if layer.use_bias:
+                put(module.bias, numpy_of(layer.bias))
+            continue
         if isinstance(layer, keras.layers.Conv2DTranspose):  # HW(out)(in) → (in)(out)HW
             put(module.weight, np.transpose(numpy_of(layer.kernel), (3, 2, 0, 1)))
             if layer.use_bias:
@@ -1264,7 +1310,8 @@ def torch_twin(keras_model):
             if layer.use_bias:
                 put((module[1] if isinstance(module, nn.Sequential) else module).bias,
                     numpy_of(layer.bias))
-        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
+                                 nn.GroupNorm)):
             # γ and β; where Keras has none (scale=False, center=False: Inception's BN),
             # 1 and 0 held fixed, which PyHessian leaves out as it takes the parameters
             # that require gradients.
@@ -1275,7 +1322,7 @@ def torch_twin(keras_model):
                     put(parameter, np.full(tuple(parameter.shape), fixed))
                 else:
                     put(parameter, numpy_of(value))
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                 put(module.running_mean, numpy_of(layer.moving_mean))
                 put(module.running_var, numpy_of(layer.moving_variance))
         elif isinstance(module, nn.Embedding):  # [vocabulary, features] in both
@@ -1290,8 +1337,10 @@ def torch_twin(keras_model):
     if unassigned:
         raise Failure(f"twin: parameters without a Keras value: {unassigned}.")
 
-    pools = {"max": F.max_pool2d, "average": F.avg_pool2d}
-    sequence_pools = {"max": F.max_pool1d, "average": F.avg_pool1d}
+    # By the rank of the twin's tensor: sequences (transposed), images, volumes.
+    pools = {3: {"max": F.max_pool1d, "average": F.avg_pool1d},
+             4: {"max": F.max_pool2d, "average": F.avg_pool2d},
+             5: {"max": F.max_pool3d, "average": F.avg_pool3d}}
 
     def same_pool(functions, value, x):
         """A pooling of channels-first x, "valid" or, with padding in `value`, "same" as
@@ -1317,13 +1366,14 @@ def torch_twin(keras_model):
 
     def channel_values(values, x):
         """A tensor of Keras's last-axis values (one: a scalar) to broadcast against x
-        (images NCHW: the channel axis)."""
+        (images and volumes: the channel axis)."""
         tensor = torch.tensor(values, dtype=x.dtype)
         return tensor.reshape(()) if tensor.numel() == 1 else along_channels(tensor, x)
 
     def keras_layout(x):
-        """The twin's tensor in Keras's layout: images NCHW → NHWC, other ranks as they are."""
-        return x.permute(0, 2, 3, 1) if x.ndim == 4 else x
+        """The twin's tensor in Keras's layout: images NCHW → NHWC, volumes NCDHW →
+        NDHWC, other ranks as they are."""
+        return x.movedim(1, -1) if x.ndim in CHANNELS_FIRST_RANKS else x
 
     class Twin(nn.Module):
         def __init__(self):
@@ -1348,18 +1398,21 @@ def torch_twin(keras_model):
                 elif kind == "normalize":  # Keras: (x − mean) / max(√variance, ε)
                     x = (x - channel_values(value[0], x)) / channel_values(value[1], x)
                 elif kind == "pool" and x.ndim == 3:  # sequences (batch, length, features)
-                    x = same_pool(sequence_pools, value, x.transpose(1, 2)).transpose(1, 2)
+                    x = same_pool(pools[3], value, x.transpose(1, 2)).transpose(1, 2)
                 elif kind == "pool":
-                    x = same_pool(pools, value, x)
-                elif kind == "global":  # images NCHW; sequences (batch, length, features)
-                    dims = (2, 3) if x.ndim == 4 else (1,)
+                    x = same_pool(pools[x.ndim], value, x)
+                elif kind == "global":  # images, volumes channels first; sequences (batch,
+                    # length, features)
+                    dims = (tuple(range(2, x.ndim)) if x.ndim in CHANNELS_FIRST_RANKS
+                            else (1,))
                     reduce = torch.amax if value[0] == "max" else torch.mean
                     x = reduce(x, dim=dims, keepdim=value[1])
                 elif kind == "pad":
                     x = F.pad(x, value)
-                elif kind == "crop":
-                    top, bottom, left, right = value
-                    x = x[:, :, top:x.shape[2] - bottom, left:x.shape[3] - right]
+                elif kind == "crop":  # (before, after) per spatial axis, in order
+                    x = x[(slice(None), slice(None)) + tuple(
+                        slice(before, size - after) for before, after, size
+                        in zip(value[::2], value[1::2], x.shape[2:]))]
                 elif kind == "upsample":  # nearest: Keras's repeated pixels; bilinear:
                     # TensorFlow's half-pixel centres, torch's align_corners=False
                     x = F.interpolate(x, scale_factor=value[0], mode=value[1],
@@ -1378,7 +1431,8 @@ def torch_twin(keras_model):
                     x = keras_layout(x)
                     x = (x.reshape(x.shape[0], *value) if kind == "reshape"
                          else x.permute(0, *value))
-                    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x  # back to NCHW
+                    # back to channels first
+                    x = x.movedim(-1, 1) if x.ndim in CHANNELS_FIRST_RANKS else x
                 else:  # flatten; Keras flattens channels-last images: H, W, C
                     x = keras_layout(x).flatten(1)
                 values[out] = x
@@ -1390,10 +1444,19 @@ def torch_twin(keras_model):
 
 
 def to_torch_inputs(x: np.ndarray) -> np.ndarray:
-    """Images NHWC → NCHW; integer inputs (an Embedding's tokens) as torch's int64."""
+    """Images NHWC → NCHW, volumes NDHWC → NCDHW; integer inputs (an Embedding's tokens)
+    as torch's int64."""
     if np.issubdtype(x.dtype, np.integer):
         return x.astype(np.int64)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.ndim == 4 else x
+    return channels_first(x)
+
+
+def channels_first(array: np.ndarray) -> np.ndarray:
+    """Keras's images and volumes (channels last) in the twin's layout; other ranks as
+    they are."""
+    if array.ndim not in CHANNELS_FIRST_RANKS:
+        return array
+    return np.ascontiguousarray(np.moveaxis(array, -1, 1))
 
 
 def torch_criterion(workload: Workload):
@@ -1417,14 +1480,13 @@ def torch_criterion(workload: Workload):
 
 def torch_targets(workload: Workload):
     """Class indices (int64); for one logit 0/1 labels as float [N, 1]; a regression's
-    targets as the twin's outputs (images' NCHW)."""
+    targets as the twin's outputs (images' NCHW, volumes' NCDHW)."""
     import torch
 
     if workload.binary:
         return torch.from_numpy(workload.y.astype(np.float32).reshape(-1, 1))
     if workload.regression:
-        return torch.from_numpy(np.ascontiguousarray(
-            workload.y.transpose(0, 3, 1, 2) if workload.y.ndim == 4 else workload.y))
+        return torch.from_numpy(np.ascontiguousarray(channels_first(workload.y)))
     return torch.from_numpy(workload.y).long()
 
 
@@ -1448,8 +1510,8 @@ def check_twin(workload: Workload, twin, num_params: int) -> tuple[bool, str]:
             torch_loss = float(torch_criterion(workload)(torch_logits, torch_targets(workload)))
     except RuntimeError as error:  # a twin that does not compute (shapes, dtypes)
         return False, f"twin check: the twin's forward failed ({first_line(error, 300)}): FAILED"
-    # Images' logits per pixel: NCHW → Keras's NHWC.
-    torch_logits = (torch_logits.permute(0, 2, 3, 1) if torch_logits.ndim == 4
+    # Images' (volumes') logits per pixel (voxel): channels first → Keras's channels last.
+    torch_logits = (torch_logits.movedim(1, -1) if torch_logits.ndim in CHANNELS_FIRST_RANKS
                     else torch_logits).numpy()
     logit_error = float(np.max(np.abs(torch_logits - keras_logits)) / np.max(np.abs(keras_logits)))
     loss_error = abs(torch_loss - keras_loss) / max(abs(keras_loss), np.finfo(np.float32).tiny)

@@ -155,8 +155,8 @@ def test_grouped_convolutions_pointwise_dense_and_hard_activations():
         ("module", "depthwise"), ("module", "grouped"), ("module", "pointwise"),
         ("global", ("average", True)), ("module", "excite"), ("multiply", None),
         ("global", ("average", False)), ("module", "logits")]
-    deep = keras.Sequential([keras.Input((2, 2, 2, 3)), layers.Dense(2)])
-    with pytest.raises(compare.Failure, match="takes a 5-D input"):
+    deep = keras.Sequential([keras.Input((2, 2, 2, 2, 3)), layers.Dense(2)])
+    with pytest.raises(compare.Failure, match="takes a 6-D input"):
         compare.twin_graph(deep)
 
 
@@ -308,7 +308,7 @@ def test_models_the_twin_cannot_mirror_are_refused():
     (keras.layers.DepthwiseConv2D(1, data_format="channels_first"),
      "DepthwiseConv2D depthwise_conv"),
     (keras.layers.SeparableConv2D(2, 3, activation="relu6"), "activation 'relu6'"),
-    (keras.layers.GroupNormalization(1, axis=1), "groups of the last axis of images or vectors"),
+    (keras.layers.GroupNormalization(1, axis=1), "groups of the last axis of images, volumes or vectors"),
     (keras.layers.Flatten(data_format="channels_first"), "Flatten flatten_cf must be"),
 ])
 def test_layers_the_twin_cannot_mirror_are_named(layer, message):
@@ -402,12 +402,61 @@ def test_steps_of_a_conv1d_bn_network():
         ("module", "logits", (6,), 7)], 7)
 
 
-def test_bn_of_five_dimensional_inputs_is_named():
-    inputs = keras.Input((4, 4, 4, 2))
-    h = keras.layers.BatchNormalization(name="bn3d")(inputs)
-    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
-    with pytest.raises(compare.Failure, match="BN bn3d must normalise the last axis of a 2-D, "
-                                              "3-D or 4-D input"):
+def test_steps_of_a_volume_network():
+    # A 3-D CNN on volumes (NDHWC in Keras, NCDHW in the twin): Conv3D, BN of volumes, 3-D
+    # poolings ("same" with TensorFlow's padding), Dense on the channels, concatenation.
+    layers = keras.layers
+    inputs = keras.Input((5, 6, 7, 2))
+    h = layers.Conv3D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    h = layers.BatchNormalization(name="bn")(h)
+    h = layers.MaxPooling3D(2, padding="same", name="max")(h)
+    depth = layers.Concatenate(axis=1, name="depth")([h, h])
+    channels = layers.Concatenate(name="channels")([depth, layers.Dense(3, name="dense")(depth)])
+    h = layers.AveragePooling3D((2, 1, 2), name="mean")(channels)
+    model = keras.Model(inputs, layers.Dense(3, name="logits")(
+        layers.GlobalMaxPooling3D(name="gmp")(h)))
+    assert compare.twin_graph(model) == ([
+        ("module", "conv", (0,), 1), ("module", "bn", (1,), 2),
+        ("pool", ("max", (2, 2, 2), (2, 2, 2), ((0, 1), (0, 0), (0, 1))), (2,), 3),
+        ("concatenate", 2, (3, 3), 4), ("module", "dense", (4,), 5),
+        ("concatenate", 1, (4, 5), 6), ("pool", ("average", (2, 1, 2), (2, 1, 2)), (6,), 7),
+        ("global", ("max", False), (7,), 8), ("module", "logits", (8,), 9)], 9)
+    # A 3-D U-Net's decoder: upsampling, padding and cropping of volumes (F.pad's order,
+    # the last axis first; crops per axis in order).
+    h = layers.UpSampling3D((1, 2, 3), name="up")(inputs)
+    h = layers.ZeroPadding3D(((1, 0), (0, 2), (3, 4)), name="pad")(h)
+    h = layers.Cropping3D(((0, 1), (2, 0), (1, 1)), name="crop")(h)
+    steps, _ = compare.twin_graph(keras.Model(inputs, layers.Dense(3)(layers.Flatten()(h))))
+    assert steps[:3] == [("upsample", ((1, 2, 3), "nearest"), (0,), 1),
+                         ("pad", (3, 4, 0, 2, 1, 0), (1,), 2),
+                         ("crop", (0, 1, 2, 0, 1, 1), (2,), 3)]
+    # The twin's layout: channels first for images and volumes, other ranks as they are.
+    assert [compare.tensor_axis(axis, 5) for axis in range(-1, 5)] == [1, 0, 2, 3, 4, 1]
+    assert [compare.tensor_axis(axis, 4) for axis in range(4)] == [0, 2, 3, 1]
+    assert compare.tensor_axis(2, 3) == 2
+    volumes = np.arange(2 * 3 * 4 * 5 * 6).reshape(2, 3, 4, 5, 6)
+    assert compare.channels_first(volumes).shape == (2, 6, 3, 4, 5)
+    assert compare.channels_first(volumes)[1, 5, 2, 3, 4] == volumes[1, 2, 3, 4, 5]
+    assert compare.channels_first(volumes[0]).shape == (3, 6, 4, 5)
+    assert compare.channels_first(volumes[0, 0, 0]).shape == (5, 6)
+
+
+@pytest.mark.parametrize("layer, message", [
+    (keras.layers.Conv3D(2, 3, padding="same", data_format="channels_first"),
+     "Conv3D conv3d_cf must be channels_last"),
+    (keras.layers.MaxPooling3D(2, data_format="channels_first"), "must be channels_last"),
+    (keras.layers.UpSampling3D(2, data_format="channels_first"), "must be channels_last"),
+    (keras.layers.ZeroPadding3D(1, data_format="channels_first"), "must be channels_last"),
+    (keras.layers.Conv3DTranspose(2, 2), "(Conv3DTranspose) is not supported"),
+    (keras.layers.BatchNormalization(axis=1), "BN bn_axis must normalise the last axis of a "
+                                              "2-D to 5-D input"),
+])
+def test_volume_layers_the_twin_cannot_mirror_are_named(layer, message):
+    layer.name = {"Conv3D": "conv3d_cf", "BatchNormalization": "bn_axis"}.get(
+        type(layer).__name__, layer.name)
+    model = keras.Sequential([keras.Input((4, 4, 4, 2)), layer, keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    with pytest.raises(compare.Failure, match=re.escape(message)):
         compare.twin_graph(model)
 
 
@@ -434,7 +483,7 @@ def test_bn_of_five_dimensional_inputs_is_named():
     (lambda h: keras.layers.Bidirectional(keras.layers.SimpleRNN(4), backward_layer=(
         keras.layers.SimpleRNN(4, activation="relu", go_backwards=True)))(h),
      "one setting for both directions"),
-    (lambda h: keras.layers.GroupNormalization(2)(h), "of images or vectors"),
+    (lambda h: keras.layers.GroupNormalization(2)(h), "of images, volumes or vectors"),
     (lambda h: keras.layers.Embedding(9, 4)(h), "must read the model's integer input"),
     (lambda h: keras.layers.LSTM(8)(
         h, initial_state=[keras.layers.Dense(8)(keras.layers.Flatten()(h))] * 2),
