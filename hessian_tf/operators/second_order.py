@@ -33,6 +33,14 @@ contexts):
   the same windows (the image by −∞, its gradient by zeros), which has more elements
   than the output, so nothing is overwritten; a pooling of 1×1 windows is a strided
   slice.
+- Wrong without oneDNN: TensorFlow's Eigen CPU kernel of `MaxPool3DGrad`
+  (TF_ENABLE_ONEDNN_OPTS=0, CPUs oneDNN does not build for) gives a window's gradient to
+  every entry that ties for its maximum, and `MaxPool3DGradGrad` takes the first: over
+  ties (a 3-D max pooling of raw convolutions over a volume's constant background) the
+  gradient was not a subgradient and products not symmetric. oneDNN's kernel gives it to
+  the first. Where a probe finds such a kernel (`max_pool3d_splits_ties`), a float32
+  MaxPool3D's gradient on a CPU-only host goes to each window's first maximum as
+  MaxPool3DGradGrad finds it (`max_pool3d_gradient`).
 - Missing: `SoftsignGrad` has no gradient, so a softsign activation stopped every
   product with a traceback; `softsign_gradient_gradient` is its derivative.
 - Slow: TensorFlow's gradient of `Tile` (array_grad.py) reshapes the incoming gradient
@@ -56,13 +64,17 @@ contexts):
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from tensorflow.python.eager import forwardprop, record
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import gen_image_ops, gen_nn_ops
 
+from hessian_tf.messages import first_line
+from hessian_tf.operators.convolutions import _cpu_only
 from hessian_tf.operators.shared_patch import SharedPatch
 
 # TensorFlow's registry of gradient functions, which the tapes look up by op type at
@@ -228,9 +240,19 @@ def max_pool_gradient_gradient(op, grad):
         ksize, strides = op.get_attr("ksize"), op.get_attr("strides")
         window = {"ksize": ksize, "strides": strides}
         rest = []
-    zeros = [tf.zeros_like(images), tf.zeros_like(pooled)]
+    explicit = op.get_attr("explicit_paddings") if padding == "EXPLICIT" else None
+    return [tf.zeros_like(images), tf.zeros_like(pooled),
+            _at_first_maxima(grad_grad, images, pooled, grad, ksize, strides, window,
+                             padding, data_format, explicit)] + rest
+
+
+def _at_first_maxima(grad_grad, images, pooled, grad, ksize, strides, window, padding,
+                     data_format, explicit_paddings=None):
+    """`grad` (shaped as `images`) at each window's first maximum (the max pooling's
+    JVP) by TensorFlow's GradGrad op `grad_grad`, given inputs it cannot overwrite (the
+    module's docstring); `window` holds the op's ksize and strides as it takes them."""
     if padding == "EXPLICIT":  # [before, after] per axis, in the layout's order
-        paddings = np.reshape(op.get_attr("explicit_paddings"), [-1, 2]).tolist()
+        paddings = np.reshape(explicit_paddings, [-1, 2]).tolist()
         images = tf.pad(images, paddings, constant_values=float("-inf"))
         grad = tf.pad(grad, paddings)
         padding = "VALID"
@@ -238,7 +260,7 @@ def max_pool_gradient_gradient(op, grad):
         if not isinstance(ksize, tf.Tensor):
             ksize, strides = [int(k) for k in ksize], [int(s) for s in strides]
             if all(k == 1 for k in ksize):  # a max over one entry: a strided slice
-                return zeros + [grad[tuple(slice(None, None, s) for s in strides)]] + rest
+                return grad[tuple(slice(None, None, s) for s in strides)]
         sizes = images.shape[1:], pooled.shape[1:]
         can_overwrite = not (sizes[0].is_fully_defined() and sizes[1].is_fully_defined()
                              and sizes[0].num_elements() != sizes[1].num_elements())
@@ -248,18 +270,79 @@ def max_pool_gradient_gradient(op, grad):
             images = tf.pad(images, paddings, constant_values=float("-inf"))
             grad = tf.pad(grad, paddings)
             padding = "VALID"
-    return zeros + [grad_grad(images, pooled, grad, padding=padding,
-                              data_format=data_format, **window)] + rest
+    return grad_grad(images, pooled, grad, padding=padding, data_format=data_format, **window)
+
+
+@tf.function(autograph=False)
+def _gradient_of_tied_maxima(images):
+    pooled = tf.nn.max_pool3d(images, 2, 2, "VALID")
+    return tf.reduce_sum(gen_nn_ops.max_pool3d_grad(
+        images, pooled, tf.ones_like(pooled), [1, 2, 2, 2, 1], [1, 2, 2, 2, 1], "VALID"))
+
+
+def max_pool3d_splits_ties() -> bool:
+    """Whether TensorFlow's MaxPool3DGrad, run in a graph on this host's CPU, gives a
+    window's gradient to every entry that ties for its maximum (probed once per
+    process): Eigen's kernel does (TF_ENABLE_ONEDNN_OPTS=0, CPUs oneDNN does not build
+    for), so that the gradient of a window of eight equal entries sums to 8, while
+    MaxPool3DGradGrad, the second derivative, takes the first; oneDNN's kernel gives it to
+    the first."""
+    global _splits_ties
+    with _probe_lock:
+        if _splits_ties is None:
+            try:
+                with tf.init_scope(), tf.device("/CPU:0"):  # run now, also from a trace
+                    total = float(_gradient_of_tied_maxima(tf.zeros([1, 2, 2, 2, 1])))
+                _splits_ties = total != 1.0
+            except Exception as error:  # noqa: BLE001  (any failure: TensorFlow's gradient)
+                logging.info("hessian_tf: MaxPool3DGrad's ties were not probed (%s); "
+                             "TensorFlow's gradient of MaxPool3D is kept.", first_line(error))
+                _splits_ties = False
+        return _splits_ties
+
+
+_splits_ties = None
+_probe_lock = threading.Lock()
+_MAX_POSITION_PART = 4096  # positions go through GradGrad in two exact float32 parts
+
+
+def max_pool3d_gradient(op, grad):
+    """TensorFlow's gradient of MaxPool3D where its kernel gives each window's gradient
+    to its first maximum; where it gives it to every tied maximum (`max_pool3d_splits_ties`,
+    CPU-only hosts, float32, NDHWC), the gradient at the first maximum of each window as
+    MaxPool3DGradGrad finds it: the flat positions of the images' entries go through
+    MaxPool3DGradGrad (in two parts, each exact in float32) and `grad` is summed into
+    them. Its own derivative, a gather at those positions, is then MaxPool3DGradGrad's
+    transpose, so products are symmetric."""
+    images = op.inputs[0]
+    if (images.dtype != tf.float32 or op.get_attr("data_format") != b"NDHWC"
+            or not _cpu_only() or not max_pool3d_splits_ties()):
+        return _max_pool3d_original(op, grad)
+    ksize, strides = op.get_attr("ksize"), op.get_attr("strides")
+    window = {"ksize": ksize, "strides": strides}
+    shape = tf.shape(images, out_type=tf.int64)
+    size = tf.reduce_prod(shape[1:])
+    positions = tf.broadcast_to(tf.reshape(tf.range(size), shape[1:]), shape)
+    first = [tf.cast(_at_first_maxima(
+        gen_nn_ops.max_pool3d_grad_grad, images, op.outputs[0], tf.cast(part, tf.float32),
+        ksize, strides, window, op.get_attr("padding").decode(), "NDHWC"), tf.int64)
+        for part in (positions // _MAX_POSITION_PART, positions % _MAX_POSITION_PART)]
+    maxima = tf.stop_gradient(first[0] * _MAX_POSITION_PART + first[1])
+    offsets = tf.reshape(tf.range(shape[0]) * size, [-1, 1, 1, 1, 1])
+    summed = tf.math.unsorted_segment_sum(tf.reshape(grad, [-1]),
+                                          tf.reshape(maxima + offsets, [-1]), shape[0] * size)
+    return tf.reshape(summed, shape)
 
 
 # op type -> the gradient function within second_order_gradients()
-REPLACEMENTS = {"Tile": tile_gradient, "ResizeBilinear": resize_bilinear_gradient,
+REPLACEMENTS = {"MaxPool3D": max_pool3d_gradient, "Tile": tile_gradient, "ResizeBilinear": resize_bilinear_gradient,
                 "ResizeBicubic": resize_bicubic_gradient,
                 "ResizeNearestNeighbor": resize_nearest_neighbor_gradient,
                 **{name: resize_gradient_gradient for name in _RESIZES},
                 "SoftsignGrad": softsign_gradient_gradient,
                 **{name: max_pool_gradient_gradient for name in _MAX_POOL_GRAD_GRADS}}
 _original = (_REGISTRY.get("Tile", {}).get(_TYPE) if _REGISTRY else None)  # TensorFlow's
+_max_pool3d_original = (_REGISTRY.get("MaxPool3D", {}).get(_TYPE) if _REGISTRY else None)
 _found = {}  # op type -> the registry's entry at the first entry, restored at the last exit
 
 
@@ -296,6 +379,6 @@ def second_order_gradients():
     differentiating meanwhile takes the replacements too (the same derivatives, or the
     exact ones for resizes). Where this TensorFlow keeps its gradients elsewhere,
     nothing changes (tests/operators/test_second_order.py checks that it installs)."""
-    if not _REGISTRY or _original is None:
+    if not _REGISTRY or _original is None or _max_pool3d_original is None:
         return contextlib.nullcontext()
     return _patch()

@@ -3,9 +3,14 @@ second_order.py): Tile's gradient over static axes has the same first and second
 derivatives as TensorFlow's, without tiles of twice the rank; resizes (bilinear,
 bicubic, nearest) have exact second derivatives, where TensorFlow's were zero or
 missing; so do max poolings whose outputs have their inputs' size, which TensorFlow's
-kernel overwrote; softsign has one; installed only inside the context; exact products through
+kernel overwrote; 3-D max poolings' gradients at tied maxima are the first maximum's
+where TensorFlow's kernel gave every one (without oneDNN); softsign has one; installed only inside the context; exact products through
 UpSampling2D, Resizing and softsign; an op still without one is named in one line."""
 
+import itertools
+import os
+import subprocess
+import sys
 import threading
 
 import keras
@@ -403,3 +408,121 @@ def test_products_of_an_exported_same_max_pooling_are_exact(tmp_path):
                                          method="reverse_over_reverse")
     np.testing.assert_allclose(operators.dense_matrix(operator.matvec, operator.dim), expected,
                                rtol=1e-10, atol=1e-12)
+
+
+def first_maximum_gradient(x, gy, window, strides, padding):
+    """A 3-D max pooling's gradient, each window's to its first maximum in (depth, row,
+    column) order, as oneDNN's kernel gives it, windows padded as TensorFlow's."""
+    _, *spatial, _ = x.shape
+    if padding == "SAME":
+        outputs = [-(-n // s) for n, s in zip(spatial, strides)]
+        before = [max((o - 1) * s + k - n, 0) // 2
+                  for o, s, k, n in zip(outputs, strides, window, spatial)]
+    else:
+        outputs, before = [(n - k) // s + 1 for n, k, s in zip(spatial, window, strides)], [0] * 3
+    gx = np.zeros_like(x)
+    for b, c in itertools.product(range(x.shape[0]), range(x.shape[-1])):
+        for out in itertools.product(*map(range, outputs)):
+            entries = [tuple(o * s + t - p for o, s, t, p in zip(out, strides, tap, before))
+                       for tap in itertools.product(*map(range, window))]
+            entries = [e for e in entries if all(0 <= i < n for i, n in zip(e, spatial))]
+            first = max(entries, key=lambda e: (x[(b, *e, c)], -entries.index(e)))
+            gx[(b, *first, c)] += gy[(b, *out, c)]
+    return gx
+
+
+def gradient_and_its_transpose(window, strides, padding):
+    """On 0/1 volumes (windows of tied maxima): a 3-D max pooling's gradient of gy traced
+    within second_order_gradients(), the derivative of ⟨that gradient, t⟩ with respect
+    to gy (the second derivative products take), the graph's op types and the
+    reference (`first_maximum_gradient`)."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 2, (2, 5, 6, 4, 3)).astype(np.float32)
+    gy = rng.standard_normal(tf.nn.max_pool3d(x, window, strides, padding).shape).astype(np.float32)
+    t = rng.standard_normal(x.shape).astype(np.float32)
+
+    def both(x, gy):
+        with tf.GradientTape() as outer:
+            outer.watch(gy)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                pooled = tf.nn.max_pool3d(x, window, strides, padding)
+            gx = inner.gradient(pooled, x, output_gradients=gy)
+            projected = tf.reduce_sum(gx * t)
+        return gx, outer.gradient(projected, gy)
+
+    with second_order.second_order_gradients():
+        traced = tf.function(both).get_concrete_function(tf.constant(x), tf.constant(gy))
+    gx, transposed = (v.numpy() for v in traced(tf.constant(x), tf.constant(gy)))
+    types = {op.type for op in traced.graph.get_operations()}
+    return x, gy, t, gx, transposed, types, first_maximum_gradient(x, gy, window, strides, padding)
+
+
+POOLINGS_3D = [((2, 2, 2), (2, 2, 2), "VALID"), ((3, 2, 2), (1, 1, 1), "SAME"),
+               ((2, 3, 2), (2, 1, 2), "SAME"), ((1, 1, 1), (2, 2, 1), "VALID")]
+
+
+@pytest.mark.parametrize("window, strides, padding", POOLINGS_3D)
+def test_max_pool3d_gradient_at_ties_where_the_kernel_splits_them(monkeypatch, window, strides,
+                                                                   padding):
+    # As where TensorFlow's kernel gives a window's gradient to every tied maximum: the
+    # mended gradient gives it to the first, and its derivative is its transpose.
+    monkeypatch.setattr(second_order, "_splits_ties", True)
+    x, gy, t, gx, transposed, types, expected = gradient_and_its_transpose(window, strides, padding)
+    assert "UnsortedSegmentSum" in types and "MaxPool3DGrad" not in types
+    np.testing.assert_array_equal(gx, expected)
+    np.testing.assert_allclose(np.sum(transposed * gy), np.sum(gx * t), rtol=1e-5)
+
+
+def test_max_pool3d_gradient_is_tensorflows_where_the_kernel_takes_the_first():
+    if second_order.max_pool3d_splits_ties():
+        pytest.skip("this host's MaxPool3DGrad splits ties (no oneDNN)")
+    *_, gx, _, types, expected = gradient_and_its_transpose((2, 2, 2), (2, 2, 2), "VALID")
+    assert "UnsortedSegmentSum" not in types
+    np.testing.assert_array_equal(gx, expected)
+
+
+def test_max_pool3d_ties_are_probed_in_a_fresh_process():
+    # With oneDNN off, TensorFlow's MaxPool3DGrad gives the gradient to every tied
+    # maximum, and the probe finds it (from inside a trace too): the mended gradient is
+    # the first maximum's, TensorFlow's not; with oneDNN on, both are.
+    code = (
+        "import numpy as np, tensorflow as tf\n"
+        "from hessian_tf.operators import second_order\n"
+        "from tests.operators.test_second_order import gradient_and_its_transpose\n"
+        "x, gy, t, gx, transposed, types, expected = gradient_and_its_transpose(\n"
+        "    (2, 2, 2), (2, 2, 2), 'VALID')\n"
+        "symmetric = np.isclose(np.sum(transposed * gy), np.sum(gx * t), rtol=1e-5)\n"
+        "own = tf.function(lambda x, gy: tf.gradients(tf.nn.max_pool3d(x, 2, 2, 'VALID'), x, gy)[0])\n"
+        "print(second_order._splits_ties, np.array_equal(gx, expected), bool(symmetric),\n"
+        "      np.array_equal(own(tf.constant(x), tf.constant(gy)).numpy(), expected))\n"
+        "from tests.operators.test_second_order import pooled_volumes_hessian\n"
+        "hessian = pooled_volumes_hessian()\n"
+        "print(np.abs(hessian - hessian.T).max() <= 1e-5 * np.abs(hessian).max())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for onednn, expected in (("0", "True True True False"), ("1", "False True True True")):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                cwd=root, env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn},
+                                timeout=300)
+        # The gradient, then a Hessian through a 3-D max pooling of raw convolutions over a
+        # constant background: symmetric (without the mending, 90% of its largest entry
+        # apart without oneDNN, ad hoc).
+        assert result.stdout.strip().splitlines()[-2:] == [expected, "True"], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def pooled_volumes_hessian():
+    """The Hessian, column by column from products, of a Conv3D → MaxPooling3D network on
+    volumes whose background is 0 (windows of tied maxima, not behind a ReLU)."""
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((4, 4, 4, 1)), layers.Conv3D(2, 2, padding="same"),
+                              layers.MaxPooling3D(2), layers.Flatten(), layers.Dense(3)])
+    rng = np.random.default_rng(0)
+    x = np.zeros((8, 4, 4, 4, 1), np.float32)
+    x[:, 1:3, 1:3, 1:3, 0] = rng.integers(0, 2, (8, 2, 2, 2))
+    operator = operators.HessianOperator(
+        operators.KerasModelFunction(model), x, rng.integers(0, 3, 8).astype(np.int32),
+        batch_size=8, method="reverse_over_reverse", loss="sparse_categorical_crossentropy")
+    return np.stack([operator.matvec(e) for e in np.eye(operator.dim)])
