@@ -452,7 +452,8 @@ def workload_from_files(model_path: str, data_path: str, batch_size: int,
     name = os.path.splitext(os.path.basename(model_path))[0]
     tokens = str(model.inputs[0].dtype) in ("int32", "int64")  # an Embedding's input
     if tokens and len(model.inputs[0].shape) in CHANNELS_FIRST_RANKS:  # channels first
-        raise Failure(f"--model={model_path}: integer images {tuple(model.inputs[0].shape[1:])}; "
+        raise Failure(f"--model={model_path}: integer images or volumes "
+                      f"{tuple(model.inputs[0].shape[1:])}; "
                       "the twin takes integer inputs as token sequences (batch, length).")
     if tokens and not np.issubdtype(x.dtype, np.integer):
         raise Failure(f"--data={data_path}: x of dtype {x.dtype}, but --model takes integer "
@@ -964,9 +965,9 @@ def fold_paddings(keras_model, steps: list, output: int) -> tuple[list, dict[str
 
 
 def torch_twin(keras_model):
-    """A torch.nn.Module computing the same logits as keras_model (NCHW images), with one
-    submodule per Keras layer with weights (convolutions, Dense, normalisations),
-    named as the layer, and the weights copied; its forward runs `twin_graph`'s steps.
+    """A torch.nn.Module computing the same logits as keras_model (NCHW images, NCDHW
+    volumes), with one submodule per Keras layer with weights (convolutions, Dense,
+    normalisations), named as the layer, and the weights copied; its forward runs `twin_graph`'s steps.
     Returns (module, number of trainable parameters)."""
     import keras
     import torch
@@ -1699,9 +1700,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", default=None,
                         help="instead of --workload: your own network, a .keras file (one input, "
                         "one output; skip connections allowed) of Conv1D, Conv2D (also depthwise, "
-                        "separable, transposed), Dense, BN, Layer/GroupNormalization, "
+                        "separable, transposed), Conv3D, Dense, BN, Layer/GroupNormalization, "
                         "MultiHeadAttention, LSTM, GRU, SimpleRNN, Bidirectional, activations, pooling, padding, "
-                        "cropping, upsampling, Flatten, Reshape, Permute, Dropout, merges and "
+                        "cropping, upsampling (of images and volumes too), Flatten, Reshape, Permute, Dropout, merges and "
                         "Concatenate; needs --data")
     parser.add_argument("--data", default=None,
                         help="with --model: an .npz with arrays x (inputs) and y (integer labels; "

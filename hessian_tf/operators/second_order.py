@@ -38,9 +38,9 @@ contexts):
   every entry that ties for its maximum, and `MaxPool3DGradGrad` takes the first: over
   ties (a 3-D max pooling of raw convolutions over a volume's constant background) the
   gradient was not a subgradient and products not symmetric. oneDNN's kernel gives it to
-  the first. Where a probe finds such a kernel (`max_pool3d_splits_ties`), a float32
-  MaxPool3D's gradient on a CPU-only host goes to each window's first maximum as
-  MaxPool3DGradGrad finds it (`max_pool3d_gradient`).
+  the first in graphs. Where a probe finds such a kernel (`max_pool3d_splits_ties`), a
+  float32 or bfloat16 MaxPool3D's gradient on a CPU-only host goes to each window's
+  first maximum as MaxPool3DGradGrad finds it (`max_pool3d_gradient`).
 - Missing: `SoftsignGrad` has no gradient, so a softsign activation stopped every
   product with a traceback; `softsign_gradient_gradient` is its derivative.
 - Slow: TensorFlow's gradient of `Tile` (array_grad.py) reshapes the incoming gradient
@@ -69,7 +69,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from tensorflow.python.eager import forwardprop, record
+from tensorflow.python.eager import context, forwardprop, record
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import gen_image_ops, gen_nn_ops
 
@@ -283,59 +283,70 @@ def _gradient_of_tied_maxima(images):
 def max_pool3d_splits_ties() -> bool:
     """Whether TensorFlow's MaxPool3DGrad, run in a graph on this host's CPU, gives a
     window's gradient to every entry that ties for its maximum (probed once per
-    process): Eigen's kernel does (TF_ENABLE_ONEDNN_OPTS=0, CPUs oneDNN does not build
-    for), so that the gradient of a window of eight equal entries sums to 8, while
-    MaxPool3DGradGrad, the second derivative, takes the first; oneDNN's kernel gives it to
-    the first."""
-    global _splits_ties
+    process, eagerly, also when called while a graph is built): Eigen's kernel does
+    (TF_ENABLE_ONEDNN_OPTS=0, CPUs oneDNN does not build for), so that the gradient of
+    a window of eight equal entries sums to 8, while MaxPool3DGradGrad, the second
+    derivative, takes the first; oneDNN's kernel, which graphs take where TensorFlow
+    has it, gives it to the first. A probe that fails says False (TensorFlow's
+    gradient), logged once, and is tried again at the next call."""
+    global _splits_ties, _probe_failed
     with _probe_lock:
         if _splits_ties is None:
             try:
-                with tf.init_scope(), tf.device("/CPU:0"):  # run now, also from a trace
+                with context.eager_mode(), tf.device("/CPU:0"):
                     total = float(_gradient_of_tied_maxima(tf.zeros([1, 2, 2, 2, 1])))
-                _splits_ties = total != 1.0
             except Exception as error:  # noqa: BLE001  (any failure: TensorFlow's gradient)
-                logging.info("hessian_tf: MaxPool3DGrad's ties were not probed (%s); "
-                             "TensorFlow's gradient of MaxPool3D is kept.", first_line(error))
-                _splits_ties = False
+                if not _probe_failed:
+                    logging.info("hessian_tf: MaxPool3DGrad's ties were not probed (%s); "
+                                 "TensorFlow's gradient of MaxPool3D is kept.",
+                                 first_line(error))
+                _probe_failed = True
+                return False
+            _splits_ties = total != 1.0
         return _splits_ties
 
 
 _splits_ties = None
+_probe_failed = False
 _probe_lock = threading.Lock()
 _MAX_POSITION_PART = 4096  # positions go through GradGrad in two exact float32 parts
+_SEARCHED = (tf.float32, tf.bfloat16)  # dtypes whose 3-D max pooling gradients are mended
 
 
 def max_pool3d_gradient(op, grad):
     """TensorFlow's gradient of MaxPool3D where its kernel gives each window's gradient
     to its first maximum; where it gives it to every tied maximum (`max_pool3d_splits_ties`,
-    CPU-only hosts, float32, NDHWC), the gradient at the first maximum of each window as
-    MaxPool3DGradGrad finds it: the flat positions of the images' entries go through
-    MaxPool3DGradGrad (in two parts, each exact in float32) and `grad` is summed into
-    them. Its own derivative, a gather at those positions, is then MaxPool3DGradGrad's
+    CPU-only hosts, float32 or bfloat16, NDHWC), the gradient at the first maximum of
+    each window as MaxPool3DGradGrad finds it: the flat positions of the images' entries,
+    from 1, go through MaxPool3DGradGrad (in float32, in two parts, each exact) and `grad`
+    is summed into them. A window without a maximum among the images' entries (NaN, or
+    −∞ tied with "same" padding before it) gets 0, as padding, and its gradient is
+    dropped. The derivative, a gather at those positions, is then MaxPool3DGradGrad's
     transpose, so products are symmetric."""
     images = op.inputs[0]
-    if (images.dtype != tf.float32 or op.get_attr("data_format") != b"NDHWC"
+    if (images.dtype not in _SEARCHED or op.get_attr("data_format") != b"NDHWC"
             or not _cpu_only() or not max_pool3d_splits_ties()):
         return _max_pool3d_original(op, grad)
     ksize, strides = op.get_attr("ksize"), op.get_attr("strides")
     window = {"ksize": ksize, "strides": strides}
     shape = tf.shape(images, out_type=tf.int64)
     size = tf.reduce_prod(shape[1:])
-    positions = tf.broadcast_to(tf.reshape(tf.range(size), shape[1:]), shape)
+    positions = tf.broadcast_to(tf.reshape(tf.range(1, size + 1), shape[1:]), shape)
+    searched, pooled = tf.cast(images, tf.float32), tf.cast(op.outputs[0], tf.float32)
     first = [tf.cast(_at_first_maxima(
-        gen_nn_ops.max_pool3d_grad_grad, images, op.outputs[0], tf.cast(part, tf.float32),
+        gen_nn_ops.max_pool3d_grad_grad, searched, pooled, tf.cast(part, tf.float32),
         ksize, strides, window, op.get_attr("padding").decode(), "NDHWC"), tf.int64)
         for part in (positions // _MAX_POSITION_PART, positions % _MAX_POSITION_PART)]
-    maxima = tf.stop_gradient(first[0] * _MAX_POSITION_PART + first[1])
+    found = tf.stop_gradient(first[0] * _MAX_POSITION_PART + first[1])  # 0: none
     offsets = tf.reshape(tf.range(shape[0]) * size, [-1, 1, 1, 1, 1])
-    summed = tf.math.unsorted_segment_sum(tf.reshape(grad, [-1]),
-                                          tf.reshape(maxima + offsets, [-1]), shape[0] * size)
+    ids = tf.where(found > 0, found - 1 + offsets, -1)  # negative ids are dropped
+    summed = tf.math.unsorted_segment_sum(tf.reshape(grad, [-1]), tf.reshape(ids, [-1]),
+                                          shape[0] * size)
     return tf.reshape(summed, shape)
 
 
 # op type -> the gradient function within second_order_gradients()
-REPLACEMENTS = {"MaxPool3D": max_pool3d_gradient, "Tile": tile_gradient, "ResizeBilinear": resize_bilinear_gradient,
+REPLACEMENTS = {"Tile": tile_gradient, "ResizeBilinear": resize_bilinear_gradient,
                 "ResizeBicubic": resize_bicubic_gradient,
                 "ResizeNearestNeighbor": resize_nearest_neighbor_gradient,
                 **{name: resize_gradient_gradient for name in _RESIZES},
@@ -343,6 +354,8 @@ REPLACEMENTS = {"MaxPool3D": max_pool3d_gradient, "Tile": tile_gradient, "Resize
                 **{name: max_pool_gradient_gradient for name in _MAX_POOL_GRAD_GRADS}}
 _original = (_REGISTRY.get("Tile", {}).get(_TYPE) if _REGISTRY else None)  # TensorFlow's
 _max_pool3d_original = (_REGISTRY.get("MaxPool3D", {}).get(_TYPE) if _REGISTRY else None)
+if _max_pool3d_original is not None:  # (where TensorFlow keeps it elsewhere: not mended)
+    REPLACEMENTS["MaxPool3D"] = max_pool3d_gradient
 _found = {}  # op type -> the registry's entry at the first entry, restored at the last exit
 
 
@@ -379,6 +392,6 @@ def second_order_gradients():
     differentiating meanwhile takes the replacements too (the same derivatives, or the
     exact ones for resizes). Where this TensorFlow keeps its gradients elsewhere,
     nothing changes (tests/operators/test_second_order.py checks that it installs)."""
-    if not _REGISTRY or _original is None or _max_pool3d_original is None:
+    if not _REGISTRY or _original is None:
         return contextlib.nullcontext()
     return _patch()

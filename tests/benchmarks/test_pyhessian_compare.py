@@ -582,7 +582,7 @@ def test_workload_from_files(tmp_path):
                       keras.layers.Embedding(5, 2), keras.layers.Flatten(),
                       keras.layers.Dense(3)]).save(tmp_path / "int_images.keras")
     np.savez(tmp_path / "int_images.npz", x=np.zeros((4, 2, 2, 1), np.int32), y=np.arange(4) % 3)
-    with pytest.raises(compare.Failure, match=r"^--model=.*integer images \(2, 2, 1\)"):
+    with pytest.raises(compare.Failure, match=r"^--model=.*integer images or volumes \(2, 2, 1\)"):
         compare.workload_from_files(str(tmp_path / "int_images.keras"),
                                     str(tmp_path / "int_images.npz"), 4, 5)
 

@@ -431,15 +431,18 @@ def first_maximum_gradient(x, gy, window, strides, padding):
     return gx
 
 
-def gradient_and_its_transpose(window, strides, padding):
+def gradient_and_its_transpose(window, strides, padding, shape=(2, 5, 6, 4, 3),
+                               dtype=tf.float32):
     """On 0/1 volumes (windows of tied maxima): a 3-D max pooling's gradient of gy traced
     within second_order_gradients(), the derivative of ⟨that gradient, t⟩ with respect
     to gy (the second derivative products take), the graph's op types and the
-    reference (`first_maximum_gradient`)."""
+    reference (`first_maximum_gradient`), as float32 arrays."""
     rng = np.random.default_rng(5)
-    x = rng.integers(0, 2, (2, 5, 6, 4, 3)).astype(np.float32)
+    x = rng.integers(0, 2, shape).astype(np.float32)
     gy = rng.standard_normal(tf.nn.max_pool3d(x, window, strides, padding).shape).astype(np.float32)
     t = rng.standard_normal(x.shape).astype(np.float32)
+    if dtype != tf.float32:  # values exact in it: round the gradients to it
+        gy, t = (tf.cast(tf.cast(v, dtype), tf.float32).numpy() for v in (gy, t))
 
     def both(x, gy):
         with tf.GradientTape() as outer:
@@ -451,27 +454,56 @@ def gradient_and_its_transpose(window, strides, padding):
             projected = tf.reduce_sum(gx * t)
         return gx, outer.gradient(projected, gy)
 
+    x_in, gy_in = tf.constant(x, dtype), tf.constant(gy, dtype)
     with second_order.second_order_gradients():
-        traced = tf.function(both).get_concrete_function(tf.constant(x), tf.constant(gy))
-    gx, transposed = (v.numpy() for v in traced(tf.constant(x), tf.constant(gy)))
+        traced = tf.function(both).get_concrete_function(x_in, gy_in)
+    gx, transposed = (tf.cast(v, tf.float32).numpy() for v in traced(x_in, gy_in))
     types = {op.type for op in traced.graph.get_operations()}
     return x, gy, t, gx, transposed, types, first_maximum_gradient(x, gy, window, strides, padding)
 
 
-POOLINGS_3D = [((2, 2, 2), (2, 2, 2), "VALID"), ((3, 2, 2), (1, 1, 1), "SAME"),
-               ((2, 3, 2), (2, 1, 2), "SAME"), ((1, 1, 1), (2, 2, 1), "VALID")]
-
-
-@pytest.mark.parametrize("window, strides, padding", POOLINGS_3D)
+@pytest.mark.parametrize("window, strides, padding, shape, dtype", [
+    ((2, 2, 2), (2, 2, 2), "VALID", (2, 5, 6, 4, 3), tf.float32),
+    ((3, 2, 2), (1, 1, 1), "SAME", (2, 5, 6, 4, 3), tf.float32),
+    ((2, 3, 2), (2, 1, 2), "SAME", (2, 5, 6, 4, 3), tf.float32),
+    ((1, 1, 1), (2, 2, 1), "VALID", (2, 5, 6, 4, 3), tf.float32),
+    ((2, 2, 2), (2, 2, 2), "VALID", (2, 5, 6, 4, 3), tf.bfloat16),
+    # 5,760 positions per example: both parts of a position (4,096 each) are read.
+    ((2, 2, 2), (2, 2, 2), "SAME", (1, 12, 12, 10, 4), tf.float32),
+])
 def test_max_pool3d_gradient_at_ties_where_the_kernel_splits_them(monkeypatch, window, strides,
-                                                                   padding):
+                                                                   padding, shape, dtype):
     # As where TensorFlow's kernel gives a window's gradient to every tied maximum: the
     # mended gradient gives it to the first, and its derivative is its transpose.
     monkeypatch.setattr(second_order, "_splits_ties", True)
-    x, gy, t, gx, transposed, types, expected = gradient_and_its_transpose(window, strides, padding)
+    x, gy, t, gx, transposed, types, expected = gradient_and_its_transpose(
+        window, strides, padding, shape, dtype)
     assert "UnsortedSegmentSum" in types and "MaxPool3DGrad" not in types
     np.testing.assert_array_equal(gx, expected)
-    np.testing.assert_allclose(np.sum(transposed * gy), np.sum(gx * t), rtol=1e-5)
+    np.testing.assert_allclose(np.sum(transposed * gy), np.sum(gx * t), rtol=1e-2 if dtype ==
+                               tf.bfloat16 else 1e-5)
+
+
+def test_max_pool3d_gradient_of_windows_without_a_maximum_is_dropped(monkeypatch):
+    # A "same" window of −∞ entries ties with its padding, which comes first: no entry of
+    # the images is its maximum, and its gradient goes nowhere (none into another
+    # channel or example).
+    monkeypatch.setattr(second_order, "_splits_ties", True)
+    x = np.full((2, 3, 1, 1, 2), -np.inf, np.float32)
+    x[:, 2] = [[[[1.0, 2.0]]], [[[3.0, 4.0]]]]
+    gy = np.arange(1.0, 13.0, dtype=np.float32).reshape(2, 3, 1, 1, 2)
+
+    def gradient(x, gy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            pooled = tf.nn.max_pool3d(x, (3, 1, 1), 1, "SAME")
+        return tape.gradient(pooled, x, output_gradients=gy)
+
+    with second_order.second_order_gradients():
+        gx = tf.function(gradient)(tf.constant(x), tf.constant(gy)).numpy()
+    expected = np.zeros_like(x)
+    expected[:, 2] = gy[:, 1] + gy[:, 2]  # the windows at depths 1 and 2
+    np.testing.assert_array_equal(gx, expected)
 
 
 def test_max_pool3d_gradient_is_tensorflows_where_the_kernel_takes_the_first():
@@ -480,6 +512,18 @@ def test_max_pool3d_gradient_is_tensorflows_where_the_kernel_takes_the_first():
     *_, gx, _, types, expected = gradient_and_its_transpose((2, 2, 2), (2, 2, 2), "VALID")
     assert "UnsortedSegmentSum" not in types
     np.testing.assert_array_equal(gx, expected)
+
+
+def test_max_pool3d_ties_are_probed_eagerly_while_graphs_are_built(monkeypatch):
+    # Also from a v1-style graph and a tf.function's trace: the probe runs (its answer
+    # cached) and says what it says eagerly.
+    eager = second_order.max_pool3d_splits_ties()
+    for building in (lambda: tf.Graph().as_default(),
+                     lambda: tf.function(lambda: tf.constant(0.0)).get_concrete_function().graph.as_default()):
+        monkeypatch.setattr(second_order, "_splits_ties", None)
+        with building():
+            assert second_order.max_pool3d_splits_ties() == eager
+        assert second_order._splits_ties == eager
 
 
 def test_max_pool3d_ties_are_probed_in_a_fresh_process():
@@ -501,14 +545,22 @@ def test_max_pool3d_ties_are_probed_in_a_fresh_process():
         "print(np.abs(hessian - hessian.T).max() <= 1e-5 * np.abs(hessian).max())\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for onednn, expected in (("0", "True True True False"), ("1", "False True True True")):
+    # Whichever kernel a process has, the gradient is the first maximum's and symmetric,
+    # and TensorFlow's own equals it exactly where the probe says the kernel does not
+    # split ties (a probe saying so wrongly fails here); then a Hessian through a 3-D
+    # max pooling of raw convolutions over a constant background is symmetric (without
+    # the mending, 90% of its largest entry apart without oneDNN, ad hoc). TensorFlow
+    # 2.21's Eigen kernel, without oneDNN, splits ties; its oneDNN kernel (this
+    # process's, unless TensorFlow was built without oneDNN) does not.
+    for onednn in ("0", "1"):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 cwd=root, env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn},
                                 timeout=300)
-        # The gradient, then a Hessian through a 3-D max pooling of raw convolutions over a
-        # constant background: symmetric (without the mending, 90% of its largest entry
-        # apart without oneDNN, ad hoc).
-        assert result.stdout.strip().splitlines()[-2:] == [expected, "True"], result.stderr[-2000:]
+        lines = result.stdout.strip().splitlines()[-2:]
+        assert len(lines) == 2, result.stderr[-2000:]
+        splits, first, symmetric, own = lines[0].split()
+        assert (first, symmetric, lines[1]) == ("True", "True", "True"), result.stderr[-2000:]
+        assert own == str(splits == "False"), lines
         assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
