@@ -32,10 +32,10 @@ each pixel repeated 4×4; y: a label per pixel), digits_img32.npz (the same imag
 labels) and digits_rows.npz (x: as digits_seq;
 y: a tag per row).
 Each network is trained 3 epochs with Adam (batch 64, seed 0), so BN has moving statistics
-of its own.
+of its own (`--epochs` sets another number: the tests train one).
 
 Usage:
-  .venv/bin/python benchmarks/example_networks.py OUT_DIR
+  .venv/bin/python benchmarks/example_networks.py OUT_DIR [--epochs=3]
   .venv/bin/python benchmarks/pyhessian_compare.py --model=OUT_DIR/conv_pool_bn.keras --data=OUT_DIR/digits_img.npz
 """
 
@@ -241,10 +241,14 @@ def build_per_position_model(name: str):
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: example_networks.py OUT_DIR", file=sys.stderr)
+    epochs = [arg for arg in argv if arg.startswith("--epochs=")]
+    paths = [arg for arg in argv if not arg.startswith("--epochs=")]
+    text = epochs[-1].split("=", 1)[1] if epochs else "3"
+    if len(paths) != 1 or not text.isdigit() or int(text) < 1:
+        print(f"usage: example_networks.py OUT_DIR [--epochs=N] (N ≥ 1; got {argv})",
+              file=sys.stderr)
         return 2
-    out_dir = argv[0]
+    out_dir, epochs = paths[0], int(text)
     os.makedirs(out_dir, exist_ok=True)
     import keras
     from sklearn.datasets import load_digits
@@ -279,7 +283,7 @@ def main(argv: list[str]) -> int:
         with grouped_convolutions():
             model.fit(data[data_name],
                       labels[data_name].reshape(-1, 1) if binary else labels[data_name],
-                      epochs=3, batch_size=64, verbose=0)
+                      epochs=epochs, batch_size=64, verbose=0)
         path = os.path.join(out_dir, f"{name}.keras")
         model.save(path)
         params = sum(int(np.prod(w.shape)) for w in model.trainable_weights)

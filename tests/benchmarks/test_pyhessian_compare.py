@@ -687,7 +687,9 @@ STEPS_OF_EXAMPLES = {"conv_pool_bn": 7, "mlp_bn_gelu": 4, "functional_elu_avgpoo
 
 def test_example_networks_are_accepted(tmp_path):
     # The networks of PYHESSIAN.md's "Your own network" pass every check before install.
-    assert example_networks.main([str(tmp_path)]) == 0
+    for bad in ([], [str(tmp_path), "--epochs=0"], [str(tmp_path), "--epochs=x"]):
+        assert example_networks.main(bad) == 2
+    assert example_networks.main([str(tmp_path), "--epochs=1"]) == 0  # 1: quicker
     for name, data in example_networks.NETWORKS.items():
         workload = compare.workload_from_files(
             str(tmp_path / f"{name}.keras"), str(tmp_path / f"{data}.npz"), 128, None)
