@@ -119,7 +119,7 @@ def groups_of(inputs, kernel, data_format=None):
     return groups if filters % groups == 0 else None
 
 
-def _cpu_only() -> bool:
+def cpu_only() -> bool:
     """Whether TensorFlow sees only CPU devices (no GPU, no TPU), where the replacements
     were measured."""
     return all(device.device_type == "CPU" for device in tf.config.list_logical_devices())
@@ -381,7 +381,7 @@ def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_
     products, and dilated ones by TensorFlow's own dilated kernel, as entered."""
     inputs, kernel = tf.convert_to_tensor(inputs), tf.convert_to_tensor(kernel)
     active = set(_active)
-    if active and _cpu_only():
+    if active and cpu_only():
         groups = groups_of(inputs, kernel, data_format) if "grouped" in active else None
         if groups is not None and padding.lower() in ("valid", "same"):
             return _grouped(inputs, kernel, groups, strides, padding, data_format,

@@ -74,7 +74,7 @@ from tensorflow.python.framework import ops
 from tensorflow.python.ops import gen_image_ops, gen_nn_ops
 
 from hessian_tf.messages import first_line
-from hessian_tf.operators.convolutions import _cpu_only
+from hessian_tf.operators import convolutions
 from hessian_tf.operators.shared_patch import SharedPatch
 
 # TensorFlow's registry of gradient functions, which the tapes look up by op type at
@@ -325,7 +325,7 @@ def max_pool3d_gradient(op, grad):
     transpose, so products are symmetric."""
     images = op.inputs[0]
     if (images.dtype not in _SEARCHED or op.get_attr("data_format") != b"NDHWC"
-            or not _cpu_only() or not max_pool3d_splits_ties()):
+            or not convolutions.cpu_only() or not max_pool3d_splits_ties()):
         return _max_pool3d_original(op, grad)
     ksize, strides = op.get_attr("ksize"), op.get_attr("strides")
     window = {"ksize": ksize, "strides": strides}

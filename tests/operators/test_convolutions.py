@@ -247,7 +247,7 @@ def test_pointwise_and_grouped_switch_independently():
 
 @pytest.mark.parametrize("patch", ["grouped", "pointwise"])
 def test_hosts_with_accelerators_keep_keras_path(monkeypatch, patch):
-    monkeypatch.setattr(convolutions, "_cpu_only", lambda: False)  # as on a GPU host
+    monkeypatch.setattr(convolutions, "cpu_only", lambda: False)  # as on a GPU host
     x = tf.TensorSpec((2, 5, 5, 4))
     with getattr(convolutions, f"{patch}_convolutions")():
         if patch == "grouped":  # Keras's XLA call
@@ -338,7 +338,7 @@ def test_dilated_kept_on_keras_path_where_not_float32_channels_last_2d_or_not_ru
         monkeypatch.setattr(convolutions, "_native_dilations", False)
         assert _space_to_batch(keras.layers.Conv2D(2, 3, dilation_rate=2), x)
         monkeypatch.setattr(convolutions, "_native_dilations", True)
-        monkeypatch.setattr(convolutions, "_cpu_only", lambda: False)
+        monkeypatch.setattr(convolutions, "cpu_only", lambda: False)
         assert _space_to_batch(keras.layers.Conv2D(2, 3, dilation_rate=2), x)
 
 

@@ -514,6 +514,14 @@ def test_max_pool3d_gradient_is_tensorflows_where_the_kernel_takes_the_first():
     np.testing.assert_array_equal(gx, expected)
 
 
+def test_max_pool3d_gradient_is_tensorflows_on_accelerator_hosts(monkeypatch):
+    # Not measured there: GPUs and TPUs keep TensorFlow's gradient, as the convolutions.
+    monkeypatch.setattr(second_order, "_splits_ties", True)
+    monkeypatch.setattr(second_order.convolutions, "cpu_only", lambda: False)
+    *_, types, _ = gradient_and_its_transpose((2, 2, 2), (2, 2, 2), "VALID")
+    assert "MaxPool3DGrad" in types and "UnsortedSegmentSum" not in types
+
+
 def test_max_pool3d_ties_are_probed_eagerly_while_graphs_are_built(monkeypatch):
     # Also from a v1-style graph and a tf.function's trace: the probe runs (its answer
     # cached) and says what it says eagerly.
