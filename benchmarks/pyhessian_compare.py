@@ -1371,11 +1371,6 @@ def torch_twin(keras_model):
         tensor = torch.tensor(values, dtype=x.dtype)
         return tensor.reshape(()) if tensor.numel() == 1 else along_channels(tensor, x)
 
-    def keras_layout(x):
-        """The twin's tensor in Keras's layout: images NCHW → NHWC, volumes NCDHW →
-        NDHWC, other ranks as they are."""
-        return x.movedim(1, -1) if x.ndim in CHANNELS_FIRST_RANKS else x
-
     class Twin(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1442,6 +1437,12 @@ def torch_twin(keras_model):
     twin = Twin()
     num_params = sum(p.numel() for p in twin.parameters() if p.requires_grad)
     return twin, num_params
+
+
+def keras_layout(x):
+    """A twin's torch tensor in Keras's layout: images NCHW → NHWC, volumes NCDHW →
+    NDHWC, other ranks as they are."""
+    return x.movedim(1, -1) if x.ndim in CHANNELS_FIRST_RANKS else x
 
 
 def to_torch_inputs(x: np.ndarray) -> np.ndarray:
@@ -1512,8 +1513,7 @@ def check_twin(workload: Workload, twin, num_params: int) -> tuple[bool, str]:
     except RuntimeError as error:  # a twin that does not compute (shapes, dtypes)
         return False, f"twin check: the twin's forward failed ({first_line(error, 300)}): FAILED"
     # Images' (volumes') logits per pixel (voxel): channels first → Keras's channels last.
-    torch_logits = (torch_logits.movedim(1, -1) if torch_logits.ndim in CHANNELS_FIRST_RANKS
-                    else torch_logits).numpy()
+    torch_logits = keras_layout(torch_logits).numpy()
     logit_error = float(np.max(np.abs(torch_logits - keras_logits)) / np.max(np.abs(keras_logits)))
     loss_error = abs(torch_loss - keras_loss) / max(abs(keras_loss), np.finfo(np.float32).tiny)
     ok = keras_params == num_params and logit_error <= TWIN_RTOL and loss_error <= TWIN_RTOL
