@@ -709,7 +709,8 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     merge of TWIN_MERGES, "scalar" (a keras.ops call: `operation_step`), "scaled_add"
     (InceptionResNetV2's CustomScaleLayer: its scale), "concatenate" (torch axis) or "identity". `call` is the
     node's arguments (keras.src.ops.symbolic_arguments.SymbolicArguments), read for
-    MultiHeadAttention: query, value and key by position, no mask."""
+    MultiHeadAttention: query, value and key by position, no mask but the causal one
+    (kind "causal_attention", value: the layer's name)."""
     import keras
 
     merge = TWIN_MERGES.get(type(layer).__name__)
@@ -719,10 +720,15 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
         arguments = call.args if call is not None else ()
         options = {name: value for name, value in (call.kwargs if call is not None else {}).items()
                    if name != "training" and value is not None and value is not False}
+        causal = options.pop("use_causal_mask", False) is True
         if options or len(arguments) not in (2, 3):
             raise Failure(f"twin: MultiHeadAttention {layer.name} must be called as "
-                          "layer(query, value[, key]) without masks or other options; got "
-                          f"{len(arguments)} positional arguments and {sorted(options)}.")
+                          "layer(query, value[, key]) without masks or other options but "
+                          f"use_causal_mask=True; got {len(arguments)} positional arguments "
+                          f"and {sorted(options)}.")
+        if causal:  # torch's attn_mask over the later positions
+            check_twin_layer(layer)
+            return "causal_attention", layer.name
     if type(layer).__name__ in TWIN_MODULES:
         if len(input_shapes) != 1 and not isinstance(layer, keras.layers.MultiHeadAttention):
             raise Failure(f"twin: {type(layer).__name__} {layer.name} is called on "
@@ -1085,8 +1091,12 @@ def torch_twin(keras_model):
         Called as a PyTorch user calls it (need_weights at its default): the explicit
         softmax path, which torch differentiates twice on the CPU."""
 
-        def forward(self, query, value, key=None):
-            return super().forward(query, value if key is None else key, value)[0]
+        def forward(self, query, value, key=None, causal=False):
+            # Keras's use_causal_mask: query i sees value positions j <= i.
+            mask = (torch.ones(query.shape[1], value.shape[1], dtype=torch.bool,
+                               device=query.device).triu(1) if causal else None)
+            return super().forward(query, value if key is None else key, value,
+                                   attn_mask=mask)[0]
 
     class KerasRecurrent(nn.Module):
         """nn.LSTM, nn.GRU or nn.RNN on (batch, length, features); Keras's output: the
@@ -1383,6 +1393,8 @@ def torch_twin(keras_model):
                 x = args[0]
                 if kind == "module":
                     x = activations.get(value, lambda t: t)(self.layers[value](*args))
+                elif kind == "causal_attention":
+                    x = self.layers[value](*args, causal=True)
                 elif kind == "activation":
                     x = functions[value](x)
                 elif kind == "leaky_relu":

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from hessian_tf.operators import model_function as model_function_lib
 from hessian_tf.operators import recurrent
+from hessian_tf.operators.attention import matmul_attention
 from hessian_tf.operators.convolutions import grouped_convolutions, pointwise_convolutions
 from hessian_tf.operators.model_function import SAVED_FUNCTION_NAMES, batch_norm_in_train_mode
 from hessian_tf.operators.moments import exact_moments
@@ -91,9 +92,10 @@ def export_for_spectrum(
         # restored variables, which is what products differentiate.
         # Second derivatives through the statistics (moments.py); short recurrent
         # layers unrolled (recurrent.py); grouped convolutions without XLA and
-        # pointwise ones as matrix products (convolutions.py).
+        # pointwise ones as matrix products (convolutions.py); attention by batched
+        # matrix products (attention.py).
         with exact_moments(), grouped_convolutions(), pointwise_convolutions(), \
-                recurrent.unrolled(model, unroll_steps):
+                matmul_attention(), recurrent.unrolled(model, unroll_steps):
             outputs, _ = model.stateless_call(
                 [tf.convert_to_tensor(v) for v in trainable],
                 [tf.convert_to_tensor(v) for v in non_trainable],

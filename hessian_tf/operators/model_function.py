@@ -20,6 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 from hessian_tf.operators import folding, group_norm, recurrent
+from hessian_tf.operators.attention import matmul_attention
 from hessian_tf.operators.graphs import graph_nodes
 from hessian_tf.operators.convolutions import (
     dilated_convolutions, grouped_convolutions, pointwise_convolutions)
@@ -206,7 +207,8 @@ class KerasModelFunction:
         the second derivatives of resizes, tiles, softsign and max poolings mended
         (second_order.py), grouped convolutions computed without XLA, pointwise
         ones as matrix products and dilated ones by TensorFlow's dilated kernel
-        (convolutions.py)."""
+        (convolutions.py), and dot-product attention by batched matrix products
+        (attention.py)."""
         if bn_mode == "train":
             mode = batch_norm_in_train_mode(self.model)
         elif self.fold_batch_norm:
@@ -216,7 +218,7 @@ class KerasModelFunction:
         group_norm_mode = (group_norm.per_channel_statistics(self.model)
                            if self.per_channel_group_norm else contextlib.nullcontext())
         with exact_moments(), second_order_gradients(), grouped_convolutions(), \
-                pointwise_convolutions(), dilated_convolutions(), \
+                pointwise_convolutions(), dilated_convolutions(), matmul_attention(), \
                 recurrent.unrolled(self.model, self.unroll_steps), group_norm_mode, mode:
             yield
 

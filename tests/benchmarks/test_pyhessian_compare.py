@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import keras
 import numpy as np
@@ -351,6 +352,31 @@ def test_steps_of_a_sequence_model():
     assert output == by_name["logits"][1]
 
 
+def test_causal_self_attention_is_a_step_of_its_own():
+    # use_causal_mask=True, a decoder's self-attention: torch's attn_mask in the twin;
+    # the same layer's other settings are still checked.
+    inputs = keras.Input((8, 8))
+    h = keras.layers.MultiHeadAttention(2, 4, name="causal")(inputs, inputs, use_causal_mask=True)
+    h = keras.layers.MultiHeadAttention(2, 4, name="plain")(h, h, use_causal_mask=False)
+    steps, output = compare.twin_graph(keras.Model(inputs, h))
+    assert [step[:3] for step in steps] == [("causal_attention", "causal", (0, 0)),
+                                             ("module", "plain", (1, 1))]
+    assert output == 2
+    inputs = keras.Input((8, 6))
+    narrow = keras.layers.MultiHeadAttention(2, 4, name="narrow")(inputs, inputs,
+                                                                    use_causal_mask=True)
+    with pytest.raises(compare.Failure, match="num_heads × key_dim"):
+        compare.twin_graph(keras.Model(inputs, narrow))
+    # Any other mask or option is refused by name, with the causal one too.
+    layer = keras.Model(inputs, narrow).get_layer("narrow")
+    for options in ({"attention_mask": object()}, {"use_causal_mask": True, "query_mask": 1}):
+        call = types.SimpleNamespace(args=(None, None), kwargs=options)
+        with pytest.raises(compare.Failure, match=re.escape(
+                "without masks or other options but use_causal_mask=True; got 2 positional "
+                f"arguments and {sorted(set(options) - {'use_causal_mask'})}")):
+            compare.twin_step(layer, [(8, 6), (8, 6)], call)
+
+
 def test_bidirectional_simple_recurrent_and_dilated_layers_are_modules():
     # Each one module of the twin (torch's bidirectional nn.LSTM/GRU/RNN, nn.RNN,
     # dilated nn.Conv1d/Conv2d), accepted before any install.
@@ -461,8 +487,6 @@ def test_volume_layers_the_twin_cannot_mirror_are_named(layer, message):
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda h: keras.layers.MultiHeadAttention(2, 4)(h, h, use_causal_mask=True),
-     "without masks or other options; got 2 positional arguments and ['use_causal_mask']"),
     (lambda h: keras.layers.MultiHeadAttention(2, 3)(h, h), "num_heads × key_dim"),
     (lambda h: keras.layers.MultiHeadAttention(2, 4, value_dim=2)(h, h), "value_dim = key_dim"),
     (lambda h: keras.layers.MultiHeadAttention(2, 4, use_bias=False)(h, h), "with biases"),

@@ -1,0 +1,91 @@
+"""Keras's dot-product attention by batched matrix products (operators/attention.py)."""
+
+import contextlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
+
+from hessian_tf import operators
+from hessian_tf.operators import attention, model_function
+from hessian_tf.operators.graphs import graph_nodes
+
+B, T, S, N, H = 3, 5, 7, 2, 4
+
+
+def attention_inputs(seed=0, *, length=S, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    query, key, value = (tf.constant(rng.standard_normal(shape), dtype) for shape in
+                         ((B, T, N, H), (B, length, N, H), (B, length, N, H)))
+    return query, key, value
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "mask", "bias", "mask_and_causal"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_values_are_keras_attention(case, dtype):
+    # Causal masks need T = S in Keras; the others attend over S ≠ T positions.
+    length = T if "causal" in case else S
+    query, key, value = attention_inputs(length=length, dtype=dtype)
+    rng = np.random.default_rng(1)
+    mask = (tf.constant(rng.random((B, N, T, length)) < 0.7) if "mask" in case else None)
+    bias = tf.constant(rng.standard_normal((B, N, T, length)), dtype) if case == "bias" else None
+    arguments = (query, key, value, bias, mask, "causal" in case, 0.3)
+    expected = attention._keras_attention(*arguments).numpy()
+    got = attention.attention_by_matmul(*arguments).numpy()
+    assert got.shape == (B, T, N, H) and got.dtype == expected.dtype
+    np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-6 if dtype == np.float32 else 1e-13)
+    if case == "causal":  # position 0 reads value 0 only
+        np.testing.assert_allclose(got[:, 0], value.numpy()[:, 0], rtol=1e-5)
+
+
+def causal_language_model(vocabulary=11, length=6, width=8):
+    """Embedding, causal self-attention (Keras's dot-product path), a token's logits."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((length,), dtype="int32")
+    h = keras.layers.Embedding(vocabulary, width)(inputs)
+    a = keras.layers.LayerNormalization()(h)
+    h = keras.layers.Add()([h, keras.layers.MultiHeadAttention(2, width // 2)(
+        a, a, use_causal_mask=True)])
+    return keras.Model(inputs, keras.layers.Dense(vocabulary)(h))
+
+
+def product_and_einsums(model, method, patched):
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 11, (12, 6)).astype(np.int32)
+    y = rng.integers(0, 11, (12, 6)).astype(np.int32)
+    with contextlib.ExitStack() as stack:
+        if not patched:
+            stack.enter_context(pytest.MonkeyPatch.context()).setattr(
+                model_function, "matmul_attention", contextlib.nullcontext)
+        operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                             batch_size=4, method=method)
+        vector = np.random.default_rng(3).standard_normal(operator.dim)
+        product = operator.matvec(vector)
+        graph = operator._product_trace(1).graph.as_graph_def()
+    return product, sum(node.op == "Einsum" for _, node in graph_nodes(graph))
+
+
+@pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
+def test_products_are_those_of_keras_attention(method):
+    model = causal_language_model()
+    product, einsums = product_and_einsums(model, method, patched=True)
+    expected, keras_einsums = product_and_einsums(model, method, patched=False)
+    assert einsums == 0 and keras_einsums > 0
+    np.testing.assert_allclose(product, expected, rtol=1e-5,
+                               atol=1e-5 * np.max(np.abs(expected)))
+
+
+def test_accelerator_hosts_and_exits_keep_keras_attention(monkeypatch):
+    # Not measured on GPUs or TPUs: they keep Keras's einsums; outside the context
+    # Keras's function is back.
+    arguments = (*attention_inputs(length=T), None, None, True, 0.5)
+    monkeypatch.setattr(attention.convolutions, "cpu_only", lambda: False)
+    with attention.matmul_attention(), attention.matmul_attention():
+        assert keras_tensorflow_nn._dot_product_attention_xla is attention.attention_by_matmul
+        graph = tf.function(keras_tensorflow_nn._dot_product_attention_xla).get_concrete_function(
+            *arguments).graph
+    assert any(op.type == "Einsum" for op in graph.get_operations())
+    assert keras_tensorflow_nn._dot_product_attention_xla is attention._keras_attention
