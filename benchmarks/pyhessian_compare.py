@@ -32,7 +32,8 @@ output (keras.applications' EfficientNet, MobileNetV2/V3, ResNet-V2 and ConvNeXt
 them), branches and skip connections included, whose layers the twin mirrors (Conv1D,
 Conv2D and Conv3D (grouped and dilated too), DepthwiseConv2D, SeparableConv2D, Conv2DTranspose, Dense (also on
 images' and volumes' channels), BatchNormalization (also of sequences), LayerNormalization,
-GroupNormalization, MultiHeadAttention as torch's nn.MultiheadAttention, LSTM, GRU and
+GroupNormalization, MultiHeadAttention as torch's nn.MultiheadAttention (use_causal_mask=True
+as its attn_mask), LSTM, GRU and
 SimpleRNN as torch's nn.LSTM, nn.GRU and nn.RNN, also in Bidirectional, activation layers (hard sigmoid and hard swish as torch's),
 pooling, global pooling (keepdims too), ZeroPadding2D/3D, Cropping2D/3D, UpSampling2D/3D, Flatten,
 Rescaling, Normalization, Add and the other merges (broadcasting within one rank),

@@ -14,12 +14,15 @@ characters) 0.90 of the time by forward over backward and 0.89 by reverse over r
 (medians of 5 alternating runs, one thread per op; benchmarks/PYHESSIAN.md).
 
 Within `matmul_attention()`, on a host whose devices are all CPUs
-(`convolutions.cpu_only()`; GPUs and TPUs keep Keras's path: not measured there),
-Keras's function is replaced by `attention_by_matmul`: the same casts, scale, bias and
-masks (Keras's own `_apply_masks`, the causal mask included), the two products as
-batched matrix products. Only transposes, matrix products and softmax are
-differentiated (tests/operators/test_attention.py checks values and products against
-Keras's path).
+(`convolutions.cpu_only()`; graphs traced on a host with a GPU or TPU keep Keras's
+path: not measured there; a function saved on a CPU-only host keeps the matrix products
+wherever it is loaded), Keras's function is replaced by `attention_by_matmul`: the same
+casts, scale, bias and masks (Keras's own `_apply_masks`, the causal mask included),
+the two products as batched matrix products; what is differentiated is those ops,
+transposes and softmax (tests/operators/test_attention.py checks values and products
+against Keras's path). With one key and value head for several query heads, which
+Keras does not repeat, Keras's einsum refuses the shapes and the matrix product
+broadcasts the head.
 """
 
 from __future__ import annotations

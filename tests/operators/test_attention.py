@@ -22,23 +22,31 @@ def attention_inputs(seed=0, *, length=S, dtype=np.float32):
     return query, key, value
 
 
-@pytest.mark.parametrize("case", ["plain", "causal", "mask", "bias", "mask_and_causal"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+TOLERANCES = {np.float64: 1e-12, np.float32: 1e-5, tf.float16.as_numpy_dtype: 4e-3,
+              tf.bfloat16.as_numpy_dtype: 2e-2}
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "mask", "bias", "mask_and_causal",
+                                  "causal_longer_query", "broadcast_mask_and_bias"])
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
 def test_values_are_keras_attention(case, dtype):
-    # Causal masks need T = S in Keras; the others attend over S ≠ T positions.
-    length = T if "causal" in case else S
+    # Keras's causal mask is a band over any (T, S): query i reads positions j <= i.
+    length = {"causal": T, "causal_longer_query": T - 2}.get(case, S)
     query, key, value = attention_inputs(length=length, dtype=dtype)
     rng = np.random.default_rng(1)
-    mask = (tf.constant(rng.random((B, N, T, length)) < 0.7) if "mask" in case else None)
-    bias = tf.constant(rng.standard_normal((B, N, T, length)), dtype) if case == "bias" else None
+    mask_shape, bias_shape = ((B, 1, T, length), (1, N, 1, length)) if "broadcast" in case \
+        else ((B, N, T, length),) * 2
+    mask = tf.constant(rng.random(mask_shape) < 0.7) if "mask" in case else None
+    bias = (tf.constant(rng.standard_normal(bias_shape), dtype) if "bias" in case else None)
     arguments = (query, key, value, bias, mask, "causal" in case, 0.3)
-    expected = attention._keras_attention(*arguments).numpy()
-    got = attention.attention_by_matmul(*arguments).numpy()
-    assert got.shape == (B, T, N, H) and got.dtype == expected.dtype
-    np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-12,
-                               atol=1e-6 if dtype == np.float32 else 1e-13)
+    expected = attention._keras_attention(*arguments).numpy().astype(np.float64)
+    got = attention.attention_by_matmul(*arguments)
+    assert got.shape == (B, T, N, H) and got.dtype == dtype
+    tolerance = TOLERANCES[dtype]
+    np.testing.assert_allclose(got.numpy().astype(np.float64), expected, rtol=tolerance,
+                               atol=tolerance * np.max(np.abs(expected)))
     if case == "causal":  # position 0 reads value 0 only
-        np.testing.assert_allclose(got[:, 0], value.numpy()[:, 0], rtol=1e-5)
+        np.testing.assert_allclose(got.numpy()[:, 0], value.numpy()[:, 0], rtol=tolerance)
 
 
 def causal_language_model(vocabulary=11, length=6, width=8):
