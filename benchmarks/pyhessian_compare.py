@@ -717,6 +717,7 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
     merge = TWIN_MERGES.get(type(layer).__name__)
     if isinstance(layer, (keras.layers.InputLayer,) + _inference_identities()):
         return "identity", None
+    module = "module"
     if isinstance(layer, keras.layers.MultiHeadAttention):
         arguments = call.args if call is not None else ()
         options = {name: value for name, value in (call.kwargs if call is not None else {}).items()
@@ -728,15 +729,14 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
                           f"use_causal_mask=True; got {len(arguments)} positional arguments "
                           f"and {sorted(options)}.")
         if causal:  # torch's attn_mask over the later positions
-            check_twin_layer(layer)
-            return "causal_attention", layer.name
+            module = "causal_attention"
     if type(layer).__name__ in TWIN_MODULES:
         if len(input_shapes) != 1 and not isinstance(layer, keras.layers.MultiHeadAttention):
             raise Failure(f"twin: {type(layer).__name__} {layer.name} is called on "
                           f"{len(input_shapes)} tensors (an initial state or a mask?); the "
                           "twin mirrors it on its one input.")
         check_twin_layer(layer)
-        return "module", layer.name
+        return module, layer.name
     if type(layer).__name__ == "CustomScaleLayer":  # InceptionResNetV2's a + b·scale
         if (type(layer).__module__ != "keras.src.applications.inception_resnet_v2"
                 or len(input_shapes) != 2 or len(set(input_shapes)) != 1):
