@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from hessian_tf.choices import (
+    BN_MODES, LOSS_NAMES, METHODS, PRECISIONS, STRATEGIES, check_cpu_threads,
+    check_graph_optimization, check_steps)
+
 
 def default_config() -> ml_collections.ConfigDict:
     """The embedded default job: the paper's one-hidden-layer MLP (16,510
@@ -104,12 +108,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the option, the value and the fix."""
-    from hessian_tf.distribute import STRATEGIES, check_cpu_threads, check_graph_optimization
-    from hessian_tf.operators import BN_MODES, LOSSES
-    from hessian_tf.operators import recurrent
-    from hessian_tf.operators.hessian import METHODS
-    from hessian_tf.operators.precision import PRECISIONS
-
     positive = ("lanczos_steps", "num_draws", "batch_size", "num_grid_points", "num_eigenpairs")
     for name in positive:
         if config[name] < 1:
@@ -149,12 +147,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"--checkpoint_every={config.checkpoint_every}: pass a number of products >= 1, "
             "or 0 for no checkpoints."
         )
-    recurrent.check_steps(config.unroll_steps)  # the message KerasModelFunction gives
+    check_steps(config.unroll_steps)  # the message KerasModelFunction gives
     if config.default_model_epochs < 0:
         raise ValueError(f"--default_model_epochs={config.default_model_epochs}: pass >= 0.")
     choices = {
         "bn_mode": BN_MODES,
-        "loss": tuple(LOSSES),
+        "loss": LOSS_NAMES,
         "method": METHODS,
         "strategy": STRATEGIES,
         "basis_dtype": ("float64", "float32"),

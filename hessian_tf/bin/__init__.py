@@ -102,6 +102,11 @@ def flags_parser(program: str, module_name: str, usage: str):
     from absl import flags
 
     def parse(argv):
+        if any(argument.lstrip("-").split("=")[0].split(".")[0] == "config"
+               for argument in argv[1:]):
+            # A config file is Python that may import TensorFlow (configs/ import
+            # hessian_tf.training): quietly, before it is loaded.
+            import_tensorflow_quietly()
         if any(argument in HELP_FLAGS for argument in argv[1:]):
             print(usage.strip() + "\n")
             print(flags.FLAGS.module_help(module_name))

@@ -9,9 +9,9 @@ import threading
 
 import tensorflow as tf
 
+from hessian_tf.choices import (  # noqa: F401  (the names live without TensorFlow)
+    GRAPH_OPTIMIZATIONS, STRATEGIES, check_cpu_threads, check_graph_optimization)
 from hessian_tf.host import usable_cores
-
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
 def configure_cpu_devices(num_cpu_devices: int) -> None:
@@ -33,17 +33,6 @@ def configure_cpu_devices(num_cpu_devices: int) -> None:
             f"--num_cpu_devices={num_cpu_devices}: TensorFlow has already started its "
             "devices; set it before any TensorFlow work (at the start of the program)."
         ) from error
-
-
-def check_cpu_threads(intra_op_threads: int, inter_op_threads: int) -> None:
-    """Raises ValueError for a negative number of threads."""
-    for name, value in (("intra_op_threads", intra_op_threads),
-                        ("inter_op_threads", inter_op_threads)):
-        if value < 0:
-            raise ValueError(
-                f"--{name}={value}: pass a number of threads >= 1, or 0 for the default "
-                "(see --help)."
-            )
 
 
 def configure_cpu_threads(intra_op_threads: int, inter_op_threads: int) -> None:
@@ -90,16 +79,6 @@ def automatic_cpu_threads(strategy: str) -> None:
         tf.config.threading.set_intra_op_parallelism_threads(1)
     except RuntimeError:
         pass
-
-
-GRAPH_OPTIMIZATIONS = ("auto", "light", "full")
-
-
-def check_graph_optimization(mode: str) -> None:
-    if mode not in GRAPH_OPTIMIZATIONS:
-        raise ValueError(
-            f"--graph_optimization={mode!r}: pass one of {GRAPH_OPTIMIZATIONS} (auto: light "
-            "unless a GPU is visible or --strategy=tpu, else full).")
 
 
 def light_graph_optimization(mode: str, *, tpu: bool = False) -> bool:

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from hessian_tf.choices import METHODS
 from hessian_tf.distribute.strategies import run_once
 from hessian_tf.linalg.lanczos import ROW_ALIGNMENT_BYTES
 from hessian_tf.messages import first_line, traced_error
@@ -40,7 +41,6 @@ from hessian_tf.operators import losses as losses_lib
 from hessian_tf.operators.graphs import graph_nodes
 from hessian_tf.operators.model_function import ModelStructureError, check_bn_mode
 
-METHODS = ("auto", "forward_over_backward", "reverse_over_reverse")
 FORWARD, REVERSE = METHODS[1:]
 # method='auto' times both methods' product graphs over the first AUTO_TIMING_BATCHES
 # batches of each replica (after a run of each that sets it up: up to AUTO_ESTIMATE_RUNS

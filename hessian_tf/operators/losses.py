@@ -10,6 +10,8 @@ from typing import Callable
 
 import tensorflow as tf
 
+from hessian_tf.choices import LOSS_NAMES
+
 PerExampleLoss = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
@@ -57,12 +59,9 @@ def mean_squared_error(targets: tf.Tensor, predictions: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tf.reshape(tf.square(difference), [tf.shape(difference)[0], -1]), axis=-1)
 
 
-LOSSES: dict[str, PerExampleLoss] = {
-    "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
-    "categorical_crossentropy": categorical_crossentropy,
-    "binary_crossentropy": binary_crossentropy,
-    "mean_squared_error": mean_squared_error,
-}
+# Each loss under its function's name: the names the job's --loss is checked against
+# before TensorFlow is imported (choices.LOSS_NAMES).
+LOSSES: dict[str, PerExampleLoss] = {name: globals()[name] for name in LOSS_NAMES}
 
 
 def get_loss(name: str) -> PerExampleLoss:

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from hessian_tf.choices import BN_MODES
 from hessian_tf.operators import folding, group_norm, recurrent
 from hessian_tf.operators.attention import matmul_attention
 from hessian_tf.operators.graphs import graph_nodes
@@ -27,7 +28,6 @@ from hessian_tf.operators.convolutions import (
 from hessian_tf.operators.moments import exact_moments
 from hessian_tf.operators.second_order import second_order_gradients
 
-BN_MODES = ("inference", "train")
 
 # Names of the functions a SavedModel exported by hessian_tf carries per BN mode.
 SAVED_FUNCTION_NAMES = {"inference": "serve", "train": "serve_bn_train"}

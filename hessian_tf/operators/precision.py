@@ -16,10 +16,10 @@ from typing import Optional
 
 import keras
 
+from hessian_tf.choices import PRECISIONS
 from hessian_tf.operators.subset import base_function
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "mixed_float16", "mixed_bfloat16")
-PRECISIONS = ("model", "float32", "float64")
 HALF_DTYPES = ("float16", "bfloat16")
 
 

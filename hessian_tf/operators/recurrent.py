@@ -22,26 +22,11 @@ of that gradient.
 from __future__ import annotations
 
 import contextlib
-import numbers
 
 import keras
 from keras.src import tree
 
-# Sequences of at most this many steps are unrolled; benchmarks/recurrent.py measures
-# the product and the trace against the loop at 8-256 steps.
-MAX_UNROLL_STEPS = 64
-
-
-def check_steps(unroll_steps, name: str = "--unroll_steps") -> int:
-    """`unroll_steps` as an int, or ValueError naming `name`, the value and the fix."""
-    if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, numbers.Integral) \
-            or unroll_steps < 0:
-        raise ValueError(
-            f"{name}={unroll_steps!r}: expected an integer number of time steps >= 0. "
-            f"Fix: pass at least the sequences' length (default {MAX_UNROLL_STEPS}), or 0 to "
-            "keep recurrent layers in their loop."
-        )
-    return int(unroll_steps)
+from hessian_tf.choices import MAX_UNROLL_STEPS, check_steps  # noqa: F401
 
 
 def _time_steps(sequences) -> int | None:

@@ -28,10 +28,18 @@ def test_help_lists_the_programs_flags(program):
     assert "Exit status" in result.stdout or "exit status" in result.stdout
 
 
+# A config file of the repository (training and spectrum sections): it imports
+# hessian_tf.training, so TensorFlow too.
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cnn_digits.py")
+
+
 @pytest.mark.parametrize("arguments, expected", [
     (["--batch_size=abc"], "--batch_size=abc"),
     (["--lanczos_step=5"], "lanczos_steps"),
     (["--dataset=digits", "stray"], "unexpected arguments: stray"),
+    # TensorFlow's start-up chatter stays hidden when a config file imports it.
+    ([f"--config={CONFIG}", "--config.spectrum.lanczos_steps=0"], "--lanczos_steps=0"),
+    (["--config", CONFIG, "--num_draws=0"], "--num_draws=0"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(arguments, expected):
     result = run_installed("hessian-spectrum", *arguments)
@@ -59,3 +67,28 @@ def test_programs_spare_their_exit_pythons_final_collection(module):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert "exit 0 freeze True" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("arguments, imported", [
+    (["--loss=hinge"], False),
+    (["--strategy=multi_worker"], False),
+    (["--config.spectrum.lanczos_steps=0"], True),  # a config file may need TensorFlow
+])
+def test_bad_options_are_told_before_tensorflow_starts(tmp_path, arguments, imported):
+    # The spectrum job's options are checked before TensorFlow's import (3-5 s), unless
+    # a config file is loaded; nothing is written either way.
+    argv = ["spectrum", *([f"--config={CONFIG}"] if imported else []), *arguments,
+            f"--output_dir={tmp_path / 'out'}"]
+    script = "\n".join([
+        "import sys",
+        "from hessian_tf.bin import spectrum",
+        f"sys.argv = {argv!r}",
+        "try:",
+        "    spectrum.run()",
+        "except SystemExit as exit:",
+        "    print('exit', exit.code, 'tensorflow', 'tensorflow' in sys.modules, file=sys.stderr)",
+    ])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert f"exit 2 tensorflow {imported}" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
