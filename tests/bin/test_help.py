@@ -49,24 +49,32 @@ def test_bad_flags_are_one_line_and_exit_2(arguments, expected):
     assert expected in lines[0]
 
 
+def stderr_at_exit(module, argv, *, report, before=()):
+    """The stderr of hessian_tf.bin.<module>'s entry point run on `argv` in a fresh
+    Python (after the lines `before`), ending with "exit CODE" and `report`'s values."""
+    script = "\n".join([
+        "import sys",
+        f"from hessian_tf.bin import {module} as program",
+        *before,
+        f"sys.argv = {[module, *argv]!r}",
+        "try:",
+        "    program.run()",
+        "except SystemExit as exit:",
+        f"    print('exit', exit.code, {report}, file=sys.stderr)",
+    ])
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")).stderr
+
+
 @pytest.mark.parametrize("module", ["plot", "spectrum", "train"])
 def test_programs_spare_their_exit_pythons_final_collection(module):
     # Python's last collection took about 1 s of each run after TensorFlow's import;
     # each program's entry point registers gc.freeze to run at exit instead.
-    script = "\n".join([
-        "import atexit, gc, sys",
-        f"from hessian_tf.bin import {module} as program",
-        "registered = []",
-        "atexit.register = lambda function, *a, **k: registered.append(function) or function",
-        f"sys.argv = ['{module}', '--help']",
-        "try:",
-        "    program.run()",
-        "except SystemExit as exit:",
-        "    print('exit', exit.code, 'freeze', gc.freeze in registered, file=sys.stderr)",
-    ])
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert "exit 0 freeze True" in result.stderr, result.stderr[-2000:]
+    stderr = stderr_at_exit(module, ["--help"], report="'freeze', gc.freeze in registered",
+                            before=["import atexit, gc", "registered = []",
+                                    "atexit.register = lambda function, *a, **k: "
+                                    "registered.append(function) or function"])
+    assert "exit 0 freeze True" in stderr, stderr[-2000:]
 
 
 @pytest.mark.parametrize("arguments, imported", [
@@ -77,18 +85,9 @@ def test_programs_spare_their_exit_pythons_final_collection(module):
 def test_bad_options_are_told_before_tensorflow_starts(tmp_path, arguments, imported):
     # The spectrum job's options are checked before TensorFlow's import (3-5 s), unless
     # a config file is loaded; nothing is written either way.
-    argv = ["spectrum", *([f"--config={CONFIG}"] if imported else []), *arguments,
+    argv = [*([f"--config={CONFIG}"] if imported else []), *arguments,
             f"--output_dir={tmp_path / 'out'}"]
-    script = "\n".join([
-        "import sys",
-        "from hessian_tf.bin import spectrum",
-        f"sys.argv = {argv!r}",
-        "try:",
-        "    spectrum.run()",
-        "except SystemExit as exit:",
-        "    print('exit', exit.code, 'tensorflow', 'tensorflow' in sys.modules, file=sys.stderr)",
-    ])
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert f"exit 2 tensorflow {imported}" in result.stderr, result.stderr[-2000:]
+    stderr = stderr_at_exit("spectrum", argv,
+                            report="'tensorflow', 'tensorflow' in sys.modules")
+    assert f"exit 2 tensorflow {imported}" in stderr, stderr[-2000:]
     assert not (tmp_path / "out").exists()
