@@ -102,26 +102,35 @@ def flags_parser(program: str, module_name: str, usage: str):
     from absl import flags
 
     def parse(argv):
-        if any(argument.lstrip("-").split("=")[0].split(".")[0] == "config"
-               for argument in argv[1:]):
-            # A config file is Python that may import TensorFlow (configs/ import
-            # hessian_tf.training): quietly, before it is loaded.
-            import_tensorflow_quietly()
         if any(argument in HELP_FLAGS for argument in argv[1:]):
             print(usage.strip() + "\n")
             print(flags.FLAGS.module_help(module_name))
             print("\n--helpfull lists absl's own flags too.")
             sys.exit(0)
+        loads_python = any(
+            argument.lstrip("-").split("=")[0].split(".")[0] in ("config", "flagfile")
+            for argument in argv[1:])
+        if loads_python:
+            # A config file (given directly or in a flag file) is Python that may import
+            # TensorFlow (configs/ import hessian_tf.training): quietly, before it loads.
+            import_tensorflow_quietly()
         try:
             return flags.FLAGS(argv)
         except flags.Error as error:
             sys.exit(error_line(program, error))
         except (AttributeError, KeyError) as error:
+            if "get_config" in str(error):
+                sys.exit(error_line(program, f"--config: the file defines no get_config() "
+                                             f"({error}); see the files in configs/"))
             # ml_collections raises these for an override of an option that does not exist.
             sys.exit(error_line(
                 program,
                 f"a --config.* override names no option of the config ({error}); check its "
                 "spelling against the config file",
             ))
+        except Exception as error:  # noqa: BLE001  (a config file's own failure)
+            if not loads_python or {"--verbose", "--verbose=true"} & set(argv):
+                raise
+            sys.exit(error_line(program, f"--config: {type(error).__name__}: {error}"))
 
     return parse

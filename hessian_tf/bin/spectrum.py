@@ -129,13 +129,16 @@ def main(argv):
         return error_line(_PROGRAM, f"unexpected arguments: {' '.join(argv[1:])}; every "
                           "option is a --flag (see --help)")
     try:
+        # ml_collections loads a --config file (user code) at the first read of its value.
         config = resolve_config()
         # Before TensorFlow's start-up (3-5 s): a bad option is told at once.
         config_lib.validate(config)
-    except ValueError as error:
+    except Exception as error:  # a config file's own failure (syntax, types) is bad input
         if _VERBOSE.value:
             raise
-        return error_line(_PROGRAM, error)
+        told = (ValueError, OSError, KeyError, RuntimeError)
+        return error_line(_PROGRAM, error if isinstance(error, told) else
+                          f"--config: {type(error).__name__}: {error}")
     tf = import_tensorflow_quietly()
     from hessian_tf import job
 

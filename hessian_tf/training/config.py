@@ -25,6 +25,7 @@ from typing import NamedTuple, Sequence
 import ml_collections
 
 from hessian_tf import config as spectrum_config_lib
+from hessian_tf.choices import BN_MODES
 
 MODELS = ("resnet32", "resnet18", "mlp", "cnn")
 BATCH_NORMS = ("on", "off", "population")
@@ -190,8 +191,6 @@ def _steps(name, value, *, low, increasing=False):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the option, its value and what is expected."""
-    from hessian_tf.operators import BN_MODES
-
     for section in ("workdir", "train", "spectrum"):
         if section not in config:
             raise ValueError(

@@ -42,11 +42,35 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cnn_dig
     (["--config", CONFIG, "--num_draws=0"], "--num_draws=0"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(arguments, expected):
-    result = run_installed("hessian-spectrum", *arguments)
+    assert_one_error_line(run_installed("hessian-spectrum", *arguments), expected)
+
+
+def assert_one_error_line(result, expected):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("hessian-spectrum: error: "), result.stderr
     assert expected in lines[0]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "No such file or directory"),
+    ("syntax error", "--config: SyntaxError: invalid syntax"),
+    ("no get_config", "--config: the file defines no get_config()"),
+    ("in a flag file", "--lanczos_steps=0"),  # its config file imports TensorFlow
+])
+def test_bad_config_files_are_one_line_and_exit_2(tmp_path, case, expected):
+    config = tmp_path / "config.py"
+    texts = {"syntax error": "def get_config(:\n", "no get_config": "x = 1\n"}
+    if case in texts:
+        config.write_text(texts[case])
+    arguments = [f"--config={config}"]
+    if case == "in a flag file":
+        flag_file = tmp_path / "flags.txt"
+        flag_file.write_text(f"--config={CONFIG}\n--config.spectrum.lanczos_steps=0\n")
+        arguments = [f"--flagfile={flag_file}"]
+    result = run_installed("hessian-spectrum", *arguments, f"--output_dir={tmp_path / 'out'}")
+    assert_one_error_line(result, expected)
+    assert not (tmp_path / "out").exists()
 
 
 def stderr_at_exit(module, argv, *, report, before=()):
