@@ -9,12 +9,25 @@ import sys
 from hessian_tf.messages import first_line
 
 
+def verbose_requested(argv) -> bool:
+    """Whether `argv` asks for --verbose, read before absl parses it (the last of
+    --verbose, --verbose=VALUE and --noverbose wins, as in absl)."""
+    wanted = False
+    for argument in argv[1:]:
+        name, given, value = argument.lstrip("-").partition("=")
+        if name == "verbose":
+            wanted = not given or value.lower() not in ("false", "0")
+        elif name == "noverbose":
+            wanted = False
+    return wanted
+
+
 @contextlib.contextmanager
 def quiet_native_stderr():
     """TensorFlow's C++ start-up chatter (oneDNN, CUDA stubs) is written to file
     descriptor 2 before any log level applies; hide it while TF is imported, so a
     bad input gets one line. `--verbose` keeps it."""
-    if "--verbose" in sys.argv or "--verbose=true" in sys.argv:
+    if verbose_requested(sys.argv):
         yield
         return
     sys.stderr.flush()
@@ -95,11 +108,24 @@ def job_error_message(error: BaseException) -> str:
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-?")
 
 
+def define_config_file(program: str, help_text: str):
+    """The program's --config flag (ml_collections). Defining it reads the command
+    line's --flagfile files already: one that cannot be read is one line, exit 2."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file("config", None, help_text)
+    except flags.CantOpenFlagFileError as error:
+        sys.exit(error_line(program, error))
+
+
 def flags_parser(program: str, module_name: str, usage: str):
     """absl's flag parser for `program`, made a command-line program's: --help prints
     `usage` and the flags the program defines (in `module_name`) and exits 0; a bad
     flag, flag value or config override is one line on stderr and exit status 2."""
     from absl import flags
+    from absl import logging as absl_logging
 
     def parse(argv):
         if any(argument in HELP_FLAGS for argument in argv[1:]):
@@ -114,23 +140,32 @@ def flags_parser(program: str, module_name: str, usage: str):
             # A config file (given directly or in a flag file) is Python that may import
             # TensorFlow (configs/ import hessian_tf.training): quietly, before it loads.
             import_tensorflow_quietly()
+        # ml_collections warns through absl's logging while it loads a config (a
+        # get_config() returning None, which the program then tells in its one line).
+        verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.ERROR)
         try:
             return flags.FLAGS(argv)
         except flags.Error as error:
             sys.exit(error_line(program, error))
-        except (AttributeError, KeyError) as error:
-            if "get_config" in str(error):
+        except Exception as error:  # noqa: BLE001  (a config file's own failure)
+            if not loads_python or verbose_requested(argv):
+                raise
+            if "has no attribute 'get_config'" in str(error):
                 sys.exit(error_line(program, f"--config: the file defines no get_config() "
                                              f"({error}); see the files in configs/"))
-            # ml_collections raises these for an override of an option that does not exist.
-            sys.exit(error_line(
-                program,
-                f"a --config.* override names no option of the config ({error}); check its "
-                "spelling against the config file",
-            ))
-        except Exception as error:  # noqa: BLE001  (a config file's own failure)
-            if not loads_python or {"--verbose", "--verbose=true"} & set(argv):
-                raise
+            if isinstance(error, (AttributeError, KeyError)) and any(
+                    argument.lstrip("-").startswith("config.") for argument in argv[1:]):
+                # ml_collections raises these for an override of an option that does not
+                # exist (or the config file's own code for its own mistakes).
+                sys.exit(error_line(
+                    program,
+                    f"a --config.* override names no option of the config, or the config "
+                    f"file fails ({type(error).__name__}: {error}); check the override's "
+                    "spelling against the config file",
+                ))
             sys.exit(error_line(program, f"--config: {type(error).__name__}: {error}"))
+        finally:
+            absl_logging.set_verbosity(verbosity)
 
     return parse

@@ -15,17 +15,16 @@ Long jobs checkpoint every --checkpoint_every products (at most once per
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from hessian_tf import config as config_lib
 from hessian_tf.bin import (
-    error_line, flags_parser, import_tensorflow_quietly, job_error_message,
-    skip_final_collection)
+    define_config_file, error_line, flags_parser, import_tensorflow_quietly,
+    job_error_message, skip_final_collection)
 
 _PROGRAM = "hessian-spectrum"
 _DEFAULTS = config_lib.default_config()
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "An ml_collections config file (flags given explicitly override it)."
+_CONFIG = define_config_file(
+    _PROGRAM, "An ml_collections config file (flags given explicitly override it)."
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
 
@@ -104,6 +103,9 @@ for _name, _default in _DEFAULTS.items():
 
 def resolve_config(flag_values=flags.FLAGS):
     """The config file (or the default), then every flag given explicitly."""
+    if _CONFIG.present and _CONFIG.value is None:
+        raise ValueError("--config: the file's get_config() returned None; return an "
+                         "ml_collections.ConfigDict (see the files in configs/).")
     config = _CONFIG.value if _CONFIG.value is not None else config_lib.default_config()
     # An experiment config may hold both a training and a spectrum section.
     if "spectrum" in config:
@@ -129,14 +131,17 @@ def main(argv):
         return error_line(_PROGRAM, f"unexpected arguments: {' '.join(argv[1:])}; every "
                           "option is a --flag (see --help)")
     try:
-        # ml_collections loads a --config file (user code) at the first read of its value.
+        # ml_collections runs a --config file while the flags are parsed, and raises a
+        # failure to load it (OSError) at the first read of its value.
         config = resolve_config()
         # Before TensorFlow's start-up (3-5 s): a bad option is told at once.
         config_lib.validate(config)
-    except Exception as error:  # a config file's own failure (syntax, types) is bad input
-        if _VERBOSE.value:
-            raise
+    except Exception as error:  # noqa: BLE001
         told = (ValueError, OSError, KeyError, RuntimeError)
+        # A config file's values are user input (a None, a string for a number): told
+        # too; with flags alone, anything else is a fault of this program's.
+        if _VERBOSE.value or not (isinstance(error, told) or _CONFIG.present):
+            raise
         return error_line(_PROGRAM, error if isinstance(error, told) else
                           f"--config: {type(error).__name__}: {error}")
     tf = import_tensorflow_quietly()

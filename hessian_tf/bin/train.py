@@ -15,22 +15,21 @@ import sys
 
 
 from hessian_tf.bin import (
-    error_line, flags_parser, import_tensorflow_quietly, skip_final_collection)
+    define_config_file, error_line, flags_parser, import_tensorflow_quietly,
+    skip_final_collection)
 
 tf = import_tensorflow_quietly()
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "An experiment config file, e.g. configs/resnet32_cifar10.py:bn,smoke."
+_PROGRAM = "hessian-train"
+_CONFIG = define_config_file(
+    _PROGRAM, "An experiment config file, e.g. configs/resnet32_cifar10.py:bn,smoke."
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where logs, spectra and checkpoints go (default: the config's workdir)."
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
-
-_PROGRAM = "hessian-train"
 
 
 def _error(message) -> int:

@@ -56,11 +56,14 @@ def assert_one_error_line(result, expected):
     ("missing", "No such file or directory"),
     ("syntax error", "--config: SyntaxError: invalid syntax"),
     ("no get_config", "--config: the file defines no get_config()"),
+    ("returns None", "--config: the file's get_config() returned None"),  # not the default job
     ("in a flag file", "--lanczos_steps=0"),  # its config file imports TensorFlow
+    ("missing flag file", "Unable to open flagfile"),  # read when --config is defined
 ])
 def test_bad_config_files_are_one_line_and_exit_2(tmp_path, case, expected):
     config = tmp_path / "config.py"
-    texts = {"syntax error": "def get_config(:\n", "no get_config": "x = 1\n"}
+    texts = {"syntax error": "def get_config(:\n", "no get_config": "x = 1\n",
+             "returns None": "def get_config():\n    return None\n"}
     if case in texts:
         config.write_text(texts[case])
     arguments = [f"--config={config}"]
@@ -68,6 +71,8 @@ def test_bad_config_files_are_one_line_and_exit_2(tmp_path, case, expected):
         flag_file = tmp_path / "flags.txt"
         flag_file.write_text(f"--config={CONFIG}\n--config.spectrum.lanczos_steps=0\n")
         arguments = [f"--flagfile={flag_file}"]
+    if case == "missing flag file":
+        arguments = [f"--flagfile={tmp_path / 'absent.txt'}"]
     result = run_installed("hessian-spectrum", *arguments, f"--output_dir={tmp_path / 'out'}")
     assert_one_error_line(result, expected)
     assert not (tmp_path / "out").exists()
@@ -115,3 +120,25 @@ def test_bad_options_are_told_before_tensorflow_starts(tmp_path, arguments, impo
                             report="'tensorflow', 'tensorflow' in sys.modules")
     assert f"exit 2 tensorflow {imported}" in stderr, stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fault_with_flags_alone_is_not_told_as_bad_input(tmp_path):
+    # Only a config file's own failures are bad input: a fault of the program's shows
+    # its traceback (an AttributeError put into the options' check here).
+    stderr = stderr_at_exit("spectrum", [f"--output_dir={tmp_path / 'out'}"], report="''",
+                            before=["from hessian_tf import config",
+                                    "def fault(values): raise AttributeError('a fault')",
+                                    "config.validate = fault"])
+    assert "Traceback" in stderr and "AttributeError: a fault" in stderr, stderr[-2000:]
+    assert "error: --config" not in stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, wanted", [
+    ([], False), (["--verbose"], True), (["-verbose"], True), (["--verbose=1"], True),
+    (["--verbose=True"], True), (["--verbose=false"], False), (["--verbose", "--noverbose"], False),
+    (["--noverbose", "--verbose"], True), (["--verbose_other"], False),
+])
+def test_verbose_is_read_before_the_flags_are_parsed(argv, wanted):
+    from hessian_tf.bin import verbose_requested
+
+    assert verbose_requested(["program", *argv]) == wanted
