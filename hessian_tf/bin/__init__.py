@@ -16,7 +16,7 @@ def verbose_requested(argv) -> bool:
     for argument in argv[1:]:
         name, given, value = argument.lstrip("-").partition("=")
         if name == "verbose":
-            wanted = not given or value.lower() not in ("false", "0")
+            wanted = not given or value.lower() in ("true", "t", "1")
         elif name == "noverbose":
             wanted = False
     return wanted

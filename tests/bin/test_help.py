@@ -135,7 +135,8 @@ def test_a_fault_with_flags_alone_is_not_told_as_bad_input(tmp_path):
 
 @pytest.mark.parametrize("argv, wanted", [
     ([], False), (["--verbose"], True), (["-verbose"], True), (["--verbose=1"], True),
-    (["--verbose=True"], True), (["--verbose=false"], False), (["--verbose", "--noverbose"], False),
+    (["--verbose=True"], True), (["--verbose=false"], False), (["--verbose=f"], False),
+    (["--verbose", "--noverbose"], False),
     (["--noverbose", "--verbose"], True), (["--verbose_other"], False),
 ])
 def test_verbose_is_read_before_the_flags_are_parsed(argv, wanted):
