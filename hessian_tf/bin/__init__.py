@@ -133,9 +133,9 @@ def flags_parser(program: str, module_name: str, usage: str):
             print(flags.FLAGS.module_help(module_name))
             print("\n--helpfull lists absl's own flags too.")
             sys.exit(0)
-        loads_python = any(
-            argument.lstrip("-").split("=")[0].split(".")[0] in ("config", "flagfile")
-            for argument in argv[1:])
+        # The flags named (--config.train.steps=5: "config.train.steps").
+        names = [argument.lstrip("-").split("=")[0] for argument in argv[1:]]
+        loads_python = any(name.split(".")[0] in ("config", "flagfile") for name in names)
         if loads_python:
             # A config file (given directly or in a flag file) is Python that may import
             # TensorFlow (configs/ import hessian_tf.training): quietly, before it loads.
@@ -155,7 +155,7 @@ def flags_parser(program: str, module_name: str, usage: str):
                 sys.exit(error_line(program, f"--config: the file defines no get_config() "
                                              f"({error}); see the files in configs/"))
             if isinstance(error, (AttributeError, KeyError)) and any(
-                    argument.lstrip("-").startswith("config.") for argument in argv[1:]):
+                    name.startswith("config.") for name in names):
                 # ml_collections raises these for an override of an option that does not
                 # exist (or the config file's own code for its own mistakes).
                 sys.exit(error_line(

@@ -22,6 +22,8 @@ from hessian_tf.bin import (
     job_error_message, skip_final_collection)
 
 _PROGRAM = "hessian-spectrum"
+# Errors whose own text is the one line of a bad input (a job's, a config file's).
+_TOLD = (ValueError, OSError, KeyError, RuntimeError)
 _DEFAULTS = config_lib.default_config()
 _CONFIG = define_config_file(
     _PROGRAM, "An ml_collections config file (flags given explicitly override it)."
@@ -137,12 +139,11 @@ def main(argv):
         # Before TensorFlow's start-up (3-5 s): a bad option is told at once.
         config_lib.validate(config)
     except Exception as error:  # noqa: BLE001
-        told = (ValueError, OSError, KeyError, RuntimeError)
         # A config file's values are user input (a None, a string for a number): told
         # too; with flags alone, anything else is a fault of this program's.
-        if _VERBOSE.value or not (isinstance(error, told) or _CONFIG.present):
+        if _VERBOSE.value or not (isinstance(error, _TOLD) or _CONFIG.present):
             raise
-        return error_line(_PROGRAM, error if isinstance(error, told) else
+        return error_line(_PROGRAM, error if isinstance(error, _TOLD) else
                           f"--config: {type(error).__name__}: {error}")
     tf = import_tensorflow_quietly()
     from hessian_tf import job
@@ -152,7 +153,7 @@ def main(argv):
     except job.Preempted as preempted:
         print(f"hessian-spectrum: {preempted}", file=sys.stderr)
         return job.Preempted.exit_status
-    except (ValueError, OSError, KeyError, RuntimeError, MemoryError, tf.errors.OpError) as error:
+    except (*_TOLD, MemoryError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise
         return error_line(_PROGRAM, job_error_message(error))
