@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
+
 import ml_collections
+import numpy as np
 
 from hessian_tf.choices import (
     BN_MODES, LOSS_NAMES, METHODS, PRECISIONS, STRATEGIES, check_cpu_threads,
@@ -106,8 +109,31 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_types(config: ml_collections.ConfigDict) -> None:
+    """Every option of the config holds a value of its default's type (a config file
+    may set one to None, or to a value of another type where ml_collections lets it)."""
+    for name, default in default_config().items():
+        value = config[name]
+        kind = type(default)
+        if kind is bool:
+            fits = isinstance(value, (bool, np.bool_))
+        elif kind is str:
+            fits = isinstance(value, str)
+        else:  # numpy's numbers too; a bool is no number here
+            number = numbers.Integral if kind is int else numbers.Real
+            fits = isinstance(value, number) and not isinstance(value, (bool, np.bool_))
+        if not fits:
+            raise ValueError(
+                f"--{name}={value!r}: pass {_KINDS[kind]} (the default is {default!r})."
+            )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the option, the value and the fix."""
+    check_types(config)
     positive = ("lanczos_steps", "num_draws", "batch_size", "num_grid_points", "num_eigenpairs")
     for name in positive:
         if config[name] < 1:

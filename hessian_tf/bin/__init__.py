@@ -58,6 +58,25 @@ def skip_final_collection():
     atexit.register(gc.freeze)
 
 
+def log_own_progress():
+    """Logs at INFO, where only hessian_tf's own records pass below WARNING: the INFO
+    lines of TensorFlow and tfds (a strategy's devices, a dataset that failed to load
+    before its error is told) would come before a bad input's one line. Warnings and
+    errors of every library are kept; `--verbose` keeps everything."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    if verbose_requested(sys.argv):
+        return
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+    def keep(record) -> bool:
+        return (record.levelno >= absl_logging.converter.STANDARD_WARNING
+                or os.path.abspath(record.pathname).startswith(package))
+
+    absl_logging.get_absl_handler().addFilter(keep)
+
+
 def import_tensorflow_quietly():
     """Imports TensorFlow and Keras with their start-up chatter hidden; returns tf."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -120,6 +139,18 @@ def define_config_file(program: str, help_text: str):
         sys.exit(error_line(program, error))
 
 
+def without_traceback(error) -> str:
+    """The text of a flag error without the traceback ml_collections puts into it when
+    a config file's get_config() raises (a misspelt variant): the flag, then the
+    config's own error line."""
+    message = str(error)
+    head, marker, trace = message.partition("Traceback (most recent call last):")
+    if not marker:
+        return message
+    lines = [line.strip() for line in trace.splitlines() if line.strip()]
+    return f"{head.strip()} {lines[-1]}" if lines else head.strip()
+
+
 def flags_parser(program: str, module_name: str, usage: str):
     """absl's flag parser for `program`, made a command-line program's: --help prints
     `usage` and the flags the program defines (in `module_name`) and exits 0; a bad
@@ -147,7 +178,8 @@ def flags_parser(program: str, module_name: str, usage: str):
         try:
             return flags.FLAGS(argv)
         except flags.Error as error:
-            sys.exit(error_line(program, error))
+            sys.exit(error_line(program, error if verbose_requested(argv)
+                                else without_traceback(error)))
         except Exception as error:  # noqa: BLE001  (a config file's own failure)
             if not loads_python or verbose_requested(argv):
                 raise

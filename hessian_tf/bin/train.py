@@ -16,11 +16,11 @@ import sys
 
 from hessian_tf.bin import (
     define_config_file, error_line, flags_parser, import_tensorflow_quietly,
-    skip_final_collection)
+    log_own_progress, skip_final_collection)
 
 tf = import_tensorflow_quietly()
 
-from absl import app, flags, logging
+from absl import app, flags
 
 _PROGRAM = "hessian-train"
 _CONFIG = define_config_file(
@@ -55,7 +55,7 @@ def main(argv) -> int:
 def run():
     """Console-script entry point."""
     skip_final_collection()
-    logging.set_verbosity(logging.INFO)
+    log_own_progress()
     app.run(lambda argv: sys.exit(main(argv)),
             flags_parser=flags_parser(_PROGRAM, __name__, __doc__))
 
