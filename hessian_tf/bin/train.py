@@ -13,14 +13,11 @@ Bad input: one line on stderr, exit status 2.
 
 import sys
 
+from absl import app, flags
 
 from hessian_tf.bin import (
     define_config_file, error_line, flags_parser, import_tensorflow_quietly,
     log_own_progress, skip_final_collection)
-
-tf = import_tensorflow_quietly()
-
-from absl import app, flags
 
 _PROGRAM = "hessian-train"
 _CONFIG = define_config_file(
@@ -41,6 +38,9 @@ def main(argv) -> int:
         return _error(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
         return _error("--config is required, e.g. --config=configs/cnn_digits.py:bn")
+    # Already imported where a config file was loaded (flags_parser); --help and bad
+    # flags were answered before TensorFlow's start-up.
+    tf = import_tensorflow_quietly()
     try:
         from hessian_tf import training
 

@@ -93,7 +93,11 @@ def export_for_spectrum(
         # Second derivatives through the statistics (moments.py); short recurrent
         # layers unrolled (recurrent.py); grouped convolutions without XLA and
         # pointwise ones as matrix products (convolutions.py); attention by batched
-        # matrix products (attention.py).
+        # matrix products (attention.py). Not here, unlike the Keras model function's
+        # mode context: second_order_gradients (it swaps gradient functions, which act
+        # when products are traced: the loaded model's mode context enters it) and
+        # dilated_convolutions (its kernel is probed in this process; the saved graph
+        # may run where TensorFlow's dilated kernel does not).
         with exact_moments(), grouped_convolutions(), pointwise_convolutions(), \
                 matmul_attention(), recurrent.unrolled(model, unroll_steps):
             outputs, _ = model.stateless_call(

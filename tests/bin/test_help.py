@@ -156,3 +156,11 @@ def test_verbose_is_read_before_the_flags_are_parsed(argv, wanted):
     from hessian_tf.bin import verbose_requested
 
     assert verbose_requested(["program", *argv]) == wanted
+
+
+@pytest.mark.parametrize("arguments, status", [(["--help"], 0), (["--nosuch"], 2), ([], 2)])
+def test_hessian_train_answers_before_tensorflow_starts(arguments, status):
+    # --help, an unknown flag and a missing --config need no TensorFlow (3-5 s).
+    stderr = stderr_at_exit("train", arguments,
+                            report="'tensorflow', 'tensorflow' in sys.modules")
+    assert f"exit {status} tensorflow False" in stderr, stderr[-2000:]
