@@ -77,6 +77,20 @@ def log_own_progress():
     absl_logging.get_absl_handler().addFilter(keep)
 
 
+def run_program(program: str, module_name: str, usage: str, main, *,
+                log_progress: bool = True):
+    """A console script's entry point: absl runs `main` on the parsed flags
+    (flags_parser) and exits with its status; Python's last collection at exit is
+    skipped; with `log_progress`, hessian_tf's INFO lines are logged."""
+    from absl import app
+
+    skip_final_collection()
+    if log_progress:
+        log_own_progress()
+    app.run(lambda argv: sys.exit(main(argv)),
+            flags_parser=flags_parser(program, module_name, usage))
+
+
 def import_tensorflow_quietly():
     """Imports TensorFlow and Keras with their start-up chatter hidden; returns tf."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

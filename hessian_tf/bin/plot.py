@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from hessian_tf import plotting
-from hessian_tf.bin import error_line, flags_parser, skip_final_collection
+from hessian_tf.bin import error_line, run_program
 from hessian_tf.io import results
 from hessian_tf.linalg import bootstrap, density
 
@@ -281,9 +280,7 @@ def main(argv):
 
 def run():
     """Console-script entry point."""
-    skip_final_collection()
-    app.run(lambda argv: sys.exit(main(argv)),
-            flags_parser=flags_parser(_PROGRAM, __name__, __doc__))
+    run_program(_PROGRAM, __name__, __doc__, main, log_progress=False)
 
 
 if __name__ == "__main__":

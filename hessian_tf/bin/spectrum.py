@@ -14,12 +14,12 @@ Long jobs checkpoint every --checkpoint_every products (at most once per
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from hessian_tf import config as config_lib
 from hessian_tf.bin import (
-    define_config_file, error_line, flags_parser, import_tensorflow_quietly,
-    job_error_message, log_own_progress, skip_final_collection)
+    define_config_file, error_line, import_tensorflow_quietly, job_error_message,
+    run_program)
 
 _PROGRAM = "hessian-spectrum"
 # Errors whose own text is the one line of a bad input (a job's, a config file's).
@@ -162,10 +162,7 @@ def main(argv):
 
 def run():
     """Console-script entry point."""
-    skip_final_collection()
-    log_own_progress()
-    app.run(lambda argv: sys.exit(main(argv)),
-            flags_parser=flags_parser(_PROGRAM, __name__, __doc__))
+    run_program(_PROGRAM, __name__, __doc__, main)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,10 @@ config's `workdir`). Then `hessian-spectrum --config=<same config>
 Bad input: one line on stderr, exit status 2.
 """
 
-import sys
-
-from absl import app, flags
+from absl import flags
 
 from hessian_tf.bin import (
-    define_config_file, error_line, flags_parser, import_tensorflow_quietly,
-    log_own_progress, skip_final_collection)
+    define_config_file, error_line, import_tensorflow_quietly, run_program)
 
 _PROGRAM = "hessian-train"
 _CONFIG = define_config_file(
@@ -54,10 +51,7 @@ def main(argv) -> int:
 
 def run():
     """Console-script entry point."""
-    skip_final_collection()
-    log_own_progress()
-    app.run(lambda argv: sys.exit(main(argv)),
-            flags_parser=flags_parser(_PROGRAM, __name__, __doc__))
+    run_program(_PROGRAM, __name__, __doc__, main)
 
 
 if __name__ == "__main__":
