@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import ml_collections
@@ -129,6 +130,9 @@ def check_types(config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"--{name}={value!r}: pass {_KINDS[kind]} (the default is {default!r})."
             )
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"--{name}={value}: pass a finite number (the default is "
+                             f"{default!r}).")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -138,6 +142,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in positive:
         if config[name] < 1:
             raise ValueError(f"--{name}={config[name]}: pass an integer >= 1.")
+    if config.seed < 0:
+        raise ValueError(f"--seed={config.seed}: pass an integer >= 0 (NumPy's seeds).")
     if config.lockstep_draws < 0:
         raise ValueError(
             f"--lockstep_draws={config.lockstep_draws}: pass a number of draws >= 1, or 0 "

@@ -153,6 +153,37 @@ def define_config_file(program: str, help_text: str):
         sys.exit(error_line(program, error))
 
 
+def loaded_config(holder):
+    """The ml_collections.ConfigDict that a --config file's get_config() returned
+    (None when no --config was given); else ValueError in one line: ml_collections
+    keeps a failure to load the file until the value is first used."""
+    import ml_collections
+    from absl import flags
+    from ml_collections import config_flags
+
+    if not holder.present:
+        return None
+    value = holder.value
+    if isinstance(value, ml_collections.ConfigDict):
+        return value
+    path = config_flags.get_config_filename(flags.FLAGS[holder.name]).split(":")[0]
+    if not os.path.isfile(path):
+        raise ValueError(f"--config={path}: no such file; pass a config file (see the "
+                         "files in configs/).")
+    if value is None or isinstance(value, (dict, list, tuple, str, int, float)):
+        raise ValueError(
+            f"--config={path}: the file's get_config() returned "
+            f"{'None' if value is None else 'a ' + type(value).__name__}; return an "
+            "ml_collections.ConfigDict (see the files in configs/).")
+    try:
+        value.keys()  # raises the failure to load it
+    except OSError as error:
+        cause = error.__cause__ or error
+        raise ValueError(f"--config={path}: cannot be loaded ({cause})") from error
+    raise ValueError(f"--config={path}: get_config() returned a {type(value).__name__}; "
+                     "return an ml_collections.ConfigDict.")
+
+
 def without_traceback(error) -> str:
     """The text of a flag error without the traceback ml_collections puts into it when
     a config file's get_config() raises (a misspelt variant): the flag, then the
@@ -197,6 +228,10 @@ def flags_parser(program: str, module_name: str, usage: str):
         except Exception as error:  # noqa: BLE001  (a config file's own failure)
             if not loads_python or verbose_requested(argv):
                 raise
+            if "FrozenConfigDict is immutable" in str(error):  # ml_collections locks it
+                sys.exit(error_line(program, "--config: the file's get_config() returned "
+                                             "a FrozenConfigDict; return an "
+                                             "ml_collections.ConfigDict (see configs/)"))
             if "has no attribute 'get_config'" in str(error):
                 sys.exit(error_line(program, f"--config: the file defines no get_config() "
                                              f"({error}); see the files in configs/"))

@@ -85,7 +85,11 @@ def load_run(path: str, label: str) -> Run:
         with np.load(npz_path) as data:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"--runs: cannot read {npz_path} ({error}).") from error
+        # NumPy takes a file that is no .npz for a pickle and offers allow_pickle.
+        reason = ("not an .npz archive: cut short or overwritten?"
+                  if "pickle" in str(error) else str(error))
+        raise ValueError(f"--runs: cannot read {npz_path} ({reason}); pass the "
+                         "--output_dir of a finished spectrum job.") from error
     missing = [key for key in ("nodes", "weights") if key not in arrays]
     if missing:
         raise ValueError(f"--runs: {npz_path} has no {' or '.join(missing)} array.")
@@ -238,11 +242,15 @@ def render(
         os.makedirs(directory, exist_ok=True)
     except OSError as error:
         raise ValueError(f"--output={output}: cannot create {directory} ({error.strerror}).") from error
-    results.write_files(
-        os.path.dirname(os.path.abspath(output)),
-        {os.path.basename(output): lambda path: plotting.plot_densities(
-            curves, path, title=title, xlabel=xlabel, fmt=fmt)},
-    )
+    try:
+        results.write_files(
+            directory,
+            {os.path.basename(output): lambda path: plotting.plot_densities(
+                curves, path, title=title, xlabel=xlabel, fmt=fmt)},
+        )
+    except PermissionError as error:  # of its temporary file, written first
+        raise ValueError(f"--output={output}: cannot write in {directory} ({error.strerror}); "
+                         "pass a path in a writable directory.") from error
     return {
         "output": output,
         "kernel_width": sigma,

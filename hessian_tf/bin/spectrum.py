@@ -19,7 +19,7 @@ from absl import flags
 from hessian_tf import config as config_lib
 from hessian_tf.bin import (
     define_config_file, error_line, import_tensorflow_quietly, job_error_message,
-    run_program)
+    loaded_config, run_program)
 
 _PROGRAM = "hessian-spectrum"
 # Errors whose own text is the one line of a bad input (a job's, a config file's).
@@ -105,10 +105,7 @@ for _name, _default in _DEFAULTS.items():
 
 def resolve_config(flag_values=flags.FLAGS):
     """The config file (or the default), then every flag given explicitly."""
-    if _CONFIG.present and _CONFIG.value is None:
-        raise ValueError("--config: the file's get_config() returned None; return an "
-                         "ml_collections.ConfigDict (see the files in configs/).")
-    config = _CONFIG.value if _CONFIG.value is not None else config_lib.default_config()
+    config = loaded_config(_CONFIG) or config_lib.default_config()
     # An experiment config may hold both a training and a spectrum section.
     if "spectrum" in config:
         config = config.spectrum

@@ -14,7 +14,7 @@ Bad input: one line on stderr, exit status 2.
 from absl import flags
 
 from hessian_tf.bin import (
-    define_config_file, error_line, import_tensorflow_quietly, run_program)
+    define_config_file, error_line, import_tensorflow_quietly, loaded_config, run_program)
 
 _PROGRAM = "hessian-train"
 _CONFIG = define_config_file(
@@ -33,7 +33,11 @@ def _error(message) -> int:
 def main(argv) -> int:
     if len(argv) > 1:
         return _error(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None:
+    try:
+        config = loaded_config(_CONFIG)
+    except ValueError as error:
+        return _error(error)
+    if config is None:
         return _error("--config is required, e.g. --config=configs/cnn_digits.py:bn")
     # Already imported where a config file was loaded (flags_parser); --help and bad
     # flags were answered before TensorFlow's start-up.
@@ -41,7 +45,7 @@ def main(argv) -> int:
     try:
         from hessian_tf import training
 
-        training.train(_CONFIG.value, _WORKDIR.value)
+        training.train(config, _WORKDIR.value)
     except (ValueError, OSError, KeyError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise

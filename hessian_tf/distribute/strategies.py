@@ -12,6 +12,7 @@ import tensorflow as tf
 from hessian_tf.choices import (  # noqa: F401  (the names live without TensorFlow)
     GRAPH_OPTIMIZATIONS, STRATEGIES, check_cpu_threads, check_graph_optimization)
 from hessian_tf.host import usable_cores
+from hessian_tf.messages import first_line
 
 
 def configure_cpu_devices(num_cpu_devices: int) -> None:
@@ -276,7 +277,14 @@ def make_strategy(
                 f"--worker_timeout={worker_timeout}: pass a positive number of seconds."
             )
         return _multi_worker(worker_timeout)
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except Exception as error:  # noqa: BLE001  (the resolver's, gRPC's and urllib's own)
+        raise ValueError(
+            f"--strategy=tpu --tpu={tpu}: no TPU found or reached ({type(error).__name__}: "
+            f"{first_line(error, 200)}); pass the TPU's name or grpc:// address, which this "
+            "host must reach (on a TPU VM, its name or local: launch/README.md)."
+        ) from error
     return tf.distribute.TPUStrategy(resolver)

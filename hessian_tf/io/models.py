@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import zipfile
 
 import keras
 import tensorflow as tf
@@ -30,6 +31,12 @@ def check_model_path(path: str) -> None:
         raise ValueError(
             f"--model={path}: the directory holds no saved_model.pb; pass a "
             "SavedModel directory (e.g. from Keras model.export()) or a .keras file."
+        )
+    if path.endswith(".keras") and os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # Keras would say "File not found" of a file that is there.
+        raise ValueError(
+            f"--model={path}: not a .keras file (not a zip archive: empty, cut short or "
+            "another format); save the model again with model.save('model.keras')."
         )
 
 

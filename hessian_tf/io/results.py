@@ -18,11 +18,12 @@ SUMMARY_FILE = "summary.json"
 DENSITY_FILE = "density.png"
 
 
-def check_writable(output_dir: str) -> list[str]:
+def check_writable(output_dir: str, flag: str = "--output_dir") -> list[str]:
     """Creates `output_dir` and proves a file can be written there, before any work.
-    Returns the directories it created, deepest first (for remove_empty_directories)."""
+    Returns the directories it created, deepest first (for remove_empty_directories).
+    Errors name `flag`."""
     if not output_dir:
-        raise ValueError("--output_dir is empty; pass a directory to write results to.")
+        raise ValueError(f"{flag} is empty; pass a directory to write results to.")
     created = []
     directory = os.path.abspath(output_dir)
     while directory and not os.path.exists(directory):
@@ -35,7 +36,7 @@ def check_writable(output_dir: str) -> list[str]:
     except OSError as error:
         remove_empty_directories(created)
         raise ValueError(
-            f"--output_dir={output_dir}: cannot write there ({error.strerror or error}); "
+            f"{flag}={output_dir}: cannot write there ({error.strerror or error}); "
             "pass a writable directory."
         ) from error
     return created

@@ -194,8 +194,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for section in ("workdir", "train", "spectrum"):
         if section not in config:
             raise ValueError(
-                f"--config: the config has no '{section}' field; build it from "
-                "hessian_tf.training.config.base_config()."
+                f"--config: the config has no '{section}' field, so it is no experiment "
+                "config (a spectrum job's, such as configs/mlp_digits.py, goes to "
+                "hessian-spectrum); build one from hessian_tf.training.config.base_config()."
             )
     defaults = base_config()
     unknown = sorted(set(config.train.keys()) - set(defaults.train.keys()))
@@ -272,3 +273,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"--config.spectrum: unknown option(s) {unknown}; the spectrum binary knows "
             f"{sorted(spectrum_config_lib.default_config().keys())}."
         )
+    # The section as hessian-spectrum --config will run it (its options merged over the
+    # defaults): told now, not after the training.
+    spectrum = spectrum_config_lib.default_config()
+    spectrum.update(config.spectrum.to_dict())
+    try:
+        spectrum_config_lib.validate(spectrum)
+    except ValueError as error:
+        raise ValueError(f"--config.spectrum: {error}") from error

@@ -26,7 +26,11 @@ def _tfds_name(spec: str) -> str:
 def _source(train, split: str) -> tuple[tf.data.Dataset, bool, int]:
     """(examples (image, label) unbatched, integer images?, size or -1 if unknown)."""
     if not train.dataset.startswith("tfds:"):
-        x, y = datasets_lib.load_dataset(train.dataset)
+        try:
+            x, y = datasets_lib.load_dataset(train.dataset)
+        except ValueError as error:  # told with the spectrum program's flag
+            raise ValueError(
+                str(error).replace("--dataset=", "--config.train.dataset=", 1)) from error
         return tf.data.Dataset.from_tensor_slices((x, y)), False, int(x.shape[0])
     import tensorflow_datasets as tfds
 
@@ -49,6 +53,32 @@ def _source(train, split: str) -> tuple[tf.data.Dataset, bool, int]:
         ) from error
     image_spec = dataset.element_spec[0]
     return dataset, image_spec.dtype.is_integer, -1
+
+
+def _check_example_shape(train, shape: tf.TensorShape, *, augment: bool) -> None:
+    """Raises ValueError unless the preprocessing fits the examples' shape: resizes
+    and augmentation take images (height, width, channels), and `input_shape` holds
+    as many values as an example has after them."""
+    size = int(train.image_size)
+    if (size or augment) and shape.rank != 3:
+        name, value, off = (("image_size", size, "0") if size
+                            else ("augment", train.augment, "'none'"))
+        raise ValueError(
+            f"--config.train.{name}={value!r}: resizing and augmentation take images "
+            f"(height, width, channels), and the examples of {train.dataset} have shape "
+            f"{tuple(shape)}; pass {off}, or images."
+        )
+    input_shape = tuple(int(d) for d in train.input_shape)
+    if not input_shape or not shape.is_fully_defined():
+        return
+    example = (size, size, shape[-1]) if size else tuple(shape)
+    if np.prod(example) != np.prod(input_shape):
+        raise ValueError(
+            f"--config.train.input_shape={input_shape}: the examples of {train.dataset} "
+            f"have shape {example} ({int(np.prod(example))} values) after preprocessing, "
+            f"this shape {int(np.prod(input_shape))}; pass a shape of "
+            f"{int(np.prod(example))} values, or () to keep theirs."
+        )
 
 
 def _preprocess(train, integer_images: bool, *, augment: bool):
@@ -81,13 +111,14 @@ def _preprocess(train, integer_images: bool, *, augment: bool):
 def training_dataset(train) -> tf.data.Dataset:
     """An endless, shuffled, augmented dataset of [batch_size, ...] batches."""
     dataset, integer_images, size = _source(train, train.split)
+    augment = train.augment != "none"
+    _check_example_shape(train, dataset.element_spec[0].shape, augment=augment)
     buffer = int(train.shuffle_buffer)
     if size > 0 and (buffer == 0 or buffer > size):
         buffer = size
     elif buffer == 0:
         buffer = 10000
     dataset = dataset.shuffle(buffer, seed=train.seed, reshuffle_each_iteration=True).repeat()
-    augment = train.augment != "none"
     if augment:
         # One stateless seed pair per example: augmentation repeats with the seed,
         # whatever the number of parallel calls.
@@ -109,6 +140,7 @@ def fixed_examples(train, *, split: str, num_examples: int) -> tuple[np.ndarray,
 
     For 'digits' and 'npz:' sources the split is ignored (they have one)."""
     dataset, integer_images, _ = _source(train, split)
+    _check_example_shape(train, dataset.element_spec[0].shape, augment=False)
     if num_examples > 0:
         dataset = dataset.take(num_examples)
     dataset = dataset.map(_preprocess(train, integer_images, augment=False)).batch(1024)

@@ -55,10 +55,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: Optional[str] = None):
     config = copy.deepcopy(config)
     if workdir is not None:
         if "workdir" not in config:
-            raise ValueError(
-                "--config: the config has no 'workdir' field; build it from "
-                "hessian_tf.training.config.base_config()."
-            )
+            config_lib.validate(config)  # which names the missing section
         config.workdir = workdir
     config = config.copy_and_resolve_references()
     config_lib.validate(config)
@@ -102,21 +99,21 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None) -> d
     config = resolve(config, workdir)
     train_config = config.train
     workdir = config.workdir
-    results.check_writable(workdir)
-    if os.path.exists(os.path.join(workdir, SUMMARY_FILE)) or os.path.exists(
-        os.path.join(workdir, CONFIG_FILE)
-    ):
-        logging.warning(
-            "%s holds an earlier run: its files are replaced, but its TensorBoard "
-            "events stay (use a fresh --workdir for clean curves).", workdir,
-        )
-    with _mock_data(train_config.mock_data), _op_determinism(train_config.deterministic):
-        summary = _train(config, train_config, workdir, started)
+    created = results.check_writable(workdir, flag="--workdir")
+    try:
+        with _mock_data(train_config.mock_data), _op_determinism(train_config.deterministic):
+            summary = _train(config, train_config, workdir, started)
+    except BaseException:
+        # A run refused before training (its data, model or options) leaves no new
+        # directory; an earlier run's files were not touched (_train writes first at fit).
+        spectrum_dir = os.path.join(workdir, "spectrum")  # the callback's, if made
+        results.remove_empty_directories(
+            [spectrum_dir] * os.path.isdir(spectrum_dir) + created)
+        raise
     return summary
 
 
 def _train(config, train_config, workdir, started) -> dict:
-    _write_json(workdir, CONFIG_FILE, json.loads(config.to_json_best_effort()))
     keras.utils.set_random_seed(train_config.seed)
     dataset = data_lib.training_dataset(train_config)
     input_shape = data_lib.input_shape(dataset)
@@ -152,7 +149,7 @@ def _train(config, train_config, workdir, started) -> dict:
             train_config, split=options.split or train_config.split,
             num_examples=options.num_examples,
         )
-        results.write_files(workdir, {SPECTRUM_DATA_FILE: results.npz_writer({"x": x, "y": y})})
+        spectrum_data = {"x": x, "y": y}
         spectrum_callback = SpectrumCallback(
             (x, y),
             log_dir=os.path.join(workdir, "spectrum"),
@@ -170,6 +167,17 @@ def _train(config, train_config, workdir, started) -> dict:
     )
     callbacks.append(training_log)
 
+    # The first files, once the data, the model and the options have been accepted.
+    if os.path.exists(os.path.join(workdir, SUMMARY_FILE)) or os.path.exists(
+        os.path.join(workdir, CONFIG_FILE)
+    ):
+        logging.warning(
+            "%s holds an earlier run: its files are replaced, but its TensorBoard "
+            "events stay (use a fresh --workdir for clean curves).", workdir,
+        )
+    _write_json(workdir, CONFIG_FILE, json.loads(config.to_json_best_effort()))
+    if spectrum_callback is not None:
+        results.write_files(workdir, {SPECTRUM_DATA_FILE: results.npz_writer(spectrum_data)})
     steps_per_epoch = train_config.steps_per_epoch or train_config.num_steps
     epochs = math.ceil(train_config.num_steps / steps_per_epoch)
     fit_started = time.perf_counter()

@@ -44,6 +44,11 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cnn_dig
     # stay off stderr: only hessian_tf's own progress is logged below warnings.
     (["--dataset=tfds:nosuchds"], "Dataset nosuchds not found"),
     (["--model=absent.keras", "--strategy=multi_worker"], "--model=absent.keras: no such file"),
+    (["--kernel_width=inf"], "--kernel_width=inf: pass a finite number"),
+    (["--seed=-1"], "--seed=-1: pass an integer >= 0"),
+    # The resolver's own errors ("Please provide a TPU Name", a failed URL lookup).
+    (["--strategy=tpu"], "--strategy=tpu --tpu=: no TPU found or reached"),
+    (["--strategy=tpu", "--tpu=nosuchtpu.invalid"], "--tpu=nosuchtpu.invalid: no TPU found"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(arguments, expected):
     assert_one_error_line(run_installed("hessian-spectrum", *arguments), expected)
@@ -57,10 +62,14 @@ def assert_one_error_line(result, expected):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("missing", "No such file or directory"),
+    ("missing", "--config={config}: no such file"),
     ("syntax error", "--config: SyntaxError: invalid syntax"),
     ("no get_config", "--config: the file defines no get_config()"),
-    ("returns None", "--config: the file's get_config() returned None"),  # not the default job
+    ("returns None", "--config={config}: the file's get_config() returned None"),  # not
+    # the default job
+    ("returns a dict", "--config={config}: the file's get_config() returned a dict"),
+    ("returns a FrozenConfigDict", "--config: the file's get_config() returned a "
+                                   "FrozenConfigDict"),
     ("in a flag file", "--lanczos_steps=0"),  # its config file imports TensorFlow
     ("missing flag file", "Unable to open flagfile"),  # read when --config is defined
     # ml_collections lets a value of None into any option; validate checks the types.
@@ -74,7 +83,10 @@ def test_bad_config_files_are_one_line_and_exit_2(tmp_path, case, expected):
     texts = {"syntax error": "def get_config(:\n", "no get_config": "x = 1\n",
              "returns None": "def get_config():\n    return None\n",
              "a None value": "import ml_collections\ndef get_config():\n    return "
-                             "ml_collections.ConfigDict({'dataset': None})\n"}
+                             "ml_collections.ConfigDict({'dataset': None})\n",
+             "returns a dict": "def get_config():\n    return {'lanczos_steps': 3}\n",
+             "returns a FrozenConfigDict": "import ml_collections\ndef get_config():\n    "
+                                           "return ml_collections.FrozenConfigDict({})\n"}
     if case in texts:
         config.write_text(texts[case])
     arguments = [f"--config={config}"]
@@ -87,7 +99,7 @@ def test_bad_config_files_are_one_line_and_exit_2(tmp_path, case, expected):
     if case == "missing flag file":
         arguments = [f"--flagfile={tmp_path / 'absent.txt'}"]
     result = run_installed("hessian-spectrum", *arguments, f"--output_dir={tmp_path / 'out'}")
-    assert_one_error_line(result, expected)
+    assert_one_error_line(result, expected.format(config=config))
     assert not (tmp_path / "out").exists()
 
 

@@ -103,6 +103,8 @@ def test_padding_past_num_steps_is_ignored(tmp_path):
     (["--runs={good}", "--confidence=1.0"], "--confidence=1.0"),
     (["--runs={bad}"], "has nodes (2, 3) and weights (2, 2)"),
     (["--runs="], "--runs is empty"),
+    # NumPy takes bytes that are no .npz for a pickle, and would advise allow_pickle.
+    (["--runs={corrupt}"], "(not an .npz archive: cut short or overwritten?)"),
 ])
 def test_bad_input_is_one_line_and_no_file(tmp_path, arguments, expected):
     paths = {
@@ -112,6 +114,9 @@ def test_bad_input_is_one_line_and_no_file(tmp_path, arguments, expected):
         "bad": fabricate(tmp_path / "bad", np.zeros((2, 3)), np.ones((2, 2))),
     }
     os.makedirs(paths["empty"])
+    paths["corrupt"] = str(tmp_path / "corrupt")
+    os.makedirs(paths["corrupt"])
+    (tmp_path / "corrupt" / "spectrum.npz").write_bytes(bytes(range(256)) * 4)
     output = tmp_path / "plot.png"
     result = run_plot(*[a.format(**paths) for a in arguments], f"--output={output}")
     assert result.returncode == 2
@@ -126,6 +131,19 @@ def test_bad_output_name(tmp_path, two_runs):
     with pytest.raises(ValueError, match="unknown image type 'jpeg'"):
         plot.render(two_runs, str(tmp_path / "plot.jpeg"))
     assert not (tmp_path / "plot.jpeg").exists()
+
+
+def test_an_unwritable_output_directory_is_named(tmp_path, two_runs, monkeypatch):
+    # As a user who may not write there (root may, so the refusal is simulated): the
+    # error names --output and its directory, not the temporary file written first.
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".tmp-x-plot.png"))
+
+    monkeypatch.setattr(plot.results.tempfile, "mkstemp", refuse)
+    with pytest.raises(ValueError, match=r"^--output=\S+plot.png: cannot write in \S+ "
+                                         r"\(Permission denied\)"):
+        plot.render(two_runs, str(tmp_path / "plot.png"))
+    assert not (tmp_path / "plot.png").exists()
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,10 @@ def _bad_model_path(directory, case):
         path = directory / "garbage.keras"
         path.write_bytes(b"not a zip file")
         return path
+    if case == "empty .keras":
+        path = directory / "empty.keras"
+        path.write_bytes(b"")
+        return path
     if case == "truncated .keras":
         whole = (directory / "whole.keras")
         small_bn_model().save(str(whole))
@@ -150,8 +154,11 @@ def _bad_model_path(directory, case):
     ("SavedModel without serve", "no 'serve' function"),
     ("wrong extension", "convert an HDF5 file with keras.models.load_model"),
     ("no extension", "unknown model format"),
-    ("not a zip", ".keras file could not be loaded"),
-    ("truncated .keras", "pass the module that registers them as --import_modules=MODULE"),
+    # Keras would say "File not found" of the first, and the second would be blamed on
+    # custom layers: refused before Keras reads them.
+    ("not a zip", "not a .keras file (not a zip archive: empty, cut short"),
+    ("truncated .keras", "not a .keras file (not a zip archive: empty, cut short"),
+    ("empty .keras", "not a .keras file (not a zip archive: empty, cut short"),
     ("zip without config", ".keras file could not be loaded"),
     ("lambda layer (unsafe)", "replace the Lambda layer with a custom layer registered"),
 ])

@@ -1,5 +1,7 @@
 """Experiment configs: variants, the spectrum section, and bad values."""
 
+import re
+
 import pytest
 
 from hessian_tf import config as spectrum_config
@@ -77,6 +79,19 @@ def test_bad_spectrum_schedule(name, value):
         training.resolve(config)
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("lanczos_steps", -1, "--lanczos_steps=-1: pass an integer >= 1"),
+    ("loss", "hinge", "--loss='hinge' is not valid"),
+    ("kernel_width", float("nan"), "--kernel_width=nan: pass a finite number"),
+])
+def test_the_spectrum_section_is_checked_before_training(name, value, message):
+    # hessian-spectrum --config would refuse it after the training had run.
+    config = config_lib.base_config()
+    config.spectrum[name] = value
+    with pytest.raises(ValueError, match="^--config.spectrum: " + re.escape(message)):
+        training.resolve(config)
+
+
 def test_mlp_has_no_batch_norm():
     config = config_lib.base_config()
     config.train.model = "mlp"
@@ -91,3 +106,10 @@ def test_unknown_options_are_refused():
     config.train.learning_rat = 0.1
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['learning_rat'\]"):
         training.resolve(config)
+
+
+@pytest.mark.parametrize("workdir", [None, "elsewhere"])
+def test_a_spectrum_config_is_told_apart_from_an_experiment_config(workdir):
+    # configs/mlp_digits.py is hessian-spectrum's: hessian-train says so.
+    with pytest.raises(ValueError, match="no experiment config .* goes to hessian-spectrum"):
+        training.resolve(spectrum_config.default_config(), workdir)

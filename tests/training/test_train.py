@@ -130,6 +130,42 @@ def test_population_bn_statistics_are_current_at_every_update(tmp_path):
         np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("train, message", [
+    ({"input_shape": (7, 7, 1)}, r"--config.train.input_shape=\(7, 7, 1\): the examples of "
+                                 r"digits have shape \(64,\) \(64 values\)"),
+    ({"augment": "crop_flip"}, r"--config.train.augment='crop_flip': resizing and "
+                               r"augmentation take images"),
+    ({"image_size": 32}, r"--config.train.image_size=32: resizing"),
+    ({"num_classes": 5}, r"--config.train.num_classes=5: the labels of digits range"),
+])
+def test_a_refused_run_writes_nothing_and_keeps_the_earlier_one(tmp_path, train, message):
+    # Refused before training (the preprocessing's shapes had been a traceback from
+    # tf.data): no new directory, and an earlier run's files untouched.
+    with pytest.raises(ValueError, match="^" + message):
+        training.train(digits_config(**train), str(tmp_path / "new" / "run"))
+    assert not (tmp_path / "new").exists()
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "config.json").write_text('{"earlier": true}')
+    with pytest.raises(ValueError, match="^" + message):
+        training.train(digits_config(**train), str(earlier))
+    assert sorted(os.listdir(earlier)) == ["config.json"]
+    assert (earlier / "config.json").read_text() == '{"earlier": true}'
+
+
+def test_errors_name_the_training_programs_options(tmp_path):
+    # The shared checks of the output directory and the data name hessian-train's
+    # options, not the spectrum program's --output_dir and --dataset.
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="^--workdir=.*a_file: cannot write there"):
+        training.train(digits_config(), str(tmp_path / "a_file"))
+    data = tmp_path / "uneven.npz"
+    np.savez(data, x=np.zeros((10, 64), np.float32), y=np.zeros(9, np.int64))
+    with pytest.raises(ValueError, match=f"^--config.train.dataset=npz:{data}: x has shape"):
+        training.train(digits_config(dataset=f"npz:{data}"), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def run_binary(*args):
     return subprocess.run(
         [sys.executable, "-m", "hessian_tf.bin.train", *args],
@@ -141,6 +177,7 @@ def run_binary(*args):
     (["--config=configs/cnn_digits.py:bn,smoke", "--config.train.batch_size=-1"],
      "--config.train.batch_size=-1: expected an integer >= 1."),
     (["--config=configs/cnn_digits.py:huge"], "unknown variant 'huge'"),
+    (["--config=configs/nosuch.py:bn"], "--config=configs/nosuch.py: no such file"),
     (["--config=configs/cnn_digits.py:bn,smoke", "--config.train.nosuch=1"],
      "names no option of the config"),
 ])
