@@ -38,10 +38,19 @@ def check_graph_optimization(mode: str) -> None:
             "unless a GPU is visible or --strategy=tpu, else full).")
 
 
+def is_integer(value) -> bool:
+    """An integer, NumPy's too; not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real number, NumPy's too; not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_steps(unroll_steps, name: str = "--unroll_steps") -> int:
     """`unroll_steps` as an int, or ValueError naming `name`, the value and the fix."""
-    if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, numbers.Integral) \
-            or unroll_steps < 0:
+    if not is_integer(unroll_steps) or unroll_steps < 0:
         raise ValueError(
             f"{name}={unroll_steps!r}: expected an integer number of time steps >= 0. "
             f"Fix: pass at least the sequences' length (default {MAX_UNROLL_STEPS}), or 0 to "

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import ml_collections
 import numpy as np
 
 from hessian_tf.choices import (
     BN_MODES, LOSS_NAMES, METHODS, PRECISIONS, STRATEGIES, check_cpu_threads,
-    check_graph_optimization, check_steps)
+    check_graph_optimization, check_steps, is_integer, is_number)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -119,13 +118,8 @@ def check_types(config: ml_collections.ConfigDict) -> None:
     for name, default in default_config().items():
         value = config[name]
         kind = type(default)
-        if kind is bool:
-            fits = isinstance(value, (bool, np.bool_))
-        elif kind is str:
-            fits = isinstance(value, str)
-        else:  # numpy's numbers too; a bool is no number here
-            number = numbers.Integral if kind is int else numbers.Real
-            fits = isinstance(value, number) and not isinstance(value, (bool, np.bool_))
+        fits = {bool: lambda v: isinstance(v, (bool, np.bool_)), int: is_integer,
+                float: is_number, str: lambda v: isinstance(v, str)}[kind](value)
         if not fits:
             raise ValueError(
                 f"--{name}={value!r}: pass {_KINDS[kind]} (the default is {default!r})."

@@ -238,19 +238,17 @@ def render(
     )
     xlabel = "log10 |eigenvalue|" if log_abs else "Eigenvalue"
     directory = os.path.dirname(os.path.abspath(output))
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--output={output}: cannot create {directory} ({error.strerror}).") from error
+    # Made and proved writable first: a refusal names --output, not a temporary file.
+    created = results.check_writable(directory, flag="--output's directory")
     try:
         results.write_files(
             directory,
             {os.path.basename(output): lambda path: plotting.plot_densities(
                 curves, path, title=title, xlabel=xlabel, fmt=fmt)},
         )
-    except PermissionError as error:  # of its temporary file, written first
-        raise ValueError(f"--output={output}: cannot write in {directory} ({error.strerror}); "
-                         "pass a path in a writable directory.") from error
+    except BaseException:
+        results.remove_empty_directories(created)
+        raise
     return {
         "output": output,
         "kernel_width": sigma,

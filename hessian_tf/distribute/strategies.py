@@ -281,7 +281,8 @@ def make_strategy(
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-    except Exception as error:  # noqa: BLE001  (the resolver's, gRPC's and urllib's own)
+    except (ValueError, OSError, RuntimeError, tf.errors.OpError) as error:  # the
+        # resolver's (no name), urllib's (URLError: no such host) and the runtime's
         raise ValueError(
             f"--strategy=tpu --tpu={tpu}: no TPU found or reached ({type(error).__name__}: "
             f"{first_line(error, 200)}); pass the TPU's name or grpc:// address, which this "

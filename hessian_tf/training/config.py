@@ -19,13 +19,12 @@ data: random examples of the right shapes, no download).
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple, Sequence
 
 import ml_collections
 
 from hessian_tf import config as spectrum_config_lib
-from hessian_tf.choices import BN_MODES
+from hessian_tf.choices import BN_MODES, is_integer
 
 MODELS = ("resnet32", "resnet18", "mlp", "cnn")
 BATCH_NORMS = ("on", "off", "population")
@@ -165,8 +164,6 @@ def apply_flag_variants(config: ml_collections.ConfigDict, variants: Variants) -
 # ------------------------------------------------------------------ validation
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _fail(name: str, value, expected: str):
@@ -174,14 +171,14 @@ def _fail(name: str, value, expected: str):
 
 
 def _at_least(name, value, low):
-    if not _is_int(value) or value < low:
+    if not is_integer(value) or value < low:
         _fail(name, value, f"an integer >= {low}")
 
 
 def _steps(name, value, *, low, increasing=False):
     # Steps past num_steps are allowed (never reached), so that a run can be
     # shortened with one override.
-    if not isinstance(value, (tuple, list)) or not all(_is_int(step) for step in value):
+    if not isinstance(value, (tuple, list)) or not all(is_integer(step) for step in value):
         _fail(name, value, "a tuple of integer steps, e.g. (40000,)")
     if any(step < low for step in value):
         _fail(name, value, f"steps >= {low}")
@@ -238,7 +235,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ):
         _at_least(f"train.{name}", train[name], low)
     if not isinstance(train.input_shape, (tuple, list)) or not all(
-        _is_int(d) and d >= 1 for d in train.input_shape
+        is_integer(d) and d >= 1 for d in train.input_shape
     ):
         _fail("train.input_shape", train.input_shape, "a tuple of positive sizes, or ()")
     if not train.learning_rate > 0:
@@ -275,9 +272,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     # The section as hessian-spectrum --config will run it (its options merged over the
     # defaults): told now, not after the training.
+    # Values left None (placeholders, set when hessian-spectrum runs) keep the defaults.
     spectrum = spectrum_config_lib.default_config()
-    spectrum.update(config.spectrum.to_dict())
     try:
+        spectrum.update({name: value for name, value in config.spectrum.to_dict().items()
+                         if value is not None})
         spectrum_config_lib.validate(spectrum)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:  # TypeError: ml_collections' of a value's type
         raise ValueError(f"--config.spectrum: {error}") from error

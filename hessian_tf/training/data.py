@@ -28,9 +28,10 @@ def _source(train, split: str) -> tuple[tf.data.Dataset, bool, int]:
     if not train.dataset.startswith("tfds:"):
         try:
             x, y = datasets_lib.load_dataset(train.dataset)
-        except ValueError as error:  # told with the spectrum program's flag
-            raise ValueError(
-                str(error).replace("--dataset=", "--config.train.dataset=", 1)) from error
+        except ValueError as error:  # told with the spectrum program's flags
+            raise ValueError(str(error).replace("--dataset=", "--config.train.dataset=")
+                             .replace("--model", "hessian-spectrum --model")) from error
+        _check_labels(train, y)  # in memory: before training, whatever else reads them
         return tf.data.Dataset.from_tensor_slices((x, y)), False, int(x.shape[0])
     import tensorflow_datasets as tfds
 
@@ -153,12 +154,16 @@ def fixed_examples(train, *, split: str, num_examples: int) -> tuple[np.ndarray,
             f"--config.train.dataset={train.dataset} split={split!r}: no examples."
         )
     x, y = np.concatenate(xs), np.concatenate(ys)
-    if y.min() < 0 or y.max() >= train.num_classes:
+    _check_labels(train, y)
+    return x, y
+
+
+def _check_labels(train, y: np.ndarray) -> None:
+    if len(y) and (y.min() < 0 or y.max() >= train.num_classes):
         raise ValueError(
             f"--config.train.num_classes={train.num_classes}: the labels of "
             f"{train.dataset} range over [{y.min()}, {y.max()}]; pass the number of classes."
         )
-    return x, y
 
 
 def input_shape(dataset: tf.data.Dataset) -> tuple[int, ...]:

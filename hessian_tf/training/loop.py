@@ -106,9 +106,7 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None) -> d
     except BaseException:
         # A run refused before training (its data, model or options) leaves no new
         # directory; an earlier run's files were not touched (_train writes first at fit).
-        spectrum_dir = os.path.join(workdir, "spectrum")  # the callback's, if made
-        results.remove_empty_directories(
-            [spectrum_dir] * os.path.isdir(spectrum_dir) + created)
+        results.remove_empty_directories(created)
         raise
     return summary
 

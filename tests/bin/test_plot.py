@@ -135,15 +135,17 @@ def test_bad_output_name(tmp_path, two_runs):
 
 def test_an_unwritable_output_directory_is_named(tmp_path, two_runs, monkeypatch):
     # As a user who may not write there (root may, so the refusal is simulated): the
-    # error names --output and its directory, not the temporary file written first.
+    # error names --output's directory, not the temporary file written first, and the
+    # directories made for it are removed.
     def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(tmp_path / ".tmp-x-plot.png"))
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".write-test-x"))
 
-    monkeypatch.setattr(plot.results.tempfile, "mkstemp", refuse)
-    with pytest.raises(ValueError, match=r"^--output=\S+plot.png: cannot write in \S+ "
+    monkeypatch.setattr(plot.results.tempfile, "NamedTemporaryFile", refuse)
+    output = tmp_path / "new" / "sub" / "plot.png"
+    with pytest.raises(ValueError, match=r"^--output's directory=\S+sub: cannot write there "
                                          r"\(Permission denied\)"):
-        plot.render(two_runs, str(tmp_path / "plot.png"))
-    assert not (tmp_path / "plot.png").exists()
+        plot.render(two_runs, str(output))
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.fixture(scope="module")

@@ -153,7 +153,8 @@ def bad_inputs(directory):
     data = f"--dataset=npz:{directory / 'data.npz'}"
     return {
         "missing model": ([f"--model={directory / 'absent.keras'}", data], "--model="),
-        "unreadable model": ([f"--model={directory / 'garbage.keras'}", data], "could not be loaded"),
+        "unreadable model": ([f"--model={directory / 'garbage.keras'}", data],
+                             "not a .keras file (not a zip archive"),
         "wrong input shape": ([model, f"--dataset=npz:{directory / 'wide.npz'}"], "do not fit"),
         "labels out of range": ([model, f"--dataset=npz:{directory / 'labels.npz'}"], "labels range"),
         "unknown dataset": ([model, "--dataset=cifar"], "--dataset='cifar'"),

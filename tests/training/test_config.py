@@ -92,6 +92,21 @@ def test_the_spectrum_section_is_checked_before_training(name, value, message):
         training.resolve(config)
 
 
+def test_a_spectrum_section_may_leave_values_for_hessian_spectrum():
+    # A placeholder (None until hessian-spectrum --config.spectrum.model=... sets it)
+    # keeps its default in the check; a value of the wrong type is one ValueError.
+    import ml_collections
+
+    config = config_lib.base_config()
+    config.spectrum.model = ml_collections.config_dict.placeholder(str)
+    training.resolve(config)
+    config = config_lib.base_config()
+    config.spectrum = ml_collections.ConfigDict({"lanczos_steps": 30.0})
+    with pytest.raises(ValueError, match="^--config.spectrum: Could not override field "
+                                         "'lanczos_steps'"):
+        training.resolve(config)
+
+
 def test_mlp_has_no_batch_norm():
     config = config_lib.base_config()
     config.train.model = "mlp"

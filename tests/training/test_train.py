@@ -137,18 +137,24 @@ def test_population_bn_statistics_are_current_at_every_update(tmp_path):
                                r"augmentation take images"),
     ({"image_size": 32}, r"--config.train.image_size=32: resizing"),
     ({"num_classes": 5}, r"--config.train.num_classes=5: the labels of digits range"),
+    # Without the callback's examples, the labels are checked where they are read.
+    ({"num_classes": 5, "callback": False}, r"--config.train.num_classes=5: the labels"),
 ])
 def test_a_refused_run_writes_nothing_and_keeps_the_earlier_one(tmp_path, train, message):
     # Refused before training (the preprocessing's shapes had been a traceback from
     # tf.data): no new directory, and an earlier run's files untouched.
+    train = dict(train)
+    config = digits_config(**{name: value for name, value in train.items()
+                              if name != "callback"})
+    config.train.spectrum_callback.enabled = train.get("callback", True)
     with pytest.raises(ValueError, match="^" + message):
-        training.train(digits_config(**train), str(tmp_path / "new" / "run"))
+        training.train(config, str(tmp_path / "new" / "run"))
     assert not (tmp_path / "new").exists()
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "config.json").write_text('{"earlier": true}')
     with pytest.raises(ValueError, match="^" + message):
-        training.train(digits_config(**train), str(earlier))
+        training.train(config, str(earlier))
     assert sorted(os.listdir(earlier)) == ["config.json"]
     assert (earlier / "config.json").read_text() == '{"earlier": true}'
 
