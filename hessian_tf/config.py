@@ -110,6 +110,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+# Whether a value is of a kind: integers count as real numbers; a bool as neither.
+_FITS = {bool: lambda value: isinstance(value, (bool, np.bool_)), int: is_integer,
+         float: is_number, str: lambda value: isinstance(value, str)}
 
 
 def check_types(config: ml_collections.ConfigDict) -> None:
@@ -118,9 +121,7 @@ def check_types(config: ml_collections.ConfigDict) -> None:
     for name, default in default_config().items():
         value = config[name]
         kind = type(default)
-        fits = {bool: lambda v: isinstance(v, (bool, np.bool_)), int: is_integer,
-                float: is_number, str: lambda v: isinstance(v, str)}[kind](value)
-        if not fits:
+        if not _FITS[kind](value):
             raise ValueError(
                 f"--{name}={value!r}: pass {_KINDS[kind]} (the default is {default!r})."
             )

@@ -164,8 +164,6 @@ def apply_flag_variants(config: ml_collections.ConfigDict, variants: Variants) -
 # ------------------------------------------------------------------ validation
 
 
-
-
 def _fail(name: str, value, expected: str):
     raise ValueError(f"--config.{name}={value!r}: expected {expected}.")
 
