@@ -11,8 +11,9 @@ WORKDIR/
                                      section reads; its results go to spectrum_final/)
   summary.json                       timings, final metrics, one line per spectrum
 
-A workdir that holds an earlier run is written over (a warning says so); its old
-TensorBoard event files stay beside the new ones.
+A workdir that holds an earlier run is written over (a warning says so) once the
+data, the model and the options have been accepted; a run refused before that writes
+nothing there. The old TensorBoard event files stay beside the new ones.
 
 `tensorboard --logdir=WORKDIR` shows the train and spectrum runs side by side.
 """
