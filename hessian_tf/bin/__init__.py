@@ -170,18 +170,17 @@ def loaded_config(holder):
     if not os.path.isfile(path):
         raise ValueError(f"--config={path}: no such file; pass a config file (see the "
                          "files in configs/).")
-    if value is None or isinstance(value, (dict, list, tuple, str, int, float)):
-        raise ValueError(
-            f"--config={path}: the file's get_config() returned "
-            f"{'None' if value is None else 'a ' + type(value).__name__}; return an "
-            "ml_collections.ConfigDict (see the files in configs/).")
     try:
-        value.keys()  # raises the failure to load it
+        value.keys()  # ml_collections' stand-in for a file that failed to load raises it
     except OSError as error:
         cause = error.__cause__ or error
         raise ValueError(f"--config={path}: cannot be loaded ({cause})") from error
-    raise ValueError(f"--config={path}: get_config() returned a {type(value).__name__}; "
-                     "return an ml_collections.ConfigDict.")
+    except AttributeError:
+        pass  # None, a list, ...: what get_config() returned
+    raise ValueError(
+        f"--config={path}: the file's get_config() returned "
+        f"{'None' if value is None else 'a ' + type(value).__name__}; return an "
+        "ml_collections.ConfigDict (see the files in configs/).")
 
 
 def without_traceback(error) -> str:

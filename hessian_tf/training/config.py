@@ -262,16 +262,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _at_least("train.spectrum_callback.seed", callback.seed, 0)
     if callback.bn_mode not in BN_MODES:
         _fail("train.spectrum_callback.bn_mode", callback.bn_mode, f"one of {list(BN_MODES)}")
-    unknown = sorted(set(config.spectrum.keys()) - set(spectrum_config_lib.default_config().keys()))
+    spectrum = spectrum_config_lib.default_config()
+    unknown = sorted(set(config.spectrum.keys()) - set(spectrum.keys()))
     if unknown:
         raise ValueError(
             f"--config.spectrum: unknown option(s) {unknown}; the spectrum binary knows "
-            f"{sorted(spectrum_config_lib.default_config().keys())}."
+            f"{sorted(spectrum.keys())}."
         )
     # The section as hessian-spectrum --config will run it (its options merged over the
     # defaults): told now, not after the training.
     # Values left None (placeholders, set when hessian-spectrum runs) keep the defaults.
-    spectrum = spectrum_config_lib.default_config()
     try:
         spectrum.update({name: value for name, value in config.spectrum.to_dict().items()
                          if value is not None})
