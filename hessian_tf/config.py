@@ -109,6 +109,25 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def merged_over_defaults(section: ml_collections.ConfigDict, *, where: str = "",
+                         keep_defaults_for_none: bool = False) -> ml_collections.ConfigDict:
+    """A config's spectrum options merged over `default_config()` (options it leaves
+    out keep their defaults), as hessian-spectrum runs them. An unknown option is a
+    ValueError (its line begins with `where`, if given); with keep_defaults_for_none, options set to None
+    (placeholders that are filled when hessian-spectrum runs) keep their defaults too.
+    A value of another type than its default's may raise ml_collections' TypeError."""
+    merged = default_config()
+    unknown = sorted(set(section.keys()) - set(merged.keys()))
+    if unknown:
+        raise ValueError(
+            f"{where + ': ' if where else ''}unknown option(s) {unknown}; hessian-spectrum knows "
+            f"{sorted(merged.keys())}."
+        )
+    merged.update({name: value for name, value in section.to_dict().items()
+                   if value is not None or not keep_defaults_for_none})
+    return merged
+
+
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 # Whether a value is of a kind: integers count as real numbers; a bool as neither.
 _FITS = {bool: lambda value: isinstance(value, (bool, np.bool_)), int: is_integer,
@@ -211,6 +230,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"{config.dataset} --model={config.model or '(empty)'}: pass --dataset="
             "tfds:NAME and --model, or drop --stream."
         )
+    if not config.dataset.startswith("tfds:"):
+        # digits and npz data are read whole; a split or directory would be ignored.
+        for name, default in (("split", "train"), ("data_dir", "")):
+            if config[name] != default:
+                raise ValueError(
+                    f"--{name}={config[name]} goes with --dataset=tfds:NAME (got "
+                    f"--dataset={config.dataset}, which is read whole); drop --{name}, or "
+                    "cut the data before saving it."
+                )
     if config.stream and config.precision != "model":
         raise ValueError(f"--stream with --precision={config.precision} is not supported; "
                          "use --precision=model.")

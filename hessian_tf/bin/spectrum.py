@@ -109,16 +109,8 @@ def resolve_config(flag_values=flags.FLAGS):
     # An experiment config may hold both a training and a spectrum section.
     if "spectrum" in config:
         config = config.spectrum
-    config = config.copy_and_resolve_references()
-    unknown = sorted(set(config.keys()) - set(_DEFAULTS.keys()))
-    if unknown:
-        raise ValueError(
-            f"--config: unknown option(s) {unknown}; the spectrum job knows {sorted(_DEFAULTS.keys())}."
-        )
-    # Options the file leaves out keep their defaults.
-    merged = config_lib.default_config()
-    merged.update(config.to_dict())
-    config = merged
+    config = config_lib.merged_over_defaults(config.copy_and_resolve_references(),
+                                             where="--config")
     for name in _DEFAULTS.keys():
         if flag_values[name].present:
             config[name] = flag_values[name].value

@@ -129,6 +129,12 @@ def _checked(x: np.ndarray, y: np.ndarray, spec: str):
         raise ValueError(f"--dataset={spec}: the dataset has no examples.")
     if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
         raise ValueError(f"--dataset={spec}: x and y must be numeric arrays.")
+    for name, array in (("x", x), ("y", y)):
+        if np.iscomplexobj(array):
+            raise ValueError(
+                f"--dataset={spec}: {name} holds complex numbers ({array.dtype}), which "
+                "TensorFlow would cut to their real parts; pass real arrays."
+            )
     if not np.all(np.isfinite(x)):
         raise ValueError(f"--dataset={spec}: x holds NaN or infinite values; clean the data.")
     if np.issubdtype(x.dtype, np.floating) and x.dtype != np.float32 and x.dtype != np.float64:

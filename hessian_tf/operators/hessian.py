@@ -271,6 +271,31 @@ def _check_binary(model_function, y: np.ndarray) -> None:
         )
 
 
+def _check_integer_inputs(model_function, x: np.ndarray) -> None:
+    """A model whose input is integers (token ids, read by an Embedding) takes real
+    inputs cast to them: a fraction would be cut off silently."""
+    if not x.size or np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+        return
+    from hessian_tf.operators.subset import base_function
+
+    function = base_function(model_function)  # under --variables
+    model = getattr(function, "model", None)
+    if model is not None:
+        inputs = getattr(model, "inputs", None)  # a subclassed model may have none
+        dtype = inputs[0].dtype if inputs else None
+    else:
+        dtype = getattr(function, "_input_dtype", None)  # a SavedModel's signature
+    if dtype is None:
+        return
+    dtype = tf.as_dtype(dtype)
+    if (dtype.is_integer or dtype.is_bool) and not np.all(np.equal(np.mod(x, 1), 0)):
+        raise ValueError(
+            f"--dataset: x holds real numbers with a fraction (dtype {x.dtype}), but the "
+            f"model takes {dtype.name} inputs (such as token ids), to which they would be "
+            "cut; pass the model's integers."
+        )
+
+
 def deal_batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_replicas: int):
     """Splits (x, y) into contiguous batches and deals them to replicas round-robin.
 
@@ -842,6 +867,7 @@ class HessianOperator:
 
     def _check_fit(self, x: np.ndarray, y: np.ndarray) -> None:
         """One forward pass on two examples: shapes and label ranges fit the model."""
+        _check_integer_inputs(self.model_function, x)
         sample = x[: min(2, x.shape[0])]
         try:
             with self.model_function.mode_context("inference"):

@@ -262,19 +262,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _at_least("train.spectrum_callback.seed", callback.seed, 0)
     if callback.bn_mode not in BN_MODES:
         _fail("train.spectrum_callback.bn_mode", callback.bn_mode, f"one of {list(BN_MODES)}")
-    spectrum = spectrum_config_lib.default_config()
-    unknown = sorted(set(config.spectrum.keys()) - set(spectrum.keys()))
-    if unknown:
-        raise ValueError(
-            f"--config.spectrum: unknown option(s) {unknown}; the spectrum binary knows "
-            f"{sorted(spectrum.keys())}."
-        )
-    # The section as hessian-spectrum --config will run it (its options merged over the
-    # defaults): told now, not after the training.
-    # Values left None (placeholders, set when hessian-spectrum runs) keep the defaults.
+    # The section as hessian-spectrum --config will run it: told now, not after the
+    # training.
     try:
-        spectrum.update({name: value for name, value in config.spectrum.to_dict().items()
-                         if value is not None})
+        spectrum = spectrum_config_lib.merged_over_defaults(
+            config.spectrum, keep_defaults_for_none=True)
         spectrum_config_lib.validate(spectrum)
     except (TypeError, ValueError) as error:  # TypeError: ml_collections' of a value's type
         raise ValueError(f"--config.spectrum: {error}") from error

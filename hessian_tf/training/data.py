@@ -159,6 +159,13 @@ def fixed_examples(train, *, split: str, num_examples: int) -> tuple[np.ndarray,
 
 
 def _check_labels(train, y: np.ndarray) -> None:
+    if not np.issubdtype(y.dtype, np.integer) and not np.all(np.equal(np.mod(y, 1), 0)):
+        # The training loss would cut them to integers.
+        raise ValueError(
+            f"--config.train.dataset={train.dataset}: labels of dtype {y.dtype} are not "
+            "class indices (some have a fraction); pass integer labels in "
+            f"[0, {train.num_classes - 1}]."
+        )
     if len(y) and (y.min() < 0 or y.max() >= train.num_classes):
         raise ValueError(
             f"--config.train.num_classes={train.num_classes}: the labels of "

@@ -175,6 +175,11 @@ def bad_inputs(directory):
         "two outputs": ([f"--model={directory / 'two_outputs.keras'}", data],
                         "--model: the model has 2 outputs"),
         "negative unroll": ([model, data, "--unroll_steps=-1"], "--unroll_steps=-1"),
+        # Data read whole: a split or tfds directory would be ignored.
+        "split with npz data": ([model, data, "--split=test"],
+                                "--split=test goes with --dataset=tfds:NAME"),
+        "data_dir with the digits": (["--data_dir=/data", "--dataset=digits"],
+                                     "--data_dir=/data goes with --dataset=tfds:NAME"),
         "cache with stream": ([model, "--dataset=tfds:mnist", "--stream", "--cache_residuals"],
                               "--cache_residuals: not with --stream"),
         "float32 copy with stream": ([model, "--dataset=tfds:mnist", "--stream",

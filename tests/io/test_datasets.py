@@ -114,6 +114,10 @@ def _write_bad_npz(directory, case):
         np.savez(path, x=x, y=np.zeros(5, np.int32))
     elif case == "strings":
         np.savez(path, x=np.array(["a", "b"]), y=np.arange(2))
+    elif case == "complex x":
+        np.savez(path, x=np.ones((3, 2), np.complex64), y=np.zeros(3, np.int32))
+    elif case == "complex y":
+        np.savez(path, x=np.ones((3, 2), np.float32), y=np.ones(3, np.complex128))
     elif case == "no examples":
         np.savez(path, x=np.zeros((0, 2), np.float32), y=np.zeros(0, np.int32))
     elif case == "scalars":
@@ -144,6 +148,8 @@ def _write_bad_npz(directory, case):
     ("nan in x", "NaN or infinite"),
     ("inf in x", "NaN or infinite"),
     ("strings", "numeric"),
+    ("complex x", "x holds complex numbers (complex64)"),
+    ("complex y", "y holds complex numbers (complex128)"),
     ("no examples", "no examples"),
     ("scalars", "same number of examples"),
     ("missing file", "no such file"),

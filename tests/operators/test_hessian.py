@@ -373,6 +373,19 @@ def test_real_targets_for_class_indices_name_the_regression_loss():
     operators.HessianOperator(operators.KerasModelFunction(model), x, y.astype(np.float32))
 
 
+def test_token_ids_with_a_fraction_are_refused_integral_reals_taken():
+    # Keras casts real inputs to an integer Input's dtype: 1.7 would be token 1.
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(10, 3),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    tokens = np.random.default_rng(0).integers(0, 10, (8, 4))
+    y = np.arange(8) % 3
+    with pytest.raises(ValueError, match=r"fraction \(dtype float32\).*takes int32 inputs"):
+        operators.HessianOperator(operators.KerasModelFunction(model),
+                                  tokens.astype(np.float32) + 0.25, y)
+    for x in (tokens, tokens.astype(np.float32)):
+        operators.HessianOperator(operators.KerasModelFunction(model), x, y)
+
+
 def test_inputs_that_do_not_fit():
     model = tiny_model()
     with pytest.raises(ValueError, match="do not fit"):

@@ -170,6 +170,12 @@ def test_errors_name_the_training_programs_options(tmp_path):
     with pytest.raises(ValueError, match=f"^--config.train.dataset=npz:{data}: x has shape"):
         training.train(digits_config(dataset=f"npz:{data}"), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+    # Real labels with a fraction would be cut to class indices by the training loss.
+    np.savez(data, x=np.zeros((10, 64), np.float32), y=np.full(10, 1.5))
+    with pytest.raises(ValueError, match=f"^--config.train.dataset=npz:{data}: labels of "
+                       r"dtype float64 are not class indices"):
+        training.train(digits_config(dataset=f"npz:{data}"), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def run_binary(*args):
