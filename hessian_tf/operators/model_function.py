@@ -21,7 +21,7 @@ from absl import logging
 
 from hessian_tf.choices import BN_MODES
 from hessian_tf.operators import folding, group_norm, recurrent
-from hessian_tf.operators.activations import compact_gelu
+from hessian_tf.operators.activations import compact_activations
 from hessian_tf.operators.attention import matmul_attention
 from hessian_tf.operators.graphs import graph_nodes
 from hessian_tf.operators.convolutions import (
@@ -209,7 +209,8 @@ class KerasModelFunction:
         (second_order.py), grouped convolutions computed without XLA, pointwise
         ones as matrix products and dilated ones by TensorFlow's dilated kernel
         (convolutions.py), dot-product attention by batched matrix products
-        (attention.py), and gelu with its derivatives written out (activations.py)."""
+        (attention.py), and gelu and silu with their derivatives written out
+        (activations.py)."""
         if bn_mode == "train":
             mode = batch_norm_in_train_mode(self.model)
         elif self.fold_batch_norm:
@@ -220,7 +221,7 @@ class KerasModelFunction:
                            if self.per_channel_group_norm else contextlib.nullcontext())
         with exact_moments(), second_order_gradients(), grouped_convolutions(), \
                 pointwise_convolutions(), dilated_convolutions(), matmul_attention(), \
-                compact_gelu(), recurrent.unrolled(self.model, self.unroll_steps), \
+                compact_activations(), recurrent.unrolled(self.model, self.unroll_steps), \
                 group_norm_mode, mode:
             yield
 

@@ -1,4 +1,4 @@
-"""Keras's gelu with its derivatives written out (operators/activations.py)."""
+"""Keras's gelu and silu with their derivatives written out (operators/activations.py)."""
 
 import contextlib
 import functools
@@ -22,13 +22,22 @@ def points(dtype=tf.float64):
     return tf.constant(grid, dtype)
 
 
-@pytest.mark.parametrize("approximate", [False, True])
+# (hessian_tf's function, TensorFlow's) of each activation and form.
+FUNCTIONS = {
+    "gelu": (lambda t: activations.gelu(t, False), lambda t: tf.nn.gelu(t, approximate=False)),
+    "gelu_tanh": (lambda t: activations.gelu(t, True), lambda t: tf.nn.gelu(t, approximate=True)),
+    "silu": (activations.silu, tf.nn.silu),
+}
+
+
+@pytest.mark.parametrize("activation", sorted(FUNCTIONS))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_values_are_tensorflows_bit_for_bit(approximate, dtype):
+def test_values_are_tensorflows_bit_for_bit(activation, dtype):
+    ours, tensorflows = FUNCTIONS[activation]
     x = points(dtype)
-    got = activations.gelu(x, approximate)
+    got = ours(x)
     assert got.dtype == dtype
-    np.testing.assert_array_equal(got.numpy(), tf.nn.gelu(x, approximate=approximate).numpy())
+    np.testing.assert_array_equal(got.numpy(), tensorflows(x).numpy())
 
 
 def derivatives(function, x, mode):
@@ -50,17 +59,17 @@ def derivatives(function, x, mode):
 
 
 @pytest.mark.parametrize("mode", ["forward_over_backward", "reverse_over_reverse"])
-@pytest.mark.parametrize("approximate", [False, True])
+@pytest.mark.parametrize("activation", sorted(FUNCTIONS))
 @pytest.mark.parametrize("traced", [False, True])
-def test_first_and_second_derivatives_are_tensorflows(mode, approximate, traced):
+def test_first_and_second_derivatives_are_tensorflows(mode, activation, traced):
     x = points()
 
     def both(function):
-        run = functools.partial(derivatives, lambda t: function(t, approximate), mode=mode)
+        run = functools.partial(derivatives, function, mode=mode)
         return (tf.function(run) if traced else run)(x)
 
-    got = both(activations.gelu)
-    expected = both(lambda t, a: tf.nn.gelu(t, approximate=a))
+    got = both(FUNCTIONS[activation][0])
+    expected = both(FUNCTIONS[activation][1])
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-13, atol=1e-14)
     # Not zero: a derivative the tapes missed would read 0.
@@ -75,6 +84,7 @@ def gelu_model(dtype="float64"):
         keras.layers.Dense(7, activation="gelu", dtype=dtype),
         keras.layers.Dense(6, dtype=dtype),
         keras.layers.Activation(tanh_gelu, dtype=dtype),
+        keras.layers.Dense(6, activation="swish", dtype=dtype),
         keras.layers.Dense(3, dtype=dtype),
     ])
 
@@ -86,7 +96,7 @@ def product_and_muls(model, method, compact):
     with contextlib.ExitStack() as stack:
         if not compact:
             stack.enter_context(pytest.MonkeyPatch.context()).setattr(
-                model_function, "compact_gelu", contextlib.nullcontext)
+                model_function, "compact_activations", contextlib.nullcontext)
         operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
                                              batch_size=8, method=method)
         product = operator.matvec(np.random.default_rng(2).standard_normal(operator.dim))
@@ -95,7 +105,7 @@ def product_and_muls(model, method, compact):
 
 
 @pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
-def test_products_are_those_of_keras_gelu_with_fewer_ops(method):
+def test_products_are_those_of_keras_activations_with_fewer_ops(method):
     model = gelu_model()
     product, muls = product_and_muls(model, method, compact=True)
     expected, keras_muls = product_and_muls(model, method, compact=False)
@@ -104,22 +114,31 @@ def test_products_are_those_of_keras_gelu_with_fewer_ops(method):
     assert muls < keras_muls
 
 
-def test_the_context_nests_and_restores_keras_gelu(monkeypatch):
+def test_the_context_nests_and_restores_keras_activations(monkeypatch):
     calls = []
-    compact = activations.gelu
-    monkeypatch.setattr(activations, "gelu", lambda *a: calls.append(a) or compact(*a))
-    with activations.compact_gelu(), activations.compact_gelu():
+    for name in ("gelu", "silu"):
+        compact = getattr(activations, name)
+        monkeypatch.setattr(activations, name, functools.partial(
+            lambda name, compact, *a: calls.append((name,) + a) or compact(*a), name, compact))
+    with activations.compact_activations(), activations.compact_activations():
         assert keras_tensorflow_nn.gelu is activations.gelu
-        # Keras's layers reach it: keras.ops looks the backend's function up at each call.
-        layer = keras.layers.Dense(2, activation="gelu")
-        tf.function(layer).get_concrete_function(tf.TensorSpec([None, 3], tf.float32))
-        assert calls and all(call[1] is False for call in calls)  # the exact form
+        assert keras_tensorflow_nn.silu is activations.silu
+        # Keras's layers reach them: keras.ops looks the backend's functions up at each call.
+        layers = [keras.layers.Dense(2, activation=name) for name in ("gelu", "swish", "silu")]
+        for layer in layers:
+            tf.function(layer).get_concrete_function(tf.TensorSpec([None, 3], tf.float32))
+        assert {call[0] for call in calls} == {"gelu", "silu"}
+        assert all(call[2] is False for call in calls if call[0] == "gelu")  # the exact form
     assert keras_tensorflow_nn.gelu is activations._keras_gelu
+    assert keras_tensorflow_nn.silu is activations._keras_silu
     reached = len(calls)
-    layer(tf.ones([1, 3]))
+    for layer in layers:
+        layer(tf.ones([1, 3]))
     assert len(calls) == reached
 
 
 def test_integer_inputs_get_tensorflows_error():
     with pytest.raises(ValueError, match="floating point"):
         activations.gelu(tf.constant([1, 2]), False)
+    with pytest.raises((TypeError, tf.errors.InvalidArgumentError)):
+        activations.silu(tf.constant([1, 2]))

@@ -1,19 +1,22 @@
-"""gelu with its derivatives written out against Keras's: one full-data Hessian-vector
-product per network and method.
+"""gelu and silu with their derivatives written out against Keras's: one full-data
+Hessian-vector product per network and method.
 
 `KerasModelFunction` traces products within `hessian_tf.operators.activations`'s
-`compact_gelu`; here one operator of each pair is traced with Keras's own gelu (the ops
-of `tf.nn.gelu`, differentiated one by one) instead. Networks (untrained, seeded, on the
-1,797 digits): `gelu_mlp`, the 64 pixels through three `Dense(512, gelu)` to `Dense(10)`
-(batch 512); `attention_seq` and `convnext_blocks` of benchmarks/example_networks.py (a
-transformer block's gelu MLP; ConvNeXt's gelu MLPs, on the digits at 32×32; batch 128).
+`compact_activations`; here one operator of each pair is traced with Keras's own
+activations (the ops of `tf.nn.gelu` and `tf.nn.silu`, differentiated one by one)
+instead. Networks (untrained, seeded, on the 1,797 digits): `gelu_mlp` and `silu_mlp`,
+the 64 pixels through three `Dense(512)` of that activation to `Dense(10)` (batch 512);
+`attention_seq` and `convnext_blocks` of benchmarks/example_networks.py (a transformer
+block's gelu MLP; ConvNeXt's gelu MLPs, on the digits at 32×32; batch 128);
+`efficientnet_b0`, keras.applications' EfficientNetB0 (swish) on the digits at 32×32×3
+(weights=None, average pooling, Dense(10); batch 64).
 One thread per op, as the spectrum binary runs on a host of at most 2 cores without GPU
 (hessian_tf.distribute.automatic_cpu_threads). The two operators' products are checked
 against each other, then timed in `--rounds` interleaved rounds after a traced first
 one; medians.
 
-Command (about 4 minutes on 2 CPU cores):
-  .venv/bin/python benchmarks/gelu.py [--rounds 7]
+Command (about 9 minutes on 2 CPU cores):
+  .venv/bin/python benchmarks/activations.py [--rounds 7]
 """
 
 from __future__ import annotations
@@ -25,14 +28,19 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
+
 from core import agreeing_medians, rounds_main, switched_off  # noqa: E402  (benchmarks/core.py)
 
 KERAS = "Keras's"
 CASES = (("gelu_mlp", "forward_over_backward"), ("gelu_mlp", "reverse_over_reverse"),
+         ("silu_mlp", "forward_over_backward"), ("silu_mlp", "reverse_over_reverse"),
          ("attention_seq", "forward_over_backward"),
          ("attention_seq", "reverse_over_reverse"),
-         ("convnext_blocks", "forward_over_backward"))
-BATCH_SIZES = {"gelu_mlp": 512, "attention_seq": 128, "convnext_blocks": 128}
+         ("convnext_blocks", "forward_over_backward"),
+         ("efficientnet_b0", "forward_over_backward"))
+BATCH_SIZES = {"gelu_mlp": 512, "silu_mlp": 512, "attention_seq": 128,
+               "convnext_blocks": 128, "efficientnet_b0": 64}
 
 
 def workload(network: str, examples: int | None = None):
@@ -46,18 +54,25 @@ def workload(network: str, examples: int | None = None):
     x, y = load_digits()
     x, y = x[:examples], y[:examples]
     keras.utils.set_random_seed(0)
-    if network == "gelu_mlp":
+    if network.endswith("_mlp"):
         layers = keras.layers
+        activation = network[:-len("_mlp")]
         return keras.Sequential([keras.Input((64,))] + [
-            layers.Dense(512, activation="gelu") for _ in range(3)] + [layers.Dense(10)]), x, y
+            layers.Dense(512, activation=activation) for _ in range(3)] + [
+            layers.Dense(10)]), x, y
     if network == "attention_seq":
         return example_networks.build(network), x.reshape(-1, 8, 8), y
     images, _ = example_networks.pixel_digits(x.reshape(-1, 8, 8), y)
+    if network == "efficientnet_b0":
+        body = keras.applications.EfficientNetB0(
+            weights=None, include_top=False, input_shape=(32, 32, 3), pooling="avg")
+        model = keras.Sequential([body, keras.layers.Dense(10)])
+        return model, np.repeat(images, 3, axis=-1), y
     return example_networks.build(network), images, y
 
 
-# Traces made within take Keras's gelu, differentiated op by op.
-keras_gelu = functools.partial(switched_off, "compact_gelu")
+# Traces made within take Keras's activations, differentiated op by op.
+keras_activations = functools.partial(switched_off, "compact_activations")
 
 
 def measure(network: str, method: str, rounds: int, examples: int | None = None):
@@ -66,7 +81,7 @@ def measure(network: str, method: str, rounds: int, examples: int | None = None)
 
     automatic_cpu_threads("default")  # before TensorFlow's first op; else left as it is
     model, x, y = workload(network, examples)
-    contexts = {KERAS: keras_gelu, "written out": contextlib.nullcontext}
+    contexts = {KERAS: keras_activations, "written out": contextlib.nullcontext}
     variants = {name: operators.HessianOperator(
         operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZES[network],
         method=method) for name in contexts}
@@ -77,12 +92,12 @@ def measure(network: str, method: str, rounds: int, examples: int | None = None)
             f"{median['written out'] / median[KERAS]:.2f}", f"{error:.0e}"]
 
 
-HEADER = ("network", "method", "Keras's gelu ms", "written out ms", "written out ÷ Keras's",
+HEADER = ("network", "method", "Keras's activations ms", "written out ms", "written out ÷ Keras's",
           "max rel. diff")
 
 
 def main(argv: list[str]) -> int:
-    return rounds_main(argv, script="gelu.py", description=__doc__.splitlines()[0],
+    return rounds_main(argv, script="activations.py", description=__doc__.splitlines()[0],
                        header=HEADER, cases=CASES, measure=measure, rounds=7)
 
 
