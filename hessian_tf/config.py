@@ -232,12 +232,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if not config.dataset.startswith("tfds:"):
         # digits and npz data are read whole; a split or directory would be ignored.
+        fixes = {"split": "drop --split, or save only the examples you want",
+                 "data_dir": "drop --data_dir (a config that sets it for a tfds dataset: "
+                             "set its data_dir to '')"}
         for name, default in (("split", "train"), ("data_dir", "")):
             if config[name] != default:
                 raise ValueError(
                     f"--{name}={config[name]} goes with --dataset=tfds:NAME (got "
-                    f"--dataset={config.dataset}, which is read whole); drop --{name}, or "
-                    "cut the data before saving it."
+                    f"--dataset={config.dataset}, which is read whole); {fixes[name]}."
                 )
     if config.stream and config.precision != "model":
         raise ValueError(f"--stream with --precision={config.precision} is not supported; "

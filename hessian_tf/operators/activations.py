@@ -114,7 +114,10 @@ def _scaled_derivative(name: str, derivatives, dy: tf.Tensor, x: tf.Tensor) -> t
 
 def _recorded(name: str, value, derivatives, x) -> tf.Tensor:
     """value(x), an element-wise function, recorded as one op whose derivative is
-    `_scaled_derivative`'s; a non-float x goes to `value` alone (TensorFlow's error)."""
+    `_scaled_derivative`'s; a non-float x goes to `value` alone (TensorFlow's error),
+    and so do ragged and sparse tensors."""
+    if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
+        return value(x)  # as Keras computes it, differentiated op by op
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
         return value(x)

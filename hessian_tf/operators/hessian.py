@@ -272,8 +272,9 @@ def _check_binary(model_function, y: np.ndarray) -> None:
 
 
 def _check_integer_inputs(model_function, x: np.ndarray) -> None:
-    """A model whose input is integers (token ids, read by an Embedding) takes real
-    inputs cast to them: a fraction would be cut off silently."""
+    """A model whose input is integers (token ids, read by an Embedding) or booleans
+    takes real inputs cast to them: a fraction would be cut off silently, and any
+    non-zero number would be True."""
     if not x.size or np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
         return
     from hessian_tf.operators.subset import base_function
@@ -288,11 +289,17 @@ def _check_integer_inputs(model_function, x: np.ndarray) -> None:
     if dtype is None:
         return
     dtype = tf.as_dtype(dtype)
-    if (dtype.is_integer or dtype.is_bool) and not np.all(np.equal(np.mod(x, 1), 0)):
+    if dtype.is_bool and not np.all((x == 0) | (x == 1)):
         raise ValueError(
-            f"--dataset: x holds real numbers with a fraction (dtype {x.dtype}), but the "
-            f"model takes {dtype.name} inputs (such as token ids), to which they would be "
-            "cut; pass the model's integers."
+            f"--dataset: x holds numbers other than 0 and 1 (dtype {x.dtype}), but the "
+            "model takes bool inputs, to which any non-zero number would be True; pass "
+            "x as 0/1 or booleans."
+        )
+    if dtype.is_integer and not np.all(np.equal(np.mod(x, 1), 0)):
+        raise ValueError(
+            f"--dataset: x holds real numbers that are not integers (dtype {x.dtype}), "
+            f"but the model takes {dtype.name} inputs (such as token ids), to which they "
+            "would be cut; pass the model's integers."
         )
 
 
@@ -982,8 +989,10 @@ class HessianOperator:
                     objective = self._batch_objective(primals, state, x, y)
                 gradients = flatten_lib.dense(
                     inner.gradient(objective, primals, unconnected_gradients=zero))
+                # In the widest of the variables' dtypes (a model may mix them).
+                widest = max((g.dtype for g in gradients), key=lambda dtype: dtype.size)
                 inner_products = [
-                    tf.add_n([tf.reduce_sum(g * tf.cast(t, g.dtype))
+                    tf.add_n([tf.cast(tf.reduce_sum(g * tf.cast(t, g.dtype)), widest)
                               for g, t in zip(gradients, tangents)])
                     for tangents in block
                 ]

@@ -163,7 +163,7 @@ def _check_labels(train, y: np.ndarray) -> None:
         # The training loss would cut them to integers.
         raise ValueError(
             f"--config.train.dataset={train.dataset}: labels of dtype {y.dtype} are not "
-            "class indices (some have a fraction); pass integer labels in "
+            "class indices (some are not integers); pass integer labels in "
             f"[0, {train.num_classes - 1}]."
         )
     if len(y) and (y.min() < 0 or y.max() >= train.num_classes):

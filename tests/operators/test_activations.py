@@ -137,6 +137,15 @@ def test_the_context_nests_and_restores_keras_activations(monkeypatch):
     assert len(calls) == reached
 
 
+def test_ragged_inputs_take_keras_path():
+    x = tf.ragged.constant([[-1.0, 0.5], [2.0]])
+    for ours, keras_function in ((lambda t: activations.gelu(t, False),
+                                  lambda t: activations._keras_gelu(t, False)),
+                                 (activations.silu, activations._keras_silu)):
+        np.testing.assert_array_equal(ours(x).flat_values.numpy(),
+                                      keras_function(x).flat_values.numpy())
+
+
 def test_integer_inputs_get_tensorflows_error():
     with pytest.raises(ValueError, match="floating point"):
         activations.gelu(tf.constant([1, 2]), False)

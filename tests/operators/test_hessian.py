@@ -379,11 +379,38 @@ def test_token_ids_with_a_fraction_are_refused_integral_reals_taken():
                               keras.layers.Flatten(), keras.layers.Dense(3)])
     tokens = np.random.default_rng(0).integers(0, 10, (8, 4))
     y = np.arange(8) % 3
-    with pytest.raises(ValueError, match=r"fraction \(dtype float32\).*takes int32 inputs"):
+    with pytest.raises(ValueError, match=r"not integers \(dtype float32\).*takes int32 inputs"):
         operators.HessianOperator(operators.KerasModelFunction(model),
                                   tokens.astype(np.float32) + 0.25, y)
     for x in (tokens, tokens.astype(np.float32)):
         operators.HessianOperator(operators.KerasModelFunction(model), x, y)
+
+
+def test_bool_inputs_take_zeros_and_ones_only():
+    inputs = keras.Input((4,), dtype="bool")
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.ops.cast(inputs, "float32")))
+    flags = np.random.default_rng(0).integers(0, 2, (8, 4))
+    y = np.arange(8) % 3
+    with pytest.raises(ValueError, match=r"other than 0 and 1 \(dtype float64\).*bool inputs"):
+        operators.HessianOperator(operators.KerasModelFunction(model), flags * 2.0, y)
+    operators.HessianOperator(operators.KerasModelFunction(model), flags.astype(np.float64), y)
+
+
+def test_a_model_of_mixed_dtypes():
+    # float64 and float32 variables: reverse over reverse summed the inner products'
+    # terms in their own dtypes (AddN refused them).
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, dtype="float64"),
+                              keras.layers.Dense(3, dtype="float32")])
+    x = np.random.default_rng(0).standard_normal((8, 5))
+    y = np.arange(8) % 3
+    matrices = [hessian.dense_matrix(operator.matvec, operator.dim) for operator in (
+        operators.HessianOperator(operators.KerasModelFunction(model), x, y, method=method)
+        for method in ("forward_over_backward", "reverse_over_reverse"))]
+    scale = np.max(np.abs(matrices[0]))
+    assert scale > 0
+    np.testing.assert_allclose(matrices[1], matrices[0], atol=1e-5 * scale)
+    np.testing.assert_allclose(matrices[0], matrices[0].T, atol=1e-5 * scale)
 
 
 def test_inputs_that_do_not_fit():
