@@ -1,6 +1,5 @@
 """Keras's gelu and silu with their derivatives written out (operators/activations.py)."""
 
-import contextlib
 import functools
 
 import keras
@@ -9,9 +8,8 @@ import pytest
 import tensorflow as tf
 from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
 
-from hessian_tf import operators
-from hessian_tf.operators import activations, model_function
-from hessian_tf.operators.graphs import graph_nodes
+from hessian_tf.operators import activations
+from tests.operators.test_attention import mended_and_keras
 
 DTYPES = [tf.float64, tf.float32, tf.float16, tf.bfloat16]
 
@@ -89,26 +87,13 @@ def gelu_model(dtype="float64"):
     ])
 
 
-def product_and_muls(model, method, compact):
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((16, 5))
-    y = rng.integers(0, 3, 16).astype(np.int32)
-    with contextlib.ExitStack() as stack:
-        if not compact:
-            stack.enter_context(pytest.MonkeyPatch.context()).setattr(
-                model_function, "compact_activations", contextlib.nullcontext)
-        operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
-                                             batch_size=8, method=method)
-        product = operator.matvec(np.random.default_rng(2).standard_normal(operator.dim))
-        graph = operator._product_trace(1).graph.as_graph_def()
-    return product, sum(node.op == "Mul" for _, node in graph_nodes(graph))
-
-
 @pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
 def test_products_are_those_of_keras_activations_with_fewer_ops(method):
-    model = gelu_model()
-    product, muls = product_and_muls(model, method, compact=True)
-    expected, keras_muls = product_and_muls(model, method, compact=False)
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((16, 5)), rng.integers(0, 3, 16).astype(np.int32)
+    (product, muls), (expected, keras_muls) = mended_and_keras(
+        gelu_model(), x, y, method, batch_size=8, op_type="Mul",
+        mending="compact_activations")
     np.testing.assert_allclose(product, expected, rtol=1e-12,
                                atol=1e-12 * np.max(np.abs(expected)))
     assert muls < keras_muls

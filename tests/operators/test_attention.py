@@ -60,27 +60,32 @@ def causal_language_model(vocabulary=11, length=6, width=8):
     return keras.Model(inputs, keras.layers.Dense(vocabulary)(h))
 
 
-def product_and_einsums(model, method, patched):
-    rng = np.random.default_rng(2)
-    x = rng.integers(0, 11, (12, 6)).astype(np.int32)
-    y = rng.integers(0, 11, (12, 6)).astype(np.int32)
-    with contextlib.ExitStack() as stack:
-        if not patched:
-            stack.enter_context(pytest.MonkeyPatch.context()).setattr(
-                model_function, "matmul_attention", contextlib.nullcontext)
-        operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
-                                             batch_size=4, method=method)
-        vector = np.random.default_rng(3).standard_normal(operator.dim)
-        product = operator.matvec(vector)
-        graph = operator._product_trace(1).graph.as_graph_def()
-    return product, sum(node.op == "Einsum" for _, node in graph_nodes(graph))
+def mended_and_keras(model, x, y, method, *, batch_size, op_type, mending):
+    """[(product, count) with model_function's `mending`, the same without it (a null
+    context while the operator is built and traced: Keras's or TensorFlow's own path)]:
+    one product of a seeded random vector, and the number of `op_type` nodes in its
+    traced graph."""
+    results = []
+    for mended in (True, False):
+        with contextlib.ExitStack() as stack:
+            if not mended:
+                stack.enter_context(pytest.MonkeyPatch.context()).setattr(
+                    model_function, mending, contextlib.nullcontext)
+            operator = operators.HessianOperator(operators.KerasModelFunction(model), x, y,
+                                                 batch_size=batch_size, method=method)
+            product = operator.matvec(np.random.default_rng(3).standard_normal(operator.dim))
+            graph = operator._product_trace(1).graph.as_graph_def()
+        results.append((product, sum(node.op == op_type for _, node in graph_nodes(graph))))
+    return results
 
 
 @pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
 def test_products_are_those_of_keras_attention(method):
-    model = causal_language_model()
-    product, einsums = product_and_einsums(model, method, patched=True)
-    expected, keras_einsums = product_and_einsums(model, method, patched=False)
+    rng = np.random.default_rng(2)
+    x, y = (rng.integers(0, 11, (12, 6)).astype(np.int32) for _ in range(2))
+    (product, einsums), (expected, keras_einsums) = mended_and_keras(
+        causal_language_model(), x, y, method, batch_size=4, op_type="Einsum",
+        mending="matmul_attention")
     assert einsums == 0 and keras_einsums > 0
     np.testing.assert_allclose(product, expected, rtol=1e-5,
                                atol=1e-5 * np.max(np.abs(expected)))
