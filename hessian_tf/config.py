@@ -113,15 +113,16 @@ def merged_over_defaults(section: ml_collections.ConfigDict, *, where: str = "",
                          keep_defaults_for_none: bool = False) -> ml_collections.ConfigDict:
     """A config's spectrum options merged over `default_config()` (options it leaves
     out keep their defaults), as hessian-spectrum runs them. An unknown option is a
-    ValueError (its line begins with `where`, if given); with keep_defaults_for_none, options set to None
-    (placeholders that are filled when hessian-spectrum runs) keep their defaults too.
-    A value of another type than its default's may raise ml_collections' TypeError."""
+    ValueError (its line begins with `where`, if given); with keep_defaults_for_none,
+    options set to None (placeholders that are filled when hessian-spectrum runs) keep
+    their defaults too. A value of another type than its default's may raise
+    ml_collections' TypeError."""
     merged = default_config()
     unknown = sorted(set(section.keys()) - set(merged.keys()))
     if unknown:
         raise ValueError(
-            f"{where + ': ' if where else ''}unknown option(s) {unknown}; hessian-spectrum knows "
-            f"{sorted(merged.keys())}."
+            f"{where + ': ' if where else ''}unknown option(s) {unknown}; hessian-spectrum "
+            f"knows {sorted(merged.keys())}."
         )
     merged.update({name: value for name, value in section.to_dict().items()
                    if value is not None or not keep_defaults_for_none})
