@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 GRAPH_OPTIMIZATIONS = ("auto", "light", "full")
 BN_MODES = ("inference", "train")
@@ -46,6 +48,12 @@ def is_integer(value) -> bool:
 def is_number(value) -> bool:
     """A real number, NumPy's too; not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def all_integers(array: np.ndarray) -> bool:
+    """Whether every value of `array` is an integer: an integer dtype, or real values
+    without a fraction (NaN has one)."""
+    return np.issubdtype(array.dtype, np.integer) or bool(np.all(np.equal(np.mod(array, 1), 0)))
 
 
 def check_steps(unroll_steps, name: str = "--unroll_steps") -> int:

@@ -103,9 +103,11 @@ def _scaled_derivative(name: str, derivatives, dy: tf.Tensor, x: tf.Tensor) -> t
         return [upstream * first, upstream * dy * second()]
 
     def forward(dy_tangent, x_tangent):  # an input without a tangent gives None
-        terms = [term for term in (None if dy_tangent is None else dy_tangent * first,
-                                   None if x_tangent is None else dy * second() * x_tangent)
-                 if term is not None]
+        terms = []
+        if dy_tangent is not None:
+            terms.append(dy_tangent * first)
+        if x_tangent is not None:
+            terms.append(dy * second() * x_tangent)
         return [tf.add_n(terms) if terms else tf.zeros_like(result)]
 
     record.record_operation(name + "Grad", [result], [dy, x], backward, forward)

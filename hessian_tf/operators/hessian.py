@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from hessian_tf.choices import METHODS
+from hessian_tf.choices import METHODS, all_integers
 from hessian_tf.distribute.strategies import run_once
 from hessian_tf.linalg.lanczos import ROW_ALIGNMENT_BYTES
 from hessian_tf.messages import first_line, traced_error
@@ -279,23 +279,16 @@ def _check_integer_inputs(model_function, x: np.ndarray) -> None:
         return
     from hessian_tf.operators.subset import base_function
 
-    function = base_function(model_function)  # under --variables
-    model = getattr(function, "model", None)
-    if model is not None:
-        inputs = getattr(model, "inputs", None)  # a subclassed model may have none
-        dtype = inputs[0].dtype if inputs else None
-    else:
-        dtype = getattr(function, "_input_dtype", None)  # a SavedModel's signature
+    dtype = base_function(model_function).input_dtype  # under --variables too
     if dtype is None:
         return
-    dtype = tf.as_dtype(dtype)
     if dtype.is_bool and not np.all((x == 0) | (x == 1)):
         raise ValueError(
             f"--dataset: x holds numbers other than 0 and 1 (dtype {x.dtype}), but the "
             "model takes bool inputs, to which any non-zero number would be True; pass "
             "x as 0/1 or booleans."
         )
-    if dtype.is_integer and not np.all(np.equal(np.mod(x, 1), 0)):
+    if dtype.is_integer and not all_integers(x):
         raise ValueError(
             f"--dataset: x holds real numbers that are not integers (dtype {x.dtype}), "
             f"but the model takes {dtype.name} inputs (such as token ids), to which they "
@@ -928,13 +921,12 @@ class HessianOperator:
                     "soft labels pass --loss=categorical_crossentropy, for a regression's "
                     "real targets --loss=mean_squared_error."
                 )
-            if not np.issubdtype(y.dtype, np.integer):
-                if not np.all(np.equal(np.mod(y, 1), 0)):
-                    raise ValueError(
-                        f"--dataset: labels of dtype {y.dtype} are not integers; "
-                        "sparse_categorical_crossentropy needs class indices; for a "
-                        "regression's real targets pass --loss=mean_squared_error."
-                    )
+            if not all_integers(y):
+                raise ValueError(
+                    f"--dataset: labels of dtype {y.dtype} are not integers; "
+                    "sparse_categorical_crossentropy needs class indices; for a "
+                    "regression's real targets pass --loss=mean_squared_error."
+                )
             low, high = int(np.min(y)), int(np.max(y))
             if low < 0 or high >= num_classes:
                 raise ValueError(

@@ -175,6 +175,12 @@ class KerasModelFunction:
                                   per_channel_group_norm=self.per_channel_group_norm)
 
     @property
+    def input_dtype(self) -> tf.DType | None:
+        """The dtype the model's input takes (None: unknown, e.g. a subclassed model)."""
+        inputs = getattr(self.model, "inputs", None)
+        return tf.as_dtype(inputs[0].dtype) if inputs else None
+
+    @property
     def has_regularization(self) -> bool:
         return True
 
@@ -257,7 +263,8 @@ class SavedModelFunction:
                 "with Keras `model.export()` or hessian_tf.io.export_for_spectrum."
             )
         self.variables = list(getattr(loaded, "trainable_variables", []))
-        self._input_dtype = _first_input_dtype(loaded.serve)
+        # The dtype its signature takes (None: unknown); inputs are cast to it.
+        self.input_dtype = _first_input_dtype(loaded.serve)
         self._checked = set()  # BN modes whose saved function was checked for StopGradient
 
     @property
@@ -304,8 +311,8 @@ class SavedModelFunction:
     def __call__(self, primals, state, x: tf.Tensor, *, bn_mode: str):
         del primals, state  # the functions read the captured variables themselves
         function = getattr(self.loaded, SAVED_FUNCTION_NAMES[bn_mode])
-        if self._input_dtype is not None:
-            x = tf.cast(x, self._input_dtype)
+        if self.input_dtype is not None:
+            x = tf.cast(x, self.input_dtype)
         outputs = function(x)
         if isinstance(outputs, dict):
             if len(outputs) != 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from hessian_tf.choices import all_integers
 from hessian_tf.io import datasets as datasets_lib
 from hessian_tf.messages import first_line
 
@@ -159,7 +160,7 @@ def fixed_examples(train, *, split: str, num_examples: int) -> tuple[np.ndarray,
 
 
 def _check_labels(train, y: np.ndarray) -> None:
-    if not np.issubdtype(y.dtype, np.integer) and not np.all(np.equal(np.mod(y, 1), 0)):
+    if not all_integers(y):
         # The training loss would cut them to integers.
         raise ValueError(
             f"--config.train.dataset={train.dataset}: labels of dtype {y.dtype} are not "
