@@ -21,8 +21,6 @@ Command (about 9 minutes on 2 CPU cores):
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import sys
 
@@ -30,9 +28,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from core import agreeing_medians, rounds_main, switched_off  # noqa: E402  (benchmarks/core.py)
+from core import mending_contrast, rounds_main  # noqa: E402  (benchmarks/core.py)
 
-KERAS = "Keras's"
 CASES = (("gelu_mlp", "forward_over_backward"), ("gelu_mlp", "reverse_over_reverse"),
          ("silu_mlp", "forward_over_backward"), ("silu_mlp", "reverse_over_reverse"),
          ("attention_seq", "forward_over_backward"),
@@ -71,25 +68,16 @@ def workload(network: str, examples: int | None = None):
     return example_networks.build(network), images, y
 
 
-# Traces made within take Keras's activations, differentiated op by op.
-keras_activations = functools.partial(switched_off, "compact_activations")
-
-
 def measure(network: str, method: str, rounds: int, examples: int | None = None):
-    from hessian_tf import operators
     from hessian_tf.distribute import automatic_cpu_threads
 
     automatic_cpu_threads("default")  # before TensorFlow's first op; else left as it is
     model, x, y = workload(network, examples)
-    contexts = {KERAS: keras_activations, "written out": contextlib.nullcontext}
-    variants = {name: operators.HessianOperator(
-        operators.KerasModelFunction(model), x, y, batch_size=BATCH_SIZES[network],
-        method=method) for name in contexts}
-    median, error = agreeing_medians(variants, rounds, f"{network} {method}",
-                                     tracing_contexts=contexts)
-    return [network, method, f"{median[KERAS] * 1e3:.1f}",
-            f"{median['written out'] * 1e3:.1f}",
-            f"{median['written out'] / median[KERAS]:.2f}", f"{error:.0e}"]
+    keras_seconds, ours, error = mending_contrast(
+        "compact_activations", model, x, y, batch_size=BATCH_SIZES[network], method=method,
+        rounds=rounds, what=f"{network} {method}")
+    return [network, method, f"{keras_seconds * 1e3:.1f}", f"{ours * 1e3:.1f}",
+            f"{ours / keras_seconds:.2f}", f"{error:.0e}"]
 
 
 HEADER = ("network", "method", "Keras's activations ms", "written out ms", "written out ÷ Keras's",

@@ -194,6 +194,20 @@ def switched_off(name: str):
         setattr(model_function, name, mending)
 
 
+def mending_contrast(mending: str, model, x, y, *, batch_size: int, method: str,
+                     rounds: int, what: str):
+    """Full-data products of two operators of `model`: one traced with model_function's
+    `mending` switched off (TensorFlow's or Keras's own path, `switched_off`), one with it;
+    their products checked to agree, then timed in `rounds` interleaved rounds
+    (agreeing_medians). Returns (median seconds off, median seconds on, difference)."""
+    contexts = {"off": functools.partial(switched_off, mending), "on": contextlib.nullcontext}
+    variants = {name: operators.HessianOperator(
+        operators.KerasModelFunction(model), x, y, batch_size=batch_size, method=method)
+        for name in contexts}
+    median, error = agreeing_medians(variants, rounds, what, tracing_contexts=contexts)
+    return median["off"], median["on"], error
+
+
 def rounds_main(argv: list[str], *, script: str, description: str, header, cases, measure,
                 rounds: int) -> int:
     """The main of a benchmark whose one flag is --rounds (default `rounds`): a row

@@ -167,6 +167,42 @@ def transformer_logits(tokens, *, width: int, key_dim: int):
     return layers.Dense(10)(layers.GlobalAveragePooling1D()(h))
 
 
+def character_windows(length: int = 64, step: int = 20):
+    """(x, y, vocabulary size): the 14 dataset descriptions scikit-learn ships
+    (sklearn/datasets/descr/*.rst, concatenated in name order) as windows of `length`
+    character ids every `step` characters, each character's label the next one (int32)."""
+    import glob
+
+    import sklearn
+
+    pattern = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "descr", "*.rst")
+    text = "".join(open(path, encoding="utf-8").read() for path in sorted(glob.glob(pattern)))
+    characters = sorted(set(text))
+    ids = np.array([characters.index(c) for c in text], np.int32)
+    starts = range(0, len(ids) - length, step)
+    return (np.stack([ids[s:s + length] for s in starts]),
+            np.stack([ids[s + 1:s + length + 1] for s in starts]), len(characters))
+
+
+def causal_language_model(vocabulary: int, length: int = 64):
+    """A small GPT of characters (benchmarks/PYHESSIAN.md's causal language model):
+    `Embedding(vocabulary, 64)` plus a causal `Conv1D(64, 4, gelu)` of it (a position
+    signal), two pre-LayerNorm blocks of causal self-attention (4 heads of 16) and a gelu
+    MLP (256), LayerNorm, `Dense(vocabulary)` logits per position."""
+    import keras
+
+    layers = keras.layers
+    tokens = keras.Input((length,), dtype="int32")
+    h = layers.Embedding(vocabulary, 64)(tokens)
+    h = layers.Add()([h, layers.Conv1D(64, 4, padding="causal", activation="gelu")(h)])
+    for _ in range(2):
+        a = layers.LayerNormalization()(h)
+        h = layers.Add()([h, layers.MultiHeadAttention(4, 16)(a, a, use_causal_mask=True)])
+        f = layers.Dense(256, activation="gelu")(layers.LayerNormalization()(h))
+        h = layers.Add()([h, layers.Dense(64)(f)])
+    return keras.Model(tokens, layers.Dense(vocabulary)(layers.LayerNormalization()(h)))
+
+
 def build_sequence_model(name: str):
     import keras
 

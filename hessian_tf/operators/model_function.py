@@ -24,6 +24,7 @@ from hessian_tf.operators import folding, group_norm, recurrent
 from hessian_tf.operators.activations import compact_activations
 from hessian_tf.operators.attention import matmul_attention
 from hessian_tf.operators.graphs import graph_nodes
+from hessian_tf.operators.layer_norm import compact_layer_normalization
 from hessian_tf.operators.convolutions import (
     dilated_convolutions, grouped_convolutions, pointwise_convolutions)
 from hessian_tf.operators.moments import exact_moments
@@ -215,8 +216,8 @@ class KerasModelFunction:
         (second_order.py), grouped convolutions computed without XLA, pointwise
         ones as matrix products and dilated ones by TensorFlow's dilated kernel
         (convolutions.py), dot-product attention by batched matrix products
-        (attention.py), and gelu and silu with their derivatives written out
-        (activations.py)."""
+        (attention.py), and gelu, silu and LayerNormalization with their derivatives
+        written out (activations.py, layer_norm.py)."""
         if bn_mode == "train":
             mode = batch_norm_in_train_mode(self.model)
         elif self.fold_batch_norm:
@@ -227,8 +228,8 @@ class KerasModelFunction:
                            if self.per_channel_group_norm else contextlib.nullcontext())
         with exact_moments(), second_order_gradients(), grouped_convolutions(), \
                 pointwise_convolutions(), dilated_convolutions(), matmul_attention(), \
-                compact_activations(), recurrent.unrolled(self.model, self.unroll_steps), \
-                group_norm_mode, mode:
+                compact_activations(), compact_layer_normalization(), \
+                recurrent.unrolled(self.model, self.unroll_steps), group_norm_mode, mode:
             yield
 
     def __call__(
