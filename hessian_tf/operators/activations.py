@@ -15,8 +15,7 @@ Within `compact_activations()`, Keras's backend functions are replaced by `gelu`
 `silu`: the same values, by the same ops (TensorFlow's own, its constants rounded as
 TensorFlow rounds them), recorded for tapes and forward accumulators as one op whose
 derivative is written out, dy·f′(x), itself one recorded op whose derivatives (by dy and
-by x, through f″) are written out too, as second_order.py records the resizes'
-gradients (`record.record_operation`, TensorFlow's own mechanism for its functions).
+by x, through f″) are written out too (written_out.py's `Elementwise`).
 Products by either method then run f′ and f″ as a few element-wise ops each: 138 ops
 per forward-over-backward product on that MLP. Full-data products (medians of 7
 alternating runs, one thread per op; benchmarks/activations.py, one run): by forward
@@ -41,6 +40,7 @@ from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
 from tensorflow.python.eager import record
 
 from hessian_tf.operators.shared_patch import SharedPatch
+from hessian_tf.operators.written_out import Elementwise
 
 _keras_gelu = keras_tensorflow_nn.gelu
 _keras_silu = keras_tensorflow_nn.silu
@@ -85,39 +85,10 @@ def _silu_derivatives(x: tf.Tensor):
     return first, lambda: sigmoid * complement * (2.0 + x * (complement - sigmoid))
 
 
-def _scaled_derivative(name: str, derivatives, dy: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    """dy·f′(x) (`derivatives(x)`: f′(x) and a function giving f″(x)), recorded as one
-    op: its gradient by (dy, x) is (g·f′(x), g·dy·f″(x)), its JVP ḋy·f′(x) + dy·f″(x)·ẋ."""
-    with record.stop_recording():
-        first, second_of = derivatives(x)
-        result = dy * first
-    built = []  # f″(x), built once, when a derivative first needs it
-
-    def second() -> tf.Tensor:
-        if not built:
-            with record.stop_recording():
-                built.append(second_of())
-        return built[0]
-
-    def backward(upstream):
-        return [upstream * first, upstream * dy * second()]
-
-    def forward(dy_tangent, x_tangent):  # an input without a tangent gives None
-        terms = []
-        if dy_tangent is not None:
-            terms.append(dy_tangent * first)
-        if x_tangent is not None:
-            terms.append(dy * second() * x_tangent)
-        return [tf.add_n(terms) if terms else tf.zeros_like(result)]
-
-    record.record_operation(name + "Grad", [result], [dy, x], backward, forward)
-    return result
-
-
 def _recorded(name: str, value, derivatives, x) -> tf.Tensor:
     """value(x), an element-wise function, recorded as one op whose derivative is
-    `_scaled_derivative`'s; a non-float x goes to `value` alone (TensorFlow's error),
-    and so do ragged and sparse tensors."""
+    written out (written_out.Elementwise); a non-float x goes to `value` alone
+    (TensorFlow's error), and so do ragged and sparse tensors."""
     if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
         return value(x)  # as Keras computes it, differentiated op by op
     x = tf.convert_to_tensor(x)
@@ -125,11 +96,7 @@ def _recorded(name: str, value, derivatives, x) -> tf.Tensor:
         return value(x)
     with record.stop_recording():
         result = value(x)
-    record.record_operation(
-        name, [result], [x],
-        lambda upstream: [_scaled_derivative(name, derivatives, upstream, x)],
-        lambda tangent: [_scaled_derivative(name, derivatives, tangent, x)])
-    return result
+    return Elementwise(x, derivatives, name).value(result)
 
 
 def gelu(x, approximate=True):

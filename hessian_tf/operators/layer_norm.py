@@ -20,7 +20,7 @@ arithmetic in its order), recorded for tapes and forward accumulators as one op 
 (x, γ, β) whose gradient is J(γ·u) for x, the sums of u·n and of u for γ and β, and
 whose JVP is γ·J(ẋ) + n·γ̇ + β̇. J(g) is itself one recorded op of (g, x) whose
 derivatives are J (by g) and S_g (by x), and n one recorded op of x whose derivative
-is J, as activations.py records gelu's derivatives. RMS scaling (`rms_scaling=True`),
+is J (written_out.py's `SymmetricDerivatives`). RMS scaling (`rms_scaling=True`),
 ragged and sparse tensors and non-float inputs take Keras's path.
 
 Derivatives of order three and more through the replacement are not LayerNorm's (the
@@ -37,6 +37,7 @@ from keras.src.ops import nn as keras_ops_nn
 from tensorflow.python.eager import record
 
 from hessian_tf.operators.shared_patch import SharedPatch
+from hessian_tf.operators.written_out import SymmetricDerivatives
 
 if not hasattr(keras_ops_nn, "_layer_normalization"):
     raise ImportError(
@@ -48,60 +49,35 @@ if not hasattr(keras_ops_nn, "_layer_normalization"):
 _keras_layer_normalization = keras_ops_nn._layer_normalization
 
 
-class _Rows:
-    """x's statistics over the normalised axes, for J and S: r and n = (x − μ)·r,
-    computed once, unrecorded."""
+class _Rows(SymmetricDerivatives):
+    """The normalisation n = (x − μ)·r over the normalised axes (r = rsqrt(variance + ε)):
+    J(v) = r·(v − mean(v) − n·mean(n·v)), and with o = J(g),
+    S_g(v) = −r·(o·mean(n·v) + n·mean(o·v) + mean(g·n)·J(v))."""
+
+    name = "HessianTfLayerNormNormalised"
 
     def __init__(self, x: tf.Tensor, axes, mean: tf.Tensor, inverse: tf.Tensor):
-        self.x, self.axes, self.r = x, axes, inverse
+        super().__init__(x)
+        self.axes, self.r = axes, inverse
         with record.stop_recording():
             self.n = (x - mean) * inverse
 
     def mean(self, v: tf.Tensor) -> tf.Tensor:
         return tf.reduce_mean(v, self.axes, keepdims=True)
 
-    def jacobian(self, v: tf.Tensor) -> tf.Tensor:
-        """J(v) = r·(v − mean(v) − n·mean(n·v)), unrecorded."""
-        with record.stop_recording():
-            return self.r * (v - self.mean(v) - self.n * self.mean(self.n * v))
+    def jacobian(self, v):
+        return self.r * (v - self.mean(v) - self.n * self.mean(self.n * v))
+
+    def hessian(self, g, o):
+        correlation = self.mean(g * self.n)
+        return lambda v: -self.r * (o * self.mean(self.n * v) + self.n * self.mean(o * v)
+                                    + correlation * self.jacobian(v))
 
     def normalised(self) -> tf.Tensor:
         """n, recorded as an op of x whose derivative is J (a new tensor each call)."""
         with record.stop_recording():
             n = tf.identity(self.n)
-        record.record_operation(
-            "HessianTfLayerNormNormalised", [n], [self.x],
-            lambda upstream: [self.jacobian_of(upstream)],
-            lambda tangent: [self.jacobian_of(tangent)])
-        return n
-
-    def jacobian_of(self, g: tf.Tensor) -> tf.Tensor:
-        """J(g), recorded as an op of (g, x): its derivative by g is J, by x S_g (both
-        symmetric, so the same map for gradients and JVPs)."""
-        o = self.jacobian(g)
-        built = []  # S_g's row constants, built once, when a derivative first needs them
-
-        def hessian_of_g(v: tf.Tensor) -> tf.Tensor:
-            with record.stop_recording():
-                if not built:
-                    built.append(self.mean(g * self.n))
-                return -self.r * (o * self.mean(self.n * v) + self.n * self.mean(o * v)
-                                  + built[0] * self.jacobian(v))
-
-        def backward(upstream):
-            return [self.jacobian(upstream), hessian_of_g(upstream)]
-
-        def forward(g_tangent, x_tangent):  # an input without a tangent gives None
-            terms = []
-            if g_tangent is not None:
-                terms.append(self.jacobian(g_tangent))
-            if x_tangent is not None:
-                terms.append(hessian_of_g(x_tangent))
-            with record.stop_recording():
-                return [tf.add_n(terms) if terms else tf.zeros_like(o)]
-
-        record.record_operation("HessianTfLayerNormGrad", [o], [g, self.x], backward, forward)
-        return o
+        return self.value(n)
 
 
 def _sum_to(u: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
