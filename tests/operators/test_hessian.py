@@ -393,7 +393,10 @@ def test_bool_inputs_take_zeros_and_ones_only():
     y = np.arange(8) % 3
     with pytest.raises(ValueError, match=r"other than 0 and 1 \(dtype float64\).*bool inputs"):
         operators.HessianOperator(operators.KerasModelFunction(model), flags * 2.0, y)
-    operators.HessianOperator(operators.KerasModelFunction(model), flags.astype(np.float64), y)
+    with pytest.raises(ValueError, match=r"other than 0 and 1 \(dtype int64\).*bool inputs"):
+        operators.HessianOperator(operators.KerasModelFunction(model), flags * 2, y)
+    for x in (flags, flags.astype(np.float64), flags.astype(bool)):
+        operators.HessianOperator(operators.KerasModelFunction(model), x, y)
 
 
 def test_a_model_of_mixed_dtypes():
