@@ -176,9 +176,12 @@ def character_windows(length: int = 64, step: int = 20):
     import sklearn
 
     pattern = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "descr", "*.rst")
-    text = "".join(open(path, encoding="utf-8").read() for path in sorted(glob.glob(pattern)))
-    characters = sorted(set(text))
-    ids = np.array([characters.index(c) for c in text], np.int32)
+    text = ""
+    for path in sorted(glob.glob(pattern)):
+        with open(path, encoding="utf-8") as file:
+            text += file.read()
+    characters = {c: i for i, c in enumerate(sorted(set(text)))}
+    ids = np.array([characters[c] for c in text], np.int32)
     starts = range(0, len(ids) - length, step)
     return (np.stack([ids[s:s + length] for s in starts]),
             np.stack([ids[s + 1:s + length + 1] for s in starts]), len(characters))

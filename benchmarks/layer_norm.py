@@ -8,8 +8,8 @@ seeded): `causal_lm`, the causal language model of benchmarks/PYHESSIAN.md
 (example_networks.causal_language_model, five LayerNormalizations of 64 features) on
 the 2,150 character windows of scikit-learn's dataset descriptions (batch 128);
 `attention_seq` and `convnext_blocks` of benchmarks/example_networks.py (a transformer
-block, two LayerNormalizations; ConvNeXt's blocks, three over the channels of 8×8
-images) on the 1,797 digits (batch 128). One thread per op, as the spectrum binary
+block, two LayerNormalizations; ConvNeXt's blocks on the digits at 32×32, three
+LayerNormalizations over the channels of its 8×8 maps) on the 1,797 digits (batch 128). One thread per op, as the spectrum binary
 runs on a host of at most 2 cores without GPU. The two operators' products are checked
 against each other, then timed in `--rounds` interleaved rounds after a traced first
 one; medians.

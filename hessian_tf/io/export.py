@@ -98,9 +98,9 @@ def export_for_spectrum(
         # when products are traced: the loaded model's mode context enters it) and
         # dilated_convolutions (its kernel is probed in this process; the saved graph
         # may run where TensorFlow's dilated kernel does not), nor compact_activations
-        # (its derivatives are recorded for the tapes of this process; a saved graph
-        # holds tf.nn.gelu's and tf.nn.silu's ops, differentiated as TensorFlow
-        # registers them).
+        # and compact_layer_normalization (their derivatives are recorded for the
+        # tapes of this process; a saved graph holds tf.nn.gelu's, tf.nn.silu's and
+        # LayerNormalization's ops, differentiated as TensorFlow registers them).
         with exact_moments(), grouped_convolutions(), pointwise_convolutions(), \
                 matmul_attention(), recurrent.unrolled(model, unroll_steps):
             outputs, _ = model.stateless_call(

@@ -40,7 +40,7 @@ from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
 from tensorflow.python.eager import record
 
 from hessian_tf.operators.shared_patch import SharedPatch
-from hessian_tf.operators.written_out import Elementwise
+from hessian_tf.operators.written_out import Elementwise, float_tensor
 
 _keras_gelu = keras_tensorflow_nn.gelu
 _keras_silu = keras_tensorflow_nn.silu
@@ -89,14 +89,12 @@ def _recorded(name: str, value, derivatives, x) -> tf.Tensor:
     """value(x), an element-wise function, recorded as one op whose derivative is
     written out (written_out.Elementwise); a non-float x goes to `value` alone
     (TensorFlow's error), and so do ragged and sparse tensors."""
-    if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
+    dense = float_tensor(x)
+    if dense is None:
         return value(x)  # as Keras computes it, differentiated op by op
-    x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        return value(x)
     with record.stop_recording():
-        result = value(x)
-    return Elementwise(x, derivatives, name).value(result)
+        result = value(dense)
+    return Elementwise(dense, derivatives, name).value(result)
 
 
 def gelu(x, approximate=True):

@@ -19,10 +19,11 @@ path: not measured there; a function saved on a CPU-only host keeps the matrix p
 wherever it is loaded), Keras's function is replaced by `attention_by_matmul`: the same
 casts, scale, bias and masks (Keras's own `_apply_masks`, the causal mask included),
 the two products as batched matrix products; what is differentiated is those ops,
-transposes and softmax. Where the logits are float32 or float64 the scale multiplies the
-query, not the logits (S/H times fewer products), and the masks are a constant added to
-the logits (0, or Keras's large negative where masked, to which a masked logit rounds),
-not a select: on the causal language model of benchmarks/PYHESSIAN.md (the whole data,
+transposes and softmax. Where the query is float32 or float64 (not half precision) the
+scale multiplies the query, not the logits (S/H times fewer products), and Keras's
+causal mask, when it is the only mask and bias, is a constant added to the logits (0, or
+Keras's large negative where masked, to which a masked logit rounds), not a select: on
+the causal language model of benchmarks/PYHESSIAN.md (the whole data,
 medians of 5 alternating products, ad hoc) 0.95 of the time by forward over backward and
 0.97 by reverse over reverse (tests/operators/test_attention.py checks values and products
 against Keras's path). With one key and value head for several query heads, which
@@ -73,13 +74,16 @@ def attention_by_matmul(query, key, value, bias, mask, is_causal, scale):
         logits = tf.multiply(logits, tf.cast(scale, logits.dtype))
     if bias is not None:
         logits = tf.add(logits, tf.cast(bias, logits.dtype))
-    padded_logits = logits
-    if mask is not None or is_causal:
-        # Keras's masks as a constant added (0, or Keras's large negative where masked),
-        # not a select: an addition's derivative is the identity. Masked logits round to
-        # the large negative, so the softmax is Keras's.
+    if is_causal and mask is None and bias is None:
+        # The causal mask alone as a constant added (0, or Keras's large negative where
+        # masked), not a select: an addition's derivative is the identity. A masked logit
+        # rounds to the large negative, so the softmax is Keras's; and every query reads
+        # at least one position, so no row is all masked, whose softmax (uniform) has
+        # derivatives that Keras's select stops.
         zeros = tf.zeros(tf.concat([[1, 1], tf.shape(logits)[2:]], 0), logits.dtype)
-        padded_logits = logits + keras_tensorflow_nn._apply_masks(zeros, mask, is_causal)
+        padded_logits = logits + keras_tensorflow_nn._apply_masks(zeros, None, True)
+    else:
+        padded_logits = keras_tensorflow_nn._apply_masks(logits, mask, is_causal)
     # In high precision, as Keras's.
     probs_dtype = keras_backend.result_type(padded_logits.dtype, "float32")
     probs = tf.cast(tf.nn.softmax(tf.cast(padded_logits, probs_dtype), axis=-1), key.dtype)

@@ -37,7 +37,7 @@ from keras.src.ops import nn as keras_ops_nn
 from tensorflow.python.eager import record
 
 from hessian_tf.operators.shared_patch import SharedPatch
-from hessian_tf.operators.written_out import SymmetricDerivatives
+from hessian_tf.operators.written_out import SymmetricDerivatives, float_tensor
 
 if not hasattr(keras_ops_nn, "_layer_normalization"):
     raise ImportError(
@@ -113,16 +113,16 @@ def _recorded(x: tf.Tensor, gamma, beta, axes, epsilon) -> tf.Tensor:
         tangents = list(tangents)
         gamma_tangent = tangents.pop(0) if gamma is not None else None
         beta_tangent = tangents.pop(0) if beta is not None else None
-        with record.stop_recording():
-            terms = []
-            if x_tangent is not None:
-                normalised = rows.jacobian(x_tangent)
-                terms.append(normalised * gamma if gamma is not None else normalised)
-            if gamma_tangent is not None:
-                terms.append(rows.n * gamma_tangent)
-            if beta_tangent is not None:
-                terms.append(tf.broadcast_to(beta_tangent, tf.shape(result)))
-            return [tf.add_n(terms) if terms else tf.zeros_like(result)]
+        # Recorded, as the gradient is: a tape around an accumulator differentiates it.
+        terms = []
+        if x_tangent is not None:
+            normalised = rows.jacobian_of(x_tangent)
+            terms.append(normalised * gamma if gamma is not None else normalised)
+        if gamma_tangent is not None:
+            terms.append(rows.normalised() * gamma_tangent)
+        if beta_tangent is not None:
+            terms.append(tf.broadcast_to(beta_tangent, tf.shape(result)))
+        return [tf.add_n(terms) if terms else tf.zeros_like(result)]
 
     record.record_operation("HessianTfLayerNorm", [result], inputs, backward, forward)
     return result
@@ -131,11 +131,10 @@ def _recorded(x: tf.Tensor, gamma, beta, axes, epsilon) -> tf.Tensor:
 def layer_normalization(x, gamma=None, beta=None, axis=-1, epsilon=None, rms_scaling=False):
     """Keras's `_layer_normalization` (same arguments, same values), recorded with its
     derivatives written out; RMS scaling and non-float, ragged or sparse x take Keras's."""
-    if rms_scaling or isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
+    dense = None if rms_scaling else float_tensor(x)
+    if dense is None:
         return _keras_layer_normalization(x, gamma, beta, axis, epsilon, rms_scaling)
-    x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        return _keras_layer_normalization(x, gamma, beta, axis, epsilon, rms_scaling)
+    x = dense
     # Keras's preparation, as _layer_normalization does it (recorded as usual).
     if epsilon is None:
         epsilon = keras_backend.epsilon()

@@ -35,6 +35,15 @@ import tensorflow as tf
 from tensorflow.python.eager import record
 
 
+def float_tensor(x):
+    """x as a dense floating-point tensor, or None where the original function should
+    take it as it is (ragged and sparse tensors, and other dtypes: their errors)."""
+    if isinstance(x, (tf.RaggedTensor, tf.SparseTensor)):
+        return None
+    x = tf.convert_to_tensor(x)
+    return x if x.dtype.is_floating else None
+
+
 class SymmetricDerivatives:
     """f of x whose Jacobian is symmetric, with J and S_g written out by a subclass."""
 
@@ -94,17 +103,22 @@ class SymmetricDerivatives:
 
 class Elementwise(SymmetricDerivatives):
     """An element-wise f: J(v) = f′(x)·v, S_g(v) = g·f″(x)·v. `derivatives(x)` gives
-    f′(x) and a function giving f″(x) (built when first needed)."""
+    f′(x) and a function giving f″(x); both are built when a derivative first needs
+    them (a forward pass alone runs none of their ops)."""
 
     def __init__(self, x: tf.Tensor, derivatives, name: str):
         super().__init__(x)
-        self.name = name
-        with record.stop_recording():
-            self.first, self._second_of = derivatives(x)
+        self.name, self._derivatives, self._built = name, derivatives, []
+
+    def _parts(self):
+        if not self._built:
+            with record.stop_recording():
+                self._built.extend(self._derivatives(self.x))
+        return self._built
 
     def jacobian(self, v):
-        return v * self.first
+        return v * self._parts()[0]
 
     def hessian(self, g, o):
-        scale = g * self._second_of()
+        scale = g * self._parts()[1]()
         return lambda v: scale * v

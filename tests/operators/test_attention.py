@@ -93,6 +93,25 @@ def test_products_are_those_of_keras_attention(method):
                                atol=1e-5 * np.max(np.abs(expected)))
 
 
+@pytest.mark.parametrize("method", ["forward_over_backward", "reverse_over_reverse"])
+def test_products_with_padded_queries_are_those_of_keras_attention(method):
+    # Padding (mask_zero) masks every key of a padded query: Keras's select stops the
+    # derivatives of its uniform softmax, and so must ours (an added mask did not).
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(11, 8, mask_zero=True)(inputs)
+    h = keras.layers.MultiHeadAttention(2, 4)(h, h)
+    model = keras.Model(inputs, keras.layers.Dense(11)(keras.layers.Flatten()(h)))
+    rng = np.random.default_rng(2)
+    x = rng.integers(1, 11, (12, 6)).astype(np.int32)
+    x[:, 4:] = 0  # two padded positions
+    y = rng.integers(0, 11, 12).astype(np.int32)
+    (product, _), (expected, _) = mended_and_keras(
+        model, x, y, method, batch_size=4, op_type="Einsum", mending="matmul_attention")
+    np.testing.assert_allclose(product, expected, rtol=1e-5,
+                               atol=1e-5 * np.max(np.abs(expected)))
+
+
 def test_accelerator_hosts_and_exits_keep_keras_attention(monkeypatch):
     # Not measured on GPUs or TPUs: they keep Keras's einsums; outside the context
     # Keras's function is back.
