@@ -14,7 +14,7 @@ runs on a host of at most 2 cores without GPU. The two operators' products are c
 against each other, then timed in `--rounds` interleaved rounds after a traced first
 one; medians.
 
-Command (about 8 minutes on 2 CPU cores):
+Command (about 4 minutes on 2 CPU cores):
   .venv/bin/python benchmarks/layer_norm.py [--rounds 7]
 """
 
