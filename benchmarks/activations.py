@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from core import mending_contrast, rounds_main  # noqa: E402  (benchmarks/core.py)
+from core import mending_cells, rounds_main  # noqa: E402  (benchmarks/core.py)
 
 CASES = (("gelu_mlp", "forward_over_backward"), ("gelu_mlp", "reverse_over_reverse"),
          ("silu_mlp", "forward_over_backward"), ("silu_mlp", "reverse_over_reverse"),
@@ -73,11 +73,9 @@ def measure(network: str, method: str, rounds: int, examples: int | None = None)
 
     automatic_cpu_threads("default")  # before TensorFlow's first op; else left as it is
     model, x, y = workload(network, examples)
-    keras_seconds, ours, error = mending_contrast(
+    return [network, method] + mending_cells(
         "compact_activations", model, x, y, batch_size=BATCH_SIZES[network], method=method,
         rounds=rounds, what=f"{network} {method}")
-    return [network, method, f"{keras_seconds * 1e3:.1f}", f"{ours * 1e3:.1f}",
-            f"{ours / keras_seconds:.2f}", f"{error:.0e}"]
 
 
 HEADER = ("network", "method", "Keras's activations ms", "written out ms", "written out ÷ Keras's",

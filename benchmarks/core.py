@@ -194,18 +194,20 @@ def switched_off(name: str):
         setattr(model_function, name, mending)
 
 
-def mending_contrast(mending: str, model, x, y, *, batch_size: int, method: str,
-                     rounds: int, what: str):
+def mending_cells(mending: str, model, x, y, *, batch_size: int, method: str,
+                  rounds: int, what: str) -> list[str]:
     """Full-data products of two operators of `model`: one traced with model_function's
     `mending` switched off (TensorFlow's or Keras's own path, `switched_off`), one with it;
     their products checked to agree, then timed in `rounds` interleaved rounds
-    (agreeing_medians). Returns (median seconds off, median seconds on, difference)."""
+    (agreeing_medians). Returns the cells: median ms off, median ms on, on ÷ off, and
+    the products' largest relative difference."""
     contexts = {"off": functools.partial(switched_off, mending), "on": contextlib.nullcontext}
     variants = {name: operators.HessianOperator(
         operators.KerasModelFunction(model), x, y, batch_size=batch_size, method=method)
         for name in contexts}
     median, error = agreeing_medians(variants, rounds, what, tracing_contexts=contexts)
-    return median["off"], median["on"], error
+    return [f"{median['off'] * 1e3:.1f}", f"{median['on'] * 1e3:.1f}",
+            f"{median['on'] / median['off']:.2f}", f"{error:.0e}"]
 
 
 def rounds_main(argv: list[str], *, script: str, description: str, header, cases, measure,

@@ -25,7 +25,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from core import mending_contrast, rounds_main  # noqa: E402  (benchmarks/core.py)
+from core import mending_cells, rounds_main  # noqa: E402  (benchmarks/core.py)
 
 METHODS = ("forward_over_backward", "reverse_over_reverse")
 CASES = tuple((network, method) for network in ("causal_lm", "attention_seq", "convnext_blocks")
@@ -51,11 +51,9 @@ def measure(network: str, method: str, rounds: int, examples: int | None = None)
 
     automatic_cpu_threads("default")  # before TensorFlow's first op; else left as it is
     model, x, y = workload(network, examples)
-    keras_seconds, ours, error = mending_contrast(
+    return [network, method] + mending_cells(
         "compact_layer_normalization", model, x, y, batch_size=128, method=method,
         rounds=rounds, what=f"{network} {method}")
-    return [network, method, f"{keras_seconds * 1e3:.1f}", f"{ours * 1e3:.1f}",
-            f"{ours / keras_seconds:.2f}", f"{error:.0e}"]
 
 
 HEADER = ("network", "method", "Keras's LayerNorm ms", "written out ms",

@@ -24,3 +24,16 @@ class MendingRecorder:
         first_product = self.entries.index(False)
         assert self.entries[first_product:first_product + 2] == [False, True]
         assert getattr(model_function, self.name) is self.mending
+
+
+def check_contrast_row(monkeypatch, benchmark, name: str, mending, network: str, method: str,
+                       examples: int):
+    """One row of a benchmark that contrasts model_function's `name` (`mending`) with
+    TensorFlow's or Keras's own path (core.mending_cells): traced without it first, then
+    with it; its cells are the header's, a positive ratio and agreeing products."""
+    recorder = MendingRecorder(monkeypatch, name, mending)
+    row = benchmark.measure(network, method, 1, examples=examples)
+    recorder.check_contrast()
+    assert row[:2] == [network, method]
+    assert len(row) == len(benchmark.HEADER)
+    assert float(row[4]) > 0 and float(row[5]) < 1e-4

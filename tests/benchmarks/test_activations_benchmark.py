@@ -9,16 +9,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 
 import activations as benchmark  # noqa: E402  (benchmarks/activations.py)
 from hessian_tf.operators import activations  # noqa: E402
-from tests.benchmarks.contrast import MendingRecorder  # noqa: E402
+from tests.benchmarks.contrast import check_contrast_row  # noqa: E402
 
 
 def test_a_row_contrasts_the_two_activations(monkeypatch):
-    recorder = MendingRecorder(monkeypatch, "compact_activations", activations.compact_activations)
-    row = benchmark.measure("gelu_mlp", "forward_over_backward", 1, examples=16)
-    recorder.check_contrast()  # Keras's activations first, then the written-out ones
-    assert row[:2] == ["gelu_mlp", "forward_over_backward"]
-    assert len(row) == len(benchmark.HEADER)
-    assert float(row[4]) > 0 and float(row[5]) < 1e-4
+    # Keras's activations first, then the written-out ones.
+    check_contrast_row(monkeypatch, benchmark, "compact_activations",
+                       activations.compact_activations, "gelu_mlp", "forward_over_backward", 16)
 
 
 def test_the_workloads_are_the_documented_shapes():

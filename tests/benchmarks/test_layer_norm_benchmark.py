@@ -9,17 +9,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 
 import layer_norm as benchmark  # noqa: E402  (benchmarks/layer_norm.py)
 from hessian_tf.operators import layer_norm  # noqa: E402
-from tests.benchmarks.contrast import MendingRecorder  # noqa: E402
+from tests.benchmarks.contrast import check_contrast_row  # noqa: E402
 
 
 def test_a_row_contrasts_the_two_layer_norms(monkeypatch):
-    recorder = MendingRecorder(monkeypatch, "compact_layer_normalization",
-                               layer_norm.compact_layer_normalization)
-    row = benchmark.measure("causal_lm", "reverse_over_reverse", 1, examples=8)
-    recorder.check_contrast()  # Keras's LayerNorm first, then the written-out one
-    assert row[:2] == ["causal_lm", "reverse_over_reverse"]
-    assert len(row) == len(benchmark.HEADER)
-    assert float(row[4]) > 0 and float(row[5]) < 1e-4
+    # Keras's LayerNorm first, then the written-out one.
+    check_contrast_row(monkeypatch, benchmark, "compact_layer_normalization",
+                       layer_norm.compact_layer_normalization, "causal_lm",
+                       "reverse_over_reverse", 8)
 
 
 def test_the_language_model_is_the_documented_one():
