@@ -271,6 +271,25 @@ def _check_binary(model_function, y: np.ndarray) -> None:
         )
 
 
+def _check_declared_shape(model_function, x: np.ndarray) -> None:
+    """A Keras model declares the shape of its input; where its layers allow it (a
+    sequence model of another length, a convolutional net at another size) it also runs
+    on other shapes, without a word here (Keras only warns when called directly). Data of
+    the declared rank that differ in a declared size are refused."""
+    from hessian_tf.operators.subset import base_function
+
+    try:
+        declared = tuple(base_function(model_function).model.input_shape[1:])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return  # not a Keras model of one input (a SavedModel's function checks its own)
+    if len(declared) == x.ndim - 1 and any(
+            isinstance(size, int) and size != got for size, got in zip(declared, x.shape[1:])):
+        raise ValueError(
+            f"--dataset: inputs of shape {x.shape[1:]} (dtype {x.dtype}) do not fit the "
+            f"model, which takes inputs of shape {declared}; pass data shaped as the "
+            "model's input.")
+
+
 def _check_integer_inputs(model_function, x: np.ndarray) -> None:
     """A model whose input is integers (token ids, read by an Embedding) or booleans
     takes real inputs cast to them: a fraction would be cut off silently, and any
@@ -867,6 +886,7 @@ class HessianOperator:
 
     def _check_fit(self, x: np.ndarray, y: np.ndarray) -> None:
         """One forward pass on two examples: shapes and label ranges fit the model."""
+        _check_declared_shape(self.model_function, x)
         _check_integer_inputs(self.model_function, x)
         sample = x[: min(2, x.shape[0])]
         try:

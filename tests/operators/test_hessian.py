@@ -423,6 +423,20 @@ def test_inputs_that_do_not_fit():
             operators.KerasModelFunction(model), np.zeros((4, 6)), np.zeros(4, np.int32))
 
 
+def test_inputs_of_another_length_are_refused_though_the_model_runs_on_them():
+    # A sequence model declared for 6 tokens also runs on 4 (Embedding, causal
+    # convolution, a Dense per position): the Hessian would silently be of other data.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,), dtype="int32")
+    h = keras.layers.Conv1D(4, 2, padding="causal")(keras.layers.Embedding(11, 4)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(11)(h))
+    tokens = np.random.default_rng(0).integers(0, 11, (8, 6)).astype(np.int32)
+    model_function = operators.KerasModelFunction(model)
+    with pytest.raises(ValueError, match=r"inputs of shape \(4,\).*takes inputs of shape \(6,\)"):
+        operators.HessianOperator(model_function, tokens[:, :4], tokens[:, :4])
+    operators.HessianOperator(model_function, tokens, tokens)
+
+
 def test_no_trainable_variables():
     model = tiny_model()
     model.trainable = False
