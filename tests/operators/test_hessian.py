@@ -431,6 +431,7 @@ def test_inputs_of_another_length_are_refused_though_the_model_runs_on_them():
     h = keras.layers.Conv1D(4, 2, padding="causal")(keras.layers.Embedding(11, 4)(inputs))
     model = keras.Model(inputs, keras.layers.Dense(11)(h))
     tokens = np.random.default_rng(0).integers(0, 11, (8, 6)).astype(np.int32)
+    assert model(tokens[:, :4]).shape == (8, 4, 11)  # Keras runs it
     model_function = operators.KerasModelFunction(model)
     with pytest.raises(ValueError, match=r"inputs of shape \(4,\).*takes inputs of shape \(6,\)"):
         operators.HessianOperator(model_function, tokens[:, :4], tokens[:, :4])
