@@ -272,10 +272,10 @@ def _check_binary(model_function, y: np.ndarray) -> None:
 
 
 def _check_declared_shape(model_function, x: np.ndarray) -> None:
-    """A Keras model declares the shape of its input; where its layers allow it (a
-    sequence model of another length, a convolutional net at another size) it also runs
-    on other shapes, without a word here (Keras only warns when called directly). Data of
-    the declared rank that differ in a declared size are refused."""
+    """A Keras model declares the shape of its input. Called directly, Keras refuses other
+    shapes, but its `stateless_call` (the products' path) runs on them where the layers
+    allow it (a sequence model of another length, a convolutional net at another size),
+    without a word. Data of the declared rank that differ in a declared size are refused."""
     from hessian_tf.operators.subset import base_function
 
     try:

@@ -424,14 +424,19 @@ def test_inputs_that_do_not_fit():
 
 
 def test_inputs_of_another_length_are_refused_though_the_model_runs_on_them():
-    # A sequence model declared for 6 tokens also runs on 4 (Embedding, causal
-    # convolution, a Dense per position): the Hessian would silently be of other data.
+    # A sequence model declared for 6 tokens: Keras's call refuses 4, but its
+    # stateless_call (products' path) runs on them (Embedding, causal convolution, a
+    # Dense per position): the Hessian would silently be of other data.
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6,), dtype="int32")
     h = keras.layers.Conv1D(4, 2, padding="causal")(keras.layers.Embedding(11, 4)(inputs))
     model = keras.Model(inputs, keras.layers.Dense(11)(h))
     tokens = np.random.default_rng(0).integers(0, 11, (8, 6)).astype(np.int32)
-    assert model(tokens[:, :4]).shape == (8, 4, 11)  # Keras runs it
+    with pytest.raises(ValueError, match="incompatible"):
+        model(tokens[:, :4])
+    outputs, _ = model.stateless_call(model.trainable_variables, model.non_trainable_variables,
+                                      tokens[:, :4])
+    assert outputs.shape == (8, 4, 11)
     model_function = operators.KerasModelFunction(model)
     with pytest.raises(ValueError, match=r"inputs of shape \(4,\).*takes inputs of shape \(6,\)"):
         operators.HessianOperator(model_function, tokens[:, :4], tokens[:, :4])
