@@ -271,23 +271,36 @@ def _check_binary(model_function, y: np.ndarray) -> None:
         )
 
 
+def _declared_input_shape(model_function) -> tuple | None:
+    """The input shape a Keras model of one input declares, without the batch (None: not
+    such a model, e.g. a SavedModel's function, which checks its own signature)."""
+    from hessian_tf.operators.subset import base_function
+
+    try:
+        return tuple(base_function(model_function).model.input_shape[1:])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+
+
+def _unfit_inputs(model_function, x: np.ndarray, cause: str = "") -> ValueError:
+    """The one-line error for inputs `x` that do not fit the model (`cause`: why, if known)."""
+    declared = _declared_input_shape(model_function)
+    takes = "" if declared is None else f", which takes inputs of shape {declared}"
+    because = f" ({cause})" if cause else ""
+    return ValueError(
+        f"--dataset: inputs of shape {x.shape[1:]} (dtype {x.dtype}) do not fit the "
+        f"model{takes}{because}; pass data shaped as the model's input.")
+
+
 def _check_declared_shape(model_function, x: np.ndarray) -> None:
     """A Keras model declares the shape of its input. Called directly, Keras refuses other
     shapes, but its `stateless_call` (the products' path) runs on them where the layers
     allow it (a sequence model of another length, a convolutional net at another size),
     without a word. Data of the declared rank that differ in a declared size are refused."""
-    from hessian_tf.operators.subset import base_function
-
-    try:
-        declared = tuple(base_function(model_function).model.input_shape[1:])
-    except (AttributeError, TypeError, ValueError, IndexError):
-        return  # not a Keras model of one input (a SavedModel's function checks its own)
-    if len(declared) == x.ndim - 1 and any(
+    declared = _declared_input_shape(model_function)
+    if declared is not None and len(declared) == x.ndim - 1 and any(
             isinstance(size, int) and size != got for size, got in zip(declared, x.shape[1:])):
-        raise ValueError(
-            f"--dataset: inputs of shape {x.shape[1:]} (dtype {x.dtype}) do not fit the "
-            f"model, which takes inputs of shape {declared}; pass data shaped as the "
-            "model's input.")
+        raise _unfit_inputs(model_function, x)
 
 
 def _check_integer_inputs(model_function, x: np.ndarray) -> None:
@@ -902,15 +915,7 @@ class HessianOperator:
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:
             # Keras may print the whole input array after " [[".
             first = first_line(error, None, type(error).__name__).split(" [[")[0][:300]
-            try:
-                expected = tuple(self.model_function.model.input_shape[1:])
-                expected = f", which takes inputs of shape {expected}"
-            except (AttributeError, TypeError, ValueError, IndexError):
-                expected = ""
-            raise ValueError(
-                f"--dataset: inputs of shape {x.shape[1:]} (dtype {x.dtype}) do not fit "
-                f"the model{expected} ({first}); pass data shaped as the model's input."
-            ) from error
+            raise _unfit_inputs(self.model_function, x, first) from error
         outputs_shape = tuple(outputs.shape[1:])
         if len(outputs_shape) > 1 and getattr(outputs, "_keras_mask", None) is not None:
             raise ValueError(

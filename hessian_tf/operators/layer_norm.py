@@ -116,8 +116,8 @@ def _recorded(x: tf.Tensor, gamma, beta, axes, epsilon) -> tf.Tensor:
         # Recorded, as the gradient is: a tape around an accumulator differentiates it.
         terms = []
         if x_tangent is not None:
-            normalised = rows.jacobian_of(x_tangent)
-            terms.append(normalised * gamma if gamma is not None else normalised)
+            n_tangent = rows.jacobian_of(x_tangent)
+            terms.append(n_tangent * gamma if gamma is not None else n_tangent)
         if gamma_tangent is not None:
             terms.append(rows.normalised() * gamma_tangent)
         if beta_tangent is not None:
