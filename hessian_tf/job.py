@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -90,24 +91,75 @@ def block_products(config, group: int, operator) -> int:
             + check_products(config, operator))
 
 
-# Sleeps, then reports and kills the job; killed itself when the block ends in time.
+# Sleeps, then reports, removes the directories the job created (argv[4:], deepest
+# first) while they are empty (the job, waiting for its cluster, writes nothing), and
+# ends the job: SIGINT, which `_exit_on_sigint` makes exit with status 2, or SIGKILL if
+# it has not ended 5 s later. Killed itself when the block ends in time; ignores SIGINT
+# (Ctrl-C at a terminal reaches both processes); says and does nothing if the job ends
+# some other way.
 _WATCHDOG = """
 import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-deadline = time.monotonic() + seconds
-while time.monotonic() < deadline:
-    time.sleep(0.2)
-    if os.getppid() != parent:  # the job ended some other way: say nothing
-        sys.exit(0)
+
+def parent_ended(seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if os.getppid() != parent:
+            return True
+    return False
+
+if parent_ended(seconds):  # the job ended some other way: say nothing
+    sys.exit(0)
 sys.stderr.write("hessian-spectrum: error: " + message + "\\n")
 sys.stderr.flush()
-os.kill(parent, signal.SIGKILL)
+for directory in sys.argv[4:]:
+    try:
+        os.rmdir(directory)
+    except OSError:
+        break  # not empty, or gone: kept, with its parents
+os.kill(parent, signal.SIGINT)
+if not parent_ended(5):
+    os.kill(parent, signal.SIGKILL)
 """
 
 
 @contextlib.contextmanager
-def _deadline(seconds: float, message: str, *, enabled: bool = True):
-    """Ends the process with `message` if the block outlasts `seconds`.
+def _exit_on_sigint():
+    """While the block runs, SIGINT ends the process at once with exit status 2 (the C
+    library's _exit, called with the signal's number, 2, as the handler): Python's own
+    handler only sets a flag, which a thread waiting inside TensorFlow's C++ with the
+    GIL never reads. Python's handler comes back after the block. Where the C library
+    cannot be reached this way, nothing changes (the watchdog then falls back to
+    SIGKILL)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        install = libc.signal
+        install.restype = ctypes.c_void_p
+        install.argtypes = (ctypes.c_int, ctypes.c_void_p)
+        handler = ctypes.cast(libc._exit, ctypes.c_void_p).value
+    except (OSError, AttributeError):  # no C library by that name (not a POSIX host)
+        yield
+        return
+    previous = install(signal.SIGINT, handler)
+    if previous == ctypes.c_void_p(-1).value:  # SIG_ERR: nothing was installed
+        yield
+        return
+    try:
+        yield
+    finally:
+        install(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, message: str, *, enabled: bool = True,
+              created: Sequence[str] = ()):
+    """Ends the process with `message` and exit status 2 if the block outlasts
+    `seconds`, and removes the directories the job `created` (deepest first) that
+    are then empty.
 
     TensorFlow waits without limit for the workers of a multi-worker cluster to
     join, inside C++ and holding the GIL, so neither a Python thread nor a signal
@@ -117,10 +169,12 @@ def _deadline(seconds: float, message: str, *, enabled: bool = True):
         yield
         return
     watchdog = subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message]
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message,
+         *created]
     )
     try:
-        yield
+        with _exit_on_sigint():
+            yield
     finally:
         watchdog.kill()
         watchdog.wait()
@@ -391,7 +445,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     created = results.check_writable(config.output_dir)
     try:
         with contextlib.ExitStack() as contexts:
-            summary = _run(config, started, contexts)
+            summary = _run(config, started, contexts, created)
     except BaseException:
         results.remove_empty_directories(created)
         raise
@@ -401,7 +455,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
 
 def _run(config: ml_collections.ConfigDict, started: float,
-         contexts: contextlib.ExitStack) -> dict:
+         contexts: contextlib.ExitStack, created: list[str]) -> dict:
     output_dir = config.output_dir
 
     # Imported here so that strategy creation (and logical CPU devices) come before
@@ -421,7 +475,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
         f"--worker_timeout={config.worker_timeout:g}: not every worker joined the cluster "
         "in time; check that every worker runs and can reach the others (TF_CONFIG)."
     )
-    with _deadline(config.worker_timeout, waiting, enabled=multi_worker):
+    with _deadline(config.worker_timeout, waiting, enabled=multi_worker,
+                   created=created):
         strategy = make_strategy(
             config.strategy,
             num_cpu_devices=config.num_cpu_devices,
@@ -554,7 +609,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
     try:
         with preemption as after_step:
             # The first all-reduce is where a worker that never started would hang.
-            with _deadline(config.worker_timeout, waiting, enabled=multi_worker):
+            with _deadline(config.worker_timeout, waiting, enabled=multi_worker,
+                           created=created):
                 loss, gradient = operator.loss_and_gradient()
             spectrum = spectrum_lib.stochastic_lanczos_quadrature(
                 operator.matvec,

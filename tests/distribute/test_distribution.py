@@ -129,20 +129,23 @@ def test_killed_worker_ends_the_job_with_a_clear_error(tmp_path, moment, marker,
 
 
 def test_worker_that_never_starts_times_out(bn_job, tmp_path):
-    """TF_CONFIG names two workers; only worker 0 runs."""
+    """TF_CONFIG names two workers; only worker 0 runs. It ends as other errors do
+    (one line, exit status 2: the watchdog's SIGINT, not a SIGKILL's 137), and the
+    output directories it created are gone."""
     env = environment()
     ports = free_ports(2)
     env["TF_CONFIG"] = json.dumps({
         "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
         "task": {"type": "worker", "index": 0}})
+    output = tmp_path / "new" / "out"
     started = time.monotonic()
-    result = spectrum(*job_args(bn_job, "inference", tmp_path), "--strategy=multi_worker",
+    result = spectrum(*job_args(bn_job, "inference", output), "--strategy=multi_worker",
                       "--worker_timeout=10", env=env, timeout=120)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr[-2000:]
     assert time.monotonic() - started < 60
     errors = [l for l in result.stderr.splitlines() if l.startswith("hessian-spectrum: error:")]
     assert len(errors) == 1 and "--worker_timeout=10" in errors[0], result.stderr[-2000:]
-    assert not (tmp_path / "spectrum.npz").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("tf_config, expected", [
@@ -215,3 +218,28 @@ def test_local_launcher_rejects_a_bad_worker_count():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "local.sh: error: N=zero: pass the number of workers, an integer >= 1."]
+
+
+_SIGINT_IN_AND_AFTER = """
+import os, signal, time
+from hessian_tf import job
+with job._exit_on_sigint():
+    pass
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+except KeyboardInterrupt:
+    print("python's handler is back", flush=True)
+with job._exit_on_sigint():
+    os.kill(os.getpid(), signal.SIGINT)
+    print("not reached", flush=True)
+"""
+
+
+def test_sigint_ends_a_waiting_job_with_status_2_and_python_handles_it_after():
+    """What the watchdog relies on: in the block SIGINT ends the process at once with
+    status 2 (no Python code runs); after it, Python's handler is back."""
+    result = subprocess.run([sys.executable, "-c", _SIGINT_IN_AND_AFTER],
+                            capture_output=True, text=True, timeout=120, env=environment())
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["python's handler is back"], result.stdout
