@@ -537,6 +537,12 @@ def _run(config: ml_collections.ConfigDict, started: float,
     else:
         operator_type = gauss_newton.operator_class(config.operator, HessianOperator)
         operator = operator_type(model_function, x, y, **options)
+    group = lockstep_group(config, operator.dim)
+    spectrum_lib.check_basis_memory(
+        group, config.lanczos_steps, operator.dim, basis_dtype(config),
+        flag=f"--lanczos_steps={config.lanczos_steps}",
+        fixes=(["--basis_dtype=float32 (half the memory)"] * (config.basis_dtype != "float32")
+               + ["--lockstep_draws=1 (one basis at a time)"] * (group > 1)))
     if config.dry_run:
         return _dry_run(config, operator, model_function, x, y, stream)
     checkpointer = checkpoints.SLQCheckpointer(
@@ -558,7 +564,6 @@ def _run(config: ml_collections.ConfigDict, started: float,
             "Resuming %s at Lanczos step %d (%d products done) from %s",
             spectrum_lib.draws_label(draws), step, resumed.num_products, checkpointer.latest(),
         )
-    group = lockstep_group(config, operator.dim)
     start = None  # a new run's state, where its first block is drawn before the run
     if resumed is not None and checkpointer.restored_method and operator.times_methods:
         # --method=auto: the method this run began with, so that it continues the same

@@ -8,7 +8,7 @@ import mmap
 import os
 import threading
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import threadpoolctl
@@ -312,6 +312,31 @@ def lockstep_group(num_draws: int, lanczos_steps: int, dim: int, *, lockstep: in
     per_draw = lanczos_steps * dim * basis_bytes_per_entry
     fits = max(1, min(MAX_LOCKSTEP_DRAWS, host_memory_bytes() // 4 // max(1, per_draw)))
     return group_size(num_draws, fits)
+
+
+def check_basis_memory(bases: int, lanczos_steps: int, dim: int, basis_dtype=np.float64, *,
+                       flag: str, fixes: Sequence[str] = ()) -> None:
+    """Refuses, in one line naming `flag` (with its value), `bases` Lanczos bases of
+    `lanczos_steps` rows of `dim` entries of `basis_dtype` that together exceed the
+    host's physical memory: the bases are taken a row at a time, so without this a run
+    could start, then fail or be killed by the OS steps later. `fixes`: the caller's
+    other ways out, after fewer steps."""
+    dtype = np.dtype(basis_dtype)
+    need = bases * lanczos_steps * dim * dtype.itemsize
+    have = host_memory_bytes()
+    if need <= have:
+        return
+    steps = "fewer steps" + (
+        f" (more than the {dim:,} parameters add nothing: Lanczos ends after at most "
+        f"{dim:,})" if lanczos_steps > dim else "")
+    ways = [steps, *fixes]
+    told = ways[0] if len(ways) == 1 else ", ".join(ways[:-1]) + " or " + ways[-1]
+    raise ValueError(
+        f"{flag}: {'the Lanczos basis' if bases == 1 else f'{bases} Lanczos bases'} "
+        f"({lanczos_steps:,} steps × {dim:,} {dtype.name} entries{' each' * (bases > 1)}) "
+        f"{'needs' if bases == 1 else 'need'} {need / 2**30:.3g} GiB, more than this "
+        f"host's memory ({have / 2**30:.3g} GiB); pass {told}."
+    )
 
 
 def lanczos_block_products(num_draws: int, lanczos_steps: int, group: int) -> int:

@@ -38,6 +38,37 @@ def test_automatic_lockstep_holds_the_bases_that_fit_a_quarter_of_memory(monkeyp
     assert spectrum_lib.lockstep_group(20, 90, 1000) == 7  # at most 8: 7, 7, 6
 
 
+def test_bases_beyond_the_hosts_memory_are_refused_with_the_ways_out(monkeypatch):
+    basis = 90 * 1000 * 8  # bytes of one float64 basis
+    monkeypatch.setattr(spectrum_lib, "host_memory_bytes", lambda: 2 * basis)
+    spectrum_lib.check_basis_memory(2, 90, 1000, flag="--lanczos_steps=90")  # fits exactly
+    with pytest.raises(ValueError) as error:
+        spectrum_lib.check_basis_memory(3, 90, 1000, flag="--lanczos_steps=90",
+                                        fixes=["A", "B"])
+    assert str(error.value).startswith(
+        "--lanczos_steps=90: 3 Lanczos bases (90 steps × 1,000 float64 entries each) need ")
+    assert str(error.value).endswith("; pass fewer steps, A or B.")
+    spectrum_lib.check_basis_memory(3, 90, 1000, np.float32, flag="f")  # half the bytes
+    with pytest.raises(ValueError, match=r"^f: the Lanczos basis \(20,000 steps × 20 "
+                       r"float64 entries\) needs .*; pass fewer steps \(more than the 20 "
+                       r"parameters add nothing: Lanczos ends after at most 20\)\.$"):
+        spectrum_lib.check_basis_memory(1, 20000, 20, flag="f")
+
+
+def test_a_basis_map_the_os_refuses_is_a_memory_error(monkeypatch):
+    import errno
+
+    from hessian_tf.linalg.lanczos import SMALL_PAGES_FROM_BYTES, zero_basis
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refused)
+    rows = SMALL_PAGES_FROM_BYTES // 8  # a map, not NumPy's memory
+    with pytest.raises(MemoryError, match=r"a Lanczos basis of [\d,]+ × 1 float64 entries"):
+        zero_basis(rows, 1)
+
+
 def test_progress_after_a_resume_counts_this_sessions_products(monkeypatch):
     from hessian_tf import job
 

@@ -124,7 +124,8 @@ def job_error_message(error: BaseException) -> str:
     if isinstance(error, MemoryError):
         return (
             f"out of host memory ({message}); the Lanczos bases live on the host: "
-            "--basis_dtype=float32 halves them, --lockstep_draws=1 keeps one."
+            "fewer --lanczos_steps shorten them, --basis_dtype=float32 halves them, "
+            "--lockstep_draws=1 keeps one."
         )
     if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)) or (
         isinstance(error, RuntimeError) and "waiting for the cluster" in message

@@ -532,6 +532,12 @@ class SpectrumCallback(keras.callbacks.Callback):
             )
         except ValueError as error:
             raise ValueError(f"SpectrumCallback: {error}") from error
+        group = spectrum_lib.lockstep_group(
+            self.num_draws, self.lanczos_steps, self._operator.dim, lockstep=self.lockstep_draws)
+        spectrum_lib.check_basis_memory(
+            group, self.lanczos_steps, self._operator.dim,
+            flag=f"SpectrumCallback: lanczos_steps={self.lanczos_steps}",
+            fixes=["lockstep_draws=1 (one basis at a time)"] * (group > 1))
         self._operator_model = model
         self._determinism_checked = False
         warning = precision_lib.half_precision_warning(

@@ -14,6 +14,7 @@ removal of a small part of the vector is summed in float32, see `_subtract`).
 
 from __future__ import annotations
 
+import errno
 import mmap
 from typing import Callable, NamedTuple, Optional
 
@@ -66,7 +67,14 @@ def zero_basis(rows: int, dim: int, dtype=np.float64) -> np.ndarray:
         # (No such maps on Windows: NumPy's memory there too.)
         return aligned_array(rows, dim, dtype, padded=True)
     stride = _padded_width(dim, dtype) * dtype.itemsize
-    memory = mmap.mmap(-1, rows * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        memory = mmap.mmap(-1, rows * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as error:  # the OS refuses the map: told as NumPy tells its own
+        if error.errno != errno.ENOMEM:
+            raise
+        raise MemoryError(
+            f"a Lanczos basis of {rows:,} × {dim:,} {dtype.name} entries, "
+            f"{rows * stride / 2**30:.3g} GiB") from error
     try:
         memory.madvise(mmap.MADV_NOHUGEPAGE)
     except (AttributeError, OSError):  # no such advice on this OS: its pages as they come

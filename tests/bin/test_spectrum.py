@@ -163,6 +163,10 @@ def bad_inputs(directory):
         "unknown bn_mode": ([model, data, "--bn_mode=eval"], "--bn_mode='eval'"),
         "zero steps": ([model, data, "--lanczos_steps=0"], "--lanczos_steps=0"),
         "zero draws": ([model, data, "--num_draws=0"], "--num_draws=0"),
+        # 37 parameters × 10¹² steps: more than any host holds (left, it failed with
+        # only "[Errno 12] Cannot allocate memory").
+        "basis beyond memory": ([model, data, "--lanczos_steps=1000000000000"],
+                                "needs 2.76e+05 GiB, more than this host's memory"),
         "unwritable output": ([model, data, f"--output_dir={directory / 'data.npz' / 'out'}"], "--output_dir="),
         "frozen model": ([f"--model={directory / 'frozen.keras'}", data], "no trainable variables"),
         "non-finite loss": ([f"--model={directory / 'nan.keras'}", data], "non-finite"),
@@ -253,6 +257,7 @@ def test_out_of_memory_is_told_with_the_ways_out(error, expected):
     assert expected in message
     assert ("--stream" in message) == ("device" in expected)
     assert ("--basis_dtype=float32" in message) == ("host" in expected)
+    assert ("fewer --lanczos_steps" in message) == ("host" in expected)
     assert "Hint" not in message and "\n" not in message
 
 

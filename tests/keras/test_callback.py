@@ -293,6 +293,18 @@ def test_unbuilt_model_is_an_error_before_training(digits, tmp_path):
                   callbacks=[spectrum_callback((x, y), tmp_path)])
 
 
+def test_bases_beyond_the_hosts_memory_are_an_error_before_training(
+        digits, tmp_path, monkeypatch):
+    x, y = digits
+    model = bn_dropout_mlp()
+    monkeypatch.setattr(spectrum_lib, "host_memory_bytes", lambda: 2**10)
+    with pytest.raises(ValueError, match=r"^SpectrumCallback: lanczos_steps=\d+: the Lanczos "
+                       r"basis .* more than this host's memory"):
+        model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0,
+                  callbacks=[spectrum_callback((x, y), tmp_path)])
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
 def test_a_mixed_precision_model_is_warned_of(digits, tmp_path):
     from absl import logging as absl_logging
 
