@@ -77,6 +77,15 @@ def lockstep_group(config, dim: int) -> int:
     )
 
 
+def basis_memory_refusal(config, dim: int) -> str:
+    """Why the job's Lanczos bases cannot run on this host (more than its memory), or
+    "" (spectrum.basis_memory_refusal)."""
+    return spectrum_lib.basis_memory_refusal(
+        lockstep_group(config, dim), config.lanczos_steps, dim, basis_dtype(config),
+        flag=f"--lanczos_steps={config.lanczos_steps}", steps_flag="--lanczos_steps",
+        float32_flag="--basis_dtype=float32", one_basis_flag="--lockstep_draws=1")
+
+
 def check_products(config, operator) -> int:
     """The products over the whole data (blocks, or vectors) that the determinism check
     adds to the Lanczos steps': one where it multiplies the first block twice over
@@ -91,36 +100,41 @@ def block_products(config, group: int, operator) -> int:
             + check_products(config, operator))
 
 
-# Sleeps, then reports, removes the directories the job created (argv[4:], deepest
-# first) while they are empty (the job, waiting for its cluster, writes nothing), and
-# ends the job: SIGINT, which `_exit_on_sigint` makes exit with status 2, or SIGKILL if
-# it has not ended 5 s later. Killed itself when the block ends in time; ignores SIGINT
-# (Ctrl-C at a terminal reaches both processes); says and does nothing if the job ends
-# some other way.
+# The job's watchdog (argv: the job's pid, the seconds, the line, the pipe the job says
+# "the wait is over" on, the pipe it answers on, then the directories the job created,
+# deepest first). Told in time, it answers and ends; the job's block does not end before
+# that answer, so once the time is up the outcome is this process's alone: it writes
+# the line, removes those directories while they are empty, and ends the job (SIGINT,
+# which `_exit_on_sigint` makes exit with status 2; SIGKILL if it has not ended 5 s
+# later). If the job ends during the wait some other way (Ctrl-C, a kill, a crash: the
+# pipe closes), it removes the directories and says nothing. Its own session keeps it
+# out of the terminal's Ctrl-C.
 _WATCHDOG = """
-import os, signal, sys, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)
+import os, select, signal, sys, time
 parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+over, answer = int(sys.argv[4]), int(sys.argv[5])
 
-def parent_ended(seconds):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        if os.getppid() != parent:
-            return True
-    return False
+def remove_created():
+    for directory in sys.argv[6:]:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return  # not empty, or gone: kept, with its parents
 
-if parent_ended(seconds):  # the job ended some other way: say nothing
+if select.select([over], [], [], seconds)[0]:
+    if os.read(over, 1):
+        os.write(answer, b"k")
+    else:
+        remove_created()
     sys.exit(0)
 sys.stderr.write("hessian-spectrum: error: " + message + "\\n")
 sys.stderr.flush()
-for directory in sys.argv[4:]:
-    try:
-        os.rmdir(directory)
-    except OSError:
-        break  # not empty, or gone: kept, with its parents
+remove_created()
 os.kill(parent, signal.SIGINT)
-if not parent_ended(5):
+deadline = time.monotonic() + 5
+while os.getppid() == parent and time.monotonic() < deadline:
+    time.sleep(0.1)
+if os.getppid() == parent:
     os.kill(parent, signal.SIGKILL)
 """
 
@@ -130,11 +144,15 @@ def _exit_on_sigint():
     """While the block runs, SIGINT ends the process at once with exit status 2 (the C
     library's _exit, called with the signal's number, 2, as the handler): Python's own
     handler only sets a flag, which a thread waiting inside TensorFlow's C++ with the
-    GIL never reads. Python's handler comes back after the block. Where the C library
-    cannot be reached this way, nothing changes (the watchdog then falls back to
-    SIGKILL)."""
+    GIL never reads. After the block Python installs its handler again, as it installs
+    it. Only in the main thread (where Python handles signals); elsewhere, or where the
+    C library cannot be reached this way, nothing changes (the watchdog then falls
+    back to SIGKILL)."""
     import ctypes
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     try:
         libc = ctypes.CDLL(None)
         install = libc.signal
@@ -144,6 +162,7 @@ def _exit_on_sigint():
     except (OSError, AttributeError):  # no C library by that name (not a POSIX host)
         yield
         return
+    python_handler = signal.getsignal(signal.SIGINT)
     previous = install(signal.SIGINT, handler)
     if previous == ctypes.c_void_p(-1).value:  # SIG_ERR: nothing was installed
         yield
@@ -151,7 +170,10 @@ def _exit_on_sigint():
     try:
         yield
     finally:
-        install(signal.SIGINT, previous)
+        if python_handler is None:  # not Python's: the C library's own back
+            install(signal.SIGINT, previous)
+        else:  # with Python's flags (the C library's signal() sets others: SA_RESTART)
+            signal.signal(signal.SIGINT, python_handler)
 
 
 @contextlib.contextmanager
@@ -159,7 +181,7 @@ def _deadline(seconds: float, message: str, *, enabled: bool = True,
               created: Sequence[str] = ()):
     """Ends the process with `message` and exit status 2 if the block outlasts
     `seconds`, and removes the directories the job `created` (deepest first) that
-    are then empty.
+    are then empty (also if the process ends otherwise during the block).
 
     TensorFlow waits without limit for the workers of a multi-worker cluster to
     join, inside C++ and holding the GIL, so neither a Python thread nor a signal
@@ -168,16 +190,29 @@ def _deadline(seconds: float, message: str, *, enabled: bool = True,
     if not enabled:
         yield
         return
-    watchdog = subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message,
-         *created]
-    )
+    over_read, over = os.pipe()  # job → watchdog: the wait is over (or, closed: the job ended)
+    answer, answer_write = os.pipe()  # watchdog → job: understood
     try:
-        with _exit_on_sigint():
-            yield
+        watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message,
+             str(over_read), str(answer_write), *created],
+            pass_fds=(over_read, answer_write), start_new_session=True,
+        )
     finally:
-        watchdog.kill()
-        watchdog.wait()
+        os.close(over_read)
+        os.close(answer_write)
+    with _exit_on_sigint():
+        try:
+            yield
+        finally:  # SIGINT still ends the process while the watchdog may act
+            try:
+                os.write(over, b"o")
+                os.read(answer, 1)  # b"k"; b"" if the watchdog is gone
+            except OSError:  # BrokenPipeError: the watchdog is gone
+                pass
+            os.close(over)
+            os.close(answer)
+            watchdog.wait()
 
 
 def _default_model_function(config, x, y, output_dir):
@@ -271,6 +306,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     products = config.num_draws * config.lanczos_steps + group * check_products(config, operator)
     passes = block_products(config, group, operator) + 1  # + gradient
     basis_bytes = group * config.lanczos_steps * operator.dim * basis_dtype(config).itemsize
+    refusal = basis_memory_refusal(config, operator.dim)
     # An upper bound: a block of k products in lockstep costs less than k products.
     product_seconds = batch_seconds * batches_per_replica * (products + 1)
     # The host's Lanczos algebra beside them: on large models and little data, a
@@ -298,7 +334,8 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
         f"  {products} Hessian-vector products ({group} draw(s) in lockstep) + 1 gradient pass "
         f"= {passes} passes over the data, {passes * operator.num_examples:,} examples read",
         f"  Lanczos bases: {basis_bytes / 2**30:.2f} GiB ({group} x {config.basis_dtype}, on "
-        "the host; --basis_dtype=float32 halves it, --lockstep_draws=1 keeps one)",
+        "the host; --basis_dtype=float32 halves it, --lockstep_draws=1 keeps one)"
+        + (f"; this run would be refused: {refusal}" if refusal else ""),
         f"  one batch of {config.batch_size}: {batch_seconds:.3f} s per product here "
         f"({one_batch.method.replace('_', ' ')}); estimate "
         f"{datetime.timedelta(seconds=int(seconds))} on {replicas} replica(s) of this speed: "
@@ -537,14 +574,11 @@ def _run(config: ml_collections.ConfigDict, started: float,
     else:
         operator_type = gauss_newton.operator_class(config.operator, HessianOperator)
         operator = operator_type(model_function, x, y, **options)
-    group = lockstep_group(config, operator.dim)
-    spectrum_lib.check_basis_memory(
-        group, config.lanczos_steps, operator.dim, basis_dtype(config),
-        flag=f"--lanczos_steps={config.lanczos_steps}",
-        fixes=(["--basis_dtype=float32 (half the memory)"] * (config.basis_dtype != "float32")
-               + ["--lockstep_draws=1 (one basis at a time)"] * (group > 1)))
     if config.dry_run:
         return _dry_run(config, operator, model_function, x, y, stream)
+    refusal = basis_memory_refusal(config, operator.dim)
+    if refusal:
+        raise ValueError(refusal)
     checkpointer = checkpoints.SLQCheckpointer(
         os.path.join(output_dir, checkpoints.CHECKPOINT_SUBDIR),
         fingerprint=checkpoints.fingerprint(

@@ -314,24 +314,37 @@ def lockstep_group(num_draws: int, lanczos_steps: int, dim: int, *, lockstep: in
     return group_size(num_draws, fits)
 
 
-def check_basis_memory(bases: int, lanczos_steps: int, dim: int, basis_dtype=np.float64, *,
-                       flag: str, fixes: Sequence[str] = ()) -> None:
-    """Refuses, in one line naming `flag` (with its value), `bases` Lanczos bases of
-    `lanczos_steps` rows of `dim` entries of `basis_dtype` that together exceed the
-    host's physical memory: the bases are taken a row at a time, so without this a run
-    could start, then fail or be killed by the OS steps later. `fixes`: the caller's
-    other ways out, after fewer steps."""
+def basis_memory_refusal(bases: int, lanczos_steps: int, dim: int, basis_dtype=np.float64, *,
+                         flag: str, steps_flag: str, float32_flag: str = "",
+                         one_basis_flag: str = "") -> str:
+    """Why `bases` Lanczos bases of `lanczos_steps` rows of `dim` entries of
+    `basis_dtype` cannot run here, or "": together they exceed the host's physical
+    memory. The bases are taken a row at a time, so such a run would start, then fail
+    or be killed by the OS steps later. The line names `flag` and the ways out that
+    suffice: at most so many steps (`steps_flag`, the flag's name), and where given
+    and enough alone, a float32 basis (`float32_flag`) or one basis at a time
+    (`one_basis_flag`)."""
     dtype = np.dtype(basis_dtype)
-    need = bases * lanczos_steps * dim * dtype.itemsize
+    row = dim * dtype.itemsize
+    need = bases * lanczos_steps * row
     have = host_memory_bytes()
     if need <= have:
-        return
-    steps = "fewer steps" + (
-        f" (more than the {dim:,} parameters add nothing: Lanczos ends after at most "
-        f"{dim:,})" if lanczos_steps > dim else "")
-    ways = [steps, *fixes]
+        return ""
+    fitting = have // (bases * row)
+    if fitting < 1:
+        ways = [f"a model with fewer parameters: one step's row of {dim:,} entries "
+                "does not fit"]
+    elif lanczos_steps > dim and fitting >= dim:
+        ways = [f"{steps_flag}={dim:,} (more steps than the {dim:,} parameters add nothing: "
+                "Lanczos ends after at most that many)"]
+    else:
+        ways = [f"at most {steps_flag}={fitting:,}"]
+    if float32_flag and dtype.itemsize > 4 and need // 2 <= have:
+        ways.append(f"{float32_flag} (half the memory)")
+    if one_basis_flag and bases > 1 and need // bases <= have:
+        ways.append(f"{one_basis_flag} (one basis at a time)")
     told = ways[0] if len(ways) == 1 else ", ".join(ways[:-1]) + " or " + ways[-1]
-    raise ValueError(
+    return (
         f"{flag}: {'the Lanczos basis' if bases == 1 else f'{bases} Lanczos bases'} "
         f"({lanczos_steps:,} steps × {dim:,} {dtype.name} entries{' each' * (bases > 1)}) "
         f"{'needs' if bases == 1 else 'need'} {need / 2**30:.3g} GiB, more than this "

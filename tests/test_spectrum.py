@@ -1,5 +1,6 @@
 """SLQ driver diagnostics."""
 
+import functools
 import mmap
 import sys
 import threading
@@ -38,21 +39,29 @@ def test_automatic_lockstep_holds_the_bases_that_fit_a_quarter_of_memory(monkeyp
     assert spectrum_lib.lockstep_group(20, 90, 1000) == 7  # at most 8: 7, 7, 6
 
 
-def test_bases_beyond_the_hosts_memory_are_refused_with_the_ways_out(monkeypatch):
+def test_bases_beyond_the_hosts_memory_are_refused_with_the_ways_out_that_suffice(monkeypatch):
     basis = 90 * 1000 * 8  # bytes of one float64 basis
     monkeypatch.setattr(spectrum_lib, "host_memory_bytes", lambda: 2 * basis)
-    spectrum_lib.check_basis_memory(2, 90, 1000, flag="--lanczos_steps=90")  # fits exactly
-    with pytest.raises(ValueError) as error:
-        spectrum_lib.check_basis_memory(3, 90, 1000, flag="--lanczos_steps=90",
-                                        fixes=["A", "B"])
-    assert str(error.value).startswith(
-        "--lanczos_steps=90: 3 Lanczos bases (90 steps × 1,000 float64 entries each) need ")
-    assert str(error.value).endswith("; pass fewer steps, A or B.")
-    spectrum_lib.check_basis_memory(3, 90, 1000, np.float32, flag="f")  # half the bytes
-    with pytest.raises(ValueError, match=r"^f: the Lanczos basis \(20,000 steps × 20 "
-                       r"float64 entries\) needs .*; pass fewer steps \(more than the 20 "
-                       r"parameters add nothing: Lanczos ends after at most 20\)\.$"):
-        spectrum_lib.check_basis_memory(1, 20000, 20, flag="f")
+    refusal = functools.partial(spectrum_lib.basis_memory_refusal, flag="F", steps_flag="S",
+                                float32_flag="H", one_basis_flag="O")
+    assert refusal(2, 90, 1000) == ""  # fits exactly
+    assert refusal(3, 90, 1000, np.float32) == ""  # half the bytes
+    assert refusal(3, 90, 1000) == (
+        "F: 3 Lanczos bases (90 steps × 1,000 float64 entries each) need 0.00201 GiB, more "
+        "than this host's memory (0.00134 GiB); pass at most S=60, H (half the memory) or "
+        "O (one basis at a time).")
+    # Only what suffices: float32 halves 8 bases to 4 (too many); one basis fits.
+    assert refusal(8, 90, 1000).endswith("; pass at most S=22 or O (one basis at a time).")
+    assert refusal(1, 400, 1000).endswith("; pass at most S=180.")  # neither would do
+    assert refusal(1, 300, 1000).endswith("; pass at most S=180 or H (half the memory).")
+    # More steps than parameters: the parameter count, where it fits.
+    assert refusal(1, 10**9, 20).endswith(
+        "; pass S=20 (more steps than the 20 parameters add nothing: Lanczos ends after at "
+        "most that many).")
+    assert "one step's row of 1,000,000 entries does not fit" in refusal(1, 90, 10**6)
+    # Without the optional flags (the Keras callback has no float32 basis).
+    assert spectrum_lib.basis_memory_refusal(
+        1, 300, 1000, flag="F", steps_flag="S").endswith("; pass at most S=180.")
 
 
 def test_a_basis_map_the_os_refuses_is_a_memory_error(monkeypatch):

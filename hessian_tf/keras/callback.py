@@ -534,10 +534,12 @@ class SpectrumCallback(keras.callbacks.Callback):
             raise ValueError(f"SpectrumCallback: {error}") from error
         group = spectrum_lib.lockstep_group(
             self.num_draws, self.lanczos_steps, self._operator.dim, lockstep=self.lockstep_draws)
-        spectrum_lib.check_basis_memory(
+        refusal = spectrum_lib.basis_memory_refusal(
             group, self.lanczos_steps, self._operator.dim,
             flag=f"SpectrumCallback: lanczos_steps={self.lanczos_steps}",
-            fixes=["lockstep_draws=1 (one basis at a time)"] * (group > 1))
+            steps_flag="lanczos_steps", one_basis_flag="lockstep_draws=1")
+        if refusal:
+            raise ValueError(refusal)
         self._operator_model = model
         self._determinism_checked = False
         warning = precision_lib.half_precision_warning(

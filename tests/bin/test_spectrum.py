@@ -166,7 +166,7 @@ def bad_inputs(directory):
         # 37 parameters × 10¹² steps: more than any host holds (left, it failed with
         # only "[Errno 12] Cannot allocate memory").
         "basis beyond memory": ([model, data, "--lanczos_steps=1000000000000"],
-                                "needs 2.76e+05 GiB, more than this host's memory"),
+                                "--lanczos_steps=37 (more steps than the 37 parameters"),
         "unwritable output": ([model, data, f"--output_dir={directory / 'data.npz' / 'out'}"], "--output_dir="),
         "frozen model": ([f"--model={directory / 'frozen.keras'}", data], "no trainable variables"),
         "non-finite loss": ([f"--model={directory / 'nan.keras'}", data], "non-finite"),

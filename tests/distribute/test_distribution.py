@@ -5,6 +5,7 @@ TF_CONFIG must be set before TensorFlow starts).
 """
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -148,6 +149,35 @@ def test_worker_that_never_starts_times_out(bn_job, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_while_waiting_for_the_cluster_ends_the_job_and_leaves_no_directory(
+        bn_job, tmp_path):
+    """Worker 0 of two waits for worker 1 (never started); SIGINT while it waits (its
+    watchdog running) ends it at once, and the directories it created go."""
+    env = environment()
+    env["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]},
+        "task": {"type": "worker", "index": 0}})
+    command = [sys.executable, "-m", "hessian_tf.bin.spectrum",
+               *job_args(bn_job, "inference", tmp_path / "new" / "out"),
+               "--strategy=multi_worker", "--worker_timeout=300"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    waited = time.monotonic()
+    while not subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True).stdout:
+        assert time.monotonic() - waited < 120 and process.poll() is None, "no watchdog"
+        time.sleep(0.2)
+    assert (tmp_path / "new" / "out").is_dir()
+    time.sleep(1)  # in the wait, the handler set
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 2, stderr[-2000:]
+    assert time.monotonic() - waited < 100  # not the 300 s of --worker_timeout
+    deadline = time.monotonic() + 10  # the watchdog removes them as the job ends
+    while list(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("tf_config, expected", [
     ("{not json", "TF_CONFIG is malformed"),
     ('{"cluster": {"worker": ["127.0.0.1:5000"]}}', "TF_CONFIG is malformed (missing key 'task')"),
@@ -221,15 +251,20 @@ def test_local_launcher_rejects_a_bad_worker_count():
 
 
 _SIGINT_IN_AND_AFTER = """
-import os, signal, time
+import os, signal, threading, time
 from hessian_tf import job
 with job._exit_on_sigint():
     pass
+# Python's handler is back, with its flags: a blocking read is interrupted at once
+# (restarted, with the C library's signal() flags, it would wait for the data at 5 s).
+read_end, write_end = os.pipe()
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+threading.Timer(5, os.write, (write_end, b"x")).start()
+started = time.monotonic()
 try:
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(5)
+    os.read(read_end, 1)
 except KeyboardInterrupt:
-    print("python's handler is back", flush=True)
+    print(f"python's handler is back: {time.monotonic() - started < 3}", flush=True)
 with job._exit_on_sigint():
     os.kill(os.getpid(), signal.SIGINT)
     print("not reached", flush=True)
@@ -242,4 +277,4 @@ def test_sigint_ends_a_waiting_job_with_status_2_and_python_handles_it_after():
     result = subprocess.run([sys.executable, "-c", _SIGINT_IN_AND_AFTER],
                             capture_output=True, text=True, timeout=120, env=environment())
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stdout.splitlines() == ["python's handler is back"], result.stdout
+    assert result.stdout.splitlines() == ["python's handler is back: True"], result.stdout

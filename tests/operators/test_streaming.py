@@ -175,6 +175,21 @@ def test_dry_run_prints_what_the_residual_cache_would_hold(tmp_path, capsys, mon
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_says_when_the_lanczos_bases_would_be_refused(tmp_path, capsys):
+    model, x, y = small_problem()
+    model.save(str(tmp_path / "model.keras"))
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    options = dict(model=str(tmp_path / "model.keras"), dataset=f"npz:{tmp_path / 'data.npz'}",
+                   batch_size=4, lanczos_steps=10**12)  # more than any host holds
+    cost = job.run(spectrum_config(tmp_path / "out", dry_run=True, **options))
+    assert cost["lanczos_basis_bytes"] == 10**12 * cost["num_params"] * 8
+    assert ("; this run would be refused: --lanczos_steps=1000000000000: the Lanczos basis"
+            in capsys.readouterr().out)
+    with pytest.raises(ValueError, match=r"^--lanczos_steps=1000000000000: the Lanczos basis"):
+        job.run(spectrum_config(tmp_path / "out", **options))
+    assert not (tmp_path / "out").exists()
+
+
 def test_narrow_resnet18_on_mock_imagenet(tmp_path):
     """The ImageNet configuration's path: streamed imagenet2012 with its
     preprocessing, a narrow ResNet-18, BN in train mode."""
