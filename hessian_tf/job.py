@@ -497,7 +497,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
 
     # Imported here so that strategy creation (and logical CPU devices) come before
     # anything else touches TensorFlow's devices.
-    from hessian_tf.distribute import cpu_threads, graph_optimization, is_chief, make_strategy
+    from hessian_tf.distribute import (
+        cpu_threads, graph_optimization, is_chief, make_strategy, wait_for_workers)
     from hessian_tf.io.datasets import load_dataset
     from hessian_tf.io.models import check_model_path, import_modules, load_model_function
     from hessian_tf.operators import (
@@ -579,6 +580,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
     refusal = basis_memory_refusal(config, operator.dim)
     if refusal:
         raise ValueError(refusal)
+    group = lockstep_group(config, operator.dim)
     checkpointer = checkpoints.SLQCheckpointer(
         os.path.join(output_dir, checkpoints.CHECKPOINT_SUBDIR),
         fingerprint=checkpoints.fingerprint(
@@ -647,10 +649,12 @@ def _run(config: ml_collections.ConfigDict, started: float,
     )
     try:
         with preemption as after_step:
-            # The first all-reduce is where a worker that never started would hang.
-            with _deadline(config.worker_timeout, waiting, enabled=multi_worker,
-                           created=created):
-                loss, gradient = operator.loss_and_gradient()
+            # The first all-reduce is where a worker lost since the strategy began would
+            # hang: one of a scalar, so that the deadline times the wait alone.
+            if multi_worker:
+                with _deadline(config.worker_timeout, waiting, created=created):
+                    wait_for_workers(strategy)
+            loss, gradient = operator.loss_and_gradient()
             spectrum = spectrum_lib.stochastic_lanczos_quadrature(
                 operator.matvec,
                 operator.dim,

@@ -8,7 +8,7 @@ import mmap
 import os
 import threading
 import time
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import threadpoolctl

@@ -14,4 +14,5 @@ from hessian_tf.distribute.strategies import (
     graph_optimization,
     is_chief,
     make_strategy,
+    wait_for_workers,
 )

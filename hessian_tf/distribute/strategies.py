@@ -241,6 +241,25 @@ def _multi_worker(worker_timeout: float) -> tf.distribute.Strategy:
     )
 
 
+def wait_for_workers(strategy: tf.distribute.Strategy) -> None:
+    """One all-reduce of a scalar over every replica: where a multi-worker job first
+    waits for all its workers, cheaply, so that a deadline around it times the wait
+    alone (around the first gradient it would also time a pass over the data, and end
+    a long one that was no wait at all). Its collective group is the products' (one
+    per set of devices), formed here."""
+
+    @tf.function(autograph=False)
+    def replicas():
+        ones = strategy.run(lambda: tf.ones([], tf.float32))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+
+    counted = float(replicas())
+    if counted != strategy.num_replicas_in_sync:
+        raise RuntimeError(
+            f"waiting for the cluster: an all-reduce over {strategy.num_replicas_in_sync} "
+            f"replicas counted {counted:g}")
+
+
 def make_strategy(
     name: str, *, num_cpu_devices: int = 0, tpu: str = "", worker_timeout: float = 600.0,
     intra_op_threads: int = 0, inter_op_threads: int = 0,
