@@ -462,4 +462,7 @@ def lanczos(
         state = lanczos_step(state, product, breakdown_tolerance=breakdown_tolerance)
         if callback is not None:
             callback(state)
-    return lanczos_result(state, keep_basis=keep_basis)
+    result = lanczos_result(state)
+    # The state is this function's alone: its basis's rows, not a copy of them (a copy
+    # doubled the peak memory of a kept basis, --gradient_overlap's).
+    return result._replace(basis=state.basis[:state.num_steps]) if keep_basis else result

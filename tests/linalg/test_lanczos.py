@@ -80,6 +80,7 @@ def test_residual_identity_and_orthogonality():
     np.testing.assert_allclose(residual[:, :-1], 0.0, atol=1e-12)
     assert np.linalg.norm(residual[:, -1]) == pytest.approx(result.residual_norm, rel=1e-10)
     np.testing.assert_allclose(q @ q.T, np.eye(30), atol=1e-13)
+    assert not q.flags.owndata  # the run's own basis, not a copy (twice the memory)
 
 
 def test_breakdown_stops_at_the_exact_spectrum():
