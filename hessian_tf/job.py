@@ -79,11 +79,19 @@ def lockstep_group(config, dim: int) -> int:
 
 def basis_memory_refusal(config, dim: int) -> str:
     """Why the job's Lanczos bases cannot run on this host (more than its memory), or
-    "" (spectrum.basis_memory_refusal)."""
-    return spectrum_lib.basis_memory_refusal(
+    "" (spectrum.basis_memory_refusal): the spectrum's, and --gradient_overlap's (one
+    float64 basis kept, and its --num_eigenpairs Ritz vectors, after the spectrum's
+    are freed)."""
+    refusal = spectrum_lib.basis_memory_refusal(
         lockstep_group(config, dim), config.lanczos_steps, dim, basis_dtype(config),
         flag=f"--lanczos_steps={config.lanczos_steps}", steps_flag="--lanczos_steps",
         float32_flag="--basis_dtype=float32", one_basis_flag="--lockstep_draws=1")
+    if refusal or not config.gradient_overlap:
+        return refusal
+    return spectrum_lib.basis_memory_refusal(
+        1, config.lanczos_steps, dim, np.float64, ritz_vectors=config.num_eigenpairs,
+        flag=f"--gradient_overlap with --lanczos_steps={config.lanczos_steps}",
+        steps_flag="--lanczos_steps")
 
 
 def check_products(config, operator) -> int:

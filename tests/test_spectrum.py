@@ -59,6 +59,11 @@ def test_bases_beyond_the_hosts_memory_are_refused_with_the_ways_out_that_suffic
         "; pass S=20 (more steps than the 20 parameters add nothing: Lanczos ends after at "
         "most that many).")
     assert "one step's row of 1,000,000 entries does not fit" in refusal(1, 90, 10**6)
+    # A basis and its Ritz vectors (--gradient_overlap's): 180 rows fit, 10 of them vectors.
+    assert spectrum_lib.basis_memory_refusal(1, 200, 1000, ritz_vectors=10, flag="F",
+                                             steps_flag="S") == (
+        "F: the Lanczos basis (200 steps × 1,000 float64 entries) and its 10 Ritz vectors "
+        "need 0.00156 GiB, more than this host's memory (0.00134 GiB); pass at most S=170.")
     # Without the optional flags (the Keras callback has no float32 basis).
     assert spectrum_lib.basis_memory_refusal(
         1, 300, 1000, flag="F", steps_flag="S").endswith("; pass at most S=180.")

@@ -190,6 +190,26 @@ def test_dry_run_says_when_the_lanczos_bases_would_be_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_gradient_overlaps_float64_basis_and_ritz_vectors_are_counted(tmp_path, monkeypatch):
+    from hessian_tf import spectrum
+
+    model, x, y = small_problem()  # 39 parameters
+    model.save(str(tmp_path / "model.keras"))
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    dim = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    # Room for the float32 spectrum's basis of 1000 steps, not for the overlap's float64
+    # basis of 1000 steps and its 5 Ritz vectors.
+    monkeypatch.setattr(spectrum, "host_memory_bytes", lambda: 1000 * dim * 6)
+    options = dict(model=str(tmp_path / "model.keras"), dataset=f"npz:{tmp_path / 'data.npz'}",
+                   batch_size=4, lanczos_steps=1000, basis_dtype="float32")
+    with pytest.raises(ValueError, match=r"^--gradient_overlap with --lanczos_steps=1000: the "
+                       r"Lanczos basis \(1,000 steps × 39 float64 entries\) and its 5 Ritz"):
+        job.run(spectrum_config(tmp_path / "out", gradient_overlap=True, **options))
+    assert not (tmp_path / "out").exists()
+    job.run(spectrum_config(tmp_path / "out", **options))  # without it: fits, runs
+    assert (tmp_path / "out" / "spectrum.npz").exists()
+
+
 def test_narrow_resnet18_on_mock_imagenet(tmp_path):
     """The ImageNet configuration's path: streamed imagenet2012 with its
     preprocessing, a narrow ResNet-18, BN in train mode."""
