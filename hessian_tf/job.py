@@ -360,7 +360,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
             f"  --cache_residuals: at most {cache_bytes / 2**30:.2f} GiB of residuals "
             f"({one_batch.residual_bytes / 2**20:.1f} MiB per batch; the timing above uses "
             "them, the first pass also builds them); the run refuses more than "
-            f"{budget / 2**30:.2f} GiB, a quarter of this host's memory{refused}")
+            f"{budget / 2**30:.2f} GiB, a quarter of the memory here{refused}")
     print("\n".join(lines), flush=True)
     return cost
 

@@ -295,11 +295,17 @@ MAX_LOCKSTEP_DRAWS = 8
 
 
 def host_memory_bytes() -> int:
-    """Physical memory of this host (8 GiB when the system does not say)."""
+    """The memory this process may use: the host's physical memory (8 GiB when the
+    system does not say), or its cgroup's limit where lower (a container's, a
+    Kubernetes pod's, a Slurm job's: `host.cgroup_memory_limit`)."""
+    from hessian_tf.host import cgroup_memory_limit
+
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
+        physical = 8 * 2**30
+    limit = cgroup_memory_limit()
+    return physical if limit is None else min(physical, limit)
 
 
 def lockstep_group(num_draws: int, lanczos_steps: int, dim: int, *, lockstep: int = 0,
@@ -350,8 +356,8 @@ def basis_memory_refusal(bases: int, lanczos_steps: int, dim: int, basis_dtype=n
         f"{flag}: {'the Lanczos basis' if bases == 1 else f'{bases} Lanczos bases'} "
         f"({lanczos_steps:,} steps × {dim:,} {dtype.name} entries{' each' * (bases > 1)})"
         + (f" and its {ritz_vectors:,} Ritz vectors" if ritz_vectors else "")
-        + f" {'need' if plural else 'needs'} {need / 2**30:.3g} GiB, more than this "
-        f"host's memory ({have / 2**30:.3g} GiB); pass {told}."
+        + f" {'need' if plural else 'needs'} {need / 2**30:.3g} GiB, more than the memory "
+        f"here ({have / 2**30:.3g} GiB: the host's, or its cgroup's limit); pass {told}."
     )
 
 

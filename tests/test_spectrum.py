@@ -48,7 +48,8 @@ def test_bases_beyond_the_hosts_memory_are_refused_with_the_ways_out_that_suffic
     assert refusal(3, 90, 1000, np.float32) == ""  # half the bytes
     assert refusal(3, 90, 1000) == (
         "F: 3 Lanczos bases (90 steps × 1,000 float64 entries each) need 0.00201 GiB, more "
-        "than this host's memory (0.00134 GiB); pass at most S=60, H (half the memory) or "
+        "than the memory here (0.00134 GiB: the host's, or its cgroup's limit); pass at most "
+        "S=60, H (half the memory) or "
         "O (one basis at a time).")
     # Only what suffices: float32 halves 8 bases to 4 (too many); one basis fits.
     assert refusal(8, 90, 1000).endswith("; pass at most S=22 or O (one basis at a time).")
@@ -63,7 +64,8 @@ def test_bases_beyond_the_hosts_memory_are_refused_with_the_ways_out_that_suffic
     assert spectrum_lib.basis_memory_refusal(1, 200, 1000, ritz_vectors=10, flag="F",
                                              steps_flag="S") == (
         "F: the Lanczos basis (200 steps × 1,000 float64 entries) and its 10 Ritz vectors "
-        "need 0.00156 GiB, more than this host's memory (0.00134 GiB); pass at most S=170.")
+        "need 0.00156 GiB, more than the memory here (0.00134 GiB: the host's, or its "
+        "cgroup's limit); pass at most S=170.")
     # Without the optional flags (the Keras callback has no float32 basis).
     assert spectrum_lib.basis_memory_refusal(
         1, 300, 1000, flag="F", steps_flag="S").endswith("; pass at most S=180.")

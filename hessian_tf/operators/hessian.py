@@ -1374,8 +1374,8 @@ class HessianOperator:
         if self.residual_bytes > budget:
             raise ValueError(
                 f"--cache_residuals: the residuals of {len(batches)} batches need "
-                f"{self.residual_bytes / 2**30:.2f} GiB, more than a quarter of this host's "
-                f"memory ({budget / 2**30:.2f} GiB); leave the cache off for this dataset."
+                f"{self.residual_bytes / 2**30:.2f} GiB, more than a quarter of the memory "
+                f"here ({budget / 2**30:.2f} GiB); leave the cache off for this dataset."
             )
         cache = []
         for split, x, y in batches:

@@ -299,7 +299,7 @@ def test_bases_beyond_the_hosts_memory_are_an_error_before_training(
     model = bn_dropout_mlp()
     monkeypatch.setattr(spectrum_lib, "host_memory_bytes", lambda: 2**10)
     with pytest.raises(ValueError, match=r"^SpectrumCallback: lanczos_steps=\d+: the Lanczos "
-                       r"basis .* more than this host's memory"):
+                       r"basis .* more than the memory here"):
         model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0,
                   callbacks=[spectrum_callback((x, y), tmp_path)])
     assert int(model.optimizer.iterations.numpy()) == 0
