@@ -236,6 +236,11 @@ def _default_model_function(config, x, y, output_dir):
         )
     flat = x.reshape(x.shape[0], -1)
     model = models.mlp(flat.shape[1], num_classes=int(y.max()) + 1, seed=config.seed)
+    if not (config.dry_run or config.variables):  # before training it and saving it
+        refusal = basis_memory_refusal(
+            config, sum(int(np.prod(w.shape)) for w in model.trainable_weights))
+        if refusal:
+            raise ValueError(refusal)
     accuracy = models.train_briefly(
         model, flat, y, epochs=config.default_model_epochs, seed=config.seed
     )

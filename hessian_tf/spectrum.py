@@ -342,10 +342,10 @@ def basis_memory_refusal(bases: int, lanczos_steps: int, dim: int, basis_dtype=n
         ways = [f"a model with fewer parameters: one step's row of {dim:,} entries "
                 "does not fit"]
     elif lanczos_steps > dim and fitting >= dim:
-        ways = [f"{steps_flag}={dim:,} (more steps than the {dim:,} parameters add nothing: "
+        ways = [f"{steps_flag}={dim} (more steps than the {dim:,} parameters add nothing: "
                 "Lanczos ends after at most that many)"]
     else:
-        ways = [f"at most {steps_flag}={fitting:,}"]
+        ways = [f"at most {steps_flag}={fitting}"]  # a value to pass: no separators
     if float32_flag and dtype.itemsize > 4 and need // 2 <= have:
         ways.append(f"{float32_flag} (half the memory)")
     if one_basis_flag and bases > 1 and need // bases <= have:
