@@ -167,6 +167,10 @@ def bad_inputs(directory):
         # only "[Errno 12] Cannot allocate memory").
         "basis beyond memory": ([model, data, "--lanczos_steps=1000000000000"],
                                 "--lanczos_steps=37 (more steps than the 37 parameters"),
+        # Refused before the default MLP is trained and saved into the output directory.
+        "default model's basis beyond memory": (
+            ["--lanczos_steps=1000000000000", "--default_model_epochs=1"],
+            "--lanczos_steps=16510 (more steps than the 16,510 parameters"),
         "unwritable output": ([model, data, f"--output_dir={directory / 'data.npz' / 'out'}"], "--output_dir="),
         "frozen model": ([f"--model={directory / 'frozen.keras'}", data], "no trainable variables"),
         "non-finite loss": ([f"--model={directory / 'nan.keras'}", data], "non-finite"),
