@@ -1,11 +1,12 @@
-"""gelu and silu with their derivatives written out against Keras's: one full-data
+"""gelu, silu and mish with their derivatives written out against Keras's: one full-data
 Hessian-vector product per network and method.
 
 `KerasModelFunction` traces products within `hessian_tf.operators.activations`'s
 `compact_activations`; here one operator of each pair is traced with Keras's own
-activations (the ops of `tf.nn.gelu` and `tf.nn.silu`, differentiated one by one)
-instead. Networks (untrained, seeded, on the 1,797 digits): `gelu_mlp` and `silu_mlp`,
-the 64 pixels through three `Dense(512)` of that activation to `Dense(10)` (batch 512);
+activations (the ops of `tf.nn.gelu`, `tf.nn.silu` and Keras's mish, differentiated one
+by one) instead. Networks (untrained, seeded, on the 1,797 digits): `gelu_mlp`,
+`silu_mlp` and `mish_mlp`, the 64 pixels through three `Dense(512)` of that activation
+to `Dense(10)` (batch 512);
 `attention_seq` and `convnext_blocks` of benchmarks/example_networks.py (a transformer
 block's gelu MLP; ConvNeXt's gelu MLPs, on the digits at 32×32; batch 128);
 `efficientnet_b0`, keras.applications' EfficientNetB0 (swish) on the digits at 32×32×3
@@ -15,7 +16,7 @@ One thread per op, as the spectrum binary runs on a host of at most 2 cores with
 against each other, then timed in `--rounds` interleaved rounds after a traced first
 one; medians.
 
-Command (about 9 minutes on 2 CPU cores):
+Command (about 10 minutes on 2 CPU cores):
   .venv/bin/python benchmarks/activations.py [--rounds 7]
 """
 
@@ -32,11 +33,12 @@ from core import mending_cells, rounds_main  # noqa: E402  (benchmarks/core.py)
 
 CASES = (("gelu_mlp", "forward_over_backward"), ("gelu_mlp", "reverse_over_reverse"),
          ("silu_mlp", "forward_over_backward"), ("silu_mlp", "reverse_over_reverse"),
+         ("mish_mlp", "forward_over_backward"), ("mish_mlp", "reverse_over_reverse"),
          ("attention_seq", "forward_over_backward"),
          ("attention_seq", "reverse_over_reverse"),
          ("convnext_blocks", "forward_over_backward"),
          ("efficientnet_b0", "forward_over_backward"))
-BATCH_SIZES = {"gelu_mlp": 512, "silu_mlp": 512, "attention_seq": 128,
+BATCH_SIZES = {"gelu_mlp": 512, "silu_mlp": 512, "mish_mlp": 512, "attention_seq": 128,
                "convnext_blocks": 128, "efficientnet_b0": 64}
 
 

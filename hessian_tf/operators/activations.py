@@ -1,4 +1,5 @@
-"""Keras's gelu and silu with their derivatives written out, while products are traced.
+"""Keras's gelu, silu and mish with their derivatives written out, while products are
+traced.
 
 Keras's `gelu` (the activation "gelu", `keras.ops.gelu`) is, on the TensorFlow backend,
 `tf.nn.gelu`: 0.5·x·erfc(−c·x) (`approximate=False`, the activation's default), or
@@ -11,8 +12,11 @@ float32 MLP of three Dense(512, gelu) layers (batch 512, one thread per op) a
 forward-over-backward product ran 225 ops, 100 of them `Mul`s, against 69 with linear
 activations, and gelu's chain took about a quarter of its time.
 
+Keras's `mish` is its own, x·tanh(softplus(x)) by three of the backend's ops, in
+`Mish.static_call`.
+
 Within `compact_activations()`, Keras's backend functions are replaced by `gelu` and
-`silu`: the same values, by the same ops (TensorFlow's own, its constants rounded as
+`silu`, and `Mish.static_call` by `mish`: the same values, by the same ops (TensorFlow's own, its constants rounded as
 TensorFlow rounds them), recorded for tapes and forward accumulators as one op whose
 derivative is written out, dy·f′(x), itself one recorded op whose derivatives (by dy and
 by x, through f″) are written out too (written_out.py's `Elementwise`).
@@ -36,6 +40,7 @@ from __future__ import annotations
 import math
 
 import tensorflow as tf
+from keras.src.activations import activations as keras_activations
 from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
 from tensorflow.python.eager import record
 
@@ -44,6 +49,10 @@ from hessian_tf.operators.written_out import Elementwise, float_tensor
 
 _keras_gelu = keras_tensorflow_nn.gelu
 _keras_silu = keras_tensorflow_nn.silu
+# Keras's mish (the activation "mish") is its own: x·tanh(softplus(x)), by the backend's
+# ops, in `Mish.static_call`, which `keras.activations.mish` looks up at each call.
+_keras_mish_method = keras_activations.Mish.__dict__["static_call"]
+_keras_mish = _keras_mish_method.__func__
 
 # tf.nn.gelu's constants: the ones it casts are rounded to float32 first, whatever the
 # dtype (the derivatives must be those of the function it computes).
@@ -85,6 +94,17 @@ def _silu_derivatives(x: tf.Tensor):
     return first, lambda: sigmoid * complement * (2.0 + x * (complement - sigmoid))
 
 
+def _mish_derivatives(x: tf.Tensor):
+    """(mish′(x), a function giving mish″(x)) of Keras's mish, x·t with t =
+    tanh(softplus(x)), whose derivative is (1 − t²)·σ(x), σ the sigmoid (softplus′):
+    mish′ = t + x·(1 − t²)·σ, mish″ = (1 − t²)·σ·(2 + x·(1 − σ − 2·t·σ))."""
+    t = tf.tanh(tf.math.softplus(x))
+    sigmoid = tf.sigmoid(x)
+    slope = (1.0 - tf.square(t)) * sigmoid  # t′
+    first = t + x * slope
+    return first, lambda: slope * (2.0 + x * (1.0 - sigmoid - 2.0 * t * sigmoid))
+
+
 def _recorded(name: str, value, derivatives, x) -> tf.Tensor:
     """value(x), an element-wise function, recorded as one op whose derivative is
     written out (written_out.Elementwise); a non-float x goes to `value` alone
@@ -110,15 +130,22 @@ def silu(x):
     return _recorded("HessianTfSilu", _keras_silu, _silu_derivatives, x)
 
 
+def mish(x):
+    """Keras's mish (same values), recorded with its derivatives written out."""
+    return _recorded("HessianTfMish", _keras_mish, _mish_derivatives, x)
+
+
 def _switch(on: bool) -> None:
     keras_tensorflow_nn.gelu = gelu if on else _keras_gelu
     keras_tensorflow_nn.silu = silu if on else _keras_silu
+    keras_activations.Mish.static_call = staticmethod(mish) if on else _keras_mish_method
 
 
 _patch = SharedPatch(lambda: _switch(True), lambda: _switch(False))
 
 
 def compact_activations():
-    """Within: Keras's gelu and silu recorded with their first and second derivatives
-    written out (`gelu`, `silu`). Entries may nest and overlap (in threads)."""
+    """Within: Keras's gelu, silu and mish recorded with their first and second
+    derivatives written out (`gelu`, `silu`, `mish`). Entries may nest and overlap (in
+    threads)."""
     return _patch()

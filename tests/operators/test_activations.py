@@ -1,4 +1,5 @@
-"""Keras's gelu and silu with their derivatives written out (operators/activations.py)."""
+"""Keras's gelu, silu and mish with their derivatives written out
+(operators/activations.py)."""
 
 import functools
 
@@ -6,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras.src.activations import activations as keras_activations
 from keras.src.backend.tensorflow import nn as keras_tensorflow_nn
 
 from hessian_tf.operators import activations
@@ -25,6 +27,7 @@ FUNCTIONS = {
     "gelu": (lambda t: activations.gelu(t, False), lambda t: tf.nn.gelu(t, approximate=False)),
     "gelu_tanh": (lambda t: activations.gelu(t, True), lambda t: tf.nn.gelu(t, approximate=True)),
     "silu": (activations.silu, tf.nn.silu),
+    "mish": (activations.mish, lambda t: t * tf.tanh(tf.math.softplus(t))),
 }
 
 
@@ -83,6 +86,7 @@ def gelu_model(dtype="float64"):
         keras.layers.Dense(6, dtype=dtype),
         keras.layers.Activation(tanh_gelu, dtype=dtype),
         keras.layers.Dense(6, activation="swish", dtype=dtype),
+        keras.layers.Dense(6, activation="mish", dtype=dtype),
         keras.layers.Dense(3, dtype=dtype),
     ])
 
@@ -96,21 +100,24 @@ def test_products_are_those_of_keras_activations_with_fewer_ops(method):
 
 def test_the_context_nests_and_restores_keras_activations(monkeypatch):
     calls = []
-    for name in ("gelu", "silu"):
+    for name in ("gelu", "silu", "mish"):
         compact = getattr(activations, name)
         monkeypatch.setattr(activations, name, functools.partial(
             lambda name, compact, *a: calls.append((name,) + a) or compact(*a), name, compact))
     with activations.compact_activations(), activations.compact_activations():
         assert keras_tensorflow_nn.gelu is activations.gelu
         assert keras_tensorflow_nn.silu is activations.silu
-        # Keras's layers reach them: keras.ops looks the backend's functions up at each call.
-        layers = [keras.layers.Dense(2, activation=name) for name in ("gelu", "swish", "silu")]
+        # Keras's layers reach them: keras.ops looks the backend's functions up at each
+        # call, keras.activations.mish its Mish.static_call.
+        layers = [keras.layers.Dense(2, activation=name)
+                  for name in ("gelu", "swish", "silu", "mish")]
         for layer in layers:
             tf.function(layer).get_concrete_function(tf.TensorSpec([None, 3], tf.float32))
-        assert {call[0] for call in calls} == {"gelu", "silu"}
+        assert {call[0] for call in calls} == {"gelu", "silu", "mish"}
         assert all(call[2] is False for call in calls if call[0] == "gelu")  # the exact form
     assert keras_tensorflow_nn.gelu is activations._keras_gelu
     assert keras_tensorflow_nn.silu is activations._keras_silu
+    assert keras_activations.Mish.__dict__["static_call"] is activations._keras_mish_method
     reached = len(calls)
     for layer in layers:
         layer(tf.ones([1, 3]))
@@ -121,7 +128,8 @@ def test_ragged_inputs_take_keras_path():
     x = tf.ragged.constant([[-1.0, 0.5], [2.0]])
     for ours, keras_function in ((lambda t: activations.gelu(t, False),
                                   lambda t: activations._keras_gelu(t, False)),
-                                 (activations.silu, activations._keras_silu)):
+                                 (activations.silu, activations._keras_silu),
+                                 (activations.mish, activations._keras_mish)):
         np.testing.assert_array_equal(ours(x).flat_values.numpy(),
                                       keras_function(x).flat_values.numpy())
 
@@ -131,3 +139,5 @@ def test_integer_inputs_get_tensorflows_error():
         activations.gelu(tf.constant([1, 2]), False)
     with pytest.raises((TypeError, tf.errors.InvalidArgumentError)):
         activations.silu(tf.constant([1, 2]))
+    with pytest.raises((TypeError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError)):
+        activations.mish(tf.constant([1, 2]))
