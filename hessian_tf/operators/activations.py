@@ -94,11 +94,11 @@ def _silu_derivatives(x: tf.Tensor):
     return first, lambda: sigmoid * complement * (2.0 + x * (complement - sigmoid))
 
 
-def _mish_derivatives(x: tf.Tensor):
+def _mish_derivatives(x: tf.Tensor, t: tf.Tensor):
     """(mish′(x), a function giving mish″(x)) of Keras's mish, x·t with t =
-    tanh(softplus(x)), whose derivative is (1 − t²)·σ(x), σ the sigmoid (softplus′):
-    mish′ = t + x·(1 − t²)·σ, mish″ = (1 − t²)·σ·(2 + x·(1 − σ − 2·t·σ))."""
-    t = tf.tanh(tf.math.softplus(x))
+    tanh(softplus(x)) (given: the forward pass's), whose derivative is (1 − t²)·σ(x), σ
+    the sigmoid (softplus′): mish′ = t + x·(1 − t²)·σ,
+    mish″ = (1 − t²)·σ·(2 + x·(1 − σ − 2·t·σ))."""
     sigmoid = tf.sigmoid(x)
     slope = (1.0 - tf.square(t)) * sigmoid  # t′
     first = t + x * slope
@@ -131,8 +131,15 @@ def silu(x):
 
 
 def mish(x):
-    """Keras's mish (same values), recorded with its derivatives written out."""
-    return _recorded("HessianTfMish", _keras_mish, _mish_derivatives, x)
+    """Keras's mish (same values, by its ops: x·tanh(softplus(x))), recorded with its
+    derivatives written out, which take tanh(softplus(x)) from the forward pass."""
+    dense = float_tensor(x)
+    if dense is None:
+        return _keras_mish(x)  # as Keras computes it (TensorFlow's error, or ragged)
+    with record.stop_recording():
+        t = keras_tensorflow_nn.tanh(keras_tensorflow_nn.softplus(dense))
+        result = dense * t
+    return Elementwise(dense, lambda d: _mish_derivatives(d, t), "HessianTfMish").value(result)
 
 
 def _switch(on: bool) -> None:
