@@ -92,7 +92,8 @@ DEFAULT_STEPS = {"mlp-digits": 90, "cnn-digits": 90, "cnn-bn": 20, "resnet32-cif
 TWIN_RTOL = 1e-4  # logits (relative to max |logit|) and mean loss
 # Activations the twin mirrors (Keras names; torch functions in torch_twin).
 TWIN_ACTIVATIONS = ("linear", "tanh", "relu", "sigmoid", "elu", "gelu", "silu", "swish",
-                    "softplus", "leaky_relu", "hard_sigmoid", "hard_silu", "hard_swish")
+                    "mish", "softplus", "leaky_relu", "hard_sigmoid", "hard_silu",
+                    "hard_swish")
 LAMBDA_MAX_WARN = 1e-3  # relative difference of λmax above which a warning is printed
 BUSY_CORES = 0.1  # others' cores on either side above which a ratio is marked ‡
 
@@ -1162,7 +1163,7 @@ def torch_twin(keras_model):
     # One entry per name of TWIN_ACTIVATIONS, which activation_name checks against.
     functions = {"linear": lambda t: t, "tanh": torch.tanh, "relu": torch.relu,
                  "sigmoid": torch.sigmoid, "elu": F.elu, "gelu": F.gelu, "silu": F.silu,
-                 "swish": F.silu, "softplus": F.softplus,
+                 "swish": F.silu, "mish": F.mish, "softplus": F.softplus,
                  # keras.activations.leaky_relu's default slope
                  "leaky_relu": lambda t: F.leaky_relu(t, 0.2),
                  # Keras 3's: relu6(x + 3) / 6, and x times it (MobileNetV3's)
