@@ -91,7 +91,7 @@ def basis_memory_refusal(config, dim: int) -> str:
     return spectrum_lib.basis_memory_refusal(
         1, config.lanczos_steps, dim, np.float64, ritz_vectors=config.num_eigenpairs,
         flag=f"--gradient_overlap with --lanczos_steps={config.lanczos_steps}",
-        steps_flag="--lanczos_steps")
+        steps_flag="--lanczos_steps", ritz_flag="--num_eigenpairs")
 
 
 def check_products(config, operator) -> int:
@@ -120,6 +120,7 @@ def block_products(config, group: int, operator) -> int:
 _WATCHDOG = """
 import os, select, signal, sys, time
 parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+seconds = min(seconds, 1e9)  # "forever" (31 years): select refuses more than time_t holds
 over, answer = int(sys.argv[4]), int(sys.argv[5])
 
 def remove_created():
@@ -688,6 +689,9 @@ def _run(config: ml_collections.ConfigDict, started: float,
         raise type(error)(
             f"--model={config.model or '(default MLP)'} --dataset={config.dataset}: {error}"
         ) from error
+    # The states the run began from hold its first group's Lanczos bases: freed before
+    # the analyses (--gradient_overlap's own basis; the check counts it alone).
+    start = resumed = None
     stats = spectrum.statistics
     analyses, arrays_extra, band = _analyses(config, operator, spectrum, loss, gradient)
     summary = {

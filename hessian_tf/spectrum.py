@@ -322,22 +322,28 @@ def lockstep_group(num_draws: int, lanczos_steps: int, dim: int, *, lockstep: in
 
 def basis_memory_refusal(bases: int, lanczos_steps: int, dim: int, basis_dtype=np.float64, *,
                          flag: str, steps_flag: str, float32_flag: str = "",
-                         one_basis_flag: str = "", ritz_vectors: int = 0) -> str:
+                         one_basis_flag: str = "", ritz_vectors: int = 0,
+                         ritz_flag: str = "") -> str:
     """Why `bases` Lanczos bases of `lanczos_steps` rows of `dim` entries of
     `basis_dtype` cannot run here, or "": together they exceed the host's physical
     memory. The bases are taken a row at a time, so such a run would start, then fail
     or be killed by the OS steps later. The line names `flag` and the ways out that
     suffice: at most so many steps (`steps_flag`, the flag's name), and where given
     and enough alone, a float32 basis (`float32_flag`) or one basis at a time
-    (`one_basis_flag`). `ritz_vectors`: that many more rows beside one basis (the
-    top eigenvectors computed from it)."""
+    (`one_basis_flag`). `ritz_vectors`: the top eigenvectors asked of one basis, of
+    which at most its steps are made, each a row more (`ritz_flag`: the flag that asks
+    for them)."""
     dtype = np.dtype(basis_dtype)
     row = dim * dtype.itemsize
-    need = bases * (lanczos_steps + ritz_vectors) * row
+    ritz = min(ritz_vectors, lanczos_steps)
+    need = bases * (lanczos_steps + ritz) * row
     have = host_memory_bytes()
     if need <= have:
         return ""
-    fitting = have // (bases * row) - ritz_vectors
+    rows = have // (bases * row)  # rows that fit, basis and Ritz vectors together
+    # The most steps m with m + min(ritz_vectors, m) rows.
+    fitting = rows - ritz_vectors if rows - ritz_vectors >= ritz_vectors else (
+        rows // 2 if ritz_vectors else rows)
     if fitting < 1:
         ways = [f"a model with fewer parameters: one step's row of {dim:,} entries "
                 "does not fit"]
@@ -346,16 +352,18 @@ def basis_memory_refusal(bases: int, lanczos_steps: int, dim: int, basis_dtype=n
                 "Lanczos ends after at most that many)"]
     else:
         ways = [f"at most {steps_flag}={fitting}"]  # a value to pass: no separators
+    if ritz_flag and ritz and rows > lanczos_steps:
+        ways.append(f"at most {ritz_flag}={rows - lanczos_steps}")
     if float32_flag and dtype.itemsize > 4 and need // 2 <= have:
         ways.append(f"{float32_flag} (half the memory)")
     if one_basis_flag and bases > 1 and need // bases <= have:
         ways.append(f"{one_basis_flag} (one basis at a time)")
     told = ways[0] if len(ways) == 1 else ", ".join(ways[:-1]) + " or " + ways[-1]
-    plural = bases > 1 or ritz_vectors > 0
+    plural = bases > 1 or ritz > 0
     return (
         f"{flag}: {'the Lanczos basis' if bases == 1 else f'{bases} Lanczos bases'} "
         f"({lanczos_steps:,} steps × {dim:,} {dtype.name} entries{' each' * (bases > 1)})"
-        + (f" and its {ritz_vectors:,} Ritz vectors" if ritz_vectors else "")
+        + (f" and its {ritz:,} Ritz vectors" if ritz else "")
         + f" {'need' if plural else 'needs'} {need / 2**30:.3g} GiB, more than the memory "
         f"here ({have / 2**30:.3g} GiB: the host's, or its cgroup's limit); pass {told}."
     )

@@ -14,6 +14,10 @@ import socket
 import sys
 
 LOWEST = 10_000
+# The OS's randomness, not the random module's state: a program that seeds it (Keras's
+# set_random_seed does) would otherwise draw the same ports in each of its processes,
+# which then collide (two test workers did).
+_RANDOM = random.SystemRandom()
 
 
 def free_ports(count: int) -> list[int]:
@@ -26,7 +30,7 @@ def free_ports(count: int) -> list[int]:
         ephemeral_start = 0
     if ephemeral_start - LOWEST >= 2 * count:
         span = range(LOWEST, ephemeral_start)
-        candidates = random.sample(span, min(len(span), 20 * count + 100))
+        candidates = _RANDOM.sample(span, min(len(span), 20 * count + 100))
     else:
         candidates = [0] * (20 * count + 100)  # the kernel chooses
     ports: list[int] = []

@@ -66,6 +66,14 @@ def test_bases_beyond_the_hosts_memory_are_refused_with_the_ways_out_that_suffic
         "F: the Lanczos basis (200 steps × 1,000 float64 entries) and its 10 Ritz vectors "
         "need 0.00156 GiB, more than the memory here (0.00134 GiB: the host's, or its "
         "cgroup's limit); pass at most S=170.")
+    # Only as many Ritz vectors as steps are made (room for 180 rows here).
+    ritz = functools.partial(spectrum_lib.basis_memory_refusal, flag="F", steps_flag="S",
+                             ritz_flag="K")
+    assert ritz(1, 90, 1000, ritz_vectors=300) == ""  # 90 + 90 rows
+    assert ritz(1, 100, 1000, ritz_vectors=100).endswith(
+        "and its 100 Ritz vectors need 0.00149 GiB, more than the memory here (0.00134 GiB: "
+        "the host's, or its cgroup's limit); pass at most S=90 or at most K=80.")
+    assert ritz(1, 150, 1000, ritz_vectors=40).endswith("; pass at most S=140 or at most K=30.")
     # Without the optional flags (the Keras callback has no float32 basis).
     assert spectrum_lib.basis_memory_refusal(
         1, 300, 1000, flag="F", steps_flag="S").endswith("; pass at most S=180.")

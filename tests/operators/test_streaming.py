@@ -210,6 +210,42 @@ def test_gradient_overlaps_float64_basis_and_ritz_vectors_are_counted(tmp_path, 
     assert (tmp_path / "out" / "spectrum.npz").exists()
 
 
+def test_the_runs_bases_are_freed_before_the_gradient_overlaps_own(tmp_path, monkeypatch):
+    """The state a --method=auto run begins from holds its first bases: gone (not only
+    unused) when the analyses build --gradient_overlap's basis, which the memory check
+    counts alone."""
+    import gc
+    import weakref
+
+    from hessian_tf import spectrum
+
+    model, x, y = small_problem()
+    model.save(str(tmp_path / "model.keras"))
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    bases = []
+    new_state = spectrum.new_state
+
+    def recorded(*args, **kwargs):
+        state = new_state(*args, **kwargs)
+        bases.extend(weakref.ref(s.basis) for s in state.lanczos)
+        return state
+
+    analyses = job._analyses
+    alive = []
+
+    def counted(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in bases))
+        return analyses(*args, **kwargs)
+
+    monkeypatch.setattr(spectrum, "new_state", recorded)
+    monkeypatch.setattr(job, "_analyses", counted)
+    job.run(spectrum_config(
+        tmp_path / "out", model=str(tmp_path / "model.keras"), batch_size=4,
+        dataset=f"npz:{tmp_path / 'data.npz'}", gradient_overlap=True, method="auto"))
+    assert bases and alive == [0]
+
+
 def test_narrow_resnet18_on_mock_imagenet(tmp_path):
     """The ImageNet configuration's path: streamed imagenet2012 with its
     preprocessing, a narrow ResNet-18, BN in train mode."""
