@@ -666,7 +666,12 @@ def _run(config: ml_collections.ConfigDict, started: float,
             # The first all-reduce is where a worker lost since the strategy began would
             # hang: one of a scalar, so that the deadline times the wait alone.
             if multi_worker:
-                with _deadline(config.worker_timeout, waiting, created=created):
+                with _deadline(
+                        config.worker_timeout,
+                        f"--worker_timeout={config.worker_timeout:g}: not every worker reached "
+                        "the first all-reduce in time (one was lost, or took that much longer "
+                        "to load its data and model); check the other workers' logs, or "
+                        "raise --worker_timeout.", created=created):
                     wait_for_workers(strategy)
             loss, gradient = operator.loss_and_gradient()
             spectrum = spectrum_lib.stochastic_lanczos_quadrature(
