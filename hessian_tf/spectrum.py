@@ -325,8 +325,8 @@ def basis_memory_refusal(bases: int, lanczos_steps: int, dim: int, basis_dtype=n
                          one_basis_flag: str = "", ritz_vectors: int = 0,
                          ritz_flag: str = "") -> str:
     """Why `bases` Lanczos bases of `lanczos_steps` rows of `dim` entries of
-    `basis_dtype` cannot run here, or "": together they exceed the host's physical
-    memory. The bases are taken a row at a time, so such a run would start, then fail
+    `basis_dtype` cannot run here, or "": together they exceed the memory here
+    (`host_memory_bytes`: the host's, or its cgroup's limit). The bases are taken a row at a time, so such a run would start, then fail
     or be killed by the OS steps later. The line names `flag` and the ways out that
     suffice: at most so many steps (`steps_flag`, the flag's name), and where given
     and enough alone, a float32 basis (`float32_flag`) or one basis at a time
