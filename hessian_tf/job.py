@@ -124,11 +124,9 @@ seconds = min(seconds, 1e9)  # "forever" (31 years): select refuses more than ti
 over, answer = int(sys.argv[4]), int(sys.argv[5])
 
 def remove_created():
-    for directory in sys.argv[6:]:
-        try:
-            os.rmdir(directory)
-        except OSError:
-            return  # not empty, or gone: kept, with its parents
+    from hessian_tf.io.results import remove_empty_directories  # no TensorFlow
+
+    remove_empty_directories(sys.argv[6:])
 
 if select.select([over], [], [], seconds)[0]:
     if os.read(over, 1):
@@ -227,7 +225,7 @@ def _deadline(seconds: float, message: str, *, enabled: bool = True,
 def _default_model_function(config, x, y, output_dir):
     """Trains the embedded default MLP on (x, y) and saves it beside the results."""
     from hessian_tf import models
-    from hessian_tf.operators import KerasModelFunction
+    from hessian_tf.operators import KerasModelFunction, flat_parameters
 
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
         raise ValueError(
@@ -239,7 +237,7 @@ def _default_model_function(config, x, y, output_dir):
     model = models.mlp(flat.shape[1], num_classes=int(y.max()) + 1, seed=config.seed)
     if not (config.dry_run or config.variables):  # before training it and saving it
         refusal = basis_memory_refusal(
-            config, sum(int(np.prod(w.shape)) for w in model.trainable_weights))
+            config, flat_parameters.num_parameters(model.trainable_variables))
         if refusal:
             raise ValueError(refusal)
     accuracy = models.train_briefly(
