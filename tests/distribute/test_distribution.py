@@ -129,15 +129,21 @@ def test_killed_worker_ends_the_job_with_a_clear_error(tmp_path, moment, marker,
     assert not (tmp_path / "out" / "spectrum.npz").exists()
 
 
+def lone_worker_environment() -> dict:
+    """The environment of worker 0 of a TF_CONFIG of two workers on free local ports,
+    worker 1 never started."""
+    env = environment()
+    env["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]},
+        "task": {"type": "worker", "index": 0}})
+    return env
+
+
 def test_worker_that_never_starts_times_out(bn_job, tmp_path):
     """TF_CONFIG names two workers; only worker 0 runs. It ends as other errors do
     (one line, exit status 2: the watchdog's SIGINT, not a SIGKILL's 137), and the
     output directories it created are gone."""
-    env = environment()
-    ports = free_ports(2)
-    env["TF_CONFIG"] = json.dumps({
-        "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-        "task": {"type": "worker", "index": 0}})
+    env = lone_worker_environment()
     output = tmp_path / "new" / "out"
     started = time.monotonic()
     result = spectrum(*job_args(bn_job, "inference", output), "--strategy=multi_worker",
@@ -164,10 +170,7 @@ def test_ctrl_c_while_waiting_for_the_cluster_ends_the_job_and_leaves_no_directo
         bn_job, tmp_path):
     """Worker 0 of two waits for worker 1 (never started); SIGINT while it waits (its
     watchdog running) ends it at once, and the directories it created go."""
-    env = environment()
-    env["TF_CONFIG"] = json.dumps({
-        "cluster": {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]},
-        "task": {"type": "worker", "index": 0}})
+    env = lone_worker_environment()
     command = [sys.executable, "-m", "hessian_tf.bin.spectrum",
                *job_args(bn_job, "inference", tmp_path / "new" / "out"),
                "--strategy=multi_worker", "--worker_timeout=300"]
