@@ -18,13 +18,25 @@ def usable_cores() -> int:
 _NO_V1_LIMIT = 1 << 60
 
 
+def _read(directory: str, name: str) -> str | None:
+    """The stripped text of the file `name` in `directory`, or None if it cannot be read."""
+    try:
+        with open(os.path.join(directory, name)) as file:
+            return file.read().strip()
+    except OSError:
+        return None
+
+
 def cgroup_memory_limit(cgroups: str = "/proc/self/cgroup",
                         root: str = "/sys/fs/cgroup") -> int | None:
     """The least memory limit, in bytes, of this process's cgroup and its ancestors (a
     container's, a Kubernetes pod's, a Slurm job's), or None where there is none or it
     cannot be read. cgroup v2: `memory.max` under `root`; v1: `memory.limit_in_bytes`
-    under `root`/memory. `cgroups`: the process's list (/proc/self/cgroup), whose paths
-    are relative to the mounted hierarchy (inside a container, its own root)."""
+    under `root`/memory, of the ancestors only those that account their descendants
+    (`memory.use_hierarchy` 1, the default). `cgroups`: the process's list
+    (/proc/self/cgroup), whose paths are relative to the mounted hierarchy (inside a
+    container, its own root); a path that leaves it (`/../...`, a cgroup outside this
+    namespace's root) names no cgroup that can be read there."""
     try:
         with open(cgroups) as file:
             lines = file.read().splitlines()
@@ -42,16 +54,16 @@ def cgroup_memory_limit(cgroups: str = "/proc/self/cgroup",
             base, name = os.path.join(root, "memory"), "memory.limit_in_bytes"
         else:
             continue
-        directory = os.path.join(base, path.strip("/"))
-        while True:  # the cgroup and its ancestors, to the hierarchy's root
-            try:
-                with open(os.path.join(directory, name)) as file:
-                    text = file.read().strip()
-                if text != "max" and int(text) < _NO_V1_LIMIT:
-                    limits.append(int(text))
-            except (OSError, ValueError):
-                pass
-            if os.path.normpath(directory) == os.path.normpath(base):
-                break
-            directory = os.path.dirname(directory)
+        segments = [segment for segment in path.split("/") if segment]
+        if ".." in segments:
+            continue
+        v1 = name != "memory.max"
+        for depth in range(len(segments), -1, -1):  # the cgroup, then its ancestors
+            directory = os.path.join(base, *segments[:depth])
+            if v1 and depth < len(segments) and _read(directory, "memory.use_hierarchy") == "0":
+                break  # its limit (and its ancestors') does not count its descendants
+            text = _read(directory, name)
+            if text is not None and text != "max" and text.isdigit() \
+                    and int(text) < _NO_V1_LIMIT:
+                limits.append(int(text))
     return min(limits) if limits else None

@@ -39,6 +39,37 @@ def test_cgroup_v1_limit_and_its_no_limit_value(tmp_path):
     assert cgroup_memory_limit(str(cgroups), str(root)) == 2 << 30
 
 
+def test_cgroup_v1_ancestors_count_only_where_they_account_their_descendants(tmp_path):
+    cgroups = tmp_path / "cgroup"
+    write(cgroups, "4:memory:/a/b/c\n")
+    memory = tmp_path / "fs" / "memory"
+    write(memory / "a" / "memory.limit_in_bytes", f"{1 << 30}\n")
+    write(memory / "a" / "b" / "memory.limit_in_bytes", f"{4 << 30}\n")
+    write(memory / "a" / "b" / "c" / "memory.limit_in_bytes", f"{8 << 30}\n")
+    assert cgroup_memory_limit(str(cgroups), str(tmp_path / "fs")) == 1 << 30
+    # b does not account c (nor, then, does a): c's own limit only.
+    write(memory / "a" / "b" / "memory.use_hierarchy", "0\n")
+    assert cgroup_memory_limit(str(cgroups), str(tmp_path / "fs")) == 8 << 30
+    # use_hierarchy is an ancestor's setting: c's own 0 leaves b's (1) and a's in force.
+    write(memory / "a" / "b" / "memory.use_hierarchy", "1\n")
+    write(memory / "a" / "b" / "c" / "memory.use_hierarchy", "0\n")
+    assert cgroup_memory_limit(str(cgroups), str(tmp_path / "fs")) == 1 << 30
+
+
+def test_a_cgroup_outside_the_namespace_root_is_not_read(tmp_path):
+    # /proc/self/cgroup names a cgroup outside this cgroup namespace's root as
+    # /../sibling: neither it nor an ancestor of it is under the mounted root, whose
+    # own limit is another cgroup's.
+    cgroups = tmp_path / "cgroup"
+    root = tmp_path / "fs" / "ns"
+    write(root / "memory.max", f"{1 << 30}\n")
+    write(tmp_path / "fs" / "sibling" / "memory.max", f"{2 << 30}\n")
+    write(cgroups, "0::/../sibling\n")
+    assert cgroup_memory_limit(str(cgroups), str(root)) is None
+    write(cgroups, "0::/\n")
+    assert cgroup_memory_limit(str(cgroups), str(root)) == 1 << 30
+
+
 def test_no_cgroup_is_no_limit(tmp_path):
     assert cgroup_memory_limit(str(tmp_path / "absent"), str(tmp_path)) is None
     write(tmp_path / "cgroup", "0::/\n")
