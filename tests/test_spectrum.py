@@ -82,15 +82,26 @@ def test_bases_beyond_the_hosts_memory_are_refused_with_the_ways_out_that_suffic
 def test_a_basis_map_the_os_refuses_is_a_memory_error(monkeypatch):
     import errno
 
-    from hessian_tf.linalg.lanczos import SMALL_PAGES_FROM_BYTES, zero_basis
+    import importlib
+
+    from hessian_tf.linalg.lanczos import SMALL_PAGES_FROM_BYTES, BasisMemoryError, zero_basis
 
     def refused(*args, **kwargs):
         raise OSError(errno.ENOMEM, "Cannot allocate memory")
 
     monkeypatch.setattr(mmap, "mmap", refused)
     rows = SMALL_PAGES_FROM_BYTES // 8  # a map, not NumPy's memory
-    with pytest.raises(MemoryError, match=r"a Lanczos basis of [\d,]+ × 1 float64 entries"):
+    with pytest.raises(BasisMemoryError, match=r"a Lanczos basis of [\d,]+ × 1 float64 entries"):
         zero_basis(rows, 1)
+
+    # A small basis is NumPy's memory: NumPy's refusal is told as the basis's too.
+    def numpy_refuses(*args, **kwargs):
+        raise MemoryError("Unable to allocate 80 B for an array with shape (10,)")
+
+    monkeypatch.setattr(importlib.import_module("hessian_tf.linalg.lanczos"), "aligned_array",
+                        numpy_refuses)
+    with pytest.raises(BasisMemoryError, match=r"a Lanczos basis of 2 × 5 float64 entries"):
+        zero_basis(2, 5)
 
 
 def test_progress_after_a_resume_counts_this_sessions_products(monkeypatch):

@@ -113,6 +113,8 @@ def job_error_message(error: BaseException) -> str:
     out of memory and for lost workers, what happened and the ways out."""
     import tensorflow as tf
 
+    from hessian_tf.linalg.lanczos import BasisMemoryError
+
     message = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, tf.errors.ResourceExhaustedError):
         first = first_line(error)
@@ -121,11 +123,16 @@ def job_error_message(error: BaseException) -> str:
             "(--stream reads them at every product instead), and a product holds one "
             "batch's activations: pass --stream, a smaller --batch_size, or more replicas."
         )
-    if isinstance(error, MemoryError):
+    bases = ("fewer --lanczos_steps shorten them, --basis_dtype=float32 halves them, "
+             "--lockstep_draws=1 keeps one")
+    if isinstance(error, BasisMemoryError):
+        return f"out of host memory ({message}); the Lanczos bases live on the host: {bases}."
+    if isinstance(error, MemoryError):  # data, model, activations or bases: not known which
         return (
-            f"out of host memory ({message}); the Lanczos bases live on the host: "
-            "fewer --lanczos_steps shorten them, --basis_dtype=float32 halves them, "
-            "--lockstep_draws=1 keeps one."
+            f"out of host memory ({message}); the data kept in memory, one batch's "
+            "activations and the Lanczos bases live on the host: --stream reads a tfds "
+            "dataset at every product instead, a smaller --batch_size shrinks the "
+            f"activations, and of the bases {bases}."
         )
     if isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)) or (
         isinstance(error, RuntimeError) and "waiting for the cluster" in message

@@ -2,6 +2,7 @@
 
 from hessian_tf.linalg.density import Density, default_kernel_width, gaussian_density
 from hessian_tf.linalg.lanczos import (
+    BasisMemoryError,
     LanczosResult,
     LanczosState,
     current_vector,

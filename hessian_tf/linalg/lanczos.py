@@ -39,6 +39,10 @@ SMALL_PAGES_FROM_BYTES = 4 << 20
 ROW_ALIGNMENT_BYTES = 64
 
 
+class BasisMemoryError(MemoryError):
+    """The host could not give a Lanczos basis its memory (`zero_basis`)."""
+
+
 def zero_basis(rows: int, dim: int, dtype=np.float64) -> np.ndarray:
     """A zero [rows, dim] array for a Lanczos basis, its memory taken a row at a time
     as the rows are written.
@@ -63,18 +67,22 @@ def zero_basis(rows: int, dim: int, dtype=np.float64) -> np.ndarray:
     A smaller basis is NumPy's memory, laid out the same way."""
     dtype = np.dtype(dtype)
     size = rows * dim * dtype.itemsize
+    stride = _padded_width(dim, dtype) * dtype.itemsize
+    refused = BasisMemoryError(  # told as NumPy tells its own, with what was asked
+        f"a Lanczos basis of {rows:,} × {dim:,} {dtype.name} entries, "
+        f"{rows * stride / 2**30:.3g} GiB")
     if size < SMALL_PAGES_FROM_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
         # (No such maps on Windows: NumPy's memory there too.)
-        return aligned_array(rows, dim, dtype, padded=True)
-    stride = _padded_width(dim, dtype) * dtype.itemsize
+        try:
+            return aligned_array(rows, dim, dtype, padded=True)
+        except MemoryError as error:
+            raise refused from error
     try:
         memory = mmap.mmap(-1, rows * stride, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except OSError as error:  # the OS refuses the map: told as NumPy tells its own
+    except OSError as error:  # the OS refuses the map
         if error.errno != errno.ENOMEM:
             raise
-        raise MemoryError(
-            f"a Lanczos basis of {rows:,} × {dim:,} {dtype.name} entries, "
-            f"{rows * stride / 2**30:.3g} GiB") from error
+        raise refused from error
     try:
         memory.madvise(mmap.MADV_NOHUGEPAGE)
     except (AttributeError, OSError):  # no such advice on this OS: its pages as they come

@@ -247,8 +247,13 @@ def test_bad_input_one_line_and_nothing_written(bad_files, tmp_path, case):
         "Hint: If you want to see a list of allocated tensors when OOM happens, add "
         "report_tensor_allocations_upon_oom to RunOptions for current allocation info."),
      "out of device memory (OOM when allocating tensor with shape[1797,4096]"),
-    (lambda: MemoryError("Unable to allocate 8.1 GiB for an array with shape (90, 12000000)"),
+    # NumPy's, from the data or anything else on the host: every way out.
+    (lambda: MemoryError("Unable to allocate 8.1 GiB for an array with shape (1797, 600000)"),
      "out of host memory (Unable to allocate 8.1 GiB"),
+    # A Lanczos basis's: its own ways out alone.
+    (lambda: __import__("hessian_tf").linalg.BasisMemoryError(
+        "a Lanczos basis of 90 × 12,000,000 float64 entries, 8.05 GiB"),
+     "out of host memory (a Lanczos basis of 90 × 12,000,000"),
 ])
 def test_out_of_memory_is_told_with_the_ways_out(error, expected):
     # No machine here runs out of device memory on purpose: what TensorFlow (or
@@ -259,7 +264,9 @@ def test_out_of_memory_is_told_with_the_ways_out(error, expected):
 
     message = job_error_message(error())
     assert expected in message
-    assert ("--stream" in message) == ("device" in expected)
+    bases = "Lanczos basis" in expected
+    assert ("--stream" in message) == (not bases)
+    assert ("--batch_size" in message) == (not bases)
     assert ("--basis_dtype=float32" in message) == ("host" in expected)
     assert ("fewer --lanczos_steps" in message) == ("host" in expected)
     assert "Hint" not in message and "\n" not in message
