@@ -612,6 +612,11 @@ def _run(config: ml_collections.ConfigDict, started: float,
             "Resuming %s at Lanczos step %d (%d products done) from %s",
             spectrum_lib.draws_label(draws), step, resumed.num_products, checkpointer.latest(),
         )
+        if resumed.lanczos and len(draws) != group:
+            logging.info(
+                "The checkpoint's %d draw(s) in lockstep continue together%s",
+                len(draws), f"; the later draws go {group} at a time (--lockstep_draws="
+                f"{config.lockstep_draws})" if draws.stop < config.num_draws else "")
     start = None  # a new run's state, where its first block is drawn before the run
     if resumed is not None and checkpointer.restored_method and operator.times_methods:
         # --method=auto: the method this run began with, so that it continues the same

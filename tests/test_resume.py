@@ -148,6 +148,16 @@ def test_corrupted_checkpoint_is_refused_then_restart_works(job, uninterrupted, 
     assert_identical(interrupted, uninterrupted)
 
 
+def test_the_checkpoints_lockstep_group_continues_whatever_lockstep_draws_says(
+        job, uninterrupted, interrupted):
+    # Its draws' bases are all in the checkpoint, at one step: they go on together.
+    result = run(*arguments(job, interrupted), "--lockstep_draws=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming draws 1-2 at Lanczos step" in result.stderr
+    assert "The checkpoint's 2 draw(s) in lockstep continue together\n" in result.stderr
+    assert_identical(interrupted, uninterrupted)
+
+
 def test_changed_model_is_refused(job, interrupted):
     result = run(*arguments(job, interrupted, model="changed.keras"))
     assert result.returncode == 2

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from hessian_tf import linalg
 from hessian_tf.messages import first_line
-from hessian_tf.spectrum import SLQState
+from hessian_tf.spectrum import SLQState, host_memory_bytes
 
 CHECKPOINT_SUBDIR = "checkpoints"
 BASIS_SUBDIR = "basis"
@@ -186,8 +186,22 @@ class SLQCheckpointer:
                         float(get(f"draw{index}_orthogonality")),
                     )
                 )
+            members = 0  # the draws of the lockstep group in progress
+            while f"lanczos{members}_rows" in names:
+                members += 1
+            need = members * lanczos_steps * dim * np.dtype(basis_dtype).itemsize
+            have = host_memory_bytes()
+            if need > have:
+                raise CheckpointError(
+                    f"--output_dir={os.path.dirname(self.directory)}: its checkpoint holds "
+                    f"{members} draws in lockstep, whose Lanczos bases need "
+                    f"{need / 2**30:.3g} GiB, more than the memory here ({have / 2**30:.3g} "
+                    "GiB: the host's, or its cgroup's limit); they continue together "
+                    "whatever --lockstep_draws says: resume where there is more memory, "
+                    "or pass --restart to start over."
+                )
             group = []
-            while f"lanczos{len(group)}_rows" in names:
+            while len(group) < members:
                 prefix = f"lanczos{len(group)}"
                 rows = int(get(f"{prefix}_rows"))
                 alphas = get(f"{prefix}_alphas")
@@ -223,7 +237,7 @@ class SLQCheckpointer:
                 completed=tuple(completed),
                 num_products=int(get("num_products")),
             )
-        except CheckpointError:
+        except (CheckpointError, MemoryError):  # a basis the host cannot hold is no damage
             raise
         except Exception as error:  # TF raises several types for damaged files
             raise CheckpointError(

@@ -66,6 +66,45 @@ def test_damaged_basis_rows_are_refused(tmp_path, damage):
             lanczos_steps=STEPS, dim=DIM)
 
 
+def test_a_group_larger_than_the_memory_is_refused_before_its_bases_are_taken(
+        tmp_path, monkeypatch):
+    from hessian_tf import host
+
+    saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
+    saver.save(group_state(3))
+    need = 3 * STEPS * DIM * 8  # three bases of float64
+    taken = []
+    monkeypatch.setattr(linalg, "zero_basis", lambda *args: taken.append(args))
+    monkeypatch.setattr(host, "cgroup_memory_limit", lambda: need - 1)
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"holds 3 draws in lockstep, whose Lanczos bases need .* more "
+                             r"than the memory here .*whatever --lockstep_draws says.*--restart"):
+        checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
+            lanczos_steps=STEPS, dim=DIM)
+    assert not taken
+    # In float32 they fit.
+    monkeypatch.undo()
+    monkeypatch.setattr(host, "cgroup_memory_limit", lambda: need - 1)
+    restored = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
+        lanczos_steps=STEPS, dim=DIM, basis_dtype=np.float32)
+    assert len(restored.lanczos) == 3
+
+
+def test_a_basis_the_host_cannot_hold_is_not_told_as_a_damaged_checkpoint(
+        tmp_path, monkeypatch):
+    saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
+    saver.save(group_state(3))
+
+    def refused(rows, dim, dtype=np.float64):
+        raise linalg.BasisMemoryError(f"a Lanczos basis of {rows} × {dim}")
+
+    monkeypatch.setattr(linalg, "zero_basis", refused)
+    # Not "corrupted or partial ...; pass --restart", which would delete the checkpoint.
+    with pytest.raises(linalg.BasisMemoryError, match="a Lanczos basis of 12 × 40"):
+        checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
+            lanczos_steps=STEPS, dim=DIM)
+
+
 def test_rows_of_finished_draws_are_deleted_once_a_checkpoint_counts_them(tmp_path):
     saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
     saver.save(group_state(3, draw=2))  # draws 2-4 in progress
