@@ -518,7 +518,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
     from hessian_tf.operators import gauss_newton
     from hessian_tf.operators.subset import SubsetModelFunction
     from hessian_tf.operators.precision import compute_dtypes
-    from hessian_tf.operators.hessian import AUTO_TIMING_BATCHES
+    from hessian_tf.operators.hessian import AUTO_TIMING_BATCHES, auto_margin_note
 
     multi_worker = config.strategy == "multi_worker"
     waiting = (
@@ -646,20 +646,27 @@ def _run(config: ml_collections.ConfigDict, started: float,
 
         logging.info(
             "--method=auto: reverse over reverse %s, forward over backward %s; medians "
-            "of products of blocks of %d vector(s) over %d batch(es); --method fixes one",
+            "of products of blocks of %d vector(s) over %d batch(es)%s; --method fixes one",
             timed("reverse_over_reverse"),
             timed("forward_over_backward")
             if operator.method_seconds["forward_over_backward"] is not None
             else operator.forward_mode_untimed
             or f"does not run through this model ({operator.forward_mode_failure})",
             group, min(AUTO_TIMING_BATCHES, operator.batches_per_replica),
+            "; " + auto_margin_note(operator.method_seconds)
+            if auto_margin_note(operator.method_seconds) else "",
         )
     logging.info(
-        "Hessian of the mean %s over %d examples: %d parameters, %s products, %d replicas, "
+        "Hessian of the mean %s%s over %d examples: %d parameters, %s products, %d replicas, "
         "sums in %s",
-        config.loss, operator.num_examples, operator.dim, operator.method,
+        config.loss, " + the model's own losses (regularizers)" if config.regularization else "",
+        operator.num_examples, operator.dim, operator.method,
         strategy.num_replicas_in_sync, operator.accumulation,
     )
+    if model_function.regularizers and not config.regularization:
+        logging.info(
+            "The model has %d regularizer(s) (of weights or activity), whose losses are "
+            "left out; --regularization adds them", model_function.regularizers)
     preemption = _checkpointing(
         config, checkpointer, chief=chief,
         start_products=resumed.num_products if resumed is not None else 0,
@@ -717,7 +724,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
         # --method=auto: {method: median seconds of its products over the first batches
         # (None: did not run, or not timed)}; else null. method_note: why one is None.
         "method_seconds": operator.method_seconds,
-        "method_note": operator.forward_mode_untimed or operator.forward_mode_failure or None,
+        "method_note": operator.forward_mode_untimed or operator.forward_mode_failure
+        or auto_margin_note(operator.method_seconds) or None,
         "precision": config.precision,
         # The dtypes the model's layers compute its products in (null for a SavedModel).
         "compute_dtypes": compute_dtypes(model_function),

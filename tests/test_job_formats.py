@@ -150,3 +150,32 @@ def test_tfds_under_stock_mock_data(mnist_model, tmp_path):
                                        dataset="tfds:mnist", split="test"))
     check_results(tmp_path, summary)
     assert summary["num_examples"] == 24
+
+
+def test_the_models_regularizers_are_told_where_they_are_left_out(tmp_path, monkeypatch):
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(3, activation="tanh", kernel_regularizer="l2",
+                                bias_regularizer="l1", activity_regularizer="l2")(inputs)
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(
+        2, activity_regularizer="l1")])  # a nested model's layer counts too
+    keras.Model(inputs, inner(hidden)).save(str(tmp_path / "regularized.keras"))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((32, 4)).astype("float32"),
+             y=rng.integers(0, 2, 32))
+    lines = []
+    monkeypatch.setattr(job.logging, "info", lambda form, *args: lines.append(form % args))
+    common = dict(model=str(tmp_path / "regularized.keras"),
+                  dataset=f"npz:{tmp_path / 'data.npz'}", method="reverse_over_reverse")
+    without = job.run(small_config(tmp_path / "without", **common))
+    told = [line for line in lines if "regularizer(s)" in line]
+    assert told == [
+        "The model has 4 regularizer(s) (of weights or activity), whose losses are left "
+        "out; --regularization adds them"], told
+    assert any(line.startswith("Hessian of the mean sparse_categorical_crossentropy over")
+               for line in lines)
+    lines.clear()
+    added = job.run(small_config(tmp_path / "with", regularization=True, **common))
+    assert not [line for line in lines if "regularizer(s)" in line]
+    assert "sparse_categorical_crossentropy + the model's own losses (regularizers) over" in \
+        " ".join(lines)
+    assert added["lambda_max"] != without["lambda_max"]

@@ -203,6 +203,16 @@ def auto_method(seconds: dict) -> str:
     return FORWARD if faster else REVERSE
 
 
+def auto_margin_note(seconds: Optional[dict]) -> str:
+    """Why method='auto' kept reverse over reverse though forward over backward was
+    timed faster (within AUTO_MARGIN), or "" where it did not."""
+    forward, reverse = (seconds or {}).get(FORWARD), (seconds or {}).get(REVERSE)
+    if forward is None or not reverse or forward >= reverse or auto_method(seconds) == FORWARD:
+        return ""
+    return (f"forward over backward took {forward / reverse:.3f} of reverse over reverse's "
+            f"time, and is taken only at {AUTO_MARGIN:g} or less: reverse over reverse kept")
+
+
 _NO_GRADIENT = re.compile(r"gradient registry has no entry for: (\w+)")
 
 

@@ -185,6 +185,21 @@ class KerasModelFunction:
     def has_regularization(self) -> bool:
         return True
 
+    @property
+    def regularizers(self) -> int:
+        """How many regularizers the model has: of its weights, and of its layers'
+        outputs (activity), nested models' included; their losses are the model's own."""
+        weights = sum(getattr(v, "regularizer", None) is not None for v in self.model.weights)
+
+        def activity(layer, seen):
+            if id(layer) in seen:
+                return 0
+            seen.add(id(layer))
+            return (getattr(layer, "activity_regularizer", None) is not None) + sum(
+                activity(inner, seen) for inner in getattr(layer, "layers", ()))
+
+        return weights + activity(self.model, set())
+
     def has_bn_mode(self, bn_mode: str) -> bool:
         return True
 
@@ -271,6 +286,10 @@ class SavedModelFunction:
     @property
     def has_regularization(self) -> bool:
         return False
+
+    @property
+    def regularizers(self) -> int:
+        return 0  # a SavedModel does not carry them
 
     def has_bn_mode(self, bn_mode: str) -> bool:
         return hasattr(self.loaded, SAVED_FUNCTION_NAMES[bn_mode])

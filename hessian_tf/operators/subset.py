@@ -102,6 +102,10 @@ class SubsetModelFunction:
     def has_regularization(self) -> bool:
         return self.inner.has_regularization
 
+    @property
+    def regularizers(self) -> int:
+        return self.inner.regularizers
+
     def has_bn_mode(self, bn_mode: str) -> bool:
         return self.inner.has_bn_mode(bn_mode)
 

@@ -271,6 +271,20 @@ def model_function_dim(model_function):
     return int(sum(np.prod(v.shape) for v in model_function.variables))
 
 
+@pytest.mark.parametrize("forward, reverse, note", [
+    (0.952, 1.00, "forward over backward took 0.952 of reverse over reverse's time, and is "
+                  "taken only at 0.95 or less: reverse over reverse kept"),
+    (0.95, 1.00, ""),  # taken
+    (1.00, 1.00, ""),  # not faster
+    (1.20, 1.00, ""),
+    (None, 1.00, ""),
+])
+def test_a_faster_forward_mode_kept_out_by_the_margin_is_told(forward, reverse, note):
+    assert hessian_lib.auto_margin_note(
+        {"forward_over_backward": forward, "reverse_over_reverse": reverse}) == note
+    assert hessian_lib.auto_margin_note(None) == ""
+
+
 def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_path, monkeypatch):
     blocks = []
     timed = hessian_lib.HessianOperator._time_methods
@@ -298,6 +312,7 @@ def test_the_binary_chooses_for_its_lockstep_block_and_reports_the_timings(tmp_p
     assert summary["method"] == ("forward_over_backward" if seconds["forward_over_backward"]
                                  <= hessian_lib.AUTO_MARGIN * seconds["reverse_over_reverse"]
                                  else "reverse_over_reverse")
+    assert summary["method_note"] == (hessian_lib.auto_margin_note(seconds) or None)
     # Sequences longer than --unroll_steps: Keras's loop, where forward mode does not run.
     lstm = job.run(small_config(tmp_path / "lstm", model=str(tmp_path / "lstm.keras"),
                                 dataset=f"npz:{tmp_path / 'lstm.npz'}", batch_size=4,
