@@ -766,8 +766,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
     title = (
         f"{os.path.basename(config.model.rstrip('/')) or 'default MLP'} on "
         f"{_dataset_label(config.dataset)}: "
-        f"n={operator.dim:,}, m={config.lanczos_steps}, {config.num_draws} draw(s), "
-        f"BN {config.bn_mode}"
+        f"n={operator.dim:,}, m={config.lanczos_steps}, {config.num_draws} draw(s)"
+        + (f", BN {config.bn_mode}" if model_function.batch_norms != 0 else "")
     )
     summary["seconds"] = time.perf_counter() - started
     summary = results.strict_json(summary)  # exactly what summary.json holds

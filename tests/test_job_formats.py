@@ -71,8 +71,22 @@ def bn_files(tmp_path_factory):
     return directory
 
 
-def test_saved_model_and_keras_file_give_the_same_spectrum(bn_files, tmp_path):
+def recorded_titles(monkeypatch):
+    """The titles of the density plots the job draws from now on."""
+    titles = []
+    plot = job.plotting.plot_densities
+
+    def recording(*args, title=None, **kwargs):
+        titles.append(title)
+        return plot(*args, title=title, **kwargs)
+
+    monkeypatch.setattr(job.plotting, "plot_densities", recording)
+    return titles
+
+
+def test_saved_model_and_keras_file_give_the_same_spectrum(bn_files, tmp_path, monkeypatch):
     data = f"npz:{bn_files / 'data.npz'}"
+    titles = recorded_titles(monkeypatch)
     handler = signal.getsignal(signal.SIGTERM)
     saved = job.run(small_config(tmp_path / "saved", model=str(bn_files / "exported"),
                                  dataset=data))
@@ -98,6 +112,9 @@ def test_saved_model_and_keras_file_give_the_same_spectrum(bn_files, tmp_path):
     # same Krylov space, so five steps agree although they are far from converged.
     assert saved["lambda_max"] == pytest.approx(keras_file["lambda_max"], rel=1e-5)
     assert saved["lambda_min"] == pytest.approx(keras_file["lambda_min"], rel=1e-4)
+    # The BN mode in the plot's title: a SavedModel's layers are not known, the .keras
+    # file's hold BN.
+    assert [title.endswith("1 draw(s), BN inference") for title in titles] == [True, True]
     assert saved["loss"] == pytest.approx(keras_file["loss"], rel=1e-6)
     with np.load(tmp_path / "saved" / "spectrum.npz") as a, \
             np.load(tmp_path / "keras" / "spectrum.npz") as b:
@@ -164,6 +181,7 @@ def test_the_models_regularizers_are_told_where_they_are_left_out(tmp_path, monk
              y=rng.integers(0, 2, 32))
     lines = []
     monkeypatch.setattr(job.logging, "info", lambda form, *args: lines.append(form % args))
+    titles = recorded_titles(monkeypatch)
     common = dict(model=str(tmp_path / "regularized.keras"),
                   dataset=f"npz:{tmp_path / 'data.npz'}", method="reverse_over_reverse")
     without = job.run(small_config(tmp_path / "without", **common))
@@ -179,3 +197,4 @@ def test_the_models_regularizers_are_told_where_they_are_left_out(tmp_path, monk
     assert "sparse_categorical_crossentropy + the model's own losses (regularizers) over" in \
         " ".join(lines)
     assert added["lambda_max"] != without["lambda_max"]
+    assert titles[0].endswith("m=5, 1 draw(s)"), titles  # no BN: no BN mode

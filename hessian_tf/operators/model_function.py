@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Sequence
+from typing import Optional, Sequence
 
 import keras
 import tensorflow as tf
@@ -200,6 +200,12 @@ class KerasModelFunction:
 
         return weights + activity(self.model, set())
 
+    @property
+    def batch_norms(self) -> int:
+        """How many BatchNormalization layers the model has (nested ones included)."""
+        return sum(isinstance(layer, keras.layers.BatchNormalization)
+                   for layer in self.model._flatten_layers(include_self=False, recursive=True))
+
     def has_bn_mode(self, bn_mode: str) -> bool:
         return True
 
@@ -290,6 +296,10 @@ class SavedModelFunction:
     @property
     def regularizers(self) -> int:
         return 0  # a SavedModel does not carry them
+
+    @property
+    def batch_norms(self) -> Optional[int]:
+        return None  # not known: its functions are all there is
 
     def has_bn_mode(self, bn_mode: str) -> bool:
         return hasattr(self.loaded, SAVED_FUNCTION_NAMES[bn_mode])

@@ -106,6 +106,10 @@ class SubsetModelFunction:
     def regularizers(self) -> int:
         return self.inner.regularizers
 
+    @property
+    def batch_norms(self):
+        return self.inner.batch_norms
+
     def has_bn_mode(self, bn_mode: str) -> bool:
         return self.inner.has_bn_mode(bn_mode)
 
