@@ -670,7 +670,7 @@ TWIN_MODULES = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2
                 "MultiHeadAttention", *RECURRENT_NAMES, "Bidirectional", "Embedding",
                 "LayerScale")  # keras.applications.convnext's: x times a vector γ
 SUPPORTED_LAYERS = (
-    ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, "
+    ", ".join(TWIN_MODULES) + ", Activation, ReLU, LeakyReLU, ELU, "
     "MaxPooling1D/2D/3D, AveragePooling1D/2D/3D, GlobalAveragePooling1D/2D/3D, "
     "GlobalMaxPooling1D/2D/3D, "
     "ZeroPadding2D/3D, Cropping2D/3D, UpSampling2D (nearest, bilinear), UpSampling3D, Flatten, "
@@ -777,6 +777,8 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
         return "activation", "relu"
     if isinstance(layer, keras.layers.LeakyReLU):
         return "leaky_relu", float(layer.negative_slope)
+    if isinstance(layer, keras.layers.ELU):
+        return "elu", float(layer.alpha)
     if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
                           keras.layers.MaxPooling1D, keras.layers.AveragePooling1D,
                           keras.layers.MaxPooling3D, keras.layers.AveragePooling3D)):
@@ -840,7 +842,7 @@ def twin_step(layer, input_shapes: list[tuple], call: Any = None) -> tuple[str, 
             return merge, None
         return "concatenate", tensor_axis(layer.axis, len(input_shapes[0]) + 1)
     raise Failure(f"twin: layer {layer.name} ({type(layer).__name__}) is not supported; a "
-                  f"--model may use {SUPPORTED_LAYERS} layers.")
+                  f"--model may use these layers: {SUPPORTED_LAYERS}.")
 
 
 # keras.ops arithmetic between layers the twin mirrors: of a tensor and a number
@@ -913,8 +915,8 @@ def twin_graph(keras_model) -> tuple[list[tuple[str, Any, tuple[int, ...], int]]
                     step = operation_step(layer, node.arguments)
                     if step is None:
                         raise Failure(f"twin: operation {layer.name} ({type(layer).__name__})"
-                                      " is not a layer the twin mirrors; use "
-                                      f"{SUPPORTED_LAYERS} layers.")
+                                      " is not a layer the twin mirrors; use these "
+                                      f"layers: {SUPPORTED_LAYERS}.")
                     kind, value = step
                 else:
                     kind, value = twin_step(
@@ -1401,6 +1403,8 @@ def torch_twin(keras_model):
                     x = functions[value](x)
                 elif kind == "leaky_relu":
                     x = F.leaky_relu(x, value)
+                elif kind == "elu":  # the ELU layer's alpha
+                    x = F.elu(x, value)
                 elif kind == "clamp":  # ReLU(max_value), e.g. ReLU6 as torch's nn.ReLU6
                     x = torch.clamp(x, 0.0, value)
                 elif kind == "rescale":  # Keras: x * scale + offset, per last-axis entry

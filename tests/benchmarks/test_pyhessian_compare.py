@@ -318,8 +318,18 @@ def test_layers_the_twin_cannot_mirror_are_named(layer, message):
         layer.name = "flatten_cf"
     model = keras.Sequential([keras.Input((8, 8, 1)), layer, keras.layers.Flatten(),
                               keras.layers.Dense(3)])
-    with pytest.raises(compare.Failure, match=re.escape(message)):
+    with pytest.raises(compare.Failure, match=re.escape(message)) as raised:
         compare.twin_graph(model)
+    if "is not supported" in message:  # the list of layers it may use reads as a sentence
+        assert str(raised.value).endswith(
+            "may use these layers: " + compare.SUPPORTED_LAYERS + "."), str(raised.value)
+        assert compare.SUPPORTED_LAYERS.endswith("functional models too")
+
+
+def test_the_elu_layer_is_mirrored_with_its_alpha():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden"),
+                              keras.layers.ELU(alpha=0.5), keras.layers.Dense(2, name="logits")])
+    assert compare.twin_graph(model)[0][1][:2] == ("elu", 0.5)
 
 
 def sequence_model():
