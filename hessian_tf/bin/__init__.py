@@ -102,6 +102,17 @@ def import_tensorflow_quietly():
     return tf
 
 
+def innermost_message(error: BaseException) -> str:
+    """`Type: text` of the innermost of errors wrapped as their first argument
+    (ml_collections raises AttributeError(KeyError(...)) for an unknown option), the
+    text without the quotes a KeyError's str puts around it."""
+    while len(error.args) == 1 and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) \
+        else str(error)
+    return f"{type(error).__name__}: {text}"
+
+
 def error_line(program: str, message) -> int:
     """Prints `program: error: message` as one line on stderr; returns exit status 2."""
     print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)
@@ -249,7 +260,7 @@ def flags_parser(program: str, module_name: str, usage: str):
                 sys.exit(error_line(
                     program,
                     f"a --config.* override names no option of the config, or the config "
-                    f"file fails ({type(error).__name__}: {error}); check the override's "
+                    f"file fails ({innermost_message(error)}); check the override's "
                     "spelling against the config file",
                 ))
             sys.exit(error_line(program, f"--config: {type(error).__name__}: {error}"))

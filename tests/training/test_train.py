@@ -192,6 +192,9 @@ def run_binary(*args):
     (["--config=configs/nosuch.py:bn"], "--config=configs/nosuch.py: no such file"),
     (["--config=configs/cnn_digits.py:bn,smoke", "--config.train.nosuch=1"],
      "names no option of the config"),
+    # ml_collections's suggestion, as text (not a KeyError's repr with its \n).
+    (["--config=configs/cnn_digits.py:bn,smoke", "--config.train.batch_sise=1"],
+     "(KeyError: 'batch_sise' Did you mean \"batch_size\" instead of \"batch_sise\"?)"),
 ])
 def test_binary_bad_input_is_one_line(tmp_path, args, message):
     result = run_binary(*args, f"--workdir={tmp_path}")
