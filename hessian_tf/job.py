@@ -485,6 +485,14 @@ def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0
         logging.warning("SIGTERM arrived after the last Lanczos step; writing the results.")
 
 
+def latest_checkpoint(config: ml_collections.ConfigDict):
+    """The path of the latest checkpoint of the job's --output_dir, or None."""
+    import tensorflow as tf
+
+    directory = os.path.join(config.output_dir, checkpoints.CHECKPOINT_SUBDIR)
+    return tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
+
+
 def run(config: ml_collections.ConfigDict) -> dict:
     """Runs one spectrum job; returns the summary written to summary.json (for a dry
     run, the cost). A job that fails, or a dry run, leaves no directory it created

@@ -108,6 +108,21 @@ def test_sigterm_checkpoints_exits_75_and_resumes(job, uninterrupted, tmp_path):
     assert_identical(tmp_path, uninterrupted)
 
 
+def test_ctrl_c_is_one_line_naming_the_checkpoint_that_resumes(job, uninterrupted, tmp_path):
+    code, log = run_until_step(arguments(job, tmp_path), 7, signal.SIGINT)
+    assert code == 130, log[-3000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    [line] = [l for l in log.splitlines() if l.startswith("hessian-spectrum: ")]
+    assert re.fullmatch(r"hessian-spectrum: interrupted \(Ctrl-C\); no results were written; "
+                        r"the checkpoint \S+/checkpoints/ckpt-\d+ resumes the run \(the same "
+                        r"command\)", line), line
+    assert not (tmp_path / "spectrum.npz").exists()
+    result = run(*arguments(job, tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming draws 1-2 at Lanczos step" in result.stderr
+    assert_identical(tmp_path, uninterrupted)
+
+
 def test_a_resumed_auto_run_keeps_the_method_it_began_with(job, tmp_path):
     code, log = run_until_step(arguments(job, tmp_path, method="auto"), 9, signal.SIGTERM)
     assert code == 75, log[-3000:]

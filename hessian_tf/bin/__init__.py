@@ -113,6 +113,17 @@ def innermost_message(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
+
+
+def interrupted_line(program: str, message: str = "") -> int:
+    """Prints `program: interrupted (Ctrl-C)[; message]` as one line on stderr (not
+    Python's traceback); returns INTERRUPTED_STATUS."""
+    print(f"{program}: interrupted (Ctrl-C){'; ' + message if message else ''}",
+          file=sys.stderr)
+    return INTERRUPTED_STATUS
+
+
 def error_line(program: str, message) -> int:
     """Prints `program: error: message` as one line on stderr; returns exit status 2."""
     print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)

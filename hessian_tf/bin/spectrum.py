@@ -18,8 +18,8 @@ from absl import flags
 
 from hessian_tf import config as config_lib
 from hessian_tf.bin import (
-    define_config_file, error_line, import_tensorflow_quietly, job_error_message,
-    loaded_config, run_program)
+    define_config_file, error_line, import_tensorflow_quietly, interrupted_line,
+    job_error_message, loaded_config, run_program)
 
 _PROGRAM = "hessian-spectrum"
 # Errors whose own text is the one line of a bad input (a job's, a config file's).
@@ -142,6 +142,14 @@ def main(argv):
     except job.Preempted as preempted:
         print(f"hessian-spectrum: {preempted}", file=sys.stderr)
         return job.Preempted.exit_status
+    except KeyboardInterrupt:
+        if _VERBOSE.value:
+            raise
+        saved = job.latest_checkpoint(config)
+        return interrupted_line(_PROGRAM, (
+            f"no results were written; the checkpoint {saved} resumes the run (the same "
+            "command)" if saved else "no results were written (SIGTERM instead writes a "
+            "checkpoint before it stops, which the same command resumes from)"))
     except (*_TOLD, MemoryError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise
