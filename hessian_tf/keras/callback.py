@@ -26,8 +26,10 @@ bit-identical to training without it.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import numbers
 import os
+import re
 import tempfile
 import time
 from typing import NamedTuple, Optional, Union
@@ -242,6 +244,22 @@ def materialize(data: Data) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+# The binary's flags that are the callback's own arguments (by the same name, or data
+# and model): the operators' messages name flags, told here as the callback's terms.
+_ARGUMENTS = ("lanczos_steps", "num_draws", "bn_mode", "batch_size", "loss", "seed",
+              "regularization", "method", "lockstep_draws", "cache_residuals",
+              "unroll_steps", "graph_optimization", "kernel_width")
+_FLAG = re.compile(r"--(dataset|model|" + "|".join(_ARGUMENTS) + r")\b")
+
+
+def in_callback_terms(message: str) -> str:
+    """`message` with the binary's flags that are this callback's arguments named as
+    its arguments (`--batch_size=4` → `batch_size=4`; `--dataset`, `--model` → data,
+    model)."""
+    return _FLAG.sub(lambda match: {"dataset": "data", "model": "model"}.get(
+        match.group(1), match.group(1)), message)
+
+
 # ---------------------------------------------------------------- the operator
 
 
@@ -421,6 +439,11 @@ class SpectrumCallback(keras.callbacks.Callback):
                 f"SpectrumCallback: received kernel_width={kernel_width!r}; expected a "
                 "positive width. Fix: pass a width > 0, or None for the default."
             )
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(
+                f"SpectrumCallback: received seed={seed!r}; expected a non-negative integer "
+                "(the start vectors' seed). Fix: pass seed=0, or another integer >= 0."
+            )
         log_dir = os.fspath(log_dir) if log_dir is not None else ""
         if not log_dir:
             raise ValueError(
@@ -428,13 +451,23 @@ class SpectrumCallback(keras.callbacks.Callback):
                 "Fix: pass log_dir='PATH'."
             )
         try:
-            os.makedirs(log_dir, exist_ok=True)
-        except OSError as error:
+            # Proved writable, then left as it was: created with the first results, so
+            # that a callback that fails first leaves no empty directory behind.
+            results.remove_empty_directories(results.check_writable(log_dir))
+        except ValueError as error:
             raise ValueError(
                 f"SpectrumCallback: received log_dir={log_dir!r}, which cannot be created "
-                f"({error.strerror or error}); expected a writable directory. Fix: pass "
-                "a writable local directory."
+                f"or written ({getattr(error.__cause__, 'strerror', None) or error}); "
+                "expected a writable directory. Fix: pass a writable local directory."
             ) from error
+        earlier = glob.glob(os.path.join(glob.escape(log_dir), SPECTRUM_FILE_FORMAT.replace(
+            "{step:08d}", "*")))
+        if earlier:
+            logging.warning(
+                "SpectrumCallback: log_dir=%s already holds %d spectrum file(s) of an "
+                "earlier run: those of the steps this run evaluates are replaced, and "
+                "TensorBoard shows both runs' events there; pass a new log_dir to keep "
+                "them apart.", log_dir, len(earlier))
         self.log_dir = log_dir
         self.lanczos_steps = int(lanczos_steps)
         self.num_draws = int(num_draws)
@@ -531,7 +564,7 @@ class SpectrumCallback(keras.callbacks.Callback):
                 cache_residuals=self.cache_residuals,
             )
         except ValueError as error:
-            raise ValueError(f"SpectrumCallback: {error}") from error
+            raise ValueError(f"SpectrumCallback: {in_callback_terms(str(error))}") from error
         group = spectrum_lib.lockstep_group(
             self.num_draws, self.lanczos_steps, self._operator.dim, lockstep=self.lockstep_draws)
         refusal = spectrum_lib.basis_memory_refusal(
@@ -548,11 +581,18 @@ class SpectrumCallback(keras.callbacks.Callback):
         if warning:
             logging.warning("%s", warning)
         logging.info(
-            "SpectrumCallback: Hessian of the mean %s over %d examples, %d parameters, "
+            "SpectrumCallback: Hessian of the mean %s%s over %d examples, %d parameters, "
             "%d replicas, BN %s",
-            self.loss, self._operator.num_examples, self._operator.dim,
+            self.loss, " + the model's own losses (regularizers)" if self.regularization
+            else "", self._operator.num_examples, self._operator.dim,
             strategy.num_replicas_in_sync, self.bn_mode,
         )
+        regularizers = self._operator.model_function.regularizers
+        if regularizers and not self.regularization:
+            logging.info(
+                "SpectrumCallback: the model has %d regularizer(s) (of weights or "
+                "activity), whose losses are left out; regularization=True adds them",
+                regularizers)
 
     def _evaluate(self, step: int) -> None:
         if step == self._last_step:
@@ -599,9 +639,11 @@ class SpectrumCallback(keras.callbacks.Callback):
                     initial_state=start,
                 )
             except (hessian_lib.NonDeterministicError, hessian_lib.NonFiniteError) as error:
-                raise type(error)(f"SpectrumCallback at training step {step}: {error}") from error
+                raise type(error)(f"SpectrumCallback at training step {step}: "
+                                  f"{in_callback_terms(str(error))}") from error
             except ValueError as error:  # e.g. the residual cache does not fit in memory
-                raise ValueError(f"SpectrumCallback at training step {step}: {error}") from error
+                raise ValueError(f"SpectrumCallback at training step {step}: "
+                                 f"{in_callback_terms(str(error))}") from error
             finally:
                 operator.drop_residuals()  # training never holds the cache
         self._determinism_checked = True
@@ -618,11 +660,13 @@ class SpectrumCallback(keras.callbacks.Callback):
             path = self._write_spectrum(step, spectrum, edge)
         seconds = time.perf_counter() - started
         self.evaluations.append(SpectrumEvaluation(step, spectrum, edge, ratio, path, seconds))
+        statistics = spectrum.statistics
         logging.info(
             "SpectrumCallback at step %d: lambda_max=%.6g lambda_min=%.6g "
-            "negative_mass=%.4g bulk_edge=%.4g lambda_max/bulk_edge=%.4g (%.1f s)",
-            step, lambda_max, spectrum.statistics.lambda_min,
-            spectrum.statistics.negative_mass, edge, ratio, seconds,
+            "negative_mass_tolerance=%.4g (weight below -%.3g; below 0, the bulk's noise "
+            "included: %.4g) bulk_edge=%.4g lambda_max/bulk_edge=%.4g (%.1f s)",
+            step, lambda_max, statistics.lambda_min, statistics.negative_mass_tolerance,
+            statistics.zero_tolerance, statistics.negative_mass, edge, ratio, seconds,
         )
 
     def _write_summaries(self, step, spectrum, edge, ratio) -> None:
@@ -664,7 +708,8 @@ class SpectrumCallback(keras.callbacks.Callback):
         """The density plot as the job draws it, PNG-encoded."""
         title = (
             f"Hessian at step {step}: n={self._operator.dim:,}, m={self.lanczos_steps}, "
-            f"{self.num_draws} draw(s), BN {self.bn_mode}"
+            f"{self.num_draws} draw(s)"
+            + (f", BN {self.bn_mode}" if self._operator.model_function.batch_norms else "")
         )
         with tempfile.TemporaryDirectory() as directory:
             path = os.path.join(directory, "density.png")
@@ -682,5 +727,6 @@ class SpectrumCallback(keras.callbacks.Callback):
             "bulk_fraction": np.asarray(self.bulk_fraction),
         }
         name = SPECTRUM_FILE_FORMAT.format(step=step)
+        os.makedirs(self.log_dir, exist_ok=True)
         (path,) = results.write_files(self.log_dir, {name: results.npz_writer(arrays)})
         return path

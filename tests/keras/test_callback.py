@@ -106,6 +106,8 @@ def test_schedule_needs_exactly_one_positive_period(kwargs, named, tmp_path):
     ({"unroll_steps": -1}, "unroll_steps=-1"),
     ({"unroll_steps": 8.0}, "unroll_steps=8.0"),
     ({"graph_optimization": "fast"}, "graph_optimization='fast'"),
+    ({"seed": -1}, "seed=-1"),
+    ({"seed": 1.5}, "seed=1.5"),
 ])
 def test_bad_options_are_named(kwargs, named, tmp_path):
     x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)
@@ -423,3 +425,83 @@ def test_model_built_under_a_strategy_scope(digits, tmp_path):
     with pytest.raises(ValueError, match="cache_residuals=True for a model on 4 replicas"):
         model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0, callbacks=[cached])
     assert int(model.optimizer.iterations.numpy()) == steps
+
+
+class absl_messages:
+    """The messages hessian_tf logs through absl while the block runs."""
+
+    def __enter__(self):
+        from absl import logging as absl_logging
+
+        self.messages = []
+        self.handler = type("Handler", (__import__("logging").Handler,), {
+            "emit": lambda handler, record: self.messages.append(record.getMessage())})()
+        absl_logging.get_absl_logger().addHandler(self.handler)
+        self.verbosity = absl_logging.get_verbosity()
+        absl_logging.set_verbosity(absl_logging.INFO)
+        return self.messages
+
+    def __exit__(self, *exc):
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(self.verbosity)
+        absl_logging.get_absl_logger().removeHandler(self.handler)
+
+
+def test_a_callback_that_fails_leaves_no_log_dir_it_made(digits, tmp_path):
+    x, y = digits
+    with pytest.raises(ValueError, match="same number"):
+        SpectrumCallback((x[:5], y[:3]), log_dir=str(tmp_path / "made" / "logs"),
+                         every_n_epochs=1)
+    assert not (tmp_path / "made").exists()
+    model = keras.Sequential([keras.layers.Dense(10)])  # not built: fails at fit
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="not built"):
+        model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0,
+                  callbacks=[spectrum_callback((x, y), tmp_path / "made" / "logs")])
+    assert not (tmp_path / "made").exists()
+    with pytest.raises(ValueError, match=r"log_dir=.*cannot be created or written \(Not a "
+                                         r"directory\).*Fix:"):
+        (tmp_path / "file").write_text("")
+        SpectrumCallback((x, y), log_dir=str(tmp_path / "file" / "logs"), every_n_epochs=1)
+
+
+def test_the_operators_messages_name_the_callbacks_arguments(digits, tmp_path):
+    x, y = digits
+    model = bn_dropout_mlp()
+    labels = y.copy()
+    labels[0] = 12  # beyond the model's 10 outputs
+    with pytest.raises(ValueError) as raised:
+        model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0,
+                  callbacks=[spectrum_callback((x, labels), tmp_path)])
+    message = str(raised.value)
+    assert message.startswith("SpectrumCallback: data: labels range over [0, 12]"), message
+    assert "--" not in message, message
+
+
+def test_regularizers_the_headline_and_an_earlier_runs_files_are_told(digits, tmp_path):
+    x, y = digits
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)),
+                              keras.layers.Dense(8, activation="tanh", kernel_regularizer="l2"),
+                              keras.layers.Dense(10)])
+    model.compile(optimizer="sgd",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    fit = dict(batch_size=TRAIN_BATCH, epochs=1, verbose=0, steps_per_epoch=1)
+    with absl_messages() as messages:
+        model.fit(x, y, callbacks=[spectrum_callback((x, y), tmp_path)], **fit)
+    assert ("SpectrumCallback: the model has 1 regularizer(s) (of weights or activity), whose "
+            "losses are left out; regularization=True adds them") in messages
+    [headline] = [m for m in messages if m.startswith("SpectrumCallback at step 0:")]
+    assert "negative_mass_tolerance=" in headline and "the bulk's noise included" in headline
+    assert not [m for m in messages if "already holds" in m]
+    with absl_messages() as messages:
+        model.fit(x, y, callbacks=[spectrum_callback((x, y), tmp_path, regularization=True)],
+                  **fit)
+    assert not [m for m in messages if "regularizer(s)" in m]
+    assert any("sparse_categorical_crossentropy + the model's own losses (regularizers)" in m
+               for m in messages)
+    [warning] = [m for m in messages if "already holds" in m]
+    assert warning.startswith(f"SpectrumCallback: log_dir={tmp_path} already holds 1 "
+                              "spectrum file(s) of an earlier run")
