@@ -7,23 +7,46 @@
 # TF_CONFIG. The script waits for all workers, forwards Ctrl-C (SIGINT) and
 # SIGTERM to them, and exits with the chief's (worker 0's) status. If a worker
 # fails, the others get --worker_timeout seconds (default 600; pass the flag to
-# change it) to end on their own, then are killed.
+# change it) to end on their own, then are killed. The flags are checked once
+# (hessian-spectrum --check_flags) before any worker starts; --strategy is the
+# script's own.
 #
 # Environment: HESSIAN_SPECTRUM (default: hessian-spectrum if on PATH, else
 # "python3 -m hessian_tf.bin.spectrum").
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^[^#]/p' "$0" | sed -n '/^#/s/^# \{0,1\}//p'; }
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
   usage
   [[ $# -ge 1 ]] && exit 0 || exit 2
 fi
+error() { echo "local.sh: error: $*" >&2; exit 2; }
+
 num_workers="$1"
 shift
 if ! [[ "$num_workers" =~ ^[0-9]+$ ]] || (( num_workers < 1 )); then
-  echo "local.sh: error: N=$num_workers: pass the number of workers, an integer >= 1." >&2
-  exit 2
+  error "N=$num_workers: pass the number of workers, an integer >= 1."
+fi
+
+timeout=600
+previous=""
+for argument in "$@"; do
+  case "$argument" in
+    --strategy|--strategy=*)
+      error "$argument: the script runs every worker with --strategy=multi_worker; drop it." ;;
+    --worker_timeout=*) timeout="${argument#--worker_timeout=}" ;;
+  esac
+  [[ "$previous" == "--worker_timeout" ]] && timeout="$argument"
+  previous="$argument"
+done
+# The grace period in whole seconds, from the binary's number (1e3 and 2.5 too).
+if ! grace=$(python3 -c 'import math, sys
+value = float(sys.argv[1])
+if not (math.isfinite(value) and value > 0):
+    raise ValueError(value)
+print(math.ceil(min(value, 1e9)))' "$timeout" 2> /dev/null); then
+  error "--worker_timeout=$timeout: pass a positive number of seconds."
 fi
 
 if [[ -n "${HESSIAN_SPECTRUM:-}" ]]; then
@@ -33,13 +56,8 @@ elif command -v hessian-spectrum > /dev/null; then
 else
   command=(python3 -m hessian_tf.bin.spectrum)
 fi
-
-grace=600
-for argument in "$@"; do
-  case "$argument" in
-    --worker_timeout=*) grace="${argument#--worker_timeout=}"; grace="${grace%.*}" ;;
-  esac
-done
+# A bad flag is told once, by the binary, not by every worker (its status, 2).
+"${command[@]}" "$@" --strategy=multi_worker --check_flags || exit $?
 
 # Free ports on loopback (launch/free_ports.py says how they are chosen).
 ports=$(python3 "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/free_ports.py" "$num_workers")

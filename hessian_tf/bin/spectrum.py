@@ -29,6 +29,9 @@ _CONFIG = define_config_file(
     _PROGRAM, "An ml_collections config file (flags given explicitly override it)."
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
+_CHECK_FLAGS = flags.DEFINE_bool(
+    "check_flags", False, "Check the flags and the --config file, then exit (0, or 2 with "
+    "the error line) before TensorFlow starts: launchers check once before starting workers.")
 
 _HELP = {
     "model": "A .keras file or a SavedModel directory; empty: train the default MLP.",
@@ -134,6 +137,8 @@ def main(argv):
             raise
         return error_line(_PROGRAM, error if isinstance(error, _TOLD) else
                           f"--config: {type(error).__name__}: {error}")
+    if _CHECK_FLAGS.value:
+        return 0
     tf = import_tensorflow_quietly()
     from hessian_tf import job
 

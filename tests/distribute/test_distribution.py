@@ -268,11 +268,32 @@ def test_free_ports_do_not_follow_a_seeded_random_module():
     assert free_ports(2) != first  # (1 in ~10⁸ alike by chance)
 
 
-def test_local_launcher_rejects_a_bad_worker_count():
-    result = subprocess.run(["bash", str(LOCAL), "zero"], capture_output=True, text=True)
+@pytest.mark.parametrize("args, line", [
+    (["zero"], "local.sh: error: N=zero: pass the number of workers, an integer >= 1."),
+    (["2", "--worker_timeout=abc"],
+     "local.sh: error: --worker_timeout=abc: pass a positive number of seconds."),
+    (["2", "--worker_timeout", "-5"],
+     "local.sh: error: --worker_timeout=-5: pass a positive number of seconds."),
+    (["2", "--strategy=mirrored"], "local.sh: error: --strategy=mirrored: the script runs "
+     "every worker with --strategy=multi_worker; drop it."),
+    # The binary's own check, once before any worker starts (not once per worker).
+    (["2", "--lanczos_steps=0", "--worker_timeout=1e3"],
+     "hessian-spectrum: error: --lanczos_steps=0: pass an integer >= 1."),
+])
+def test_local_launcher_tells_bad_input_in_one_line(args, line, tmp_path):
+    result = subprocess.run(["bash", str(LOCAL), *args, f"--output_dir={tmp_path / 'out'}"],
+                            capture_output=True, text=True, env=environment(), timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "local.sh: error: N=zero: pass the number of workers, an integer >= 1."]
+    assert result.stderr.strip().splitlines() == [line]
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_launcher_help_is_its_comment_alone():
+    result = subprocess.run(["bash", str(LOCAL), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("Runs a multi-worker spectrum job")
+    assert lines[-1] == '"python3 -m hessian_tf.bin.spectrum").'
 
 
 _SIGINT_IN_AND_AFTER = """
