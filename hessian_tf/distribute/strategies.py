@@ -236,9 +236,29 @@ def _multi_worker(worker_timeout: float) -> tf.distribute.Strategy:
     resolver = cluster_resolver()
     # A collective that waits longer than this for a peer fails instead of hanging.
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=worker_timeout)
-    return tf.distribute.MultiWorkerMirroredStrategy(
-        cluster_resolver=resolver, communication_options=options
-    )
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=options
+        )
+    except tf.errors.UnknownError as error:
+        if "Could not start gRPC server" not in str(error):
+            raise
+        address, task = _own_address(resolver)
+        raise ValueError(
+            f"TF_CONFIG: this process ({task}) could not serve at {address} ({error.message}):"
+            " the port is in use by another process, or the host is not this machine's; "
+            "free the port or give the task another address in TF_CONFIG's cluster."
+        ) from error
+
+
+def _own_address(resolver) -> tuple[str, str]:
+    """This task's address in the cluster spec and its label (`worker 0`)."""
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    try:
+        address = resolver.cluster_spec().task_address(task_type, task_id)
+    except (ValueError, KeyError, TypeError):
+        address = "its address"
+    return address, f"{task_type} {task_id}"
 
 
 def wait_for_workers(strategy: tf.distribute.Strategy) -> None:

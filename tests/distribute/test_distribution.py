@@ -155,6 +155,29 @@ def test_worker_that_never_starts_times_out(bn_job, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_address_in_use_is_named(bn_job, tmp_path):
+    """Worker 0's port is taken by another process: TensorFlow says only "Could not
+    start gRPC server"; the line names the address and TF_CONFIG."""
+    import socket
+
+    env = lone_worker_environment()
+    address = json.loads(env["TF_CONFIG"])["cluster"]["worker"][0]
+    host, port = address.split(":")
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+        result = spectrum(*job_args(bn_job, "inference", tmp_path / "out"),
+                          "--strategy=multi_worker", env=env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [l for l in result.stderr.splitlines() if l.startswith("hessian-spectrum: error:")]
+    assert errors == [
+        f"hessian-spectrum: error: TF_CONFIG: this process (worker 0) could not serve at "
+        f"{address} (Could not start gRPC server): the port is in use by another process, "
+        "or the host is not this machine's; free the port or give the task another address "
+        "in TF_CONFIG's cluster."], result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_watchdog_of_a_wait_without_end_answers_at_once():
     """--worker_timeout=1e12 ("forever"): more seconds than select takes; the watchdog
     waits the most it can instead of failing with a traceback."""
