@@ -733,7 +733,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
         # (None: did not run, or not timed)}; else null. method_note: why one is None.
         "method_seconds": operator.method_seconds,
         "method_note": operator.forward_mode_untimed or operator.forward_mode_failure
-        or auto_margin_note(operator.method_seconds) or None,
+        or auto_margin_note(operator.method_seconds) or operator.auto_untimed_note or None,
         "precision": config.precision,
         # The dtypes the model's layers compute its products in (null for a SavedModel).
         "compute_dtypes": compute_dtypes(model_function),

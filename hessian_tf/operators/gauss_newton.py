@@ -70,8 +70,8 @@ class _JacobianProductOperator(HessianOperator):
             else "reverse_over_reverse"
         )
 
-    def _can_time_methods(self) -> bool:
-        return False  # 'auto' is forward mode wherever it runs (_auto_method)
+    def _untimed_because(self) -> str:
+        return "'auto' is forward mode wherever it runs"  # _auto_method
 
     def _batch_products(self, primals, state, block, x, y, method=None):
         return [self._batch_product(primals, state, tangents, x, y, method=method)

@@ -604,7 +604,9 @@ class HessianOperator:
         self._timed_products = None
         self.forward_mode_failure = ""  # why forward over backward did not run, if not
         self.forward_mode_untimed = ""  # why it was not timed (a short job), if not
-        self._method_to_time = self._method_to_time and self._can_time_methods()
+        self._untimed_reason = self._untimed_because()
+        self._method_to_time = self._method_to_time and not self._untimed_reason
+        self._method_kept = False  # use_method took a method given (a resumed run's)
         self._check_fit(x, y)
         self._place_data(x, y)
         # No input signature: the block size k must be static (one trace per k).
@@ -648,17 +650,38 @@ class HessianOperator:
         del model_function  # reverse over reverse works for every model format
         return "reverse_over_reverse"
 
-    def _can_time_methods(self) -> bool:
-        """Whether method='auto' times both methods: both run (forward mode through the
-        model, no residual cache, which splits one method's graph), and this process
-        alone decides (no TPU, where a second program is a second compilation; not
-        several workers, whose timings could disagree and their graphs with them).
-        Float32 accumulation is not timed either: `_check_no_float64` traces the
-        products at construction, and `times_methods` times only before any trace."""
+    def _untimed_because(self) -> str:
+        """Why method='auto' cannot time both methods here, or "" where it can: both run
+        (forward mode through the model, no residual cache, which splits one method's
+        graph), and this process alone decides (no TPU, where a second program is a
+        second compilation; not several workers, whose timings could disagree and their
+        graphs with them). Float32 accumulation is not timed either: `_check_no_float64`
+        traces the products at construction, and `times_methods` times only before any
+        trace."""
         # TensorFlow's own test (private): without it, assume several workers.
         several_workers = getattr(self.strategy.extended, "_in_multi_worker_mode", lambda: True)()
-        return (self.model_function.supports_forward_mode and not self.cache_residuals
-                and not is_tpu_strategy(self.strategy) and not several_workers)
+        if not self.model_function.supports_forward_mode:
+            return "forward mode does not run through a SavedModel's functions"
+        if self.cache_residuals:
+            return "the residual cache splits one method's graph"
+        if is_tpu_strategy(self.strategy):
+            return "on a TPU a second method would be a second compilation"
+        if several_workers:
+            return "several workers, whose timings could disagree"
+        return ""
+
+    @property
+    def auto_untimed_note(self) -> str:
+        """Why method='auto' took its method without timing both, or "" (timed, a method
+        given, or told by `forward_mode_untimed` or `forward_mode_failure`)."""
+        if (not self.automatic_method or self.method_seconds or self.forward_mode_untimed
+                or self.forward_mode_failure):
+            return ""
+        why = (self._untimed_reason or ("a resumed run keeps its first session's method"
+                                           if self._method_kept else
+                                           "the products were traced before they could be "
+                                           "timed (float32 sums)"))
+        return f"not timed ({why}): {self.method.replace('_', ' ')}"
 
     @_names_missing_derivatives
     def choose_method(self, block_size: int = 1, num_products: int | None = None,
@@ -716,6 +739,7 @@ class HessianOperator:
         """Takes `method` without timing, before the first product: a resumed
         --method=auto run takes the method its first session chose, so that it
         continues the same arithmetic; a dry run takes its job's."""
+        self._method_kept = True
         if method == self.method:
             self._method_to_time = False
             return

@@ -55,8 +55,8 @@ class StreamingHessianOperator(HessianOperator):
         self._streamed_examples = int(num_examples)
         super().__init__(model_function, sample[0], sample[1], **options)
 
-    def _can_time_methods(self) -> bool:
-        return False  # only a sample in memory: 'auto' is reverse over reverse
+    def _untimed_because(self) -> str:
+        return "streamed data: only a sample in memory"  # 'auto' is reverse over reverse
 
     def _place_data(self, x, y) -> None:
         del x, y  # only the sample, used for checks
@@ -77,7 +77,7 @@ class StreamingHessianOperator(HessianOperator):
     def _sum_over_batches(self, batch_fn, size: int, args: tuple,
                           max_batches=None) -> tf.Tensor:
         # Every batch of the stream: max_batches cuts only the graphs method='auto'
-        # times, and a streaming operator does not time (_can_time_methods).
+        # times, and a streaming operator does not time (_untimed_because).
         del max_batches
 
         def step(total, batch, *args):

@@ -151,11 +151,19 @@ def test_no_timing_where_only_one_method_can_run_or_the_process_is_not_alone(tmp
     monkeypatch.setattr(tf.distribute.get_strategy().extended, "_in_multi_worker_mode",
                         lambda: True, raising=False)
     several_workers = operators.HessianOperator(model_function, x, y, batch_size=4)
-    for operator in (cached, streamed, saved, several_workers):
+    for operator, why in ((cached, "the residual cache splits one method's graph"),
+                          (streamed, "streamed data: only a sample in memory"),
+                          (saved, "forward mode does not run through a SavedModel's functions"),
+                          (several_workers, "several workers, whose timings could disagree")):
         assert not operator.times_methods
         assert operator.choose_method(1) == "reverse_over_reverse"
         operator.matvec(np.ones(operator.dim))
         assert operator.method == "reverse_over_reverse" and operator.method_seconds is None
+        # summary.json's method_note says why.
+        assert operator.auto_untimed_note == f"not timed ({why}): reverse over reverse"
+    given = operators.HessianOperator(model_function, x, y, batch_size=4,
+                                      method="reverse_over_reverse")
+    assert given.auto_untimed_note == ""
 
 
 def test_forward_mode_failing_at_run_time_is_not_chosen(monkeypatch):
