@@ -24,6 +24,9 @@ def check_writable(output_dir: str, flag: str = "--output_dir") -> list[str]:
     Errors name `flag`."""
     if not output_dir:
         raise ValueError(f"{flag} is empty; pass a directory to write results to.")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"{flag}={output_dir}: a file, not a directory; pass a directory "
+                         "to write results to.")
     created = []
     directory = os.path.abspath(output_dir)
     while directory and not os.path.exists(directory):

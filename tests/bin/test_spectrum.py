@@ -172,6 +172,8 @@ def bad_inputs(directory):
             ["--lanczos_steps=1000000000000", "--default_model_epochs=1"],
             "--lanczos_steps=16510 (more steps than the 16,510 parameters"),
         "unwritable output": ([model, data, f"--output_dir={directory / 'data.npz' / 'out'}"], "--output_dir="),
+        "output a file": ([model, data, f"--output_dir={directory / 'data.npz'}"],
+                          "data.npz: a file, not a directory; pass a directory"),
         "frozen model": ([f"--model={directory / 'frozen.keras'}", data], "no trainable variables"),
         "non-finite loss": ([f"--model={directory / 'nan.keras'}", data], "non-finite"),
         "unknown strategy": ([model, data, "--strategy=horovod"], "--strategy='horovod'"),

@@ -163,7 +163,7 @@ def test_errors_name_the_training_programs_options(tmp_path):
     # The shared checks of the output directory and the data name hessian-train's
     # options, not the spectrum program's --output_dir and --dataset.
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(ValueError, match="^--workdir=.*a_file: cannot write there"):
+    with pytest.raises(ValueError, match="^--workdir=.*a_file: a file, not a directory"):
         training.train(digits_config(), str(tmp_path / "a_file"))
     data = tmp_path / "uneven.npz"
     np.savez(data, x=np.zeros((10, 64), np.float32), y=np.zeros(9, np.int64))
