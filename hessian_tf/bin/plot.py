@@ -4,7 +4,8 @@ r"""Re-renders saved spectra: a new kernel width, a log|λ| view, several runs o
   hessian-plot --runs=results/default --output=log.png --log_abs
 
 Each run is a spectrum job's output directory (its spectrum.npz: nodes and weights
-per draw). No product is computed: the densities are rebuilt from the saved
+per draw), or an .npz file of those arrays (a SpectrumCallback's
+LOG_DIR/spectrum-stepNNNNNNNN.npz). No product is computed: the densities are rebuilt from the saved
 quadrature nodes and weights, on one grid shared by all runs. A run with two or
 more draws gets a bootstrap band over its draws (`--confidence`, default 90%).
 
@@ -22,6 +23,7 @@ Bad input: one line on stderr, exit status 2, no output file.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from typing import NamedTuple, Optional, Sequence
@@ -35,7 +37,8 @@ from hessian_tf.io import results
 from hessian_tf.linalg import bootstrap, density
 
 _PROGRAM = "hessian-plot"
-_RUNS = flags.DEFINE_list("runs", [], "Comma-separated spectrum output directories.")
+_RUNS = flags.DEFINE_list(
+    "runs", [], "Comma-separated spectrum output directories (or a SpectrumCallback's npz files).")
 _LABELS = flags.DEFINE_list(
     "labels", [], "Comma-separated legend labels, one per run (default: directory names)."
 )
@@ -72,14 +75,23 @@ Curve = plotting.Curve
 
 
 def load_run(path: str, label: str) -> Run:
-    """Reads OUTPUT_DIR/spectrum.npz; ValueError naming the run if it is unusable."""
-    if not os.path.isdir(path):
-        raise ValueError(f"--runs: {path!r} is not a directory; pass spectrum output directories.")
-    npz_path = os.path.join(path, "spectrum.npz")
+    """Reads OUTPUT_DIR/spectrum.npz, or an .npz file of the same arrays (a
+    SpectrumCallback's spectrum-stepNNNNNNNN.npz); ValueError naming the run if it is
+    unusable."""
+    if os.path.isfile(path) and path.endswith(".npz"):
+        npz_path = path
+    elif not os.path.isdir(path):
+        raise ValueError(f"--runs: {path!r} is not a directory or an .npz file; pass spectrum "
+                         "output directories (or a SpectrumCallback's npz files).")
+    else:
+        npz_path = os.path.join(path, "spectrum.npz")
     if not os.path.isfile(npz_path):
+        steps = sorted(glob.glob(os.path.join(glob.escape(path), "spectrum-step*.npz")))
         raise ValueError(
-            f"--runs: {path!r} has no spectrum.npz; pass the --output_dir of a finished "
-            "spectrum job."
+            f"--runs: {path!r} has no spectrum.npz; "
+            + (f"it holds a SpectrumCallback's {len(steps)} npz file(s): pass one, e.g. "
+               f"{steps[-1]}." if steps else
+               "pass the --output_dir of a finished spectrum job.")
         )
     try:
         with np.load(npz_path) as data:
@@ -204,7 +216,7 @@ def render(
                 "pass one label per run, or none."
             )
     else:
-        labels = [os.path.basename(os.path.normpath(r)) for r in run_dirs]
+        labels = [os.path.basename(os.path.normpath(r)).removesuffix(".npz") for r in run_dirs]
     if not math.isfinite(kernel_width) or kernel_width < 0:
         raise ValueError(
             f"--kernel_width={kernel_width}: pass a positive width, or 0 for the default."

@@ -84,6 +84,20 @@ def test_log_abs_view_splits_the_signs(tmp_path):
     assert output.read_text().lstrip().startswith("<?xml")
 
 
+def test_a_callbacks_npz_files_are_runs_labelled_by_their_step(tmp_path, two_runs):
+    # SpectrumCallback writes LOG_DIR/spectrum-stepNNNNNNNN.npz, arrays as spectrum.npz.
+    os.makedirs(tmp_path / "logs")
+    for step, run in zip((0, 8), two_runs):
+        os.replace(os.path.join(run, "spectrum.npz"),
+                   tmp_path / "logs" / f"spectrum-step{step:08d}.npz")
+    files = sorted(str(p) for p in (tmp_path / "logs").iterdir())
+    output = tmp_path / "steps.png"
+    result = run_plot(f"--runs={','.join(files)}", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.load_run(files[0], "a").nodes[0].size == 8
+
+
 def test_padding_past_num_steps_is_ignored(tmp_path):
     nodes = [[5.0, 6.0, 7.0], [5.5, 6.5, 0.0]]  # draw 1 stopped after 2 steps
     weights = [[0.2, 0.3, 0.5], [0.4, 0.6, 0.0]]
@@ -96,7 +110,9 @@ def test_padding_past_num_steps_is_ignored(tmp_path):
 
 @pytest.mark.parametrize("arguments, expected", [
     (["--runs={missing}"], "is not a directory"),
-    (["--runs={empty}"], "has no spectrum.npz"),
+    (["--runs={empty}"], "has no spectrum.npz; pass the --output_dir of a finished"),
+    (["--runs={callback}"], "has no spectrum.npz; it holds a SpectrumCallback's 2 npz "
+     "file(s): pass one, e.g. "),
     (["--runs={good},{good}", "--labels=a,b,c"], "--labels has 3 label(s)"),
     (["--runs={good}", "--kernel_width=-0.1"], "--kernel_width=-0.1"),
     (["--runs={good}", "--kernel_width=abc"], "--kernel_width=abc"),
@@ -114,6 +130,10 @@ def test_bad_input_is_one_line_and_no_file(tmp_path, arguments, expected):
         "bad": fabricate(tmp_path / "bad", np.zeros((2, 3)), np.ones((2, 2))),
     }
     os.makedirs(paths["empty"])
+    paths["callback"] = str(tmp_path / "logs")  # a SpectrumCallback's log_dir
+    for step in (0, 8):
+        os.makedirs(tmp_path / "logs", exist_ok=True)
+        np.savez(tmp_path / "logs" / f"spectrum-step{step:08d}.npz", nodes=[[1.0]], weights=[[1.0]])
     paths["corrupt"] = str(tmp_path / "corrupt")
     os.makedirs(paths["corrupt"])
     (tmp_path / "corrupt" / "spectrum.npz").write_bytes(bytes(range(256)) * 4)
