@@ -12,6 +12,7 @@ Long jobs checkpoint every --checkpoint_every products (at most once per
 --restart starts over.
 """
 
+import os
 import sys
 
 from absl import flags
@@ -120,6 +121,19 @@ def resolve_config(flag_values=flags.FLAGS):
     return config
 
 
+def _untrained_experiment(config) -> str:
+    """Where a --config experiment's model (hessian-train writes it into the config's
+    workdir) is not there, the line that says so; else ""."""
+    holder = loaded_config(_CONFIG)
+    workdir = holder.get("workdir") if holder is not None and "spectrum" in holder else None
+    if (not workdir or flags.FLAGS["model"].present or not config.model
+            or os.path.exists(config.model)):
+        return ""
+    return (f"--config.workdir={workdir}: no trained model there ({config.model} does not "
+            "exist); train it first with hessian-train and this --config and "
+            f"--workdir={workdir}, or pass the workdir it was trained in.")
+
+
 def main(argv):
     if len(argv) > 1:
         return error_line(_PROGRAM, f"unexpected arguments: {' '.join(argv[1:])}; every "
@@ -137,6 +151,9 @@ def main(argv):
             raise
         return error_line(_PROGRAM, error if isinstance(error, _TOLD) else
                           f"--config: {type(error).__name__}: {error}")
+    untrained = _untrained_experiment(config)
+    if untrained:
+        return error_line(_PROGRAM, untrained)
     if _CHECK_FLAGS.value:
         return 0
     tf = import_tensorflow_quietly()

@@ -302,3 +302,17 @@ def test_custom_layers_through_import_modules(tmp_path):
     assert with_module.returncode == 0, with_module.stderr[-3000:]
     summary = json.loads((tmp_path / "with" / "summary.json").read_text())
     assert summary["num_params"] == 3 + 3 * 2 + 2
+
+
+def test_an_experiment_not_trained_yet_is_told_as_such(tmp_path):
+    # The config's spectrum reads the model hessian-train writes into its workdir.
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cnn_digits.py")
+    workdir = tmp_path / "not_trained"
+    result = run_binary(f"--config={config}:no_bn,smoke", f"--config.workdir={workdir}",
+                        f"--output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"hessian-spectrum: error: --config.workdir={workdir}: no trained model there "
+        f"({workdir}/model.keras does not exist); train it first with hessian-train and this "
+        f"--config and --workdir={workdir}, or pass the workdir it was trained in."]
+    assert not (tmp_path / "out").exists()
