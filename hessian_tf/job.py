@@ -527,6 +527,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
     from hessian_tf.operators.subset import SubsetModelFunction
     from hessian_tf.operators.precision import compute_dtypes
     from hessian_tf.operators.hessian import AUTO_TIMING_BATCHES, auto_margin_note
+    from hessian_tf.operators.model_function import regularizers_left_out
 
     multi_worker = config.strategy == "multi_worker"
     waiting = (
@@ -661,20 +662,20 @@ def _run(config: ml_collections.ConfigDict, started: float,
             else operator.forward_mode_untimed
             or f"does not run through this model ({operator.forward_mode_failure})",
             group, min(AUTO_TIMING_BATCHES, operator.batches_per_replica),
-            "; " + auto_margin_note(operator.method_seconds)
-            if auto_margin_note(operator.method_seconds) else "",
+            f"; {margin}" if (margin := auto_margin_note(operator.method_seconds)) else "",
         )
     logging.info(
         "Hessian of the mean %s%s over %d examples: %d parameters, %s products, %d replicas, "
-        "sums in %s",
-        config.loss, " + the model's own losses (regularizers)" if config.regularization else "",
+        "sums in %s", config.loss,
+        " + the model's own losses (regularizers)"
+        if config.regularization and model_function.regularizers else "",
         operator.num_examples, operator.dim, operator.method,
         strategy.num_replicas_in_sync, operator.accumulation,
     )
-    if model_function.regularizers and not config.regularization:
-        logging.info(
-            "The model has %d regularizer(s) (of weights or activity), whose losses are "
-            "left out; --regularization adds them", model_function.regularizers)
+    left_out = regularizers_left_out(
+        0 if config.regularization else model_function.regularizers, "--regularization")
+    if left_out:
+        logging.info("%s", left_out[0].upper() + left_out[1:])
     preemption = _checkpointing(
         config, checkpointer, chief=chief,
         start_products=resumed.num_products if resumed is not None else 0,

@@ -123,6 +123,26 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_that_resumes(job, uninterrupte
     assert_identical(tmp_path, uninterrupted)
 
 
+@pytest.mark.parametrize("program", ["spectrum", "train"])
+def test_ctrl_c_during_start_up_is_one_line(program, tmp_path):
+    # While TensorFlow is imported (seconds), before a job runs.
+    args = ([f"--output_dir={tmp_path / 'out'}"] if program == "spectrum" else
+            ["--config=configs/cnn_digits.py:no_bn,smoke", f"--workdir={tmp_path / 'out'}"])
+    process = subprocess.Popen([sys.executable, "-m", f"hessian_tf.bin.{program}", *args],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               env=environment(), cwd=os.path.dirname(os.path.dirname(__file__)))
+    import time
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert [l for l in stderr.splitlines() if l.startswith("hessian-")] == [
+        f"hessian-{program}: interrupted (Ctrl-C)" + (
+            "; no results were written (SIGTERM instead writes a checkpoint before it stops, "
+            "which the same command resumes from)" if "no results" in stderr else "")]
+
+
 def test_a_resumed_auto_run_keeps_the_method_it_began_with(job, tmp_path):
     code, log = run_until_step(arguments(job, tmp_path, method="auto"), 9, signal.SIGTERM)
     assert code == 75, log[-3000:]

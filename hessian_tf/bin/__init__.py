@@ -87,8 +87,13 @@ def run_program(program: str, module_name: str, usage: str, main, *,
     skip_final_collection()
     if log_progress:
         log_own_progress()
-    app.run(lambda argv: sys.exit(main(argv)),
-            flags_parser=flags_parser(program, module_name, usage))
+    try:
+        app.run(lambda argv: sys.exit(main(argv)),
+                flags_parser=flags_parser(program, module_name, usage))
+    except KeyboardInterrupt:  # where `main` did not tell it (its start-up, say)
+        if verbose_requested(sys.argv):
+            raise
+        sys.exit(interrupted_line(program))
 
 
 def import_tensorflow_quietly():

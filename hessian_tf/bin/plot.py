@@ -40,7 +40,8 @@ _PROGRAM = "hessian-plot"
 _RUNS = flags.DEFINE_list(
     "runs", [], "Comma-separated spectrum output directories (or a SpectrumCallback's npz files).")
 _LABELS = flags.DEFINE_list(
-    "labels", [], "Comma-separated legend labels, one per run (default: directory names)."
+    "labels", [], "Comma-separated legend labels, one per run (default: the directories' "
+    "names, an .npz file's without .npz)."
 )
 _OUTPUT = flags.DEFINE_string("output", "", "The image to write (.png, .pdf or .svg).")
 _KERNEL_WIDTH = flags.DEFINE_float(
@@ -188,6 +189,12 @@ def _log_abs_curves(runs, *, kernel_width, band, confidence, num_resamples, num_
     return curves, sigma
 
 
+def default_labels(runs: Sequence[str]) -> list[str]:
+    """The runs' legend labels where --labels gives none: a directory's name, an .npz
+    file's name without `.npz`."""
+    return [os.path.basename(os.path.normpath(run)).removesuffix(".npz") for run in runs]
+
+
 def render(
     run_dirs: Sequence[str],
     output: str,
@@ -216,7 +223,7 @@ def render(
                 "pass one label per run, or none."
             )
     else:
-        labels = [os.path.basename(os.path.normpath(r)).removesuffix(".npz") for r in run_dirs]
+        labels = default_labels(run_dirs)
     if not math.isfinite(kernel_width) or kernel_width < 0:
         raise ValueError(
             f"--kernel_width={kernel_width}: pass a positive width, or 0 for the default."

@@ -127,8 +127,9 @@ def _untrained_experiment(config) -> str:
     holder = loaded_config(_CONFIG)
     workdir = holder.get("workdir") if holder is not None and "spectrum" in holder else None
     if (not workdir or flags.FLAGS["model"].present or not config.model
-            or os.path.exists(config.model)):
-        return ""
+            or "://" in config.model or os.path.exists(config.model)
+            or os.path.normpath(os.path.dirname(config.model)) != os.path.normpath(workdir)):
+        return ""  # (a gs:// workdir is the job's to check)
     return (f"--config.workdir={workdir}: no trained model there ({config.model} does not "
             "exist); train it first with hessian-train and this --config and "
             f"--workdir={workdir}, or pass the workdir it was trained in.")
@@ -168,10 +169,11 @@ def main(argv):
         if _VERBOSE.value:
             raise
         saved = job.latest_checkpoint(config)
+        command = "the same command without --restart" if config.restart else "the same command"
         return interrupted_line(_PROGRAM, (
-            f"no results were written; the checkpoint {saved} resumes the run (the same "
-            "command)" if saved else "no results were written (SIGTERM instead writes a "
-            "checkpoint before it stops, which the same command resumes from)"))
+            f"no results were written; the checkpoint {saved} resumes the run ({command})"
+            if saved else "no results were written (SIGTERM instead writes a checkpoint "
+            "before it stops, which the same command resumes from)"))
     except (*_TOLD, MemoryError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise

@@ -237,8 +237,15 @@ class SLQCheckpointer:
                 completed=tuple(completed),
                 num_products=int(get("num_products")),
             )
-        except (CheckpointError, MemoryError):  # a basis the host cannot hold is no damage
+        except CheckpointError:
             raise
+        except MemoryError as error:  # no damage: a basis the host could not give memory
+            raise CheckpointError(
+                f"--output_dir={os.path.dirname(self.directory)}: its checkpoint's Lanczos "
+                f"bases could not be given memory ({first_line(error)}); they continue as "
+                "checkpointed whatever the flags say: resume where there is more memory, "
+                "or pass --restart to start over."
+            ) from error
         except Exception as error:  # TF raises several types for damaged files
             raise CheckpointError(
                 f"--output_dir={os.path.dirname(self.directory)}: the checkpoint {path} is "

@@ -249,7 +249,7 @@ def materialize(data: Data) -> tuple[np.ndarray, np.ndarray]:
 _ARGUMENTS = ("lanczos_steps", "num_draws", "bn_mode", "batch_size", "loss", "seed",
               "regularization", "method", "lockstep_draws", "cache_residuals",
               "unroll_steps", "graph_optimization", "kernel_width")
-_FLAG = re.compile(r"--(dataset|model|" + "|".join(_ARGUMENTS) + r")\b")
+_FLAG = re.compile(r"(?<![\w-])--(dataset|model|" + "|".join(_ARGUMENTS) + r")(?![\w-])")
 
 
 def in_callback_terms(message: str) -> str:
@@ -451,9 +451,11 @@ class SpectrumCallback(keras.callbacks.Callback):
                 "Fix: pass log_dir='PATH'."
             )
         try:
+            if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+                raise ValueError("a file, not a directory")
             # Proved writable, then left as it was: created with the first results, so
             # that a callback that fails first leaves no empty directory behind.
-            results.remove_empty_directories(results.check_writable(log_dir))
+            results.remove_empty_directories(results.check_writable(log_dir, flag="log_dir"))
         except ValueError as error:
             raise ValueError(
                 f"SpectrumCallback: received log_dir={log_dir!r}, which cannot be created "
@@ -580,19 +582,18 @@ class SpectrumCallback(keras.callbacks.Callback):
             "hessian-spectrum --precision=float32 on it.")
         if warning:
             logging.warning("%s", warning)
+        regularizers = self._operator.model_function.regularizers
         logging.info(
             "SpectrumCallback: Hessian of the mean %s%s over %d examples, %d parameters, "
             "%d replicas, BN %s",
-            self.loss, " + the model's own losses (regularizers)" if self.regularization
-            else "", self._operator.num_examples, self._operator.dim,
-            strategy.num_replicas_in_sync, self.bn_mode,
+            self.loss, " + the model's own losses (regularizers)"
+            if self.regularization and regularizers else "", self._operator.num_examples,
+            self._operator.dim, strategy.num_replicas_in_sync, self.bn_mode,
         )
-        regularizers = self._operator.model_function.regularizers
-        if regularizers and not self.regularization:
-            logging.info(
-                "SpectrumCallback: the model has %d regularizer(s) (of weights or "
-                "activity), whose losses are left out; regularization=True adds them",
-                regularizers)
+        left_out = model_function_lib.regularizers_left_out(
+            0 if self.regularization else regularizers, "regularization=True")
+        if left_out:
+            logging.info("SpectrumCallback: %s", left_out)
 
     def _evaluate(self, step: int) -> None:
         if step == self._last_step:

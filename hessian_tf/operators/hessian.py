@@ -209,7 +209,7 @@ def auto_margin_note(seconds: Optional[dict]) -> str:
     forward, reverse = (seconds or {}).get(FORWARD), (seconds or {}).get(REVERSE)
     if forward is None or not reverse or forward >= reverse or auto_method(seconds) == FORWARD:
         return ""
-    return (f"forward over backward took {forward / reverse:.3f} of reverse over reverse's "
+    return (f"forward over backward took {forward / reverse:.4g} of reverse over reverse's "
             f"time, and is taken only at {AUTO_MARGIN:g} or less: reverse over reverse kept")
 
 

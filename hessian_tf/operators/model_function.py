@@ -52,6 +52,21 @@ def accepts_training(model: keras.Model) -> bool:
     )
 
 
+def batch_norm_layers(model: keras.Model) -> list:
+    """The model's BatchNormalization layers, nested models' and layers' included."""
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def regularizers_left_out(count: int, add: str) -> str:
+    """The log line of a model's `count` regularizers whose losses a run leaves out
+    (`add`: what adds them), or "" where there is none."""
+    if not count:
+        return ""
+    return (f"the model has {count} regularizer(s) (of weights or activity), whose losses "
+            f"are left out; {add} adds them")
+
+
 @contextlib.contextmanager
 def batch_norm_in_train_mode(model: keras.Model):
     """Makes every BatchNormalization layer of `model` use batch statistics, while
@@ -65,11 +80,7 @@ def batch_norm_in_train_mode(model: keras.Model):
 
     Used while the product's graph is traced; the overrides are removed on exit.
     """
-    layers = [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
+    layers = batch_norm_layers(model)
     synchronized = [layer.synchronized for layer in layers]
     for layer in layers:
         if "call" in vars(layer):  # e.g. folded into its convolution (folding.py)
@@ -190,21 +201,14 @@ class KerasModelFunction:
         """How many regularizers the model has: of its weights, and of its layers'
         outputs (activity), nested models' included; their losses are the model's own."""
         weights = sum(getattr(v, "regularizer", None) is not None for v in self.model.weights)
-
-        def activity(layer, seen):
-            if id(layer) in seen:
-                return 0
-            seen.add(id(layer))
-            return (getattr(layer, "activity_regularizer", None) is not None) + sum(
-                activity(inner, seen) for inner in getattr(layer, "layers", ()))
-
-        return weights + activity(self.model, set())
+        return weights + sum(
+            getattr(layer, "activity_regularizer", None) is not None
+            for layer in self.model._flatten_layers(include_self=True, recursive=True))
 
     @property
     def batch_norms(self) -> int:
         """How many BatchNormalization layers the model has (nested ones included)."""
-        return sum(isinstance(layer, keras.layers.BatchNormalization)
-                   for layer in self.model._flatten_layers(include_self=False, recursive=True))
+        return len(batch_norm_layers(self.model))
 
     def has_bn_mode(self, bn_mode: str) -> bool:
         return True

@@ -96,6 +96,9 @@ def test_a_callbacks_npz_files_are_runs_labelled_by_their_step(tmp_path, two_run
     assert result.returncode == 0, result.stderr[-2000:]
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot.load_run(files[0], "a").nodes[0].size == 8
+    # Labelled by the file's name without .npz (a directory's: its name).
+    assert plot.default_labels(files + ["results/bn/"]) == [
+        "spectrum-step00000000", "spectrum-step00000008", "bn"]
 
 
 def test_padding_past_num_steps_is_ignored(tmp_path):

@@ -99,10 +99,16 @@ def test_a_basis_the_host_cannot_hold_is_not_told_as_a_damaged_checkpoint(
         raise linalg.BasisMemoryError(f"a Lanczos basis of {rows} × {dim}")
 
     monkeypatch.setattr(linalg, "zero_basis", refused)
-    # Not "corrupted or partial ...; pass --restart", which would delete the checkpoint.
-    with pytest.raises(linalg.BasisMemoryError, match="a Lanczos basis of 12 × 40"):
+    # Not "corrupted or partial", nor the bases' flags, which a resume cannot change.
+    with pytest.raises(checkpoints.CheckpointError) as raised:
         checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
             lanczos_steps=STEPS, dim=DIM)
+    assert str(raised.value) == (
+        f"--output_dir={os.path.dirname(str(tmp_path))}: its checkpoint's Lanczos bases could "
+        "not be given memory (a Lanczos basis of 12 × 40); they continue as checkpointed "
+        "whatever the flags say: resume where there is more memory, or pass --restart to "
+        "start over.")
+    assert isinstance(raised.value.__cause__, linalg.BasisMemoryError)
 
 
 def test_rows_of_finished_draws_are_deleted_once_a_checkpoint_counts_them(tmp_path):

@@ -461,10 +461,16 @@ def test_a_callback_that_fails_leaves_no_log_dir_it_made(digits, tmp_path):
         model.fit(x, y, batch_size=TRAIN_BATCH, epochs=1, verbose=0,
                   callbacks=[spectrum_callback((x, y), tmp_path / "made" / "logs")])
     assert not (tmp_path / "made").exists()
+    (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"log_dir=.*cannot be created or written \(Not a "
                                          r"directory\).*Fix:"):
-        (tmp_path / "file").write_text("")
         SpectrumCallback((x, y), log_dir=str(tmp_path / "file" / "logs"), every_n_epochs=1)
+    with pytest.raises(ValueError) as raised:
+        SpectrumCallback((x, y), log_dir=str(tmp_path / "file"), every_n_epochs=1)
+    assert str(raised.value) == (
+        f"SpectrumCallback: received log_dir='{tmp_path / 'file'}', which cannot be created or "
+        "written (a file, not a directory); expected a writable directory. Fix: pass a "
+        "writable local directory.")
 
 
 def test_the_operators_messages_name_the_callbacks_arguments(digits, tmp_path):
@@ -505,3 +511,21 @@ def test_regularizers_the_headline_and_an_earlier_runs_files_are_told(digits, tm
     [warning] = [m for m in messages if "already holds" in m]
     assert warning.startswith(f"SpectrumCallback: log_dir={tmp_path} already holds 1 "
                               "spectrum file(s) of an earlier run")
+
+
+def test_regularizers_are_counted_in_custom_layers_and_nested_models():
+    class Wrapper(keras.layers.Layer):  # a plain layer holding a regularized one
+        def __init__(self):
+            super().__init__()
+            self.inner = keras.layers.Dense(3, activity_regularizer="l2",
+                                            kernel_regularizer="l1")
+
+        def call(self, x):
+            return self.inner(x)
+
+    inputs = keras.Input((4,))
+    nested = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, bias_regularizer="l2")])
+    model = keras.Model(inputs, nested(Wrapper()(inputs)))
+    assert len(model.losses) == 2  # the weights' (kernel, bias); activity losses need a call
+    assert operators.KerasModelFunction(model).regularizers == 3
+    assert operators.KerasModelFunction(bn_dropout_mlp()).regularizers == 0
