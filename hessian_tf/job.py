@@ -94,6 +94,20 @@ def basis_memory_refusal(config, dim: int) -> str:
         steps_flag="--lanczos_steps", ritz_flag="--num_eigenpairs")
 
 
+OPERATOR_NAMES = {"hessian": "Hessian", "ggn": "generalised Gauss-Newton matrix",
+                  "fisher": "empirical Fisher"}
+SHORT_OPERATOR_NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher": "Fisher"}
+
+
+def analysis_products(config, dim: int) -> int:
+    """Products the analyses after the spectrum take: Hutch++'s (--trace) and
+    --gradient_overlap's Lanczos run (at most --lanczos_steps)."""
+    from hessian_tf.linalg import trace as trace_lib
+
+    return ((trace_lib.hutchpp_products(dim, config.trace_matvecs) if config.trace else 0)
+            + (config.lanczos_steps if config.gradient_overlap else 0))
+
+
 def check_products(config, operator) -> int:
     """The products over the whole data (blocks, or vectors) that the determinism check
     adds to the Lanczos steps': one where it multiplies the first block twice over
@@ -315,8 +329,10 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     started = time.perf_counter()
     one_batch.matvec(vector)
     batch_seconds = time.perf_counter() - started
-    products = config.num_draws * config.lanczos_steps + group * check_products(config, operator)
-    passes = block_products(config, group, operator) + 1  # + gradient
+    products = (config.num_draws * config.lanczos_steps + group * check_products(config, operator)
+                + analysis_products(config, operator.dim))
+    # + the analyses' products (one vector a pass) and the gradient's pass
+    passes = block_products(config, group, operator) + analysis_products(config, operator.dim) + 1
     basis_bytes = group * config.lanczos_steps * operator.dim * basis_dtype(config).itemsize
     refusal = basis_memory_refusal(config, operator.dim)
     # An upper bound: a block of k products in lockstep costs less than k products.
@@ -343,7 +359,8 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     }
     lines = [
         f"dry run: {operator.dim:,} parameters, {operator.num_examples:,} examples, {replicas} replica(s)",
-        f"  {products} Hessian-vector products ({group} draw(s) in lockstep) + 1 gradient pass "
+        f"  {products} {SHORT_OPERATOR_NAMES[config.operator]}-vector products ({group} "
+        "draw(s) in lockstep) + 1 gradient pass "
         f"= {passes} passes over the data, {passes * operator.num_examples:,} examples read",
         f"  Lanczos bases: {basis_bytes / 2**30:.2f} GiB ({group} x {config.basis_dtype}, on "
         "the host; --basis_dtype=float32 halves it, --lockstep_draws=1 keeps one)"
@@ -665,8 +682,9 @@ def _run(config: ml_collections.ConfigDict, started: float,
             f"; {margin}" if (margin := auto_margin_note(operator.method_seconds)) else "",
         )
     logging.info(
-        "Hessian of the mean %s%s over %d examples: %d parameters, %s products, %d replicas, "
-        "sums in %s", config.loss,
+        "%s of the mean %s%s over %d examples: %d parameters, %s products, %d replicas, "
+        "sums in %s", OPERATOR_NAMES[config.operator][0].upper()
+        + OPERATOR_NAMES[config.operator][1:], config.loss,
         " + the model's own losses (regularizers)"
         if config.regularization and model_function.regularizers else "",
         operator.num_examples, operator.dim, operator.method,
@@ -717,7 +735,9 @@ def _run(config: ml_collections.ConfigDict, started: float,
     # the analyses (--gradient_overlap's own basis; the check counts it alone).
     start = resumed = None
     stats = spectrum.statistics
+    before = operator.num_products
     analyses, arrays_extra, band = _analyses(config, operator, spectrum, loss, gradient)
+    after_spectrum = operator.num_products - before  # --trace's, --gradient_overlap's
     summary = {
         "version": hessian_tf.__version__,
         "num_params": operator.dim,
@@ -755,7 +775,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
         # Over the whole data, across sessions of a resumed job; the determinism check
         # costs one more where it runs over the whole data (else two runs over its
         # first batches, not counted).
-        "num_hvps": spectrum.num_products + group * check_products(config, operator),
+        "num_hvps": (spectrum.num_products + group * check_products(config, operator)
+                     + after_spectrum),
         "num_hvps_this_session": operator.num_products,
         "product_seconds": operator.product_seconds,
         "lanczos_seconds": spectrum.seconds,
@@ -772,10 +793,15 @@ def _run(config: ml_collections.ConfigDict, started: float,
         **extra,
     }
     arrays = {**spectrum_lib.spectrum_arrays(spectrum), **arrays_extra}
+    steps = int(np.max(spectrum.num_steps))  # fewer where every draw's space ran out
     title = (
-        f"{os.path.basename(config.model.rstrip('/')) or 'default MLP'} on "
+        ("" if config.operator == "hessian" else f"{SHORT_OPERATOR_NAMES[config.operator]}: ")
+        + f"{os.path.basename(config.model.rstrip('/')) or 'default MLP'} on "
         f"{_dataset_label(config.dataset)}: "
-        f"n={operator.dim:,}, m={config.lanczos_steps}, {config.num_draws} draw(s)"
+        + (f"variables '{config.variables}', " if config.variables else "")
+        + f"n={operator.dim:,}, m={steps}"
+        + (f" of {config.lanczos_steps}" if steps < config.lanczos_steps else "")
+        + f", {config.num_draws} draw(s)"
         + (f", BN {config.bn_mode}" if model_function.batch_norms != 0 else "")
     )
     summary["seconds"] = time.perf_counter() - started

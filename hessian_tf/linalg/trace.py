@@ -90,6 +90,13 @@ def _mean_and_stderr(samples: np.ndarray) -> tuple[float, float]:
     return mean, float(samples.std(ddof=1) / np.sqrt(samples.size))
 
 
+def hutchpp_products(dim: int, num_matvecs: int) -> int:
+    """The products `hutchpp` takes for a budget of `num_matvecs` on `dim`: the budget,
+    or two per dimension where the sketch spans everything."""
+    rank = min(num_matvecs // 3, dim)
+    return 2 * rank if rank == dim else num_matvecs
+
+
 def hutchpp(
     matvec: Callable[[np.ndarray], np.ndarray],
     dim: int,

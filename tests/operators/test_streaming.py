@@ -112,6 +112,25 @@ def test_streamed_tfds_job_equals_in_memory(tmp_path):
     assert json.loads((tmp_path / "streamed" / "summary.json").read_text())["config"]["stream"]
 
 
+@pytest.mark.parametrize("operator", ["hessian", "ggn"])
+def test_the_dry_run_counts_the_analyses_products_as_the_run_does(tmp_path, operator):
+    model, x, y = small_problem()
+    model.save(str(tmp_path / "model.keras"))
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    options = dict(model=str(tmp_path / "model.keras"), dataset=f"npz:{tmp_path / 'data.npz'}",
+                   batch_size=4, lanczos_steps=7, num_draws=2, trace=True, trace_matvecs=12,
+                   gradient_overlap=True, num_eigenpairs=2, operator=operator,
+                   method="reverse_over_reverse" if operator == "hessian" else "auto")
+    cost = job.run(spectrum_config(tmp_path / "dry", dry_run=True, **options))
+    summary = job.run(spectrum_config(tmp_path / "run", **options))
+    # 2 draws x 7 steps, Hutch++'s 12, the overlap's Lanczos run of 7: (the determinism
+    # check runs over the first 2 batches, no product of its own).
+    assert cost["hessian_vector_products"] == summary["num_hvps"] == 14 + 12 + 7
+    assert cost["data_passes"] == 7 + 12 + 7 + 1
+    # this session's products: the same, counted by the operator
+    assert summary["num_hvps_this_session"] >= summary["num_hvps"]
+
+
 def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys):
     model, x, y = small_problem()
     model.save(str(tmp_path / "model.keras"))
