@@ -181,6 +181,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"--trace_matvecs={config.trace_matvecs}: Hutch++ needs at least 3 products."
         )
+    # Options of one feature, given without it, would be dropped without a word.
+    defaults = default_config()
+    if config.trace_matvecs != defaults.trace_matvecs and not config.trace:
+        raise ValueError(
+            f"--trace_matvecs={config.trace_matvecs} without --trace: no trace is estimated; "
+            "pass --trace too, or drop --trace_matvecs."
+        )
+    if config.preprocessing != defaults.preprocessing and not config.stream:
+        raise ValueError(
+            f"--preprocessing={config.preprocessing} without --stream: it applies to streamed "
+            "tfds data only; pass --stream too, or drop --preprocessing."
+        )
     if config.worker_timeout <= 0:
         raise ValueError(
             f"--worker_timeout={config.worker_timeout}: pass a positive number of seconds."

@@ -400,6 +400,11 @@ def _analyses(config, operator, spectrum, loss, gradient):
         spectrum.alphas, spectrum.betas, spectrum.residual_norms, spectrum.num_steps,
         config.num_eigenpairs,
     )
+    if len(top.eigenvalues) < config.num_eigenpairs:
+        logging.warning(
+            "--num_eigenpairs=%d: %d reported, as many Ritz values as the Lanczos steps "
+            "taken (at most --lanczos_steps=%d, and the %d parameters) give",
+            config.num_eigenpairs, len(top.eigenvalues), config.lanczos_steps, operator.dim)
     summary = {
         "operator": config.operator,
         "variables": config.variables or None,

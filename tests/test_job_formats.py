@@ -198,3 +198,15 @@ def test_the_models_regularizers_are_told_where_they_are_left_out(tmp_path, monk
         " ".join(lines)
     assert added["lambda_max"] != without["lambda_max"]
     assert titles[0].endswith("m=5, 1 draw(s)"), titles  # no BN: no BN mode
+
+
+def test_fewer_eigenpairs_than_asked_are_warned_of(bn_files, tmp_path, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(job.logging, "warning", lambda form, *args: warnings.append(form % args))
+    summary = job.run(small_config(tmp_path / "out", model=str(bn_files / "model.keras"),
+                                   dataset=f"npz:{bn_files / 'data.npz'}", num_eigenpairs=9,
+                                   method="reverse_over_reverse"))
+    assert len(summary["top_eigenvalues"]) == 5  # one Ritz value per step
+    assert warnings == [
+        "--num_eigenpairs=9: 5 reported, as many Ritz values as the Lanczos steps taken (at "
+        "most --lanczos_steps=5, and the 53 parameters) give"]
