@@ -740,6 +740,13 @@ def _run(config: ml_collections.ConfigDict, started: float,
     # the analyses (--gradient_overlap's own basis; the check counts it alone).
     start = resumed = None
     stats = spectrum.statistics
+    grid, sigma = spectrum.density.grid, spectrum.density.kernel_width
+    if grid.size > 1 and sigma < grid[1] - grid[0]:
+        logging.warning(
+            "--kernel_width=%.3g is below the density grid's spacing (%.3g: %d points over "
+            "[%.4g, %.4g]): the Gaussians fall between the points, and the density's mass "
+            "with them; pass a wider --kernel_width (0: the default) or more "
+            "--num_grid_points.", sigma, grid[1] - grid[0], grid.size, grid[0], grid[-1])
     before = operator.num_products
     analyses, arrays_extra, band = _analyses(config, operator, spectrum, loss, gradient)
     after_spectrum = operator.num_products - before  # --trace's, --gradient_overlap's

@@ -210,3 +210,15 @@ def test_fewer_eigenpairs_than_asked_are_warned_of(bn_files, tmp_path, monkeypat
     assert warnings == [
         "--num_eigenpairs=9: 5 reported, as many Ritz values as the Lanczos steps taken (at "
         "most --lanczos_steps=5, and the 53 parameters) give"]
+
+
+def test_a_kernel_narrower_than_the_grid_is_warned_of(bn_files, tmp_path, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(job.logging, "warning", lambda form, *args: warnings.append(form % args))
+    options = dict(model=str(bn_files / "model.keras"), dataset=f"npz:{bn_files / 'data.npz'}",
+                   method="reverse_over_reverse")
+    job.run(small_config(tmp_path / "default", **options))
+    assert warnings == []
+    job.run(small_config(tmp_path / "narrow", kernel_width=1e-12, **options))
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "--kernel_width=1e-12 is below the density grid's spacing"), warnings
