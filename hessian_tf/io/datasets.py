@@ -98,7 +98,8 @@ def load_tfds(name: str, *, split: str, data_dir: str | None):
                             download=False)
         batches = list(tfds.as_numpy(dataset.batch(_TFDS_READ_BATCH)))
     except Exception as error:  # tfds raises its own types for missing data
-        raise tfds_read_error(f"--dataset=tfds:{name} --split={split} --data_dir={data_dir}", error) from error
+        raise tfds_read_error(f"--dataset=tfds:{name} --split={split} --data_dir="
+                              f"{data_dir or '(tfds default)'}", error) from error
     if not batches:
         raise ValueError(
             f"--dataset=tfds:{name} --split={split}: the split has no examples."

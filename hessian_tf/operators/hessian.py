@@ -997,8 +997,8 @@ class HessianOperator:
         ):
             raise ValueError(
                 f"--loss={self.loss_name}: targets of shape {y.shape[1:]} do not match "
-                f"the model's outputs {outputs_shape}; pass targets of that shape, or "
-                "integer class labels with --loss=sparse_categorical_crossentropy."
+                f"the model's outputs {outputs_shape}; pass targets of that shape (for a "
+                "classifier: integer class labels with --loss=sparse_categorical_crossentropy)."
             )
 
     # ----------------------------------------------------------------- graphs

@@ -285,3 +285,11 @@ def test_tfds_not_prepared_in_data_dir(tmp_path):
     message = str(raised.value)
     assert message.startswith(f"--dataset=tfds:mnist --split=train --data_dir={tmp_path}")
     assert "tfds build" in message
+
+
+def test_tfds_without_data_dir_names_the_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # empty: nothing to read, offline
+    with pytest.raises(ValueError) as raised:
+        load_dataset("tfds:mnist", split="train", data_dir="")
+    assert str(raised.value).startswith(
+        "--dataset=tfds:mnist --split=train --data_dir=(tfds default): could not be read")
