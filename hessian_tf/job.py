@@ -400,7 +400,9 @@ def _analyses(config, operator, spectrum, loss, gradient):
         spectrum.alphas, spectrum.betas, spectrum.residual_norms, spectrum.num_steps,
         config.num_eigenpairs,
     )
-    if len(top.eigenvalues) < config.num_eigenpairs:
+    # Asked for (not the default): fewer pairs than steps give is then worth a word.
+    if (len(top.eigenvalues) < config.num_eigenpairs
+            and config.num_eigenpairs != config_lib.default_config().num_eigenpairs):
         logging.warning(
             "--num_eigenpairs=%d: %d reported, as many Ritz values as the Lanczos steps "
             "taken (at most --lanczos_steps=%d, and the %d parameters) give",

@@ -168,7 +168,9 @@ class TrainingLog(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._window_started
         values = {
             "train/loss": self._window["loss"] / self._window_batches,
-            "train/accuracy": self._window["accuracy"] / self._window_batches,
+            # Differences of Keras's float32 running means: a window of no correct
+            # prediction came out as -1.5e-8; a fraction is kept within [0, 1].
+            "train/accuracy": min(1.0, max(0.0, self._window["accuracy"] / self._window_batches)),
             "train/learning_rate": models_lib.learning_rate_at(self.model, step - 1),
             "train/steps_per_second": self._window_batches / max(seconds, 1e-9),
         }

@@ -226,6 +226,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("train.dataset", dataset, "'digits', 'npz:PATH' or 'tfds:NAME[/CONFIG]'")
     if not train.split:
         _fail("train.split", train.split, "a split name such as 'train'")
+    if train.mock_data and not dataset.startswith("tfds:"):
+        _fail("train.mock_data", train.mock_data, f"0 (the `mock` variant) with "
+              f"train.dataset={dataset!r}: mock data stand in for tfds datasets only")
     for name, low in (
         ("width", 0), ("hidden_units", 1), ("num_classes", 1), ("image_size", 0),
         ("shuffle_buffer", 0), ("mock_data", 0), ("batch_size", 1), ("num_steps", 1),

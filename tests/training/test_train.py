@@ -189,6 +189,9 @@ def run_binary(*args):
     (["--config=configs/cnn_digits.py:bn,smoke", "--config.train.batch_size=-1"],
      "--config.train.batch_size=-1: expected an integer >= 1."),
     (["--config=configs/cnn_digits.py:huge"], "unknown variant 'huge'"),
+    (["--config=configs/cnn_digits.py:bn,smoke,mock"],  # the digits are no tfds dataset
+     "--config.train.mock_data=64: expected 0 (the `mock` variant) with "
+     "train.dataset='digits': mock data stand in for tfds datasets only."),
     (["--config=configs/nosuch.py:bn"], "--config=configs/nosuch.py: no such file"),
     (["--config=configs/cnn_digits.py:bn,smoke", "--config.train.nosuch=1"],
      "names no option of the config"),
@@ -213,3 +216,22 @@ def test_binary_trains_a_smoke_config(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.isfile(tmp_path / "model.keras")
     assert os.path.isfile(tmp_path / "checkpoints" / "step-00000003.keras")
+
+
+def test_the_training_logs_accuracy_stays_a_fraction(tmp_path, monkeypatch):
+    # Per-window values are differences of Keras's float32 running means: a window of
+    # no correct prediction could come out below 0 (-1.5e-8 was seen).
+    from hessian_tf.training import callbacks
+
+    steps = iter(range(1, 10))
+    monkeypatch.setattr(callbacks, "global_step", lambda model: next(steps))
+    monkeypatch.setattr(callbacks.models_lib, "learning_rate_at", lambda model, step: 0.1)
+    log = callbacks.TrainingLog(str(tmp_path), every_n_steps=1)
+    log.on_train_begin()
+    log.on_epoch_begin(0)
+    log.on_train_batch_end(0, {"loss": 1.0, "accuracy": 0.5})
+    assert log.last["train/accuracy"] == 0.5
+    # Running mean 0.2499999 after two batches: the second batch's own is -2e-7.
+    log.on_train_batch_end(1, {"loss": 1.0, "accuracy": 0.2499999})
+    assert log.last["train/accuracy"] == 0.0
+    log.on_train_end()
