@@ -12,6 +12,7 @@ Long jobs checkpoint every --checkpoint_every products (at most once per
 --restart starts over.
 """
 
+import json
 import os
 import sys
 
@@ -121,6 +122,34 @@ def resolve_config(flag_values=flags.FLAGS):
     return config
 
 
+# The options of an experiment's train section that make its model: a workdir trained
+# with others holds another model than the --config's.
+_MODEL_OPTIONS = ("model", "batch_norm", "width", "hidden_units", "num_classes",
+                  "input_shape", "image_size")
+
+
+def _other_experiment(config) -> str:
+    """Where a --config experiment's workdir was trained with a model of other options
+    (its config.json, written by hessian-train), the line that says so; else ""."""
+    holder = loaded_config(_CONFIG)
+    workdir = holder.get("workdir") if holder is not None and "train" in holder else None
+    if not workdir or flags.FLAGS["model"].present or "://" in workdir:
+        return ""
+    try:
+        with open(os.path.join(workdir, "config.json"), encoding="utf-8") as file:
+            trained = json.load(file).get("train", {})
+    except (OSError, ValueError, AttributeError):
+        return ""  # none (or unreadable): nothing to compare
+    current = json.loads(holder.train.to_json_best_effort())
+    differ = [name for name in _MODEL_OPTIONS
+              if name in trained and name in current and trained[name] != current[name]]
+    if not differ:
+        return ""
+    told = ", ".join(f"train.{name}={trained[name]!r}, not {current[name]!r}" for name in differ)
+    return (f"--config.workdir={workdir}: its model was trained with {told} (its "
+            "config.json); pass the --config variant it was trained with.")
+
+
 def _untrained_experiment(config) -> str:
     """Where a --config experiment's model (hessian-train writes it into the config's
     workdir) is not there, the line that says so; else ""."""
@@ -152,9 +181,9 @@ def main(argv):
             raise
         return error_line(_PROGRAM, error if isinstance(error, _TOLD) else
                           f"--config: {type(error).__name__}: {error}")
-    untrained = _untrained_experiment(config)
-    if untrained:
-        return error_line(_PROGRAM, untrained)
+    mismatch = _untrained_experiment(config) or _other_experiment(config)
+    if mismatch:
+        return error_line(_PROGRAM, mismatch)
     if _CHECK_FLAGS.value:
         return 0
     tf = import_tensorflow_quietly()

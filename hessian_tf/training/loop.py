@@ -13,7 +13,8 @@ WORKDIR/
 
 A workdir that holds an earlier run is written over (a warning says so) once the
 data, the model and the options have been accepted; a run refused before that writes
-nothing there. The old TensorBoard event files stay beside the new ones.
+nothing there. Files the new run does not write stay: the old TensorBoard event files
+beside the new ones, spectrum_final/, and checkpoints and spectra of other steps.
 
 `tensorboard --logdir=WORKDIR` shows the train and spectrum runs side by side.
 """
@@ -171,8 +172,9 @@ def _train(config, train_config, workdir, started) -> dict:
         os.path.join(workdir, CONFIG_FILE)
     ):
         logging.warning(
-            "%s holds an earlier run: its files are replaced, but its TensorBoard "
-            "events stay (use a fresh --workdir for clean curves).", workdir,
+            "%s holds an earlier run: the files this run writes replace its, and the rest "
+            "stay (its TensorBoard events, spectrum_final/, checkpoints and spectra of "
+            "other steps); use a fresh --workdir for a clean one.", workdir,
         )
     _write_json(workdir, CONFIG_FILE, json.loads(config.to_json_best_effort()))
     if spectrum_callback is not None:

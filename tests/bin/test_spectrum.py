@@ -320,3 +320,21 @@ def test_an_experiment_not_trained_yet_is_told_as_such(tmp_path):
         f"({workdir}/model.keras does not exist); train it first with hessian-train and this "
         f"--config and --workdir={workdir}, or pass the workdir it was trained in."]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_experiment_trained_as_another_variant_is_told_as_such(tmp_path):
+    # hessian-train wrote the workdir's config.json: a BN model, not the no_bn variant's.
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cnn_digits.py")
+    workdir = tmp_path / "trained_bn"
+    workdir.mkdir()
+    (workdir / "model.keras").write_bytes(b"")  # present (not read: refused before)
+    (workdir / "config.json").write_text(json.dumps(
+        {"train": {"model": "cnn", "batch_norm": "on", "width": 0}}))
+    result = run_binary(f"--config={config}:no_bn,smoke", f"--config.workdir={workdir}",
+                        f"--output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"hessian-spectrum: error: --config.workdir={workdir}: its model was trained with "
+        "train.batch_norm='on', not 'off' (its config.json); pass the --config variant it "
+        "was trained with."]
+    assert not (tmp_path / "out").exists()
