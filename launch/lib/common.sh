@@ -42,15 +42,21 @@ require_plain() {  # NAME VALUE
 # Dies when a launcher option (given as a word or --opt=value) is among the
 # words passed through to hessian-spectrum: it would otherwise reach the binary
 # (or, for --dry-run, be ignored while the job is really submitted).
+# A word with a dash in its name (--gpu-per-node) is a misspelt launcher option:
+# hessian-spectrum's flags have underscores.
 reject_launcher_options() {  # "OPTION..." -- WORD...
-  local options=$1 word option
+  local options=$1 word option name first=${3-}
   shift 2
   for word in "$@"; do
     for option in $options; do
       if [[ $word == "$option" || $word == "$option="* ]]; then
-        die "$option comes after the hessian-spectrum flags; put launcher options first (see --help)."
+        die "$option comes after the hessian-spectrum flags (from $first on); put launcher options first (see --help)."
       fi
     done
+    name=${word%%=*}
+    if [[ $word == --* && ${name#--} == *-* ]]; then
+      die "$name: no launcher option of that name (see --help), and hessian-spectrum's flags are written with underscores."
+    fi
   done
 }
 

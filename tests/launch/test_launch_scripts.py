@@ -403,6 +403,11 @@ BAD_INPUTS = {  # {empty}, {good}, {twins}, {missing}: list files made in tmp_pa
     "slurm-bad-cluster": (SLURM_SUBMIT, ["--cluster=mpi", "--dry-run"]),
     "slurm-strategy-passed": (SLURM_SUBMIT, ["--dry-run", "--strategy=mirrored"]),
     "slurm-sbatch-arg-not-an-option": (SLURM_SUBMIT, ["--sbatch-arg=exclusive", "--dry-run"]),
+    # A misspelt launcher option (--gpus-per-node) would reach the binary in the job.
+    "slurm-misspelt-option": (SLURM_SUBMIT, ["--dry-run", "--nodes=2", "--gpu-per-node", "4",
+                                             "--", "--model=m.keras"]),
+    "tfjob-misspelt-option": (GKE_SUBMIT, ["--image=i", "--dry-run", "--worker-count=2",
+                                           "--output_dir=gs://b/o"]),
     "array-no-list": (SLURM_CHECKPOINTS, ["--dry-run"]),
     "array-missing-list": (SLURM_CHECKPOINTS, ["--list={missing}", "--dry-run"]),
     "array-empty-list": (SLURM_CHECKPOINTS, ["--list={empty}", "--dry-run"]),
