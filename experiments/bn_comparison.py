@@ -44,7 +44,8 @@ def load_run(workdir: str) -> dict:
     for entry in summary["spectra"]:
         with np.load(entry["path"]) as arrays:
             spectra[int(entry["step"])] = {
-                "grid": arrays["grid"], "density": arrays["density"], **entry
+                "grid": arrays["grid"], "density": arrays["density"],
+                "lanczos_steps": int(arrays["alphas"].shape[-1]), **entry
             }
     if not spectra:
         raise ValueError(f"{workdir}: the run took no spectra (spectrum_callback.enabled?).")
@@ -94,9 +95,14 @@ def draw(runs: list[dict], path: str) -> None:
     ratio_axis.grid(True, which="both", alpha=0.3)
     ratio_axis.legend(fontsize=8)
     first = runs[0]["summary"]
+    # The runs' parameter counts differ (BN adds its scales and shifts), their m may.
+    counts = sorted({run["summary"]["num_params"] for run in runs})
+    steps = sorted({spectrum["lanczos_steps"] for run in runs
+                    for spectrum in run["spectra"].values()})
     figure.suptitle(
         f"Hessian spectra along training: {MODEL_NAMES.get(first['model'], first['model'])}, "
-        f"{first['num_params']:,} parameters, SLQ m = 90"
+        f"{' to '.join(f'{count:,}' for count in (counts[0], counts[-1])[:len(counts)])} "
+        f"parameters, SLQ m = {', '.join(map(str, steps))}"
     )
     figure.tight_layout()
     figure.savefig(path)

@@ -257,8 +257,11 @@ def flags_parser(program: str, module_name: str, usage: str):
         try:
             return flags.FLAGS(argv)
         except flags.Error as error:
-            sys.exit(error_line(program, error if verbose_requested(argv)
-                                else without_traceback(error)))
+            message = error if verbose_requested(argv) else without_traceback(error)
+            if "flag 'workdir'" in str(error) and program == "hessian-spectrum":
+                message = (f"{message} (an experiment's workdir is --config.workdir, with "
+                           "its --config)")
+            sys.exit(error_line(program, message))
         except Exception as error:  # noqa: BLE001  (a config file's own failure)
             if not loads_python or verbose_requested(argv):
                 raise
