@@ -745,10 +745,13 @@ def _run(config: ml_collections.ConfigDict, started: float,
     grid, sigma = spectrum.density.grid, spectrum.density.kernel_width
     if grid.size > 1 and sigma < grid[1] - grid[0]:
         logging.warning(
-            "--kernel_width=%.3g is below the density grid's spacing (%.3g: %d points over "
-            "[%.4g, %.4g]): the Gaussians fall between the points, and the density's mass "
-            "with them; pass a wider --kernel_width (0: the default) or more "
-            "--num_grid_points.", sigma, grid[1] - grid[0], grid.size, grid[0], grid[-1])
+            "%s is below the density grid's spacing (%.3g: %d points over [%.4g, %.4g]): "
+            "the Gaussians fall between the points, and the density's mass with them; pass "
+            "%s", f"--kernel_width={sigma:.3g}" if config.kernel_width
+            else f"the default kernel width ({sigma:.3g}, 0.002 of the range)",
+            grid[1] - grid[0], grid.size, grid[0], grid[-1],
+            "a wider --kernel_width (0: the default) or more --num_grid_points."
+            if config.kernel_width else "more --num_grid_points (the default 4096 resolves it).")
     before = operator.num_products
     analyses, arrays_extra, band = _analyses(config, operator, spectrum, loss, gradient)
     after_spectrum = operator.num_products - before  # --trace's, --gradient_overlap's
@@ -807,14 +810,12 @@ def _run(config: ml_collections.ConfigDict, started: float,
         **extra,
     }
     arrays = {**spectrum_lib.spectrum_arrays(spectrum), **arrays_extra}
-    steps = int(np.max(spectrum.num_steps))  # fewer where every draw's space ran out
     title = (
         ("" if config.operator == "hessian" else f"{SHORT_OPERATOR_NAMES[config.operator]}: ")
         + f"{os.path.basename(config.model.rstrip('/')) or 'default MLP'} on "
         f"{_dataset_label(config.dataset)}: "
         + (f"variables '{config.variables}', " if config.variables else "")
-        + f"n={operator.dim:,}, m={steps}"
-        + (f" of {config.lanczos_steps}" if steps < config.lanczos_steps else "")
+        + f"n={operator.dim:,}, {plotting.steps_label(spectrum.num_steps, config.lanczos_steps)}"
         + f", {config.num_draws} draw(s)"
         + (f", BN {config.bn_mode}" if model_function.batch_norms != 0 else "")
     )

@@ -28,6 +28,13 @@ class Curve(NamedTuple):
     linestyle: str = "-"
 
 
+def steps_label(num_steps, lanczos_steps: int) -> str:
+    """`m=80`, or `m=65 of 80` where every draw's Krylov space ran out first (the
+    titles of the job's and the callback's plots)."""
+    steps = int(max(num_steps))
+    return f"m={steps}" + (f" of {lanczos_steps}" if steps < lanczos_steps else "")
+
+
 def plot_densities(
     curves: Sequence,
     path: str,

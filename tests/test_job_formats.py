@@ -222,3 +222,7 @@ def test_a_kernel_narrower_than_the_grid_is_warned_of(bn_files, tmp_path, monkey
     job.run(small_config(tmp_path / "narrow", kernel_width=1e-12, **options))
     assert len(warnings) == 1 and warnings[0].startswith(
         "--kernel_width=1e-12 is below the density grid's spacing"), warnings
+    # The default width (0.002 of the range) on a coarse grid: the grid is what to change.
+    job.run(small_config(tmp_path / "coarse", num_grid_points=64, **options))
+    assert len(warnings) == 2 and warnings[1].startswith("the default kernel width (")
+    assert warnings[1].endswith("pass more --num_grid_points (the default 4096 resolves it).")

@@ -128,13 +128,30 @@ _MODEL_OPTIONS = ("model", "batch_norm", "width", "hidden_units", "num_classes",
                   "input_shape", "image_size")
 
 
-def _other_experiment(config) -> str:
-    """Where a --config experiment's workdir was trained with a model of other options
-    (its config.json, written by hessian-train), the line that says so; else ""."""
+def _experiment_workdir(config):
+    """(the --config experiment's workdir, its loaded config) where the job's model is
+    the one hessian-train writes there (no --model, no `://` path: the job checks
+    those); else (None, None)."""
     holder = loaded_config(_CONFIG)
     workdir = holder.get("workdir") if holder is not None and "train" in holder else None
-    if not workdir or flags.FLAGS["model"].present or "://" in workdir:
+    if (not workdir or flags.FLAGS["model"].present or not config.model
+            or "://" in config.model
+            or os.path.normpath(os.path.dirname(config.model)) != os.path.normpath(workdir)):
+        return None, None
+    return workdir, holder
+
+
+def _experiment_refusal(config) -> str:
+    """Where a --config experiment's model is not in its workdir, or was trained there
+    with other model options (its config.json, written by hessian-train), the line that
+    says so; else ""."""
+    workdir, holder = _experiment_workdir(config)
+    if workdir is None:
         return ""
+    if not os.path.exists(config.model):
+        return (f"--config.workdir={workdir}: no trained model there ({config.model} does "
+                "not exist); train it first with hessian-train and this --config and "
+                f"--workdir={workdir}, or pass the workdir it was trained in.")
     try:
         with open(os.path.join(workdir, "config.json"), encoding="utf-8") as file:
             trained = json.load(file).get("train", {})
@@ -148,20 +165,6 @@ def _other_experiment(config) -> str:
     told = ", ".join(f"train.{name}={trained[name]!r}, not {current[name]!r}" for name in differ)
     return (f"--config.workdir={workdir}: its model was trained with {told} (its "
             "config.json); pass the --config variant it was trained with.")
-
-
-def _untrained_experiment(config) -> str:
-    """Where a --config experiment's model (hessian-train writes it into the config's
-    workdir) is not there, the line that says so; else ""."""
-    holder = loaded_config(_CONFIG)
-    workdir = holder.get("workdir") if holder is not None and "spectrum" in holder else None
-    if (not workdir or flags.FLAGS["model"].present or not config.model
-            or "://" in config.model or os.path.exists(config.model)
-            or os.path.normpath(os.path.dirname(config.model)) != os.path.normpath(workdir)):
-        return ""  # (a gs:// workdir is the job's to check)
-    return (f"--config.workdir={workdir}: no trained model there ({config.model} does not "
-            "exist); train it first with hessian-train and this --config and "
-            f"--workdir={workdir}, or pass the workdir it was trained in.")
 
 
 def main(argv):
@@ -181,9 +184,9 @@ def main(argv):
             raise
         return error_line(_PROGRAM, error if isinstance(error, _TOLD) else
                           f"--config: {type(error).__name__}: {error}")
-    mismatch = _untrained_experiment(config) or _other_experiment(config)
-    if mismatch:
-        return error_line(_PROGRAM, mismatch)
+    refusal = _experiment_refusal(config)
+    if refusal:
+        return error_line(_PROGRAM, refusal)
     if _CHECK_FLAGS.value:
         return 0
     tf = import_tensorflow_quietly()

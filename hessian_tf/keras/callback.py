@@ -708,7 +708,8 @@ class SpectrumCallback(keras.callbacks.Callback):
     def _density_png(self, step: int, spectrum) -> bytes:
         """The density plot as the job draws it, PNG-encoded."""
         title = (
-            f"Hessian at step {step}: n={self._operator.dim:,}, m={self.lanczos_steps}, "
+            f"Hessian at step {step}: n={self._operator.dim:,}, "
+            f"{plotting.steps_label(spectrum.num_steps, self.lanczos_steps)}, "
             f"{self.num_draws} draw(s)"
             + (f", BN {self.bn_mode}" if self._operator.model_function.batch_norms else "")
         )

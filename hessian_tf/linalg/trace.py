@@ -122,16 +122,14 @@ def hutchpp(
     """
     _check(dim, num_matvecs, distribution, 3)
     rank = min(num_matvecs // 3, dim)
-    num_samples = num_matvecs - 2 * rank
+    num_samples = hutchpp_products(dim, num_matvecs) - 2 * rank
     rng = np.random.default_rng([seed, 0x48757463])
     sketch = _products(matvec, _random_vectors(rng, dim, rank, distribution), dim, callback)
     basis, _ = np.linalg.qr(sketch)  # [dim, rank], orthonormal columns
     low_rank_trace = float(
         np.sum(basis * _products(matvec, basis, dim, callback))
     )
-    if rank == dim:
-        # Q spans everything: tr(QᵀAQ) is the trace; nothing is left to sample.
-        num_samples = 0
+    # Where Q spans everything, tr(QᵀAQ) is the trace: nothing is left to sample.
     samples = _random_vectors(rng, dim, num_samples, distribution)
     deflated = samples - basis @ (basis.T @ samples)
     values = np.sum(deflated * _products(matvec, deflated, dim, callback), axis=0)

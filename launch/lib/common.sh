@@ -44,8 +44,10 @@ require_plain() {  # NAME VALUE
 # (or, for --dry-run, be ignored while the job is really submitted).
 # A word with a dash in its name (--gpu-per-node) is a misspelt launcher option:
 # hessian-spectrum's flags have underscores.
+# (A word after a flag given without `=` may be its value, `--variables --a-b`: not
+# taken for an option.)
 reject_launcher_options() {  # "OPTION..." -- WORD...
-  local options=$1 word option name first=${3-}
+  local options=$1 word option name first=${3-} previous=''
   shift 2
   for word in "$@"; do
     for option in $options; do
@@ -54,9 +56,10 @@ reject_launcher_options() {  # "OPTION..." -- WORD...
       fi
     done
     name=${word%%=*}
-    if [[ $word == --* && ${name#--} == *-* ]]; then
+    if [[ $word == --* && ${name#--} == *-* ]] && ! [[ $previous == --?* && $previous != *=* ]]; then
       die "$name: no launcher option of that name (see --help), and hessian-spectrum's flags are written with underscores."
     fi
+    previous=$word
   done
 }
 

@@ -420,6 +420,18 @@ BAD_INPUTS = {  # {empty}, {good}, {twins}, {missing}: list files made in tmp_pa
 }
 
 
+def test_a_misspelt_option_is_named_and_a_dashed_value_passes(launcher):
+    result = launcher.run(SLURM_SUBMIT, "--dry-run", "--nodes=2", "--gpu-per-node", "4", "--",
+                          "--model=m.keras", check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("submit.sh: error: --gpu-per-node: no launcher option")
+    # The value of a flag given without `=` may start with dashes.
+    result = launcher.run(SLURM_SUBMIT, "--dry-run", "--nodes=2", "--", "--model=m.keras",
+                          "--variables", "--a-b", check=False)
+    assert result.returncode == 0, result.stderr
+    assert "--variables --a-b" in result.stdout
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_fails_with_one_line(launcher, tmp_path, case):
     lists = {
