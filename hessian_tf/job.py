@@ -329,10 +329,10 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     started = time.perf_counter()
     one_batch.matvec(vector)
     batch_seconds = time.perf_counter() - started
+    analyses = analysis_products(config, operator.dim)  # one vector a pass
     products = (config.num_draws * config.lanczos_steps + group * check_products(config, operator)
-                + analysis_products(config, operator.dim))
-    # + the analyses' products (one vector a pass) and the gradient's pass
-    passes = block_products(config, group, operator) + analysis_products(config, operator.dim) + 1
+                + analyses)
+    passes = block_products(config, group, operator) + analyses + 1  # + the gradient's
     basis_bytes = group * config.lanczos_steps * operator.dim * basis_dtype(config).itemsize
     refusal = basis_memory_refusal(config, operator.dim)
     # An upper bound: a block of k products in lockstep costs less than k products.

@@ -14,8 +14,7 @@ Bad input: one line on stderr, exit status 2.
 from absl import flags
 
 from hessian_tf.bin import (
-    define_config_file, error_line, import_tensorflow_quietly, interrupted_line, loaded_config,
-    run_program)
+    define_config_file, error_line, import_tensorflow_quietly, loaded_config, run_program)
 
 _PROGRAM = "hessian-train"
 _CONFIG = define_config_file(
@@ -47,10 +46,6 @@ def main(argv) -> int:
         from hessian_tf import training
 
         training.train(config, _WORKDIR.value)
-    except KeyboardInterrupt:
-        if _VERBOSE.value:
-            raise
-        return interrupted_line(_PROGRAM)
     except (ValueError, OSError, KeyError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise

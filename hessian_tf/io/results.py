@@ -18,15 +18,23 @@ SUMMARY_FILE = "summary.json"
 DENSITY_FILE = "density.png"
 
 
+class NotWritableError(ValueError):
+    """A directory results cannot be written to; `reason` says why in a few words."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def check_writable(output_dir: str, flag: str = "--output_dir") -> list[str]:
     """Creates `output_dir` and proves a file can be written there, before any work.
     Returns the directories it created, deepest first (for remove_empty_directories).
-    Errors name `flag`."""
+    Errors name `flag` (NotWritableError where the directory is there to name)."""
     if not output_dir:
         raise ValueError(f"{flag} is empty; pass a directory to write results to.")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"{flag}={output_dir}: a file, not a directory; pass a directory "
-                         "to write results to.")
+        raise NotWritableError(f"{flag}={output_dir}: a file, not a directory; pass a "
+                               "directory to write results to.", "a file, not a directory")
     created = []
     directory = os.path.abspath(output_dir)
     while directory and not os.path.exists(directory):
@@ -38,9 +46,10 @@ def check_writable(output_dir: str, flag: str = "--output_dir") -> list[str]:
             pass
     except OSError as error:
         remove_empty_directories(created)
-        raise ValueError(
-            f"{flag}={output_dir}: cannot write there ({error.strerror or error}); "
-            "pass a writable directory."
+        reason = error.strerror or str(error)
+        raise NotWritableError(
+            f"{flag}={output_dir}: cannot write there ({reason}); pass a writable directory.",
+            reason,
         ) from error
     return created
 

@@ -451,16 +451,14 @@ class SpectrumCallback(keras.callbacks.Callback):
                 "Fix: pass log_dir='PATH'."
             )
         try:
-            if os.path.exists(log_dir) and not os.path.isdir(log_dir):
-                raise ValueError("a file, not a directory")
             # Proved writable, then left as it was: created with the first results, so
             # that a callback that fails first leaves no empty directory behind.
             results.remove_empty_directories(results.check_writable(log_dir, flag="log_dir"))
-        except ValueError as error:
+        except results.NotWritableError as error:
             raise ValueError(
                 f"SpectrumCallback: received log_dir={log_dir!r}, which cannot be created "
-                f"or written ({getattr(error.__cause__, 'strerror', None) or error}); "
-                "expected a writable directory. Fix: pass a writable local directory."
+                f"or written ({error.reason}); expected a writable directory. Fix: pass a "
+                "writable local directory."
             ) from error
         earlier = glob.glob(os.path.join(glob.escape(log_dir), SPECTRUM_FILE_FORMAT.replace(
             "{step:08d}", "*")))
