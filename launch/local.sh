@@ -21,32 +21,31 @@ if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
   usage
   [[ $# -ge 1 ]] && exit 0 || exit 2
 fi
-error() { echo "local.sh: error: $*" >&2; exit 2; }
+HERE=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
+# shellcheck source=lib/common.sh
+source "$HERE/lib/common.sh"  # die, flag_value
 
 num_workers="$1"
 shift
 if ! [[ "$num_workers" =~ ^[0-9]+$ ]] || (( num_workers < 1 )); then
-  error "N=$num_workers: pass the number of workers, an integer >= 1."
+  die "N=$num_workers: pass the number of workers, an integer >= 1."
 fi
 
-timeout=600
-previous=""
 for argument in "$@"; do
   case "$argument" in
     --strategy|--strategy=*)
-      error "$argument: the script runs every worker with --strategy=multi_worker; drop it." ;;
-    --worker_timeout=*) timeout="${argument#--worker_timeout=}" ;;
+      die "$argument: the script runs every worker with --strategy=multi_worker; drop it." ;;
   esac
-  [[ "$previous" == "--worker_timeout" ]] && timeout="$argument"
-  previous="$argument"
 done
+timeout=$(flag_value --worker_timeout -- "$@")
+timeout=${timeout:-600}
 # The grace period in whole seconds, from the binary's number (1e3 and 2.5 too).
 if ! grace=$(python3 -c 'import math, sys
 value = float(sys.argv[1])
 if not (math.isfinite(value) and value > 0):
     raise ValueError(value)
 print(math.ceil(min(value, 1e9)))' "$timeout" 2> /dev/null); then
-  error "--worker_timeout=$timeout: pass a positive number of seconds."
+  die "--worker_timeout=$timeout: pass a positive number of seconds."
 fi
 
 if [[ -n "${HESSIAN_SPECTRUM:-}" ]]; then
@@ -60,7 +59,7 @@ fi
 "${command[@]}" "$@" --strategy=multi_worker --check_flags || exit $?
 
 # Free ports on loopback (launch/free_ports.py says how they are chosen).
-ports=$(python3 "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/free_ports.py" "$num_workers")
+ports=$(python3 "$HERE/free_ports.py" "$num_workers")
 workers=""
 for port in $ports; do
   workers="${workers:+$workers, }\"127.0.0.1:$port\""
