@@ -67,8 +67,13 @@ done
 
 pids=()
 for (( index = 0; index < num_workers; index++ )); do
-  TF_CONFIG="{\"cluster\": {\"worker\": [$workers]}, \"task\": {\"type\": \"worker\", \"index\": $index}}" \
-    "${command[@]}" "$@" --strategy=multi_worker &
+  # A non-interactive shell starts background jobs with SIGINT ignored, and Python keeps
+  # an ignored SIGINT ignored: `trap - INT` gives the worker Ctrl-C back before exec.
+  (
+    trap - INT
+    TF_CONFIG="{\"cluster\": {\"worker\": [$workers]}, \"task\": {\"type\": \"worker\", \"index\": $index}}" \
+      exec "${command[@]}" "$@" --strategy=multi_worker
+  ) &
   pids+=("$!")
 done
 

@@ -129,6 +129,33 @@ def test_killed_worker_ends_the_job_with_a_clear_error(tmp_path, moment, marker,
     assert not (tmp_path / "out" / "spectrum.npz").exists()
 
 
+def test_ctrl_c_to_the_local_launcher_stops_its_workers(tmp_path):
+    """SIGINT to launch/local.sh (a terminal's Ctrl-C, forwarded): the workers, which a
+    non-interactive shell starts with SIGINT ignored, must stop with the interrupted
+    line and status 130 (they ran on to the end)."""
+    digits_model = tmp_path / "mlp.keras"
+    from hessian_tf import models
+    models.mlp().save(str(digits_model))
+    process = subprocess.Popen(
+        ["bash", str(LOCAL), "2", f"--model={digits_model}", "--dataset=digits",
+         "--batch_size=4", "--lanczos_steps=1000", f"--output_dir={tmp_path / 'out'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    seen = 0
+    for line in process.stderr:
+        seen += "Lanczos step" in line
+        if seen == 4:
+            break
+    process.send_signal(signal.SIGINT)
+    interrupted = time.monotonic()
+    stderr = process.stderr.read()
+    process.wait(timeout=300)
+    assert time.monotonic() - interrupted < 60, stderr[-3000:]
+    assert process.returncode == 130, stderr[-3000:]
+    lines = [l for l in stderr.splitlines() if l.startswith("hessian-spectrum: interrupted")]
+    assert len(lines) == 2, stderr[-3000:]
+    assert not (tmp_path / "out" / "spectrum.npz").exists()
+
+
 def lone_worker_environment() -> dict:
     """The environment of worker 0 of a TF_CONFIG of two workers on free local ports,
     worker 1 never started."""
