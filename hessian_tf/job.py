@@ -510,11 +510,15 @@ def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0
 
 
 def latest_checkpoint(config: ml_collections.ConfigDict):
-    """The path of the latest checkpoint of the job's --output_dir, or None."""
+    """The path of the latest checkpoint of the job's --output_dir, or None (also
+    where its index is damaged)."""
     import tensorflow as tf
 
     directory = os.path.join(config.output_dir, checkpoints.CHECKPOINT_SUBDIR)
-    return tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
+    try:
+        return tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
+    except Exception:  # noqa: BLE001 - TF raises several types for a damaged index
+        return None
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

@@ -85,7 +85,30 @@ class SLQCheckpointer:
         self.restored_method: Optional[str] = None
 
     def latest(self) -> Optional[str]:
-        return tf.train.latest_checkpoint(self.directory)
+        """The latest checkpoint's path, or None where the directory holds none.
+        TensorFlow reads an index (the `checkpoint` file) that is missing, or names a
+        checkpoint whose files are gone, as no checkpoint at all: the run would start
+        over without a word. Raises CheckpointError where checkpoint files are there but
+        no index names one of them that exists, or the index cannot be read."""
+        refusal = (f"--output_dir={os.path.dirname(self.directory)}: {self.directory} holds "
+                   "a run's checkpoint files, but its index (the file `checkpoint`) ")
+        fix = ("; pass --restart to start over (it deletes them), or use another "
+               "--output_dir.")
+        try:
+            path = tf.train.latest_checkpoint(self.directory)
+        except Exception as error:  # TF raises several types for a damaged index
+            raise CheckpointError(
+                f"{refusal}cannot be read ({type(error).__name__}: {first_line(error)})"
+                f"{fix}") from error
+        if path is not None or not os.path.isdir(self.directory):
+            return path
+        # Basis rows alone are a first save that a crash cut short (they are written
+        # before the checkpoint that counts them): nothing to resume, not damage.
+        if any(name == "checkpoint" or re.match(r"ckpt-\d+\.index$", name)
+               for name in os.listdir(self.directory)):
+            raise CheckpointError(f"{refusal}is missing or names none of them that exists"
+                                  f"{fix}")
+        return None
 
     def _row_path(self, draw: int, row: int) -> str:
         return os.path.join(self.directory, BASIS_SUBDIR, f"draw{draw}_row{row}.npy")

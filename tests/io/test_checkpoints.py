@@ -66,6 +66,44 @@ def test_damaged_basis_rows_are_refused(tmp_path, damage):
             lanczos_steps=STEPS, dim=DIM)
 
 
+@pytest.mark.parametrize("damage, told", [
+    ("garbage", "is missing or names none of them"),  # TF reads it as no checkpoint
+    ("empty", "cannot be read"),
+    ("index_deleted", "is missing or names none of them"),
+    ("latest_deleted", "is missing or names none of them"),
+])
+def test_a_damaged_index_is_refused_not_taken_for_no_checkpoint(tmp_path, damage, told):
+    """TensorFlow reads a missing index, or one naming deleted files, as no checkpoint:
+    the run started over without a word."""
+    saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
+    saver.save(group_state(3))
+    saver.save(group_state(5))
+    index = tmp_path / "checkpoint"
+    if damage == "garbage":
+        index.write_text("garbage\n")
+    elif damage == "empty":
+        index.write_text("")
+    elif damage == "index_deleted":
+        index.unlink()
+    else:
+        for path in tmp_path.glob("ckpt-15.*"):
+            path.unlink()
+    with pytest.raises(checkpoints.CheckpointError) as raised:
+        checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
+            lanczos_steps=STEPS, dim=DIM)
+    assert told in str(raised.value) and "--restart" in str(raised.value)
+
+
+def test_no_checkpoint_and_a_first_save_cut_short_are_nothing_to_resume(tmp_path):
+    saver = checkpoints.SLQCheckpointer(str(tmp_path / "absent"), fingerprint="f")
+    assert saver.restore(lanczos_steps=STEPS, dim=DIM) is None
+    rows = tmp_path / checkpoints.BASIS_SUBDIR  # rows written, then the process died
+    rows.mkdir()
+    np.save(rows / "draw0_row0.npy", np.ones(DIM))
+    saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
+    assert saver.restore(lanczos_steps=STEPS, dim=DIM) is None
+
+
 def test_a_group_larger_than_the_memory_is_refused_before_its_bases_are_taken(
         tmp_path, monkeypatch):
     from hessian_tf import host
