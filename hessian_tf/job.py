@@ -447,8 +447,11 @@ def _analyses(config, operator, spectrum, loss, gradient):
     return summary, arrays, band
 
 
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was written. Re-run the same command to resume."""
+class Preempted(BaseException):
+    """SIGTERM arrived (during the steps, a checkpoint was written). Re-run the same
+    command to resume. A BaseException, as KeyboardInterrupt: raised by a signal
+    handler anywhere, it must not be taken for a failure that code catching Exception
+    (a probe's, a fallback's) handles."""
 
     exit_status = 75  # EX_TEMPFAIL: try again
 
@@ -477,6 +480,7 @@ def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0
     last = {"products": start_products, "time": time.monotonic()}
 
     def after_step(state) -> None:
+        after_step.state = state
         due = (
             config.checkpoint_every
             and state.num_products - last["products"] >= config.checkpoint_every
@@ -497,16 +501,67 @@ def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0
                 where = f"after {state.draw} finished draw(s)"
             raise Preempted(
                 f"preempted (SIGTERM) {where}; a checkpoint is in {checkpointer.directory}: "
-                "run the same command to resume."
+                "run the same command to resume." if chief else
+                f"preempted (SIGTERM) {where}; the chief (worker 0) writes the checkpoints, "
+                f"in {checkpointer.directory}: run the same command to resume from its latest."
             )
 
+    after_step.state = None  # the last state a step ended in
+    after_step.preempted = preempted
     try:
         yield after_step
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if preempted:  # after the last step: the Lanczos work is done, finish the results
-        logging.warning("SIGTERM arrived after the last Lanczos step; writing the results.")
+
+
+# What SIGTERM outside the Lanczos steps (which `_checkpointing` handles) does: the job's
+# phase, set by `_run` ("start-up", "analyses" once a checkpoint of the finished steps is
+# saved, "writing" the results); "deferred" once SIGTERM came while they were written.
+_PHASE = {"name": "start-up", "deferred": False}
+
+
+@contextlib.contextmanager
+def _sigterm_outside_the_steps(config):
+    """While the job runs, SIGTERM (a preemption notice) outside the Lanczos steps stops
+    it at once with Preempted (status 75, one line) during start-up and the analyses
+    (--trace, --gradient_overlap), whose results a resume computes again; at the end of
+    the steps, and while the results are assembled and written, it is noted and they
+    are finished first (a second or so). It
+    had been the default handler: status 143, no line, temporary files left. Only in
+    the main thread (where Python handles signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if _PHASE["name"] in ("steps", "results", "writing"):
+            _PHASE["deferred"] = True
+            return
+        raise _preempted_outside_the_steps(config)
+
+    _PHASE.update(name="start-up", deferred=False)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _preempted_outside_the_steps(config) -> Preempted:
+    saved = latest_checkpoint(config)
+    if _PHASE["name"] == "analyses":
+        return Preempted(
+            "preempted (SIGTERM) after the Lanczos steps, during --trace or "
+            f"--gradient_overlap; the checkpoint {saved} holds the steps: run the same "
+            "command to resume (the analyses start again)." if saved else
+            "preempted (SIGTERM) after the Lanczos steps, during --trace or "
+            "--gradient_overlap; the chief (worker 0) writes the checkpoints: run the "
+            "same command to resume from its latest.")
+    return Preempted(
+        "preempted (SIGTERM) during start-up, before the first Lanczos step; "
+        + (f"the checkpoint {saved} is as it was: run the same command to resume."
+           if saved else "nothing was computed yet: run the same command to start."))
 
 
 def latest_checkpoint(config: ml_collections.ConfigDict):
@@ -530,6 +585,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     created = results.check_writable(config.output_dir)
     try:
         with contextlib.ExitStack() as contexts:
+            contexts.enter_context(_sigterm_outside_the_steps(config))
             summary = _run(config, started, contexts, created)
     except BaseException:
         results.remove_empty_directories(created)
@@ -642,7 +698,10 @@ def _run(config: ml_collections.ConfigDict, started: float,
     resumed = None if config.restart else checkpointer.restore(
         lanczos_steps=config.lanczos_steps, dim=operator.dim, basis_dtype=basis_dtype(config)
     )
-    if resumed is not None:
+    if resumed is not None and resumed.draw >= config.num_draws:
+        logging.info("Resuming after the Lanczos steps (%d draw(s), %d products done) from %s",
+                     resumed.draw, resumed.num_products, checkpointer.latest())
+    elif resumed is not None:
         step = resumed.lanczos[0].num_steps if resumed.lanczos else 0
         draws = range(resumed.draw, resumed.draw + len(resumed.lanczos or (None,)))
         logging.info(
@@ -709,6 +768,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
         config, checkpointer, chief=chief,
         start_products=resumed.num_products if resumed is not None else 0,
     )
+    _PHASE["name"] = "steps"  # SIGTERM noted (`_checkpointing` handles it within)
     try:
         with preemption as after_step:
             # The first all-reduce is where a worker lost since the strategy began would
@@ -745,6 +805,19 @@ def _run(config: ml_collections.ConfigDict, started: float,
     # The states the run began from hold its first group's Lanczos bases: freed before
     # the analyses (--gradient_overlap's own basis; the check counts it alone).
     start = resumed = None
+    preempted = bool(after_step.preempted) or _PHASE["deferred"]
+    _PHASE["deferred"] = False
+    if config.trace or config.gradient_overlap:
+        # Their products can take as long as the steps: a checkpoint of the finished
+        # steps (tridiagonals alone) first, so that SIGTERM during them costs only them.
+        if chief and after_step.state is not None:
+            logging.info("Checkpoint %s (the Lanczos steps, before the analyses)",
+                         checkpointer.save(after_step.state))
+        _PHASE["name"] = "analyses"
+        if preempted or _PHASE["deferred"]:
+            raise _preempted_outside_the_steps(config)
+    elif preempted:  # after the last step: the steps are done, finish the results
+        logging.warning("SIGTERM arrived after the last Lanczos step; writing the results.")
     stats = spectrum.statistics
     grid, sigma = spectrum.density.grid, spectrum.density.kernel_width
     if grid.size > 1 and sigma < grid[1] - grid[0]:
@@ -758,6 +831,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
             if config.kernel_width else "more --num_grid_points (the default 4096 resolves it).")
     before = operator.num_products
     analyses, arrays_extra, band = _analyses(config, operator, spectrum, loss, gradient)
+    _PHASE["name"] = "results"
     after_spectrum = operator.num_products - before  # --trace's, --gradient_overlap's
     summary = {
         "version": hessian_tf.__version__,
@@ -828,6 +902,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
     if not chief:
         logging.info("Not the chief: the chief writes the results.")
         return summary
+    _PHASE["name"] = "writing"
     written = results.write_files(
         output_dir,
         {
@@ -853,4 +928,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
     # Checkpoints live only while a job is unfinished.
     if os.path.isdir(checkpointer.directory):
         shutil.rmtree(checkpointer.directory)
+    if _PHASE["deferred"]:
+        logging.warning("SIGTERM arrived while the results were written; they were "
+                        "finished first.")
     return summary

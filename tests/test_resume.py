@@ -44,8 +44,9 @@ def run(*args, launcher=None):
                           timeout=600, env=environment())
 
 
-def run_until_step(args, step, sig):
-    """Starts the job, waits for the progress line of `step` (global count), sends sig."""
+def run_until_step(args, step, sig, marker="Lanczos step"):
+    """Starts the job, waits for the `step`th line holding `marker` (by default the
+    progress line of `step`, a global count), sends sig."""
     process = subprocess.Popen([sys.executable, "-m", "hessian_tf.bin.spectrum", *args],
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                text=True, env=environment())
@@ -53,7 +54,7 @@ def run_until_step(args, step, sig):
     lines = []
     for line in process.stderr:
         lines.append(line)
-        if "Lanczos step" in line:
+        if marker in line:
             seen += 1
             if seen == step:
                 process.send_signal(sig)
@@ -106,6 +107,55 @@ def test_sigterm_checkpoints_exits_75_and_resumes(job, uninterrupted, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming draw 2 at Lanczos step" in result.stderr
     assert_identical(tmp_path, uninterrupted)
+
+
+def test_sigterm_during_start_up_is_one_line_and_75(job, tmp_path):
+    # It was TensorFlow's default: status 143 and no line.
+    output = tmp_path / "out"
+    code, log = run_until_step(arguments(job, output), 1, signal.SIGTERM, marker="Dataset digits")
+    assert code == 75, log[-3000:]
+    assert [l for l in log.splitlines() if l.startswith("hessian-spectrum")] == [
+        "hessian-spectrum: preempted (SIGTERM) during start-up, before the first Lanczos "
+        "step; nothing was computed yet: run the same command to start."]
+    assert not output.exists()  # the directory it created, empty, is removed
+
+
+def test_sigterm_during_the_trace_resumes_after_the_steps(job, uninterrupted, tmp_path):
+    # The steps' checkpoint is saved before the analyses: the resume does not take them
+    # again (it took the run from the last regular checkpoint, and gave status 143).
+    args = arguments(job, tmp_path) + ["--trace", "--trace_matvecs=3000"]
+    code, log = run_until_step(args, 1, signal.SIGTERM,
+                               marker="(the Lanczos steps, before the analyses)")
+    assert code == 75, log[-3000:]
+    [line] = [l for l in log.splitlines() if l.startswith("hessian-spectrum")]
+    assert re.fullmatch(r"hessian-spectrum: preempted \(SIGTERM\) after the Lanczos steps, "
+                        r"during --trace or --gradient_overlap; the checkpoint \S+/ckpt-60 "
+                        r"holds the steps: run the same command to resume \(the analyses start "
+                        r"again\)\.", line), line
+    assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".tmp-*"))
+    result = run(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming after the Lanczos steps (2 draw(s), 60 products done)" in result.stderr
+    assert "Lanczos step" not in result.stderr.replace("after the Lanczos steps", "")
+    assert_identical(tmp_path, uninterrupted)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["trace_estimate"] is not None and summary["num_hvps_this_session"] == 3000
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sigterm_while_the_results_are_written_is_noted_and_they_are_finished(job):
+    from hessian_tf import job as job_lib
+
+    config = job_lib.config_lib.default_config()
+    with job_lib._sigterm_outside_the_steps(config):
+        for phase in ("steps", "results", "writing"):
+            job_lib._PHASE.update(name=phase, deferred=False)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert job_lib._PHASE["deferred"], phase
+        job_lib._PHASE.update(name="analyses", deferred=False)
+        with pytest.raises(job_lib.Preempted, match="during --trace"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_ctrl_c_is_one_line_naming_the_checkpoint_that_resumes(job, uninterrupted, tmp_path):
