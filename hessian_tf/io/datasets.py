@@ -141,5 +141,11 @@ def _checked(x: np.ndarray, y: np.ndarray, spec: str):
     if np.issubdtype(x.dtype, np.floating) and x.dtype != np.float32 and x.dtype != np.float64:
         x = x.astype(np.float32)
     if np.issubdtype(y.dtype, np.integer):
+        # Labels beyond int32 would wrap around in the cast, into the model's classes.
+        info = np.iinfo(np.int32)
+        if y.size and (int(y.min()) < info.min or int(y.max()) > info.max):
+            raise ValueError(
+                f"--dataset={spec}: labels range over [{int(y.min())}, {int(y.max())}], "
+                "beyond 32-bit integers; pass class indices (or targets as floats).")
         y = y.astype(np.int32)
     return x, y

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import numbers
 import os
 import re
@@ -75,8 +76,8 @@ Data = Union[tf.data.Dataset, tuple]
 # --------------------------------------------------------------------- schedule
 
 
-def _check_period(name: str, value) -> None:
-    if value is None:
+def _check_period(name: str, value, *, required: bool = False) -> None:
+    if value is None and not required:  # a schedule's period not given
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(
@@ -392,7 +393,7 @@ class SpectrumCallback(keras.callbacks.Callback):
         for name, value in (
             ("lanczos_steps", lanczos_steps), ("num_draws", num_draws), ("batch_size", batch_size)
         ):
-            _check_period(name, value)
+            _check_period(name, value, required=True)
         if bn_mode not in model_function_lib.BN_MODES:
             raise ValueError(
                 f"SpectrumCallback: received bn_mode={bn_mode!r}; expected one of "
@@ -410,7 +411,8 @@ class SpectrumCallback(keras.callbacks.Callback):
                 f"SpectrumCallback: received method={method!r}; expected one of "
                 f"{hessian_lib.METHODS}. Fix: leave method='auto'."
             )
-        if not 0.0 < bulk_fraction < 1.0:
+        if (isinstance(bulk_fraction, bool) or not isinstance(bulk_fraction, numbers.Real)
+                or not 0.0 < bulk_fraction < 1.0):
             raise ValueError(
                 f"SpectrumCallback: received bulk_fraction={bulk_fraction!r}; expected a "
                 f"fraction in (0, 1). Fix: pass e.g. bulk_fraction={DEFAULT_BULK_FRACTION}."
@@ -421,6 +423,11 @@ class SpectrumCallback(keras.callbacks.Callback):
                 "(automatic) or a positive number of draws. Fix: pass lockstep_draws=0, or "
                 "1 to hold one Lanczos basis at a time."
             )
+        if not isinstance(regularization, bool):
+            raise ValueError(
+                f"SpectrumCallback: received regularization={regularization!r}; expected "
+                "True or False. Fix: pass regularization=True to add the model's "
+                "regularization losses to the loss.")
         if not isinstance(cache_residuals, bool):
             raise ValueError(
                 f"SpectrumCallback: received cache_residuals={cache_residuals!r}; expected "
@@ -434,20 +441,23 @@ class SpectrumCallback(keras.callbacks.Callback):
                 "(light unless a GPU is visible or the model is on a TPU), or pass 'full' for "
                 "the program's own configuration."
             )
-        if kernel_width is not None and not kernel_width > 0:
+        if kernel_width is not None and (
+                isinstance(kernel_width, bool) or not isinstance(kernel_width, numbers.Real)
+                or not 0 < kernel_width < math.inf):
             raise ValueError(
                 f"SpectrumCallback: received kernel_width={kernel_width!r}; expected a "
-                "positive width. Fix: pass a width > 0, or None for the default."
+                "positive, finite width. Fix: pass a width > 0, or None for the default."
             )
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(
                 f"SpectrumCallback: received seed={seed!r}; expected a non-negative integer "
                 "(the start vectors' seed). Fix: pass seed=0, or another integer >= 0."
             )
-        log_dir = os.fspath(log_dir) if log_dir is not None else ""
-        if not log_dir:
+        given = log_dir
+        log_dir = os.fspath(log_dir) if isinstance(log_dir, (str, os.PathLike)) else None
+        if not isinstance(log_dir, str) or not log_dir:
             raise ValueError(
-                f"SpectrumCallback: received log_dir={log_dir!r}; expected a directory. "
+                f"SpectrumCallback: received log_dir={given!r}; expected a directory. "
                 "Fix: pass log_dir='PATH'."
             )
         try:

@@ -961,6 +961,13 @@ class HessianOperator:
             _check_logits(np.asarray(outputs, np.float64), self.loss_name)
         if self.loss_name == "binary_crossentropy":
             _check_binary(self.model_function, y)
+        if self.loss_name == "categorical_crossentropy" and y.size and (
+                np.min(y) < 0 or np.max(y) > 1):
+            raise ValueError(
+                f"--dataset: targets range over [{np.min(y):g}, {np.max(y):g}], outside "
+                "[0, 1], but --loss=categorical_crossentropy takes one-hot or soft labels "
+                "(probabilities over the classes); for class indices pass "
+                "--loss=sparse_categorical_crossentropy.")
         if self.loss_name == "sparse_categorical_crossentropy":
             num_classes = outputs_shape[-1] if outputs_shape else 1
             if num_classes == 1 and y.size and np.max(y) == 1 and np.min(y) == 0:

@@ -118,6 +118,8 @@ def _write_bad_npz(directory, case):
         np.savez(path, x=np.ones((3, 2), np.complex64), y=np.zeros(3, np.int32))
     elif case == "complex y":
         np.savez(path, x=np.ones((3, 2), np.float32), y=np.ones(3, np.complex128))
+    elif case == "labels beyond int32":
+        np.savez(path, x=np.ones((3, 2), np.float32), y=np.arange(3, dtype=np.int64) + 2**32)
     elif case == "no examples":
         np.savez(path, x=np.zeros((0, 2), np.float32), y=np.zeros(0, np.int32))
     elif case == "scalars":
@@ -151,6 +153,8 @@ def _write_bad_npz(directory, case):
     ("complex x", "x holds complex numbers (complex64)"),
     ("complex y", "y holds complex numbers (complex128)"),
     ("no examples", "no examples"),
+    # They had wrapped around into the model's classes in the cast to int32.
+    ("labels beyond int32", "labels range over [4294967296, 4294967298], beyond 32-bit"),
     ("scalars", "same number of examples"),
     ("missing file", "no such file"),
     ("directory", "no such file"),

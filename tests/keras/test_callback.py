@@ -108,6 +108,14 @@ def test_schedule_needs_exactly_one_positive_period(kwargs, named, tmp_path):
     ({"graph_optimization": "fast"}, "graph_optimization='fast'"),
     ({"seed": -1}, "seed=-1"),
     ({"seed": 1.5}, "seed=1.5"),
+    # They had passed through as TypeErrors, or been taken as truthy or infinite.
+    ({"lanczos_steps": None}, "lanczos_steps=None"),
+    ({"batch_size": None}, "batch_size=None"),
+    ({"bulk_fraction": "abc"}, "bulk_fraction='abc'"),
+    ({"kernel_width": "abc"}, "kernel_width='abc'"),
+    ({"kernel_width": float("inf")}, "kernel_width=inf"),
+    ({"regularization": "False"}, "regularization='False'"),
+    ({"log_dir": 5}, "log_dir=5"),
 ])
 def test_bad_options_are_named(kwargs, named, tmp_path):
     x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)

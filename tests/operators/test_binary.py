@@ -111,6 +111,9 @@ def test_boolean_labels_are_zero_and_one():
      "targets of dtype <U1, but --loss=binary_crossentropy takes 0/1 labels"),
     (None, np.arange(NUM_EXAMPLES) % 2, "sparse_categorical_crossentropy", False,
      "pass --loss=binary_crossentropy for one logit"),
+    # Negative soft targets had mirrored the spectrum without a word.
+    (None, np.full((NUM_EXAMPLES, 1), -0.1), "categorical_crossentropy", False,
+     "targets range over [-0.1, -0.1], outside [0, 1], but --loss=categorical_crossentropy"),
 ])
 def test_misuse_is_refused_with_the_fix(activation, y, loss, subset, message):
     x, labels = binary_data()
