@@ -22,14 +22,18 @@ LOSS_NAMES = ("sparse_categorical_crossentropy", "categorical_crossentropy",
 MAX_UNROLL_STEPS = 64
 
 
+# TensorFlow holds thread counts in 32-bit integers ("Value out of range" beyond).
+MAX_CPU_THREADS = 2**31 - 1
+
+
 def check_cpu_threads(intra_op_threads: int, inter_op_threads: int) -> None:
-    """Raises ValueError for a negative number of threads."""
+    """Raises ValueError for a number of threads that is negative or beyond 32 bits."""
     for name, value in (("intra_op_threads", intra_op_threads),
                         ("inter_op_threads", inter_op_threads)):
-        if value < 0:
+        if not 0 <= value <= MAX_CPU_THREADS:
             raise ValueError(
-                f"--{name}={value}: pass a number of threads >= 1, or 0 for the default "
-                "(see --help)."
+                f"--{name}={value}: pass a number of threads from 1 to {MAX_CPU_THREADS}, "
+                "or 0 for the default (see --help)."
             )
 
 

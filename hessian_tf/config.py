@@ -148,6 +148,9 @@ def check_types(config: ml_collections.ConfigDict) -> None:
         if kind is float and not math.isfinite(value):
             raise ValueError(f"--{name}={value}: pass a finite number (the default is "
                              f"{default!r}).")
+        if kind is int and not -2**63 <= value < 2**63:  # NumPy's and TensorFlow's int64
+            raise ValueError(f"--{name}={value}: pass an integer below 2**63 (the default "
+                             f"is {default!r}).")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -67,3 +67,15 @@ def cgroup_memory_limit(cgroups: str = "/proc/self/cgroup",
                     and int(text) < _NO_V1_LIMIT:
                 limits.append(int(text))
     return min(limits) if limits else None
+
+
+def memory_bytes() -> int:
+    """The memory this process may use: the host's physical memory (8 GiB when the
+    system does not say), or its cgroup's limit where lower (a container's, a
+    Kubernetes pod's, a Slurm job's: `cgroup_memory_limit`)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 8 * 2**30
+    limit = cgroup_memory_limit()
+    return physical if limit is None else min(physical, limit)

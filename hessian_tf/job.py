@@ -582,6 +582,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
     empty behind."""
     started = time.perf_counter()
     config_lib.validate(config)
+    from hessian_tf.linalg import bootstrap
+
+    refusal = bootstrap.density_memory_refusal(
+        config.num_grid_points, config.num_draws, bootstrap.DEFAULT_NUM_RESAMPLES,
+        spectrum_lib.host_memory_bytes() // 2, "--num_grid_points")
+    if refusal:
+        raise ValueError(refusal)
     created = results.check_writable(config.output_dir)
     try:
         with contextlib.ExitStack() as contexts:

@@ -298,14 +298,7 @@ def host_memory_bytes() -> int:
     """The memory this process may use: the host's physical memory (8 GiB when the
     system does not say), or its cgroup's limit where lower (a container's, a
     Kubernetes pod's, a Slurm job's: `host.cgroup_memory_limit`)."""
-    from hessian_tf.host import cgroup_memory_limit
-
-    try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        physical = 8 * 2**30
-    limit = cgroup_memory_limit()
-    return physical if limit is None else min(physical, limit)
+    return host.memory_bytes()
 
 
 def lockstep_group(num_draws: int, lanczos_steps: int, dim: int, *, lockstep: int = 0,

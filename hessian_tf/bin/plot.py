@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 from absl import flags
 
-from hessian_tf import plotting
+from hessian_tf import host, plotting
 from hessian_tf.bin import error_line, run_program
 from hessian_tf.io import results
 from hessian_tf.linalg import bootstrap, density
@@ -234,6 +234,13 @@ def render(
         raise ValueError(f"--num_resamples={num_resamples}: pass at least 1.")
     if num_grid_points < 2:
         raise ValueError(f"--num_grid_points={num_grid_points}: pass at least 2.")
+    if seed < 0:
+        raise ValueError(f"--seed={seed}: pass an integer >= 0 (the bootstrap's seed).")
+    refusal = bootstrap.density_memory_refusal(
+        num_grid_points, 2 if band else 1, num_resamples, host.memory_bytes() // 2,
+        "--num_grid_points or --num_resamples")
+    if refusal:
+        raise ValueError(refusal)
     if not output:
         raise ValueError("--output is empty; pass the image to write, e.g. --output=plot.png.")
     fmt = os.path.splitext(output)[1].lstrip(".").lower()

@@ -244,6 +244,18 @@ class SLQCheckpointer:
                             f"has Lanczos vectors of dimension {vector.size}, not {dim}; pass "
                             "--restart to start over."
                         )
+                    # Lanczos vectors are unit vectors: a row of zeros (a file whose
+                    # data never reached the disk before a crash) or otherwise damaged
+                    # in place would be taken, and the steps after it go wrong.
+                    norm = float(np.linalg.norm(vector))
+                    if not abs(norm - 1.0) <= 1e-3 and (
+                            row < int(get(f"{prefix}_num_steps"))
+                            or not bool(get(f"{prefix}_exhausted"))):
+                        raise CheckpointError(
+                            f"--output_dir={os.path.dirname(self.directory)}: its "
+                            f"checkpoint's Lanczos vector {self._row_path(member_draw, row)} "
+                            f"has norm {norm:.6g}, not 1: it is damaged; pass --restart to "
+                            "start over.")
                     basis[row] = vector
                 self._rows_written[member_draw] = rows
                 group.append(linalg.LanczosState(

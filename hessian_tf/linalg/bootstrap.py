@@ -15,6 +15,20 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 DEFAULT_NUM_RESAMPLES = 500
+
+
+def density_memory_refusal(num_grid_points: int, num_draws: int, num_resamples: int,
+                           available: int, flags: str) -> str:
+    """"" where a density of `num_grid_points` points, with its band over `num_draws`
+    draws and `num_resamples` resamples (float64 [draws + resamples, points] arrays,
+    and a few of the grid's size), fits in `available` bytes; else the one line that
+    refuses it, naming `flags` (the options that shrink it)."""
+    need = 8 * num_grid_points * ((num_draws + num_resamples if num_draws > 1 else 1) + 8)
+    if need <= available:
+        return ""
+    return (f"--num_grid_points={num_grid_points}: the density's arrays would need "
+            f"{need / 2**30:.3g} GiB, more than the memory here ({available / 2**30:.3g} "
+            f"GiB); pass fewer {flags} (a plot's width is a few thousand points).")
 DEFAULT_CONFIDENCE = 0.9
 
 

@@ -46,6 +46,15 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cnn_dig
     (["--model=absent.keras", "--strategy=multi_worker"], "--model=absent.keras: no such file"),
     (["--kernel_width=inf"], "--kernel_width=inf: pass a finite number"),
     (["--seed=-1"], "--seed=-1: pass an integer >= 0"),
+    # They had been tracebacks (OverflowError), TensorFlow's "Value out of range", or
+    # an out-of-memory kill.
+    (["--num_draws=99999999999999999999"], "--num_draws=99999999999999999999: pass an "
+     "integer below 2**63"),
+    (["--inter_op_threads=99999999999999999999"], "--inter_op_threads=99999999999999999999"),
+    (["--intra_op_threads=3000000000"], "--intra_op_threads=3000000000: pass a number of "
+     "threads from 1 to 2147483647"),
+    (["--num_grid_points=100000000000"], "--num_grid_points=100000000000: the density's "
+     "arrays would need"),
     # The resolver's own errors ("Please provide a TPU Name", a failed URL lookup).
     (["--strategy=tpu"], "--strategy=tpu --tpu=: no TPU found or reached"),
     (["--strategy=tpu", "--tpu=nosuchtpu.invalid"], "--tpu=nosuchtpu.invalid: no TPU found"),

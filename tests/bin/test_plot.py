@@ -120,6 +120,9 @@ def test_padding_past_num_steps_is_ignored(tmp_path):
     (["--runs={good}", "--kernel_width=-0.1"], "--kernel_width=-0.1"),
     (["--runs={good}", "--kernel_width=abc"], "--kernel_width=abc"),
     (["--runs={good}", "--confidence=1.0"], "--confidence=1.0"),
+    (["--runs={good}", "--seed=-1"], "--seed=-1: pass an integer >= 0"),
+    (["--runs={good}", "--num_grid_points=99999999999999999999"],
+     "--num_grid_points=99999999999999999999: the density's arrays would need"),
     (["--runs={bad}"], "has nodes (2, 3) and weights (2, 2)"),
     (["--runs="], "--runs is empty"),
     # NumPy takes bytes that are no .npz for a pickle, and would advise allow_pickle.

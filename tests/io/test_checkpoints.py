@@ -50,7 +50,7 @@ def test_group_round_trips_and_rows_are_written_once(tmp_path):
         assert copy.num_steps == original.num_steps == 7
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "wrong_size"])
+@pytest.mark.parametrize("damage", ["truncate", "delete", "wrong_size", "zeroed", "scaled"])
 def test_damaged_basis_rows_are_refused(tmp_path, damage):
     saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
     saver.save(group_state(3))
@@ -59,8 +59,11 @@ def test_damaged_basis_rows_are_refused(tmp_path, damage):
         row.write_bytes(row.read_bytes()[:50])
     elif damage == "delete":
         os.remove(row)
-    else:
+    elif damage == "wrong_size":
         np.save(row, np.ones(DIM + 1))
+    else:  # of the right size, damaged in place: it had been taken
+        vector = np.load(row)
+        np.save(row, vector * (0.0 if damage == "zeroed" else 1.01))
     with pytest.raises(checkpoints.CheckpointError, match="--restart"):
         checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
             lanczos_steps=STEPS, dim=DIM)
