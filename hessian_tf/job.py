@@ -456,6 +456,25 @@ class Preempted(BaseException):
     exit_status = 75  # EX_TEMPFAIL: try again
 
 
+class WriteFailed(Exception):
+    """A checkpoint or the results could not be written (a full disk, a file-size or
+    quota limit, a directory in a file's place): the line says what holds the work."""
+
+    exit_status = 74  # EX_IOERR: not bad input (2), which launchers do not retry
+
+
+def _write_failed(error: OSError, what: str, config) -> WriteFailed:
+    saved = latest_checkpoint(config)
+    holds = (f"the checkpoint {saved} holds the run so far" if saved
+             else "no checkpoint holds the run")
+    return WriteFailed(
+        f"--output_dir={config.output_dir}: writing {what} failed ("
+        f"{error.strerror or f'a file was cut short: {error}'}"
+        f"{': ' + str(error.filename) if getattr(error, 'filename', None) else ''}); "
+        f"{holds}: free space (or raise the file-size limit, or fix the path), then run the "
+        "same command.")
+
+
 def _variable_values(model_function) -> list[np.ndarray]:
     from hessian_tf.operators.subset import base_function
 
@@ -488,7 +507,10 @@ def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0
         )
         finished = state.draw >= config.num_draws
         if chief and (preempted or (due and not finished)):
-            path = checkpointer.save(state)
+            try:
+                path = checkpointer.save(state)
+            except OSError as error:
+                raise _write_failed(error, "a checkpoint", config) from error
             logging.info("Checkpoint %s", path)
         if due:
             last.update(products=state.num_products, time=time.monotonic())
@@ -590,6 +612,16 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if refusal:
         raise ValueError(refusal)
     created = results.check_writable(config.output_dir)
+    refusal = results.occupied(config.output_dir, (
+        results.DENSITY_FILE, results.SUMMARY_FILE, results.SPECTRUM_FILE))
+    checkpoint_dir = os.path.join(config.output_dir, checkpoints.CHECKPOINT_SUBDIR)
+    if not refusal and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+        refusal = (f"--output_dir={config.output_dir}: {checkpoint_dir} is a file, where "
+                   "the checkpoints' directory goes; remove or rename it, or pass another "
+                   "--output_dir.")
+    if refusal:
+        results.remove_empty_directories(created)
+        raise ValueError(refusal)
     try:
         with contextlib.ExitStack() as contexts:
             contexts.enter_context(_sigterm_outside_the_steps(config))
@@ -818,8 +850,11 @@ def _run(config: ml_collections.ConfigDict, started: float,
         # Their products can take as long as the steps: a checkpoint of the finished
         # steps (tridiagonals alone) first, so that SIGTERM during them costs only them.
         if chief and after_step.state is not None:
-            logging.info("Checkpoint %s (the Lanczos steps, before the analyses)",
-                         checkpointer.save(after_step.state))
+            try:
+                path = checkpointer.save(after_step.state)
+            except OSError as error:
+                raise _write_failed(error, "a checkpoint", config) from error
+            logging.info("Checkpoint %s (the Lanczos steps, before the analyses)", path)
         _PHASE["name"] = "analyses"
         if preempted or _PHASE["deferred"]:
             raise _preempted_outside_the_steps(config)
@@ -910,19 +945,22 @@ def _run(config: ml_collections.ConfigDict, started: float,
         logging.info("Not the chief: the chief writes the results.")
         return summary
     _PHASE["name"] = "writing"
-    written = results.write_files(
-        output_dir,
-        {
-            results.DENSITY_FILE: lambda path: plotting.plot_densities(
-                [plotting.Curve(spectrum.density.grid, spectrum.density.density,
-                                *(band or (None, None)))],
-                path,
-                title=title,
-            ),
-            results.SUMMARY_FILE: results.json_writer(summary),
-            results.SPECTRUM_FILE: results.npz_writer(arrays),
-        },
-    )
+    try:
+        written = results.write_files(
+            output_dir,
+            {
+                results.DENSITY_FILE: lambda path: plotting.plot_densities(
+                    [plotting.Curve(spectrum.density.grid, spectrum.density.density,
+                                    *(band or (None, None)))],
+                    path,
+                    title=title,
+                ),
+                results.SUMMARY_FILE: results.json_writer(summary),
+                results.SPECTRUM_FILE: results.npz_writer(arrays),
+            },
+        )
+    except OSError as error:
+        raise _write_failed(error, "the results", config) from error
     logging.info(
         "lambda_max=%.6g lambda_min=%.6g negative_mass_tolerance=%.4g (weight below "
         "-%.3g; below 0, the bulk's noise included: %.4g) in %.1f s, %d products",

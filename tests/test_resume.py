@@ -158,6 +158,25 @@ def test_sigterm_while_the_results_are_written_is_noted_and_they_are_finished(jo
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_write_that_fails_is_one_line_naming_what_holds_the_run(job, tmp_path):
+    # A file-size limit below one basis row (3,010 float64): the first checkpoint fails.
+    # It had been NumPy's "24208 requested and 10000 written" alone, with status 2.
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "hessian_tf.bin.spectrum", *arguments(job, tmp_path)],
+        capture_output=True, text=True, timeout=600, env=environment(), preexec_fn=limit)
+    assert result.returncode == 74, result.stderr[-3000:]
+    [line] = [l for l in result.stderr.splitlines() if l.startswith("hessian-spectrum")]
+    assert line.startswith(f"hessian-spectrum: error: --output_dir={tmp_path}: writing a "
+                           "checkpoint failed ("), line
+    assert line.endswith("no checkpoint holds the run: free space (or raise the file-size "
+                         "limit, or fix the path), then run the same command."), line
+
+
 def test_ctrl_c_is_one_line_naming_the_checkpoint_that_resumes(job, uninterrupted, tmp_path):
     code, log = run_until_step(arguments(job, tmp_path), 7, signal.SIGINT)
     assert code == 130, log[-3000:]

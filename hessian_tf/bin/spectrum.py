@@ -197,6 +197,11 @@ def main(argv):
     except job.Preempted as preempted:
         print(f"hessian-spectrum: {preempted}", file=sys.stderr)
         return job.Preempted.exit_status
+    except job.WriteFailed as error:
+        if _VERBOSE.value:
+            raise
+        error_line(_PROGRAM, error)
+        return job.WriteFailed.exit_status
     except KeyboardInterrupt:
         if _VERBOSE.value:
             raise

@@ -119,9 +119,14 @@ class SLQCheckpointer:
         os.makedirs(os.path.join(self.directory, BASIS_SUBDIR), exist_ok=True)
         for row in range(self._rows_written.get(draw, 0), rows):
             path = self._row_path(draw, row)
-            with open(path + ".tmp", "wb") as file:
-                np.save(file, lanczos.basis[row])
-            os.replace(path + ".tmp", path)
+            try:
+                with open(path + ".tmp", "wb") as file:
+                    np.save(file, lanczos.basis[row])
+                os.replace(path + ".tmp", path)
+            except BaseException:  # a full disk, a file-size limit: no part left behind
+                if os.path.exists(path + ".tmp"):
+                    os.remove(path + ".tmp")
+                raise
         self._rows_written[draw] = rows
         return rows
 

@@ -76,8 +76,9 @@ def _temporary_path(output_dir: str, name: str) -> str:
 
 def write_files(output_dir: str, writers: dict[str, Callable[[str], None]]) -> list[str]:
     """Writes every file with its writer to a temporary path, then renames them all
-    into place in the order given. On any failure no temporary file remains and no
-    new file is put in place."""
+    into place in the order given. On any failure no temporary file remains, and no
+    new file is put in place unless a rename failed after others (`occupied` refuses
+    the likely cause, a directory of a file's name, before a job runs)."""
     temporary = {}
     try:
         for name, writer in writers.items():
@@ -91,10 +92,27 @@ def write_files(output_dir: str, writers: dict[str, Callable[[str], None]]) -> l
                 os.remove(path)
         raise
     final = []
-    for name, path in temporary.items():
-        os.replace(path, os.path.join(output_dir, name))
-        final.append(os.path.join(output_dir, name))
+    try:
+        for name, path in temporary.items():
+            os.replace(path, os.path.join(output_dir, name))
+            final.append(os.path.join(output_dir, name))
+    except BaseException:  # those not renamed yet are not left behind
+        for path in list(temporary.values())[len(final):]:
+            if os.path.exists(path):
+                os.remove(path)
+        raise
     return final
+
+
+def occupied(output_dir: str, names, flag: str = "--output_dir") -> str:
+    """"" where every one of `names` under `output_dir` is a file or absent; else the
+    one line that refuses the directory standing in a file's place."""
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            return (f"{flag}={output_dir}: {path} is a directory, where the file {name} "
+                    f"goes; remove or rename it, or pass another {flag}.")
+    return ""
 
 
 def npz_writer(arrays: dict[str, np.ndarray]) -> Callable[[str], None]:

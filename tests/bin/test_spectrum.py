@@ -178,6 +178,13 @@ def bad_inputs(directory):
                                          "--preprocessing=imagenet without --stream"),
         "output a file": ([model, data, f"--output_dir={directory / 'data.npz'}"],
                           "data.npz: a file, not a directory; pass a directory"),
+        # Found at the first rename or save, after the run: results half-renamed.
+        "a directory where a result goes": (
+            [model, data, f"--output_dir={directory / 'occupied'}"],
+            "summary.json is a directory, where the file summary.json goes"),
+        "a file where the checkpoints go": (
+            [model, data, f"--output_dir={directory / 'checkpoint_file'}"],
+            "checkpoints is a file, where the checkpoints' directory goes"),
         "frozen model": ([f"--model={directory / 'frozen.keras'}", data], "no trainable variables"),
         "non-finite loss": ([f"--model={directory / 'nan.keras'}", data], "non-finite"),
         "unknown strategy": ([model, data, "--strategy=horovod"], "--strategy='horovod'"),
@@ -227,6 +234,9 @@ def bad_files(small_model):
     keras.Model(first, [model(first), model(first)]).save(str(directory / "two_outputs.keras"))
     from hessian_tf.io import export
     export.export_for_spectrum(model, str(directory / "saved"))
+    (directory / "occupied" / "summary.json").mkdir(parents=True)
+    (directory / "checkpoint_file").mkdir()
+    (directory / "checkpoint_file" / "checkpoints").write_text("")
     return directory
 
 
@@ -244,6 +254,7 @@ def test_bad_input_one_line_and_nothing_written(bad_files, tmp_path, case):
     assert "Traceback" not in result.stderr
     assert result.returncode == 2
     assert not (tmp_path / "out").exists()  # not even an empty directory
+    assert sorted(p.name for p in (bad_files / "occupied").iterdir()) == ["summary.json"]
 
 
 @pytest.mark.parametrize("error, expected", [
