@@ -725,18 +725,21 @@ def _run(config: ml_collections.ConfigDict, started: float,
     if refusal:
         raise ValueError(refusal)
     group = lockstep_group(config, operator.dim)
+    fingerprint, details = checkpoints.fingerprint_and_details(
+        config.to_dict(), _variable_values(model_function), x, y)
     checkpointer = checkpoints.SLQCheckpointer(
         os.path.join(output_dir, checkpoints.CHECKPOINT_SUBDIR),
-        fingerprint=checkpoints.fingerprint(
-            config.to_dict(), _variable_values(model_function), x, y
-        ),
-    )
+        fingerprint=fingerprint, details=details)
     if config.restart and chief and os.path.isdir(checkpointer.directory):
         shutil.rmtree(checkpointer.directory)
         logging.info("--restart: removed the checkpoints in %s", checkpointer.directory)
     resumed = None if config.restart else checkpointer.restore(
         lanczos_steps=config.lanczos_steps, dim=operator.dim, basis_dtype=basis_dtype(config)
     )
+    if checkpointer.resumed_across:
+        logging.info("The checkpoint's run differs only in options applied after the "
+                     "Lanczos steps, which this run applies: %s",
+                     ", ".join(checkpointer.resumed_across))
     if resumed is not None and resumed.draw >= config.num_draws:
         logging.info("Resuming after the Lanczos steps (%d draw(s), %d products done) from %s",
                      resumed.draw, resumed.num_products, checkpointer.latest())

@@ -47,23 +47,61 @@ _OPERATIONAL_OPTIONS = (
 )
 
 
+# Options applied to the finished tridiagonals alone (the density, the analyses): a run
+# whose checkpoint differs from the command only in these resumes (checkpoints that
+# record their run's details; the fingerprint keeps them, as it always has).
+_AFTER_THE_STEPS = (
+    "num_eigenpairs", "kernel_width", "num_grid_points", "trace", "trace_matvecs",
+    "gradient_overlap", "dry_run",
+)
+
+
+def fingerprint_and_details(
+    config_dict: dict, variables: Iterable[np.ndarray], x: np.ndarray, y: np.ndarray
+) -> tuple[str, str]:
+    """(SHA-256 over the configuration (less operational options), the model's
+    variable values and the dataset; a JSON text of that configuration and SHA-256s of
+    the variables and of the data apart, from the same pass), so that a refused resume
+    can name what changed."""
+    digest, model, data = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    semantic = {k: v for k, v in sorted(config_dict.items()) if k not in _OPERATIONAL_OPTIONS}
+    digest.update(json.dumps(semantic, sort_keys=True, default=str).encode())
+    for part, arrays in ((model, variables), (data, (x, y))):
+        for value in arrays:
+            array = np.ascontiguousarray(value)
+            for piece in (str((array.dtype.str, array.shape)).encode(), array.data):
+                digest.update(piece)
+                part.update(piece)
+    details = {"config": json.loads(json.dumps(semantic, default=str)),
+               "model": model.hexdigest(), "data": data.hexdigest()}
+    return digest.hexdigest(), json.dumps(details, sort_keys=True)
+
+
 def fingerprint(
     config_dict: dict, variables: Iterable[np.ndarray], x: np.ndarray, y: np.ndarray
 ) -> str:
     """SHA-256 over the configuration (less operational options), the model's
     variable values and the dataset."""
-    digest = hashlib.sha256()
-    semantic = {k: v for k, v in sorted(config_dict.items()) if k not in _OPERATIONAL_OPTIONS}
-    digest.update(json.dumps(semantic, sort_keys=True, default=str).encode())
-    for value in variables:
-        array = np.ascontiguousarray(value)
-        digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(array.tobytes())
-    for array in (x, y):
-        array = np.ascontiguousarray(array)
-        digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+    return fingerprint_and_details(config_dict, variables, x, y)[0]
+
+
+def _difference(stored: str, current: str) -> tuple[list[str], bool]:
+    """(What differs between a checkpoint's run details and this run's, as phrases;
+    whether only options applied after the steps differ)."""
+    stored, current = json.loads(stored), json.loads(current)
+    changed = []
+    options = []
+    for name in sorted(set(stored["config"]) | set(current["config"])):
+        before, now = stored["config"].get(name), current["config"].get(name)
+        if before != now:
+            options.append(name)
+            changed.append(f"--{name}={now!r} (the checkpoint's run: {before!r})")
+    for part, phrase in (("model", "the model's variables"), ("data", "the data")):
+        if stored[part] != current[part]:
+            changed.append(phrase)
+    only_after = bool(changed) and len(options) == len(changed) and all(
+        name in _AFTER_THE_STEPS for name in options)
+    return changed, only_after
 
 
 class CheckpointError(ValueError):
@@ -73,9 +111,11 @@ class CheckpointError(ValueError):
 class SLQCheckpointer:
     """Saves and restores SLQState under `directory`."""
 
-    def __init__(self, directory: str, *, fingerprint: str, max_to_keep: int = 2):
+    def __init__(self, directory: str, *, fingerprint: str, max_to_keep: int = 2,
+                 details: str = ""):
         self.directory = directory
         self.fingerprint = fingerprint
+        self.details = details  # fingerprint_and_details's JSON, saved to name changes
         self.max_to_keep = max_to_keep
         self._rows_written: dict[int, int] = {}  # draw -> basis rows on disk
         # The products' method, read at each save (--method=auto chooses it at start,
@@ -83,6 +123,7 @@ class SLQCheckpointer:
         # by the method of the checkpoint.
         self.method_of: Optional[Callable[[], str]] = None
         self.restored_method: Optional[str] = None
+        self.resumed_across: list[str] = []
 
     def latest(self) -> Optional[str]:
         """The latest checkpoint's path, or None where the directory holds none.
@@ -133,6 +174,7 @@ class SLQCheckpointer:
     def save(self, state: SLQState) -> str:
         values = {
             "fingerprint": tf.constant(self.fingerprint),
+            "details": tf.constant(self.details),
             "draw": tf.constant(state.draw, tf.int64),
             "num_products": tf.constant(state.num_products, tf.int64),
         }
@@ -188,14 +230,24 @@ class SLQCheckpointer:
             def get(name):
                 return reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
 
-            stored = get("fingerprint")
-            stored = stored.decode() if isinstance(stored, bytes) else str(stored)
-            if stored != self.fingerprint:
+            def text(name):
+                value = get(name)
+                return value.decode() if isinstance(value, bytes) else str(value)
+
+            stored = text("fingerprint")
+            details = text("details") if "details" in names else ""
+            changed, only_after = (_difference(details, self.details)
+                                   if stored != self.fingerprint and details and self.details
+                                   else ([], False))
+            if stored != self.fingerprint and not only_after:
+                what = ("; it differs in " + ", ".join(changed) if changed else
+                        " (the model, dataset or configuration changed)")
                 raise CheckpointError(
                     f"--output_dir={os.path.dirname(self.directory)}: its checkpoint is of "
-                    "another run (the model, dataset or configuration changed); pass "
-                    "--restart to start over, or use another --output_dir."
+                    f"another run{what}; pass --restart to start over, or use another "
+                    "--output_dir."
                 )
+            self.resumed_across = changed  # options applied after the steps alone
             draw = int(get("draw"))
             if "method" in names:
                 method = get("method")

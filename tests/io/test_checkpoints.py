@@ -189,3 +189,61 @@ def test_fingerprint_ignores_operational_options_only():
     assert checkpoints.fingerprint(without, variables, x, y) == base
     assert of(lockstep_draws=3) == base
     assert of(lanczos_steps=91) != base and of(method="forward_over_backward") != base
+
+
+def test_the_fingerprint_is_what_it_was_and_its_details_come_from_the_same_pass():
+    import hashlib
+    import json
+
+    from hessian_tf import config as config_lib
+
+    config = config_lib.default_config().to_dict()
+    variables = [np.arange(6.0).reshape(2, 3), np.ones(4, np.float32)]
+    x, y = np.linspace(0, 1, 12).reshape(3, 4)[:, ::2], np.arange(3)  # x not contiguous
+    digest = hashlib.sha256()  # as fingerprint() computed it before the details
+    semantic = {k: v for k, v in sorted(config.items())
+                if k not in checkpoints._OPERATIONAL_OPTIONS}
+    digest.update(json.dumps(semantic, sort_keys=True, default=str).encode())
+    for value in [*variables, x, y]:
+        array = np.ascontiguousarray(value)
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    fingerprint, details = checkpoints.fingerprint_and_details(config, variables, x, y)
+    assert fingerprint == digest.hexdigest() == checkpoints.fingerprint(config, variables, x, y)
+    assert json.loads(details)["config"]["lanczos_steps"] == config["lanczos_steps"]
+
+
+def _saved_with(tmp_path, **changes):
+    from hessian_tf import config as config_lib
+
+    def parts(variables=(np.ones(3),), **options):
+        config = config_lib.default_config().to_dict()
+        config.update(options)
+        return checkpoints.fingerprint_and_details(config, variables, np.ones((2, 2)),
+                                                   np.arange(2))
+
+    fingerprint, details = parts()
+    checkpoints.SLQCheckpointer(str(tmp_path), fingerprint=fingerprint,
+                                details=details).save(group_state(3))
+    fingerprint, details = parts(**changes)
+    return checkpoints.SLQCheckpointer(str(tmp_path), fingerprint=fingerprint,
+                                       details=details)
+
+
+def test_a_refused_resume_names_what_changed(tmp_path):
+    # It had said only "the model, dataset or configuration changed".
+    resumer = _saved_with(tmp_path, lanczos_steps=31, variables=(np.zeros(3),))
+    with pytest.raises(checkpoints.CheckpointError) as raised:
+        resumer.restore(lanczos_steps=STEPS, dim=DIM)
+    assert ("its checkpoint is of another run; it differs in --lanczos_steps=31 (the "
+            "checkpoint's run: 90), the model's variables; pass --restart") in str(raised.value)
+
+
+def test_options_applied_after_the_steps_alone_do_not_refuse_a_resume(tmp_path):
+    resumer = _saved_with(tmp_path, num_eigenpairs=3, kernel_width=0.5, trace=True)
+    restored = resumer.restore(lanczos_steps=STEPS, dim=DIM)
+    assert restored is not None and restored.num_products == 9
+    assert resumer.resumed_across == [
+        "--kernel_width=0.5 (the checkpoint's run: 0.0)",
+        "--num_eigenpairs=3 (the checkpoint's run: 5)", "--trace=True (the checkpoint's run: "
+        "False)"]
