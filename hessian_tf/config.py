@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import ml_collections
 import numpy as np
@@ -196,6 +197,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"--preprocessing={config.preprocessing} without --stream: it applies to streamed "
             "tfds data only; pass --stream too, or drop --preprocessing."
         )
+    # Checked again where they are used; here too, so that --check_flags (which stops
+    # before TensorFlow starts) and a dry run refuse them.
+    if not config.output_dir:
+        raise ValueError("--output_dir is empty; pass a directory to write results to.")
+    if config.variables:
+        try:
+            re.compile(config.variables)
+        except re.error as error:
+            raise ValueError(f"--variables={config.variables!r} is not a valid regular "
+                             f"expression ({error}); pass a pattern of variable paths "
+                             "(re.search), e.g. --variables=dense.") from error
     if config.worker_timeout <= 0:
         raise ValueError(
             f"--worker_timeout={config.worker_timeout}: pass a positive number of seconds."

@@ -32,12 +32,27 @@ def check_model_path(path: str) -> None:
             f"--model={path}: the directory holds no saved_model.pb; pass a "
             "SavedModel directory (e.g. from Keras model.export()) or a .keras file."
         )
+    unreadable = _unreadable(path)
+    if unreadable:
+        raise ValueError(f"--model={path}: cannot be read ({unreadable}); give this user "
+                         "read access to it, or pass a copy that can be read.")
     if path.endswith(".keras") and os.path.isfile(path) and not zipfile.is_zipfile(path):
         # Keras would say "File not found" of a file that is there.
         raise ValueError(
             f"--model={path}: not a .keras file (not a zip archive: empty, cut short or "
             "another format); save the model again with model.save('model.keras')."
         )
+
+
+def _unreadable(path: str) -> str:
+    """"" where the file (or a SavedModel directory's saved_model.pb) can be opened for
+    reading; else the OS's reason (read as "not a zip archive" by the checks after)."""
+    target = os.path.join(path, "saved_model.pb") if os.path.isdir(path) else path
+    try:
+        with open(target, "rb"):
+            return ""
+    except OSError as error:
+        return error.strerror or str(error)
 
 
 def import_modules(names: str) -> None:

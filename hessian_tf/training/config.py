@@ -19,6 +19,8 @@ data: random examples of the right shapes, no download).
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple, Sequence
 
 import ml_collections
@@ -171,6 +173,8 @@ def _fail(name: str, value, expected: str):
 def _at_least(name, value, low):
     if not is_integer(value) or value < low:
         _fail(name, value, f"an integer >= {low}")
+    if value >= 2**63:  # TensorFlow's int64 (it had failed at the first batch)
+        _fail(name, value, f"an integer >= {low} and below 2**63")
 
 
 def _steps(name, value, *, low, increasing=False):
@@ -239,16 +243,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         is_integer(d) and d >= 1 for d in train.input_shape
     ):
         _fail("train.input_shape", train.input_shape, "a tuple of positive sizes, or ()")
-    if not train.learning_rate > 0:
-        _fail("train.learning_rate", train.learning_rate, "a positive learning rate")
+    if not 0 < train.learning_rate < math.inf:
+        _fail("train.learning_rate", train.learning_rate, "a positive, finite learning rate")
     if not 0 <= train.momentum < 1:
         _fail("train.momentum", train.momentum, "a momentum in [0, 1)")
-    if not train.weight_decay >= 0:
-        _fail("train.weight_decay", train.weight_decay, "a weight decay >= 0")
-    if not 0 < train.lr_drop_factor:
-        _fail("train.lr_drop_factor", train.lr_drop_factor, "a positive factor, e.g. 0.1")
+    if not 0 <= train.weight_decay < math.inf:
+        _fail("train.weight_decay", train.weight_decay, "a finite weight decay >= 0")
+    if not 0 < train.lr_drop_factor < math.inf:
+        _fail("train.lr_drop_factor", train.lr_drop_factor, "a positive, finite factor, "
+              "e.g. 0.1")
     _steps("train.lr_drop_steps", train.lr_drop_steps, low=1, increasing=True)
-    _steps("train.checkpoint_steps", train.checkpoint_steps, low=0)
+    _steps("train.checkpoint_steps", train.checkpoint_steps, low=0, increasing=True)
     population = train.population_bn
     _at_least("train.population_bn.update_every_steps", population.update_every_steps, 1)
     _at_least("train.population_bn.num_examples", population.num_examples, 0)

@@ -185,3 +185,21 @@ def test_hessian_train_answers_before_tensorflow_starts(arguments, status):
     stderr = stderr_at_exit("train", arguments,
                             report="'tensorflow', 'tensorflow' in sys.modules")
     assert f"exit {status} tensorflow False" in stderr, stderr[-2000:]
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    ([], None),
+    (["--output_dir="], "--output_dir is empty; pass a directory"),
+    (["--variables=("], "--variables='(' is not a valid regular expression"),
+    (["--lanczos_steps=0"], "--lanczos_steps=0: pass an integer >= 1."),
+])
+def test_check_flags_refuses_what_the_run_would(arguments, expected, tmp_path):
+    # --check_flags (launch/local.sh runs it once before its workers) had passed an
+    # empty --output_dir and an invalid --variables, which every worker then refused.
+    result = run_installed("hessian-spectrum", "--check_flags",
+                           f"--output_dir={tmp_path / 'out'}", *arguments)
+    if expected is None:
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr[-2000:]
+    else:
+        assert_one_error_line(result, expected)
+    assert not (tmp_path / "out").exists()

@@ -297,3 +297,27 @@ def test_a_subclassed_model_of_two_outputs_is_refused_as_a_model_not_as_data():
     with pytest.raises(ValueError, match=r"^--model: the model has several outputs"):
         operators.HessianOperator(KerasModelFunction(model), x, np.zeros(6, np.int64),
                                   batch_size=3)
+
+
+def test_a_file_that_cannot_be_read_is_told_so(tmp_path, monkeypatch):
+    # It was "not a .keras file (not a zip archive ...); save the model again" (and the
+    # data's "not an .npz file"), of files that are both but unreadable to this user.
+    from hessian_tf.io import datasets, models
+
+    model = tmp_path / "model.keras"
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(str(model))
+    import numpy as np
+
+    np.savez(tmp_path / "data.npz", x=np.ones((2, 2)), y=np.zeros(2))
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    for module in (models, datasets):
+        monkeypatch.setattr(module, "open", denied, raising=False)
+    with pytest.raises(ValueError, match=r"--model=\S+model.keras: cannot be read "
+                                         r"\(Permission denied\); give this user read"):
+        models.check_model_path(str(model))
+    with pytest.raises(ValueError, match=r"--dataset=npz:\S+data.npz: cannot be read "
+                                         r"\(Permission denied\)"):
+        datasets.load_dataset(f"npz:{tmp_path / 'data.npz'}")

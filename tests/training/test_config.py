@@ -50,7 +50,11 @@ BAD = [
     ("batch_norm", "yes", "one of"),
     ("batch_size", 0, "integer >= 1"),
     ("num_steps", -5, "integer >= 1"),
-    ("learning_rate", 0.0, "positive learning rate"),
+    ("learning_rate", 0.0, "positive, finite learning rate"),
+    # Accepted, they had failed at the first steps (or never written a checkpoint).
+    ("learning_rate", float("inf"), "positive, finite learning rate"),
+    ("batch_size", 99999999999999999999, "below 2\\*\\*63"),
+    ("checkpoint_steps", (5, 1), "strictly increasing"),
     ("momentum", 1.0, r"\[0, 1\)"),
     ("lr_drop_steps", (300, 100), "strictly increasing"),
     ("lr_drop_steps", (0,), "steps >= 1"),
