@@ -283,9 +283,12 @@ def test_two_workers_resume_after_a_lost_worker(job, uninterrupted, tmp_path):
             if seen == 2 * 12:  # both workers log; step 12
                 break
     assert kill_worker(tmp_path, 1), "worker 1 is not running"
-    process.stderr.read()
+    stderr = process.stderr.read()
     assert process.wait(timeout=300) != 0
     assert (tmp_path / "checkpoints" / "checkpoint").exists()
+    # The chief's line names what resumes the run (it had not).
+    [line] = [l for l in stderr.splitlines() if l.startswith("hessian-spectrum: error:")]
+    assert re.search(r"; the checkpoint \S+/ckpt-\d+ resumes the run\.$", line), line
     result = run(*args, launcher=["bash", str(local), "2"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming draw" in result.stderr

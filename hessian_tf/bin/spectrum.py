@@ -214,7 +214,13 @@ def main(argv):
     except (*_TOLD, MemoryError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise
-        return error_line(_PROGRAM, job_error_message(error))
+        message = job_error_message(error)
+        saved = job.latest_checkpoint(config)
+        if saved and isinstance(error, (tf.errors.UnavailableError,
+                                        tf.errors.DeadlineExceededError)):
+            # A lost worker: the chief's checkpoints hold the run so far.
+            message = message.rstrip(".") + f"; the checkpoint {saved} resumes the run."
+        return error_line(_PROGRAM, message)
     return 0
 
 
