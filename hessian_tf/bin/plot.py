@@ -195,6 +195,22 @@ def default_labels(runs: Sequence[str]) -> list[str]:
     return [os.path.basename(os.path.normpath(run)).removesuffix(".npz") for run in runs]
 
 
+def _check_typesets(flag: str, text: str) -> None:
+    """Matplotlib typesets text between $ signs as math: math it cannot parse failed
+    only when the image was saved, in its parser's words."""
+    from matplotlib.textpath import TextPath
+
+    if "$" not in text:  # no math (and TextPath fails on an empty text)
+        return
+    try:
+        TextPath((0, 0), text)
+    except ValueError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ValueError(
+            f"{flag}={text!r}: matplotlib cannot typeset it ({lines[-1] if lines else error}); "
+            "write a dollar sign as \\$, or mend the math between $ signs.") from error
+
+
 def render(
     run_dirs: Sequence[str],
     output: str,
@@ -236,6 +252,8 @@ def render(
         raise ValueError(f"--num_grid_points={num_grid_points}: pass at least 2.")
     if seed < 0:
         raise ValueError(f"--seed={seed}: pass an integer >= 0 (the bootstrap's seed).")
+    for flag, text in [("--title", title), *(("--labels", label) for label in labels or ())]:
+        _check_typesets(flag, text)
     refusal = bootstrap.density_memory_refusal(
         num_grid_points, 2 if band else 1, num_resamples, host.memory_bytes() // 2,
         "--num_grid_points or --num_resamples")

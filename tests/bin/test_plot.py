@@ -121,6 +121,10 @@ def test_padding_past_num_steps_is_ignored(tmp_path):
     (["--runs={good}", "--kernel_width=abc"], "--kernel_width=abc"),
     (["--runs={good}", "--confidence=1.0"], "--confidence=1.0"),
     (["--runs={good}", "--seed=-1"], "--seed=-1: pass an integer >= 0"),
+    # Math between $ signs that matplotlib cannot parse failed when the image was saved.
+    (["--runs={good}", r"--title=$\frac{{x$"], r"--title='$\\frac{x$': matplotlib cannot "
+     "typeset it (ParseSyntaxException"),
+    (["--runs={good}", r"--labels=$\sqrt{{a$"], r"--labels='$\\sqrt{a$': matplotlib cannot"),
     (["--runs={good}", "--num_grid_points=99999999999999999999"],
      "--num_grid_points=99999999999999999999: the density's arrays would need"),
     (["--runs={bad}"], "has nodes (2, 3) and weights (2, 2)"),
