@@ -570,6 +570,41 @@ def _sigterm_outside_the_steps(config):
         signal.signal(signal.SIGTERM, previous)
 
 
+LOCK_FILE = ".hessian-spectrum.lock"
+
+
+@contextlib.contextmanager
+def _output_lock(output_dir: str):
+    """Holds an exclusive lock on OUTPUT_DIR/.hessian-spectrum.lock (flock: the OS
+    releases it when the process ends, however it ends) while the job runs, and
+    removes the file after. A second job on the same --output_dir (a re-run while the
+    first, or a launcher's orphaned workers, still runs) had taken the live job's
+    checkpoints and raced its writes; it is refused in one line."""
+    import fcntl
+
+    path = os.path.join(output_dir, LOCK_FILE)
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.read(handle, 32).decode(errors="replace").strip()
+        os.close(handle)
+        raise ValueError(
+            f"--output_dir={output_dir}: another hessian-spectrum job is running there"
+            f"{f' (process {holder})' if holder else ''}; wait for it to end (or stop it), "
+            "or pass another --output_dir.") from error
+    os.ftruncate(handle, 0)
+    os.write(handle, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        os.close(handle)
+
+
 def _preempted_outside_the_steps(config) -> Preempted:
     saved = latest_checkpoint(config)
     if _PHASE["name"] == "analyses":
@@ -668,6 +703,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
             inter_op_threads=config.inter_op_threads,
         )
     chief = is_chief(strategy)
+    if chief and not config.dry_run:
+        contexts.enter_context(_output_lock(output_dir))
     # Grappler's set-up of the job's functions, once TensorFlow's threads are set.
     light_graphs = contexts.enter_context(
         graph_optimization(config.graph_optimization, tpu=config.strategy == "tpu"))

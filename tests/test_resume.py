@@ -177,6 +177,32 @@ def test_a_write_that_fails_is_one_line_naming_what_holds_the_run(job, tmp_path)
                          "limit, or fix the path), then run the same command."), line
 
 
+def test_a_second_job_on_a_running_jobs_output_dir_is_refused(job, tmp_path):
+    # It had resumed from the live job's checkpoints, which the first then deleted.
+    args = arguments(job, tmp_path)
+    args[args.index(f"--lanczos_steps={STEPS}")] = "--lanczos_steps=3000"
+    first = subprocess.Popen([sys.executable, "-m", "hessian_tf.bin.spectrum", *args],
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                             env=environment())
+    try:
+        for line in first.stderr:
+            if "Lanczos step" in line:
+                break
+        second = run(*args)
+        assert second.returncode == 2, second.stderr[-3000:]
+        [line] = [l for l in second.stderr.splitlines() if l.startswith("hessian-spectrum")]
+        assert line == (f"hessian-spectrum: error: --output_dir={tmp_path}: another "
+                        f"hessian-spectrum job is running there (process {first.pid}); wait "
+                        "for it to end (or stop it), or pass another --output_dir."), line
+    finally:
+        first.kill()
+        first.communicate(timeout=120)
+    result = run(*arguments(job, tmp_path), "--restart")  # the lock died with its holder
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "density.png", "spectrum.npz", "summary.json"]
+
+
 def test_ctrl_c_is_one_line_naming_the_checkpoint_that_resumes(job, uninterrupted, tmp_path):
     code, log = run_until_step(arguments(job, tmp_path), 7, signal.SIGINT)
     assert code == 130, log[-3000:]
