@@ -500,6 +500,9 @@ def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0
 
     def after_step(state) -> None:
         after_step.state = state
+        if _PHASE["deferred"]:  # SIGTERM just before this block's handler was installed
+            _PHASE["deferred"] = False
+            preempted.append(signal.SIGTERM)
         due = (
             config.checkpoint_every
             and state.num_products - last["products"] >= config.checkpoint_every
@@ -523,9 +526,10 @@ def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0
                 where = f"after {state.draw} finished draw(s)"
             raise Preempted(
                 f"preempted (SIGTERM) {where}; a checkpoint is in {checkpointer.directory}: "
-                "run the same command to resume." if chief else
+                f"run {same_command(config)} to resume." if chief else
                 f"preempted (SIGTERM) {where}; the chief (worker 0) writes the checkpoints, "
-                f"in {checkpointer.directory}: run the same command to resume from its latest."
+                f"in {checkpointer.directory}: run {same_command(config)} to resume from "
+                "its latest."
             )
 
     after_step.state = None  # the last state a step ended in
@@ -552,6 +556,7 @@ def _sigterm_outside_the_steps(config):
     are finished first (a second or so). It
     had been the default handler: status 143, no line, temporary files left. Only in
     the main thread (where Python handles signals)."""
+    _PHASE.update(name="start-up", deferred=False)  # whichever thread runs the job
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -562,7 +567,6 @@ def _sigterm_outside_the_steps(config):
             return
         raise _preempted_outside_the_steps(config)
 
-    _PHASE.update(name="start-up", deferred=False)
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
@@ -583,16 +587,23 @@ def _output_lock(output_dir: str):
     import fcntl
 
     path = os.path.join(output_dir, LOCK_FILE)
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        holder = os.read(handle, 32).decode(errors="replace").strip()
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.read(handle, 32).decode(errors="replace").strip()
+            os.close(handle)
+            raise ValueError(
+                f"--output_dir={output_dir}: another hessian-spectrum job is running there"
+                f"{f' (process {holder})' if holder else ''}; wait for it to end (or stop "
+                "it), or pass another --output_dir.") from error
+        try:  # the file locked is still the one of that name (not removed by its holder)
+            if os.stat(path).st_ino == os.fstat(handle).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(handle)
-        raise ValueError(
-            f"--output_dir={output_dir}: another hessian-spectrum job is running there"
-            f"{f' (process {holder})' if holder else ''}; wait for it to end (or stop it), "
-            "or pass another --output_dir.") from error
     os.ftruncate(handle, 0)
     os.write(handle, f"{os.getpid()}\n".encode())
     try:
@@ -605,20 +616,28 @@ def _output_lock(output_dir: str):
         os.close(handle)
 
 
+def same_command(config) -> str:
+    """How the preempted and interrupted lines name the command that resumes a run:
+    --restart would delete the checkpoint it names."""
+    return "the same command without --restart" if config.restart else "the same command"
+
+
 def _preempted_outside_the_steps(config) -> Preempted:
     saved = latest_checkpoint(config)
+    again = same_command(config)
     if _PHASE["name"] == "analyses":
         return Preempted(
             "preempted (SIGTERM) after the Lanczos steps, during --trace or "
-            f"--gradient_overlap; the checkpoint {saved} holds the steps: run the same "
-            "command to resume (the analyses start again)." if saved else
+            f"--gradient_overlap; the checkpoint {saved} holds the steps: run {again} to "
+            "resume (the analyses start again)." if saved else
             "preempted (SIGTERM) after the Lanczos steps, during --trace or "
-            "--gradient_overlap; the chief (worker 0) writes the checkpoints: run the "
-            "same command to resume from its latest.")
+            f"--gradient_overlap; the chief (worker 0) writes the checkpoints: run {again} "
+            "to resume from its latest.")
     return Preempted(
         "preempted (SIGTERM) during start-up, before the first Lanczos step; "
         + (f"the checkpoint {saved} is as it was: run the same command to resume."
-           if saved else "nothing was computed yet: run the same command to start."))
+           if saved and not config.restart else
+           "nothing was computed yet: run the same command to start."))
 
 
 def latest_checkpoint(config: ml_collections.ConfigDict):

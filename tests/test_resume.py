@@ -322,3 +322,21 @@ def test_two_workers_resume_after_a_lost_worker(job, uninterrupted, tmp_path):
         scale = np.max(np.abs(uninterrupted["alphas"]))
         assert np.max(np.abs(spectrum["alphas"] - uninterrupted["alphas"])) <= 1e-6 * scale
         assert np.max(np.abs(spectrum["betas"] - uninterrupted["betas"])) <= 1e-6 * scale
+
+
+def test_a_preempted_line_of_a_restart_says_to_resume_without_it(tmp_path):
+    # "run the same command" would have deleted the checkpoint it named.
+    from hessian_tf import job as job_lib
+    from hessian_tf.io import checkpoints
+    from tests.io.test_checkpoints import group_state
+
+    checkpoints.SLQCheckpointer(str(tmp_path / "checkpoints"), fingerprint="f").save(
+        group_state(3))
+    config = job_lib.config_lib.default_config()
+    config.output_dir, config.restart = str(tmp_path), True
+    job_lib._PHASE.update(name="analyses", deferred=False)
+    message = str(job_lib._preempted_outside_the_steps(config))
+    assert "holds the steps: run the same command without --restart to resume" in message
+    job_lib._PHASE.update(name="start-up")
+    assert str(job_lib._preempted_outside_the_steps(config)).endswith(
+        "nothing was computed yet: run the same command to start.")

@@ -167,6 +167,15 @@ def _experiment_refusal(config) -> str:
             "config.json); pass the --config variant it was trained with.")
 
 
+def _interrupted(job, config) -> int:
+    saved = job.latest_checkpoint(config)
+    return interrupted_line(_PROGRAM, (
+        f"no results were written; the checkpoint {saved} resumes the run "
+        f"({job.same_command(config)})"
+        if saved else "no results were written (SIGTERM instead writes a checkpoint "
+        "before it stops, which the same command resumes from)"))
+
+
 def main(argv):
     if len(argv) > 1:
         return error_line(_PROGRAM, f"unexpected arguments: {' '.join(argv[1:])}; every "
@@ -205,15 +214,14 @@ def main(argv):
     except KeyboardInterrupt:
         if _VERBOSE.value:
             raise
-        saved = job.latest_checkpoint(config)
-        command = "the same command without --restart" if config.restart else "the same command"
-        return interrupted_line(_PROGRAM, (
-            f"no results were written; the checkpoint {saved} resumes the run ({command})"
-            if saved else "no results were written (SIGTERM instead writes a checkpoint "
-            "before it stops, which the same command resumes from)"))
+        return _interrupted(job, config)
     except (*_TOLD, MemoryError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise
+        if "KeyboardInterrupt" in str(error):
+            # Ctrl-C while TensorFlow raised its own error (a peer worker, interrupted
+            # too, closed its connection): pybind11's "... REPLACED BY KeyboardInterrupt".
+            return _interrupted(job, config)
         message = job_error_message(error)
         saved = job.latest_checkpoint(config)
         if saved and isinstance(error, (tf.errors.UnavailableError,

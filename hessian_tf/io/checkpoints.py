@@ -24,10 +24,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from hessian_tf import linalg
 from hessian_tf.messages import first_line
@@ -36,6 +38,7 @@ from hessian_tf.spectrum import SLQState, host_memory_bytes
 CHECKPOINT_SUBDIR = "checkpoints"
 BASIS_SUBDIR = "basis"
 _ROW_FILE = re.compile(r"draw(\d+)_row\d+\.npy(\.tmp)?$")
+_INDEX_FILE = re.compile(r"ckpt-(\d+)\.index$")
 
 # Options that do not change the result: a run resumes across changes of these.
 # unroll_steps and graph_optimization: the same function, unrolled or looped, set up by
@@ -69,7 +72,10 @@ def fingerprint_and_details(
     for part, arrays in ((model, variables), (data, (x, y))):
         for value in arrays:
             array = np.ascontiguousarray(value)
-            for piece in (str((array.dtype.str, array.shape)).encode(), array.data):
+            # Its bytes without a copy; as uint8, which every dtype (bfloat16 too, which
+            # the buffer protocol refuses) can be viewed as.
+            raw = array.reshape(-1).view(np.uint8).data
+            for piece in (str((array.dtype.str, array.shape)).encode(), raw):
                 digest.update(piece)
                 part.update(piece)
     details = {"config": json.loads(json.dumps(semantic, default=str)),
@@ -104,6 +110,12 @@ def _difference(stored: str, current: str) -> tuple[list[str], bool]:
     return changed, only_after
 
 
+def _norm(vector: np.ndarray) -> float:
+    """The 2-norm, summed in float64 (NumPy's norm of a float32 vector sums in float32:
+    off by 2e-4 at 6e7 entries, by 2e-3 at 3e8)."""
+    return float(np.sqrt(np.einsum("i,i->", vector, vector, dtype=np.float64)))
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (corrupted, or of another run)."""
 
@@ -128,9 +140,12 @@ class SLQCheckpointer:
     def latest(self) -> Optional[str]:
         """The latest checkpoint's path, or None where the directory holds none.
         TensorFlow reads an index (the `checkpoint` file) that is missing, or names a
-        checkpoint whose files are gone, as no checkpoint at all: the run would start
-        over without a word. Raises CheckpointError where checkpoint files are there but
-        no index names one of them that exists, or the index cannot be read."""
+        checkpoint whose files are gone, as no checkpoint at all, and the run would
+        start over without a word: the newest complete checkpoint there is taken
+        instead, with a warning (a save cut short between a checkpoint's files and the
+        index that names it leaves that state too; `restore` checks what it takes).
+        Raises CheckpointError where the index cannot be read, or names checkpoints of
+        which none is left."""
         refusal = (f"--output_dir={os.path.dirname(self.directory)}: {self.directory} holds "
                    "a run's checkpoint files, but its index (the file `checkpoint`) ")
         fix = ("; pass --restart to start over (it deletes them), or use another "
@@ -143,12 +158,20 @@ class SLQCheckpointer:
                 f"{fix}") from error
         if path is not None or not os.path.isdir(self.directory):
             return path
+        names = os.listdir(self.directory)
+        numbers = [int(match.group(1)) for match in map(_INDEX_FILE.match, names)
+                   if match and any(name.startswith(f"ckpt-{match.group(1)}.data-")
+                                    for name in names)]
+        if numbers:
+            path = os.path.join(self.directory, f"ckpt-{max(numbers)}")
+            logging.warning(
+                "%s: the index (the file `checkpoint`) is missing or names no checkpoint "
+                "that exists; taking the newest complete one, %s.", self.directory, path)
+            return path
         # Basis rows alone are a first save that a crash cut short (they are written
         # before the checkpoint that counts them): nothing to resume, not damage.
-        if any(name == "checkpoint" or re.match(r"ckpt-\d+\.index$", name)
-               for name in os.listdir(self.directory)):
-            raise CheckpointError(f"{refusal}is missing or names none of them that exists"
-                                  f"{fix}")
+        if "checkpoint" in names:
+            raise CheckpointError(f"{refusal}names checkpoints of which none is left{fix}")
         return None
 
     def _row_path(self, draw: int, row: int) -> str:
@@ -202,7 +225,13 @@ class SLQCheckpointer:
         manager = tf.train.CheckpointManager(
             checkpoint, self.directory, max_to_keep=self.max_to_keep
         )
-        path = manager.save(checkpoint_number=state.num_products)
+        try:
+            path = manager.save(checkpoint_number=state.num_products)
+        except tf.errors.OpError as error:  # a full disk, a file-size limit: as the rows'
+            for name in os.listdir(self.directory):
+                if name.endswith("_temp") and name.startswith("ckpt-"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            raise OSError(f"{type(error).__name__}: {first_line(error)}") from error
         self._delete_rows_before(state.draw)
         return path
 
@@ -304,7 +333,7 @@ class SLQCheckpointer:
                     # Lanczos vectors are unit vectors: a row of zeros (a file whose
                     # data never reached the disk before a crash) or otherwise damaged
                     # in place would be taken, and the steps after it go wrong.
-                    norm = float(np.linalg.norm(vector))
+                    norm = _norm(vector)
                     if not abs(norm - 1.0) <= 1e-3 and (
                             row < int(get(f"{prefix}_num_steps"))
                             or not bool(get(f"{prefix}_exhausted"))):

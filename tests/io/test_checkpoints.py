@@ -69,32 +69,78 @@ def test_damaged_basis_rows_are_refused(tmp_path, damage):
             lanczos_steps=STEPS, dim=DIM)
 
 
-@pytest.mark.parametrize("damage, told", [
-    ("garbage", "is missing or names none of them"),  # TF reads it as no checkpoint
-    ("empty", "cannot be read"),
-    ("index_deleted", "is missing or names none of them"),
-    ("latest_deleted", "is missing or names none of them"),
-])
-def test_a_damaged_index_is_refused_not_taken_for_no_checkpoint(tmp_path, damage, told):
+@pytest.mark.parametrize("damage, products", [
+    ("garbage", 15), ("index_deleted", 15), ("latest_deleted", 9)])
+def test_an_index_naming_no_checkpoint_that_exists_takes_the_newest_complete_one(
+        tmp_path, damage, products):
     """TensorFlow reads a missing index, or one naming deleted files, as no checkpoint:
-    the run started over without a word."""
+    the run started over without a word. A save cut short between a checkpoint's files
+    and the index leaves the same state."""
     saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
     saver.save(group_state(3))
     saver.save(group_state(5))
     index = tmp_path / "checkpoint"
     if damage == "garbage":
         index.write_text("garbage\n")
-    elif damage == "empty":
-        index.write_text("")
     elif damage == "index_deleted":
         index.unlink()
     else:
         for path in tmp_path.glob("ckpt-15.*"):
             path.unlink()
+    restored = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
+        lanczos_steps=STEPS, dim=DIM)
+    assert restored.num_products == products
+
+
+@pytest.mark.parametrize("damage, told", [
+    ("empty", "cannot be read"),
+    ("all_deleted", "names checkpoints of which none is left"),
+])
+def test_a_damaged_index_is_refused_not_taken_for_no_checkpoint(tmp_path, damage, told):
+    saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
+    saver.save(group_state(3))
+    if damage == "empty":
+        (tmp_path / "checkpoint").write_text("")
+    else:
+        for path in tmp_path.glob("ckpt-*"):
+            path.unlink()
     with pytest.raises(checkpoints.CheckpointError) as raised:
         checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").restore(
             lanczos_steps=STEPS, dim=DIM)
     assert told in str(raised.value) and "--restart" in str(raised.value)
+
+
+def test_a_save_that_tensorflow_cannot_write_is_an_os_error_and_leaves_no_temp(
+        tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    def full(manager, checkpoint_number=None):
+        (tmp_path / f"ckpt-{checkpoint_number}_temp").mkdir()
+        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", full)
+    with pytest.raises(OSError, match="ResourceExhaustedError: No space left on device"):
+        checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f").save(group_state(3))
+    assert not list(tmp_path.glob("ckpt-*"))
+
+
+def test_float32_rows_of_many_entries_are_unit_vectors_in_float64():
+    # np.linalg.norm sums float32 squares in float32: 1e-3 off past about 2e8 entries.
+    vector = np.full(6 * 10**7, 1 / np.sqrt(6e7), np.float32)
+    assert abs(checkpoints._norm(vector) - 1) < 1e-6
+    assert abs(float(np.linalg.norm(vector)) - 1) > 1e-4  # what it had used
+
+
+def test_bfloat16_variables_are_fingerprinted():
+    import ml_dtypes
+
+    from hessian_tf import config as config_lib
+
+    config = config_lib.default_config().to_dict()
+    variables = [np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16)]
+    first = checkpoints.fingerprint(config, variables, np.ones((2, 2)), np.arange(2))
+    variables[0][1] = 7
+    assert checkpoints.fingerprint(config, variables, np.ones((2, 2)), np.arange(2)) != first
 
 
 def test_no_checkpoint_and_a_first_save_cut_short_are_nothing_to_resume(tmp_path):
