@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import mmap
-import os
 import threading
 import time
 from typing import Callable, NamedTuple, Optional
