@@ -24,6 +24,7 @@ from absl import logging
 
 import hessian_tf
 from hessian_tf import config as config_lib
+from hessian_tf import host
 from hessian_tf import plotting
 from hessian_tf import spectrum as spectrum_lib
 from hessian_tf.io import checkpoints, results
@@ -662,7 +663,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     refusal = bootstrap.density_memory_refusal(
         config.num_grid_points, config.num_draws, bootstrap.DEFAULT_NUM_RESAMPLES,
-        spectrum_lib.host_memory_bytes() // 2, "--num_grid_points")
+        host.memory_bytes() // 2, "--num_grid_points")
     if refusal:
         raise ValueError(refusal)
     created = results.check_writable(config.output_dir)
