@@ -472,8 +472,8 @@ def _write_failed(error: OSError, what: str, config) -> WriteFailed:
         f"--output_dir={config.output_dir}: writing {what} failed ("
         f"{error.strerror or f'a file was cut short: {error}'}"
         f"{': ' + str(error.filename) if getattr(error, 'filename', None) else ''}); "
-        f"{holds}: free space (or raise the file-size limit, or fix the path), then run the "
-        "same command.")
+        f"{holds}: free space (or raise the file-size limit, or fix the path), then run "
+        f"{same_command(config)}.")
 
 
 def _variable_values(model_function) -> list[np.ndarray]:
@@ -602,7 +602,7 @@ def _output_lock(output_dir: str):
         try:  # the file locked is still the one of that name (not removed by its holder)
             if os.stat(path).st_ino == os.fstat(handle).st_ino:
                 break
-        except FileNotFoundError:
+        except OSError:  # gone (its holder removed it): lock the new one
             pass
         os.close(handle)
     os.ftruncate(handle, 0)
@@ -644,12 +644,10 @@ def _preempted_outside_the_steps(config) -> Preempted:
 def latest_checkpoint(config: ml_collections.ConfigDict):
     """The path of the latest checkpoint of the job's --output_dir, or None (also
     where its index is damaged)."""
-    import tensorflow as tf
-
     directory = os.path.join(config.output_dir, checkpoints.CHECKPOINT_SUBDIR)
-    try:
-        return tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
-    except Exception:  # noqa: BLE001 - TF raises several types for a damaged index
+    try:  # the one a resume takes (an index missing: the newest complete one)
+        return checkpoints.latest_checkpoint(directory)
+    except Exception:  # noqa: BLE001 - a damaged index: none to name
         return None
 
 

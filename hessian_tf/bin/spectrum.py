@@ -218,7 +218,8 @@ def main(argv):
     except (*_TOLD, MemoryError, tf.errors.OpError) as error:
         if _VERBOSE.value:
             raise
-        if "KeyboardInterrupt" in str(error):
+        if isinstance(error, (RuntimeError, tf.errors.OpError)) and (
+                "KeyboardInterrupt" in str(error)):
             # Ctrl-C while TensorFlow raised its own error (a peer worker, interrupted
             # too, closed its connection): pybind11's "... REPLACED BY KeyboardInterrupt".
             return _interrupted(job, config)

@@ -112,12 +112,51 @@ def _difference(stored: str, current: str) -> tuple[list[str], bool]:
 
 def _norm(vector: np.ndarray) -> float:
     """The 2-norm, summed in float64 (NumPy's norm of a float32 vector sums in float32:
-    off by 2e-4 at 6e7 entries, by 2e-3 at 3e8)."""
+    a unit vector of 5e7-6e7 entries came out 2e-4 to 5e-3 below 1, by the BLAS)."""
     return float(np.sqrt(np.einsum("i,i->", vector, vector, dtype=np.float64)))
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (corrupted, or of another run)."""
+
+
+def latest_checkpoint(directory: str, *, warn: bool = False) -> Optional[str]:
+    """The latest checkpoint's path in `directory`, or None where it holds none.
+    TensorFlow reads an index (the `checkpoint` file) that is missing, or names a
+    checkpoint whose files are gone, as no checkpoint at all, and the run would start
+    over without a word: the newest complete checkpoint there is taken instead (with a
+    warning if `warn`). That state is left by an index deleted by hand, or by a first
+    save (or the final removal) cut short; `restore` checks what it takes. Raises
+    CheckpointError where the index cannot be read, or names checkpoints of which none
+    is left."""
+    refusal = (f"--output_dir={os.path.dirname(directory)}: the index of {directory} "
+               "(the file `checkpoint`) ")
+    fix = ("; pass --restart to start over (it deletes the checkpoints), or use another "
+           "--output_dir.")
+    try:
+        path = tf.train.latest_checkpoint(directory)
+    except Exception as error:  # TF raises several types for a damaged index
+        raise CheckpointError(
+            f"{refusal}cannot be read ({type(error).__name__}: {first_line(error)})"
+            f"{fix}") from error
+    if path is not None or not os.path.isdir(directory):
+        return path
+    names = os.listdir(directory)
+    numbers = [int(match.group(1)) for match in map(_INDEX_FILE.match, names)
+               if match and any(name.startswith(f"ckpt-{match.group(1)}.data-")
+                                for name in names)]
+    if numbers:
+        path = os.path.join(directory, f"ckpt-{max(numbers)}")
+        if warn:
+            logging.warning(
+                "%s: the index (the file `checkpoint`) is missing or names no checkpoint "
+                "that exists; taking the newest complete one, %s.", directory, path)
+        return path
+    # Basis rows alone are a first save that a crash cut short (they are written
+    # before the checkpoint that counts them): nothing to resume, not damage.
+    if "checkpoint" in names:
+        raise CheckpointError(f"{refusal}names checkpoints of which no file is left{fix}")
+    return None
 
 
 class SLQCheckpointer:
@@ -138,41 +177,7 @@ class SLQCheckpointer:
         self.resumed_across: list[str] = []
 
     def latest(self) -> Optional[str]:
-        """The latest checkpoint's path, or None where the directory holds none.
-        TensorFlow reads an index (the `checkpoint` file) that is missing, or names a
-        checkpoint whose files are gone, as no checkpoint at all, and the run would
-        start over without a word: the newest complete checkpoint there is taken
-        instead, with a warning (a save cut short between a checkpoint's files and the
-        index that names it leaves that state too; `restore` checks what it takes).
-        Raises CheckpointError where the index cannot be read, or names checkpoints of
-        which none is left."""
-        refusal = (f"--output_dir={os.path.dirname(self.directory)}: {self.directory} holds "
-                   "a run's checkpoint files, but its index (the file `checkpoint`) ")
-        fix = ("; pass --restart to start over (it deletes them), or use another "
-               "--output_dir.")
-        try:
-            path = tf.train.latest_checkpoint(self.directory)
-        except Exception as error:  # TF raises several types for a damaged index
-            raise CheckpointError(
-                f"{refusal}cannot be read ({type(error).__name__}: {first_line(error)})"
-                f"{fix}") from error
-        if path is not None or not os.path.isdir(self.directory):
-            return path
-        names = os.listdir(self.directory)
-        numbers = [int(match.group(1)) for match in map(_INDEX_FILE.match, names)
-                   if match and any(name.startswith(f"ckpt-{match.group(1)}.data-")
-                                    for name in names)]
-        if numbers:
-            path = os.path.join(self.directory, f"ckpt-{max(numbers)}")
-            logging.warning(
-                "%s: the index (the file `checkpoint`) is missing or names no checkpoint "
-                "that exists; taking the newest complete one, %s.", self.directory, path)
-            return path
-        # Basis rows alone are a first save that a crash cut short (they are written
-        # before the checkpoint that counts them): nothing to resume, not damage.
-        if "checkpoint" in names:
-            raise CheckpointError(f"{refusal}names checkpoints of which none is left{fix}")
-        return None
+        return latest_checkpoint(self.directory, warn=True)
 
     def _row_path(self, draw: int, row: int) -> str:
         return os.path.join(self.directory, BASIS_SUBDIR, f"draw{draw}_row{row}.npy")
