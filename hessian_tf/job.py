@@ -476,6 +476,15 @@ def _write_failed(error: OSError, what: str, config) -> WriteFailed:
         f"{same_command(config)}.")
 
 
+def _save(checkpointer, state, config) -> str:
+    """checkpointer.save(state); a write that fails (a full disk, a file-size limit) is
+    WriteFailed."""
+    try:
+        return checkpointer.save(state)
+    except OSError as error:
+        raise _write_failed(error, "a checkpoint", config) from error
+
+
 def _variable_values(model_function) -> list[np.ndarray]:
     from hessian_tf.operators.subset import base_function
 
@@ -511,11 +520,7 @@ def _checkpointing(config, checkpointer, *, chief: bool, start_products: int = 0
         )
         finished = state.draw >= config.num_draws
         if chief and (preempted or (due and not finished)):
-            try:
-                path = checkpointer.save(state)
-            except OSError as error:
-                raise _write_failed(error, "a checkpoint", config) from error
-            logging.info("Checkpoint %s", path)
+            logging.info("Checkpoint %s", _save(checkpointer, state, config))
         if due:
             last.update(products=state.num_products, time=time.monotonic())
         if preempted:
@@ -908,11 +913,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
         # Their products can take as long as the steps: a checkpoint of the finished
         # steps (tridiagonals alone) first, so that SIGTERM during them costs only them.
         if chief and after_step.state is not None:
-            try:
-                path = checkpointer.save(after_step.state)
-            except OSError as error:
-                raise _write_failed(error, "a checkpoint", config) from error
-            logging.info("Checkpoint %s (the Lanczos steps, before the analyses)", path)
+            logging.info("Checkpoint %s (the Lanczos steps, before the analyses)",
+                         _save(checkpointer, after_step.state, config))
         _PHASE["name"] = "analyses"
         if preempted or _PHASE["deferred"]:
             raise _preempted_outside_the_steps(config)

@@ -325,6 +325,8 @@ class SLQCheckpointer:
                         f"{alphas.size} Lanczos steps, not {lanczos_steps}; pass --restart "
                         "to start over."
                     )
+                num_steps = int(get(f"{prefix}_num_steps"))
+                exhausted = bool(get(f"{prefix}_exhausted"))
                 basis = linalg.zero_basis(lanczos_steps, dim, basis_dtype)
                 member_draw = draw + len(group)
                 for row in range(rows):
@@ -339,9 +341,7 @@ class SLQCheckpointer:
                     # data never reached the disk before a crash) or otherwise damaged
                     # in place would be taken, and the steps after it go wrong.
                     norm = _norm(vector)
-                    if not abs(norm - 1.0) <= 1e-3 and (
-                            row < int(get(f"{prefix}_num_steps"))
-                            or not bool(get(f"{prefix}_exhausted"))):
+                    if not abs(norm - 1.0) <= 1e-3 and (row < num_steps or not exhausted):
                         raise CheckpointError(
                             f"--output_dir={os.path.dirname(self.directory)}: its "
                             f"checkpoint's Lanczos vector {self._row_path(member_draw, row)} "
@@ -353,8 +353,8 @@ class SLQCheckpointer:
                     basis=basis,
                     alphas=alphas.copy(),
                     betas=get(f"{prefix}_betas").copy(),
-                    num_steps=int(get(f"{prefix}_num_steps")),
-                    exhausted=bool(get(f"{prefix}_exhausted")),
+                    num_steps=num_steps,
+                    exhausted=exhausted,
                 ))
             lanczos = tuple(group) or None
             return SLQState(

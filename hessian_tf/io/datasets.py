@@ -15,6 +15,7 @@ import zipfile
 
 import numpy as np
 
+from hessian_tf.io import results
 from hessian_tf.messages import first_line
 
 DATASET_FORMS = "'digits', 'npz:PATH' or 'tfds:NAME[/CONFIG]'"
@@ -44,13 +45,11 @@ def load_digits():
 def load_npz(path: str):
     if not os.path.isfile(path):
         raise ValueError(f"--dataset=npz:{path}: no such file; pass an existing .npz file.")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as error:  # read below as "not a zip archive"
+    unreadable = results.unreadable(path)
+    if unreadable:
         raise ValueError(
-            f"--dataset=npz:{path}: cannot be read ({error.strerror or error}); give this "
-            "user read access to it, or pass a copy that can be read.") from error
+            f"--dataset=npz:{path}: cannot be read ({unreadable}); give this user read "
+            "access to it, or pass a copy that can be read.")
     # An .npz is a zip archive. Without this check np.load returns a bare array for
     # a .npy file (which has no `with`: TypeError) and reports any other non-zip
     # file as "pickled data".

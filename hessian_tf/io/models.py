@@ -9,6 +9,7 @@ import zipfile
 import keras
 import tensorflow as tf
 
+from hessian_tf.io import results
 from hessian_tf.messages import first_line
 
 # Registers hessian_tf>PopulationBatchNormalization, so .keras checkpoints of the
@@ -32,7 +33,7 @@ def check_model_path(path: str) -> None:
             f"--model={path}: the directory holds no saved_model.pb; pass a "
             "SavedModel directory (e.g. from Keras model.export()) or a .keras file."
         )
-    unreadable = _unreadable(path)
+    unreadable = results.unreadable(path)
     if unreadable:
         raise ValueError(f"--model={path}: cannot be read ({unreadable}); give this user "
                          "read access to it, or pass a copy that can be read.")
@@ -42,17 +43,6 @@ def check_model_path(path: str) -> None:
             f"--model={path}: not a .keras file (not a zip archive: empty, cut short or "
             "another format); save the model again with model.save('model.keras')."
         )
-
-
-def _unreadable(path: str) -> str:
-    """"" where the file (or a SavedModel directory's saved_model.pb) can be opened for
-    reading; else the OS's reason (read as "not a zip archive" by the checks after)."""
-    target = os.path.join(path, "saved_model.pb") if os.path.isdir(path) else path
-    try:
-        with open(target, "rb"):
-            return ""
-    except OSError as error:
-        return error.strerror or str(error)
 
 
 def import_modules(names: str) -> None:

@@ -104,6 +104,18 @@ def write_files(output_dir: str, writers: dict[str, Callable[[str], None]]) -> l
     return final
 
 
+def unreadable(path: str) -> str:
+    """"" where the file (or a SavedModel directory's saved_model.pb) can be opened for
+    reading; else the OS's reason (Permission denied), which the format checks after it
+    would read as "not a zip archive"."""
+    target = os.path.join(path, "saved_model.pb") if os.path.isdir(path) else path
+    try:
+        with open(target, "rb"):
+            return ""
+    except OSError as error:
+        return error.strerror or str(error)
+
+
 def occupied(output_dir: str, names, flag: str = "--output_dir") -> str:
     """"" where every one of `names` under `output_dir` is a file or absent; else the
     one line that refuses the directory standing in a file's place."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import math
-import numbers
 import os
 import re
 import tempfile
@@ -43,6 +42,7 @@ from tensorflow.core.framework import summary_pb2
 
 from hessian_tf import plotting
 from hessian_tf import spectrum as spectrum_lib
+from hessian_tf.choices import is_integer, is_number
 from hessian_tf.distribute import GRAPH_OPTIMIZATIONS, graph_optimization, is_chief
 from hessian_tf.io import results
 from hessian_tf.operators import hessian as hessian_lib
@@ -79,7 +79,7 @@ Data = Union[tf.data.Dataset, tuple]
 def _check_period(name: str, value, *, required: bool = False) -> None:
     if value is None and not required:  # a schedule's period not given
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(
             f"SpectrumCallback: received {name}={value!r}; expected a positive integer. "
             f"Fix: pass {name}=N with an integer N >= 1."
@@ -411,8 +411,7 @@ class SpectrumCallback(keras.callbacks.Callback):
                 f"SpectrumCallback: received method={method!r}; expected one of "
                 f"{hessian_lib.METHODS}. Fix: leave method='auto'."
             )
-        if (isinstance(bulk_fraction, bool) or not isinstance(bulk_fraction, numbers.Real)
-                or not 0.0 < bulk_fraction < 1.0):
+        if not is_number(bulk_fraction) or not 0.0 < bulk_fraction < 1.0:
             raise ValueError(
                 f"SpectrumCallback: received bulk_fraction={bulk_fraction!r}; expected a "
                 f"fraction in (0, 1). Fix: pass e.g. bulk_fraction={DEFAULT_BULK_FRACTION}."
@@ -442,13 +441,12 @@ class SpectrumCallback(keras.callbacks.Callback):
                 "the program's own configuration."
             )
         if kernel_width is not None and (
-                isinstance(kernel_width, bool) or not isinstance(kernel_width, numbers.Real)
-                or not 0 < kernel_width < math.inf):
+                not is_number(kernel_width) or not 0 < kernel_width < math.inf):
             raise ValueError(
                 f"SpectrumCallback: received kernel_width={kernel_width!r}; expected a "
                 "positive, finite width. Fix: pass a width > 0, or None for the default."
             )
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        if not is_integer(seed) or seed < 0:
             raise ValueError(
                 f"SpectrumCallback: received seed={seed!r}; expected a non-negative integer "
                 "(the start vectors' seed). Fix: pass seed=0, or another integer >= 0."

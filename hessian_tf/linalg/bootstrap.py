@@ -15,6 +15,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 DEFAULT_NUM_RESAMPLES = 500
+DEFAULT_CONFIDENCE = 0.9
 
 
 def density_memory_refusal(num_grid_points: int, num_draws: int, num_resamples: int,
@@ -29,7 +30,6 @@ def density_memory_refusal(num_grid_points: int, num_draws: int, num_resamples: 
     return (f"--num_grid_points={num_grid_points}: the density's arrays would need "
             f"{need / 2**30:.3g} GiB, more than the memory here ({available / 2**30:.3g} "
             f"GiB); pass fewer {flags} (a plot's width is a few thousand points).")
-DEFAULT_CONFIDENCE = 0.9
 
 
 class DensityBand(NamedTuple):
