@@ -77,6 +77,25 @@ def log_own_progress():
     absl_logging.get_absl_handler().addFilter(keep)
 
 
+def _with_integer_fix(message) -> str:
+    """absl's line for an integer flag given as `1e3` or `2.0` ("invalid literal for
+    int()"), with the fix: the value in digits where it is a whole number."""
+    import re
+
+    text = str(message)
+    found = re.search(r"flag (--[\w.]+)=(\S+): invalid literal for int\(\)", text)
+    if not found:
+        return text
+    name, value = found.groups()
+    try:
+        number = float(value)
+    except ValueError:
+        return f"{text}; give a whole number in digits"
+    if number.is_integer() and abs(number) < 2 ** 63:
+        return f"{text}; write it in digits: {name}={int(number)}"
+    return f"{text}; give a whole number in digits"
+
+
 def run_program(program: str, module_name: str, usage: str, main, *,
                 log_progress: bool = True):
     """A console script's entry point: absl runs `main` on the parsed flags
@@ -258,6 +277,7 @@ def flags_parser(program: str, module_name: str, usage: str):
             return flags.FLAGS(argv)
         except flags.Error as error:
             message = error if verbose_requested(argv) else without_traceback(error)
+            message = _with_integer_fix(message)
             if "flag 'workdir'" in str(error) and program == "hessian-spectrum":
                 message = (f"{message} (an experiment's workdir is --config.workdir, with "
                            "its --config)")

@@ -45,6 +45,11 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cnn_dig
     (["--dataset=tfds:nosuchds"], "Dataset nosuchds not found"),
     (["--model=absent.keras", "--strategy=multi_worker"], "--model=absent.keras: no such file"),
     (["--kernel_width=inf"], "--kernel_width=inf: pass a finite number"),
+    # absl's int() parse, with the fix.
+    (["--lanczos_steps=1e3"], "'1e3'; write it in digits: --lanczos_steps=1000"),
+    (["--num_draws=2.5"], "'2.5'; give a whole number in digits"),
+    ([f"--config={CONFIG}", "--config.spectrum.num_draws=4.0"],
+     "'4.0'; write it in digits: --config.spectrum.num_draws=4"),
     (["--seed=-1"], "--seed=-1: pass an integer >= 0"),
     # They had been tracebacks (OverflowError), TensorFlow's "Value out of range", or
     # an out-of-memory kill.
