@@ -383,8 +383,40 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
             f"({one_batch.residual_bytes / 2**20:.1f} MiB per batch; the timing above uses "
             "them, the first pass also builds them); the run refuses more than "
             f"{budget / 2**30:.2f} GiB, a quarter of the memory here{refused}")
+    lines.extend(_dry_run_checkpoint_lines(config, cost))
     print("\n".join(lines), flush=True)
     return cost
+
+
+def _dry_run_checkpoint_lines(config, cost: dict) -> list[str]:
+    """A dry run's word on the checkpoint in --output_dir that the run would resume
+    (its products done are its number; whether the run may resume it, same options,
+    model and data, only the run checks), and the products that would be left."""
+    if config.restart:
+        return []
+    directory = os.path.join(config.output_dir, checkpoints.CHECKPOINT_SUBDIR)
+    try:
+        latest = checkpoints.latest_checkpoint(directory)
+    except checkpoints.CheckpointError as error:
+        return [f"  the run would be refused: {error}"]
+    if latest is None:
+        return []
+    done = int(latest.rsplit("-", 1)[1])
+    lanczos = config.num_draws * config.lanczos_steps
+    # A resumed run has no determinism check; the analyses run after the steps.
+    left = max(lanczos - done, 0) + analysis_products(config, cost["num_params"])
+    cost["checkpoint_products_done"] = done
+    cost["products_left_if_resumed"] = left
+    fraction = left / max(cost["hessian_vector_products"], 1)
+    cost["estimated_seconds_if_resumed"] = (
+        cost["estimated_product_seconds"] * fraction
+        + cost["estimated_algebra_seconds"] * max(lanczos - done, 0) / lanczos)
+    return [
+        f"  {latest}: {done} of the {lanczos} Lanczos products done; if the run resumes "
+        f"it (the same options, model and data; only the run checks), at most {left} "
+        f"products are left, about "
+        f"{datetime.timedelta(seconds=int(cost['estimated_seconds_if_resumed']))}; "
+        "--restart starts over"]
 
 
 def _analyses(config, operator, spectrum, loss, gradient):
@@ -815,6 +847,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
                 "The checkpoint's %d draw(s) in lockstep continue together%s",
                 len(draws), f"; the later draws go {group} at a time (--lockstep_draws="
                 f"{config.lockstep_draws})" if draws.stop < config.num_draws else "")
+    # The checkpoint's group in progress, which goes on whatever --lockstep_draws says.
+    resumed_group = len(resumed.lanczos) if resumed is not None and resumed.lanczos else None
     start = None  # a new run's state, where its first block is drawn before the run
     if resumed is not None and checkpointer.restored_method and operator.times_methods:
         # --method=auto: the method this run began with, so that it continues the same
@@ -981,6 +1015,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
         # the first step, which includes tracing.
         "seconds_per_step": spectrum.seconds_per_step,
         "lockstep_draws": group,
+        "resumed_lockstep_draws": resumed_group,
         "residual_bytes": getattr(operator, "residual_bytes", 0),
         "cpu_threads": cpu_threads(),
         "graph_optimization": "light" if light_graphs else "full",

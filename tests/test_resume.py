@@ -93,7 +93,7 @@ def test_kill_9_then_resume_is_bit_identical(job, uninterrupted, tmp_path):
     # Products over the data are counted across sessions: 2 draws x 30 (the determinism
     # check ran over the first 3 of the digits' 8 batches, no product of its own).
     assert summary["num_hvps"] == 2 * STEPS
-    assert summary["lockstep_draws"] == 2
+    assert summary["lockstep_draws"] == 2 and summary["resumed_lockstep_draws"] == 2
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes(job, uninterrupted, tmp_path):
@@ -286,6 +286,23 @@ def test_the_checkpoints_lockstep_group_continues_whatever_lockstep_draws_says(
     assert "Resuming draws 1-2 at Lanczos step" in result.stderr
     assert "The checkpoint's 2 draw(s) in lockstep continue together\n" in result.stderr
     assert_identical(interrupted, uninterrupted)
+    # The summary tells both: the group that ran (it had said only the flag's 1).
+    summary = json.loads((interrupted / "summary.json").read_text())
+    assert summary["resumed_lockstep_draws"] == 2 and summary["lockstep_draws"] == 1
+
+
+def test_a_dry_run_tells_the_products_a_resume_would_leave(job, interrupted):
+    # It had counted every product of the job, as if it started over.
+    names = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
+    result = run(*arguments(job, interrupted), "--dry_run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = [l for l in result.stdout.splitlines() if "Lanczos products done" in l]
+    done = int(re.search(r"ckpt-(\d+): (\d+) of the 60 Lanczos products done", line)[2])
+    assert 0 < done < 2 * STEPS
+    assert f"at most {2 * STEPS - done} products are left" in line
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == names
+    restarted = run(*arguments(job, interrupted), "--dry_run", "--restart")
+    assert "Lanczos products done" not in restarted.stdout
 
 
 def test_changed_model_is_refused(job, interrupted):
