@@ -373,9 +373,16 @@ class SLQCheckpointer:
                 "or pass --restart to start over."
             ) from error
         except Exception as error:  # TF raises several types for damaged files
+            try:
+                fallback = tf.train.latest_checkpoint(self.directory) is None
+            except Exception:  # noqa: BLE001 - read above: not a fallback then
+                fallback = False
+            why = ("; it was taken because the index (the file `checkpoint`) names no "
+                   "checkpoint that exists: the newer checkpoints are gone, and files "
+                   "this one needs may have gone with them" if fallback else "")
             raise CheckpointError(
                 f"--output_dir={os.path.dirname(self.directory)}: the checkpoint {path} is "
                 f"corrupted or partial ({type(error).__name__}: "
-                f"{first_line(error)}); "
+                f"{first_line(error)}){why}; "
                 "pass --restart to start over."
             ) from error

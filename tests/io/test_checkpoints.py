@@ -311,6 +311,22 @@ def test_the_fallback_is_the_checkpoint_messages_name_and_is_checked_when_restor
         path.unlink()
     # The older one needs rows that are gone: refused, not resumed without them.
     assert checkpoints.latest_checkpoint(str(directory)) == str(directory / "ckpt-9")
-    with pytest.raises(checkpoints.CheckpointError, match="corrupted or partial"):
+    with pytest.raises(checkpoints.CheckpointError, match="corrupted or partial") as refused:
         checkpoints.SLQCheckpointer(str(directory), fingerprint="f").restore(
             lanczos_steps=STEPS, dim=DIM)
+    # It says why a checkpoint that had been whole lacks files (it had named --restart
+    # alone).
+    assert "the newer checkpoints are gone" in str(refused.value)
+    # A checkpoint the index names is told as damaged, without that.
+    assert "newer" not in str(_refusal_of_a_named_damaged_checkpoint(tmp_path / "named"))
+
+
+def _refusal_of_a_named_damaged_checkpoint(tmp_path):
+    directory = tmp_path / checkpoints.CHECKPOINT_SUBDIR
+    checkpoints.SLQCheckpointer(str(directory), fingerprint="f").save(group_state(3, draw=2))
+    for row in (directory / "basis").glob("*.npy"):
+        row.unlink()
+    with pytest.raises(checkpoints.CheckpointError, match="corrupted or partial") as refused:
+        checkpoints.SLQCheckpointer(str(directory), fingerprint="f").restore(
+            lanczos_steps=STEPS, dim=DIM)
+    return refused.value
