@@ -226,3 +226,62 @@ def test_a_kernel_narrower_than_the_grid_is_warned_of(bn_files, tmp_path, monkey
     job.run(small_config(tmp_path / "coarse", num_grid_points=64, **options))
     assert len(warnings) == 2 and warnings[1].startswith("the default kernel width (")
     assert warnings[1].endswith("pass more --num_grid_points (the default 4096 resolves it).")
+
+
+def test_the_output_lock_refuses_a_second_holder_and_relocks_a_replaced_file(
+        tmp_path, monkeypatch):
+    import os
+
+    path = tmp_path / job.LOCK_FILE
+    with job._output_lock(str(tmp_path)):
+        assert path.read_text() == f"{os.getpid()}\n"
+        # flock is per open file: a second open, even in this process, is refused.
+        with pytest.raises(ValueError, match=f"another hessian-spectrum job is running "
+                                             rf"there \(process {os.getpid()}\)"):
+            with job._output_lock(str(tmp_path)):
+                pass
+    assert not path.exists()  # removed at the end
+    # Its holder removes the file between this job's open and its flock: the lock taken
+    # is on a file no other job can find, so the job locks the file of that name anew.
+    stat, replaced = os.stat, []
+
+    def stat_after_a_holder_left(name, *args, **kwargs):
+        if str(name) == str(path) and not replaced:
+            os.remove(name)
+            replaced.append(True)
+        return stat(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_after_a_holder_left)
+    with job._output_lock(str(tmp_path)):
+        monkeypatch.setattr(os, "stat", stat)
+        assert replaced and path.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ValueError, match="another hessian-spectrum job"):
+            with job._output_lock(str(tmp_path)):
+                pass
+
+
+def test_a_sigterm_deferred_before_the_steps_handler_stops_at_the_first_step(tmp_path):
+    # SIGTERM between the start-up's handler and the steps' is noted ("deferred"): the
+    # first step's hook checkpoints and stops, as if it had come during that step.
+    import types
+
+    saved = []
+    checkpointer = types.SimpleNamespace(
+        directory=str(tmp_path), save=lambda state: saved.append(state) or "ckpt-2")
+    config = config_lib.default_config()
+    config.num_draws = 2
+    state = types.SimpleNamespace(draw=1, num_products=2, lanczos=None)
+    job._PHASE.update(name="steps", deferred=True)
+    try:
+        with job._checkpointing(config, checkpointer, chief=True) as after_step:
+            with pytest.raises(job.Preempted, match="after 1 finished draw"):
+                after_step(state)
+        cleared = not job._PHASE["deferred"]  # taken once
+    finally:
+        job._PHASE.update(name="start-up", deferred=False)
+    assert saved == [state] and cleared
+    # Without it, a step's hook neither saves (not due) nor stops.
+    config.checkpoint_every = 0
+    with job._checkpointing(config, checkpointer, chief=True) as after_step:
+        after_step(state)
+    assert saved == [state]

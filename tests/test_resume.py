@@ -357,3 +357,30 @@ def test_a_preempted_line_of_a_restart_says_to_resume_without_it(tmp_path):
     job_lib._PHASE.update(name="start-up")
     assert str(job_lib._preempted_outside_the_steps(config)).endswith(
         "nothing was computed yet: run the same command to start.")
+
+
+@pytest.mark.parametrize("raised, told", [
+    # pybind11 replaces TensorFlow's error with Ctrl-C's in this text.
+    ("tf.errors.UnavailableError(None, None, 'Socket closed (REPLACED BY "
+     "KeyboardInterrupt: <EMPTY MESSAGE>)')", "interrupted (Ctrl-C)"),
+    ("RuntimeError('KeyboardInterrupt: while the collective ran')", "interrupted (Ctrl-C)"),
+    # Only TensorFlow's and runtime errors: a bad input that names the word is an error.
+    ("ValueError('--dataset=npz:KeyboardInterrupt.npz: no such file')", "error: --dataset"),
+])
+def test_a_ctrl_c_that_tensorflows_error_replaced_is_the_interrupted_line(
+        tmp_path, raised, told):
+    script = ("import sys\n"
+              "import tensorflow as tf\n"
+              "from hessian_tf import job\n"
+              "from hessian_tf.bin import spectrum\n"
+              "def run(config):\n"
+              f"    raise {raised}\n"
+              "job.run = run\n"
+              f"sys.argv = ['hessian-spectrum', '--output_dir={tmp_path / 'out'}']\n"
+              "spectrum.run()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=environment())
+    lines = [l for l in result.stderr.splitlines() if l.startswith("hessian-spectrum")]
+    assert len(lines) == 1 and lines[0].startswith(f"hessian-spectrum: {told}"), \
+        result.stderr[-3000:]
+    assert result.returncode == (130 if "Ctrl-C" in told else 2)
