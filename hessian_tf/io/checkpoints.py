@@ -145,13 +145,25 @@ def latest_checkpoint(directory: str, *, warn: bool = False) -> Optional[str]:
     numbers = [int(match.group(1)) for match in map(_INDEX_FILE.match, names)
                if match and any(name.startswith(f"ckpt-{match.group(1)}.data-")
                                 for name in names)]
-    if numbers:
-        path = os.path.join(directory, f"ckpt-{max(numbers)}")
+    # The newest whose own index (ckpt-N.index) reads: a save cut short can leave one
+    # partial beside its data.
+    unreadable = []
+    for number in sorted(numbers, reverse=True):
+        path = os.path.join(directory, f"ckpt-{number}")
+        try:
+            tf.train.load_checkpoint(path)
+        except Exception:  # noqa: BLE001 - TF raises several types for a damaged file
+            unreadable.append(os.path.basename(path))
+            continue
         if warn:
             logging.warning(
                 "%s: the index (the file `checkpoint`) is missing or names no checkpoint "
-                "that exists; taking the newest complete one, %s.", directory, path)
+                "that exists; taking the newest complete one, %s%s.", directory, path,
+                f" (past {', '.join(unreadable)}, which cannot be read)" if unreadable
+                else "")
         return path
+    if numbers:  # none reads: restore refuses the newest, saying why
+        return os.path.join(directory, f"ckpt-{max(numbers)}")
     # Basis rows alone are a first save that a crash cut short (they are written
     # before the checkpoint that counts them): nothing to resume, not damage.
     if "checkpoint" in names:

@@ -70,7 +70,9 @@ def test_damaged_basis_rows_are_refused(tmp_path, damage):
 
 
 @pytest.mark.parametrize("damage, products", [
-    ("garbage", 15), ("index_deleted", 15), ("latest_deleted", 9)])
+    ("garbage", 15), ("index_deleted", 15), ("latest_deleted", 9),
+    # The newest's own index cut short (a save stopped while it merged): the one before.
+    ("latest_index_cut_short", 9)])
 def test_an_index_naming_no_checkpoint_that_exists_takes_the_newest_complete_one(
         tmp_path, damage, products):
     """TensorFlow reads a missing index, or one naming deleted files, as no checkpoint:
@@ -84,6 +86,10 @@ def test_an_index_naming_no_checkpoint_that_exists_takes_the_newest_complete_one
         index.write_text("garbage\n")
     elif damage == "index_deleted":
         index.unlink()
+    elif damage == "latest_index_cut_short":
+        index.unlink()
+        own = tmp_path / "ckpt-15.index"
+        own.write_bytes(own.read_bytes()[: own.stat().st_size // 2])
     else:
         for path in tmp_path.glob("ckpt-15.*"):
             path.unlink()
