@@ -3,7 +3,8 @@
 Specs:
 - `digits`: scikit-learn's 1797 8×8 digit images, flattened to 64 features in
   [0, 1], labels 0-9. Ships with scikit-learn: no network needed.
-- `npz:PATH`: a NumPy .npz file with arrays `x` and `y` (no pickled objects).
+- `npz:PATH`: a NumPy .npz file with arrays `x` and `y` (no pickled objects), used as
+  given (uint8 `x` beyond 1 is warned of: tfds images would be scaled).
 - `tfds:NAME[/CONFIG]`: a TensorFlow Datasets split (`split`, `data_dir`); integer
   images are scaled to [0, 1]. The whole split is read into memory.
 """
@@ -89,6 +90,16 @@ def load_npz(path: str):
             f"--dataset=npz:{path}: cannot read the arrays without pickle ({error}); "
             "store plain numeric arrays."
         ) from error
+    if x.dtype == np.uint8 and x.size and int(x.max()) > 1:
+        # Unlike a tfds split's, an npz's integers are used as given (they may be token
+        # ids); 8-bit images are then 0-255, where a model trained on x/255 sees
+        # inputs 255 times too large and the spectrum is of another loss.
+        from absl import logging
+
+        logging.warning(
+            "--dataset=npz:%s: x is uint8 with values up to %d, used as given (not scaled "
+            "to [0, 1] as tfds images are); if the model was trained on scaled inputs, "
+            "save x scaled the same way.", path, int(x.max()))
     return _checked(x, y, f"npz:{path}")
 
 

@@ -82,6 +82,26 @@ def test_npz_float16_becomes_float32_and_float_targets_stay(tmp_path):
     assert x.dtype == np.float32 and y.dtype == np.float64
 
 
+def test_npz_uint8_images_are_used_as_given_with_a_warning(tmp_path, monkeypatch):
+    # Unlike tfds images, not scaled (integers may be token ids), but 0-255 inputs to a
+    # model trained on x/255 give another loss's spectrum without a word: warned of.
+    from absl import logging
+
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda text, *args: warnings.append(text % args))
+    path = tmp_path / "images.npz"
+    images = np.arange(24, dtype=np.uint8).reshape(4, 3, 2) * 10
+    np.savez(path, x=images, y=np.arange(4))
+    x, _ = load_dataset(f"npz:{path}")
+    np.testing.assert_array_equal(x, images)
+    assert len(warnings) == 1 and "x is uint8 with values up to 230" in warnings[0]
+    np.savez(path, x=(images > 100).astype(np.uint8), y=np.arange(4))  # a 0/1 mask
+    np.savez(tmp_path / "tokens.npz", x=images.astype(np.int32), y=np.arange(4))
+    load_dataset(f"npz:{path}")
+    load_dataset(f"npz:{tmp_path / 'tokens.npz'}")
+    assert len(warnings) == 1
+
+
 def _write_bad_npz(directory, case):
     """Writes the file of one bad case; returns its path."""
     path = directory / f"{case}.npz"
