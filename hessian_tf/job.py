@@ -733,7 +733,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
     from hessian_tf.distribute import (
         cpu_threads, graph_optimization, is_chief, make_strategy, wait_for_workers)
     from hessian_tf.io.datasets import load_dataset
-    from hessian_tf.io.models import check_model_path, import_modules, load_model_function
+    from hessian_tf.io.models import (
+        check_model_path, compiled_loss_warning, import_modules, load_model_function)
     from hessian_tf.operators import (
         HessianOperator, NonDeterministicError, NonFiniteError)
     from hessian_tf.operators import gauss_newton
@@ -783,6 +784,9 @@ def _run(config: ml_collections.ConfigDict, started: float,
     if config.model:
         model_function = load_model_function(config.model, strategy, config.import_modules,
                                              unroll_steps=config.unroll_steps)
+        differs = compiled_loss_warning(config.model, config.loss)
+        if differs:
+            logging.warning("%s", differs)
     else:
         model_function, x, extra = _default_model_function(config, x, y, output_dir)
     if config.precision == "model":

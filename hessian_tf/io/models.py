@@ -45,6 +45,63 @@ def check_model_path(path: str) -> None:
         )
 
 
+# Keras's names of the losses --loss offers, as a compiled model's config holds them
+# (a string, a class, or a function's name).
+_COMPILED_LOSS_NAMES = {
+    "mse": "mean_squared_error", "MSE": "mean_squared_error",
+    "mean_squared_error": "mean_squared_error", "MeanSquaredError": "mean_squared_error",
+    "sparse_categorical_crossentropy": "sparse_categorical_crossentropy",
+    "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
+    "categorical_crossentropy": "categorical_crossentropy",
+    "CategoricalCrossentropy": "categorical_crossentropy",
+    "binary_crossentropy": "binary_crossentropy", "BinaryCrossentropy": "binary_crossentropy",
+}
+
+
+def compiled_loss_warning(path: str, loss: str) -> str | None:
+    """What differs between the loss a .keras file was compiled with (its training
+    loss, as saved) and `loss` (--loss), whose Hessian the job takes: another loss,
+    label smoothing, an ignored class. None where they agree, or where the file holds
+    no compiled loss of one output (or is not a .keras file)."""
+    import json
+
+    if not (path.endswith(".keras") and os.path.isfile(path)):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            compiled = (json.loads(archive.read("config.json")).get("compile_config")
+                        or {}).get("loss")
+    except Exception:  # noqa: BLE001 - the model loaded; its compile config is optional
+        return None
+    options = {}
+    if isinstance(compiled, dict):
+        options = compiled.get("config")
+        name = options if compiled.get("class_name") == "function" else compiled.get(
+            "class_name")
+        options = options if isinstance(options, dict) else {}
+    else:
+        name = compiled
+    if not isinstance(name, str):  # none, or one per output
+        return None
+    known = _COMPILED_LOSS_NAMES.get(name)
+    differences = []
+    if known != loss:
+        differences.append(f"is {name}" + ("" if known else
+                                           ", which --loss does not offer"))
+    if options.get("label_smoothing"):
+        differences.append(f"has label_smoothing={options['label_smoothing']}, which "
+                           "--loss leaves out")
+    if options.get("ignore_class") is not None:
+        differences.append(f"has ignore_class={options['ignore_class']}, which --loss "
+                           "does not ignore")
+    if not differences:
+        return None
+    return (f"--model={path}: the loss it was compiled with {' and '.join(differences)}; "
+            f"the spectrum is of --loss={loss}"
+            + (f" (pass --loss={known} for the compiled one's)" if known and known != loss
+               else ""))
+
+
 def import_modules(names: str) -> None:
     """Imports each of the comma-separated Python modules `names` (--import_modules),
     e.g. the ones that register a model's custom layers before it is loaded."""

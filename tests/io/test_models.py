@@ -320,3 +320,39 @@ def test_a_file_that_cannot_be_read_is_told_so(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--dataset=npz:\S+data.npz: cannot be read "
                                          r"\(Permission denied\)"):
         datasets.load_dataset(f"npz:{tmp_path / 'data.npz'}")
+
+
+@pytest.mark.parametrize("compiled, loss, told", [
+    # The training loss as saved, against --loss: told where they differ.
+    ("mse", "sparse_categorical_crossentropy",
+     "compiled with is mse; the spectrum is of --loss=sparse_categorical_crossentropy "
+     "(pass --loss=mean_squared_error for the compiled one's)"),
+    (keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
+     "categorical_crossentropy", "has label_smoothing=0.1, which --loss leaves out"),
+    (keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+     "sparse_categorical_crossentropy", "has ignore_class=0"),
+    (keras.losses.Huber(), "mean_squared_error", "is Huber, which --loss does not offer"),
+    (keras.losses.binary_crossentropy, "sparse_categorical_crossentropy",
+     "is binary_crossentropy"),
+    # The same loss by any of its names, no compiled loss, or one per output: nothing.
+    (keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+     "sparse_categorical_crossentropy", None),
+    ("mean_squared_error", "mean_squared_error", None),
+    (keras.losses.MeanSquaredError(), "mean_squared_error", None),
+    (None, "sparse_categorical_crossentropy", None),
+    (["mse"], "sparse_categorical_crossentropy", None),
+])
+def test_a_compiled_loss_other_than_the_spectrums_is_told(tmp_path, compiled, loss, told):
+    from hessian_tf.io.models import compiled_loss_warning
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    if compiled is not None:
+        model.compile(loss=compiled, optimizer="sgd")
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    warning = compiled_loss_warning(path, loss)
+    if told is None:
+        assert warning is None
+    else:
+        assert warning.startswith(f"--model={path}: the loss it was compiled with ")
+        assert told in warning
