@@ -303,6 +303,7 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     from hessian_tf.operators import HessianOperator, gauss_newton
     from hessian_tf.operators.hessian import residual_cache_budget
 
+    x_all, y_all = x, y  # the run's fingerprint's
     if stream is not None:
         import tensorflow as tf
 
@@ -383,40 +384,45 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
             f"({one_batch.residual_bytes / 2**20:.1f} MiB per batch; the timing above uses "
             "them, the first pass also builds them); the run refuses more than "
             f"{budget / 2**30:.2f} GiB, a quarter of the memory here{refused}")
-    lines.extend(_dry_run_checkpoint_lines(config, cost))
+    lines.extend(_dry_run_checkpoint_lines(config, cost, model_function, x_all, y_all))
     print("\n".join(lines), flush=True)
     return cost
 
 
-def _dry_run_checkpoint_lines(config, cost: dict) -> list[str]:
-    """A dry run's word on the checkpoint in --output_dir that the run would resume
-    (its products done are its number; whether the run may resume it, same options,
-    model and data, only the run checks), and the products that would be left."""
+def _dry_run_checkpoint_lines(config, cost: dict, model_function, x, y) -> list[str]:
+    """A dry run's word on the checkpoint in --output_dir that the run would resume,
+    checked as the run checks it (its run's options, model and data; its step counts)
+    but without its bases: the products it has done and those a resume would leave,
+    or why the run would refuse it."""
     if config.restart:
         return []
-    directory = os.path.join(config.output_dir, checkpoints.CHECKPOINT_SUBDIR)
+    fingerprint, details = checkpoints.fingerprint_and_details(
+        {**config.to_dict(), "dry_run": False},  # the run's own
+        _variable_values(model_function), x, y)
+    checkpointer = checkpoints.SLQCheckpointer(
+        os.path.join(config.output_dir, checkpoints.CHECKPOINT_SUBDIR),
+        fingerprint=fingerprint, details=details)
     try:
-        latest = checkpoints.latest_checkpoint(directory)
+        found = checkpointer.progress(lanczos_steps=config.lanczos_steps,
+                                      num_draws=config.num_draws)
     except checkpoints.CheckpointError as error:
-        return [f"  the run would be refused: {error}"]
-    if latest is None:
+        return [f"  this run would be refused: {error}"]
+    if found is None:
         return []
-    done = int(latest.rsplit("-", 1)[1])
-    lanczos = config.num_draws * config.lanczos_steps
+    path, done, lanczos_left = found
     # A resumed run has no determinism check; the analyses run after the steps.
-    left = max(lanczos - done, 0) + analysis_products(config, cost["num_params"])
+    left = lanczos_left + analysis_products(config, cost["num_params"])
+    lanczos = config.num_draws * config.lanczos_steps
     cost["checkpoint_products_done"] = done
     cost["products_left_if_resumed"] = left
-    fraction = left / max(cost["hessian_vector_products"], 1)
     cost["estimated_seconds_if_resumed"] = (
-        cost["estimated_product_seconds"] * fraction
-        + cost["estimated_algebra_seconds"] * max(lanczos - done, 0) / lanczos)
+        cost["estimated_product_seconds"] * left / max(cost["hessian_vector_products"], 1)
+        + cost["estimated_algebra_seconds"] * lanczos_left / lanczos)
     return [
-        f"  {latest}: {done} of the {lanczos} Lanczos products done; if the run resumes "
-        f"it (the same options, model and data; only the run checks), at most {left} "
-        f"products are left, about "
-        f"{datetime.timedelta(seconds=int(cost['estimated_seconds_if_resumed']))}; "
-        "--restart starts over"]
+        f"  {path}: this run resumes it, {done} of the {lanczos} Lanczos products done; "
+        f"at most {left} products are left, about "
+        f"{datetime.timedelta(seconds=int(cost['estimated_seconds_if_resumed']))} "
+        "(--restart starts over)"]
 
 
 def _analyses(config, operator, spectrum, loss, gradient):

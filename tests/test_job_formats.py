@@ -260,7 +260,8 @@ def test_the_output_lock_refuses_a_second_holder_and_relocks_a_replaced_file(
                 pass
 
 
-def test_a_sigterm_deferred_before_the_steps_handler_stops_at_the_first_step(tmp_path):
+def test_a_sigterm_deferred_before_the_steps_handler_stops_at_the_first_step(
+        tmp_path, monkeypatch):
     # SIGTERM between the start-up's handler and the steps' is noted ("deferred"): the
     # first step's hook checkpoints and stops, as if it had come during that step.
     import types
@@ -271,15 +272,12 @@ def test_a_sigterm_deferred_before_the_steps_handler_stops_at_the_first_step(tmp
     config = config_lib.default_config()
     config.num_draws = 2
     state = types.SimpleNamespace(draw=1, num_products=2, lanczos=None)
-    job._PHASE.update(name="steps", deferred=True)
-    try:
-        with job._checkpointing(config, checkpointer, chief=True) as after_step:
-            with pytest.raises(job.Preempted, match="after 1 finished draw"):
-                after_step(state)
-        cleared = not job._PHASE["deferred"]  # taken once
-    finally:
-        job._PHASE.update(name="start-up", deferred=False)
-    assert saved == [state] and cleared
+    monkeypatch.setitem(job._PHASE, "name", "steps")  # restored after the test
+    monkeypatch.setitem(job._PHASE, "deferred", True)
+    with job._checkpointing(config, checkpointer, chief=True) as after_step:
+        with pytest.raises(job.Preempted, match="after 1 finished draw"):
+            after_step(state)
+    assert saved == [state] and not job._PHASE["deferred"]  # taken once
     # Without it, a step's hook neither saves (not due) nor stops.
     config.checkpoint_every = 0
     with job._checkpointing(config, checkpointer, chief=True) as after_step:

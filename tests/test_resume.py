@@ -297,12 +297,18 @@ def test_a_dry_run_tells_the_products_a_resume_would_leave(job, interrupted):
     result = run(*arguments(job, interrupted), "--dry_run")
     assert result.returncode == 0, result.stderr[-3000:]
     [line] = [l for l in result.stdout.splitlines() if "Lanczos products done" in l]
-    done = int(re.search(r"ckpt-(\d+): (\d+) of the 60 Lanczos products done", line)[2])
+    done = int(re.search(r"ckpt-(\d+): this run resumes it, (\d+) of the 60 Lanczos "
+                         r"products done", line)[2])
     assert 0 < done < 2 * STEPS
     assert f"at most {2 * STEPS - done} products are left" in line
     assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == names
     restarted = run(*arguments(job, interrupted), "--dry_run", "--restart")
     assert "Lanczos products done" not in restarted.stdout
+    # A checkpoint the run would refuse is told so, not counted.
+    other = run(*arguments(job, interrupted), "--dry_run", "--num_draws=1")
+    [line] = [l for l in other.stdout.splitlines() if "would be refused" in l]
+    assert "its checkpoint is of another run; it differs in --num_draws=1 (the " in line
+    assert "--dry_run" not in line  # the run's options, not the dry run's
 
 
 def test_changed_model_is_refused(job, interrupted):

@@ -80,6 +80,7 @@ def log_own_progress():
 def _with_integer_fix(message) -> str:
     """absl's line for an integer flag given as `1e3` or `2.0` ("invalid literal for
     int()"), with the fix: the value in digits where it is a whole number."""
+    import decimal
     import re
 
     text = str(message)
@@ -87,11 +88,11 @@ def _with_integer_fix(message) -> str:
     if not found:
         return text
     name, value = found.groups()
-    try:
-        number = float(value)
-    except ValueError:
+    try:  # exact (a float would round 12345678901234567.0)
+        number = decimal.Decimal(value)
+    except decimal.InvalidOperation:
         return f"{text}; give a whole number in digits"
-    if number.is_integer() and abs(number) < 2 ** 63:
+    if number.is_finite() and number == number.to_integral_value() and abs(number) < 2 ** 63:
         return f"{text}; write it in digits: {name}={int(number)}"
     return f"{text}; give a whole number in digits"
 

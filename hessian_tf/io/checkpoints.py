@@ -270,30 +270,7 @@ class SLQCheckpointer:
         if path is None:
             return None
         try:
-            reader = tf.train.load_checkpoint(path)
-            names = {name.split("/")[0] for name in reader.get_variable_to_shape_map()}
-
-            def get(name):
-                return reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
-
-            def text(name):
-                value = get(name)
-                return value.decode() if isinstance(value, bytes) else str(value)
-
-            stored = text("fingerprint")
-            details = text("details") if "details" in names else ""
-            changed, only_after = (_difference(details, self.details)
-                                   if stored != self.fingerprint and details and self.details
-                                   else ([], False))
-            if stored != self.fingerprint and not only_after:
-                what = ("; it differs in " + ", ".join(changed) if changed else
-                        " (the model, dataset or configuration changed)")
-                raise CheckpointError(
-                    f"--output_dir={os.path.dirname(self.directory)}: its checkpoint is of "
-                    f"another run{what}; pass --restart to start over, or use another "
-                    "--output_dir."
-                )
-            self.resumed_across = changed  # options applied after the steps alone
+            get, names = self._checked_reader(path)
             draw = int(get("draw"))
             if "method" in names:
                 method = get("method")
@@ -331,12 +308,7 @@ class SLQCheckpointer:
                 prefix = f"lanczos{len(group)}"
                 rows = int(get(f"{prefix}_rows"))
                 alphas = get(f"{prefix}_alphas")
-                if alphas.size != lanczos_steps:
-                    raise CheckpointError(
-                        f"--output_dir={os.path.dirname(self.directory)}: its checkpoint has "
-                        f"{alphas.size} Lanczos steps, not {lanczos_steps}; pass --restart "
-                        "to start over."
-                    )
+                self._check_steps(alphas.size, lanczos_steps)
                 num_steps = int(get(f"{prefix}_num_steps"))
                 exhausted = bool(get(f"{prefix}_exhausted"))
                 basis = linalg.zero_basis(lanczos_steps, dim, basis_dtype)
@@ -385,16 +357,89 @@ class SLQCheckpointer:
                 "or pass --restart to start over."
             ) from error
         except Exception as error:  # TF raises several types for damaged files
-            try:
-                fallback = tf.train.latest_checkpoint(self.directory) is None
-            except Exception:  # noqa: BLE001 - read above: not a fallback then
-                fallback = False
-            why = ("; it was taken because the index (the file `checkpoint`) names no "
-                   "checkpoint that exists: the newer checkpoints are gone, and files "
-                   "this one needs may have gone with them" if fallback else "")
+            raise self._damaged(path, error) from error
+
+    def _checked_reader(self, path: str):
+        """(get, names) of the checkpoint `path`: `get(name)` its value of `name`, and
+        the names it holds, once its fingerprint is this run's (a difference only in
+        options applied after the steps is noted in `resumed_across`). Raises
+        CheckpointError for a checkpoint of another run."""
+        reader = tf.train.load_checkpoint(path)
+        names = {name.split("/")[0] for name in reader.get_variable_to_shape_map()}
+
+        def get(name):
+            return reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+
+        def text(name):
+            value = get(name)
+            return value.decode() if isinstance(value, bytes) else str(value)
+
+        stored = text("fingerprint")
+        details = text("details") if "details" in names else ""
+        changed, only_after = (_difference(details, self.details)
+                               if stored != self.fingerprint and details and self.details
+                               else ([], False))
+        if stored != self.fingerprint and not only_after:
+            what = ("; it differs in " + ", ".join(changed) if changed else
+                    " (the model, dataset or configuration changed)")
             raise CheckpointError(
-                f"--output_dir={os.path.dirname(self.directory)}: the checkpoint {path} is "
-                f"corrupted or partial ({type(error).__name__}: "
-                f"{first_line(error)}){why}; "
-                "pass --restart to start over."
-            ) from error
+                f"--output_dir={os.path.dirname(self.directory)}: its checkpoint is of "
+                f"another run{what}; pass --restart to start over, or use another "
+                "--output_dir."
+            )
+        self.resumed_across = changed  # options applied after the steps alone
+        return get, names
+
+    def _check_steps(self, steps: int, lanczos_steps: int) -> None:
+        if steps != lanczos_steps:
+            raise CheckpointError(
+                f"--output_dir={os.path.dirname(self.directory)}: its checkpoint has "
+                f"{steps} Lanczos steps, not {lanczos_steps}; pass --restart to start over."
+            )
+
+    def _damaged(self, path: str, error: BaseException) -> CheckpointError:
+        """The refusal of the checkpoint `path`, which could not be read (`error`), with
+        why where the index's fallback took it."""
+        index = os.path.join(self.directory, "checkpoint")
+        why = ""
+        try:
+            named = tf.train.get_checkpoint_state(self.directory)
+        except Exception:  # noqa: BLE001 - an index that cannot be read is refused before
+            named = None
+        if not os.path.exists(index):
+            why = ("; it was taken because the index (the file `checkpoint`) is missing, "
+                   "and files it needs may have gone since")
+        elif named is not None and named.model_checkpoint_path and os.path.abspath(
+                named.model_checkpoint_path) != os.path.abspath(path):
+            why = (f"; it was taken because the index names "
+                   f"{os.path.basename(named.model_checkpoint_path)}, which is gone, and "
+                   "files this one needs may have gone with it")
+        return CheckpointError(
+            f"--output_dir={os.path.dirname(self.directory)}: the checkpoint {path} is "
+            f"corrupted or partial ({type(error).__name__}: {first_line(error)}){why}; "
+            "pass --restart to start over.")
+
+    def progress(self, *, lanczos_steps: int, num_draws: int) -> Optional[tuple[str, int, int]]:
+        """For a dry run: (path, products done, Lanczos products left) of the checkpoint
+        a run would resume, without its bases; None where there is none. Raises
+        CheckpointError where the run would refuse it (another run's, damaged, other
+        step counts)."""
+        path = self.latest()
+        if path is None:
+            return None
+        try:
+            get, names = self._checked_reader(path)
+            draw = int(get("draw"))
+            left = max(num_draws - draw, 0) * lanczos_steps
+            member = 0
+            while f"lanczos{member}_rows" in names and draw < num_draws:
+                self._check_steps(get(f"lanczos{member}_alphas").size, lanczos_steps)
+                # As the progress line counts them: an exhausted draw takes no more.
+                left -= (lanczos_steps if bool(get(f"lanczos{member}_exhausted"))
+                         else int(get(f"lanczos{member}_num_steps")))
+                member += 1
+            return path, int(get("num_products")), max(left, 0)
+        except CheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 - TF raises several types for damage
+            raise self._damaged(path, error) from error

@@ -48,6 +48,7 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cnn_dig
     # absl's int() parse, with the fix.
     (["--lanczos_steps=1e3"], "'1e3'; write it in digits: --lanczos_steps=1000"),
     (["--num_draws=2.5"], "'2.5'; give a whole number in digits"),
+    (["--seed=12345678901234567.0"], "write it in digits: --seed=12345678901234567"),
     ([f"--config={CONFIG}", "--config.spectrum.num_draws=4.0"],
      "'4.0'; write it in digits: --config.spectrum.num_draws=4"),
     (["--seed=-1"], "--seed=-1: pass an integer >= 0"),

@@ -321,10 +321,16 @@ def test_the_fallback_is_the_checkpoint_messages_name_and_is_checked_when_restor
         checkpoints.SLQCheckpointer(str(directory), fingerprint="f").restore(
             lanczos_steps=STEPS, dim=DIM)
     # It says why a checkpoint that had been whole lacks files (it had named --restart
-    # alone).
-    assert "the newer checkpoints are gone" in str(refused.value)
+    # alone): the index is missing, or names a checkpoint that is gone.
+    assert "the index (the file `checkpoint`) is missing" in str(refused.value)
+    (directory / "checkpoint").write_text('model_checkpoint_path: "ckpt-15"\n')
+    with pytest.raises(checkpoints.CheckpointError, match="corrupted or partial") as refused:
+        checkpoints.SLQCheckpointer(str(directory), fingerprint="f").restore(
+            lanczos_steps=STEPS, dim=DIM)
+    assert "the index names ckpt-15, which is gone" in str(refused.value)
     # A checkpoint the index names is told as damaged, without that.
-    assert "newer" not in str(_refusal_of_a_named_damaged_checkpoint(tmp_path / "named"))
+    assert "taken because" not in str(
+        _refusal_of_a_named_damaged_checkpoint(tmp_path / "named"))
 
 
 def _refusal_of_a_named_damaged_checkpoint(tmp_path):
@@ -336,3 +342,26 @@ def _refusal_of_a_named_damaged_checkpoint(tmp_path):
         checkpoints.SLQCheckpointer(str(directory), fingerprint="f").restore(
             lanczos_steps=STEPS, dim=DIM)
     return refused.value
+
+
+def test_progress_counts_the_products_a_resume_leaves_without_the_bases(tmp_path):
+    saver = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
+    state = group_state(5, draw=2, members=3)  # draws 3-5 at step 5 of 12; 8 draws
+    exhausted = state.lanczos[1]._replace(exhausted=True)  # takes no more products
+    saver.save(state._replace(lanczos=(state.lanczos[0], exhausted, state.lanczos[2])))
+    reader = checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="f")
+    path, done, left = reader.progress(lanczos_steps=STEPS, num_draws=8)
+    assert path == str(tmp_path / "ckpt-15") and done == 15
+    assert left == 3 * STEPS + 2 * (STEPS - 5)  # draws 6-8 whole, 2 members' rest
+    # The steps done: nothing left of them.
+    saver.save(group_state(5, draw=8, members=0)._replace(lanczos=None, num_products=96))
+    assert reader.progress(lanczos_steps=STEPS, num_draws=8)[1:] == (96, 0)
+    # What the run would refuse, the dry run is told too: another run's, other steps.
+    with pytest.raises(checkpoints.CheckpointError, match="of another run"):
+        checkpoints.SLQCheckpointer(str(tmp_path), fingerprint="g").progress(
+            lanczos_steps=STEPS, num_draws=8)
+    saver.save(state)
+    with pytest.raises(checkpoints.CheckpointError, match="has 12 Lanczos steps, not 5"):
+        reader.progress(lanczos_steps=5, num_draws=8)
+    assert checkpoints.SLQCheckpointer(str(tmp_path / "none"), fingerprint="f").progress(
+        lanczos_steps=STEPS, num_draws=8) is None
