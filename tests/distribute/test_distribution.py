@@ -229,7 +229,10 @@ def test_ctrl_c_while_waiting_for_the_cluster_ends_the_job_and_leaves_no_directo
     waited = time.monotonic()
     # The watchdog by its script: the job's imports run other short-lived children
     # (platform.processor()'s `uname -p`) before the job creates its directories.
-    while not subprocess.run(["pgrep", "-P", str(process.pid), "-f", "import os, select"],
+    from hessian_tf import job
+
+    script = job._WATCHDOG.strip().splitlines()[0]  # its first line: "import os, ..."
+    while not subprocess.run(["pgrep", "-P", str(process.pid), "-f", script],
                              capture_output=True).stdout:
         if process.poll() is not None or time.monotonic() - waited > 120:
             process.kill()
