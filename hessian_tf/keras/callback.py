@@ -416,7 +416,7 @@ class SpectrumCallback(keras.callbacks.Callback):
                 f"SpectrumCallback: received bulk_fraction={bulk_fraction!r}; expected a "
                 f"fraction in (0, 1). Fix: pass e.g. bulk_fraction={DEFAULT_BULK_FRACTION}."
             )
-        if isinstance(lockstep_draws, bool) or not isinstance(lockstep_draws, int) or lockstep_draws < 0:
+        if not is_integer(lockstep_draws) or lockstep_draws < 0:
             raise ValueError(
                 f"SpectrumCallback: received lockstep_draws={lockstep_draws!r}; expected 0 "
                 "(automatic) or a positive number of draws. Fix: pass lockstep_draws=0, or "
@@ -487,7 +487,7 @@ class SpectrumCallback(keras.callbacks.Callback):
         self.method = method
         self.bulk_fraction = float(bulk_fraction)
         self.kernel_width = kernel_width
-        self.lockstep_draws = lockstep_draws
+        self.lockstep_draws = int(lockstep_draws)
         self.unroll_steps = recurrent.check_steps(unroll_steps, "SpectrumCallback: unroll_steps")
         self.cache_residuals = cache_residuals
         self.graph_optimization = graph_optimization

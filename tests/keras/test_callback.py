@@ -102,6 +102,7 @@ def test_schedule_needs_exactly_one_positive_period(kwargs, named, tmp_path):
     ({"log_dir": ""}, "log_dir=''"),
     ({"lockstep_draws": -1}, "lockstep_draws=-1"),
     ({"lockstep_draws": 2.5}, "lockstep_draws=2.5"),
+    ({"lockstep_draws": True}, "lockstep_draws=True"),
     ({"cache_residuals": 1}, "cache_residuals=1"),
     ({"unroll_steps": -1}, "unroll_steps=-1"),
     ({"unroll_steps": 8.0}, "unroll_steps=8.0"),
@@ -124,6 +125,14 @@ def test_bad_options_are_named(kwargs, named, tmp_path):
     with pytest.raises(ValueError, match="Fix:") as raised:
         SpectrumCallback((x, y), **options)
     assert named in str(raised.value)
+
+
+def test_numpy_integers_are_integers_as_the_configs_are(tmp_path):
+    # lockstep_draws took Python's int alone (np.int64 from a config was refused).
+    x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)
+    callback = SpectrumCallback((x, y), log_dir=str(tmp_path), every_n_steps=1,
+                                lockstep_draws=np.int64(2), seed=np.int32(3))
+    assert callback.lockstep_draws == 2 and type(callback.lockstep_draws) is int
 
 
 def test_schedule_with_injected_steps():
