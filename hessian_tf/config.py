@@ -197,6 +197,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"--preprocessing={config.preprocessing} without --stream: it applies to streamed "
             "tfds data only; pass --stream too, or drop --preprocessing."
         )
+    if config.model and config.default_model_epochs != defaults.default_model_epochs:
+        raise ValueError(
+            f"--default_model_epochs={config.default_model_epochs} with --model="
+            f"{config.model}: it trains the embedded default MLP, which --model replaces; "
+            f"drop it (in a config file, leave it at {defaults.default_model_epochs}).")
     # Checked again where they are used; here too, so that --check_flags (which stops
     # before TensorFlow starts) and a dry run refuse them.
     if not config.output_dir:

@@ -172,6 +172,9 @@ def bad_inputs(directory):
             ["--lanczos_steps=1000000000000", "--default_model_epochs=1"],
             "--lanczos_steps=16510 (more steps than the 16,510 parameters"),
         "unwritable output": ([model, data, f"--output_dir={directory / 'data.npz' / 'out'}"], "--output_dir="),
+        # It had been dropped without a word.
+        "default model's epochs with a model": ([model, data, "--default_model_epochs=3"],
+                                                "--default_model_epochs=3 with --model="),
         "trace_matvecs without trace": ([model, data, "--trace_matvecs=50"],
                                         "--trace_matvecs=50 without --trace"),
         "preprocessing without stream": ([model, data, "--preprocessing=imagenet"],
