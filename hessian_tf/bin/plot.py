@@ -49,9 +49,12 @@ _KERNEL_WIDTH = flags.DEFINE_float(
     "Gaussian kernel width in x-axis units (decades of |lambda| with --log_abs); 0: default.",
 )
 _LOG_ABS = flags.DEFINE_bool("log_abs", False, "Plot against log10|lambda|, one curve per sign.")
+DEFAULT_CONFIDENCE, DEFAULT_NUM_RESAMPLES = 0.9, 500  # the band's
 _BAND = flags.DEFINE_bool("band", True, "Draw a bootstrap band over the draws (2 or more).")
-_CONFIDENCE = flags.DEFINE_float("confidence", 0.9, "Pointwise coverage of the band.")
-_NUM_RESAMPLES = flags.DEFINE_integer("num_resamples", 500, "Bootstrap resamples of the draws.")
+_CONFIDENCE = flags.DEFINE_float("confidence", DEFAULT_CONFIDENCE,
+                                  "Pointwise coverage of the band.")
+_NUM_RESAMPLES = flags.DEFINE_integer("num_resamples", DEFAULT_NUM_RESAMPLES,
+                                      "Bootstrap resamples of the draws.")
 _NUM_GRID_POINTS = flags.DEFINE_integer("num_grid_points", 2048, "Points of the common grid.")
 _TITLE = flags.DEFINE_string("title", "", "Plot title (default: the kernel width).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap.")
@@ -219,8 +222,8 @@ def render(
     kernel_width: float = 0.0,
     log_abs: bool = False,
     band: bool = True,
-    confidence: float = 0.9,
-    num_resamples: int = 500,
+    confidence: float = DEFAULT_CONFIDENCE,
+    num_resamples: int = DEFAULT_NUM_RESAMPLES,
     num_grid_points: int = 2048,
     title: str = "",
     seed: int = 0,
@@ -252,6 +255,13 @@ def render(
         raise ValueError(f"--num_grid_points={num_grid_points}: pass at least 2.")
     if seed < 0:
         raise ValueError(f"--seed={seed}: pass an integer >= 0 (the bootstrap's seed).")
+    if not band:  # the band's own options, given without it, would be dropped
+        for flag, value, default in (("--confidence", confidence, DEFAULT_CONFIDENCE),
+                                     ("--num_resamples", num_resamples,
+                                      DEFAULT_NUM_RESAMPLES)):
+            if value != default:
+                raise ValueError(f"{flag}={value} with --noband: it sets the bootstrap band, "
+                                 f"which --noband leaves out; drop one of them.")
     for flag, text in [("--title", title), *(("--labels", label) for label in labels or ())]:
         _check_typesets(flag, text)
     refusal = bootstrap.density_memory_refusal(

@@ -121,6 +121,9 @@ def test_padding_past_num_steps_is_ignored(tmp_path):
     (["--runs={good}", "--kernel_width=abc"], "--kernel_width=abc"),
     (["--runs={good}", "--confidence=1.0"], "--confidence=1.0"),
     (["--runs={good}", "--seed=-1"], "--seed=-1: pass an integer >= 0"),
+    # The band's options without the band had been dropped without a word.
+    (["--runs={good}", "--noband", "--confidence=0.5"], "--confidence=0.5 with --noband"),
+    (["--runs={good}", "--noband", "--num_resamples=50"], "--num_resamples=50 with --noband"),
     # Math between $ signs that matplotlib cannot parse failed when the image was saved.
     (["--runs={good}", r"--title=$\frac{{x$"], r"--title='$\\frac{x$': matplotlib cannot "
      "typeset it (ParseSyntaxException"),
