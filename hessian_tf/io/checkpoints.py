@@ -20,6 +20,7 @@ deleted: on disk there is at most one lockstep group's bases.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -266,11 +267,10 @@ class SLQCheckpointer:
     def restore(self, *, lanczos_steps: int, dim: int, basis_dtype=np.float64) -> Optional[SLQState]:
         """The latest state, or None if there is no checkpoint. Raises
         CheckpointError for a damaged checkpoint or one of another run."""
-        path = self.latest()
-        if path is None:
-            return None
-        try:
-            get, names = self._checked_reader(path)
+        with self._latest_read() as latest:
+            if latest is None:
+                return None
+            path, get, names = latest
             draw = int(get("draw"))
             if "method" in names:
                 method = get("method")
@@ -347,6 +347,18 @@ class SLQCheckpointer:
                 completed=tuple(completed),
                 num_products=int(get("num_products")),
             )
+
+    @contextlib.contextmanager
+    def _latest_read(self):
+        """Yields (path, get, names) of the latest checkpoint (`_checked_reader`'s: its
+        fingerprint checked), or None where there is none; what fails in the block is
+        a CheckpointError that says why."""
+        path = self.latest()
+        if path is None:
+            yield None
+            return
+        try:
+            yield (path, *self._checked_reader(path))
         except CheckpointError:
             raise
         except MemoryError as error:  # no damage: a basis the host could not give memory
@@ -424,11 +436,10 @@ class SLQCheckpointer:
         a run would resume, without its bases; None where there is none. Raises
         CheckpointError where the run would refuse it (another run's, damaged, other
         step counts)."""
-        path = self.latest()
-        if path is None:
-            return None
-        try:
-            get, names = self._checked_reader(path)
+        with self._latest_read() as latest:
+            if latest is None:
+                return None
+            path, get, names = latest
             draw = int(get("draw"))
             left = max(num_draws - draw, 0) * lanczos_steps
             member = 0
@@ -439,7 +450,3 @@ class SLQCheckpointer:
                          else int(get(f"lanczos{member}_num_steps")))
                 member += 1
             return path, int(get("num_products")), max(left, 0)
-        except CheckpointError:
-            raise
-        except Exception as error:  # noqa: BLE001 - TF raises several types for damage
-            raise self._damaged(path, error) from error
