@@ -389,6 +389,16 @@ def _dry_run(config, operator, model_function, x, y, stream) -> dict:
     return cost
 
 
+def _checkpointer(config, model_function, x, y) -> checkpoints.SLQCheckpointer:
+    """The checkpoints of the run under --output_dir, with its fingerprint (its options,
+    the dry run's as the run's own; the model's variables; the data)."""
+    fingerprint, details = checkpoints.fingerprint_and_details(
+        {**config.to_dict(), "dry_run": False}, _variable_values(model_function), x, y)
+    return checkpoints.SLQCheckpointer(
+        os.path.join(config.output_dir, checkpoints.CHECKPOINT_SUBDIR),
+        fingerprint=fingerprint, details=details)
+
+
 def _dry_run_checkpoint_lines(config, cost: dict, model_function, x, y) -> list[str]:
     """A dry run's word on the checkpoint in --output_dir that the run would resume,
     checked as the run checks it (its run's options, model and data; its step counts)
@@ -396,15 +406,9 @@ def _dry_run_checkpoint_lines(config, cost: dict, model_function, x, y) -> list[
     or why the run would refuse it."""
     if config.restart:
         return []
-    fingerprint, details = checkpoints.fingerprint_and_details(
-        {**config.to_dict(), "dry_run": False},  # the run's own
-        _variable_values(model_function), x, y)
-    checkpointer = checkpoints.SLQCheckpointer(
-        os.path.join(config.output_dir, checkpoints.CHECKPOINT_SUBDIR),
-        fingerprint=fingerprint, details=details)
     try:
-        found = checkpointer.progress(lanczos_steps=config.lanczos_steps,
-                                      num_draws=config.num_draws)
+        found = _checkpointer(config, model_function, x, y).progress(
+            lanczos_steps=config.lanczos_steps, num_draws=config.num_draws)
     except checkpoints.CheckpointError as error:
         return [f"  this run would be refused: {error}"]
     if found is None:
@@ -827,11 +831,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
     if refusal:
         raise ValueError(refusal)
     group = lockstep_group(config, operator.dim)
-    fingerprint, details = checkpoints.fingerprint_and_details(
-        config.to_dict(), _variable_values(model_function), x, y)
-    checkpointer = checkpoints.SLQCheckpointer(
-        os.path.join(output_dir, checkpoints.CHECKPOINT_SUBDIR),
-        fingerprint=fingerprint, details=details)
+    checkpointer = _checkpointer(config, model_function, x, y)
     if config.restart and chief and os.path.isdir(checkpointer.directory):
         shutil.rmtree(checkpointer.directory)
         logging.info("--restart: removed the checkpoints in %s", checkpointer.directory)
