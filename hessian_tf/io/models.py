@@ -59,10 +59,9 @@ _COMPILED_LOSS_NAMES = {
 
 
 def compiled_loss_warning(path: str, loss: str) -> str | None:
-    """What differs between the loss a .keras file was compiled with (its training
-    loss, as saved) and `loss` (--loss), whose Hessian the job takes: another loss,
-    label smoothing, an ignored class. None where they agree, or where the file holds
-    no compiled loss of one output (or is not a .keras file)."""
+    """`loss_difference` of the loss a .keras file was compiled with (its training
+    loss, as saved) and `loss` (--loss), as `--model=PATH: ...`; None where they agree,
+    or where the file is not a .keras file or holds no compiled loss."""
     import json
 
     if not (path.endswith(".keras") and os.path.isfile(path)):
@@ -73,6 +72,15 @@ def compiled_loss_warning(path: str, loss: str) -> str | None:
                         or {}).get("loss")
     except Exception:  # noqa: BLE001 - the model loaded; its compile config is optional
         return None
+    differs = loss_difference(compiled, loss, flag="--loss")
+    return f"--model={path}: {differs}" if differs else None
+
+
+def loss_difference(compiled, loss: str, *, flag: str) -> str | None:
+    """What differs between a model's compiled loss (Keras's serialised form: a name,
+    or a class or function with its config) and `loss` (`flag`), whose Hessian is
+    taken: another loss, label smoothing, an ignored class. None where they agree, or
+    where there is no loss of one output."""
     options = {}
     if isinstance(compiled, dict):
         options = compiled.get("config")
@@ -84,21 +92,19 @@ def compiled_loss_warning(path: str, loss: str) -> str | None:
     if not isinstance(name, str):  # none, or one per output
         return None
     known = _COMPILED_LOSS_NAMES.get(name)
-    differences = []
-    if known != loss:
-        differences.append(f"is {name}" + ("" if known else
-                                           ", which --loss does not offer"))
-    if options.get("label_smoothing"):
-        differences.append(f"has label_smoothing={options['label_smoothing']}, which "
-                           "--loss leaves out")
-    if options.get("ignore_class") is not None:
-        differences.append(f"has ignore_class={options['ignore_class']}, which --loss "
-                           "does not ignore")
+    differences = [f"is {name}" + ("" if known else f", which {flag} does not offer")
+                   ] if known != loss else []
+    left_out = ([f"label_smoothing={options['label_smoothing']}"]
+                if options.get("label_smoothing") else []) + (
+        [f"ignore_class={options['ignore_class']}"]
+        if options.get("ignore_class") is not None else [])  # class 0 too
+    if left_out:
+        differences.append("has " + " and ".join(left_out))
     if not differences:
         return None
-    return (f"--model={path}: the loss it was compiled with {' and '.join(differences)}; "
-            f"the spectrum is of --loss={loss}"
-            + (f" (pass --loss={known} for the compiled one's)" if known and known != loss
+    return (f"the loss it was compiled with {' and '.join(differences)}; the spectrum is "
+            f"of {flag}={loss}" + (f", without {' or '.join(left_out)}" if left_out else "")
+            + (f" (pass {flag}={known} for the compiled one's)" if known and known != loss
                else ""))
 
 

@@ -44,6 +44,7 @@ from hessian_tf import plotting
 from hessian_tf import spectrum as spectrum_lib
 from hessian_tf.choices import is_integer, is_number
 from hessian_tf.distribute import GRAPH_OPTIMIZATIONS, graph_optimization, is_chief
+from hessian_tf.io import models as models_lib
 from hessian_tf.io import results
 from hessian_tf.operators import hessian as hessian_lib
 from hessian_tf.operators import losses as losses_lib
@@ -588,6 +589,13 @@ class SpectrumCallback(keras.callbacks.Callback):
             "hessian-spectrum --precision=float32 on it.")
         if warning:
             logging.warning("%s", warning)
+        try:
+            compiled = (model.get_compile_config() or {}).get("loss")
+        except Exception:  # noqa: BLE001 - a model compiled in ways Keras cannot save
+            compiled = None
+        differs = models_lib.loss_difference(compiled, self.loss, flag="loss")
+        if differs:
+            logging.warning("SpectrumCallback: %s", differs)
         regularizers = self._operator.model_function.regularizers
         logging.info(
             "SpectrumCallback: Hessian of the mean %s%s over %d examples, %d parameters, "

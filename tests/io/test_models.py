@@ -328,9 +328,10 @@ def test_a_file_that_cannot_be_read_is_told_so(tmp_path, monkeypatch):
      "compiled with is mse; the spectrum is of --loss=sparse_categorical_crossentropy "
      "(pass --loss=mean_squared_error for the compiled one's)"),
     (keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
-     "categorical_crossentropy", "has label_smoothing=0.1, which --loss leaves out"),
+     "categorical_crossentropy", "has label_smoothing=0.1; the spectrum is of "
+     "--loss=categorical_crossentropy, without label_smoothing=0.1"),
     (keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
-     "sparse_categorical_crossentropy", "has ignore_class=0"),
+     "sparse_categorical_crossentropy", "has ignore_class=0; the spectrum is of"),
     (keras.losses.Huber(), "mean_squared_error", "is Huber, which --loss does not offer"),
     (keras.losses.binary_crossentropy, "sparse_categorical_crossentropy",
      "is binary_crossentropy"),

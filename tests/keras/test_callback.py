@@ -348,6 +348,32 @@ def test_a_mixed_precision_model_is_warned_of(digits, tmp_path):
     assert sum(message.startswith(expected) for message in warnings) == 1
 
 
+def test_a_model_compiled_with_another_loss_is_warned_of(digits, tmp_path):
+    # The training loss (with label smoothing) is not the callback's: the spectrum had
+    # been of the callback's loss without a word.
+    from absl import logging as absl_logging
+
+    x, y = digits
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=0.1))
+    warnings = []
+    handler = type("Handler", (__import__("logging").Handler,), {
+        "emit": lambda self, record: warnings.append(record.getMessage())})()
+    absl_logging.get_absl_logger().addHandler(handler)
+    try:
+        model.fit(x, keras.utils.to_categorical(y, 10), batch_size=TRAIN_BATCH, epochs=1,
+                  verbose=0, steps_per_epoch=1, callbacks=[spectrum_callback(
+                      (x, keras.utils.to_categorical(y, 10)), tmp_path,
+                      loss="categorical_crossentropy")])
+    finally:
+        absl_logging.get_absl_logger().removeHandler(handler)
+    assert [m for m in warnings if "compiled with" in m] == [
+        "SpectrumCallback: the loss it was compiled with has label_smoothing=0.1; the "
+        "spectrum is of loss=categorical_crossentropy, without label_smoothing=0.1"]
+
+
 # ------------------------------------------------------------ untouched training
 
 
