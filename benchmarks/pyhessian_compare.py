@@ -70,6 +70,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1707,6 +1708,13 @@ def print_tables(rows: list[list[str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+# hessian-spectrum's flags that set what the two sides must share.
+SHARED_FLAGS = frozenset((
+    "model", "dataset", "split", "data_dir", "stream", "preprocessing", "batch_size",
+    "lanczos_steps", "num_draws", "bn_mode", "loss", "operator", "variables",
+    "regularization", "precision", "output_dir", "config", "flagfile"))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = OneLineParser(
         prog="pyhessian_compare.py",
@@ -1742,7 +1750,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--keep_dir", action="store_true",
                         help="keep the temporary directory (models, data, outputs)")
     parser.add_argument("--our_flags", default="",
-                        help="extra flags for hessian-spectrum, e.g. --our_flags=--checkpoint_every=0")
+                        help="extra flags for hessian-spectrum, e.g. --our_flags=--checkpoint_every=0 "
+                             "(not those that set what both sides share: --bn_mode, --operator, "
+                             "--variables, --precision, --regularization, the data and steps)")
     args = parser.parse_args(argv)
     if args.model is not None or args.data is not None:
         if args.model is None or args.data is None:
@@ -1777,11 +1787,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.extra_flags = shlex.split(args.our_flags)
     except ValueError as error:
         parser.error(f"--our_flags={args.our_flags!r}: {error}")
+    for flag in args.extra_flags:
+        name = flag.lstrip("-").split("=")[0]
+        if name.startswith("no") and name[2:] in SHARED_FLAGS:
+            name = name[2:]
+        if flag.startswith("--") and name in SHARED_FLAGS:
+            # Added after the script's own, it would win on our side alone: another
+            # Hessian (or data, or arithmetic) than PyHessian's, timed as the same.
+            parser.error(f"--our_flags: {flag} sets what both sides share (the network, the "
+                         "data and its batches, the steps, the operator and its arithmetic), "
+                         "which the script sets for both; drop it (--model, --data, "
+                         "--batch_size, --loss and --lanczos_steps are the script's own)")
     return args
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    # A timeout's or a scheduler's SIGTERM ends the script through its `finally`s, which
+    # remove its temporary directory (it was left behind).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     print(f"Start: {load_average()}", flush=True)
     sys.path.insert(0, CHECKOUT)  # this checkout's hessian_tf, here and in the subprocess
     print(f"Timing the hessian_tf of {CHECKOUT} (python -m hessian_tf.bin.spectrum, the "

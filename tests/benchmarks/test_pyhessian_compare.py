@@ -702,6 +702,11 @@ def run_script(*args):
     (["--model=missing.keras", "--data=d.npz", "--no_install"], "--model=missing.keras: no such file"),
     (["--batch_size=64"], "--batch_size=64 goes with --model"),
     (["--loss=mean_squared_error"], "--loss=mean_squared_error goes with --model"),
+    # Our side alone would take another Hessian (train-mode BN: λmax 7.87 against 0.94),
+    # timed and printed as the same.
+    (["--our_flags=--bn_mode=train"], "--our_flags: --bn_mode=train sets what both sides"),
+    (["--our_flags=--method=auto --noregularization"], "--noregularization sets what"),
+    (["--our_flags=--variables dense"], "--variables sets what both sides"),
 ])
 def test_bad_input_is_one_line_before_any_install(args, message):
     result = run_script(*args)
