@@ -980,9 +980,12 @@ class HessianOperator:
             if tuple(y.shape[1:]) not in (positions, positions + (1,)):
                 per = (f"one class index per position {positions} of its outputs"
                        if positions else "one class index per example")
+                shapes = (f"shape {outputs_shape} per example, as the model's outputs,"
+                          if tuple(y.shape[1:]) == tuple(outputs_shape) else
+                          f"shape {y.shape[1:]} per example, and the model's outputs "
+                          f"{outputs_shape};")
                 raise ValueError(
-                    f"--dataset: labels have shape {y.shape[1:]} per example, but the "
-                    f"model's outputs are {outputs_shape} and "
+                    f"--dataset: labels have {shapes} but "
                     f"--loss=sparse_categorical_crossentropy takes {per}; for one-hot or "
                     "soft labels pass --loss=categorical_crossentropy, for a regression's "
                     "real targets --loss=mean_squared_error."
