@@ -28,6 +28,7 @@ from hessian_tf import host
 from hessian_tf import plotting
 from hessian_tf import spectrum as spectrum_lib
 from hessian_tf.io import checkpoints, results
+from hessian_tf.linalg import statistics as statistics_lib
 
 
 def _dataset_label(dataset: str) -> str:
@@ -1066,13 +1067,8 @@ def _run(config: ml_collections.ConfigDict, started: float,
         )
     except OSError as error:
         raise _write_failed(error, "the results", config) from error
-    logging.info(
-        "lambda_max=%.6g lambda_min=%.6g negative_mass_tolerance=%.4g (weight below "
-        "-%.3g; below 0, the bulk's noise included: %.4g) in %.1f s, %d products",
-        stats.lambda_max, stats.lambda_min, stats.negative_mass_tolerance,
-        stats.zero_tolerance, stats.negative_mass, summary["seconds"],
-        operator.num_products,
-    )
+    logging.info("%s; %.1f s, %d products", statistics_lib.headline(stats),
+                 summary["seconds"], operator.num_products)
     for path in written:
         logging.info("Wrote %s", path)
     # Checkpoints live only while a job is unfinished.

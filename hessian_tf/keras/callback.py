@@ -46,6 +46,7 @@ from hessian_tf.choices import is_integer, is_number
 from hessian_tf.distribute import GRAPH_OPTIMIZATIONS, graph_optimization, is_chief
 from hessian_tf.io import models as models_lib
 from hessian_tf.io import results
+from hessian_tf.linalg import statistics as statistics_lib
 from hessian_tf.operators import hessian as hessian_lib
 from hessian_tf.operators import losses as losses_lib
 from hessian_tf.operators import model_function as model_function_lib
@@ -675,14 +676,10 @@ class SpectrumCallback(keras.callbacks.Callback):
             path = self._write_spectrum(step, spectrum, edge)
         seconds = time.perf_counter() - started
         self.evaluations.append(SpectrumEvaluation(step, spectrum, edge, ratio, path, seconds))
-        statistics = spectrum.statistics
         logging.info(
-            "SpectrumCallback at step %d: lambda_max=%.6g lambda_min=%.6g "
-            "negative_mass_tolerance=%.4g (weight below -%.3g; below 0, the bulk's noise "
-            "included: %.4g) bulk_edge=%.4g lambda_max/bulk_edge=%.4g (%.1f s)",
-            step, lambda_max, statistics.lambda_min, statistics.negative_mass_tolerance,
-            statistics.zero_tolerance, statistics.negative_mass, edge, ratio, seconds,
-        )
+            "SpectrumCallback at step %d: %s; bulk_edge=%.4g lambda_max/bulk_edge=%.4g "
+            "(%.1f s)", step, statistics_lib.headline(spectrum.statistics), edge, ratio,
+            seconds)
 
     def _write_summaries(self, step, spectrum, edge, ratio) -> None:
         statistics = spectrum.statistics

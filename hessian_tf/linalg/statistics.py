@@ -64,3 +64,13 @@ def spectrum_statistics(
         negative_mass_tolerance=float(negative_tol.mean()),
         zero_tolerance=float(tolerance),
     )
+
+
+def headline(statistics: SpectrumStatistics) -> str:
+    """The extreme Ritz values and the negative mass, as the binary's and the callback's
+    logs give them."""
+    return (f"lambda_max={statistics.lambda_max:.6g} lambda_min={statistics.lambda_min:.6g} "
+            f"negative_mass_tolerance={statistics.negative_mass_tolerance:.4g} (the density's "
+            f"weight below -{statistics.zero_tolerance:.3g}, {DEFAULT_ZERO_TOLERANCE:g} of "
+            f"max|lambda|; below 0, the bulk's noise near 0 included: "
+            f"{statistics.negative_mass:.4g})")

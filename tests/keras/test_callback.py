@@ -543,7 +543,7 @@ def test_regularizers_the_headline_and_an_earlier_runs_files_are_told(digits, tm
     assert ("SpectrumCallback: the model has 1 regularizer(s) (of weights or activity), whose "
             "losses are left out; regularization=True adds them") in messages
     [headline] = [m for m in messages if m.startswith("SpectrumCallback at step 0:")]
-    assert "negative_mass_tolerance=" in headline and "the bulk's noise included" in headline
+    assert "negative_mass_tolerance=" in headline and "the bulk's noise near 0 included" in headline
     assert not [m for m in messages if "already holds" in m]
     with absl_messages() as messages:
         model.fit(x, y, callbacks=[spectrum_callback((x, y), tmp_path, regularization=True)],
