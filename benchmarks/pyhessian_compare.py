@@ -1791,7 +1791,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         name = flag.lstrip("-").split("=")[0]
         if name.startswith("no") and name[2:] in SHARED_FLAGS:
             name = name[2:]
-        if flag.startswith("--") and name in SHARED_FLAGS:
+        if flag.startswith("-") and name in SHARED_FLAGS:  # absl takes -flag too
             # Added after the script's own, it would win on our side alone: another
             # Hessian (or data, or arithmetic) than PyHessian's, timed as the same.
             parser.error(f"--our_flags: {flag} sets what both sides share (the network, the "

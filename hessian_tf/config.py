@@ -199,9 +199,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.model and config.default_model_epochs != defaults.default_model_epochs:
         raise ValueError(
-            f"--default_model_epochs={config.default_model_epochs} with --model="
-            f"{config.model}: it trains the embedded default MLP, which --model replaces; "
-            f"drop it (in a config file, leave it at {defaults.default_model_epochs}).")
+            f"--default_model_epochs={config.default_model_epochs} (the flag's, or set by "
+            f"--config) with --model={config.model}: it trains the embedded default MLP, "
+            f"which --model replaces; drop it, or pass --default_model_epochs="
+            f"{defaults.default_model_epochs} over a --config that sets it.")
     # Checked again where they are used; here too, so that --check_flags (which stops
     # before TensorFlow starts) and a dry run refuse them.
     if not config.output_dir:

@@ -795,9 +795,6 @@ def _run(config: ml_collections.ConfigDict, started: float,
     if config.model:
         model_function = load_model_function(config.model, strategy, config.import_modules,
                                              unroll_steps=config.unroll_steps)
-        differs = compiled_loss_warning(config.model, config.loss)
-        if differs:
-            logging.warning("%s", differs)
     else:
         model_function, x, extra = _default_model_function(config, x, y, output_dir)
     if config.precision == "model":
@@ -826,6 +823,10 @@ def _run(config: ml_collections.ConfigDict, started: float,
     else:
         operator_type = gauss_newton.operator_class(config.operator, HessianOperator)
         operator = operator_type(model_function, x, y, **options)
+    # After the operator's own refusals (a final softmax, labels that fit no loss).
+    differs = compiled_loss_warning(config.model, config.loss) if config.model else None
+    if differs:
+        logging.warning("%s", differs)
     if config.dry_run:
         return _dry_run(config, operator, model_function, x, y, stream)
     refusal = basis_memory_refusal(config, operator.dim)

@@ -258,7 +258,7 @@ def render(
     if not band:  # the band's own options, given without it, would be dropped
         for flag, value, default in (("--confidence", confidence, DEFAULT_CONFIDENCE),
                                      ("--num_resamples", num_resamples,
-                                      DEFAULT_NUM_RESAMPLES)):
+                                      DEFAULT_NUM_RESAMPLES), ("--seed", seed, 0)):
             if value != default:
                 raise ValueError(f"{flag}={value} with --noband: it sets the bootstrap band, "
                                  f"which --noband leaves out; drop one of them.")

@@ -76,36 +76,55 @@ def compiled_loss_warning(path: str, loss: str) -> str | None:
     return f"--model={path}: {differs}" if differs else None
 
 
-def loss_difference(compiled, loss: str, *, flag: str) -> str | None:
-    """What differs between a model's compiled loss (Keras's serialised form: a name,
-    or a class or function with its config) and `loss` (`flag`), whose Hessian is
-    taken: another loss, label smoothing, an ignored class. None where they agree, or
-    where there is no loss of one output."""
+def loss_difference(compiled, loss: str, *, flag: str, owner: str = "") -> str | None:
+    """What differs between a model's compiled loss (Keras's serialised form: a name, or
+    a class or function with its config; a list or dict of one) and `loss` (given as
+    `flag`, of `owner`), whose Hessian is taken from the outputs as logits: another
+    loss, one that takes probabilities (Keras's default), label smoothing, an ignored
+    class, a sum over the batch. None where they agree, or where there is no loss of
+    one output."""
+    if isinstance(compiled, (list, tuple)) and len(compiled) == 1:
+        compiled = compiled[0]
+    elif isinstance(compiled, dict) and len(compiled) == 1 and "class_name" not in compiled:
+        compiled = next(iter(compiled.values()))  # {output name: loss}
     options = {}
     if isinstance(compiled, dict):
         options = compiled.get("config")
         name = options if compiled.get("class_name") == "function" else compiled.get(
             "class_name")
+        if compiled.get("registered_name") not in (None, "function"):
+            name = compiled["registered_name"]  # the user's own class ("package>Name")
         options = options if isinstance(options, dict) else {}
     else:
         name = compiled
     if not isinstance(name, str):  # none, or one per output
         return None
     known = _COMPILED_LOSS_NAMES.get(name)
-    differences = [f"is {name}" + ("" if known else f", which {flag} does not offer")
-                   ] if known != loss else []
     left_out = ([f"label_smoothing={options['label_smoothing']}"]
                 if options.get("label_smoothing") else []) + (
         [f"ignore_class={options['ignore_class']}"]
-        if options.get("ignore_class") is not None else [])  # class 0 too
-    if left_out:
-        differences.append("has " + " and ".join(left_out))
-    if not differences:
+        if options.get("ignore_class") is not None else []) + (  # class 0 too
+        [f"reduction={options['reduction']!r}"]
+        if options.get("reduction") not in (None, "sum_over_batch_size", "auto") else [])
+    # Keras's names and functions take probabilities; its classes say.
+    probabilities = (known is not None and known.endswith("crossentropy")
+                     and not options.get("from_logits", False))
+    asked = f"{owner}{flag}={loss!r}" if owner else f"{flag}={loss}"
+    if known == loss and not left_out and not probabilities:
         return None
-    return (f"the loss it was compiled with {' and '.join(differences)}; the spectrum is "
-            f"of {flag}={loss}" + (f", without {' or '.join(left_out)}" if left_out else "")
-            + (f" (pass {flag}={known} for the compiled one's)" if known and known != loss
-               else ""))
+    settings = left_out + (["from_logits=False"] if probabilities else [])
+    text = (f"the model was compiled with loss={name}"
+            + (f" ({', '.join(settings)})" if settings else "")
+            + ("" if known else f", which {owner}{flag} does not offer")
+            + f"; the spectrum is of {asked}")
+    if known == loss and probabilities:
+        text += ", which takes the model's outputs as logits, not probabilities"
+    if left_out:
+        text += f", without {' or '.join(left_out)}"
+    if known and known != loss:
+        text += f" (pass {flag}={known!r} for the compiled one's)" if owner else (
+            f" (pass {flag}={known} for the compiled one's)")
+    return text
 
 
 def import_modules(names: str) -> None:

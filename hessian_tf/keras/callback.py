@@ -594,7 +594,8 @@ class SpectrumCallback(keras.callbacks.Callback):
             compiled = (model.get_compile_config() or {}).get("loss")
         except Exception:  # noqa: BLE001 - a model compiled in ways Keras cannot save
             compiled = None
-        differs = models_lib.loss_difference(compiled, self.loss, flag="loss")
+        differs = models_lib.loss_difference(compiled, self.loss, flag="loss",
+                                             owner="the callback's ")
         if differs:
             logging.warning("SpectrumCallback: %s", differs)
         regularizers = self._operator.model_function.regularizers

@@ -980,10 +980,10 @@ class HessianOperator:
             if tuple(y.shape[1:]) not in (positions, positions + (1,)):
                 per = (f"one class index per position {positions} of its outputs"
                        if positions else "one class index per example")
-                shapes = (f"shape {outputs_shape} per example, as the model's outputs,"
+                shapes = (f"shape {outputs_shape} per example, as the model's outputs do,"
                           if tuple(y.shape[1:]) == tuple(outputs_shape) else
-                          f"shape {y.shape[1:]} per example, and the model's outputs "
-                          f"{outputs_shape};")
+                          f"shape {y.shape[1:]} per example and the model's outputs are "
+                          f"{outputs_shape},")
                 raise ValueError(
                     f"--dataset: labels have {shapes} but "
                     f"--loss=sparse_categorical_crossentropy takes {per}; for one-hot or "

@@ -707,6 +707,7 @@ def run_script(*args):
     (["--our_flags=--bn_mode=train"], "--our_flags: --bn_mode=train sets what both sides"),
     (["--our_flags=--method=auto --noregularization"], "--noregularization sets what"),
     (["--our_flags=--variables dense"], "--variables sets what both sides"),
+    (["--our_flags=-bn_mode=train"], "-bn_mode=train sets what both sides"),
 ])
 def test_bad_input_is_one_line_before_any_install(args, message):
     result = run_script(*args)

@@ -124,6 +124,7 @@ def test_padding_past_num_steps_is_ignored(tmp_path):
     # The band's options without the band had been dropped without a word.
     (["--runs={good}", "--noband", "--confidence=0.5"], "--confidence=0.5 with --noband"),
     (["--runs={good}", "--noband", "--num_resamples=50"], "--num_resamples=50 with --noband"),
+    (["--runs={good}", "--noband", "--seed=7"], "--seed=7 with --noband"),
     # Math between $ signs that matplotlib cannot parse failed when the image was saved.
     (["--runs={good}", r"--title=$\frac{{x$"], r"--title='$\\frac{x$': matplotlib cannot "
      "typeset it (ParseSyntaxException"),

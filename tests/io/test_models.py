@@ -322,26 +322,41 @@ def test_a_file_that_cannot_be_read_is_told_so(tmp_path, monkeypatch):
         datasets.load_dataset(f"npz:{tmp_path / 'data.npz'}")
 
 
+@keras.saving.register_keras_serializable(package="test")
+def mean_squared_error(y_true, y_pred):  # the user's own, under a built-in's name
+    return keras.ops.mean(keras.ops.abs(y_true - y_pred), axis=-1)
+
+
 @pytest.mark.parametrize("compiled, loss, told", [
     # The training loss as saved, against --loss: told where they differ.
     ("mse", "sparse_categorical_crossentropy",
-     "compiled with is mse; the spectrum is of --loss=sparse_categorical_crossentropy "
+     "compiled with loss=mse; the spectrum is of --loss=sparse_categorical_crossentropy "
      "(pass --loss=mean_squared_error for the compiled one's)"),
     (keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
-     "categorical_crossentropy", "has label_smoothing=0.1; the spectrum is of "
-     "--loss=categorical_crossentropy, without label_smoothing=0.1"),
+     "categorical_crossentropy", "loss=CategoricalCrossentropy (label_smoothing=0.1); the "
+     "spectrum is of --loss=categorical_crossentropy, without label_smoothing=0.1"),
     (keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
-     "sparse_categorical_crossentropy", "has ignore_class=0; the spectrum is of"),
-    (keras.losses.Huber(), "mean_squared_error", "is Huber, which --loss does not offer"),
+     "sparse_categorical_crossentropy", "(ignore_class=0); the spectrum is of"),
+    (keras.losses.Huber(), "mean_squared_error", "loss=Huber, which --loss does not offer"),
+    (keras.losses.MeanSquaredError(reduction="sum"), "mean_squared_error",
+     "(reduction='sum'); the spectrum is of --loss=mean_squared_error, without"),
+    (["mae"], "mean_squared_error", "loss=mae, which --loss does not offer"),  # one output's
+    # Keras's names and functions take probabilities; ours, logits.
+    ("sparse_categorical_crossentropy", "sparse_categorical_crossentropy",
+     "(from_logits=False); the spectrum is of --loss=sparse_categorical_crossentropy, which "
+     "takes the model's outputs as logits, not probabilities"),
     (keras.losses.binary_crossentropy, "sparse_categorical_crossentropy",
-     "is binary_crossentropy"),
-    # The same loss by any of its names, no compiled loss, or one per output: nothing.
+     "loss=binary_crossentropy (from_logits=False)"),
+    # The same loss by any of its names, or no compiled loss: nothing.
     (keras.losses.SparseCategoricalCrossentropy(from_logits=True),
      "sparse_categorical_crossentropy", None),
     ("mean_squared_error", "mean_squared_error", None),
     (keras.losses.MeanSquaredError(), "mean_squared_error", None),
+    (["mse"], "mean_squared_error", None),
     (None, "sparse_categorical_crossentropy", None),
-    (["mse"], "sparse_categorical_crossentropy", None),
+    # The user's own, registered under a built-in's name: its package names it.
+    (mean_squared_error, "mean_squared_error",
+     "loss=test>mean_squared_error, which --loss does not offer"),
 ])
 def test_a_compiled_loss_other_than_the_spectrums_is_told(tmp_path, compiled, loss, told):
     from hessian_tf.io.models import compiled_loss_warning
@@ -355,5 +370,5 @@ def test_a_compiled_loss_other_than_the_spectrums_is_told(tmp_path, compiled, lo
     if told is None:
         assert warning is None
     else:
-        assert warning.startswith(f"--model={path}: the loss it was compiled with ")
+        assert warning.startswith(f"--model={path}: the model was compiled with loss=")
         assert told in warning

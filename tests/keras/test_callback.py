@@ -370,8 +370,9 @@ def test_a_model_compiled_with_another_loss_is_warned_of(digits, tmp_path):
     finally:
         absl_logging.get_absl_logger().removeHandler(handler)
     assert [m for m in warnings if "compiled with" in m] == [
-        "SpectrumCallback: the loss it was compiled with has label_smoothing=0.1; the "
-        "spectrum is of loss=categorical_crossentropy, without label_smoothing=0.1"]
+        "SpectrumCallback: the model was compiled with loss=CategoricalCrossentropy "
+        "(label_smoothing=0.1); the spectrum is of the callback's "
+        "loss='categorical_crossentropy', without label_smoothing=0.1"]
 
 
 # ------------------------------------------------------------ untouched training

@@ -131,7 +131,7 @@ def test_labels_that_fit_no_position_are_refused():
     model = tagger()
     x, y = data(model)
     with pytest.raises(ValueError, match=(
-            r"labels have shape \(3,\) per example, and the model's outputs \(4, 3\); but "
+            r"labels have shape \(3,\) per example and the model's outputs are \(4, 3\), but "
             r"--loss=sparse_categorical_crossentropy takes one class index per position "
             r"\(4,\) of its outputs; for one-hot or soft labels pass "
             r"--loss=categorical_crossentropy, for a regression's real targets "
@@ -144,12 +144,12 @@ def test_labels_that_fit_no_position_are_refused():
 def test_a_classifier_still_takes_one_label_per_example():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(CLASSES)])
     x = np.zeros((5, 3), np.float32)
-    with pytest.raises(ValueError, match=r"labels have shape \(2,\) per example, .* takes "
-                       r"one class index per example;"):
+    with pytest.raises(ValueError, match=r"labels have shape \(2,\) per example and the "
+                       r"model's outputs are \(3,\), but .* takes one class index per example;"):
         operators.HessianOperator(operators.KerasModelFunction(model), x, np.zeros((5, 2), np.int32))
     # Labels shaped as the outputs (a regression's targets): not told as if they differed.
     with pytest.raises(ValueError, match=r"labels have shape \(3,\) per example, as the "
-                       r"model's outputs, but --loss=sparse_categorical_crossentropy takes "
+                       r"model's outputs do, but --loss=sparse_categorical_crossentropy takes "
                        r"one class index per example; .* --loss=mean_squared_error"):
         operators.HessianOperator(operators.KerasModelFunction(model), x,
                                   np.zeros((5, CLASSES), np.int32))
