@@ -69,8 +69,10 @@ def spectrum_statistics(
 def headline(statistics: SpectrumStatistics) -> str:
     """The extreme Ritz values and the negative mass, as the binary's and the callback's
     logs give them."""
+    scale = max(abs(statistics.lambda_max), abs(statistics.lambda_min))
+    relative = statistics.zero_tolerance / scale if scale > 0 else DEFAULT_ZERO_TOLERANCE
     return (f"lambda_max={statistics.lambda_max:.6g} lambda_min={statistics.lambda_min:.6g} "
-            f"negative_mass_tolerance={statistics.negative_mass_tolerance:.4g} (the density's "
-            f"weight below -{statistics.zero_tolerance:.3g}, {DEFAULT_ZERO_TOLERANCE:g} of "
+            f"negative_mass_tolerance={statistics.negative_mass_tolerance:.4g} (the "
+            f"spectrum's weight below -{statistics.zero_tolerance:.3g}, {relative:.3g} of "
             f"max|lambda|; below 0, the bulk's noise near 0 included: "
             f"{statistics.negative_mass:.4g})")
