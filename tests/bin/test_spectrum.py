@@ -174,7 +174,8 @@ def bad_inputs(directory):
         "unwritable output": ([model, data, f"--output_dir={directory / 'data.npz' / 'out'}"], "--output_dir="),
         # It had been dropped without a word.
         "default model's epochs with a model": ([model, data, "--default_model_epochs=3"],
-                                                "--default_model_epochs=3 with --model="),
+                                                "--default_model_epochs=3 (the flag's, or "
+                                                "set by --config) with --model="),
         "trace_matvecs without trace": ([model, data, "--trace_matvecs=50"],
                                         "--trace_matvecs=50 without --trace"),
         "preprocessing without stream": ([model, data, "--preprocessing=imagenet"],
