@@ -405,8 +405,9 @@ def _dry_run_checkpoint_lines(config, cost: dict, model_function, x, y) -> list[
     checked as the run checks it (its run's options, model and data; its step counts)
     but without its bases: the products it has done and those a resume would leave,
     or why the run would refuse it."""
-    if config.restart:
-        return []
+    if config.restart or not os.path.isdir(
+            os.path.join(config.output_dir, checkpoints.CHECKPOINT_SUBDIR)):
+        return []  # nothing to resume: the fingerprint's pass over the data is not needed
     try:
         found = _checkpointer(config, model_function, x, y).progress(
             lanczos_steps=config.lanczos_steps, num_draws=config.num_draws)
@@ -824,7 +825,7 @@ def _run(config: ml_collections.ConfigDict, started: float,
         operator_type = gauss_newton.operator_class(config.operator, HessianOperator)
         operator = operator_type(model_function, x, y, **options)
     # After the operator's own refusals (a final softmax, labels that fit no loss).
-    differs = compiled_loss_warning(config.model, config.loss) if config.model else None
+    differs = compiled_loss_warning(config.model, config.loss)  # None but for .keras files
     if differs:
         logging.warning("%s", differs)
     if config.dry_run:

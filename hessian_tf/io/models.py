@@ -109,21 +109,22 @@ def loss_difference(compiled, loss: str, *, flag: str, owner: str = "") -> str |
     # Keras's names and functions take probabilities; its classes say.
     probabilities = (known is not None and known.endswith("crossentropy")
                      and not options.get("from_logits", False))
-    asked = f"{owner}{flag}={loss!r}" if owner else f"{flag}={loss}"
+    def given(value: str) -> str:  # as it is given: a flag's value, or an argument's
+        return f"{flag}={value!r}" if owner else f"{flag}={value}"
+
     if known == loss and not left_out and not probabilities:
         return None
     settings = left_out + (["from_logits=False"] if probabilities else [])
     text = (f"the model was compiled with loss={name}"
             + (f" ({', '.join(settings)})" if settings else "")
             + ("" if known else f", which {owner}{flag} does not offer")
-            + f"; the spectrum is of {asked}")
+            + f"; the spectrum is of {owner}{given(loss)}")
     if known == loss and probabilities:
         text += ", which takes the model's outputs as logits, not probabilities"
     if left_out:
         text += f", without {' or '.join(left_out)}"
     if known and known != loss:
-        text += f" (pass {flag}={known!r} for the compiled one's)" if owner else (
-            f" (pass {flag}={known} for the compiled one's)")
+        text += f" (pass {given(known)} for the compiled one's)"
     return text
 
 
